@@ -22,19 +22,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _progress(quiet: bool):
-    if quiet:
-        return None, None
-    from huggingface_hub.utils import tqdm
+class _ProgressBar:
+    """tqdm (through huggingface_hub, so HF_HUB_DISABLE_PROGRESS_BARS applies), opened on the first update."""
 
-    bar = tqdm(total=0, unit="module", desc="compressing", leave=False)
+    def __init__(self, desc: str, unit: str) -> None:
+        self.desc, self.unit, self.bar = desc, unit, None
 
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from huggingface_hub.utils import tqdm
 
-    return update, bar
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, leave=False)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -42,12 +46,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .report import format_table
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
-    update, bar = _progress(args.quiet)
+    bar = _ProgressBar("compressing", "module")
     try:
-        report = compress_folders(args.sources, args.out, config, overwrite=args.overwrite, progress=update)
+        report = compress_folders(args.sources, args.out, config, overwrite=args.overwrite, progress=None if args.quiet else bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     if not args.quiet:
         print(format_table(report))
         print(f"report: {Path(args.out) / 'report.json'}")

@@ -1,0 +1,167 @@
+"""`soppu-hub compress` end to end on folders: PEFT export, bundle round trip, report.json, refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soppu_hub.bundle import load_bundle
+from soppu_hub.cli import main
+from soppu_hub.lora import read_adapter
+from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
+
+from helpers import peft_deltas
+
+REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "compression_ratio", "adapters"}
+ADAPTER_KEYS = {"name", "source", "output", "params_before", "mean_rel_error", "max_rel_error", "modules"}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, sample_adapters):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["compress", *map(str, sample_adapters), "--rank", "8", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def test_report_shape_and_numbers(compressed, sample_adapters):
+    report = json.loads((compressed / "report.json").read_text())
+    assert set(report) == REPORT_KEYS
+    assert report["method"] == "full" and report["rank"] == 8 and report["device"] == "cpu"
+    assert [a["name"] for a in report["adapters"]] == ["support-bot", "pirate-talk"]
+    originals = [read_adapter(p) for p in sample_adapters]
+    assert report["params_before"] == sum(a.num_params for a in originals)
+    bundle = load_bundle(compressed / "bundle")
+    shared = sum(mb.U.numel() + mb.V.numel() for mb in bundle.modules.values())
+    assert report["params_after"] == shared + 2 * 14 * 8 * 8
+    assert report["compression_ratio"] == pytest.approx(report["params_before"] / report["params_after"])
+    for entry, orig in zip(report["adapters"], originals):
+        assert set(entry) == ADAPTER_KEYS
+        assert entry["output"] == str(compressed / entry["name"])
+        assert len(entry["modules"]) == 14
+        recon = bundle.factors(entry["name"])
+        for name, mod in orig.modules.items():
+            W = mod.B.double() @ mod.A.double()
+            B, A = recon[name]
+            dense = ((W - B.double() @ A.double()).norm() / W.norm()).item()
+            assert entry["modules"][name]["rel_error"] == pytest.approx(dense, abs=1e-5)
+        errs = [m["rel_error"] for m in entry["modules"].values()]
+        assert entry["max_rel_error"] == max(errs) and 0 < entry["mean_rel_error"] < 1
+
+
+def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
+    bundle = load_bundle(compressed / "bundle")
+    for name in ["support-bot", "pirate-talk"]:
+        folder = compressed / name
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["adapter_model.safetensors"]
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and not cfg["rank_pattern"] and not cfg["alpha_pattern"]
+        assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_base)
+        keys = load_file(str(folder / "adapter_model.safetensors")).keys()
+        assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        deltas = peft_deltas(tiny_base, folder)
+        for module, (B, A) in bundle.factors(name).items():
+            torch.testing.assert_close(deltas[module], B @ A, atol=1e-5, rtol=1e-4)
+        # the per-adapter bundle slice reconstructs the same thing and names the same basis
+        own = load_bundle(folder / "soppu")
+        assert own.adapters == [name] and own.basis_id() == bundle.basis_id()
+        for module, (B, A) in own.factors(0).items():
+            torch.testing.assert_close(B @ A, bundle.factors(name)[module][0] @ bundle.factors(name)[module][1])
+
+
+def test_lossless_when_rank_covers_everything(tmp_path, sample_adapters, tiny_base):
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert max(a["max_rel_error"] for a in report["adapters"]) < 1e-5
+    cfg = json.loads((out / "support-bot" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8  # rank(S_i) <= k_i: exported at the adapter's own rank, exactly
+    orig = read_adapter(sample_adapters[0])
+    deltas = peft_deltas(tiny_base, out / "support-bot")
+    for module, mod in orig.modules.items():
+        torch.testing.assert_close(deltas[module], mod.B @ mod.A, atol=1e-5, rtol=1e-4)
+
+
+def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
+    facs = synthetic_factors(llama_module_shapes(targets=("q_proj", "down_proj")), 12, 4, shared=2, seed=3)
+    srcs = [write_adapter(tmp_path / f"a{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, srcs), "--rank", "6", "--method", "diag", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
+    bundle = load_bundle(out / "bundle")
+    assert all(c.shape == (6,) for mb in bundle.modules.values() for c in mb.cores.values())
+    # a diagonal core has rank up to r, so the export keeps all r directions
+    assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 6
+    exported = read_adapter(out / "a11")
+    for module, (B, A) in bundle.factors("a11").items():
+        torch.testing.assert_close(exported.modules[module].B @ exported.modules[module].A, B @ A, atol=1e-5, rtol=1e-4)
+
+
+def test_fan_in_fan_out_gpt2_outputs_survive_compression(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).eval()
+    base.save_pretrained(tmp_path / "gpt2")
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                           init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        want = lora(ids).logits
+    assert main(["compress", str(tmp_path / "lora"), "--rank", "4", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    fresh = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    got_model = PeftModel.from_pretrained(fresh, tmp_path / "out" / "lora")
+    with torch.no_grad():
+        got = got_model(ids).logits
+        plain = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapter really changes the model
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "soppu_hub", *args], capture_output=True, text=True)
+
+
+def test_incompatible_adapters_are_refused_and_nothing_is_written(tmp_path, sample_adapters):
+    other_base = write_adapter(tmp_path / "other", synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
+                               base_model="someone/else", rank=8, alpha=8)
+    out = tmp_path / "out"
+    res = _cli("compress", str(sample_adapters[0]), str(other_base), "--rank", "4", "--out", str(out))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "different base models" in res.stderr
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
+
+    wide = write_adapter(tmp_path / "wide", synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
+                         base_model=json.loads((sample_adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"],
+                         rank=8, alpha=8)
+    res = _cli("compress", str(sample_adapters[0]), str(wide), "--rank", "4", "--out", str(out))
+    assert res.returncode == 2 and "not for the same architecture" in res.stderr and not out.exists()
+
+
+def test_bad_input_one_line_errors(tmp_path, sample_adapters):
+    out = tmp_path / "out"
+    for args, expected in [
+        ((str(tmp_path / "missing"),), "is not a folder"),
+        ((str(sample_adapters[0]), "--rank", "0"), "--rank must be a positive integer"),
+    ]:
+        res = _cli("compress", *args, "--out", str(out))
+        assert res.returncode == 2 and expected in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+        assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = _cli("compress", str(sample_adapters[0]), "--out", str(out))
+    assert res.returncode == 2 and "already exists" in res.stderr and (out / "keep.txt").read_text() == "mine"
+
+
+def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
+    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"))
+    assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
+    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet")
+    assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
