@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from .errors import AdapterError
 
@@ -113,8 +112,12 @@ def module_scaling(config: dict, module: str) -> tuple[int, float]:
     """(r, scaling) for one module as PEFT computes them, honouring rank_pattern / alpha_pattern / rsLoRA."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+    r, alpha = config["r"], config["lora_alpha"]
+    if rank_pattern or alpha_pattern:
+        from peft.utils.other import get_pattern_key  # PEFT's own matching rule; imported only when needed (slow import)
+
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return r, float(scaling)
 

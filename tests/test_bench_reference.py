@@ -1,0 +1,26 @@
+"""The seeds' Algorithm 1 reference used by `soppu-hub bench`: faithful, and scored against our kernel."""
+
+import numpy as np
+from soppu_hub.bench.kernel import _errors
+from soppu_hub.bench.seed_reference import seed_jd, seed_pipeline
+from soppu_hub.compress import CompressConfig, compress
+from soppu_hub.lora import read_adapter
+from soppu_hub.samples import synthetic_factors, write_adapter
+
+
+def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):
+    shapes = {f"model.layers.{i}.self_attn.{t}": (48, 40) for i in range(2) for t in ("q_proj", "v_proj")}
+    facs = synthetic_factors(shapes, 2, 4, shared=2, seed=1, scales=[1.0, 0.1])
+    folders = [write_adapter(tmp_path / f"a{i}", f, base_model="x", rank=4, alpha=4) for i, f in enumerate(facs)]
+    adapters = [read_adapter(f) for f in folders]
+    ours = compress(adapters, CompressConfig(rank=6, device="cpu"))
+    for module in shapes:
+        U, V, S = seed_jd([a.modules[module].A.numpy() for a in adapters], [a.modules[module].B.numpy() for a in adapters], 6)
+        assert U.shape == (48, 4) and S[0].shape == (4, 4)  # the seeds clip r to the LoRA rank
+        np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-10)
+        seed_errs = _errors(adapters, module, U, V, S)
+        ours_errs = [ours.stats[module].rel_errors[i] for i in range(2)]
+        assert max(ours_errs) <= max(seed_errs) + 1e-6
+    out = tmp_path / "seed.safetensors"
+    result = seed_pipeline([str(f / "adapter_model.safetensors") for f in folders], str(out), 6, layers=1)
+    assert sorted(result) == [(0, "q"), (0, "v")] and out.is_file()
