@@ -71,6 +71,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hub(args: argparse.Namespace) -> int:
+    from .hubserver import load_auth, serve
+
+    auth = load_auth(args.user, args.org, args.users_file)
+    print(f"offline Hub on http://{args.host}:{args.port} (data in {args.root}); use HF_ENDPOINT=http://{args.host}:{args.port}",
+          flush=True)
+    serve(args.root, auth, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soppu-hub", description=__doc__)
     parser.add_argument("--version", action="version", version=f"soppu-hub {__version__}")
@@ -91,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for this kernel (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("hub", help="run the offline Hub-compatible server (point HF_ENDPOINT at it)")
+    p.add_argument("--root", default="hub-data", help="storage folder (default hub-data)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8900)
+    p.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN", help="a user and their token (repeatable)")
+    p.add_argument("--org", action="append", default=[], metavar="ORG:MEMBER,...", help="an organisation (repeatable)")
+    p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}}')
+    p.set_defaults(func=cmd_hub)
 
     p = sub.add_parser("demo", help="build sample adapters offline, compress them, print the report")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")
