@@ -41,19 +41,47 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _command_line(argv: list[str]) -> str:
+    """The command to reproduce a run, with any token value removed."""
+    import shlex
+
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--token":
+            skip = True
+            continue
+        if a.startswith("--token="):
+            continue
+        kept.append(a)
+    return "soppu-hub " + shlex.join(kept)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .job import compress_folders
+    from .job import JobSpec, run_job
     from .report import format_table
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
+    spec = JobSpec(
+        sources=args.sources, config=config, out=Path(args.out) if args.out else None, push=not args.no_push,
+        push_to=args.push_to, namespace=args.namespace, private=args.private, revision=args.revision,
+        token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
+        command=_command_line(args.argv),
+    )
     bar = _ProgressBar("compressing", "module")
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
-        report = compress_folders(args.sources, args.out, config, overwrite=args.overwrite, progress=None if args.quiet else bar)
+        result = run_job(spec, progress=None if args.quiet else bar, log=log)
     finally:
         bar.close()
     if not args.quiet:
-        print(format_table(report))
-        print(f"report: {Path(args.out) / 'report.json'}")
+        print(format_table(result.report))
+        if result.out:
+            print(f"results: {result.out} (cards: {result.out}/<name>/README.md)")
+        for repo_id, url in result.pushed.items():
+            print(f"pushed {repo_id}: {url}")
     return 0
 
 
@@ -87,9 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress LoRA adapters jointly into PEFT adapters + a shared-basis bundle")
-    p.add_argument("sources", nargs="+", help="PEFT LoRA adapter folders")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty unless --overwrite)")
+    p.add_argument("sources", nargs="+", help="PEFT LoRA adapter folders or Hub repo ids (owner/name[@revision])")
+    p.add_argument("--out", help="keep results in this folder (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-push", action="store_true", help="keep the results local (needs --out)")
+    p.add_argument("--push-to", help="target repo id for a single input (default <user>/<name>-soppu)")
+    p.add_argument("--namespace", help="user or organisation for the target repos")
+    p.add_argument("--private", action="store_true", help="create the target repos private")
+    p.add_argument("--revision", help="revision for Hub sources given without @revision")
+    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
+    p.add_argument("--verify", action="store_true", help="functional check: next-token agreement and KL with the base model")
+    p.add_argument("--base-model", help="base model folder or repo id for --verify (default: from the adapter config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     _add_config_args(p)
     p.set_defaults(func=cmd_compress)
@@ -118,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (SoppuError, ValueError) as e:

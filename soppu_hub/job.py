@@ -1,4 +1,4 @@
-"""The main job as one library call: read adapters, compress them jointly, write every output atomically."""
+"""The main job as one library call: pull -> compress -> card -> push. The CLI, demo and notebooks call this."""
 
 from __future__ import annotations
 
@@ -6,17 +6,45 @@ import json
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .bundle import export_peft, save_bundle
 from .compress import CompressConfig, Compression, Progress, compress
 from .errors import SoppuError
-from .lora import LoraAdapter, read_adapter
+from .hub import PushError, Source, check_write_access, download_adapter, parse_source, push_folder, target_repo_ids, whoami
+from .lora import read_adapter
 from .report import Output, build_report
 
 BUNDLE_DIR = "soppu"  # inside each adapter folder: keeps the bundle's .safetensors away from LoRAX's top level
 REPORT_NAME = "report.json"
+
+
+@dataclass
+class JobSpec:
+    """Everything one `soppu-hub compress` run needs. Field metadata is the CLI help."""
+
+    sources: list[str] = field(metadata={"help": "PEFT adapter folders or Hub repo ids (owner/name[@revision])"})
+    config: CompressConfig = field(default_factory=CompressConfig)
+    out: Path | None = field(default=None, metadata={"help": "keep the results in this folder"})
+    push: bool = field(default=True, metadata={"help": "push one repo per input to the Hub"})
+    push_to: str | None = field(default=None, metadata={"help": "target repo id (one input only)"})
+    namespace: str | None = field(default=None, metadata={"help": "user or org for the target repos"})
+    private: bool = field(default=False, metadata={"help": "create the target repos private"})
+    revision: str | None = field(default=None, metadata={"help": "revision of Hub sources without @revision"})
+    token: str | bool | None = field(default=None, repr=False, metadata={"help": "Hub token (default: HF_TOKEN or hf auth login)"})
+    overwrite: bool = False
+    verify: bool = field(default=False, metadata={"help": "run the functional check with the base model"})
+    base_model: str | None = field(default=None, metadata={"help": "base model for --verify (default: from the adapter config)"})
+    command: str = "soppu-hub compress"
+
+
+@dataclass
+class JobResult:
+    report: dict
+    out: Path | None
+    pushed: dict[str, str] = field(default_factory=dict)  # repo id -> commit url
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -30,18 +58,24 @@ def unique_names(names: list[str]) -> list[str]:
 
 
 @contextmanager
-def staged_output(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; it becomes `out` only if the block finishes, so a failure leaves nothing."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder; it becomes `out` only if the block finishes, so a failure leaves nothing.
+
+    With out=None the folder is temporary and removed afterwards.
+    """
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise SoppuError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    parent = out.parent if out is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'soppu'}.partial-", dir=parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -62,18 +96,78 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     return report
 
 
-def compress_folders(
-    sources: list[str | Path],
-    out: str | Path,
-    config: CompressConfig,
-    *,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> dict:
-    """Compress local PEFT adapter folders jointly into `out`; returns the report dict."""
-    adapters: list[LoraAdapter] = [read_adapter(Path(s)) for s in sources]
-    names = unique_names([a.name for a in adapters])
-    out = Path(out)
-    with staged_output(out, overwrite=overwrite) as tmp:
-        comp = compress(adapters, config, progress=progress)
-        return write_outputs(comp, tmp, names, [str(out / n) for n in names])
+def _fetch(sources: list[Source], spec: JobSpec) -> list[Path]:
+    return [s.path if s.path else download_adapter(s.repo_id, revision=s.revision, token=spec.token) for s in sources]
+
+
+def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> JobResult:
+    """Check everything that can be checked first (sources, push rights), then do the work, then push."""
+    log = log or (lambda _: None)
+    spec.config.validate()
+    if not spec.push and spec.out is None:
+        raise SoppuError("--no-push needs --out to keep the results somewhere")
+    sources = [parse_source(s, spec.revision) for s in spec.sources]
+    names = unique_names([s.name for s in sources])
+    targets: list[str] = names
+    if spec.push:
+        user, writable = whoami(spec.token)
+        targets = target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
+        check_write_access(targets, writable, user)
+
+    folders = _fetch(sources, spec)
+    adapters = [read_adapter(f, name=n, source=s.text) for f, n, s in zip(folders, names, sources)]
+    out = Path(spec.out) if spec.out is not None else None
+    result = JobResult(report={}, out=out)
+    with staged_output(out, overwrite=spec.overwrite) as tmp:
+        comp = compress(adapters, spec.config, progress=progress)
+        outputs = targets if spec.push else [str(out / n) for n in names]
+        report = write_outputs(comp, tmp, names, outputs)
+        if spec.verify:
+            from .verify import verify_adapters
+
+            base = spec.base_model or adapters[0].base_model
+            if not base:
+                raise SoppuError("--verify needs the base model: the adapter config names none, pass --base-model")
+            log(f"verifying against {base}")
+            for entry, v in zip(report["adapters"], verify_adapters(base, folders, [tmp / n for n in names], token=spec.token)):
+                entry["verify"] = v
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        _write_cards(tmp, report, names, targets, adapters, comp, spec)
+        result.report = report
+        if out is None:  # push straight from the temp folder
+            result.pushed = push_all(tmp, names, targets, spec, log)
+    if out is not None and spec.push:
+        result.pushed = push_all(out, names, targets, spec, log)
+    return result
+
+
+def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, comp: Compression, spec: JobSpec) -> None:
+    from .card import write_card
+
+    for i, (name, target, adapter) in enumerate(zip(names, targets, adapters)):
+        write_card(folder / name, report, i, repo_id=target, base_model=adapter.base_model, sources=[adapter.source],
+                   command=spec.command, export_rank=comp.bundle.export_rank(i), weighting=spec.config.weighting)
+
+
+def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None]) -> dict[str, str]:
+    """One commit per repo; on a failure say exactly which repos got their commit and which did not."""
+    pushed: dict[str, str] = {}
+    for i, (name, repo_id) in enumerate(zip(names, targets)):
+        try:
+            pushed[repo_id] = push_folder(folder / name, repo_id, private=spec.private, token=spec.token,
+                                          commit_message=f"soppu-hub: JD-{spec.config.method} rank {spec.config.rank}")
+            log(f"pushed {repo_id}")
+        except Exception as e:
+            done = ", ".join(pushed) or "none"
+            todo = ", ".join(targets[i:])
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PushError(f"push to {repo_id} failed ({detail}); pushed: {done}; not pushed: {todo} "
+                            "(their previous revisions are unchanged): run the same command again") from None
+    return pushed
+
+
+def compress_folders(sources: list[str | Path], out: str | Path, config: CompressConfig, *, overwrite: bool = False,
+                     progress: Progress | None = None) -> dict:
+    """Local-only shortcut: compress adapter folders into `out` without touching the Hub; returns the report."""
+    spec = JobSpec(sources=[str(s) for s in sources], config=config, out=Path(out), push=False, overwrite=overwrite)
+    return run_job(spec, progress=progress).report

@@ -22,7 +22,7 @@ ADAPTER_KEYS = {"name", "source", "output", "params_before", "mean_rel_error", "
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, sample_adapters):
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "8", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert main(["compress", *map(str, sample_adapters), "--rank", "8", "--out", str(out), "--quiet", "--no-push", "--device", "cpu"]) == 0
     return out
 
 
@@ -73,7 +73,7 @@ def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
 
 def test_lossless_when_rank_covers_everything(tmp_path, sample_adapters, tiny_base):
     out = tmp_path / "out"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet"]) == 0
+    assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet", "--no-push"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert max(a["max_rel_error"] for a in report["adapters"]) < 1e-5
     cfg = json.loads((out / "support-bot" / "adapter_config.json").read_text())
@@ -88,7 +88,7 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     facs = synthetic_factors(llama_module_shapes(targets=("q_proj", "down_proj")), 12, 4, shared=2, seed=3)
     srcs = [write_adapter(tmp_path / f"a{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
     out = tmp_path / "out"
-    assert main(["compress", *map(str, srcs), "--rank", "6", "--method", "diag", "--out", str(out), "--quiet"]) == 0
+    assert main(["compress", *map(str, srcs), "--rank", "6", "--method", "diag", "--out", str(out), "--quiet", "--no-push"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
     bundle = load_bundle(out / "bundle")
@@ -113,7 +113,7 @@ def test_fan_in_fan_out_gpt2_outputs_survive_compression(tmp_path):
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         want = lora(ids).logits
-    assert main(["compress", str(tmp_path / "lora"), "--rank", "4", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["compress", str(tmp_path / "lora"), "--rank", "4", "--out", str(tmp_path / "out"), "--quiet", "--no-push"]) == 0
     cfg = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     fresh = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
@@ -133,7 +133,7 @@ def test_incompatible_adapters_are_refused_and_nothing_is_written(tmp_path, samp
     other_base = write_adapter(tmp_path / "other", synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
                                base_model="someone/else", rank=8, alpha=8)
     out = tmp_path / "out"
-    res = _cli("compress", str(sample_adapters[0]), str(other_base), "--rank", "4", "--out", str(out))
+    res = _cli("compress", str(sample_adapters[0]), str(other_base), "--rank", "4", "--out", str(out), "--no-push")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "different base models" in res.stderr
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
@@ -141,27 +141,27 @@ def test_incompatible_adapters_are_refused_and_nothing_is_written(tmp_path, samp
     wide = write_adapter(tmp_path / "wide", synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
                          base_model=json.loads((sample_adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"],
                          rank=8, alpha=8)
-    res = _cli("compress", str(sample_adapters[0]), str(wide), "--rank", "4", "--out", str(out))
+    res = _cli("compress", str(sample_adapters[0]), str(wide), "--rank", "4", "--out", str(out), "--no-push")
     assert res.returncode == 2 and "not for the same architecture" in res.stderr and not out.exists()
 
 
 def test_bad_input_one_line_errors(tmp_path, sample_adapters):
     out = tmp_path / "out"
     for args, expected in [
-        ((str(tmp_path / "missing"),), "is not a folder"),
+        ((str(tmp_path / "missing"),), "not an existing folder and not a Hub repo id"),
         ((str(sample_adapters[0]), "--rank", "0"), "--rank must be a positive integer"),
     ]:
-        res = _cli("compress", *args, "--out", str(out))
+        res = _cli("compress", *args, "--out", str(out), "--no-push")
         assert res.returncode == 2 and expected in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
         assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    res = _cli("compress", str(sample_adapters[0]), "--out", str(out))
+    res = _cli("compress", str(sample_adapters[0]), "--out", str(out), "--no-push")
     assert res.returncode == 2 and "already exists" in res.stderr and (out / "keep.txt").read_text() == "mine"
 
 
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
-    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"))
+    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"), "--no-push")
     assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
-    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet")
+    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push")
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""

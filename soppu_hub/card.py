@@ -1,0 +1,60 @@
+"""Model card for one compressed adapter repo: metadata, body from cards/adapter.md, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import __version__
+from .plots import ERRORS_PNG, PARAMS_PNG, plot_errors_by_layer, plot_params
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "adapter.md"
+TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
+
+
+def _hub_url(repo_or_path: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo_or_path}" if "/" in repo_or_path and not Path(repo_or_path).exists() else repo_or_path
+
+
+def write_card(folder: Path, report: dict, index: int, *, repo_id: str, base_model: str | None, sources: list[str],
+               command: str, export_rank: int, weighting: str) -> Path:
+    """Render README.md and the PNG plots into `folder` (the repo's root)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    plot_errors_by_layer(report, index, folder / ERRORS_PNG)
+    plot_params(report, index, folder / PARAMS_PNG)
+    own = report["adapters"][index]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="peft",
+        tags=TAGS,
+        base_model_relation="adapter",
+        soppu={"sources": sources, "method": report["method"], "rank": report["rank"],
+               "compression_ratio": round(report["compression_ratio"], 4), "mean_rel_error": round(own["mean_rel_error"], 6),
+               "max_rel_error": round(own["max_rel_error"], 6), "version": __version__},
+    )
+    verify = [a.get("verify") for a in report["adapters"]]
+    card = ModelCard.from_template(
+        data,
+        template_path=str(TEMPLATE),
+        repo_id=repo_id,
+        name=own["name"],
+        report=report,
+        sources=[{"source": s, "url": _hub_url(s)} for s in sources],
+        base_model=base_model or "unknown",
+        base_url=_hub_url(base_model or ""),
+        version=__version__,
+        export_rank=export_rank,
+        weighting=weighting,
+        command=command,
+        errors_png=ERRORS_PNG,
+        params_png=PARAMS_PNG,
+        has_verify=any(verify),
+        verify_prompts=next((v["prompts"] for v in verify if v), 0),
+    )
+    path = folder / "README.md"
+    card.save(path)
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    return path

@@ -1,0 +1,170 @@
+"""All Hub traffic: parse sources, download adapters, check write access, push one commit per repo.
+
+Everything goes through huggingface_hub, so HF_ENDPOINT, HF_TOKEN / `hf auth login`, the cache and
+private repos work as they do for any Hub tool. Tokens are never put into messages.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from .errors import SoppuError
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^\s@]+))?$")
+T = TypeVar("T")
+
+
+class HubError(SoppuError):
+    """A Hub operation failed in a way the user can fix (not found, no access, offline...)."""
+
+
+class PushError(SoppuError):
+    """Some repos were pushed and some were not; the message lists both."""
+
+
+@dataclass
+class Source:
+    """Where one input adapter comes from: a local folder, or a Hub repo at a revision."""
+
+    text: str
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return (self.repo_id.split("/")[1] if self.repo_id else self.path.name) if (self.repo_id or self.path) else self.text
+
+
+def parse_source(text: str, revision: str | None = None) -> Source:
+    """A local folder if one exists at that path, else `owner/name[@revision]`."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return Source(text, path=path)
+    m = _REPO_ID.match(text)
+    if not m or text.startswith((".", "/", "~")) or "://" in text:
+        raise SoppuError(f"{text}: not an existing folder and not a Hub repo id; give a PEFT adapter folder or owner/name[@revision]")
+    return Source(text, repo_id=m["repo"], revision=m["rev"] or revision)
+
+
+def _retry(fn: Callable[[], T], what: str, attempts: int = 3, wait: float = 1.0) -> T:
+    """Retry transient failures (connection errors, timeouts, 5xx), then stop with a clear message."""
+    import requests
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except (requests.ConnectionError, requests.Timeout) as e:
+            reason = type(e).__name__
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status is None or status < 500:
+                raise
+            reason = f"HTTP {status}"
+        if i + 1 < attempts:
+            time.sleep(wait * 2**i)
+    raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}, {attempts} tries); "
+                   "check your network or HF_ENDPOINT and try again")
+
+
+def _describe_repo(repo_id: str, revision: str | None, token: str | bool | None) -> str:
+    """Say what a repo without adapter_config.json is, for the error message."""
+    from huggingface_hub import HfApi
+
+    files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    names = {Path(f).name for f in files}
+    if "config.json" in names and any(f.endswith((".safetensors", ".bin", ".gguf")) for f in names):
+        return "a full model (config.json + weights), not a LoRA adapter"
+    if "tokenizer.json" in names or "tokenizer_config.json" in names:
+        return "a tokenizer repo, not a LoRA adapter"
+    return f"a repo without adapter_config.json (files: {', '.join(sorted(names)[:6]) or 'none'})"
+
+
+def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Snapshot only what a LoRA needs into the huggingface_hub cache and return the folder."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    what = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        folder = Path(_retry(lambda: snapshot_download(repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES), what))
+        if not (folder / "adapter_config.json").is_file():
+            raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo")
+        return folder
+    except GatedRepoError:
+        raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and log in (hf auth login or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise HubError(f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit") from None
+    except RepositoryNotFoundError:
+        api = HfApi(token=token)
+        for kind in ("dataset", "space"):
+            try:
+                if api.repo_exists(repo_id, repo_type=kind):
+                    raise HubError(f"{what}: is a {kind} repo, not a model; pass a LoRA adapter model repo") from None
+            except HfHubHTTPError:
+                pass
+        raise HubError(f"{what}: repo not found, or private and your token cannot see it; check the id or log in "
+                       "(hf auth login or HF_TOKEN)") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        raise HubError(f"{what}: the Hub answered HTTP {status}; check your token and the repo id") from None
+
+
+def whoami(token: str | bool | None) -> tuple[str, set[str]]:
+    """(user name, namespaces the token may write to). Fails clearly without a valid token."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    try:
+        info = _retry(lambda: HfApi(token=token).whoami(), "whoami")
+    except LocalTokenNotFoundError:
+        raise HubError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (or pass --no-push)") from None
+    except HfHubHTTPError:
+        raise HubError("the Hub token was refused: log in again (hf auth login) or fix HF_TOKEN") from None
+    writable = {info["name"]}
+    for org in info.get("orgs") or []:
+        if org.get("roleInOrg", "write") in ("admin", "write", "contributor"):
+            writable.add(org["name"])
+    return info["name"], writable
+
+
+def target_repo_ids(names: list[str], *, user: str, push_to: str | None = None, namespace: str | None = None) -> list[str]:
+    """`<user>/<name>-soppu` by default; --push-to names the one repo; --namespace picks an org."""
+    if push_to:
+        if len(names) != 1:
+            raise SoppuError(f"--push-to names one repo but {len(names)} adapters were given; use --namespace for many")
+        if not _REPO_ID.match(push_to) or "@" in push_to:
+            raise SoppuError(f"--push-to {push_to!r} is not a repo id; use owner/name")
+        return [push_to]
+    ns = namespace or user
+    return [f"{ns}/{n}-soppu" for n in names]
+
+
+def check_write_access(repo_ids: list[str], writable: set[str], user: str) -> None:
+    for repo_id in repo_ids:
+        ns = repo_id.split("/")[0]
+        if ns not in writable:
+            raise HubError(f"your token (user {user}) cannot write to the namespace {ns!r} for {repo_id}; "
+                           f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to")
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                commit_message: str = "Upload soppu-compressed adapter") -> str:
+    """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = HfApi(token=token)
+    _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
+    local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    remote = _retry(lambda: api.list_repo_files(repo_id), f"list {repo_id}")
+    ops: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in local]
+    ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
+    info = api.create_commit(repo_id, ops, commit_message=commit_message)
+    return info.commit_url
