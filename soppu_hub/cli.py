@@ -95,7 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.workdir), log=print)
+    run_demo(Path(args.workdir), log=print, keep_serving=args.serve)
     return 0
 
 
@@ -147,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}}')
     p.set_defaults(func=cmd_hub)
 
-    p = sub.add_parser("demo", help="build sample adapters offline, compress them, print the report")
+    p = sub.add_parser("demo", help="the whole chain offline: Hub server, sample adapters, compress by repo id, cards")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")
+    p.add_argument("--serve", action="store_true", help="keep the offline Hub running after the demo (Ctrl-C stops it)")
     p.set_defaults(func=cmd_demo)
     return parser
 

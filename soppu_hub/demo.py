@@ -1,32 +1,95 @@
-"""`make demo`: the main job on embedded defaults (sample adapters of a tiny Llama built offline)."""
+"""`make demo`: the whole chain offline: a Hub server seeded with sample adapters, compress by repo id, cards."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .compress import CompressConfig
 from .errors import SoppuError
-from .job import compress_folders
-from .report import format_table
-from .samples import build_tiny_llama, write_sample_adapters
+from .samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
+
+DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples"}
 
 
-def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8) -> dict:
-    """Build the tiny base and two related sample adapters, compress them jointly, return the report."""
-    workdir = Path(workdir)
+@dataclass
+class Seeded:
+    base_model: str
+    adapters: list[str]  # repo ids
+
+
+def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str) -> Seeded:
+    """Publish the tiny base model and two sample adapters (trained on it, by name) to a Hub endpoint."""
+    from huggingface_hub import HfApi, constants
+
+    # CommitInfo parses commit URLs against the process-wide endpoint, so point it at this Hub.
+    constants.ENDPOINT = endpoint
+    base = build_tiny_llama(workdir / "tiny-llama")
+    samples = HfApi(endpoint=endpoint, token=samples_token)
+    samples.create_repo(TINY_BASE_ID, exist_ok=True)
+    samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
+    api = HfApi(endpoint=endpoint, token=user_token)
+    ids = []
+    for folder in write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID):
+        repo_id = f"{user}/{folder.name}"
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
+        ids.append(repo_id)
+    return Seeded(TINY_BASE_ID, ids)
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """Empty the demo folder, refusing to touch a folder the demo did not make."""
     marker = workdir / ".soppu-demo"
     if workdir.exists() and any(workdir.iterdir()) and not marker.exists():
         raise SoppuError(f"{workdir} exists and was not made by the demo; pass another --workdir")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     marker.touch()
-    base = build_tiny_llama(workdir / "tiny-llama")
-    log(f"built tiny Llama base model in {base}")
-    sources = write_sample_adapters(workdir / "adapters", base_model=str(base))
-    log(f"built sample adapters: {', '.join(str(s) for s in sources)}")
-    report = compress_folders(sources, workdir / "compressed", CompressConfig(rank=rank))
-    log(format_table(report))
-    log(f"compressed adapters and report.json in {workdir / 'compressed'}")
-    return report
+    return workdir
+
+
+def demo_env(endpoint: str, token: str) -> dict[str, str]:
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env["HF_HOME"] = env.get("SOPPU_DEMO_HF_HOME", str(Path(env.get("TMPDIR", "/tmp")) / "soppu-demo-hf-home"))
+    return env
+
+
+def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8, keep_serving: bool = False) -> Path:
+    """Start the offline Hub, seed it, run `soppu-hub compress` on the repo ids, save the card as HTML."""
+    from .hubserver.process import start_hub
+
+    workdir = prepare_workdir(Path(workdir))
+    hub = start_hub(workdir / "hub-data", DEMO_USERS)
+    try:
+        log(f"offline Hub running at {hub.url}")
+        seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"], samples_token=DEMO_USERS["soppu-samples"])
+        log(f"seeded {seeded.base_model} and sample adapters {', '.join(seeded.adapters)}")
+        cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",
+               "--out", str(workdir / "compressed")]
+        log("$ soppu-hub compress " + " ".join(cmd[4:]))
+        subprocess.run(cmd, env=demo_env(hub.url, DEMO_USERS["alice"]), check=True)
+        from .hubserver.page import render_card_page
+
+        pages = []
+        for repo_id in seeded.adapters:
+            name = repo_id.split("/")[1]
+            target = f"alice/{name}-soppu"
+            folder = workdir / "compressed" / name
+            files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+            page = workdir / f"{name}-card.html"
+            page.write_text(render_card_page(target, (folder / "README.md").read_text(), files, f"compressed/{name}/"))
+            pages.append(page)
+            log(f"card of {target}: {page} (and {hub.url}/{target} while the Hub runs)")
+        if keep_serving:
+            log("the offline Hub keeps running; Ctrl-C stops it")
+            hub.proc.wait()
+        return pages[0]
+    except KeyboardInterrupt:
+        return workdir
+    finally:
+        hub.stop()

@@ -304,4 +304,18 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/{ns}/{name}")
+    async def repo_page(ns: str, name: str, request: Request):
+        """A person's view of a model repo: the card rendered to HTML, images served from the repo."""
+        from fastapi.responses import HTMLResponse
+
+        from .page import render_card_page
+
+        repo_id = f"{ns}/{name}"
+        visible(request, "model", repo_id)
+        oid = store.resolve("model", repo_id, "main")
+        files = store.files("model", repo_id, oid)
+        readme = store.read_object(files["README.md"].sha256).decode("utf-8", "replace") if "README.md" in files else ""
+        return HTMLResponse(render_card_page(repo_id, readme, sorted(files), f"/{repo_id}/resolve/{oid}/"))
+
     return app

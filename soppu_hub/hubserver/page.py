@@ -1,0 +1,27 @@
+"""Render a model card (README.md) to a small HTML page, as the Hub's repo page shows it."""
+
+from __future__ import annotations
+
+import html
+import re
+
+_IMG = re.compile(r'(<img [^>]*src=")(?!https?://|/)([^"]+)(")')
+
+
+def render_card_page(repo_id: str, readme: str, files: list[str], file_base: str) -> str:
+    from markdown_it import MarkdownIt
+
+    body = readme
+    meta = ""
+    if readme.startswith("---"):
+        _, meta, body = readme.split("---", 2)
+    rendered = MarkdownIt("commonmark").enable("table").render(body)
+    rendered = _IMG.sub(lambda m: f"{m[1]}{file_base}{m[2]}{m[3]}", rendered)
+    listing = "".join(f'<li><a href="{file_base}{html.escape(f)}">{html.escape(f)}</a></li>' for f in files)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(repo_id)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}img{{max-width:100%}}
+pre{{background:#f4f4f4;padding:.8em;overflow:auto}}.meta{{color:#555;font-size:.9em}}</style></head>
+<body><p class="meta">offline Hub &middot; {html.escape(repo_id)}</p>
+<details class="meta"><summary>card metadata</summary><pre>{html.escape(meta.strip())}</pre></details>
+{rendered}<h2>Files</h2><ul>{listing}</ul></body></html>"""

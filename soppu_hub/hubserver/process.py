@@ -1,0 +1,67 @@
+"""Start the offline Hub as a child process on loopback and wait until it answers (demo and tests)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with code {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@dataclass
+class HubProcess:
+    url: str
+    proc: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
+              port: int | None = None, host: str = "127.0.0.1") -> HubProcess:
+    """users: name -> token."""
+    port = port or free_port(host)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    users_file = root / "users.json"  # tokens in a file, not in the process list
+    users_file.write_text(json.dumps({"users": users, "orgs": orgs or {}}))
+    users_file.chmod(0o600)
+    cmd = [sys.executable, "-m", "soppu_hub", "hub", "--root", str(root), "--host", host, "--port", str(port),
+           "--users-file", str(users_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/health", proc=proc)
+    except Exception:
+        proc.kill()
+        raise
+    return HubProcess(url, proc)
