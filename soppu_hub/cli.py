@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -166,3 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # anything unforeseen still gets one line; SOPPU_DEBUG=1 shows the traceback
+        if os.environ.get("SOPPU_DEBUG"):
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: unexpected {type(e).__name__}: {first} (rerun with SOPPU_DEBUG=1 for details)", file=sys.stderr)
+        return 1

@@ -119,14 +119,15 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
 
 def whoami(token: str | bool | None) -> tuple[str, set[str]]:
     """(user name, namespaces the token may write to). Fails clearly without a valid token."""
+    import requests
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.errors import LocalTokenNotFoundError
 
     try:
         info = _retry(lambda: HfApi(token=token).whoami(), "whoami")
     except LocalTokenNotFoundError:
         raise HubError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (or pass --no-push)") from None
-    except HfHubHTTPError:
+    except requests.HTTPError:  # HfHubHTTPError subclasses it; whoami raises the plain one on 401
         raise HubError("the Hub token was refused: log in again (hf auth login) or fix HF_TOKEN") from None
     writable = {info["name"]}
     for org in info.get("orgs") or []:

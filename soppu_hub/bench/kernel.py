@@ -70,7 +70,7 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
 
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *map(str, folders), "--rank", str(rank),
-                        "--out", str(tmp / "ours"), "--quiet", "--device", str(dev)], check=True)
+                        "--out", str(tmp / "ours"), "--quiet", "--no-push", "--device", str(dev)], check=True)
         ours_cli = time.perf_counter() - t
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "soppu_hub.bench.seed_reference",

@@ -1,0 +1,192 @@
+"""The user's main command over real HTTP: offline Hub server <-> real huggingface_hub client and PEFT."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from conftest import USERS
+
+from helpers import peft_deltas
+
+
+def cli(*args, token: str | None = USERS["alice"]):
+    env = dict(os.environ)
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *args], capture_output=True, text=True, env=env)
+
+
+def one_line_error(res) -> str:
+    assert res.returncode != 0, res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, res.stderr
+    assert "hf_test_" not in res.stderr + res.stdout  # tokens never printed
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    res = cli(*hub.adapters, "--rank", "8", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_pushed_repos_load_by_name_in_peft(hub, pushed):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.bundle import load_bundle
+
+    bundle = load_bundle(pushed / "bundle")
+    for repo_id, name in [("alice/support-bot-soppu", "support-bot"), ("alice/pirate-talk-soppu", "pirate-talk")]:
+        files = HfApi().list_repo_files(repo_id)
+        assert [f for f in files if f.endswith(".safetensors") and "/" not in f] == ["adapter_model.safetensors"]
+        assert {"adapter_config.json", "README.md", "report.json", "soppu/bundle.safetensors", "soppu/bundle.json"} <= set(files)
+        base = AutoModelForCausalLM.from_pretrained(hub.base_model)
+        model = PeftModel.from_pretrained(base, repo_id)
+        assert model.peft_config["default"].base_model_name_or_path == "soppu-samples/tiny-llama"
+        deltas = peft_deltas(hub.base_model, repo_id)
+        for module, (B, A) in bundle.factors(name).items():
+            torch.testing.assert_close(deltas[module], B @ A, atol=1e-5, rtol=1e-4)
+
+
+def test_card_metadata_images_and_one_commit(hub, pushed):
+    api = HfApi()
+    for repo_id, source in [("alice/support-bot-soppu", "alice/support-bot"), ("alice/pirate-talk-soppu", "alice/pirate-talk")]:
+        card = ModelCard.load(repo_id)
+        data = card.data.to_dict()
+        assert data["base_model"] == "soppu-samples/tiny-llama" and data["base_model_relation"] == "adapter"
+        assert data["library_name"] == "peft"
+        assert {"soppu", "lora", "peft", "compression"} <= set(data["tags"])
+        assert data["soppu"]["sources"] == [source]
+        assert source in card.text and repo_id in card.text and "soppu-hub compress" in card.text
+        assert "hf_test_" not in card.content
+        images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
+        files = set(api.list_repo_files(repo_id))
+        assert len(images) == 2 and all(img in files for img in images)
+        commits = api.list_repo_commits(repo_id)
+        assert len(commits) == 2 and commits[0].title.startswith("soppu-hub: JD-full rank 8")  # repo creation + ours
+        report = json.loads(open(hf_hub_download(repo_id, "report.json")).read())
+        assert [a["output"] for a in report["adapters"]] == ["alice/support-bot-soppu", "alice/pirate-talk-soppu"]
+        assert [a["source"] for a in report["adapters"]] == hub.adapters
+    tagged = {m.id for m in api.list_models(filter="soppu", author="alice")}
+    assert {"alice/support-bot-soppu", "alice/pirate-talk-soppu"} <= tagged
+
+
+def test_rerun_adds_one_commit_and_private_push(hub, pushed, tmp_path):
+    api = HfApi()
+    before = len(api.list_repo_commits("alice/support-bot-soppu"))
+    res = cli(hub.adapters[0], "--rank", "4")
+    assert res.returncode == 0, res.stderr
+    assert len(api.list_repo_commits("alice/support-bot-soppu")) == before + 1
+    res = cli(hub.adapters[0], "--rank", "4", "--push-to", "acme/private-support", "--private")
+    assert res.returncode == 0, res.stderr
+    assert HfApi(token=USERS["alice"]).model_info("acme/private-support").private
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=USERS["bob"]).model_info("acme/private-support")
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=False).model_info("acme/private-support")
+
+
+def test_refusals_before_any_work(hub, tmp_path):
+    api = HfApi(token=USERS["alice"])
+    err = one_line_error(cli(hub.adapters[0], "--namespace", "bob"))
+    assert "cannot write to the namespace 'bob'" in err
+    assert not api.repo_exists("bob/support-bot-soppu")
+    err = one_line_error(cli(hub.adapters[0], token=None))
+    assert "needs a Hub token" in err
+    err = one_line_error(cli(hub.adapters[0], token="hf_test_wrong"))
+    assert "token was refused" in err
+    err = one_line_error(cli(*hub.adapters, "--push-to", "alice/x"))
+    assert "--push-to names one repo" in err
+
+
+def test_pull_errors_are_one_line_and_push_nothing(hub, tmp_path):
+    alice = HfApi(token=USERS["alice"])
+    alice.create_repo("alice/data", repo_type="dataset", exist_ok=True)
+    alice.create_repo("alice/secret-lora", private=True, exist_ok=True)
+    cases = [
+        ("alice/does-not-exist", "repo not found"),
+        ("alice/data", "is a dataset repo"),
+        ("soppu-samples/tiny-llama", "a full model"),
+        ("alice/support-bot@no-such-branch", "revision 'no-such-branch' does not exist"),
+        ("not a repo", "not an existing folder and not a Hub repo id"),
+    ]
+    for source, expected in cases:
+        err = one_line_error(cli(source, "--no-push", "--out", str(tmp_path / "out")))
+        assert expected in err, err
+        assert not (tmp_path / "out").exists()
+    err = one_line_error(cli("alice/secret-lora", "--no-push", "--out", str(tmp_path / "out"), token=USERS["bob"]))
+    assert "repo not found, or private" in err
+
+
+def test_failed_run_pushes_nothing(hub, pushed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    api = HfApi(token=USERS["alice"])
+    broken = tmp_path / "broken"
+    commits = len(api.list_repo_commits("alice/support-bot-soppu"))
+    snapshot_download(hub.adapters[1], local_dir=str(broken))
+    t = load_file(str(broken / "adapter_model.safetensors"))
+    next(iter(t.values()))[0, 0] = float("nan")
+    save_file(t, str(broken / "adapter_model.safetensors"))
+    api.create_repo("alice/broken-lora", exist_ok=True)
+    api.upload_folder(repo_id="alice/broken-lora", folder_path=str(broken), allow_patterns=["adapter_*"])
+    err = one_line_error(cli(hub.adapters[0], "alice/broken-lora"))
+    assert "broken-lora" in err and "NaN" in err
+    assert not api.repo_exists("alice/broken-lora-soppu")
+    assert len(api.list_repo_commits("alice/support-bot-soppu")) == commits  # the good input was not pushed either
+
+
+def test_revision_pin_and_verify(hub, tmp_path):
+    from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
+
+    api = HfApi(token=USERS["alice"])
+    api.create_repo("alice/versioned", exist_ok=True)
+    v1 = api.upload_folder(repo_id="alice/versioned", folder_path=snapshot_download(hub.adapters[0]), allow_patterns=["adapter_*"]).oid
+    v2 = write_adapter(tmp_path / "v2", synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0], base_model=hub.base_model,
+                       rank=4, alpha=4)
+    api.upload_folder(repo_id="alice/versioned", folder_path=str(v2))
+    res = cli(f"alice/versioned@{v1}", "--rank", "16", "--no-push", "--out", str(tmp_path / "out"), "--verify")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    entry = report["adapters"][0]
+    assert entry["params_before"] == 16384  # rank 8 of v1, not rank 4 of v2
+    assert entry["max_rel_error"] < 1e-5
+    v = entry["verify"]
+    assert v["next_token_agreement"] == 1.0 and v["mean_kl"] < 1e-6 and v["positions"] > 20
+    assert "next-token agreement" in (tmp_path / "out" / "versioned" / "README.md").read_text()
+    res = cli("alice/versioned", "--rank", "2", "--no-push", "--out", str(tmp_path / "out2"), "--verify")
+    v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]
+    assert v["mean_kl"] > 0 and 0 <= v["next_token_agreement"] <= 1
+
+
+def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch):
+    """Unit test with a fake push (in addition to the real HTTP tests above): the message lists both sides."""
+    from soppu_hub import job
+    from soppu_hub.hub import PushError
+
+    calls = []
+
+    def fake_push(folder, repo_id, **kw):
+        calls.append(repo_id)
+        if len(calls) == 2:
+            raise RuntimeError("HTTP 500 from the Hub")
+        return f"url/{repo_id}"
+
+    monkeypatch.setattr(job, "push_folder", fake_push)
+    spec = job.JobSpec(sources=["a", "b", "c"])
+    with pytest.raises(PushError) as err:
+        job.push_all(tmp_path, ["a", "b", "c"], ["u/a-soppu", "u/b-soppu", "u/c-soppu"], spec, log=lambda m: None)
+    msg = str(err.value)
+    assert "push to u/b-soppu failed (HTTP 500 from the Hub)" in msg
+    assert "pushed: u/a-soppu;" in msg and "not pushed: u/b-soppu, u/c-soppu" in msg and "\n" not in msg
