@@ -1,0 +1,28 @@
+"""`make demo` end to end: its own Hub server, seeding, compress by repo id, rendered cards with plots."""
+
+import re
+import subprocess
+import sys
+
+from soppu_hub.demo import run_demo
+
+
+def test_demo_runs_the_whole_chain(tmp_path):
+    logs = []
+    page = run_demo(tmp_path / "demo", log=logs.append)
+    html = page.read_text()
+    assert "alice/support-bot-soppu" in html and "<table>" in html
+    images = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert len(images) == 2
+    for src in images:
+        png = page.parent / src
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("pushed alice/support-bot-soppu") or "card of alice/support-bot-soppu" in line for line in logs)
+    assert "next-token agreement" in (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 2 and "was not made by the demo" in res.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep"
