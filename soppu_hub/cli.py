@@ -110,6 +110,48 @@ def cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import build_engine, serve
+
+    engine = build_engine(args.model, max_adapters=args.max_adapters, max_batch=args.max_batch_size,
+                          max_total_tokens=args.max_total_tokens, max_concurrent=args.max_concurrent_requests,
+                          adapter_dir=args.adapter_dir)
+    print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
+    serve(engine, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatClient, GenerationSettings
+
+    client = ChatClient(args.url, auth_token=args.auth_token or os.environ.get("LORAX_API_TOKEN"))
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    adapter = None if args.adapter in ("", "-", "__base_model__") else args.adapter
+    client.chat_template()  # fail early, before the first prompt, if the backend is not there
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {adapter or 'the base model'} on {client.model_id} at {args.url}; Ctrl-D or /exit ends",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        print("bot> " if interactive else "", end="", flush=True)
+        reply = []
+        for piece in client.stream(history, adapter, adapter_source=args.adapter_source, api_token=args.api_token,
+                                   system_prompt=args.system, settings=settings):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="soppu-hub", description=__doc__)
     parser.add_argument("--version", action="version", version=f"soppu-hub {__version__}")
@@ -147,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", action="append", default=[], metavar="ORG:MEMBER,...", help="an organisation (repeatable)")
     p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}}')
     p.set_defaults(func=cmd_hub)
+
+    p = sub.add_parser("serve", help="CPU backend speaking LoRAX's REST API: adapters load by name on first use")
+    p.add_argument("--model", required=True, help="base model: Hub repo id or local folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded (LRU) (default 8)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens per request (default: model limit)")
+    p.add_argument("--max-concurrent-requests", type=int, default=128, help="requests in flight before 429 (default 128)")
+    p.add_argument("--adapter-dir", help="allow adapter_source=local for adapters under this folder only")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="terminal chat with an adapter through a LoRAX-compatible backend (streamed)")
+    p.add_argument("adapter", help="adapter repo id (or __base_model__ for none)")
+    p.add_argument("--url", default=os.environ.get("LORAX_URL", "http://127.0.0.1:8080"), help="backend URL (default $LORAX_URL)")
+    p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
+    p.add_argument("--api-token", help="Hub token the backend uses for a private adapter")
+    p.add_argument("--auth-token", help="bearer token of the backend itself (default $LORAX_API_TOKEN)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="the whole chain offline: Hub server, sample adapters, compress by repo id, cards")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")

@@ -90,7 +90,9 @@ def _describe_repo(repo_id: str, revision: str | None, token: str | bool | None)
 def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Snapshot only what a LoRA needs into the huggingface_hub cache and return the folder."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     what = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
@@ -112,9 +114,33 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
                 pass
         raise HubError(f"{what}: repo not found, or private and your token cannot see it; check the id or log in "
                        "(hf auth login or HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} and it is not in the local cache; "
+                       "check your network or HF_ENDPOINT") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise HubError(f"{what}: the Hub answered HTTP {status}; check your token and the repo id") from None
+
+
+def model_folder(name_or_path: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """A base model: a local folder as is, a Hub id snapshotted (config, weights, tokenizer) into the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if not _REPO_ID.match(name_or_path):
+        raise SoppuError(f"{name_or_path}: not a folder and not a Hub repo id; give a model folder or owner/name")
+    try:
+        return Path(_retry(lambda: snapshot_download(
+            name_or_path, revision=revision, token=token,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]), name_or_path))
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise HubError(f"{name_or_path}: model not found on the Hub (or private); check the id or log in") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        raise HubError(f"{name_or_path}: the Hub answered HTTP {status} while downloading the model") from None
 
 
 def whoami(token: str | bool | None) -> tuple[str, set[str]]:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import model_folder
+
 PROBE_PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -14,17 +16,6 @@ PROBE_PROMPTS = [
     "Explain in one sentence why the sky is blue.",
     "def fibonacci(n):",
 ]
-
-
-def resolve_model_folder(name_or_path: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """A local folder as is; a Hub id snapshotted (config, weights, tokenizer) through huggingface_hub."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, revision=revision, token=token,
-                                  allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
 
 
 @torch.no_grad()
@@ -43,9 +34,9 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model_folder(str(base), token=token)
+    folder = model_folder(str(base), token=token)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     base_lp = next_token_logprobs(model, tokenizer, prompts)
     results = []
     for orig, comp in zip(originals, compressed):

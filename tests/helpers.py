@@ -10,7 +10,7 @@ def peft_deltas(base_folder: Path, adapter_folder: Path) -> dict:
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_folder), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_folder))
     out = {}
     for name, mod in model.base_model.model.named_modules():

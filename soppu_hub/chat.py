@@ -1,0 +1,165 @@
+"""Chat with an adapter through any LoRAX-compatible backend, using the official lorax-client.
+
+Used by the Space and by `soppu-hub chat`. Chat messages become a prompt with the base model's own chat
+template, fetched once (the backend's /info when it offers one, else the base model's tokenizer_config.json
+on the Hub), and lorax-client's exceptions become one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+from .errors import SoppuError
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ChatError(SoppuError):
+    """The backend refused or failed; the message says why in words a person can act on."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float | None = None  # None or 0: greedy
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    def params(self) -> dict:
+        sample = bool(self.temperature) and self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": sample,
+                "temperature": self.temperature if sample else None, "top_p": self.top_p if sample else None,
+                "seed": self.seed if sample else None, "stop_sequences": self.stop}
+
+
+def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
+    from lorax import errors as le
+
+    what = f"adapter {adapter_id}" if adapter_id else "the base model"
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, le.GenerationError):
+        return ChatError(f"the backend could not run {what}: {detail}")
+    if isinstance(e, (le.OverloadedError, le.RateLimitExceededError)):
+        return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
+    if isinstance(e, (le.ValidationError, le.UnprocessableEntityError, le.BadRequestError)):
+        return ChatError(f"the backend rejected the request: {detail}")
+    if isinstance(e, (le.ShardNotReadyError, le.ShardTimeoutError)):
+        return ChatError(f"the backend is not ready: {detail}")
+    if isinstance(e, le.NotFoundError):
+        return ChatError(f"the backend at {url} does not speak the LoRAX API (404)")
+    if isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith(("requests", "aiohttp", "urllib3")):
+        return ChatError(f"cannot reach the backend at {url} ({type(e).__name__})")
+    return ChatError(f"the backend failed: {detail}")
+
+
+class ChatClient:
+    """A thin typed layer over lorax.Client / lorax.AsyncClient."""
+
+    def __init__(self, url: str, *, auth_token: str | None = None, timeout: int = 120) -> None:
+        from lorax import AsyncClient, Client
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
+        self.client = Client(self.url, headers=headers, timeout=timeout)
+        self.aclient = AsyncClient(self.url, headers=headers, timeout=timeout)
+        self._headers = headers or {}
+        self._template: str | None = None
+        self._specials: dict[str, str] = {}
+        self.model_id: str | None = None
+
+    # --- prompt ----------------------------------------------------------------------------------
+    def info(self) -> dict:
+        req = urllib.request.Request(f"{self.url}/info", headers=self._headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except OSError as e:
+            raise ChatError(f"cannot reach the backend at {self.url} ({type(e).__name__}: {e})") from None
+
+    def chat_template(self) -> str:
+        """Fetched once: /info's chat_template, else the base model's tokenizer_config.json on the Hub."""
+        if self._template is None:
+            info = self.info()
+            self.model_id = info.get("model_id")
+            template = info.get("chat_template")
+            if not template and self.model_id:
+                template = self._template_from_hub(self.model_id)
+            self._template = template or FALLBACK_TEMPLATE
+        return self._template
+
+    def _template_from_hub(self, model_id: str) -> str | None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            cfg = json.loads(open(hf_hub_download(model_id, "tokenizer_config.json")).read())
+        except Exception:
+            return None
+        for key in ("bos_token", "eos_token"):
+            tok = cfg.get(key)
+            self._specials[key] = tok.get("content", "") if isinstance(tok, dict) else (tok or "")
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
+
+    def render(self, messages: list[dict], system_prompt: str | None = None) -> str:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if system_prompt:
+            msgs = [{"role": "system", "content": system_prompt}] + [m for m in msgs if m["role"] != "system"]
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg: str):
+            raise ChatError(f"the chat template refused the conversation: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template()).render(messages=msgs, add_generation_prompt=True, **self._specials)
+
+    # --- generation ------------------------------------------------------------------------------
+    def _kwargs(self, adapter_id: str | None, adapter_source: str, api_token: str | None, settings: GenerationSettings) -> dict:
+        kw = {k: v for k, v in settings.params().items() if v is not None}
+        if adapter_id:
+            kw.update(adapter_id=adapter_id, adapter_source=adapter_source)
+            if api_token:
+                kw["api_token"] = api_token
+        return kw
+
+    def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
+               api_token: str | None = None, system_prompt: str | None = None,
+               settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece as the backend produces tokens."""
+        prompt = self.render(messages, system_prompt)
+        kw = self._kwargs(adapter_id, adapter_source, api_token, settings or GenerationSettings())
+        try:
+            for resp in self.client.generate_stream(prompt, **kw):
+                if not resp.token.special:
+                    yield resp.token.text
+        except ChatError:
+            raise
+        except Exception as e:
+            raise _map_error(e, adapter_id, self.url) from None
+
+    def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
+        return "".join(self.stream(messages, adapter_id, **kw))
+
+    async def astream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
+                      api_token: str | None = None, system_prompt: str | None = None,
+                      settings: GenerationSettings | None = None) -> AsyncIterator[str]:
+        prompt = self.render(messages, system_prompt)
+        kw = self._kwargs(adapter_id, adapter_source, api_token, settings or GenerationSettings())
+        try:
+            async for resp in self.aclient.generate_stream(prompt, **kw):
+                if not resp.token.special:
+                    yield resp.token.text
+        except ChatError:
+            raise
+        except Exception as e:
+            raise _map_error(e, adapter_id, self.url) from None

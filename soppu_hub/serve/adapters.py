@@ -1,0 +1,143 @@
+"""Adapters by name for the embedded backend: resolve (Hub or allowed local folder), check, load, LRU-evict."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+BASE_ALIASES = {"", "__base_model__", BASE}
+SOURCES = ("hub", "local")
+
+
+@dataclass
+class Loaded:
+    name: str  # PEFT adapter name (no dots allowed there)
+    pins: int = 0
+
+
+class AdapterStore:
+    """Loaded adapters in LRU order with a soft cap: adapters in use are never evicted."""
+
+    def __init__(self, engine: "Engine", base, model_dir: Path, *, max_adapters: int, local_root: Path | None):
+        self.engine, self.base, self.peft = engine, base, None
+        self.max_adapters = max(1, max_adapters)
+        self.local_root = local_root.resolve() if local_root else None
+        self.accepted_bases = {engine.model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
+        self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
+        self._meta = threading.Lock()
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._counter = 0
+
+    # --- resolving -------------------------------------------------------------------------------
+    def _folder(self, adapter_id: str, source: str, api_token: str | None) -> Path:
+        from .engine import AdapterLoadFailed, ValidationFailed
+
+        if source == "local":
+            if self.local_root is None:
+                raise ValidationFailed("local adapters are disabled on this server (start it with --adapter-dir)")
+            path = Path(adapter_id)
+            path = (path if path.is_absolute() else self.local_root / path).resolve()
+            if path != self.local_root and self.local_root not in path.parents:
+                raise ValidationFailed(f"local adapter {adapter_id!r} is outside the allowed directory")
+            if not (path / "adapter_config.json").is_file():
+                raise AdapterLoadFailed(f"local adapter {adapter_id!r} has no adapter_config.json")
+            return path
+        from ..errors import SoppuError
+        from ..hub import download_adapter
+
+        try:
+            return download_adapter(adapter_id, token=api_token or None)
+        except SoppuError as e:
+            raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
+
+    def _check(self, adapter_id: str, folder: Path) -> None:
+        from .engine import AdapterLoadFailed
+
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise AdapterLoadFailed(f"adapter {adapter_id}: unreadable adapter_config.json ({e})") from None
+        if str(cfg.get("peft_type", "")).upper() != "LORA":
+            raise AdapterLoadFailed(f"adapter {adapter_id} is {cfg.get('peft_type')!r}, not a LoRA adapter")
+        base = cfg.get("base_model_name_or_path")
+        if base and base not in self.accepted_bases:
+            raise AdapterLoadFailed(f"adapter {adapter_id} was trained for {base}, but this server runs {self.engine.model_id}")
+
+    # --- acquire / release -------------------------------------------------------------------------
+    def acquire(self, adapter_id: str | None, source: str | None, api_token: str | None) -> tuple[str, callable]:
+        """Load if needed and pin; returns (PEFT adapter name, unpin)."""
+        from .engine import AdapterLoadFailed, ValidationFailed
+
+        if adapter_id is None or adapter_id in BASE_ALIASES:
+            return BASE, lambda: None
+        source = source or "hub"
+        if source not in SOURCES:
+            raise ValidationFailed(f"adapter_source {source!r} is not supported here; use one of {', '.join(SOURCES)}")
+        key = (source, adapter_id)
+        with self._meta:
+            lock = self._key_locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._meta:
+                entry = self.loaded.get(key)
+                if entry is not None:
+                    entry.pins += 1
+                    self.loaded.move_to_end(key)
+            if entry is None:
+                folder = self._folder(adapter_id, source, api_token)
+                self._check(adapter_id, folder)
+                with self._meta:
+                    self._counter += 1
+                    name = f"adapter_{self._counter}"
+                try:
+                    with self.engine.lock:
+                        if self.peft is None:
+                            from peft import PeftModel
+
+                            self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
+                        else:
+                            self.peft.load_adapter(str(folder), adapter_name=name)
+                except Exception as e:
+                    raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.engine.model_id}: "
+                                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                with self._meta:
+                    entry = self.loaded[key] = Loaded(name, pins=1)
+                self._evict()
+        released = False
+
+        def unpin() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                with self._meta:
+                    entry.pins -= 1
+
+        return entry.name, unpin
+
+    def _evict(self) -> None:
+        """Drop least-recently-used unpinned adapters until at most max_adapters stay loaded."""
+        with self._meta:
+            over = len(self.loaded) - self.max_adapters
+            victims = [key for key, entry in self.loaded.items() if entry.pins == 0][: max(0, over)]
+            names = [self.loaded.pop(key).name for key in victims]
+        if names:
+            with self.engine.lock:
+                for name in names:
+                    self.peft.delete_adapter(name)
+
+    def model_for(self, names: list[str]):
+        """(model, adapter_names for generate or None when the batch needs no adapter)."""
+        if self.peft is None:
+            return self.base, None
+        return self.peft, names
+
+    def loaded_ids(self) -> list[str]:
+        with self._meta:
+            return [f"{s}:{a}" for s, a in self.loaded]
