@@ -87,6 +87,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "serve":
+        from .bench.serve import run_serve_bench
+
+        print(run_serve_bench(n_adapters=args.adapters, new_tokens=args.new_tokens))
+        return 0
     from .bench.kernel import run_kernel_bench
 
     print(run_kernel_bench(layers=args.layers, ref_layers=args.ref_layers, device=args.device, seed=args.seed))
@@ -173,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("bench", help="time this kernel against the seeds' Algorithm 1, side by side")
+    p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters")
+    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve"])
+    p.add_argument("--adapters", type=int, default=20, help="serve: distinct adapters (default 20)")
+    p.add_argument("--new-tokens", type=int, default=32, help="serve: new tokens per request (default 32)")
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
     p.add_argument("--ref-layers", type=int, default=2,
                    help="layers the slow reference runs on; its time is scaled to --layers (default 2)")

@@ -61,7 +61,7 @@ def demo_env(endpoint: str, token: str) -> dict[str, str]:
 
 def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8, keep_serving: bool = False) -> Path:
     """Start the offline Hub, seed it, run `soppu-hub compress` on the repo ids, save the card as HTML."""
-    from .hubserver.process import start_hub
+    from .launch import start_hub
 
     workdir = prepare_workdir(Path(workdir))
     hub = start_hub(workdir / "hub-data", DEMO_USERS)

@@ -44,7 +44,7 @@ def sample_adapters(tmp_path_factory, tiny_base) -> list[Path]:
 def hub(tmp_path_factory):
     """The offline Hub as a real HTTP server on loopback, seeded with the tiny base and two adapters."""
     from soppu_hub.demo import seed_hub
-    from soppu_hub.hubserver.process import start_hub
+    from soppu_hub.launch import start_hub
 
     proc = start_hub(tmp_path_factory.mktemp("hub-data"), USERS, orgs=ORGS, port=HUB_PORT)
     try:
@@ -52,3 +52,42 @@ def hub(tmp_path_factory):
         yield seeded
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def pushed(hub, tmp_path_factory):
+    """The sample adapters compressed together by the real CLI and pushed to alice/<name>-soppu."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    env = dict(os.environ, HF_TOKEN=USERS["alice"])
+    res = subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *hub.adapters, "--rank", "8", "--out", str(out)],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def local_adapters(tmp_path_factory, hub):
+    """An allowed local adapter folder for the backend: two good adapters and one for another base model."""
+    from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter, write_sample_adapters
+
+    root = tmp_path_factory.mktemp("local-adapters")
+    write_sample_adapters(root, base_model=hub.base_model)
+    write_adapter(root / "other-base", synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
+                  base_model="someone/else", rank=4, alpha=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def backend(hub, pushed, local_adapters):
+    """`soppu-hub serve` as a real process on loopback, base model pulled from the offline Hub by name."""
+    from soppu_hub.launch import start_backend
+
+    child = start_backend(hub.base_model, extra=["--adapter-dir", str(local_adapters), "--max-adapters", "3",
+                                                 "--max-total-tokens", "256"])
+    try:
+        yield child.url
+    finally:
+        child.stop()

@@ -32,14 +32,6 @@ def one_line_error(res) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def pushed(hub, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "out"
-    res = cli(*hub.adapters, "--rank", "8", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return out
-
-
 def test_pushed_repos_load_by_name_in_peft(hub, pushed):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,4 +1,4 @@
-"""Start the offline Hub as a child process on loopback and wait until it answers (demo and tests)."""
+"""Start our servers (offline Hub, embedded backend) as child processes on loopback and wait until they answer."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
 
 
 @dataclass
-class HubProcess:
+class Child:
     url: str
     proc: subprocess.Popen
 
@@ -47,7 +47,7 @@ class HubProcess:
 
 
 def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
-              port: int | None = None, host: str = "127.0.0.1") -> HubProcess:
+              port: int | None = None, host: str = "127.0.0.1") -> Child:
     """users: name -> token."""
     port = port or free_port(host)
     root = Path(root)
@@ -64,4 +64,19 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
     except Exception:
         proc.kill()
         raise
-    return HubProcess(url, proc)
+    return Child(url, proc)
+
+
+def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1", env: dict | None = None,
+                  extra: list[str] | None = None, timeout: float = 180.0) -> Child:
+    """`soppu-hub serve --model MODEL` as a child; returns once /health answers."""
+    port = port or free_port(host)
+    cmd = [sys.executable, "-m", "soppu_hub", "serve", "--model", model, "--host", host, "--port", str(port), *(extra or [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=timeout, proc=proc)
+    except Exception:
+        proc.kill()
+        raise
+    return Child(url, proc)

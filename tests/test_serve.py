@@ -1,0 +1,153 @@
+"""The embedded backend as a real process, driven by the official lorax-client (sync and async)."""
+
+import asyncio
+import json
+import urllib.request
+
+import pytest
+import torch
+from lorax import AsyncClient, Client
+from lorax.errors import GenerationError, OverloadedError, ValidationError
+
+from conftest import USERS
+
+ADAPTER = "alice/support-bot-soppu"
+PROMPT = "Hello! How are you today?"
+
+
+def peft_greedy(hub_base: str, adapter: str | None, prompt: str, n: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hub_base)
+    model = AutoModelForCausalLM.from_pretrained(hub_base, dtype=torch.float32).eval()
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_with_adapter_matches_peft_in_process(hub, backend):
+    client = Client(backend)
+    with_adapter = client.generate(PROMPT, max_new_tokens=16, adapter_id=ADAPTER, adapter_source="hub", details=True,
+                                   ignore_eos_token=True)
+    base = client.generate(PROMPT, max_new_tokens=16, details=True, ignore_eos_token=True)
+    got = [t.id for t in with_adapter.details.tokens]
+    assert got != [t.id for t in base.details.tokens]  # the adapter changes the output
+    assert got == peft_greedy(hub.base_model, ADAPTER, PROMPT, 16)
+    assert [t.id for t in base.details.tokens] == peft_greedy(hub.base_model, None, PROMPT, 16)
+    d = with_adapter.details
+    assert d.generated_tokens == 16 and d.finish_reason.value == "length" and d.prompt_tokens > 0
+    assert all(isinstance(t.logprob, float) and t.logprob <= 0 for t in d.tokens)
+
+
+def test_stream_concatenates_to_final_text_sync_and_async(backend):
+    client = Client(backend)
+    events = list(client.generate_stream(PROMPT, max_new_tokens=24, adapter_id=ADAPTER))
+    final = events[-1]
+    assert final.generated_text is not None and final.details is not None
+    assert all(e.generated_text is None for e in events[:-1])
+    assert "".join(e.token.text for e in events if not e.token.special) == final.generated_text
+    assert final.details.generated_tokens == len(events)
+    plain = client.generate(PROMPT, max_new_tokens=24, adapter_id=ADAPTER)
+    assert plain.generated_text == final.generated_text
+
+    async def run():
+        ac = AsyncClient(backend)
+        r = await ac.generate(PROMPT, max_new_tokens=24, adapter_id=ADAPTER)
+        pieces = [e async for e in ac.generate_stream(PROMPT, max_new_tokens=24, adapter_id=ADAPTER)]
+        return r, pieces
+
+    r, pieces = asyncio.run(run())
+    assert r.generated_text == final.generated_text == pieces[-1].generated_text
+
+
+def test_error_classes_map_to_lorax_exceptions(backend, local_adapters):
+    client = Client(backend)
+    with pytest.raises(GenerationError, match="cannot be loaded"):
+        client.generate(PROMPT, max_new_tokens=4, adapter_id="alice/no-such-adapter")
+    with pytest.raises(GenerationError, match="trained for someone/else"):
+        client.generate(PROMPT, max_new_tokens=4, adapter_id="other-base", adapter_source="local")
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        client.generate(PROMPT, max_new_tokens=10_000)
+    with pytest.raises(ValidationError, match="outside the allowed directory"):
+        client.generate(PROMPT, max_new_tokens=4, adapter_id=str(local_adapters.parent), adapter_source="local")
+    with pytest.raises(GenerationError):
+        list(client.generate_stream(PROMPT, max_new_tokens=4, adapter_id="alice/no-such-adapter"))
+    # the server survived all of that
+    assert client.generate(PROMPT, max_new_tokens=2).generated_text is not None
+
+
+def test_local_private_and_lru(backend, hub):
+    from huggingface_hub import HfApi, snapshot_download
+
+    client = Client(backend)
+    api = HfApi(token=USERS["alice"])
+    api.create_repo("alice/private-support", private=True, exist_ok=True)
+    api.upload_folder(repo_id="alice/private-support", folder_path=snapshot_download(ADAPTER), allow_patterns=["adapter_*"])
+    with pytest.raises(GenerationError):
+        client.generate(PROMPT, max_new_tokens=4, adapter_id="alice/private-support")
+    ok = client.generate(PROMPT, max_new_tokens=8, adapter_id="alice/private-support", api_token=USERS["alice"])
+    assert ok.generated_text == client.generate(PROMPT, max_new_tokens=8, adapter_id=ADAPTER).generated_text
+    # more distinct adapters than --max-adapters 3: all still answer, at most 3 stay loaded
+    names = [("support-bot", "local"), ("pirate-talk", "local"), ("alice/pirate-talk-soppu", "hub"), (ADAPTER, "hub")]
+    for name, source in names * 2:
+        assert client.generate(PROMPT, max_new_tokens=3, adapter_id=name, adapter_source=source).generated_text is not None
+    info = json.loads(urllib.request.urlopen(f"{backend}/info").read())
+    assert len(info["loaded_adapters"]) <= 3 and info["model_id"] == hub.base_model
+
+
+def test_sixteen_concurrent_streams_match_sequential_results(backend):
+    adapters = [ADAPTER, "alice/pirate-talk-soppu", None, "support-bot"]
+    sources = {"support-bot": "local"}
+    client = Client(backend)
+    expected = {a: client.generate(PROMPT, max_new_tokens=20, adapter_id=a, adapter_source=sources.get(a, "hub"),
+                                   ignore_eos_token=True).generated_text for a in adapters}
+
+    async def one(ac, a):
+        events = [e async for e in ac.generate_stream(PROMPT, max_new_tokens=20, adapter_id=a,
+                                                       adapter_source=sources.get(a, "hub"), ignore_eos_token=True)]
+        return a, "".join(e.token.text for e in events if not e.token.special), events[-1]
+
+    async def run():
+        ac = AsyncClient(backend)
+        return await asyncio.gather(*[one(ac, adapters[i % 4]) for i in range(16)])
+
+    results = asyncio.run(run())
+    assert len(results) == 16
+    for a, text, last in results:
+        assert last.details.generated_tokens == 20
+        assert text == last.generated_text == expected[a]
+
+
+def test_openai_chat_tokenize_info(backend, hub):
+    def post(path, body):
+        req = urllib.request.Request(f"{backend}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req).read())
+
+    out = post("/v1/chat/completions", {"model": ADAPTER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] <= 5
+    assert isinstance(out["choices"][0]["message"]["content"], str)
+    toks = post("/tokenize", {"inputs": "Hello world"})
+    assert toks and all({"id", "text", "start", "stop"} <= set(t) for t in toks)
+    info = json.loads(urllib.request.urlopen(f"{backend}/info").read())
+    assert info["max_total_tokens"] == 256 and "<|assistant|>" in info["chat_template"]
+
+
+def test_overloaded_answers_429(hub, pushed, tmp_path):
+    from soppu_hub.launch import start_backend
+
+    child = start_backend(hub.base_model, extra=["--max-concurrent-requests", "1", "--max-total-tokens", "512"])
+    try:
+        async def run():
+            ac = AsyncClient(child.url)
+            return await asyncio.gather(*[ac.generate(PROMPT, max_new_tokens=400, ignore_eos_token=True) for _ in range(3)],
+                                        return_exceptions=True)
+
+        results = asyncio.run(run())
+        assert any(isinstance(r, OverloadedError) for r in results)
+        assert any(not isinstance(r, Exception) for r in results)
+    finally:
+        child.stop()
