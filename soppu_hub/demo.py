@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,23 +23,36 @@ class Seeded:
     adapters: list[str]  # repo ids
 
 
+@contextmanager
+def _endpoint(url: str):
+    """huggingface_hub parses commit URLs against its process-wide endpoint: point it here, then restore it."""
+    from huggingface_hub import constants
+
+    saved = constants.ENDPOINT
+    constants.ENDPOINT = url
+    try:
+        yield
+    finally:
+        constants.ENDPOINT = saved
+
+
 def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str) -> Seeded:
     """Publish the tiny base model and two sample adapters (trained on it, by name) to a Hub endpoint."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
-    # CommitInfo parses commit URLs against the process-wide endpoint, so point it at this Hub.
-    constants.ENDPOINT = endpoint
     base = build_tiny_llama(workdir / "tiny-llama")
-    samples = HfApi(endpoint=endpoint, token=samples_token)
-    samples.create_repo(TINY_BASE_ID, exist_ok=True)
-    samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
-    api = HfApi(endpoint=endpoint, token=user_token)
+    adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
     ids = []
-    for folder in write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID):
-        repo_id = f"{user}/{folder.name}"
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
-        ids.append(repo_id)
+    with _endpoint(endpoint):
+        samples = HfApi(endpoint=endpoint, token=samples_token)
+        samples.create_repo(TINY_BASE_ID, exist_ok=True)
+        samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
+        api = HfApi(endpoint=endpoint, token=user_token)
+        for folder in adapters:
+            repo_id = f"{user}/{folder.name}"
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
+            ids.append(repo_id)
     return Seeded(TINY_BASE_ID, ids)
 
 

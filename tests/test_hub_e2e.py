@@ -76,10 +76,12 @@ def test_card_metadata_images_and_one_commit(hub, pushed):
 
 def test_rerun_adds_one_commit_and_private_push(hub, pushed, tmp_path):
     api = HfApi()
-    before = len(api.list_repo_commits("alice/support-bot-soppu"))
-    res = cli(hub.adapters[0], "--rank", "4")
+    # its own target: the shared sample repos stay as the backend tests expect them (LoRAX caches by name)
+    assert cli(hub.adapters[0], "--rank", "8", "--push-to", "alice/rerun-support").returncode == 0
+    before = len(api.list_repo_commits("alice/rerun-support"))
+    res = cli(hub.adapters[0], "--rank", "4", "--push-to", "alice/rerun-support")
     assert res.returncode == 0, res.stderr
-    assert len(api.list_repo_commits("alice/support-bot-soppu")) == before + 1
+    assert len(api.list_repo_commits("alice/rerun-support")) == before + 1
     res = cli(hub.adapters[0], "--rank", "4", "--push-to", "acme/private-support", "--private")
     assert res.returncode == 0, res.stderr
     assert HfApi(token=USERS["alice"]).model_info("acme/private-support").private
