@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = build_engine(args.model, max_adapters=args.max_adapters, max_batch=args.max_batch_size,
                           max_total_tokens=args.max_total_tokens, max_concurrent=args.max_concurrent_requests,
-                          adapter_dir=args.adapter_dir)
+                          adapter_dir=args.adapter_dir, share_bases=not args.no_shared_bases)
     print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port)
     return 0
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens per request (default: model limit)")
     p.add_argument("--max-concurrent-requests", type=int, default=128, help="requests in flight before 429 (default 128)")
     p.add_argument("--adapter-dir", help="allow adapter_source=local for adapters under this folder only")
+    p.add_argument("--no-shared-bases", action="store_true",
+                   help="load soppu-compressed adapters as plain LoRA instead of through their shared basis")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="terminal chat with an adapter through a LoRAX-compatible backend (streamed)")

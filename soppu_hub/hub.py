@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 from .errors import SoppuError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
+BUNDLE_FILES = ["soppu/bundle.json", "soppu/bundle.safetensors"]
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^\s@]+))?$")
 T = TypeVar("T")
 
@@ -87,8 +88,9 @@ def _describe_repo(repo_id: str, revision: str | None, token: str | bool | None)
     return f"a repo without adapter_config.json (files: {', '.join(sorted(names)[:6]) or 'none'})"
 
 
-def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """Snapshot only what a LoRA needs into the huggingface_hub cache and return the folder."""
+def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                     with_bundle: bool = False) -> Path:
+    """Snapshot only what a LoRA needs (and its soppu bundle slice if asked) into the cache; return the folder."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
@@ -96,7 +98,8 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
 
     what = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
-        folder = Path(_retry(lambda: snapshot_download(repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES), what))
+        folder = Path(_retry(lambda: snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES + (BUNDLE_FILES if with_bundle else [])), what))
         if not (folder / "adapter_config.json").is_file():
             raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo")
         return folder

@@ -151,3 +151,30 @@ def test_overloaded_answers_429(hub, pushed, tmp_path):
         assert any(not isinstance(r, Exception) for r in results)
     finally:
         child.stop()
+
+
+def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
+    from soppu_hub.launch import start_backend
+
+    pair = ["alice/support-bot-soppu", "alice/pirate-talk-soppu"]
+
+    def run(url):
+        client = Client(url)
+        texts = [client.generate(PROMPT, max_new_tokens=12, adapter_id=a, ignore_eos_token=True).generated_text for a in pair]
+        return texts, json.loads(urllib.request.urlopen(f"{url}/info").read())
+
+    plain = start_backend(hub.base_model, extra=["--no-shared-bases"])
+    try:
+        plain_texts, plain_info = run(plain.url)
+    finally:
+        plain.stop()
+    shared = start_backend(hub.base_model)
+    try:
+        shared_texts, shared_info = run(shared.url)
+    finally:
+        shared.stop()
+    assert shared_texts == plain_texts  # same deltas, U S_i V^T either way
+    (basis,) = shared_info["shared_bases"].values()
+    assert basis["adapters"] == 2 and basis["shared_params"] > 0
+    assert plain_info["shared_bases"] == {}
+    assert shared_info["resident_lora_params"] < plain_info["resident_lora_params"]

@@ -26,8 +26,12 @@ class Loaded:
 class AdapterStore:
     """Loaded adapters in LRU order with a soft cap: adapters in use are never evicted."""
 
-    def __init__(self, engine: "Engine", base, model_dir: Path, *, max_adapters: int, local_root: Path | None):
+    def __init__(self, engine: "Engine", base, model_dir: Path, *, max_adapters: int, local_root: Path | None,
+                 share_bases: bool = True):
+        from .shared import SharedBases
+
         self.engine, self.base, self.peft = engine, base, None
+        self.shared = SharedBases() if share_bases else None
         self.max_adapters = max(1, max_adapters)
         self.local_root = local_root.resolve() if local_root else None
         self.accepted_bases = {engine.model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
@@ -54,7 +58,7 @@ class AdapterStore:
         from ..hub import download_adapter
 
         try:
-            return download_adapter(adapter_id, token=api_token or None)
+            return download_adapter(adapter_id, token=api_token or None, with_bundle=self.shared is not None)
         except SoppuError as e:
             raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
 
@@ -98,12 +102,7 @@ class AdapterStore:
                     name = f"adapter_{self._counter}"
                 try:
                     with self.engine.lock:
-                        if self.peft is None:
-                            from peft import PeftModel
-
-                            self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
-                        else:
-                            self.peft.load_adapter(str(folder), adapter_name=name)
+                        self._load(folder, name)
                 except Exception as e:
                     raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.engine.model_id}: "
                                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -121,6 +120,24 @@ class AdapterStore:
 
         return entry.name, unpin
 
+    def _load_peft(self, path: str, name: str):
+        if self.peft is None:
+            from peft import PeftModel
+
+            self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
+        else:
+            self.peft.load_adapter(path, adapter_name=name)
+        return self.peft
+
+    def _load(self, folder: Path, name: str) -> None:
+        """Through the bundle (shared basis) when the repo has one, else as the plain PEFT adapter."""
+        from .shared import has_bundle
+
+        if self.shared is not None and has_bundle(folder):
+            self.shared.load(self._load_peft, folder, name)
+        else:
+            self._load_peft(str(folder), name)
+
     def _evict(self) -> None:
         """Drop least-recently-used unpinned adapters until at most max_adapters stay loaded."""
         with self._meta:
@@ -131,6 +148,8 @@ class AdapterStore:
             with self.engine.lock:
                 for name in names:
                     self.peft.delete_adapter(name)
+                    if self.shared is not None:
+                        self.shared.release(name)
 
     def model_for(self, names: list[str]):
         """(model, adapter_names for generate or None when the batch needs no adapter)."""
@@ -141,3 +160,11 @@ class AdapterStore:
     def loaded_ids(self) -> list[str]:
         with self._meta:
             return [f"{s}:{a}" for s, a in self.loaded]
+
+    def memory(self) -> dict:
+        """Resident LoRA parameters (shared tensors once) and the shared bases in use."""
+        from .shared import resident_lora_params
+
+        with self.engine.lock:
+            return {"resident_lora_params": resident_lora_params(self.peft),
+                    "shared_bases": self.shared.summary() if self.shared is not None else {}}

@@ -206,7 +206,7 @@ def create_app(engine: Engine) -> FastAPI:
             "max_input_length": engine.max_total_tokens - 1, "max_total_tokens": engine.max_total_tokens,
             "max_batch_size": engine.max_batch, "version": f"soppu-hub {__version__}", "sha": None, "docker_label": None,
             "request_logger_url": None, "eager_prefill": False, "preloaded_adapters": [],
-            "loaded_adapters": engine.adapters.loaded_ids(),
+            "loaded_adapters": engine.adapters.loaded_ids(), **engine.adapters.memory(),
             "chat_template": getattr(engine.tokenizer, "chat_template", None),
         }
 

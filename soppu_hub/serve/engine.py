@@ -149,7 +149,7 @@ class Engine:
 
     def __init__(self, model_dir: Path, model_id: str, *, max_adapters: int = 8, max_batch: int = 16,
                  max_total_tokens: int | None = None, max_queue: int = 128, local_root: Path | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", share_bases: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = model_id
@@ -161,7 +161,8 @@ class Engine:
         self.max_total_tokens = min(max_total_tokens or limit, limit)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
-        self.adapters = AdapterStore(self, base, model_dir, max_adapters=max_adapters, local_root=local_root)
+        self.adapters = AdapterStore(self, base, model_dir, max_adapters=max_adapters, local_root=local_root,
+                                     share_bases=share_bases)
         self.pending: queue.Queue[Job] = queue.Queue()
         self.active = 0
         self._count_lock = threading.Lock()
