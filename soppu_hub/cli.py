@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.workdir), log=print, keep_serving=args.serve)
+    run_demo(Path(args.workdir), log=print, serve=not args.no_serve)
     return 0
 
 
@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="the whole chain offline: Hub server, sample adapters, compress by repo id, cards")
+    p = sub.add_parser("demo", help="the whole chain offline: Hub, sample adapters, compress by repo id, backend, the Space")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")
-    p.add_argument("--serve", action="store_true", help="keep the offline Hub running after the demo (Ctrl-C stops it)")
+    p.add_argument("--no-serve", action="store_true", help="stop everything once the Space answers instead of waiting for Ctrl-C")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -73,22 +73,35 @@ def demo_env(endpoint: str, token: str) -> dict[str, str]:
     return env
 
 
-def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8, keep_serving: bool = False) -> Path:
-    """Start the offline Hub, seed it, run `soppu-hub compress` on the repo ids, save the card as HTML."""
-    from .launch import start_hub
+@dataclass
+class DemoRun:
+    hub_url: str
+    backend_url: str
+    space_url: str
+    pages: list[Path]
+
+
+def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8, serve: bool = True) -> DemoRun:
+    """Offline Hub + samples -> `soppu-hub compress` by repo id -> embedded backend -> the Space.
+
+    With serve=True it blocks until Ctrl-C; either way everything it started is stopped at the end.
+    """
+    from .hubserver.page import render_card_page
+    from .launch import start_backend, start_hub, start_space
 
     workdir = prepare_workdir(Path(workdir))
-    hub = start_hub(workdir / "hub-data", DEMO_USERS)
+    children = []
     try:
+        hub = start_hub(workdir / "hub-data", DEMO_USERS)
+        children.append(hub)
         log(f"offline Hub running at {hub.url}")
         seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"], samples_token=DEMO_USERS["soppu-samples"])
         log(f"seeded {seeded.base_model} and sample adapters {', '.join(seeded.adapters)}")
+        env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",
                "--out", str(workdir / "compressed")]
         log("$ soppu-hub compress " + " ".join(cmd[4:]))
-        subprocess.run(cmd, env=demo_env(hub.url, DEMO_USERS["alice"]), check=True)
-        from .hubserver.page import render_card_page
-
+        subprocess.run(cmd, env=env, check=True)
         pages = []
         for repo_id in seeded.adapters:
             name = repo_id.split("/")[1]
@@ -98,12 +111,21 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8
             page = workdir / f"{name}-card.html"
             page.write_text(render_card_page(target, (folder / "README.md").read_text(), files, f"compressed/{name}/"))
             pages.append(page)
-            log(f"card of {target}: {page} (and {hub.url}/{target} while the Hub runs)")
-        if keep_serving:
-            log("the offline Hub keeps running; Ctrl-C stops it")
-            hub.proc.wait()
-        return pages[0]
+            log(f"card of {target}: {page} (and {hub.url}/{target})")
+        backend = start_backend(seeded.base_model, env=env)
+        children.append(backend)
+        log(f"embedded LoRAX-compatible backend at {backend.url}")
+        space = start_space(dict(env, LORAX_URL=backend.url, SOPPU_AUTHOR="alice"))
+        children.append(space)
+        log(f"the Space is running: open {space.url}")
+        run = DemoRun(hub.url, backend.url, space.url, pages)
+        if serve:
+            log("Ctrl-C stops the Space, the backend and the Hub")
+            space.proc.wait()
+        return run
     except KeyboardInterrupt:
-        return workdir
+        log("stopping")
+        return None
     finally:
-        hub.stop()
+        for child in reversed(children):
+            child.stop()

@@ -80,3 +80,20 @@ def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1
         proc.kill()
         raise
     return Child(url, proc)
+
+
+SPACE_APP = Path(__file__).resolve().parent.parent / "space" / "app.py"
+
+
+def start_space(env: dict, *, port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0) -> Child:
+    """`python space/app.py` as a child with GRADIO_SERVER_NAME / _PORT set; returns once the page answers."""
+    port = port or free_port(host)
+    env = dict(env, GRADIO_SERVER_NAME=host, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, str(SPACE_APP)], stdout=subprocess.DEVNULL, env=env)
+    url = f"http://{host}:{port}"
+    try:
+        wait_http(f"{url}/", timeout=timeout, proc=proc)
+    except Exception:
+        proc.kill()
+        raise
+    return Child(url, proc)

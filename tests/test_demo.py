@@ -1,6 +1,7 @@
 """`make demo` end to end: its own Hub server, seeding, compress by repo id, rendered cards with plots."""
 
 import re
+import urllib.request
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ from soppu_hub.demo import run_demo
 
 def test_demo_runs_the_whole_chain(tmp_path):
     logs = []
-    page = run_demo(tmp_path / "demo", log=logs.append)
+    run = run_demo(tmp_path / "demo", log=logs.append, serve=False)
+    page = run.pages[0]
     html = page.read_text()
     assert "alice/support-bot-soppu" in html and "<table>" in html
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
@@ -19,6 +21,14 @@ def test_demo_runs_the_whole_chain(tmp_path):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("pushed alice/support-bot-soppu") or "card of alice/support-bot-soppu" in line for line in logs)
     assert "next-token agreement" in (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
+    assert any(line == f"the Space is running: open {run.space_url}" for line in logs)
+    # everything the demo started is stopped again
+    for url in (run.hub_url, run.backend_url, run.space_url):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            raise AssertionError(f"{url} still answers")
+        except OSError:
+            pass
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

@@ -1,0 +1,128 @@
+"""What the Space does, without Gradio: find adapters, summarise their cards, stream chat replies.
+
+`space/app.py` only lays out widgets and wires them to these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from .chat import ChatClient, ChatError, GenerationSettings
+from .errors import SoppuError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+ERROR_PLOT = "plots/errors_by_layer.png"
+
+
+def validate_repo_id(text: str | None) -> str:
+    """A Hub model id `owner/name`; local paths and URLs are refused (the Space serves Hub adapters only)."""
+    text = (text or "").strip()
+    if not text:
+        raise SoppuError("pick an adapter or type its repo id (owner/name)")
+    if "://" in text or text.startswith(("/", ".", "~")) or "\\" in text or ".." in text:
+        raise SoppuError(f"{text!r} is not a Hub repo id: use owner/name, not a path or URL")
+    if not _REPO_ID.match(text):
+        raise SoppuError(f"{text!r} is not a Hub repo id: use owner/name (letters, digits, - _ .)")
+    return text
+
+
+def list_soppu_adapters(author: str | None = None, *, token: str | None = None, limit: int = 200) -> list[str]:
+    """Repo ids tagged `soppu` on the Hub (optionally one author's), newest listing order."""
+    from huggingface_hub import HfApi
+
+    try:
+        return [m.id for m in HfApi(token=token).list_models(filter="soppu", author=author or None, limit=limit)]
+    except Exception as e:  # the picker still accepts typed ids when the Hub cannot be listed
+        raise SoppuError(f"cannot list soppu adapters on the Hub ({type(e).__name__})") from None
+
+
+@dataclass
+class CardSummary:
+    repo_id: str
+    base_model: str | None
+    compression_ratio: float | None
+    mean_rel_error: float | None
+    max_rel_error: float | None
+    error_plot: str | None  # local file path of the card's error plot
+
+    def markdown(self) -> str:
+        def fmt(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+        return (f"**{self.repo_id}**  \nbase model: `{self.base_model or 'unknown'}`  \n"
+                f"compression ratio: **{fmt(self.compression_ratio, '.2f')}x**  \n"
+                f"relative error: mean **{fmt(self.mean_rel_error, '.4f')}**, max **{fmt(self.max_rel_error, '.4f')}**")
+
+
+def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
+    """Read the adapter's card metadata (written by soppu-hub) and fetch its error plot."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    repo_id = validate_repo_id(repo_id)
+    try:
+        data = ModelCard.load(repo_id, token=token).data.to_dict()
+    except Exception as e:
+        raise SoppuError(f"cannot read the card of {repo_id} ({type(e).__name__}); is it a soppu-compressed adapter?") from None
+    soppu = data.get("soppu") or {}
+    try:
+        plot = hf_hub_download(repo_id, ERROR_PLOT, token=token)
+    except Exception:
+        plot = None
+    return CardSummary(repo_id, data.get("base_model"), soppu.get("compression_ratio"), soppu.get("mean_rel_error"),
+                       soppu.get("max_rel_error"), plot)
+
+
+def history_to_messages(history: list | None) -> list[dict]:
+    """Gradio 6 chat history (content as a string or as content blocks) -> plain role/content messages."""
+    out = []
+    for m in history or []:
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (getattr(m, "role", None), getattr(m, "content", None))
+        if isinstance(content, list):
+            content = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type", "text") == "text")
+        if role in ("user", "assistant", "system") and isinstance(content, str):
+            out.append({"role": role, "content": content})
+    return out
+
+
+def stream_reply(client: ChatClient, message: str, history: list | None, adapter_id: str | None, *,
+                 system_prompt: str | None = None, temperature: float = 0.0, max_new_tokens: int = 64,
+                 max_new_tokens_cap: int = 256) -> Iterator[str]:
+    """Yield the reply so far (cumulative) as tokens arrive; errors become one readable line in the chat."""
+    messages = history_to_messages(history) + [{"role": "user", "content": message}]
+    settings = GenerationSettings(max_new_tokens=max(1, min(int(max_new_tokens), max_new_tokens_cap)),
+                                  temperature=temperature or None)
+    text = ""
+    try:
+        adapter = validate_repo_id(adapter_id) if adapter_id else None
+        yield text
+        for piece in client.stream(messages, adapter, system_prompt=system_prompt or None, settings=settings):
+            text += piece
+            yield text
+    except (ChatError, SoppuError) as e:
+        yield (text + "\n\n" if text else "") + f"⚠️ {e}"
+
+
+@dataclass
+class Backend:
+    url: str
+    auth_token: str | None
+    child: object | None  # launch.Child when we started the embedded backend
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+def backend_from_env() -> Backend:
+    """LORAX_URL (+ LORAX_API_TOKEN) when set; otherwise start the embedded backend for SOPPU_BASE_MODEL."""
+    url = os.environ.get("LORAX_URL")
+    if url:
+        return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None)
+    from .launch import start_backend
+    from .samples import TINY_BASE_ID
+
+    child = start_backend(os.environ.get("SOPPU_BASE_MODEL", TINY_BASE_ID))
+    return Backend(child.url, None, child)

@@ -1,0 +1,113 @@
+"""soppu-hub Space: pick a soppu-compressed LoRA adapter and chat with it through a LoRAX backend.
+
+A thin Gradio shell over soppu_hub.spacekit. Backend: LORAX_URL (+ LORAX_API_TOKEN) or, when unset, the
+embedded CPU backend started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies.
+Runs with `python space/app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on Spaces).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Iterator
+
+import gradio as gr
+
+from soppu_hub.chat import ChatClient
+from soppu_hub.errors import SoppuError
+from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapters, stream_reply, validate_repo_id
+
+MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
+AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
+INTRO = """# Chat with a compressed LoRA adapter
+Adapters compressed with [soppu-hub](https://github.com/soppu-hub/soppu-hub) (joint diagonalization: one shared
+basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its repo id."""
+
+
+def build_app(client: ChatClient) -> gr.Blocks:
+    def adapters() -> list[str]:
+        try:
+            return list_soppu_adapters(AUTHOR)
+        except SoppuError:
+            return []
+
+    def show_card(repo_id: str):
+        try:
+            s = card_summary(repo_id)
+        except SoppuError as e:
+            return f"⚠️ {e}", None
+        return s.markdown(), s.error_plot
+
+    def refresh():
+        choices = adapters()
+        return gr.update(choices=choices, value=choices[0] if choices else None)
+
+    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare):
+        if not (message or "").strip():
+            yield "", history, base_history
+            return
+        past, base_past = list(history or []), list(base_history or [])
+        history = past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        if compare:
+            base_history = base_past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        kw = dict(system_prompt=system, temperature=temperature, max_new_tokens=max_new, max_new_tokens_cap=MAX_NEW_TOKENS)
+        # the box is cleared and locked while the reply streams, so no message is typed into a busy chat
+        yield gr.update(value="", interactive=False), history, base_history
+        for text in stream_reply(client, message, past, adapter_id, **kw):
+            history[-1] = {"role": "assistant", "content": text}
+            yield gr.skip(), history, base_history
+        if compare:
+            for text in stream_reply(client, message, base_past, None, **kw):
+                base_history[-1] = {"role": "assistant", "content": text}
+                yield gr.skip(), history, base_history
+        yield gr.update(interactive=True), history, base_history
+
+    def chat(message: str, history: list[dict], adapter_id: str) -> Iterator[str]:
+        """Stream the adapter's reply to `message` given the chat `history` (role/content messages)."""
+        yield from stream_reply(client, message, history, adapter_id, max_new_tokens=MAX_NEW_TOKENS,
+                                max_new_tokens_cap=MAX_NEW_TOKENS)
+
+    with gr.Blocks(title="soppu-hub: chat with a compressed LoRA") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                choices = adapters()
+                picker = gr.Dropdown(choices=choices, value=choices[0] if choices else None, allow_custom_value=True,
+                                     label="Adapter (repo id)", elem_id="adapter-picker")
+                refresh_btn = gr.Button("Refresh list", size="sm")
+                summary = gr.Markdown(elem_id="card-summary")
+                plot = gr.Image(label="Relative error by layer", type="filepath", interactive=False, elem_id="error-plot")
+                system = gr.Textbox(label="System prompt", lines=2)
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=min(64, MAX_NEW_TOKENS), step=1, label="Max new tokens")
+                compare = gr.Checkbox(label="Compare with the base model", value=False)
+            with gr.Column(scale=2):
+                with gr.Row():
+                    chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter")
+                    base_chat = gr.Chatbot(label="Base model", height=440, visible=False, elem_id="chat-base")
+                message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary")
+                    clear = gr.Button("Clear")
+
+        picker.change(show_card, picker, [summary, plot], api_visibility="private")
+        demo.load(show_card, picker, [summary, plot], api_visibility="private")
+        refresh_btn.click(refresh, None, picker, api_visibility="private")
+        compare.change(lambda c: gr.update(visible=c), compare, base_chat, api_visibility="private")
+        inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare]
+        message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private")
+        send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private")
+        clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
+        gr.api(chat, api_name="chat")
+    return demo
+
+
+def main() -> None:
+    backend = backend_from_env()
+    atexit.register(backend.stop)
+    client = ChatClient(backend.url, auth_token=backend.auth_token)
+    build_app(client).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()
