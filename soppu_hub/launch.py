@@ -46,9 +46,20 @@ class Child:
                 self.proc.kill()
 
 
+def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0) -> Child:
+    """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    try:
+        wait_http(f"{url}{ready_path}", timeout=timeout, proc=proc)
+    except Exception:
+        proc.kill()
+        raise
+    return Child(url, proc)
+
+
 def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
               port: int | None = None, host: str = "127.0.0.1") -> Child:
-    """users: name -> token."""
+    """The offline Hub; users: name -> token."""
     port = port or free_port(host)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -57,14 +68,7 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
     users_file.chmod(0o600)
     cmd = [sys.executable, "-m", "soppu_hub", "hub", "--root", str(root), "--host", host, "--port", str(port),
            "--users-file", str(users_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    url = f"http://{host}:{port}"
-    try:
-        wait_http(f"{url}/health", proc=proc)
-    except Exception:
-        proc.kill()
-        raise
-    return Child(url, proc)
+    return _spawn(cmd, f"http://{host}:{port}", "/health", timeout=60.0)
 
 
 def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1", env: dict | None = None,
@@ -72,14 +76,7 @@ def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1
     """`soppu-hub serve --model MODEL` as a child; returns once /health answers."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "soppu_hub", "serve", "--model", model, "--host", host, "--port", str(port), *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
-    url = f"http://{host}:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=timeout, proc=proc)
-    except Exception:
-        proc.kill()
-        raise
-    return Child(url, proc)
+    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout)
 
 
 SPACE_APP = Path(__file__).resolve().parent.parent / "space" / "app.py"
@@ -89,11 +86,4 @@ def start_space(env: dict, *, port: int | None = None, host: str = "127.0.0.1", 
     """`python space/app.py` as a child with GRADIO_SERVER_NAME / _PORT set; returns once the page answers."""
     port = port or free_port(host)
     env = dict(env, GRADIO_SERVER_NAME=host, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, str(SPACE_APP)], stdout=subprocess.DEVNULL, env=env)
-    url = f"http://{host}:{port}"
-    try:
-        wait_http(f"{url}/", timeout=timeout, proc=proc)
-    except Exception:
-        proc.kill()
-        raise
-    return Child(url, proc)
+    return _spawn([sys.executable, str(SPACE_APP)], f"http://{host}:{port}", "/", env=env, timeout=timeout)
