@@ -36,12 +36,23 @@ def _endpoint(url: str):
         constants.ENDPOINT = saved
 
 
-def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str) -> Seeded:
-    """Publish the tiny base model and two sample adapters (trained on it, by name) to a Hub endpoint."""
+def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str,
+             trained: bool = False) -> Seeded:
+    """Publish the tiny base model and two sample adapters (naming it as their base) to a Hub endpoint.
+
+    trained=True spends ~30 s of CPU so the model talks and the adapters have a style (the demo);
+    otherwise random weights and synthetic adapters (the tests).
+    """
     from huggingface_hub import HfApi
 
-    base = build_tiny_llama(workdir / "tiny-llama")
-    adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
+    if trained:
+        from .sample_training import build_talking_llama, train_style_adapters
+
+        base = build_talking_llama(workdir / "tiny-llama")
+        adapters = train_style_adapters(workdir / "adapters", base, base_model=TINY_BASE_ID)
+    else:
+        base = build_tiny_llama(workdir / "tiny-llama")
+        adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
     ids = []
     with _endpoint(endpoint):
         samples = HfApi(endpoint=endpoint, token=samples_token)
@@ -81,7 +92,7 @@ class DemoRun:
     pages: list[Path]
 
 
-def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8, serve: bool = True) -> DemoRun:
+def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 12, serve: bool = True) -> DemoRun:
     """Offline Hub + samples -> `soppu-hub compress` by repo id -> embedded backend -> the Space.
 
     With serve=True it blocks until Ctrl-C; either way everything it started is stopped at the end.
@@ -95,7 +106,9 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 8
         hub = start_hub(workdir / "hub-data", DEMO_USERS)
         children.append(hub)
         log(f"offline Hub running at {hub.url}")
-        seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"], samples_token=DEMO_USERS["soppu-samples"])
+        log("training the tiny Llama and two style adapters on the CPU (about 30 s)")
+        seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"],
+                          samples_token=DEMO_USERS["soppu-samples"], trained=True)
         log(f"seeded {seeded.base_model} and sample adapters {', '.join(seeded.adapters)}")
         env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",

@@ -29,7 +29,7 @@ Compression keeps what matters and drops what does not. Serving many adapters at
 """
 
 
-def build_tokenizer(folder: str | Path, vocab_size: int = 384):
+def build_tokenizer(folder: str | Path, vocab_size: int = 384, extra_corpus: list[str] | None = None):
     """Train a byte-level BPE tokenizer on a built-in corpus and save it as a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +41,8 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 384):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    lines = [line for line in _CORPUS.splitlines() if line] + list(extra_corpus or [])
+    tok.train_from_iterator(lines * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
     )
@@ -50,12 +51,13 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 384):
     return fast
 
 
-def build_tiny_llama(folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+def build_tiny_llama(folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
+                     extra_corpus: list[str] | None = None) -> Path:
     """A randomly initialised Llama (hidden 64, 2 layers) plus tokenizer, saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, extra_corpus=extra_corpus)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
