@@ -139,6 +139,8 @@ async def _stream(req: _Request) -> AsyncIterator[bytes]:
     last: TokenEvent | None = None
     async for kind, payload in req.events_until_done():
         if kind == "error":
+            if last is not None:  # what was generated before the failure still reaches the client
+                yield _sse({"token": _token_json(last), "generated_text": None, "details": None})
             yield _sse({"error": str(payload), "error_type": payload.error_type})
             return
         if kind == "token":

@@ -24,9 +24,9 @@ log = logging.getLogger("soppu_hub.serve")
 
 
 class ServeError(Exception):
-    """Carries the LoRAX error class: status code and error_type."""
+    """Carries the LoRAX error class: status code and error_type (a failed generation is 424, as in LoRAX)."""
 
-    status = 500
+    status = 424
     error_type = "generation"
 
 
