@@ -95,8 +95,9 @@ def build_app(client: ChatClient) -> gr.Blocks:
         refresh_btn.click(refresh, None, picker, api_visibility="private")
         compare.change(lambda c: gr.update(visible=c), compare, base_chat, api_visibility="private")
         inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare]
-        message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private")
-        send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private")
+        # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
+        message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
+        send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
         clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
         gr.api(chat, api_name="chat")
     return demo

@@ -75,7 +75,8 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
                 expect(box).to_be_enabled(timeout=60_000)  # locked while a reply streams
                 box.fill(text)
                 box.press("Enter")
-                expect(box).to_be_disabled(timeout=10_000)
+                expect(page.locator("#chat-adapter")).to_contain_text(text, timeout=30_000)
+                expect(box).to_have_value("")
                 expect(box).to_be_enabled(timeout=60_000)
 
             send("Hello there!")
