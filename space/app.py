@@ -20,7 +20,7 @@ from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapte
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 INTRO = """# Chat with a compressed LoRA adapter
-Adapters compressed with [soppu-hub](https://github.com/soppu-hub/soppu-hub) (joint diagonalization: one shared
+Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its repo id."""
 
 
