@@ -8,7 +8,8 @@ from pathlib import Path
 from . import __version__
 from .plots import ERRORS_PNG, PARAMS_PNG, plot_errors_by_layer, plot_params
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "cards" / "adapter.md"
+# soppu_hub/cards links to the repo's top-level cards/ (and is a real folder inside a built wheel)
+TEMPLATE = Path(__file__).parent / "cards" / "adapter.md"
 TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
 
 
