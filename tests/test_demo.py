@@ -36,3 +36,33 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 2 and "was not made by the demo" in res.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path / "demo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    urls, deadline = {}, time.monotonic() + 240
+    try:
+        for line in proc.stdout:
+            for key, marker in (("hub", "offline Hub running at "), ("backend", "backend at "), ("space", "open ")):
+                if marker in line:
+                    urls[key] = line.rsplit(marker, 1)[1].split()[0]
+            if "Ctrl-C stops" in line or time.monotonic() > deadline:
+                break
+        assert set(urls) == {"hub", "backend", "space"}, urls
+        with urllib.request.urlopen(urls["space"], timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for url in urls.values():
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            raise AssertionError(f"{url} still answers after Ctrl-C")
+        except OSError:
+            pass

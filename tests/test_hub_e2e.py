@@ -184,3 +184,12 @@ def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch)
     msg = str(err.value)
     assert "push to u/b-soppu failed (HTTP 500 from the Hub)" in msg
     assert "pushed: u/a-soppu;" in msg and "not pushed: u/b-soppu, u/c-soppu" in msg and "\n" not in msg
+
+
+def test_network_failure_stops_cleanly(tmp_path):
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=USERS["alice"], HF_HOME=str(tmp_path / "hf"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    err = one_line_error(run("alice/support-bot", "--no-push", "--out", str(tmp_path / "out")))
+    assert "cannot reach the Hub at http://127.0.0.1:9" in err and not (tmp_path / "out").exists()
+    err = one_line_error(run("alice/support-bot"))
+    assert "cannot reach the Hub at http://127.0.0.1:9" in err and "3 tries" in err
