@@ -124,20 +124,21 @@ class ChatClient:
         return env.from_string(self.chat_template()).render(messages=msgs, add_generation_prompt=True, **self._specials)
 
     # --- generation ------------------------------------------------------------------------------
-    def _kwargs(self, adapter_id: str | None, adapter_source: str, api_token: str | None, settings: GenerationSettings) -> dict:
-        kw = {k: v for k, v in settings.params().items() if v is not None}
+    def _request(self, messages: list[dict], adapter_id: str | None, adapter_source: str, api_token: str | None,
+                 system_prompt: str | None, settings: GenerationSettings | None) -> tuple[str, dict]:
+        """(prompt, lorax-client keyword arguments) for one reply."""
+        kw = {k: v for k, v in (settings or GenerationSettings()).params().items() if v is not None}
         if adapter_id:
             kw.update(adapter_id=adapter_id, adapter_source=adapter_source)
             if api_token:
                 kw["api_token"] = api_token
-        return kw
+        return self.render(messages, system_prompt), kw
 
     def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
                api_token: str | None = None, system_prompt: str | None = None,
                settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece as the backend produces tokens."""
-        prompt = self.render(messages, system_prompt)
-        kw = self._kwargs(adapter_id, adapter_source, api_token, settings or GenerationSettings())
+        prompt, kw = self._request(messages, adapter_id, adapter_source, api_token, system_prompt, settings)
         try:
             for resp in self.client.generate_stream(prompt, **kw):
                 if not resp.token.special:
@@ -153,8 +154,8 @@ class ChatClient:
     async def astream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
                       api_token: str | None = None, system_prompt: str | None = None,
                       settings: GenerationSettings | None = None) -> AsyncIterator[str]:
-        prompt = self.render(messages, system_prompt)
-        kw = self._kwargs(adapter_id, adapter_source, api_token, settings or GenerationSettings())
+        """The same as `stream`, for asyncio callers (lorax.AsyncClient underneath)."""
+        prompt, kw = self._request(messages, adapter_id, adapter_source, api_token, system_prompt, settings)
         try:
             async for resp in self.aclient.generate_stream(prompt, **kw):
                 if not resp.token.special:
