@@ -72,6 +72,8 @@ def test_card_metadata_images_and_one_commit(hub, pushed):
         assert [a["source"] for a in report["adapters"]] == hub.adapters
     tagged = {m.id for m in api.list_models(filter="soppu", author="alice")}
     assert {"alice/support-bot-soppu", "alice/pirate-talk-soppu"} <= tagged
+    assert {m.id for m in api.list_models(search="pirate-talk-soppu")} == {"alice/pirate-talk-soppu"}
+    assert not {m.id for m in api.list_models(author="bob")}
 
 
 def test_rerun_adds_one_commit_and_private_push(hub, pushed, tmp_path):
