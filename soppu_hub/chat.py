@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
@@ -124,6 +125,16 @@ class ChatClient:
         return env.from_string(self.chat_template()).render(messages=msgs, add_generation_prompt=True, **self._specials)
 
     # --- generation ------------------------------------------------------------------------------
+    @contextmanager
+    def _mapped_errors(self, adapter_id: str | None) -> Iterator[None]:
+        """lorax-client's (and the network's) exceptions become one ChatError; ours pass through."""
+        try:
+            yield
+        except ChatError:
+            raise
+        except Exception as e:
+            raise _map_error(e, adapter_id, self.url) from None
+
     def _request(self, messages: list[dict], adapter_id: str | None, adapter_source: str, api_token: str | None,
                  system_prompt: str | None, settings: GenerationSettings | None) -> tuple[str, dict]:
         """(prompt, lorax-client keyword arguments) for one reply."""
@@ -139,14 +150,10 @@ class ChatClient:
                settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece as the backend produces tokens."""
         prompt, kw = self._request(messages, adapter_id, adapter_source, api_token, system_prompt, settings)
-        try:
+        with self._mapped_errors(adapter_id):
             for resp in self.client.generate_stream(prompt, **kw):
                 if not resp.token.special:
                     yield resp.token.text
-        except ChatError:
-            raise
-        except Exception as e:
-            raise _map_error(e, adapter_id, self.url) from None
 
     def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
         return "".join(self.stream(messages, adapter_id, **kw))
@@ -156,11 +163,7 @@ class ChatClient:
                       settings: GenerationSettings | None = None) -> AsyncIterator[str]:
         """The same as `stream`, for asyncio callers (lorax.AsyncClient underneath)."""
         prompt, kw = self._request(messages, adapter_id, adapter_source, api_token, system_prompt, settings)
-        try:
+        with self._mapped_errors(adapter_id):
             async for resp in self.aclient.generate_stream(prompt, **kw):
                 if not resp.token.special:
                     yield resp.token.text
-        except ChatError:
-            raise
-        except Exception as e:
-            raise _map_error(e, adapter_id, self.url) from None
