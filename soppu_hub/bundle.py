@@ -1,4 +1,8 @@
-"""The shared-basis bundle (U, V per module, cores per adapter): in memory, on disk, and as PEFT LoRA."""
+"""The shared-basis bundle (U, V per module, cores per adapter): in memory, on disk, and as PEFT LoRA.
+
+`write_peft_folder` is the one writer of PEFT adapter folders (exports, samples); `export_peft` turns one
+adapter of a bundle into such a folder at a rank and dtype servers run exactly as compressed.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import BundleError
-from .lora import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, module_scaling
+from .layout import BUNDLE_HEADER, BUNDLE_WEIGHTS, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, lorax_rank
+from .lora import EMBEDDING, LINEAR, clean_config, module_scaling
 
-BUNDLE_WEIGHTS = "bundle.safetensors"
-BUNDLE_HEADER = "bundle.json"
 FORMAT = "soppu-bundle"
 VERSION = 1
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -26,6 +31,7 @@ class ModuleBasis:
     U: torch.Tensor  # (out, r)
     V: torch.Tensor  # (in, r)
     cores: dict[int, torch.Tensor]  # adapter index -> (r, r) or (r,) for diag
+    kind: str = LINEAR  # or "embedding": exported as lora_embedding_A / _B
 
     @property
     def rank(self) -> int:
@@ -81,7 +87,7 @@ class Bundle:
     def subset(self, adapter: int | str) -> "Bundle":
         """The shared bases plus one adapter's cores: what one pushed repo carries."""
         i = self.index(adapter) if isinstance(adapter, str) else adapter
-        mods = {n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}) for n, mb in self.modules.items() if i in mb.cores}
+        mods = {n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}, mb.kind) for n, mb in self.modules.items() if i in mb.cores}
         return Bundle(self.method, [self.adapters[i]], [self.configs[i]], mods)
 
     def export_rank(self, adapter: int) -> int:
@@ -98,6 +104,13 @@ class Bundle:
         return max(ranks, default=1)
 
 
+    def to(self, dtype: torch.dtype) -> "Bundle":
+        """The same bundle with every tensor in `dtype` (what gets written)."""
+        mods = {n: ModuleBasis(mb.U.to(dtype), mb.V.to(dtype), {i: c.to(dtype) for i, c in mb.cores.items()}, mb.kind)
+                for n, mb in self.modules.items()}
+        return Bundle(self.method, self.adapters, self.configs, mods)
+
+
 def save_bundle(bundle: Bundle, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +121,7 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> None:
         tensors[f"{name}.V"] = mb.V.contiguous()
         order = sorted(mb.cores)
         tensors[f"{name}.cores"] = torch.stack([mb.cores[i] for i in order]).contiguous()
-        modules[name] = {"rank": mb.rank, "adapters": order}
+        modules[name] = {"rank": mb.rank, "adapters": order, "kind": mb.kind}
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -138,7 +151,8 @@ def load_bundle(folder: str | Path) -> Bundle:
         try:
             cores = tensors[f"{name}.cores"]
             bundle.modules[name] = ModuleBasis(
-                tensors[f"{name}.U"], tensors[f"{name}.V"], {i: cores[j] for j, i in enumerate(meta["adapters"])}
+                tensors[f"{name}.U"], tensors[f"{name}.V"], {i: cores[j] for j, i in enumerate(meta["adapters"])},
+                meta.get("kind", LINEAR),
             )
         except (KeyError, IndexError):
             raise BundleError(f"{folder}: tensors for module {name} are missing; the bundle is incomplete") from None
@@ -146,9 +160,9 @@ def load_bundle(folder: str | Path) -> Bundle:
 
 
 def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Adapter i as LoRA factors of one uniform rank: SVD of each core, split evenly between B and A.
+    """Adapter i as float64 LoRA factors of one uniform rank: SVD of each core, split evenly between B and A.
 
-    Exact whenever `rank` >= rank(S_i) (see export_rank); zero-padded where a module needs less.
+    Exact whenever `rank` >= rank(S_i) (see export_rank); the columns / rows beyond are zeros.
     """
     out = {}
     for name, mb in bundle.modules.items():
@@ -158,29 +172,88 @@ def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[tor
         P, sig, Qh = torch.linalg.svd(S)
         e = min(rank, sig.numel())
         root = sig[:e].sqrt()
-        B = mb.U.double() @ (P[:, :e] * root)
-        A = (root[:, None] * Qh[:e]) @ mb.V.double().T
-        if e < rank:
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - e)], dim=1)
-            A = torch.cat([A, A.new_zeros(rank - e, A.shape[1])], dim=0)
-        out[name] = (B.float().contiguous(), A.float().contiguous())
+        B = torch.zeros(mb.U.shape[0], rank, dtype=torch.float64)
+        A = torch.zeros(rank, mb.V.shape[0], dtype=torch.float64)
+        B[:, :e] = mb.U.double() @ (P[:, :e] * root)
+        A[:e] = (root[:, None] * Qh[:e]) @ mb.V.double().T
+        out[name] = (B, A)
     return out
 
 
-def export_peft(bundle: Bundle, adapter: int, folder: str | Path, *, rank: int | None = None) -> int:
-    """Write adapter i as a standard PEFT LoRA (one uniform r, scaling 1) that LoRAX, vLLM and PEFT load.
+@dataclass
+class ExportConfig:
+    """How each adapter is written as a PEFT LoRA. Field metadata carries the CLI help."""
 
-    Returns the rank written.
-    """
+    pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged"})
+    lorax_tp: int = field(default=1, metadata={"help": "LoRAX tensor-parallel size to pad for (rank >= 8 x N)"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of written tensors: auto (the inputs'; mixed -> the widest), "
+                                                         "float32, bfloat16 or float16"})
+
+    def validate(self) -> None:
+        if not isinstance(self.lorax_tp, int) or self.lorax_tp < 1:
+            raise ValueError(f"--lorax-tp must be a positive integer (LoRAX's tensor-parallel size), got {self.lorax_tp}")
+        if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
+            raise ValueError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def rank_for(self, rank: int) -> int:
+        """The rank written for an adapter whose reconstruction needs `rank`."""
+        return lorax_rank(rank, self.lorax_tp) if self.pad else rank
+
+    def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
+        """`inputs`: the widest dtype of the input adapters (float64 inputs are written as float32)."""
+        if self.dtype != "auto":
+            return EXPORT_DTYPES[self.dtype]
+        return torch.float32 if inputs == torch.float64 else inputs
+
+
+@dataclass
+class ExportInfo:
+    """What export_peft wrote for one adapter."""
+
+    rank: int  # rank written (padded)
+    unpadded_rank: int  # rank the reconstruction needs
+    dtype: torch.dtype
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written
+
+    @property
+    def lora_params(self) -> int:
+        return sum(B.numel() + A.numel() for B, A in self.factors.values())
+
+    @property
+    def padding_params(self) -> int:
+        """Zeros written only so LoRAX runs the adapter unchanged."""
+        return (self.rank - self.unpadded_rank) * sum(B.shape[0] + A.shape[1] for B, A in self.factors.values())
+
+
+def write_peft_folder(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, *,
+                      kinds: dict[str, str] | None = None, extras: dict[str, torch.Tensor] | None = None) -> Path:
+    """A PEFT LoRA folder: factors (B, A) under PEFT's keys, `extras` under their own keys, `config` as is."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rank = rank or bundle.export_rank(adapter)
-    tensors = {}
-    for name, (B, A) in peft_factors(bundle, adapter, rank).items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = A
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = B
-    config = dict(bundle.configs[adapter])
-    config.update(r=rank, lora_alpha=rank, use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={})
+    tensors = dict(extras or {})
+    for name, (B, A) in factors.items():
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if (kinds or {}).get(name) == EMBEDDING else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{KEY_PREFIX}{name}.{a_key}"] = A.contiguous()
+        tensors[f"{KEY_PREFIX}{name}.{b_key}"] = B.contiguous()
     save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return rank
+    return folder
+
+
+def export_peft(bundle: Bundle, adapter: int, folder: str | Path, *, export: ExportConfig | None = None,
+                dtype: torch.dtype = torch.float32, extras: dict[str, torch.Tensor] | None = None) -> ExportInfo:
+    """Write adapter i as a standard PEFT LoRA (one uniform r, lora_alpha = r) that LoRAX, vLLM and PEFT load.
+
+    The rank is padded with zeros as `export` says, so the delta is exactly U S_i V^T at any LoRAX setting;
+    `extras` (carried tensors, scaled lora_B biases) are written beside the factors.
+    """
+    export = export or ExportConfig()
+    unpadded = bundle.export_rank(adapter)
+    rank = export.rank_for(unpadded)
+    factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, rank).items()}
+    config = clean_config(bundle.configs[adapter], r=rank, lora_alpha=rank, use_rslora=False, use_dora=False,
+                          rank_pattern={}, alpha_pattern={})
+    kinds = {n: mb.kind for n, mb in bundle.modules.items()}
+    write_peft_folder(folder, factors, config, kinds=kinds, extras=extras)
+    return ExportInfo(rank, unpadded, dtype, factors)

@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .bundle import EXPORT_DTYPES, ExportConfig
 from .compress import CompressConfig
 from .errors import SoppuError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,13 +68,22 @@ def _command_line(argv: list[str]) -> str:
     return "soppu-hub " + shlex.join(kept)
 
 
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    help_ = {f.name: f.metadata["help"] for f in dataclasses.fields(ExportConfig)}
+    p.add_argument("--no-pad", dest="pad", action="store_false",
+                   help="write the bare rank; LoRAX then pads it and serves the adapter too weak")
+    p.add_argument("--lorax-tp", type=int, default=1, metavar="N", help=f"{help_['lorax_tp']} (default: 1)")
+    p.add_argument("--export-dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help=f"{help_['dtype']} (default: auto)")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .job import JobSpec, run_job
     from .report import format_table
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
+    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.export_dtype)
     spec = JobSpec(
-        sources=args.sources, config=config, out=Path(args.out) if args.out else None, push=not args.no_push,
+        sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
         push_to=args.push_to, namespace=args.namespace, private=args.private, revision=args.revision,
         token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
         command=_command_line(args.argv),
@@ -158,7 +175,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="soppu-hub", description=__doc__)
+    parser = _Parser(prog="soppu-hub", description=__doc__)
     parser.add_argument("--version", action="version", version=f"soppu-hub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -176,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model folder or repo id for --verify (default: from the adapter config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     _add_config_args(p)
+    _add_export_args(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters")

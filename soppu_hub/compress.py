@@ -11,7 +11,7 @@ import torch
 
 from .bundle import Bundle, ModuleBasis
 from .errors import IncompatibleAdaptersError
-from .jd import METHODS, joint_diagonalize, resolve_device
+from .jd import METHODS, factored_rel_error, joint_diagonalize, resolve_device
 from .lora import LoraAdapter
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
@@ -59,12 +59,17 @@ class Compression:
     seconds: float
 
     @property
+    def carried_params(self) -> int:
+        """Tensors JD does not compress (heads, embeddings, biases): stored as they are, once per adapter."""
+        return sum(a.carried_params for a in self.adapters)
+
+    @property
     def params_before(self) -> int:
         return sum(a.num_params for a in self.adapters)
 
     @property
     def params_after(self) -> int:
-        return self.bundle.num_params
+        return self.bundle.num_params + self.carried_params
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:
@@ -74,6 +79,14 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
         detail = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
         raise IncompatibleAdaptersError(
             f"adapters were trained on different base models ({detail}); compress each base model's adapters separately"
+        )
+    carried = {tuple(a.carried_names): a.name for a in adapters}
+    if len(carried) > 1:
+        (mine, first), (theirs, second) = list(carried.items())[:2]
+        diff = sorted(set(mine) ^ set(theirs))[0]
+        raise IncompatibleAdaptersError(
+            f"{first} and {second} carry different uncompressed tensors (e.g. {diff}: modules_to_save, saved "
+            "embeddings or lora_bias); compress adapters with the same extra modules together"
         )
     shapes: dict[str, tuple[tuple[int, int], str]] = {}
     for a in adapters:
@@ -126,7 +139,8 @@ def compress(
             U, V, cores, rel = res.U.cpu(), res.V.cpu(), res.cores.cpu(), res.rel_errors.cpu()
             for j, name in enumerate(chunk):
                 bundle.modules[name] = ModuleBasis(
-                    U[j].contiguous(), V[j].contiguous(), {i: cores[j, p].contiguous() for p, i in enumerate(present)}
+                    U[j].contiguous(), V[j].contiguous(), {i: cores[j, p].contiguous() for p, i in enumerate(present)},
+                    adapters[present[0]].modules[name].kind,
                 )
                 stats[name] = ModuleStats({i: float(rel[j, p]) for p, i in enumerate(present)}, res.iterations, res.converged)
             done += len(chunk)
@@ -137,6 +151,11 @@ def compress(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return Compression(config, adapters, bundle, stats, _device_label(device), seconds)
+
+
+def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Relative error per module of factors as written (rounded to the export dtype) against the original."""
+    return {name: factored_rel_error(mod.B, mod.A, *factors[name]) for name, mod in adapter.modules.items()}
 
 
 def _order_key(adapters: list[LoraAdapter]) -> Callable[[str], int]:

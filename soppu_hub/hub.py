@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from .errors import SoppuError
+from .layout import BIN_NAME, BUNDLE_DIR, BUNDLE_HEADER, BUNDLE_WEIGHTS, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"]
-BUNDLE_FILES = ["soppu/bundle.json", "soppu/bundle.safetensors"]
+ADAPTER_FILES = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, CARD_NAME]
+BUNDLE_FILES = [f"{BUNDLE_DIR}/{BUNDLE_HEADER}", f"{BUNDLE_DIR}/{BUNDLE_WEIGHTS}"]
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^\s@]+))?$")
 T = TypeVar("T")
 
@@ -100,7 +101,7 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
     try:
         folder = Path(_retry(lambda: snapshot_download(
             repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES + (BUNDLE_FILES if with_bundle else [])), what))
-        if not (folder / "adapter_config.json").is_file():
+        if not (folder / CONFIG_NAME).is_file():
             raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo")
         return folder
     except GatedRepoError:

@@ -21,6 +21,7 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,15 @@ def reconstruction_sq_errors(B: Tensor, A: Tensor, U: Tensor, V: Tensor, cores: 
     gv = (V64.mT @ V64).unsqueeze(1)
     quad = (S64.mT @ gu @ S64 * gv).sum(dim=(-2, -1))  # tr(S^T Gu S Gv), Gv symmetric
     return delta_sq_norms(B, A) - 2 * (S64 * P).sum(dim=(-2, -1)) + quad
+
+
+def factored_rel_error(B: Tensor, A: Tensor, B2: Tensor, A2: Tensor) -> float:
+    """||B A - B2 A2||_F / ||B A||_F in float64 from the factors (0 for an all-zero delta); any rank pair."""
+    Bx, Ax, B2x, A2x = B.double(), A.double(), B2.double(), A2.double()
+    norm = float(delta_sq_norms(Bx, Ax))
+    cross = float(((B2x.mT @ Bx) * (A2x @ Ax.mT)).sum())  # <B A, B2 A2> = tr((B2^T B)(A A2^T))
+    sq = norm - 2 * cross + float(delta_sq_norms(B2x, A2x))
+    return math.sqrt(max(sq, 0.0) / norm) if norm > 0 else 0.0
 
 
 def _top_eigvecs(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:

@@ -10,15 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .bundle import export_peft, save_bundle
-from .compress import CompressConfig, Compression, Progress, compress
+from .bundle import ExportConfig, ExportInfo, export_peft, save_bundle
+from .compress import CompressConfig, Compression, Progress, compress, written_rel_errors
 from .errors import SoppuError
 from .hub import PushError, Source, check_write_access, download_adapter, parse_source, push_folder, target_repo_ids, whoami
-from .lora import read_adapter
+from .layout import BUNDLE_DIR, REPORT_NAME
+from .lora import read_adapter, widest_dtype
 from .report import Output, build_report
-
-BUNDLE_DIR = "soppu"  # inside each adapter folder: keeps the bundle's .safetensors away from LoRAX's top level
-REPORT_NAME = "report.json"
 
 
 @dataclass
@@ -27,6 +25,7 @@ class JobSpec:
 
     sources: list[str] = field(metadata={"help": "PEFT adapter folders or Hub repo ids (owner/name[@revision])"})
     config: CompressConfig = field(default_factory=CompressConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     out: Path | None = field(default=None, metadata={"help": "keep the results in this folder"})
     push: bool = field(default=True, metadata={"help": "push one repo per input to the Hub"})
     push_to: str | None = field(default=None, metadata={"help": "target repo id (one input only)"})
@@ -85,13 +84,23 @@ def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: list[str]) -> dict:
-    """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json."""
-    save_bundle(comp.bundle, folder / "bundle")
-    for i, name in enumerate(names):
-        export_peft(comp.bundle, i, folder / name)
-        save_bundle(comp.bundle.subset(i), folder / name / BUNDLE_DIR)
-    report = build_report(comp, [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)])
+def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: list[str],
+                  export: ExportConfig | None = None) -> dict:
+    """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
+
+    Everything is written in the export dtype, and the report's errors are those of the factors as written.
+    """
+    export = export or ExportConfig()
+    dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
+    written = comp.bundle.to(dtype)
+    save_bundle(written, folder / "bundle")
+    exports: list[ExportInfo] = []
+    for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
+        exports.append(export_peft(comp.bundle, i, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype)))
+        save_bundle(written.subset(i), folder / name / BUNDLE_DIR)
+    errors = [written_rel_errors(a, e.factors) for a, e in zip(comp.adapters, exports)]
+    outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
+    report = build_report(comp, outs, exports, errors, export)
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
@@ -104,6 +113,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
     spec.config.validate()
+    spec.export.validate()
     if not spec.push and spec.out is None:
         raise SoppuError("--no-push needs --out to keep the results somewhere")
     sources = [parse_source(s, spec.revision) for s in spec.sources]
@@ -121,7 +131,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     with staged_output(out, overwrite=spec.overwrite) as tmp:
         comp = compress(adapters, spec.config, progress=progress)
         outputs = targets if spec.push else [str(out / n) for n in names]
-        report = write_outputs(comp, tmp, names, outputs)
+        report = write_outputs(comp, tmp, names, outputs, spec.export)
         if spec.verify:
             from .verify import verify_adapters
 
@@ -132,7 +142,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             for entry, v in zip(report["adapters"], verify_adapters(base, folders, [tmp / n for n in names], token=spec.token)):
                 entry["verify"] = v
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        _write_cards(tmp, report, names, targets, adapters, comp, spec)
+        _write_cards(tmp, report, names, targets, adapters, folders, spec)
         result.report = report
         if out is None:  # push straight from the temp folder
             result.pushed = push_all(tmp, names, targets, spec, log)
@@ -141,12 +151,15 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     return result
 
 
-def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, comp: Compression, spec: JobSpec) -> None:
-    from .card import write_card
+def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
+                 spec: JobSpec) -> None:
+    from .card import source_license, write_card
 
-    for i, (name, target, adapter) in enumerate(zip(names, targets, adapters)):
-        write_card(folder / name, report, i, repo_id=target, base_model=adapter.base_model, sources=[adapter.source],
-                   command=spec.command, export_rank=comp.bundle.export_rank(i), weighting=spec.config.weighting)
+    for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources)):
+        local = None if spec.push else str(Path(spec.out).resolve() / name)
+        write_card(folder / name, report, i, repo_id=target if spec.push else None, local_path=local,
+                   base_model=adapter.base_model, sources=[adapter.source], command=spec.command,
+                   weighting=spec.config.weighting, license=source_license(src))
 
 
 def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None]) -> dict[str, str]:

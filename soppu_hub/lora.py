@@ -1,10 +1,18 @@
-"""Read a PEFT LoRA adapter folder into factors with PEFT's scaling folded in, and refuse what JD can't take."""
+"""Read a PEFT LoRA adapter folder into factors with PEFT's scaling folded in, and refuse what JD can't take.
+
+What JD does not compress travels unchanged: `modules_to_save` copies (classification heads, embed_tokens,
+lm_head), saved `base_layer` weights and trainable-token deltas are kept as `carried` tensors under their
+own keys; a `lora_B.bias` (PEFT's lora_bias) stays with its module, scaled like B.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,20 +20,27 @@ import torch
 
 from .errors import AdapterError
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+from .layout import BIN_NAME, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
+
+# lora_A / lora_B weights of a linear layer, lora_B's bias (lora_bias), the factors of an embedding layer.
+# PEFT strips the adapter name when saving; very old files may still hold it, hence the optional segment.
+_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?:lora_(?P<side>[AB])(?:\.[^.]+)?\.weight|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
+    r"|lora_embedding_(?P<eside>[AB])(?:\.[^.]+)?)$"
+)
+LINEAR, EMBEDDING = "linear", "embedding"
+DTYPE_ORDER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
 class LoraModule:
     """One adapted linear layer: delta W = B @ A (out x in), with the PEFT scaling already in B."""
 
-    A: torch.Tensor  # (k, in_features)
-    B: torch.Tensor  # (out_features, k), scaling folded in
+    A: torch.Tensor  # (k, in_features); for an embedding (k, num_embeddings)
+    B: torch.Tensor  # (out_features, k), scaling folded in; for an embedding (embedding_dim, k)
     scaling: float
+    kind: str = LINEAR  # "embedding": PEFT's lora_embedding_A / _B, delta applied to the transposed weight
+    bias: torch.Tensor | None = None  # lora_B.bias (lora_bias=True), scaling folded in
 
     @property
     def rank(self) -> int:
@@ -45,6 +60,7 @@ class LoraAdapter:
     source: str
     config: dict
     modules: dict[str, LoraModule] = field(default_factory=dict)
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)  # full key -> tensor, copied as is
     dtype: torch.dtype = torch.float32
 
     @property
@@ -52,8 +68,30 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path")
 
     @property
-    def num_params(self) -> int:
+    def lora_params(self) -> int:
+        """Parameters JD compresses: the A and B factors."""
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+
+    @property
+    def carried_params(self) -> int:
+        """Parameters copied unchanged into the export: carried tensors and lora_B biases."""
+        biases = sum(m.bias.numel() for m in self.modules.values() if m.bias is not None)
+        return sum(t.numel() for t in self.carried.values()) + biases
+
+    @property
+    def carried_names(self) -> list[str]:
+        """Keys of everything this adapter carries, biases included, in a stable order."""
+        biases = [f"{KEY_PREFIX}{n}.lora_B.bias" for n, m in self.modules.items() if m.bias is not None]
+        return sorted([*self.carried, *biases])
+
+    @property
+    def num_params(self) -> int:
+        return self.lora_params + self.carried_params
+
+    def extras(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What the export writes beside the factors: carried tensors as they are, lora_B biases in `dtype`."""
+        biases = {f"{KEY_PREFIX}{n}.lora_B.bias": m.bias.to(dtype) for n, m in self.modules.items() if m.bias is not None}
+        return {**self.carried, **biases}
 
     @property
     def max_rank(self) -> int:
@@ -82,9 +120,28 @@ def read_config(folder: Path, name: str) -> dict:
     if config.get("use_dora"):
         raise _fail(name, "it is a DoRA adapter (use_dora=true), whose magnitude vector JD cannot represent",
                     "compress a plain LoRA adapter instead")
+    if config.get("target_parameters"):
+        raise _fail(name, f"it uses target_parameters ({', '.join(map(str, config['target_parameters']))}), LoRA on raw "
+                    "parameters such as MoE experts; only LoRA on modules (target_modules) is compressed",
+                    "compress adapters trained with target_modules only")
     if not isinstance(config.get("r"), int) or config["r"] < 1 or "lora_alpha" not in config:
         raise _fail(name, f"{CONFIG_NAME} lacks a valid 'r' or 'lora_alpha'", "re-save the adapter with PEFT")
     return config
+
+
+def clean_config(config: dict, **overrides) -> dict:
+    """adapter_config.json as PEFT's own LoraConfig writes it: keys PEFT no longer knows (enable_lora,
+    merge_weights...) are dropped, every kept field is validated by PEFT. Raises ValueError / TypeError."""
+    from peft import LoraConfig  # slow import, only when a config is written or checked
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_version", "runtime_config"}
+    kept = {k: v for k, v in config.items() if k in known}
+    kept.update(overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = LoraConfig(**kept).to_dict()
+    out.pop("runtime_config", None)
+    return {k: sorted(v) if isinstance(v, set) else (v.value if isinstance(v, enum.Enum) else v) for k, v in out.items()}
 
 
 def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
@@ -127,47 +184,70 @@ def read_adapter(folder: str | Path, *, name: str | None = None, source: str | N
     folder = Path(folder)
     name = name or folder.name
     config = read_config(folder, name)
+    try:
+        clean_config(config)
+    except (ValueError, TypeError) as e:
+        raise _fail(name, f"PEFT rejects its {CONFIG_NAME} ({str(e).splitlines()[0]})", "re-save the adapter with a current PEFT") from None
     tensors = _load_tensors(folder, name)
 
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    carried: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if "lora_embedding_" in key or "lora_magnitude_vector" in key:
-            raise _fail(name, f"tensor {key} is not a LoRA linear factor", "only LoRA on linear/Conv1D layers can be compressed")
+        if "lora_magnitude_vector" in key:
+            raise _fail(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
         match = _KEY_RE.match(key)
-        if not match:
-            raise _fail(name, f"unexpected tensor {key} (modules_to_save or another PEFT method)",
-                        "compress an adapter that holds only lora_A / lora_B weights")
+        if match is None:
+            if ".lora_" in key:
+                raise _fail(name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter")
+            carried[key] = tensor  # modules_to_save copy, saved base_layer weight, trainable-token delta
+            continue
         module = match["module"].removeprefix(KEY_PREFIX)
-        pairs.setdefault(module, {})[match["side"]] = tensor
-    if not pairs:
+        part = f"E{match['eside']}" if match["eside"] else (match["bias"] or match["side"])
+        parts.setdefault(module, {})[part] = tensor
+    if not any(set(p) - {"bias"} for p in parts.values()):
         raise _fail(name, "the weights file holds no lora_A / lora_B tensors", "check that it is a LoRA adapter")
 
-    adapter = LoraAdapter(name=name, source=source or str(folder), config=config)
+    adapter = LoraAdapter(name=name, source=source or str(folder), config=config, carried=carried)
     dtypes = set()
-    for module in sorted(pairs, key=_natural_key):
-        AB = pairs[module]
-        if set(AB) != {"A", "B"}:
-            missing = "lora_B" if "B" not in AB else "lora_A"
+    for module in sorted(parts, key=_natural_key):
+        got = parts[module]
+        kind = EMBEDDING if {"EA", "EB"} & set(got) else LINEAR
+        a_key, b_key = ("EA", "EB") if kind == EMBEDDING else ("A", "B")
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if kind == EMBEDDING else ("lora_A", "lora_B")
+        if a_key not in got or b_key not in got:
+            missing = b_name if b_key not in got else a_name
             raise _fail(name, f"module {module} has no {missing} weight to pair with", "the weights file is incomplete")
-        A, B = AB["A"], AB["B"]
-        for side, t in (("lora_A", A), ("lora_B", B)):
+        A, B = got[a_key], got[b_key]
+        for side, t in ((a_name, A), (b_name, B)):
             if not t.is_floating_point():
                 raise _fail(name, f"{module}.{side} is {t.dtype}, not a float tensor (quantized?)", "dequantize the adapter first")
             if t.dim() != 2:
-                raise _fail(name, f"{module}.{side} has shape {tuple(t.shape)}, not a matrix", "only linear LoRA layers are supported")
+                raise _fail(name, f"{module}.{side} has shape {tuple(t.shape)}, not a matrix", "only linear and embedding LoRA layers are supported")
             if not torch.isfinite(t).all():
                 raise _fail(name, f"{module}.{side} contains NaN or Inf values", "the adapter is broken: retrain or re-export it")
         if A.shape[0] != B.shape[1]:
-            raise _fail(name, f"{module}: lora_A has {A.shape[0]} rows but lora_B has {B.shape[1]} columns", "the weights do not pair up")
+            raise _fail(name, f"{module}: {a_name} has {A.shape[0]} rows but {b_name} has {B.shape[1]} columns", "the weights do not pair up")
         r, scaling = module_scaling(config, module)
         if A.shape[0] != r:
             raise _fail(name, f"{module}: weights have rank {A.shape[0]} but the config says r={r}",
                         "fix r / rank_pattern in adapter_config.json")
-        dtypes.add(A.dtype)
+        dtypes.update((A.dtype, B.dtype))
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
-        adapter.modules[module] = LoraModule(A=A.to(work), B=B.to(work) * scaling, scaling=scaling)
-    adapter.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        bias = got.get("bias")
+        adapter.modules[module] = LoraModule(
+            A=A.to(work), B=B.to(work) * scaling, scaling=scaling, kind=kind,
+            bias=None if bias is None else bias.to(work) * scaling,
+        )
+    adapter.dtype = widest_dtype(dtypes)
     return adapter
+
+
+def widest_dtype(dtypes) -> torch.dtype:
+    """One dtype that holds all of `dtypes` exactly: itself if they agree; bf16 with fp16 needs float32."""
+    dtypes = set(dtypes)
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return max(dtypes | {torch.float32}, key=DTYPE_ORDER.index)
 
 
 def _natural_key(s: str) -> list:

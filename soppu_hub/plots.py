@@ -6,8 +6,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-ERRORS_PNG = "plots/errors_by_layer.png"
-PARAMS_PNG = "plots/params.png"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 

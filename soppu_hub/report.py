@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from .bundle import ExportConfig, ExportInfo
 from .compress import Compression
 
 
@@ -17,21 +18,31 @@ class Output:
     output: str
 
 
-def build_report(comp: Compression, outputs: list[Output]) -> dict:
-    """The report dict. rel_error = ||W_i - U S_i V^T||_F / ||W_i||_F, scaling included, not squared."""
+def build_report(comp: Compression, outputs: list[Output], exports: list[ExportInfo], errors: list[dict[str, float]],
+                 export: ExportConfig) -> dict:
+    """The report dict. rel_error = ||W_i - B' A'||_F / ||W_i||_F for the exported factors as written (dtype
+    and padding included), PEFT scaling included, not squared.
+
+    params_before / params_after count carried tensors on both sides; padding zeros are not parameters.
+    """
     adapters = []
-    for i, (adapter, out) in enumerate(zip(comp.adapters, outputs)):
-        modules = {name: {"rel_error": st.rel_errors[i]} for name, st in comp.stats.items() if i in st.rel_errors}
-        errs = [m["rel_error"] for m in modules.values()]
+    for adapter, out, info, errs in zip(comp.adapters, outputs, exports, errors):
         adapters.append(
             {
                 "name": out.name,
                 "source": out.source,
                 "output": out.output,
                 "params_before": adapter.num_params,
-                "mean_rel_error": statistics.fmean(errs),
-                "max_rel_error": max(errs),
-                "modules": modules,
+                "lora_params": adapter.lora_params,
+                "carried_params": adapter.carried_params,
+                "carried": adapter.carried_names,
+                "export_rank": info.rank,
+                "unpadded_rank": info.unpadded_rank,
+                "export_params": info.lora_params,
+                "padding_params": info.padding_params,
+                "mean_rel_error": statistics.fmean(errs.values()),
+                "max_rel_error": max(errs.values()),
+                "modules": {name: {"rel_error": e} for name, e in errs.items()},
             }
         )
     before, after = comp.params_before, comp.params_after
@@ -42,7 +53,10 @@ def build_report(comp: Compression, outputs: list[Output]) -> dict:
         "seconds": round(comp.seconds, 4),
         "params_before": before,
         "params_after": after,
+        "carried_params": comp.carried_params,
         "compression_ratio": before / after,
+        "export": {"dtype": str(exports[0].dtype).removeprefix("torch."), "pad": "lorax" if export.pad else "none",
+                   "lorax_tp": export.lorax_tp},
         "adapters": adapters,
     }
 

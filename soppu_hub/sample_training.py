@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .layout import CONFIG_NAME
 from .samples import LLAMA_TARGETS, build_tiny_llama
 
 QUESTIONS = [
@@ -106,7 +107,7 @@ def train_style_adapters(root: str | Path, base_folder: Path, *, base_model: str
         _train(model, tok, dialogue_texts(style), steps, 1e-2, seed + i)
         folder = Path(root) / style
         model.save_pretrained(str(folder))
-        cfg_path = folder / "adapter_config.json"
+        cfg_path = folder / CONFIG_NAME
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = base_model
         cfg_path.write_text(json.dumps(cfg, indent=2))

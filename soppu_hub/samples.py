@@ -5,14 +5,12 @@ Tests, the demo and the benchmark use these; nothing here downloads anything.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .lora import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
+from .bundle import write_peft_folder
 
 TINY_BASE_ID = "soppu-samples/tiny-llama"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -112,12 +110,6 @@ def synthetic_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, 
 def write_adapter(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, base_model: str,
                   rank: int, alpha: float, dtype: torch.dtype = torch.float32, **config_extra) -> Path:
     """Save factors as a PEFT LoRA folder (raw B: PEFT multiplies by alpha/r at run time)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (B, A) in factors.items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = B.to(dtype).contiguous()
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
@@ -126,9 +118,7 @@ def write_adapter(folder: str | Path, factors: dict[str, tuple[torch.Tensor, tor
         "inference_mode": True,
     }
     config.update(config_extra)
-    save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    return folder
+    return write_peft_folder(folder, {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in factors.items()}, config)
 
 
 def write_sample_adapters(root: str | Path, *, base_model: str = TINY_BASE_ID, names=("support-bot", "pirate-talk"),

@@ -12,9 +12,10 @@ from typing import Iterator
 
 from .chat import ChatClient, ChatError, GenerationSettings
 from .errors import SoppuError
+from .layout import ERRORS_PNG
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-ERROR_PLOT = "plots/errors_by_layer.png"
+ERROR_PLOT = ERRORS_PNG
 
 
 def validate_repo_id(text: str | None) -> str:

@@ -15,8 +15,10 @@ from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adap
 
 from helpers import peft_deltas
 
-REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "compression_ratio", "adapters"}
-ADAPTER_KEYS = {"name", "source", "output", "params_before", "mean_rel_error", "max_rel_error", "modules"}
+REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
+               "export", "adapters"}
+ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank",
+                "unpadded_rank", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules"}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,11 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
     bundle = load_bundle(out / "bundle")
     assert all(c.shape == (6,) for mb in bundle.modules.values() for c in mb.cores.values())
-    # a diagonal core has rank up to r, so the export keeps all r directions
-    assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 6
+    # a diagonal core has rank up to r, so the export keeps all r directions, zero-padded to LoRAX's 8
+    assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 8
+    entry = report["adapters"][0]
+    assert (entry["unpadded_rank"], entry["export_rank"]) == (6, 8)
+    assert entry["padding_params"] == 2 * 2 * (64 + 64 + 64 + 128)  # 2 zero ranks x 2 layers x (q: 64+64, down: 64+128)
     exported = read_adapter(out / "a11")
     for module, (B, A) in bundle.factors("a11").items():
         torch.testing.assert_close(exported.modules[module].B @ exported.modules[module].A, B @ A, atol=1e-5, rtol=1e-4)

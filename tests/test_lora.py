@@ -113,7 +113,10 @@ REFUSALS = {
     "unpaired": (lambda f: _edit_tensors(f, lambda t: t.pop("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")), "no lora_B"),
     "rank_mismatch": (lambda f: _edit_config(f, r=8), "config says r=8"),
     "quantized": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 64, dtype=torch.int8))), "not a float tensor"),
-    "extra_tensor": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.lm_head.weight", torch.zeros(3, 3))), "unexpected tensor"),
+    "target_parameters": (lambda f: _edit_config(f, target_parameters=["mlp.experts.gate_up_proj"]), "only LoRA on modules"),
+    "unknown_lora_tensor": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_E", torch.zeros(4, 1))), "not a LoRA factor"),
+    "dora_tensor": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", torch.ones(128))), "DoRA"),
+    "peft_rejects_config": (lambda f: _edit_config(f, layers_pattern="layers"), "PEFT rejects"),
 }
 
 

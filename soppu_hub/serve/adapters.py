@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..layout import CONFIG_NAME
+
 if TYPE_CHECKING:
     from .engine import Engine
 
@@ -51,8 +53,8 @@ class AdapterStore:
             path = (path if path.is_absolute() else self.local_root / path).resolve()
             if path != self.local_root and self.local_root not in path.parents:
                 raise ValidationFailed(f"local adapter {adapter_id!r} is outside the allowed directory")
-            if not (path / "adapter_config.json").is_file():
-                raise AdapterLoadFailed(f"local adapter {adapter_id!r} has no adapter_config.json")
+            if not (path / CONFIG_NAME).is_file():
+                raise AdapterLoadFailed(f"local adapter {adapter_id!r} has no {CONFIG_NAME}")
             return path
         from ..errors import SoppuError
         from ..hub import download_adapter
@@ -66,9 +68,9 @@ class AdapterStore:
         from .engine import AdapterLoadFailed
 
         try:
-            cfg = json.loads((folder / "adapter_config.json").read_text())
+            cfg = json.loads((folder / CONFIG_NAME).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise AdapterLoadFailed(f"adapter {adapter_id}: unreadable adapter_config.json ({e})") from None
+            raise AdapterLoadFailed(f"adapter {adapter_id}: unreadable {CONFIG_NAME} ({e})") from None
         if str(cfg.get("peft_type", "")).upper() != "LORA":
             raise AdapterLoadFailed(f"adapter {adapter_id} is {cfg.get('peft_type')!r}, not a LoRA adapter")
         base = cfg.get("base_model_name_or_path")

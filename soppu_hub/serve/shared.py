@@ -8,19 +8,14 @@ once plus N small cores, instead of N full LoRA factor pairs.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from ..bundle import load_bundle
-from ..lora import KEY_PREFIX
-
-BUNDLE_SUBDIR = "soppu"
+from ..layout import BUNDLE_DIR, BUNDLE_HEADER, KEY_PREFIX
 
 
 class CoreLinear(torch.nn.Module):
@@ -42,7 +37,7 @@ class _Basis:
 
 
 def has_bundle(folder: Path) -> bool:
-    return (folder / BUNDLE_SUBDIR / "bundle.json").is_file()
+    return (folder / BUNDLE_DIR / BUNDLE_HEADER).is_file()
 
 
 class SharedBases:
@@ -52,49 +47,31 @@ class SharedBases:
         self.bases: dict[str, _Basis] = {}
         self.of_adapter: dict[str, str] = {}
 
-    def write_peft(self, folder: Path, out: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A rank-r PEFT folder (A = V^T, B = U S) from the bundle slice.
-
-        Returns (basis_id, module -> core S, module -> U), all zero-padded to the bundle's largest rank.
-        """
-        bundle = load_bundle(folder / BUNDLE_SUBDIR)
-        rank = max(mb.rank for mb in bundle.modules.values())
-        tensors, cores, bases_u = {}, {}, {}
-        for name, mb in bundle.modules.items():
-            pad = rank - mb.rank
-            U, VT = F.pad(mb.U.float(), (0, pad)), F.pad(mb.V.float().T, (0, 0, 0, pad))
-            S = F.pad(mb.core_matrix(0).float(), (0, pad, 0, pad))
-            tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = VT.contiguous()
-            tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = (U @ S).contiguous()
-            cores[name], bases_u[name] = S, U
-        config = json.loads((folder / "adapter_config.json").read_text())
-        config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"))
-        (out / "adapter_config.json").write_text(json.dumps(config))
-        return bundle.basis_id(), cores, bases_u
-
     def load(self, load_peft, folder: Path, name: str):
         """Load adapter `name` from a repo folder with a bundle, sharing its basis; returns the PeftModel.
 
-        `load_peft(path, name)` loads a plain PEFT folder (creating the PeftModel on first use).
+        `load_peft(path, name)` loads the repo's plain PEFT export (creating the PeftModel on first use), so
+        carried tensors, lora_B biases and embedding LoRA load exactly as PEFT loads them; then every linear
+        module of the bundle swaps its factors for the shared U, V^T and the adapter's own core.
         """
         from peft.tuners.lora import LoraLayer
 
-        with tempfile.TemporaryDirectory() as tmp:
-            basis_id, cores, bases_u = self.write_peft(folder, Path(tmp))
-            peft_model = load_peft(tmp, name)
+        bundle = load_bundle(folder / BUNDLE_DIR)
+        peft_model = load_peft(str(folder), name)
+        basis_id = bundle.basis_id()
         basis = self.bases.setdefault(basis_id, _Basis())
         for module_name, module in peft_model.named_modules():
             if not isinstance(module, LoraLayer) or name not in module.lora_A:
                 continue
-            key = module_name.removeprefix("base_model.model.")
-            if key not in cores:
+            key = module_name.removeprefix(KEY_PREFIX)
+            mb = bundle.modules.get(key)
+            if mb is None:
                 continue
-            a, b = module.lora_A[name], module.lora_B[name]
-            vt = basis.params.setdefault(key + ".A", a.weight)
-            u = basis.params.setdefault(key + ".B", torch.nn.Parameter(bases_u[key].to(b.weight), requires_grad=False))
-            module.lora_A[name] = CoreLinear(vt, cores[key].to(a.weight))
+            b = module.lora_B[name]
+            like = b.weight
+            vt = basis.params.setdefault(key + ".A", torch.nn.Parameter(mb.V.T.contiguous().to(like), requires_grad=False))
+            u = basis.params.setdefault(key + ".B", torch.nn.Parameter(mb.U.contiguous().to(like), requires_grad=False))
+            module.lora_A[name] = CoreLinear(vt, mb.core_matrix(0).to(like))
             b.weight = u
         basis.users.add(name)
         self.of_adapter[name] = basis_id

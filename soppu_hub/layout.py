@@ -1,0 +1,40 @@
+"""What a pushed adapter repo looks like to servers: file names, key prefix, and the ranks they run.
+
+Defined once here so the reader, the exporter, the card, the Hub code and the backend agree.
+"""
+
+from __future__ import annotations
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+CARD_NAME = "README.md"
+REPORT_NAME = "report.json"
+KEY_PREFIX = "base_model.model."
+
+# The bundle slice lives in a subfolder: LoRAX loads every top-level *.safetensors as adapter weights.
+BUNDLE_DIR = "soppu"
+BUNDLE_WEIGHTS = "bundle.safetensors"
+BUNDLE_HEADER = "bundle.json"
+
+PLOTS_DIR = "plots"
+ERRORS_PNG = f"{PLOTS_DIR}/errors_by_layer.png"
+PARAMS_PNG = f"{PLOTS_DIR}/params.png"
+
+# LoRAX (server/lorax_server/utils/punica.py): SGMV pads r to 8 * tensor-parallel size, or above that to
+# the next multiple of 16, then overwrites config.r with the padded rank while scaling by lora_alpha / r.
+LORAX_MIN_RANK = 8
+LORAX_BLOCK = 16
+# vLLM accepts only these values for --max-lora-rank (default 16).
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lorax_rank(rank: int, tensor_parallel: int = 1) -> int:
+    """The rank LoRAX's SGMV kernels pad an adapter of rank `rank` to (LoRAX's own rule)."""
+    floor = LORAX_MIN_RANK * tensor_parallel
+    return floor if rank <= floor else -(-rank // LORAX_BLOCK) * LORAX_BLOCK
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """Smallest `--max-lora-rank` vLLM accepts that serves rank `rank`; None when vLLM cannot serve it."""
+    return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
