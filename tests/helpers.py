@@ -18,3 +18,39 @@ def peft_deltas(base_folder: Path, adapter_folder: Path) -> dict:
             delta = mod.get_delta_weight("default").detach().float()
             out[name] = delta.T if mod.fan_in_fan_out else delta
     return out
+
+
+def lorax_effective_scales(folder: Path, tensor_parallel: int = 1) -> dict:
+    """Load an export the way LoRAX's SGMV path does and return module -> effective scale (1.0 = as compressed).
+
+    LoRAX (server/lorax_server/adapters/lora.py, utils/punica.py) goes through the target module types in
+    turn; for each it scales lora_B by lora_alpha / config.r (or / sqrt(r) with rsLoRA), pads the rank to
+    8 * tp or the next multiple of 16, and then overwrites config.r with the padded rank, which the next
+    module type (and any later load of the cached config) is scaled with. The intended scale is PEFT's,
+    lora_alpha / r of the file's own config.
+    """
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    alpha, rslora = cfg["lora_alpha"], cfg.get("use_rslora", False)
+    intended = alpha / (math.sqrt(cfg["r"]) if rslora else cfg["r"])
+    modules = sorted({k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")})
+    by_type: dict[str, list[str]] = {}
+    for m in modules:
+        by_type.setdefault(m.rsplit(".", 1)[-1], []).append(m)
+    r = cfg["r"]  # the cached config object LoRAX mutates
+    out = {}
+    for _, names in by_type.items():
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        padded = r
+        for m in names:
+            rank = tensors[m + ".lora_A.weight"].shape[0]
+            floor = 8 * tensor_parallel
+            padded = floor if rank <= floor else (rank + 15) // 16 * 16
+            out[m.removeprefix("base_model.model.")] = scale / intended
+        r = padded
+    return out
