@@ -126,6 +126,11 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
 
     folders = _fetch(sources, spec)
     adapters = [read_adapter(f, name=n, source=s.text) for f, n, s in zip(folders, names, sources)]
+    if spec.verify:
+        for a in adapters:
+            if a.config.get("task_type") not in (None, "CAUSAL_LM"):
+                raise SoppuError(f"{a.name}: --verify compares next-token predictions of causal LMs, but this is a "
+                                 f"{a.config['task_type']} adapter; run without --verify")
     out = Path(spec.out) if spec.out is not None else None
     result = JobResult(report={}, out=out)
     with staged_output(out, overwrite=spec.overwrite) as tmp:
