@@ -103,7 +103,6 @@ class Bundle:
         ]
         return max(ranks, default=1)
 
-
     def to(self, dtype: torch.dtype) -> "Bundle":
         """The same bundle with every tensor in `dtype` (what gets written)."""
         mods = {n: ModuleBasis(mb.U.to(dtype), mb.V.to(dtype), {i: c.to(dtype) for i, c in mb.cores.items()}, mb.kind)
