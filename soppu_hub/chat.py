@@ -108,6 +108,11 @@ class ChatClient:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not template:  # transformers >= 4.43 saves it beside the config instead
+            try:
+                template = open(hf_hub_download(model_id, "chat_template.jinja")).read()
+            except Exception:
+                return None
         return template
 
     def render(self, messages: list[dict], system_prompt: str | None = None) -> str:

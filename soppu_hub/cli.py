@@ -115,9 +115,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    import signal
+
     from .demo import run_demo
 
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo's servers as Ctrl-C does
     run_demo(Path(args.workdir), log=print, serve=not args.no_serve)
     return 0
 

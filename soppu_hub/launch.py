@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,27 +34,55 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when its parent dies (Linux), so no server outlives a killed
+    demo or test run. Elsewhere the process group and stop() still clean up on a normal exit."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def spawn_group(cmd: list[str], **popen) -> subprocess.Popen:
+    """A child in its own process group (so stop() reaches its own children too) that dies with its parent."""
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **popen)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the child's whole process group, SIGKILL it after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @dataclass
 class Child:
     url: str
     proc: subprocess.Popen
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_group(self.proc)
 
 
 def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0) -> Child:
     """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    proc = spawn_group(cmd, stdout=subprocess.DEVNULL, env=env)
     try:
         wait_http(f"{url}{ready_path}", timeout=timeout, proc=proc)
-    except Exception:
-        proc.kill()
+    except BaseException:
+        stop_group(proc, grace=2.0)
         raise
     return Child(url, proc)
 

@@ -9,6 +9,8 @@ import pytest
 
 from soppu_hub.chat import ChatClient, ChatError, GenerationSettings
 
+pytestmark = pytest.mark.e2e  # real servers over loopback
+
 
 def test_chat_template_from_backend_and_streamed_reply(backend):
     client = ChatClient(backend)
@@ -31,9 +33,13 @@ def test_chat_template_from_backend_and_streamed_reply(backend):
 
 
 def test_template_falls_back_to_the_hub(hub, backend, monkeypatch):
+    from soppu_hub.chat import FALLBACK_TEMPLATE
+    from soppu_hub.samples import CHAT_TEMPLATE
+
     client = ChatClient(backend)
     monkeypatch.setattr(client, "info", lambda: {"model_id": hub.base_model})  # a real LoRAX /info has no template
-    assert "<|assistant|>" in client.chat_template()
+    assert CHAT_TEMPLATE != FALLBACK_TEMPLATE
+    assert client.chat_template() == CHAT_TEMPLATE  # the base model's own, read from tokenizer_config.json on the Hub
 
 
 def test_errors_are_clear(backend):
@@ -52,7 +58,14 @@ def test_terminal_chat(backend):
                          env=dict(os.environ), timeout=120)
     assert res.returncode == 0, res.stderr
     assert "chatting with alice/support-bot-soppu" in res.stderr
-    assert res.stdout.count("\n") >= 2 and res.stdout.strip()  # a streamed reply per line typed
+    # one streamed reply per line typed, each the reply the client gets for the same conversation
+    client, history, expected = ChatClient(backend), [], ""
+    for line in ("Hello", "And again"):
+        history.append({"role": "user", "content": line})
+        reply = "".join(client.stream(history, "alice/support-bot-soppu", settings=GenerationSettings(max_new_tokens=6)))
+        history.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    assert res.stdout == expected and len(expected) > 2
     res = subprocess.run([sys.executable, "-m", "soppu_hub", "chat", "alice/nope", "--url", backend], input="hi\n",
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "could not run adapter alice/nope" in res.stderr

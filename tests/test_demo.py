@@ -1,11 +1,15 @@
 """`make demo` end to end: its own Hub server, seeding, compress by repo id, rendered cards with plots."""
 
 import re
-import urllib.request
 import subprocess
 import sys
+import urllib.request
+
+import pytest
 
 from soppu_hub.demo import run_demo
+
+pytestmark = pytest.mark.e2e  # real servers over loopback
 
 
 def test_demo_runs_the_whole_chain(tmp_path):
@@ -19,7 +23,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for src in images:
         png = page.parent / src
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any(line.startswith("pushed alice/support-bot-soppu") or "card of alice/support-bot-soppu" in line for line in logs)
+    assert any(line.startswith(f"card of alice/support-bot-soppu: {page} ") for line in logs), logs
     assert "next-token agreement" in (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
     assert any(line == f"the Space is running: open {run.space_url}" for line in logs)
     # everything the demo started is stopped again
@@ -38,28 +42,48 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
 
-def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path):
+def _lines(proc, deadline):
+    """stdout lines of `proc` until `deadline` (monotonic), read in a thread so a silent child cannot hang us."""
+    import queue
+    import threading
+    import time
+
+    q: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        yield line
+
+
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, stop_signal):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path / "demo")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    urls, deadline = {}, time.monotonic() + 240
+    from soppu_hub.launch import spawn_group, stop_group
+
+    proc = spawn_group([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path / "demo")],
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    urls = {}
     try:
-        for line in proc.stdout:
+        for line in _lines(proc, time.monotonic() + 240):
             for key, marker in (("hub", "offline Hub running at "), ("backend", "backend at "), ("space", "open ")):
                 if marker in line:
                     urls[key] = line.rsplit(marker, 1)[1].split()[0]
-            if "Ctrl-C stops" in line or time.monotonic() > deadline:
+            if "Ctrl-C stops" in line:
                 break
         assert set(urls) == {"hub", "backend", "space"}, urls
         with urllib.request.urlopen(urls["space"], timeout=10) as r:
             assert r.status == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop_signal))
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_group(proc, grace=5.0)  # the demo's process group, and its children die with it
     for url in urls.values():
         try:
             urllib.request.urlopen(url, timeout=2)

@@ -15,6 +15,8 @@ from conftest import USERS
 
 from helpers import peft_deltas
 
+pytestmark = pytest.mark.e2e  # real servers over loopback
+
 
 def cli(*args, token: str | None = USERS["alice"]):
     env = dict(os.environ)

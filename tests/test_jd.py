@@ -60,7 +60,8 @@ def test_errors_match_dense_reconstruction_and_dense_jd():
     torch.testing.assert_close(res.rel_errors, dense_rel_errors(B, A, res), atol=1e-8, rtol=1e-8)
     W = B @ A
     w = 1 / W.flatten(-2).pow(2).sum(-1)
-    ours = (w * res.rel_errors.pow(2) / w).sum(-1)  # sum of squared relative errors = weighted objective
+    recon = res.U.unsqueeze(1) @ res.dense_cores() @ res.V.unsqueeze(1).mT
+    ours = (w * (W - recon).flatten(-2).pow(2).sum(-1)).sum(-1)  # the weighted objective, from dense matrices
     for layer in range(2):
         ref = dense_jd_objective(W[layer], 6).pow(2).sum()
         assert ours[layer] <= ref + 1e-6, (ours[layer], ref)

@@ -11,6 +11,8 @@ from lorax.errors import GenerationError, OverloadedError, ValidationError
 
 from conftest import USERS
 
+pytestmark = pytest.mark.e2e  # real servers over loopback
+
 ADAPTER = "alice/support-bot-soppu"
 PROMPT = "Hello! How are you today?"
 

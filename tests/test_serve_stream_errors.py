@@ -13,6 +13,8 @@ from lorax.errors import GenerationError
 from soppu_hub.launch import free_port, wait_http
 from soppu_hub.serve.engine import ServeError, TokenEvent
 
+pytestmark = pytest.mark.e2e  # real servers over loopback
+
 
 class _Tok:
     def __call__(self, text, add_special_tokens=True):

@@ -9,6 +9,8 @@ from soppu_hub.chat import ChatClient, GenerationSettings
 from soppu_hub.errors import SoppuError
 from soppu_hub.spacekit import history_to_messages, validate_repo_id
 
+pytestmark = pytest.mark.e2e  # real servers over loopback
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
