@@ -77,7 +77,7 @@ def _make(tmp_path, case, seed):
 def test_base_plus_export_equals_base_plus_original(tmp_path, case):
     from peft import PeftModel
 
-    (m0, f0, base_dir), (m1, f1, _) = _make(tmp_path, case, 1), _make(tmp_path, case, 2)
+    (m0, f0, base_dir), (_, f1, _) = _make(tmp_path, case, 1), _make(tmp_path, case, 2)
     model_cls = type(m0.base_model.model)
     ids = torch.randint(1, 60, (2, 9), generator=torch.Generator().manual_seed(3))
 
