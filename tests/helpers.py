@@ -54,3 +54,41 @@ def lorax_effective_scales(folder: Path, tensor_parallel: int = 1) -> dict:
             out[m.removeprefix("base_model.model.")] = scale / intended
         r = padded
     return out
+
+
+def random_peft_adapter(root: Path, build, lora_kwargs: dict, name: str, seed: int, *, scale: float = 0.2,
+                        also=None, dtype=None, save_kwargs: dict | None = None):
+    """A tiny base (built by `build()`, saved once as root/base) and a PEFT LoRA on it, saved as root/name.
+
+    Every trainable tensor is randomised (and any parameter `also(name)` selects), so that what the adapter
+    carries is not zeros; with `dtype` the values are rounded to it and the file is saved in it, as published
+    half-precision adapters are. Returns (peft model, adapter folder, base folder).
+    """
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base_dir = Path(root) / "base"
+    if not base_dir.exists():
+        torch.manual_seed(0)
+        build().save_pretrained(base_dir)
+    base = type(build()).from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.requires_grad or (also is not None and also(pname)):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+                if dtype is not None:
+                    p.copy_(p.to(dtype).float())
+    folder = Path(root) / name
+    model.save_pretrained(folder, **(save_kwargs or {}))
+    if dtype is not None and dtype != torch.float32:
+        f = folder / "adapter_model.safetensors"
+        save_file({k: v.to(dtype) for k, v in load_file(str(f)).items()}, str(f))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return model.eval(), folder, base_dir

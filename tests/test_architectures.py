@@ -13,6 +13,8 @@ from soppu_hub.cli import main
 from soppu_hub.errors import AdapterError
 from soppu_hub.lora import read_adapter
 
+from helpers import random_peft_adapter
+
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
 
 
@@ -78,32 +80,9 @@ ARCHS = {
 
 
 def _save(tmp_path, arch, seed, dtype):
-    from peft import LoraConfig, get_peft_model
-
     build, kw = ARCHS[arch]
-    base_dir = tmp_path / "base"
-    if not base_dir.exists():
-        torch.manual_seed(0)
-        build().save_pretrained(base_dir)
-    model = type(build()).from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-                p.copy_(p.to(dtype).float())  # what a bf16 / fp16 file will hold
-    folder = tmp_path / f"{arch}-{seed}"
-    peft_model.save_pretrained(folder)
-    if dtype != torch.float32:  # published adapters are often saved in half precision
-        from safetensors.torch import load_file, save_file
-
-        f = folder / "adapter_model.safetensors"
-        save_file({k: v.to(dtype) for k, v in load_file(str(f)).items()}, str(f))
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(base_dir)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder, base_dir, type(model)
+    model, folder, base_dir = random_peft_adapter(tmp_path, build, kw, f"{arch}-{seed}", seed, scale=0.1, dtype=dtype)
+    return folder, base_dir, type(model.base_model.model)
 
 
 def _logits(model_cls, base_dir, adapter=None):

@@ -13,6 +13,8 @@ from soppu_hub.cli import main
 from soppu_hub.errors import IncompatibleAdaptersError
 from soppu_hub.lora import read_adapter
 
+from helpers import random_peft_adapter
+
 
 def _gpt2_cls():
     from transformers import GPT2Config, GPT2ForSequenceClassification
@@ -48,29 +50,11 @@ _SAVED_IN_FULL = ("embed_tokens", "lm_head")
 
 
 def _make(tmp_path, case, seed):
-    """Base saved once per case, and one PEFT adapter with every trainable tensor randomised."""
-    from peft import LoraConfig, get_peft_model
-
+    """Base saved once per case, and one PEFT adapter with every trainable tensor randomised, plus the
+    embedding weights PEFT saves in full (as after resizing the vocabulary), so that carrying them is tested."""
     build, lora_kw, save_kw, _ = CASES[case]
-    base_dir = tmp_path / "base"
-    if not base_dir.exists():
-        torch.manual_seed(0)
-        build().save_pretrained(base_dir)
-    base = type(build()).from_pretrained(base_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora_kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # LoRA factors, biases, modules_to_save copies, trainable-token deltas; and the embedding weights
-            # PEFT saves in full (as after resizing the vocabulary), so that carrying them is what is tested
-            if p.requires_grad or any(e in name for e in _SAVED_IN_FULL) and "lora_" not in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    folder = tmp_path / f"{case}-{seed}"
-    model.save_pretrained(folder, **save_kw)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(base_dir)
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return model.eval(), folder, base_dir
+    return random_peft_adapter(tmp_path, build, lora_kw, f"{case}-{seed}", seed, save_kwargs=save_kw,
+                               also=lambda name: any(e in name for e in _SAVED_IN_FULL) and "lora_" not in name)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
