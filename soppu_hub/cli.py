@@ -135,7 +135,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
     auth = load_auth(args.user, args.org, args.users_file)
     print(f"offline Hub on http://{args.host}:{args.port} (data in {args.root}); use HF_ENDPOINT=http://{args.host}:{args.port}",
           flush=True)
-    serve(args.root, auth, host=args.host, port=args.port)
+    serve(args.root, auth, host=args.host, port=args.port, max_commit_bytes=int(args.max_commit_mb * 2**20))
     return 0
 
 
@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8900)
     p.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN", help="a user and their token (repeatable)")
     p.add_argument("--org", action="append", default=[], metavar="ORG:MEMBER,...", help="an organisation (repeatable)")
-    p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}}')
+    p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}} (or the same JSON in '
+                   "$SOPPU_HUB_USERS, which keeps tokens off disk)")
+    p.add_argument("--max-commit-mb", type=float, default=128, help="largest commit body accepted, in MiB (default 128)")
     p.set_defaults(func=cmd_hub)
 
     p = sub.add_parser("serve", help="CPU backend speaking LoRAX's REST API: adapters load by name on first use")

@@ -76,9 +76,17 @@ class Child:
         stop_group(self.proc)
 
 
-def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0) -> Child:
-    """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does)."""
-    proc = spawn_group(cmd, stdout=subprocess.DEVNULL, env=env)
+def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0,
+           log: Path | None = None) -> Child:
+    """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does).
+
+    With `log`, its stdout and stderr go to that file; otherwise stdout is dropped and stderr is ours."""
+    out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps the descriptor, we close our copy
+    try:
+        proc = spawn_group(cmd, stdout=out or subprocess.DEVNULL, stderr=out, env=env)
+    finally:
+        if out:
+            out.close()
     try:
         wait_http(f"{url}{ready_path}", timeout=timeout, proc=proc)
     except BaseException:
@@ -88,25 +96,25 @@ def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None
 
 
 def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
-              port: int | None = None, host: str = "127.0.0.1") -> Child:
-    """The offline Hub; users: name -> token."""
+              port: int | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
+              log: Path | None = None) -> Child:
+    """The offline Hub; users: name -> token, handed over in the environment (not on disk, not in `ps`)."""
+    from .hubserver import USERS_ENV
+
     port = port or free_port(host)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    users_file = root / "users.json"  # tokens in a file, not in the process list
-    users_file.write_text(json.dumps({"users": users, "orgs": orgs or {}}))
-    users_file.chmod(0o600)
-    cmd = [sys.executable, "-m", "soppu_hub", "hub", "--root", str(root), "--host", host, "--port", str(port),
-           "--users-file", str(users_file)]
-    return _spawn(cmd, f"http://{host}:{port}", "/health", timeout=60.0)
+    env = dict(os.environ, **{USERS_ENV: json.dumps({"users": users, "orgs": orgs or {}})})
+    cmd = [sys.executable, "-m", "soppu_hub", "hub", "--root", str(root), "--host", host, "--port", str(port), *(extra or [])]
+    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=60.0, log=log)
 
 
 def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1", env: dict | None = None,
-                  extra: list[str] | None = None, timeout: float = 180.0) -> Child:
+                  extra: list[str] | None = None, timeout: float = 180.0, log: Path | None = None) -> Child:
     """`soppu-hub serve --model MODEL` as a child; returns once /health answers."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "soppu_hub", "serve", "--model", model, "--host", host, "--port", str(port), *(extra or [])]
-    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout)
+    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout, log=log)
 
 
 SPACE_APP = Path(__file__).resolve().parent.parent / "space" / "app.py"

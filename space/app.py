@@ -15,7 +15,7 @@ import gradio as gr
 
 from soppu_hub.chat import ChatClient
 from soppu_hub.errors import SoppuError
-from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapters, stream_reply, validate_repo_id
+from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapters, stream_reply
 
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None

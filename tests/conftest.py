@@ -41,17 +41,25 @@ def sample_adapters(tmp_path_factory, tiny_base) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def hub(tmp_path_factory):
-    """The offline Hub as a real HTTP server on loopback, seeded with the tiny base and two adapters."""
-    from soppu_hub.demo import seed_hub
+def hub_server(tmp_path_factory):
+    """The offline Hub as a real HTTP server on loopback: data in <dir>/root, its stdout and stderr in <dir>/hub.log."""
     from soppu_hub.launch import start_hub
 
-    proc = start_hub(tmp_path_factory.mktemp("hub-data"), USERS, orgs=ORGS, port=HUB_PORT)
+    top = tmp_path_factory.mktemp("hub")
+    child = start_hub(top / "root", USERS, orgs=ORGS, port=HUB_PORT, log=top / "hub.log")
     try:
-        seeded = seed_hub(proc.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], samples_token=USERS["soppu-samples"])
-        yield seeded
+        yield child, top
     finally:
-        proc.stop()
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def hub(hub_server, tmp_path_factory):
+    """The offline Hub seeded with the tiny base and two adapters."""
+    from soppu_hub.demo import seed_hub
+
+    child, _ = hub_server
+    return seed_hub(child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], samples_token=USERS["soppu-samples"])
 
 
 @pytest.fixture(scope="session")

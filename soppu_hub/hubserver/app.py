@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import json
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -11,7 +10,8 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .storage import FileEntry, Store, StoreError, git_blob_sha1
+from .bodies import MAX_COMMIT_BYTES, json_object, parse_commit, read_limited
+from .storage import FileEntry, Store, StoreError, check_path, git_blob_sha1
 
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -40,7 +40,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"X-Error-Code": code, "X-Error-Message": message})
 
 
-def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
+def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: int = MAX_COMMIT_BYTES) -> FastAPI:
     app = FastAPI(title="soppu-hub offline Hub", docs_url=None, redoc_url=None, openapi_url=None)
     tickets: dict[str, tuple[str, int]] = {}  # one-time LFS upload tickets -> (oid, size)
 
@@ -108,13 +108,15 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
 
     @app.post("/api/repos/create")
     async def create_repo(request: Request):
-        body = await request.json()
         user = auth.user(request)
         if user is None:
             return _error(401, "Unauthorized", "Invalid credentials in Authorization header")
-        namespace = body.get("organization") or user
-        repo_id = f"{namespace}/{body.get('name', '')}"
-        kind = body.get("type") or "model"
+        body = await json_object(request)
+        namespace, name, kind = body.get("organization") or user, body.get("name"), body.get("type") or "model"
+        if not isinstance(namespace, str) or not isinstance(name, str) or kind not in PREFIX:
+            return _error(400, "BadRequest", "name and organization must be strings and type one of model, dataset, space")
+        repo_id = f"{namespace}/{name}"
+        store.check_repo_id(kind, repo_id)
         if not auth.can_write(user, namespace):
             return _error(403, "Forbidden", f"You don't have the rights to create a repo under {namespace}")
         private = bool(body.get("private")) or body.get("visibility") == "private"
@@ -173,7 +175,7 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
         kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"
         visible(request, kind, repo_id)
         files = store.files(kind, repo_id, store.resolve(kind, repo_id, revision))
-        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        prefix = check_path(path.strip("/"), "folder") + "/" if path.strip("/") else ""
         entries, dirs = [], set()
         for p, e in sorted(files.items()):
             if not p.startswith(prefix):
@@ -198,18 +200,23 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
     async def preupload(kinds: str, ns: str, name: str, revision: str, request: Request):
         kind = KINDS.get(kinds, "?")
         writable(request, kind, f"{ns}/{name}")
-        body = await request.json()
-        return {"files": [
-            {"path": f["path"], "shouldIgnore": False,
-             "uploadMode": "lfs" if f["path"].lower().endswith(LFS_SUFFIXES) or f.get("size", 0) >= LFS_MIN_SIZE else "regular"}
-            for f in body.get("files", [])
-        ], "commitOid": store.resolve(kind, f"{ns}/{name}", revision)}
+        files = (await json_object(request)).get("files", [])
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            return _error(400, "BadRequest", "files must be a list of {path, size, sample}")
+        out = []
+        for f in files:
+            path, size = check_path(f.get("path")), f.get("size", 0)
+            lfs = path.lower().endswith(LFS_SUFFIXES) or (isinstance(size, int) and size >= LFS_MIN_SIZE)
+            out.append({"path": path, "shouldIgnore": False, "uploadMode": "lfs" if lfs else "regular"})
+        return {"files": out, "commitOid": store.resolve(kind, f"{ns}/{name}", revision)}
 
     async def lfs_batch(kind: str, repo_id: str, request: Request):
         writable(request, kind, repo_id)
-        body = await request.json()
-        objects = []
-        for obj in body.get("objects", []):
+        objects, asked = [], (await json_object(request)).get("objects", [])
+        if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("oid"), str)
+                                                  and type(o.get("size")) is int and o["size"] >= 0 for o in asked):
+            return _error(400, "BadRequest", "objects must be a list of {oid, size}")
+        for obj in asked:
             item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if not store.has_object(obj["oid"]):
                 ticket = secrets.token_urlsafe(24)
@@ -232,7 +239,7 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
         if ticket not in tickets:
             return _error(403, "Forbidden", "unknown or used upload ticket")
         oid, size = tickets.pop(ticket)
-        data = await request.body()
+        data = await read_limited(request, size)
         if len(data) != size:
             return _error(400, "BadRequest", f"expected {size} bytes, got {len(data)}")
         store.put_object(data, expected_sha256=oid)
@@ -242,39 +249,25 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
     async def commit(kinds: str, ns: str, name: str, revision: str, request: Request):
         kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"
         writable(request, kind, repo_id)
-        header, adds, deletes, folders = {}, {}, [], []
-        for line in (await request.body()).splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            key, value = item.get("key"), item.get("value", {})
-            if key == "header":
-                header = value
-            elif key == "file":
-                raw = base64.b64decode(value["content"]) if value.get("encoding", "base64") == "base64" else value["content"].encode()
-                sha = store.put_object(raw)
-                adds[value["path"]] = FileEntry(sha, len(raw), git_blob_sha1(raw), False)
-            elif key == "lfsFile":
-                if not store.has_object(value["oid"]):
-                    return _error(422, "BadRequest", f"LFS object for {value['path']} was never uploaded")
-                adds[value["path"]] = FileEntry(value["oid"], int(value["size"]), "", True)
-            elif key == "deletedFile":
-                deletes.append(value["path"])
-            elif key == "deletedFolder":
-                folders.append(value["path"])
-        for path, e in adds.items():
-            if e.lfs:  # a pointer's blob id, as git would hash the LFS pointer file
-                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{e.sha256}\nsize {e.size}\n".encode()
-                adds[path] = FileEntry(e.sha256, e.size, git_blob_sha1(pointer), True)
-        message = header.get("summary") or "commit"
-        oid = store.commit(kind, repo_id, revision, message, adds, deletes, folders, header.get("parentCommit"))
+        parsed = parse_commit(await read_limited(request, max_commit_bytes))  # all checked before anything is stored
+        for oid, _ in parsed.lfs_files.values():
+            if not store.has_object(oid):
+                return _error(422, "BadRequest", f"LFS object {oid} was never uploaded")
+        adds = {}
+        for path, raw in parsed.files.items():
+            adds[path] = FileEntry(store.put_object(raw), len(raw), git_blob_sha1(raw), False)
+        for path, (oid, size) in parsed.lfs_files.items():  # a pointer's blob id, as git would hash the LFS pointer file
+            pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+            adds[path] = FileEntry(oid, size, git_blob_sha1(pointer), True)
+        oid = store.commit(kind, repo_id, revision, parsed.summary, adds, parsed.deletes, parsed.delete_folders,
+                           parsed.parent_commit)
         return {"commitOid": oid, "commitUrl": f"{public_url}/{PREFIX[kind]}{repo_id}/commit/{oid}", "pullRequestUrl": None}
 
     # --- download ------------------------------------------------------------------------------
     async def resolve_file(kind: str, repo_id: str, revision: str, path: str, request: Request):
         visible(request, kind, repo_id)
         oid = store.resolve(kind, repo_id, revision)
-        entry = store.files(kind, repo_id, oid).get(path)
+        entry = store.files(kind, repo_id, oid).get(check_path(path))
         if entry is None:
             return _error(404, "EntryNotFound", f"{path} does not exist in {repo_id} at {revision}")
         headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.git_sha1}"', "Content-Length": str(entry.size),
@@ -285,9 +278,12 @@ def create_app(store: Store, auth: Auth, public_url: str) -> FastAPI:
             return Response(status_code=200, headers=headers)
         data = store.read_object(entry.sha256)
         rng = request.headers.get("range", "")
-        if rng.startswith("bytes="):
-            start_s, _, end_s = rng[6:].partition("-")
-            start, end = int(start_s or 0), int(end_s) if end_s else len(data) - 1
+        if rng:
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip())
+            start = int(m[1]) if m and m[1] else (len(data) - int(m[2]) if m and m[2] else -1)
+            end = min(int(m[2]), len(data) - 1) if m and m[1] and m[2] else len(data) - 1
+            if not m or start < 0 or start > end:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
             headers.update({"Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(end - start + 1)})
             return Response(data[start : end + 1], status_code=206, headers=headers, media_type="application/octet-stream")
         return Response(data, headers=headers, media_type="application/octet-stream")

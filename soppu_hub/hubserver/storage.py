@@ -20,9 +20,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 REPO_TYPES = ("model", "dataset", "space")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+MAX_PATH = 1000
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 class StoreError(Exception):
@@ -40,6 +43,22 @@ class FileEntry:
 
     def as_json(self) -> dict:
         return {"sha256": self.sha256, "size": self.size, "git_sha1": self.git_sha1, "lfs": self.lfs}
+
+
+def check_path(path: object, what: str = "file path") -> str:
+    """A path inside a repo: relative, '/'-separated, no empty, '.' or '..' parts, also once URL-decoded."""
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH:
+        raise StoreError(400, "BadRequest", f"invalid {what}: a non-empty string of at most {MAX_PATH} characters")
+    for form in {path, unquote(path)}:
+        if form.startswith("/") or _BAD_CHARS.search(form) or any(p in ("", ".", "..", ".git") for p in form.split("/")):
+            raise StoreError(400, "BadRequest", f"invalid {what} {path[:200]!r}: use a relative path without '.', '..', "
+                             "'.git', '//' or backslashes")
+    return path
+
+
+def check_revision(revision: object) -> str:
+    """A branch, tag or commit id: the same rules as a path (so 'refs/pr/1' passes, '../x' does not)."""
+    return check_path(revision, "revision")
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -82,6 +101,9 @@ class Store:
         return self._object_path(sha256).read_bytes()
 
     # --- repos -------------------------------------------------------------------------------
+    def check_repo_id(self, repo_type: str, repo_id: str) -> None:
+        self._repo_dir(repo_type, repo_id)
+
     def _repo_dir(self, repo_type: str, repo_id: str) -> Path:
         if repo_type not in REPO_TYPES:
             raise StoreError(400, "BadRequest", f"unknown repo type {repo_type}")
@@ -119,6 +141,7 @@ class Store:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def resolve(self, repo_type: str, repo_id: str, revision: str) -> str:
+        check_revision(revision)
         refs = self.refs(repo_type, repo_id)
         if revision in refs:
             return refs[revision]

@@ -49,18 +49,26 @@ class AdapterStore:
         if source == "local":
             if self.local_root is None:
                 raise ValidationFailed("local adapters are disabled on this server (start it with --adapter-dir)")
-            path = Path(adapter_id)
-            path = (path if path.is_absolute() else self.local_root / path).resolve()
+            try:  # resolve() follows symlinks, so a link inside the folder that points out of it is refused too
+                path = Path(adapter_id)
+                path = (path if path.is_absolute() else self.local_root / path).resolve()
+            except (OSError, ValueError):
+                raise ValidationFailed(f"local adapter {adapter_id[:200]!r} is not a valid path") from None
             if path != self.local_root and self.local_root not in path.parents:
                 raise ValidationFailed(f"local adapter {adapter_id!r} is outside the allowed directory")
             if not (path / CONFIG_NAME).is_file():
                 raise AdapterLoadFailed(f"local adapter {adapter_id!r} has no {CONFIG_NAME}")
             return path
+        from huggingface_hub.errors import HFValidationError
+
         from ..errors import SoppuError
         from ..hub import download_adapter
 
         try:
             return download_adapter(adapter_id, token=api_token or None, with_bundle=self.shared is not None)
+        except HFValidationError:
+            raise ValidationFailed(f"adapter_id {adapter_id[:200]!r} is not a Hub repo id (owner/name); "
+                                   "for a folder use adapter_source=local") from None
         except SoppuError as e:
             raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
 

@@ -31,6 +31,17 @@ def _sse(obj: Any) -> bytes:
     return f"data:{json.dumps(obj)}\n\n".encode()
 
 
+def _number(params: dict, name: str, kind: type, ok, rule: str):
+    """A numeric parameter, None when absent; anything else (a string, a bool, NaN, out of range) is a 422."""
+    v = params.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float) and not v.is_integer()) \
+            or v != v or v in (float("inf"), float("-inf")) or not ok(v):
+        raise ValidationFailed(f"`{name}` must be {rule}. Given: {v!r}"[:200])
+    return kind(v)
+
+
 def _token_json(t: TokenEvent) -> dict:
     return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special, "skipped": False}
 
@@ -41,43 +52,44 @@ class _Request:
     def __init__(self, engine: Engine, inputs: str, params: dict, loop: asyncio.AbstractEventLoop):
         self.engine, self.inputs, self.params, self.loop = engine, inputs, params, loop
         self.events: asyncio.Queue = asyncio.Queue()
+        self.job: Job | None = None
+        self.finished = False
 
     def validate(self) -> tuple[list[int], int, Sampling, list[str]]:
         p, e = self.params, self.engine
         if not isinstance(self.inputs, str) or not self.inputs:
             raise ValidationFailed("`inputs` must be a non-empty string")
+        truncate = _number(p, "truncate", int, lambda v: v > 0, "a positive integer")
+        max_new = _number(p, "max_new_tokens", int, lambda v: v > 0, "strictly positive")
+        temperature = _number(p, "temperature", float, lambda v: v >= 0, "a number >= 0")
+        top_p = _number(p, "top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
+        top_k = _number(p, "top_k", int, lambda v: v > 0, "a positive integer")
+        typical_p = _number(p, "typical_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
+        repetition_penalty = _number(p, "repetition_penalty", float, lambda v: v > 0, "a number > 0")
+        seed = _number(p, "seed", int, lambda v: 0 <= v < 2**63, "an integer >= 0")
+        if (_number(p, "best_of", int, lambda v: v > 0, "a positive integer") or 1) > 1:
+            raise ValidationFailed("`best_of` > 1 is not supported by this server")
+        stop = p.get("stop") or []
+        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+            raise ValidationFailed("`stop` must be a list of strings")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise ValidationFailed(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(stop)}")
         ids = e.tokenizer(self.inputs, add_special_tokens=True).input_ids
-        if p.get("truncate"):
-            ids = ids[-int(p["truncate"]):]
+        if truncate:
+            ids = ids[-truncate:]
         if len(ids) >= e.max_total_tokens:
             raise ValidationFailed(f"`inputs` must have less than {e.max_total_tokens} tokens. Given: {len(ids)}")
         room = e.max_total_tokens - len(ids)
-        max_new = p.get("max_new_tokens")
         if max_new is None:
             max_new = room
-        if not isinstance(max_new, int) or max_new < 1:
-            raise ValidationFailed("`max_new_tokens` must be strictly positive")
         if max_new > room:
             raise ValidationFailed(f"`inputs` tokens + `max_new_tokens` must be <= {e.max_total_tokens}. "
                                    f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`")
-        stop = p.get("stop") or []
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise ValidationFailed(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(stop)}")
-        temperature = p.get("temperature")
-        for name, ok in (("temperature", temperature is None or temperature >= 0),
-                         ("top_p", p.get("top_p") is None or 0 < p["top_p"] <= 1),
-                         ("top_k", p.get("top_k") is None or p["top_k"] > 0),
-                         ("repetition_penalty", p.get("repetition_penalty") is None or p["repetition_penalty"] > 0)):
-            if not ok:
-                raise ValidationFailed(f"`{name}` has an invalid value: {p.get(name)}")
-        if (p.get("best_of") or 1) > 1:
-            raise ValidationFailed("`best_of` > 1 is not supported by this server")
-        do_sample = bool(p.get("do_sample")) or (temperature not in (None, 0, 1.0)) or p.get("top_p") not in (None, 1.0) \
-            or p.get("top_k") is not None or p.get("typical_p") is not None
+        do_sample = bool(p.get("do_sample")) or (temperature not in (None, 0, 1.0)) or top_p not in (None, 1.0) \
+            or top_k is not None or typical_p is not None
         if temperature == 0:
             do_sample = False
-        sampling = Sampling(do_sample, temperature, p.get("top_k"), p.get("top_p"), p.get("typical_p"),
-                            p.get("repetition_penalty"), p.get("seed") if do_sample else None)
+        sampling = Sampling(do_sample, temperature, top_k, top_p, typical_p, repetition_penalty, seed if do_sample else None)
         return ids, max_new, sampling, stop
 
     def start(self) -> None:
@@ -99,18 +111,48 @@ class _Request:
             release()
 
         self.prompt_len = len(ids)
-        self.engine.submit(Job(ids, name, max_new, sampling, stop, bool(self.params.get("ignore_eos_token")), emit, done))
+        self.job = Job(ids, name, max_new, sampling, stop, bool(self.params.get("ignore_eos_token")), emit, done)
+        self.engine.submit(self.job)
+
+    def cancel(self) -> None:
+        if self.job is not None and not self.finished:
+            self.job.cancel()
 
     async def events_until_done(self) -> AsyncIterator[tuple[str, object]]:
-        while True:
-            kind, payload = await self.events.get()
-            yield kind, payload
-            if kind in ("done", "error"):
-                return
+        """The engine's events; a consumer that stops listening (client gone, task cancelled) cancels the job."""
+        try:
+            while True:
+                kind, payload = await self.events.get()
+                if kind in ("done", "error"):
+                    self.finished = True
+                yield kind, payload
+                if self.finished:
+                    return
+        finally:
+            self.cancel()
+
+    async def collect_while_connected(self, request: Request, collect):
+        """Run `collect(self)`; if the client hangs up first, cancel the job so its slot is freed at once."""
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await collect(self)
+        finally:
+            watcher.cancel()
 
 
 async def _begin(engine: Engine, body: dict) -> _Request:
-    req = _Request(engine, body.get("inputs"), dict(body.get("parameters") or {}), asyncio.get_running_loop())
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValidationFailed("`parameters` must be a JSON object")
+    for name in ("adapter_id", "adapter_source", "api_token"):
+        if params.get(name) is not None and not isinstance(params[name], str):
+            raise ValidationFailed(f"`{name}` must be a string")
+    req = _Request(engine, body.get("inputs"), dict(params), asyncio.get_running_loop())
     await run_in_threadpool(req.start)
     return req
 
@@ -174,26 +216,26 @@ def create_app(engine: Engine) -> FastAPI:
             raise ValidationFailed("request body must be a JSON object")
         return body
 
-    async def generate(body: dict, stream: bool):
+    async def generate(request: Request, body: dict, stream: bool):
         req = await _begin(engine, body)
         if stream:
             return StreamingResponse(_stream(req), media_type="text/event-stream")
-        return await _collect(req)
+        return await req.collect_while_connected(request, _collect)
 
     @app.post("/")
     async def compat(request: Request):
         body = await body_of(request)
         if body.get("stream"):
-            return await generate(body, True)
-        return [await generate(body, False)]
+            return await generate(request, body, True)
+        return [await generate(request, body, False)]
 
     @app.post("/generate")
     async def generate_route(request: Request):
-        return await generate(await body_of(request), False)
+        return await generate(request, await body_of(request), False)
 
     @app.post("/generate_stream")
     async def generate_stream_route(request: Request):
-        return await generate(await body_of(request), True)
+        return await generate(request, await body_of(request), True)
 
     @app.get("/health")
     async def health():
@@ -209,13 +251,16 @@ def create_app(engine: Engine) -> FastAPI:
             "max_batch_size": engine.max_batch, "version": f"soppu-hub {__version__}", "sha": None, "docker_label": None,
             "request_logger_url": None, "eager_prefill": False, "preloaded_adapters": [],
             "loaded_adapters": engine.adapters.loaded_ids(), **engine.adapters.memory(),
+            "requests_in_flight": engine.active, "requests_cancelled": engine.cancelled,
             "chat_template": getattr(engine.tokenizer, "chat_template", None),
         }
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await body_of(request)
-        enc = engine.tokenizer(body.get("inputs") or "", return_offsets_mapping=True)
+        if not isinstance(body.get("inputs"), str):
+            raise ValidationFailed("`inputs` must be a string")
+        enc = engine.tokenizer(body["inputs"], return_offsets_mapping=True)
         return [{"id": i, "text": body["inputs"][s:t], "start": s, "stop": t}
                 for i, (s, t) in zip(enc.input_ids, enc.offset_mapping)]
 
@@ -253,7 +298,7 @@ def create_app(engine: Engine) -> FastAPI:
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(chunks(), media_type="text/event-stream")
-        out = await _collect(req)
+        out = await req.collect_while_connected(request, _collect)
         d = out["details"]
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["generated_text"]},

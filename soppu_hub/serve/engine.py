@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .adapters import AdapterStore, BASE
+from .adapters import AdapterStore
 
 log = logging.getLogger("soppu_hub.serve")
 
@@ -87,8 +87,14 @@ class Job:
     release: Callable[[], None] = lambda: None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    done: bool = False
+    done: bool = False  # no more tokens for this row
     finish_reason: str = "length"
+    cancelled: bool = False  # set from the request's side when its client went away
+    closed: bool = False  # "done" or "error" delivered and the slot released
+
+    def cancel(self) -> None:
+        """Stop at the next decoding step (or before starting), so an abandoned request frees its slot now."""
+        self.cancelled = True
 
 
 class _Capture:
@@ -105,9 +111,10 @@ class _Capture:
 class _Rows:
     """Streamer + stopping criteria for a batch: per-row bookkeeping of tokens, text and stop reasons."""
 
-    def __init__(self, jobs: list[Job], tokenizer, capture: _Capture, eos_ids: set[int], special_ids: set[int]):
+    def __init__(self, jobs: list[Job], tokenizer, capture: _Capture, eos_ids: set[int], special_ids: set[int],
+                 close: Callable[[Job], None]):
         self.jobs, self.tok, self.capture = jobs, tokenizer, capture
-        self.eos_ids, self.special_ids = eos_ids, special_ids
+        self.eos_ids, self.special_ids, self.close = eos_ids, special_ids, close
         self.first = True
 
     # streamer protocol
@@ -118,6 +125,10 @@ class _Rows:
         lp = self.capture.logprobs
         for row, job in enumerate(self.jobs):
             if job.done:
+                continue
+            if job.cancelled:
+                job.done, job.finish_reason = True, "cancelled"
+                self.close(job)
                 continue
             tid = int(value[row])
             special = tid in self.special_ids
@@ -135,13 +146,15 @@ class _Rows:
             elif len(job.tokens) >= job.max_new_tokens:
                 job.done, job.finish_reason = True, "length"
             job.emit("token", TokenEvent(tid, text if not special else self.tok.convert_ids_to_tokens(tid), logprob, special))
+            if job.done:  # this row's slot is free now, whatever the rest of the batch still does
+                self.close(job)
 
     def end(self) -> None:
         pass
 
     # stopping-criteria protocol: a per-row mask
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([j.done for j in self.jobs], dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([j.done or j.cancelled for j in self.jobs], dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -164,7 +177,8 @@ class Engine:
         self.adapters = AdapterStore(self, base, model_dir, max_adapters=max_adapters, local_root=local_root,
                                      share_bases=share_bases)
         self.pending: queue.Queue[Job] = queue.Queue()
-        self.active = 0
+        self.active = 0  # admitted requests not yet closed
+        self.cancelled = 0  # requests stopped early because their client went away
         self._count_lock = threading.Lock()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = base.generation_config.eos_token_id
@@ -203,6 +217,12 @@ class Engine:
                     jobs.append(self.pending.get(timeout=0.005))
                 except queue.Empty:
                     break
+            for j in [j for j in jobs if j.cancelled]:  # abandoned while queued: never decoded
+                j.done, j.finish_reason = True, "cancelled"
+                self._close(j, None)
+            jobs = [j for j in jobs if not j.closed]
+            if not jobs:
+                continue
             groups: OrderedDict[Sampling, list[Job]] = OrderedDict()
             for j in jobs:
                 groups.setdefault(j.sampling, []).append(j)
@@ -212,10 +232,22 @@ class Engine:
                 except Exception as e:  # never let one batch kill the server
                     log.exception("generation failed")
                     for j in group:
-                        if not j.done:
-                            j.done = True
+                        if not j.closed:
+                            j.done = j.closed = True
                             j.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
                             j.release()
+
+    def _close(self, job: Job, seed: int | None) -> None:
+        """Deliver the row's "done" event and release its slot, once."""
+        if job.closed:
+            return
+        job.closed = True
+        if job.finish_reason == "cancelled":
+            with self._count_lock:
+                self.cancelled += 1
+        job.emit("done", {"finish_reason": job.finish_reason, "prompt_tokens": len(job.prompt_ids),
+                          "generated_tokens": len(job.tokens), "seed": seed})
+        job.release()
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job], sampling: Sampling) -> None:
@@ -226,12 +258,13 @@ class Engine:
             ids[row, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
             mask[row, width - len(j.prompt_ids):] = 1
         capture = _Capture()
-        rows = _Rows(jobs, self.tokenizer, capture, self.eos_ids, self.special_ids)
         kwargs = sampling.generate_kwargs()
         seed = sampling.seed
         if sampling.do_sample:
             seed = seed if seed is not None else random.randrange(2**31)
             torch.manual_seed(seed)
+        shown_seed = seed if sampling.do_sample else None
+        rows = _Rows(jobs, self.tokenizer, capture, self.eos_ids, self.special_ids, lambda j: self._close(j, shown_seed))
         with self.lock:
             model, names = self.adapters.model_for([j.adapter for j in jobs])
             extra = {"adapter_names": names} if names is not None else {}
@@ -242,7 +275,7 @@ class Engine:
                 logits_processor=[capture], **kwargs, **extra,
             )
         for j in jobs:
+            if j.cancelled and not j.closed:
+                j.finish_reason = "cancelled"
             j.done = True
-            j.emit("done", {"finish_reason": j.finish_reason, "prompt_tokens": len(j.prompt_ids),
-                            "generated_tokens": len(j.tokens), "seed": seed if sampling.do_sample else None})
-            j.release()
+            self._close(j, shown_seed)
