@@ -138,23 +138,31 @@ def load_bundle(folder: str | Path) -> Bundle:
     try:
         header = json.loads((folder / BUNDLE_HEADER).read_text())
         tensors = load_file(str(folder / BUNDLE_WEIGHTS))
-    except FileNotFoundError as e:
-        raise BundleError(f"{folder} is not a soppu bundle (missing {Path(e.filename).name}); point at the bundle folder") from None
+    except FileNotFoundError:
+        missing = next(n for n in (BUNDLE_HEADER, BUNDLE_WEIGHTS) if not (folder / n).is_file())
+        raise BundleError(f"{folder} is not a soppu bundle (missing {missing}); point at the bundle folder") from None
     except Exception as e:
         raise BundleError(f"{folder}: bundle cannot be read ({type(e).__name__}: {e}); download it again") from None
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise BundleError(f"{folder}: not a {FORMAT} v{VERSION} bundle; upgrade soppu-hub")
-    adapters = sorted(header["adapters"], key=lambda a: a["index"])
-    bundle = Bundle(header["method"], [a["name"] for a in adapters], [a["peft_config"] for a in adapters])
-    for name, meta in header["modules"].items():
+    try:
+        adapters = sorted(header["adapters"], key=lambda a: a["index"])
+        bundle = Bundle(header["method"], [a["name"] for a in adapters], [a["peft_config"] for a in adapters])
+        modules = header["modules"].items()
+    except (KeyError, TypeError, AttributeError):
+        raise BundleError(f"{folder}: {BUNDLE_HEADER} is incomplete; download or write the bundle again") from None
+    for name, meta in modules:
         try:
             cores = tensors[f"{name}.cores"]
-            bundle.modules[name] = ModuleBasis(
-                tensors[f"{name}.U"], tensors[f"{name}.V"], {i: cores[j] for j, i in enumerate(meta["adapters"])},
-                meta.get("kind", LINEAR),
-            )
-        except (KeyError, IndexError):
+            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], {i: cores[j] for j, i in enumerate(meta["adapters"])},
+                             meta.get("kind", LINEAR))
+        except (KeyError, IndexError, TypeError):
             raise BundleError(f"{folder}: tensors for module {name} are missing; the bundle is incomplete") from None
+        r = mb.rank
+        if mb.V.shape[1] != r or any(c.shape not in ((r, r), (r,)) for c in mb.cores.values()):
+            raise BundleError(f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of shape "
+                              f"{tuple(cores.shape[1:])}; the bundle is corrupt, write it again")
+        bundle.modules[name] = mb
     return bundle
 
 

@@ -47,12 +47,21 @@ class JobResult:
 
 
 def unique_names(names: list[str]) -> list[str]:
-    """Make output names distinct in input order: a, a-2, a-3."""
-    seen: dict[str, int] = {}
-    out = []
+    """Make output names distinct in input order (a, a-2, a-3), ignoring case as the Hub and some file systems do,
+    and never colliding with a later input's own name."""
+    from collections import Counter
+
+    counts = Counter(names)
+    reserved = {n.lower() for n in names if counts[n] == 1}
+    out: list[str] = []
+    used: set[str] = set()
     for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+        candidate, k = n, 1
+        while candidate.lower() in used or (candidate != n and candidate.lower() in reserved):
+            k += 1
+            candidate = f"{n}-{k}"
+        out.append(candidate)
+        used.add(candidate.lower())
     return out
 
 

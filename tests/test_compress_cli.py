@@ -134,39 +134,44 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "soppu_hub", *args], capture_output=True, text=True)
 
 
-def test_incompatible_adapters_are_refused_and_nothing_is_written(tmp_path, sample_adapters):
-    other_base = write_adapter(tmp_path / "other", synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
-                               base_model="someone/else", rank=8, alpha=8)
-    out = tmp_path / "out"
-    res = _cli("compress", str(sample_adapters[0]), str(other_base), "--rank", "4", "--out", str(out), "--no-push")
-    assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0 and "different base models" in res.stderr
-    assert not out.exists() and list(tmp_path.glob(".out*")) == []
-
-    wide = write_adapter(tmp_path / "wide", synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
-                         base_model=json.loads((sample_adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"],
-                         rank=8, alpha=8)
-    res = _cli("compress", str(sample_adapters[0]), str(wide), "--rank", "4", "--out", str(out), "--no-push")
-    assert res.returncode == 2 and "not for the same architecture" in res.stderr and not out.exists()
-
-
-def test_bad_input_one_line_errors(tmp_path, sample_adapters):
-    out = tmp_path / "out"
-    for args, expected in [
-        ((str(tmp_path / "missing"),), "not an existing folder and not a Hub repo id"),
-        ((str(sample_adapters[0]), "--rank", "0"), "--rank must be a positive integer"),
-    ]:
-        res = _cli("compress", *args, "--out", str(out), "--no-push")
-        assert res.returncode == 2 and expected in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
-        assert not out.exists()
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    res = _cli("compress", str(sample_adapters[0]), "--out", str(out), "--no-push")
-    assert res.returncode == 2 and "already exists" in res.stderr and (out / "keep.txt").read_text() == "mine"
-
-
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
     res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"), "--no-push")
     assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
     res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push")
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["a", "b"], ["a", "b"]),
+    (["a", "a", "a"], ["a", "a-2", "a-3"]),
+    (["a", "a", "a-2"], ["a", "a-3", "a-2"]),  # a later input's own name is never taken by a suffix
+    (["a-2", "a", "a"], ["a-2", "a", "a-3"]),
+    (["Lora", "lora"], ["Lora", "lora-2"]),  # repo names on the Hub are case-insensitive
+])
+def test_unique_names_are_distinct_ignoring_case(names, expected):
+    from soppu_hub.job import unique_names
+
+    out = unique_names(names)
+    assert out == expected and len({o.lower() for o in out}) == len(out)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["compress", "a/b", "--token", "hf_secret", "--rank", "4"], "soppu-hub compress a/b --rank 4"),
+    (["compress", "a/b", "--token=hf_secret"], "soppu-hub compress a/b"),
+    (["compress", "--token", "hf_secret", "my lora"], "soppu-hub compress 'my lora'"),
+])
+def test_recorded_command_never_holds_the_token(argv, expected):
+    from soppu_hub.cli import _command_line
+
+    assert _command_line(argv) == expected
+
+
+def test_token_given_on_the_command_line_is_in_no_written_file(tmp_path, sample_adapters):
+    out = tmp_path / "out"
+    secret = "hf_cmdline_secret_42"
+    assert main(["compress", *map(str, sample_adapters), "--rank", "4", "--out", str(out), "--quiet", "--no-push",
+                 "--token", secret]) == 0
+    card = (out / sample_adapters[0].name / "README.md").read_text()
+    assert "soppu-hub compress" in card and "--rank 4 --out" in card  # the command is recorded, without the token
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 5 and not [p for p in files if secret.encode() in p.read_bytes()]

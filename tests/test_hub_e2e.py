@@ -95,38 +95,6 @@ def test_rerun_adds_one_commit_and_private_push(hub, pushed, tmp_path):
         HfApi(token=False).model_info("acme/private-support")
 
 
-def test_refusals_before_any_work(hub, tmp_path):
-    api = HfApi(token=USERS["alice"])
-    err = one_line_error(cli(hub.adapters[0], "--namespace", "bob"))
-    assert "cannot write to the namespace 'bob'" in err
-    assert not api.repo_exists("bob/support-bot-soppu")
-    err = one_line_error(cli(hub.adapters[0], token=None))
-    assert "needs a Hub token" in err
-    err = one_line_error(cli(hub.adapters[0], token="hf_test_wrong"))
-    assert "token was refused" in err
-    err = one_line_error(cli(*hub.adapters, "--push-to", "alice/x"))
-    assert "--push-to names one repo" in err
-
-
-def test_pull_errors_are_one_line_and_push_nothing(hub, tmp_path):
-    alice = HfApi(token=USERS["alice"])
-    alice.create_repo("alice/data", repo_type="dataset", exist_ok=True)
-    alice.create_repo("alice/secret-lora", private=True, exist_ok=True)
-    cases = [
-        ("alice/does-not-exist", "repo not found"),
-        ("alice/data", "is a dataset repo"),
-        ("soppu-samples/tiny-llama", "a full model"),
-        ("alice/support-bot@no-such-branch", "revision 'no-such-branch' does not exist"),
-        ("not a repo", "not an existing folder and not a Hub repo id"),
-    ]
-    for source, expected in cases:
-        err = one_line_error(cli(source, "--no-push", "--out", str(tmp_path / "out")))
-        assert expected in err, err
-        assert not (tmp_path / "out").exists()
-    err = one_line_error(cli("alice/secret-lora", "--no-push", "--out", str(tmp_path / "out"), token=USERS["bob"]))
-    assert "repo not found, or private" in err
-
-
 def test_failed_run_pushes_nothing(hub, pushed, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -56,6 +56,13 @@ def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: i
             raise StoreError(status, "RepoNotFound", f"Repository not found: {repo_id}")
         return meta
 
+    def readable_files(request: Request, kind: str, repo_id: str) -> dict:
+        """visible(), and for a gated repo also a user with access (here: its owners; access requests do not exist)."""
+        meta = visible(request, kind, repo_id)
+        if meta.get("gated") and not auth.can_write(auth.user(request), repo_id.split("/")[0]):
+            raise StoreError(403, "GatedRepo", f"Access to model {repo_id} is restricted; you must be granted access")
+        return meta
+
     def writable(request: Request, kind: str, repo_id: str) -> str:
         user = auth.user(request)
         if user is None:
@@ -86,7 +93,7 @@ def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: i
         tags = list(card.get("tags") or []) if card else []
         info = {
             "_id": repo_id, "id": repo_id, "author": repo_id.split("/")[0], "sha": oid, "private": meta["private"],
-            "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": tags, "cardData": card,
+            "disabled": False, "gated": meta.get("gated", False), "downloads": 0, "likes": 0, "tags": tags, "cardData": card,
             "createdAt": meta["created"], "lastModified": store.commit_info(kind, repo_id, oid)["date"],
             "siblings": [{"rfilename": p} for p in sorted(files)],
         }
@@ -124,6 +131,22 @@ def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: i
         if not store.create_repo(kind, repo_id, private):
             return JSONResponse({"error": "You already created this repo", "url": url}, status_code=409)
         return {"url": url, "name": repo_id}
+
+    @app.put("/api/{kinds}/{ns}/{name}/settings")
+    async def settings(kinds: str, ns: str, name: str, request: Request):
+        kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"
+        writable(request, kind, repo_id)
+        body, changes = await json_object(request), {}
+        if "gated" in body:
+            if body["gated"] not in ("auto", "manual", False):
+                return _error(400, "BadRequest", "gated must be 'auto', 'manual' or false")
+            changes["gated"] = body["gated"]
+        if "private" in body:
+            if not isinstance(body["private"], bool):
+                return _error(400, "BadRequest", "private must be true or false")
+            changes["private"] = body["private"]
+        store.update_meta(kind, repo_id, **changes)
+        return {}
 
     @app.post("/api/validate-yaml")
     async def validate_yaml():
@@ -265,7 +288,7 @@ def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: i
 
     # --- download ------------------------------------------------------------------------------
     async def resolve_file(kind: str, repo_id: str, revision: str, path: str, request: Request):
-        visible(request, kind, repo_id)
+        readable_files(request, kind, repo_id)
         oid = store.resolve(kind, repo_id, revision)
         entry = store.files(kind, repo_id, oid).get(check_path(path))
         if entry is None:

@@ -129,6 +129,14 @@ class Store:
             self._write_commit(repo_type, repo_id, None, "initial commit", files)
             return True
 
+    def update_meta(self, repo_type: str, repo_id: str, **changes) -> dict:
+        """Change repo settings (private, gated) in place; the repo must exist."""
+        with self.lock:
+            path = self._repo_dir(repo_type, repo_id) / "repo.json"
+            meta = json.loads(path.read_text()) | changes
+            _atomic_write(path, json.dumps(meta).encode())
+            return meta
+
     def list_repos(self, repo_type: str) -> list[str]:
         base = self.root / "repos" / repo_type
         if not base.is_dir():
