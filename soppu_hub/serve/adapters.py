@@ -41,6 +41,7 @@ class AdapterStore:
         self._meta = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._counter = 0
+        self._memory: dict = {"resident_lora_params": 0, "shared_bases": {}}
 
     # --- resolving -------------------------------------------------------------------------------
     def _folder(self, adapter_id: str, source: str, api_token: str | None) -> Path:
@@ -113,6 +114,7 @@ class AdapterStore:
                 try:
                     with self.engine.lock:
                         self._load(folder, name)
+                        self._measure()
                 except Exception as e:
                     raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.engine.model_id}: "
                                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -160,6 +162,7 @@ class AdapterStore:
                     self.peft.delete_adapter(name)
                     if self.shared is not None:
                         self.shared.release(name)
+                self._measure()
 
     def model_for(self, names: list[str]):
         """(model, adapter_names for generate or None when the batch needs no adapter)."""
@@ -171,10 +174,14 @@ class AdapterStore:
         with self._meta:
             return [f"{s}:{a}" for s, a in self.loaded]
 
-    def memory(self) -> dict:
-        """Resident LoRA parameters (shared tensors once) and the shared bases in use."""
+    def _measure(self) -> None:
+        """Recount resident LoRA memory; called with the engine lock held, right after a load or an eviction."""
         from .shared import resident_lora_params
 
-        with self.engine.lock:
-            return {"resident_lora_params": resident_lora_params(self.peft),
-                    "shared_bases": self.shared.summary() if self.shared is not None else {}}
+        self._memory = {"resident_lora_params": resident_lora_params(self.peft),
+                        "shared_bases": self.shared.summary() if self.shared is not None else {}}
+
+    def memory(self) -> dict:
+        """Resident LoRA parameters (shared tensors once) and the shared bases in use, as of the last load or
+        eviction: /info must answer while a batch holds the model, so it does not take the engine lock."""
+        return dict(self._memory)

@@ -210,7 +210,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def body_of(request: Request) -> dict:
         try:
             body = await request.json()
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8 at all
             raise ValidationFailed("request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ValidationFailed("request body must be a JSON object")
