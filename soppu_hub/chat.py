@@ -50,6 +50,9 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     if isinstance(e, (le.OverloadedError, le.RateLimitExceededError)):
         return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
     if isinstance(e, (le.ValidationError, le.UnprocessableEntityError, le.BadRequestError)):
+        if "`inputs` must have less than" in detail:  # LoRAX's wording for a prompt over max_input_length
+            return ChatError(f"the conversation is too long for this model; clear the chat or send a shorter message "
+                             f"({detail.split('`inputs` ', 1)[1]})")
         return ChatError(f"the backend rejected the request: {detail}")
     if isinstance(e, (le.ShardNotReadyError, le.ShardTimeoutError)):
         return ChatError(f"the backend is not ready: {detail}")

@@ -92,6 +92,9 @@ def stream_reply(client: ChatClient, message: str, history: list | None, adapter
                  system_prompt: str | None = None, temperature: float = 0.0, max_new_tokens: int = 64,
                  max_new_tokens_cap: int = 256) -> Iterator[str]:
     """Yield the reply so far (cumulative) as tokens arrive; errors become one readable line in the chat."""
+    if not isinstance(message, str) or not message.strip():
+        yield "⚠️ type a message first"
+        return
     messages = history_to_messages(history) + [{"role": "user", "content": message}]
     settings = GenerationSettings(max_new_tokens=max(1, min(int(max_new_tokens), max_new_tokens_cap)),
                                   temperature=temperature or None)

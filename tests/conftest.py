@@ -99,3 +99,15 @@ def backend(hub, pushed, local_adapters):
         yield child.url
     finally:
         child.stop()
+
+
+@pytest.fixture(scope="session")
+def space(backend):
+    """`python space/app.py` as a real process against the session's backend; adapters listed for alice."""
+    from soppu_hub.launch import start_space
+
+    child = start_space(dict(os.environ, LORAX_URL=backend, SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="32"))
+    try:
+        yield child.url
+    finally:
+        child.stop()

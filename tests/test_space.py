@@ -1,6 +1,5 @@
 """The Space as a person and a program meet it: gradio_client on the `chat` endpoint, a real headless Chromium."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ pytestmark = pytest.mark.e2e  # real servers over loopback
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def space(backend):
-    from soppu_hub.launch import start_space
-
-    child = start_space(dict(os.environ, LORAX_URL=backend, SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="32"))
-    try:
-        yield child.url
-    finally:
-        child.stop()
 
 
 def test_repo_id_validation_and_history_blocks():
@@ -98,5 +86,10 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             picker.press("Enter")
             send("Anyone there?")
             expect(page.locator("#chat-adapter")).to_contain_text("could not run adapter alice/no-such-adapter")
+            # a path typed as the adapter: one line in the chat, and the page goes on working
+            picker.fill("/etc/passwd")
+            picker.press("Enter")
+            send("And now?")
+            expect(page.locator("#chat-adapter")).to_contain_text("not a Hub repo id")
         finally:
             browser.close()
