@@ -71,7 +71,7 @@ def pushed(hub, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "out"
     env = dict(os.environ, HF_TOKEN=USERS["alice"])
     res = subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *hub.adapters, "--rank", "8", "--out", str(out)],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     return out
 

@@ -131,7 +131,7 @@ def test_fan_in_fan_out_gpt2_outputs_survive_compression(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "soppu_hub", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "soppu_hub", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):

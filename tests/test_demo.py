@@ -37,7 +37,8 @@ def test_demo_runs_the_whole_chain(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
-    res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 2 and "was not made by the demo" in res.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
 

@@ -23,7 +23,8 @@ def cli(*args, token: str | None = USERS["alice"]):
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
 
 
 def one_line_error(res) -> str:
@@ -160,7 +161,8 @@ def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch)
 
 def test_network_failure_stops_cleanly(tmp_path):
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=USERS["alice"], HF_HOME=str(tmp_path / "hf"))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *a], capture_output=True, text=True,  # noqa: E731
+                                  env=env, timeout=600)
     err = one_line_error(run("alice/support-bot", "--no-push", "--out", str(tmp_path / "out")))
     assert "cannot reach the Hub at http://127.0.0.1:9" in err and not (tmp_path / "out").exists()
     err = one_line_error(run("alice/support-bot"))
