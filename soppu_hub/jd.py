@@ -12,6 +12,11 @@ Why it looks the way it does:
 - The column space of every W_i lies in span(B_1..B_n) and the row space in span(A_1..A_n), so when
   K = n * k is smaller than m (or d) we QR the stacked factors once and solve an exact K-sized problem,
   then lift the bases back. For n = 1 this is the exact truncated SVD.
+- With many adapters (n * k past EXACT_MAX_K) the K-sized eigenproblem costs (n k)^3 per step, so the
+  solver switches to block subspace iteration through the factors: each half-step multiplies the
+  current basis by the weighted Gram once (two passes over the factors, linear in n) and solves the
+  Rayleigh-Ritz problem in span(current basis, Gram @ basis), a 2r x 2r eigh. The current basis lies in
+  that span, so the objective still never decreases; warm starts carry across steps.
 - All module positions of one shape are a leading batch dimension: one batched QR / eigh / matmul per
   step instead of a Python loop over layers. The same code runs on CPU and CUDA.
 - JD-Full alternates exact maximisers (top eigenvectors of the weighted Grams), so the objective is
@@ -29,6 +34,8 @@ import torch
 Tensor = torch.Tensor
 
 METHODS = ("full", "diag")
+SOLVERS = ("auto", "exact", "subspace")
+EXACT_MAX_K = 512  # n * k above which "auto" uses subspace iteration (the exact eigh grows like (n k)^3)
 
 
 @dataclass
@@ -144,6 +151,7 @@ def joint_diagonalize(
     tol: float = 1e-6,
     max_iter: int = 200,
     dtype: torch.dtype = torch.float32,
+    solver: str = "auto",
 ) -> JDResult:
     """Jointly compress n adapters over a batch of L same-shaped module positions.
 
@@ -153,10 +161,14 @@ def joint_diagonalize(
     unweighted objective) or a tensor broadcastable to (L, n).
 
     The shared rank is min(rank, m', d') where m', d' are the dimensions after reduction (at most
-    n * k): beyond that every adapter is already represented exactly.
+    n * k): beyond that every adapter is already represented exactly. `solver` "exact" solves each
+    half-step's eigenproblem in the QR-reduced space, "subspace" by one Rayleigh-Ritz step through the
+    factors (cost linear in n), "auto" takes "exact" while n * k <= EXACT_MAX_K.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}")
     if B.dim() != 4 or A.dim() != 4 or B.shape[:2] != A.shape[:2] or B.shape[-1] != A.shape[-2]:
         raise ValueError(f"expected B (L, n, m, k) and A (L, n, k, d), got {tuple(B.shape)} and {tuple(A.shape)}")
     if rank < 1:
@@ -165,6 +177,16 @@ def joint_diagonalize(
     sq_norms = delta_sq_norms(B, A)
     w = _resolve_weights(weights, sq_norms, dtype)
     Bc, Ac = B.to(dtype), A.to(dtype)
+    L, n, m, k = B.shape
+    d = A.shape[-1]
+    r = min(rank, n * k, m, d)
+    if solver == "subspace" or (solver == "auto" and n * k > EXACT_MAX_K):
+        if 2 * r <= min(m, d):
+            U, V, iterations, converged = _subspace_full(Bc, Ac, w, r, tol, max_iter)
+            if method == "diag":
+                U, V, it2, converged = _refine_diag(Bc, Ac, U, V, w, tol, max_iter)
+                iterations += it2
+            return _finish(B, A, Bc, Ac, U, V, sq_norms, iterations, converged, method)
     QB, Bs = _reduce(Bc)
     QA, AsT = _reduce(Ac.mT)
     As = AsT.mT  # (L, n, k, d')
@@ -203,11 +225,66 @@ def joint_diagonalize(
         U = QB @ U
     if QA is not None:
         V = QA @ V
+    return _finish(B, A, Bc, Ac, U, V, sq_norms, iterations, converged, method)
+
+
+def _finish(B: Tensor, A: Tensor, Bc: Tensor, Ac: Tensor, U: Tensor, V: Tensor, sq_norms: Tensor, iterations: int,
+            converged: bool, method: str) -> JDResult:
     core = (U.mT.unsqueeze(1) @ Bc) @ (Ac @ V.unsqueeze(1))  # (L, n, r, r) = U^T W_i V
     cores = torch.diagonal(core, dim1=-2, dim2=-1).contiguous() if method == "diag" else core
     dense = torch.diag_embed(cores) if method == "diag" else cores
     sq_errors = reconstruction_sq_errors(B, A, U, V, dense)
     return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method)
+
+
+def _ritz(X: Tensor, P: Tensor, w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz for max tr(Q^T G Q), G = sum_i w_i F_i F_i^T with F_i = X^T W_i Y (rows of P, (L, n, 2r, r)).
+
+    Returns (X @ Q, Q, sum of the top r Ritz values) with Q the top-r eigenvectors of the 2r x 2r G."""
+    G = (w[..., None, None] * (P @ P.mT)).sum(1)
+    Q, top = _top_eigvecs(G, r)
+    return X @ Q, Q, top
+
+
+def _sketch(F: Tensor, r: int) -> Tensor:
+    """Deterministic start: an orthonormal basis of F^T @ Omega for a fixed-seed Gaussian Omega (drawn on the CPU,
+    so CPU and CUDA start alike). F: (L, n*k, p) stacked factors; returns (L, p, r)."""
+    g = torch.Generator().manual_seed(0)
+    omega = torch.randn(F.shape[0], F.shape[1], r, generator=g, dtype=torch.float64).to(F.device, F.dtype)
+    return torch.linalg.qr(F.mT @ omega, mode="reduced")[0]
+
+
+def _subspace_full(B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int, bool]:
+    """JD-Full bases by block subspace iteration through the factors; every product is linear in n.
+
+    With C_i = B_i^T U and Z_i = A_i V (k x r each), the U half-step forms G_U U = sum_i w_i B_i Z_i Z_i^T C_i,
+    takes X = orth[U, G_U U] and keeps the best r-dimensional subspace of span(X) (Rayleigh-Ritz); the V
+    half-step mirrors it. C_i and Z_i for the new bases come out of the projections already made.
+    """
+    L, n, m, k = B.shape
+    Bt = B.mT.reshape(L, n * k, m)  # stacked B_i^T, one copy: each pass is one large matmul
+    Af = A.reshape(L, n * k, A.shape[-1])  # stacked A_i, a view
+    wk = w[..., None, None]
+    U, V = _sketch(Bt, r), _sketch(Af, r)
+    C = (Bt @ U).reshape(L, n, k, r)
+    Z = (Af @ V).reshape(L, n, k, r)
+    prev, converged, it = None, False, 0
+    for it in range(1, max_iter + 1):
+        T = (wk * (Z @ (Z.mT @ C))).reshape(L, n * k, r)
+        X = torch.linalg.qr(torch.cat([U, Bt.mT @ T], dim=-1), mode="reduced")[0]  # (L, m, 2r)
+        E = (Bt @ X).reshape(L, n, k, 2 * r)  # B_i^T X
+        U, Q, _ = _ritz(X, E.mT @ Z, w, r)
+        C = E @ Q.unsqueeze(1)  # B_i^T U for the new U
+        T = (wk * (C @ (C.mT @ Z))).reshape(L, n * k, r)
+        Y = torch.linalg.qr(torch.cat([V, Af.mT @ T], dim=-1), mode="reduced")[0]  # (L, d, 2r)
+        E = (Af @ Y).reshape(L, n, k, 2 * r)  # A_i Y
+        V, Q, obj = _ritz(Y, E.mT @ C, w, r)
+        Z = E @ Q.unsqueeze(1)  # A_i V for the new V
+        if prev is not None and bool(((obj - prev).abs() <= tol * obj.abs().clamp_min(1e-30)).all()):
+            converged = True
+            break
+        prev = obj
+    return U, V, it, converged
 
 
 def _refine_diag(

@@ -148,3 +148,62 @@ def test_reconstruction_error_formula_is_exact_for_non_orthonormal_bases():
     S = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
     dense = ((B @ A) - U.unsqueeze(1) @ S @ V.unsqueeze(1).mT).flatten(-2).pow(2).sum(-1)
     torch.testing.assert_close(reconstruction_sq_errors(B, A, U, V, S), dense)
+
+
+def planted(L, n, m, d, k, shared, seed=0, noise=0.05, dtype=torch.float64):
+    """Adapters whose deltas share a `shared`-dimensional column and row space, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    Us = torch.linalg.qr(torch.randn(m, shared, generator=g, dtype=dtype))[0]
+    Vs = torch.linalg.qr(torch.randn(d, shared, generator=g, dtype=dtype))[0]
+    B = Us @ torch.randn(L, n, shared, k, generator=g, dtype=dtype) + noise * torch.randn(L, n, m, k, generator=g, dtype=dtype)
+    A = torch.randn(L, n, k, shared, generator=g, dtype=dtype) @ Vs.T + noise * torch.randn(L, n, k, d, generator=g, dtype=dtype)
+    return B, A
+
+
+def weighted_objective(B, A, res):
+    """sum_i w_i ||U^T W_i V||^2 with w_i = 1 / ||W_i||^2: what both solvers maximise."""
+    W = B.double() @ A.double()
+    P = res.U.double().mT.unsqueeze(1) @ W @ res.V.double().unsqueeze(1)
+    return (P.pow(2).sum((-2, -1)) / W.pow(2).sum((-2, -1))).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["full", "diag"])
+@pytest.mark.parametrize("L,n,m,d,k,shared,r", [(2, 12, 60, 40, 4, 8, 6), (1, 30, 48, 64, 8, 10, 10), (3, 5, 30, 30, 6, 4, 4)])
+def test_subspace_solver_reaches_the_exact_solver_s_optimum(method, L, n, m, d, k, shared, r):
+    B, A = planted(L, n, m, d, k, shared, seed=n)
+    exact = joint_diagonalize(B, A, r, method=method, solver="exact", dtype=torch.float64, tol=1e-12, max_iter=3000)
+    sub = joint_diagonalize(B, A, r, method=method, solver="subspace", dtype=torch.float64, tol=1e-12, max_iter=3000)
+    assert exact.converged and sub.converged
+    torch.testing.assert_close(weighted_objective(B, A, sub), weighted_objective(B, A, exact), rtol=1e-6, atol=0)
+    torch.testing.assert_close(sub.rel_errors, exact.rel_errors, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sub.rel_errors, dense_rel_errors(B, A, sub), atol=1e-8, rtol=1e-8)
+    assert torch.allclose(sub.U.mT @ sub.U, torch.eye(r, dtype=torch.float64).expand(L, r, r), atol=1e-10)
+
+
+def test_subspace_solver_for_one_adapter_is_the_truncated_svd():
+    B, A = factors(2, 1, 40, 30, 12, seed=3)
+    res = joint_diagonalize(B, A, 5, solver="subspace", dtype=torch.float64, tol=1e-14, max_iter=5000)
+    s = torch.linalg.svdvals(B[:, 0] @ A[:, 0])
+    best = (s[:, 5:].pow(2).sum(-1) / s.pow(2).sum(-1)).sqrt()
+    torch.testing.assert_close(res.rel_errors[:, 0], best, atol=1e-7, rtol=1e-7)
+
+
+def test_subspace_solver_never_decreases_the_objective_and_is_deterministic():
+    B, A = planted(1, 40, 64, 64, 8, 16, seed=5, noise=0.3, dtype=torch.float32)
+    objs = [float(weighted_objective(B, A, joint_diagonalize(B, A, 8, solver="subspace", tol=0.0, max_iter=j))[0])
+            for j in range(1, 16)]
+    assert all(b >= a - 1e-5 * abs(a) for a, b in zip(objs, objs[1:])), objs
+    assert objs[-1] > objs[0]
+    a = joint_diagonalize(B, A, 8, solver="subspace")
+    b = joint_diagonalize(B, A, 8, solver="subspace")
+    assert torch.equal(a.U, b.U) and torch.equal(a.cores, b.cores)
+
+
+def test_auto_uses_the_subspace_solver_past_the_exact_size():
+    from soppu_hub.jd import EXACT_MAX_K
+
+    B, A = planted(1, EXACT_MAX_K // 4 + 1, 64, 48, 4, 6, seed=1, dtype=torch.float32)  # n * k just over the limit
+    auto = joint_diagonalize(B, A, 6)
+    assert torch.equal(auto.U, joint_diagonalize(B, A, 6, solver="subspace").U)
+    small = planted(1, 3, 64, 48, 4, 6, seed=1, dtype=torch.float32)
+    assert torch.equal(joint_diagonalize(*small, 6).U, joint_diagonalize(*small, 6, solver="exact").U)
