@@ -26,7 +26,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     choices = {"method": ["full", "diag"], "weighting": ["norm", "none"]}
     for f in dataclasses.fields(CompressConfig):
         p.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+            f"--{f.name.replace('_', '-')}", type=f.metadata.get("type", type(f.default)), default=f.default,
             choices=choices.get(f.name), help=f"{f.metadata['help']} (default: {f.default})",
         )
 

@@ -1,4 +1,5 @@
-"""Plan a joint compression: check adapters agree, batch same-shaped modules, run the kernel, keep errors."""
+"""Plan a joint compression: check adapters agree, split them into clusters, batch same-shaped modules per
+cluster, run the kernel, reassign adapters to the cluster that reconstructs them best, keep errors."""
 
 from __future__ import annotations
 
@@ -30,10 +31,23 @@ class CompressConfig:
     weighting: str = field(default="norm", metadata={"help": "norm: w_i = 1/||W_i||^2 so small adapters are kept; none: unweighted"})
     tol: float = field(default=1e-6, metadata={"help": "stop when the objective changes by less than this, relatively"})
     max_iter: int = field(default=200, metadata={"help": "iteration cap per batch of modules"})
+    clusters: str = field(default="1", metadata={
+        "help": "K: adapters split into K clusters, each with its own bases per module; auto: K chosen by the knee of "
+                "probe error against K (see README)"})
+    target_error: float | None = field(default=None, metadata={
+        "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
+                               "relative error is <= this; in (0, 1)"})
 
-    def validate(self) -> None:
+    def validate(self, n_adapters: int | None = None) -> None:
         if self.rank < 1:
             raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+        if self.clusters != "auto" and not (str(self.clusters).isdigit() and int(self.clusters) >= 1):
+            raise ValueError(f"--clusters must be a positive integer or auto, got {self.clusters!r}")
+        if n_adapters is not None and self.clusters != "auto" and int(self.clusters) > n_adapters:
+            raise ValueError(f"--clusters {self.clusters} is more than the {n_adapters} adapters given; "
+                             f"use at most {n_adapters} or auto")
+        if self.target_error is not None and not 0 < self.target_error < 1:
+            raise ValueError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.weighting not in ("norm", "none"):
@@ -51,12 +65,30 @@ class ModuleStats:
 
 @dataclass
 class Compression:
+    """The outcome: one Bundle per cluster (with its members' local order), each adapter's cluster, errors."""
+
     config: CompressConfig
     adapters: list[LoraAdapter]
-    bundle: Bundle
-    stats: dict[str, ModuleStats]
+    bundles: list[Bundle]
+    cluster_of: list[int]  # adapter index -> cluster index
+    stats: dict[str, ModuleStats]  # rel_errors keyed by global adapter index
     device: str
     seconds: float
+
+    @property
+    def bundle(self) -> Bundle:
+        """The one bundle of an unclustered run."""
+        if len(self.bundles) != 1:
+            raise ValueError("this compression has several clusters; use bundles / bundle_of()")
+        return self.bundles[0]
+
+    def bundle_of(self, i: int) -> tuple[Bundle, int]:
+        """Adapter i's cluster bundle and its index inside it."""
+        c = self.cluster_of[i]
+        return self.bundles[c], [j for j, cj in enumerate(self.cluster_of) if cj == c].index(i)
+
+    def members(self, c: int) -> list[int]:
+        return [i for i, cj in enumerate(self.cluster_of) if cj == c]
 
     @property
     def carried_params(self) -> int:
@@ -69,7 +101,7 @@ class Compression:
 
     @property
     def params_after(self) -> int:
-        return self.bundle.num_params + self.carried_params
+        return sum(b.num_params for b in self.bundles) + self.carried_params
 
 
 def check_compatible(adapters: list[LoraAdapter]) -> None:
@@ -108,49 +140,209 @@ def _device_label(device: torch.device) -> str:
 def compress(
     adapters: list[LoraAdapter], config: CompressConfig, *, progress: Progress | None = None
 ) -> Compression:
-    """Compress adapters jointly. Modules with the same (shape, adapters present, max rank) run as one batch."""
-    config.validate()
+    """Compress adapters jointly, in clusters when asked. Modules with the same (shape, adapters present, max
+    rank) run as one kernel batch."""
+    config.validate(len(adapters))
     if not adapters:
         raise ValueError("no adapters to compress")
     check_compatible(adapters)
     device = resolve_device(config.device)
     start = time.perf_counter()
+    order = _order_key(adapters)
+    modules = sorted({m for a in adapters for m in a.modules}, key=order)
 
+    labels = [0] * len(adapters)
+    if config.clusters != "1":
+        from .cluster import kmeans, normalise
+
+        sig = normalise(_signatures(adapters, modules))
+        k = _auto_k(adapters, modules, sig, config, device) if config.clusters == "auto" else int(config.clusters)
+        labels = kmeans(sig, k).tolist()
+    tracker = _Progress(progress, len(modules))
+    bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
+    for _ in range(REASSIGN_ROUNDS if len(bundles) > 1 else 0):
+        new = _reassign(adapters, bundles, labels, modules, device)
+        if new == labels:
+            break
+        labels = new
+        tracker.extra(len(modules))
+        bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
+    if config.target_error is not None:
+        for c, bundle in enumerate(bundles):
+            _truncate_to_target(bundle, [i for i, lc in enumerate(labels) if lc == c], adapters, stats, config)
+    for b in bundles:
+        b.modules = {n: b.modules[n] for n in sorted(b.modules, key=order)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return Compression(config, adapters, bundles, labels, stats, _device_label(device), seconds)
+
+
+REASSIGN_ROUNDS = 2  # "each adapter to the cluster that reconstructs it best", then refit; rarely needs more
+
+
+class _Progress:
+    """Module positions done over all clusters and refits, for one progress bar."""
+
+    def __init__(self, progress: Progress | None, modules: int) -> None:
+        self.progress, self.total, self.done = progress, modules, 0
+
+    def extra(self, modules: int) -> None:
+        self.total += modules
+
+    def step(self, modules: int, share: float) -> None:
+        self.done += modules * share
+        if self.progress:
+            self.progress(min(int(self.done), self.total), self.total)
+
+
+def _fit_all(adapters: list[LoraAdapter], labels: list[int], modules: list[str], config: CompressConfig,
+             device: torch.device, tracker: _Progress) -> tuple[list[Bundle], dict[str, ModuleStats]]:
+    """One Bundle per cluster; stats merged with global adapter indices."""
+    bundles, stats = [], {}
+    n = len(adapters)
+    for c in range(max(labels) + 1):
+        members = [i for i, lc in enumerate(labels) if lc == c]
+        bundle, st = _fit(adapters, members, modules, config, device, lambda done: tracker.step(done, len(members) / n))
+        bundles.append(bundle)
+        for name, ms in st.items():
+            if name in stats:
+                stats[name].rel_errors.update(ms.rel_errors)
+                stats[name].iterations = max(stats[name].iterations, ms.iterations)
+                stats[name].converged = stats[name].converged and ms.converged
+            else:
+                stats[name] = ms
+    return bundles, stats
+
+
+def _fit(adapters: list[LoraAdapter], members: list[int], modules: list[str], config: CompressConfig,
+         device: torch.device, step: Callable[[int], None]) -> tuple[Bundle, dict[str, ModuleStats]]:
+    """JD of the member adapters (global indices) into one Bundle whose adapter i is members[i]."""
     groups: dict[tuple, list[str]] = defaultdict(list)
-    modules = sorted({m for a in adapters for m in a.modules}, key=_order_key(adapters))
     for name in modules:
-        present = tuple(i for i, a in enumerate(adapters) if name in a.modules)
-        first = adapters[present[0]].modules[name]
-        kmax = max(adapters[i].modules[name].rank for i in present)
+        present = tuple(p for p, i in enumerate(members) if name in adapters[i].modules)
+        if not present:
+            continue
+        first = adapters[members[present[0]]].modules[name]
+        kmax = max(adapters[members[p]].modules[name].rank for p in present)
         groups[(first.shape, present, kmax)].append(name)
-
-    bundle = Bundle(config.method, [a.name for a in adapters], [a.config for a in adapters])
+    bundle = Bundle(config.method, [adapters[i].name for i in members], [adapters[i].config for i in members])
     stats: dict[str, ModuleStats] = {}
-    total, done = len(modules), 0
     for ((m, d), present, kmax), names in groups.items():
         per_layer = len(present) * kmax * (m + d)
-        step = max(1, MAX_BATCH_ELEMENTS // per_layer)
-        for lo in range(0, len(names), step):
-            chunk = names[lo : lo + step]
-            B, A = _stack(adapters, chunk, present, kmax, device)
+        step_size = max(1, MAX_BATCH_ELEMENTS // per_layer)
+        glob = tuple(members[p] for p in present)
+        for lo in range(0, len(names), step_size):
+            chunk = names[lo : lo + step_size]
+            B, A = _stack(adapters, chunk, glob, kmax, device)
             res = joint_diagonalize(
                 B, A, config.rank, method=config.method, weights=config.weighting, tol=config.tol, max_iter=config.max_iter
             )
             U, V, cores, rel = res.U.cpu(), res.V.cpu(), res.cores.cpu(), res.rel_errors.cpu()
             for j, name in enumerate(chunk):
                 bundle.modules[name] = ModuleBasis(
-                    U[j].contiguous(), V[j].contiguous(), {i: cores[j, p].contiguous() for p, i in enumerate(present)},
-                    adapters[present[0]].modules[name].kind,
+                    U[j].contiguous(), V[j].contiguous(), {p: cores[j, q].contiguous() for q, p in enumerate(present)},
+                    adapters[glob[0]].modules[name].kind,
                 )
-                stats[name] = ModuleStats({i: float(rel[j, p]) for p, i in enumerate(present)}, res.iterations, res.converged)
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-    bundle.modules = {n: bundle.modules[n] for n in sorted(bundle.modules, key=_order_key(adapters))}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return Compression(config, adapters, bundle, stats, _device_label(device), seconds)
+                stats[name] = ModuleStats({i: float(rel[j, q]) for q, i in enumerate(glob)}, res.iterations, res.converged)
+            step(len(chunk))
+    return bundle, stats
+
+
+def _probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 4) -> list[str]:
+    """Up to `count` module positions every adapter has, spread over the model, cheapest shapes first."""
+    common = [m for m in modules if all(m in a.modules for a in adapters)]
+    if not common:
+        raise IncompatibleAdaptersError("--clusters needs module positions that every adapter adapts; these share none")
+    step = max(1, len(common) // count)
+    return common[::step][:count]
+
+
+def _signatures(adapters: list[LoraAdapter], modules: list[str]) -> torch.Tensor:
+    from .cluster import module_signature
+
+    parts = []
+    for name in _probe_modules(adapters, modules):
+        kmax = max(a.modules[name].rank for a in adapters)
+        B, A = _stack(adapters, [name], tuple(range(len(adapters))), kmax, torch.device("cpu"))
+        parts.append(module_signature(B[0], A[0]))
+    return torch.cat(parts, dim=1)
+
+
+def _auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, config: CompressConfig,
+            device: torch.device) -> int:
+    """--clusters auto: for K = 1 .. min(16, n // 2), k-means on the signatures, then JD of each cluster on the probe
+    modules; the mean relative error against K picks K by its knee (cluster.choose_k)."""
+    from .cluster import MAX_AUTO_K, choose_k, kmeans
+
+    n = len(adapters)
+    probes = _probe_modules(adapters, modules, count=2)
+    stacks = {}
+    for name in probes:
+        kmax = max(a.modules[name].rank for a in adapters)
+        stacks[name] = _stack(adapters, [name], tuple(range(n)), kmax, device)
+    errors: dict[int, float] = {}
+    for k in range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1):
+        labels = kmeans(sig, k)
+        total = 0.0
+        for B, A in stacks.values():
+            for c in range(k):
+                idx = (labels == c).nonzero().flatten().to(B.device)
+                res = joint_diagonalize(B[:, idx], A[:, idx], config.rank, method=config.method, weights=config.weighting,
+                                        tol=1e-4, max_iter=30)
+                total += float(res.rel_errors.sum())
+        errors[k] = total / (n * len(stacks))
+    return choose_k(errors)
+
+
+def _reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str],
+              device: torch.device) -> list[int]:
+    """Each adapter to the cluster whose bases capture most of it (mean over modules of ||U^T W V||^2 / ||W||^2)."""
+    from .cluster import captured, renumber
+
+    n = len(adapters)
+    score = torch.zeros(n, len(bundles), dtype=torch.float64)
+    counted = torch.zeros(n, dtype=torch.float64)
+    for name in modules:
+        present = tuple(i for i in range(n) if name in adapters[i].modules)
+        if any(name not in b.modules for b in bundles):
+            continue
+        kmax = max(adapters[i].modules[name].rank for i in present)
+        B, A = _stack(adapters, [name], present, kmax, device)
+        for c, b in enumerate(bundles):
+            mb = b.modules[name]
+            score[list(present), c] += captured(B[0], A[0], mb.U.to(device), mb.V.to(device)).cpu()
+        counted[list(present)] += 1
+    if not bool((counted > 0).all()):
+        return labels
+    return renumber(score.argmax(1)).tolist()
+
+
+def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraAdapter], stats: dict[str, ModuleStats],
+                        config: CompressConfig) -> None:
+    """Per module: the smallest leading rank r' <= rank at which every member's error <= target (else the full rank).
+
+    With orthonormal U, V the error of the leading r' columns is exact from the core alone:
+    ||W - U' S' V'^T||^2 = ||W||^2 - ||S[:r', :r']||^2."""
+    from .jd import delta_sq_norms
+
+    for name, mb in bundle.modules.items():
+        r = mb.rank
+        local = sorted(mb.cores)
+        norms = torch.stack([delta_sq_norms(adapters[members[p]].modules[name].B, adapters[members[p]].modules[name].A)
+                             for p in local])
+        cores = torch.stack([mb.core_matrix(p).double() for p in local])  # (n, r, r)
+        kept = torch.stack([cores[:, :j, :j].pow(2).sum((-2, -1)) for j in range(1, r + 1)], dim=1)  # (n, r)
+        rel = ((norms[:, None] - kept).clamp_min(0) / norms[:, None].clamp_min(1e-300)).sqrt()
+        rel = torch.where(norms[:, None] > 0, rel, torch.zeros_like(rel))
+        ok = (rel <= config.target_error).all(0).nonzero()
+        j = int(ok[0]) + 1 if len(ok) else r
+        if j < r:
+            bundle.modules[name] = ModuleBasis(
+                mb.U[:, :j].contiguous(), mb.V[:, :j].contiguous(),
+                {p: (c[:j] if c.dim() == 1 else c[:j, :j]).contiguous() for p, c in mb.cores.items()}, mb.kind)
+        for q, p in enumerate(local):
+            stats[name].rel_errors[members[p]] = float(rel[q, j - 1])
 
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

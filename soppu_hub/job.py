@@ -101,12 +101,17 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     """
     export = export or ExportConfig()
     dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
-    written = comp.bundle.to(dtype)
-    save_bundle(written, folder / "bundle")
+    written = [b.to(dtype) for b in comp.bundles]
+    for c, wb in enumerate(written):  # one cluster: out/bundle; several: out/bundle/cluster-<c>
+        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""))
     exports: list[ExportInfo] = []
+    local = {}
+    for i, c in enumerate(comp.cluster_of):
+        local[i] = sum(1 for cj in comp.cluster_of[:i] if cj == c)
     for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
-        exports.append(export_peft(comp.bundle, i, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype)))
-        save_bundle(written.subset(i), folder / name / BUNDLE_DIR)
+        c, j = comp.cluster_of[i], local[i]
+        exports.append(export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype)))
+        save_bundle(written[c].subset(j), folder / name / BUNDLE_DIR)
     errors = [written_rel_errors(a, e.factors) for a, e in zip(comp.adapters, exports)]
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
     report = build_report(comp, outs, exports, errors, export)
@@ -121,7 +126,7 @@ def _fetch(sources: list[Source], spec: JobSpec) -> list[Path]:
 def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
-    spec.config.validate()
+    spec.config.validate(len(spec.sources))
     spec.export.validate()
     if not spec.push and spec.out is None:
         raise SoppuError("--no-push needs --out to keep the results somewhere")

@@ -43,6 +43,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "mean_rel_error": statistics.fmean(errs.values()),
                 "max_rel_error": max(errs.values()),
                 "modules": {name: {"rel_error": e} for name, e in errs.items()},
+                "cluster": comp.cluster_of[len(adapters)],
             }
         )
     before, after = comp.params_before, comp.params_after
@@ -57,6 +58,12 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "compression_ratio": before / after,
         "export": {"dtype": str(exports[0].dtype).removeprefix("torch."), "pad": "lorax" if export.pad else "none",
                    "lorax_tp": export.lorax_tp},
+        "clusters": [
+            {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
+             "params": b.num_params, "ranks": {name: mb.rank for name, mb in b.modules.items()}}
+            for c, b in enumerate(comp.bundles)
+        ],
+        "target_error": comp.config.target_error,
         "adapters": adapters,
     }
 
@@ -69,6 +76,9 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    clusters = report.get("clusters") or []
+    if len(clusters) > 1:
+        lines.append(f"{len(clusters)} clusters of sizes {', '.join(str(c['size']) for c in clusters)}")
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "

@@ -16,8 +16,9 @@ from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adap
 from helpers import peft_deltas
 
 REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
+               "clusters", "target_error",
                "export", "adapters"}
-ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank",
+ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank", "cluster",
                 "unpadded_rank", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules"}
 
 

@@ -1,0 +1,96 @@
+"""Clustering: planted task families are found, each cluster gets its own bases, --target-error picks ranks."""
+
+import json
+
+import pytest
+import torch
+
+from soppu_hub.cli import main
+from soppu_hub.cluster import adjusted_rand_index, choose_k, kmeans
+from soppu_hub.samples import family_factors, llama_module_shapes, write_adapter
+
+SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """18 rank-4 adapters from 3 families (each family a 4-dim space per module), interleaved."""
+    root = tmp_path_factory.mktemp("families")
+    facs, fam = family_factors(SHAPES, 18, 4, families=3, noise=0.02, seed=1)
+    folders = [write_adapter(root / f"ad{i:02d}", f, base_model="tiny", rank=4, alpha=4) for i, f in enumerate(facs)]
+    return folders, fam
+
+
+def run(tmp_path, folders, *args) -> dict:
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--device", "cpu", *args]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_adjusted_rand_index_and_knee():
+    assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 2, 2]) == 1.0
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) < 0
+    assert choose_k({1: 0.9, 2: 0.5, 3: 0.1, 4: 0.09, 5: 0.085}) == 3
+    assert choose_k({1: 0.2, 2: 0.2}) == 1
+
+
+def test_kmeans_is_deterministic_and_finds_separated_groups():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 10, generator=g) * 10
+    X = torch.cat([c + torch.randn(25, 10, generator=g) for c in centres])
+    a, b = kmeans(X, 4), kmeans(X, 4)
+    assert torch.equal(a, b) and adjusted_rand_index(a.tolist(), [i // 25 for i in range(100)]) == 1.0
+
+
+@pytest.mark.parametrize("clusters", ["3", "auto"])
+def test_planted_families_are_recovered_and_fit_better_than_one_basis(tmp_path, families, clusters):
+    folders, fam = families
+    one = run(tmp_path / "one", folders, "--rank", "4")
+    many = run(tmp_path / "many", folders, "--rank", "4", "--clusters", clusters)
+    found = [a["cluster"] for a in many["adapters"]]
+    assert adjusted_rand_index(found, fam) == 1.0
+    assert [c["size"] for c in many["clusters"]] == [6, 6, 6] and len(one["clusters"]) == 1
+    worst_many = max(a["max_rel_error"] for a in many["adapters"])
+    assert worst_many < 0.1 < min(a["mean_rel_error"] for a in one["adapters"])
+
+
+def test_each_cluster_has_its_own_bases_in_every_export(tmp_path, families):
+    from soppu_hub.bundle import load_bundle
+
+    folders, fam = families
+    report = run(tmp_path, folders, "--rank", "4", "--clusters", "3")
+    out = tmp_path / "out"
+    clusters = [load_bundle(out / "bundle" / f"cluster-{c}") for c in range(3)]
+    assert sorted(len(b.adapters) for b in clusters) == [6, 6, 6]
+    for a in report["adapters"]:
+        own = load_bundle(out / a["name"] / "soppu")
+        shared = clusters[a["cluster"]]
+        assert own.adapters == [a["name"]] and a["name"] in shared.adapters
+        for name, mb in own.modules.items():
+            assert torch.equal(mb.U, shared.modules[name].U) and torch.equal(mb.V, shared.modules[name].V)
+    assert sum(c["params"] for c in report["clusters"]) + report["carried_params"] == report["params_after"]
+
+
+def test_target_error_picks_the_smallest_rank_per_module(tmp_path, families):
+    folders, _ = families
+    report = run(tmp_path, folders, "--rank", "12", "--clusters", "3", "--target-error", "0.2")
+    ranks = [r for c in report["clusters"] for r in c["ranks"].values()]
+    assert max(ranks) < 12 and min(ranks) >= 1  # a 4-dim family needs far less than 12
+    assert max(a["max_rel_error"] for a in report["adapters"]) <= 0.2 + 1e-3  # bf16/fp32 rounding of the written factors
+    tight = run(tmp_path / "tight", folders, "--rank", "12", "--clusters", "3", "--target-error", "0.001")
+    assert sum(r for c in tight["clusters"] for r in c["ranks"].values()) > sum(ranks)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--clusters", "0"], "--clusters must be a positive integer or auto"),
+    (["--clusters", "19"], "--clusters 19 is more than the 18 adapters"),
+    (["--clusters", "many"], "--clusters must be a positive integer or auto"),
+    (["--target-error", "1.5"], "--target-error must be between 0 and 1"),
+    (["--target-error", "0"], "--target-error must be between 0 and 1"),
+])
+def test_bad_cluster_flags_are_one_line_and_write_nothing(tmp_path, families, capsys, args, expected):
+    folders, _ = families
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, folders), "--out", str(out), "--no-push", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and not out.exists()
