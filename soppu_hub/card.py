@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .layout import CARD_NAME, ERRORS_PNG, PARAMS_PNG, REPORT_NAME, vllm_max_lora_rank
-from .plots import plot_errors_by_layer, plot_params
+from .layout import CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME, vllm_max_lora_rank
+from .plots import ClusterFigures, plot_ranks
 
 # soppu_hub/cards links to the repo's top-level cards/ (and is a real folder inside a built wheel)
 TEMPLATE = Path(__file__).parent / "cards" / "adapter.md"
 TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
+MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    """cards/adapter.md compiled once (compiling it per card cost more than rendering it)."""
+    import jinja2
+
+    return jinja2.Template(TEMPLATE.read_text())
+
+
+def peers(report: dict, index: int) -> list[dict]:
+    """Compact entries of up to MAX_PEERS adapters of this adapter's cluster (this one always), in run order."""
+    own = report["adapters"][index].get("cluster")
+    others = [j for j, a in enumerate(report["adapters"]) if j != index and a.get("cluster") == own][: MAX_PEERS - 1]
+    keys = ("name", "source", "output", "cluster", "params_before", "mean_rel_error", "max_rel_error", "verify")
+    return [{k: report["adapters"][j][k] for k in keys if k in report["adapters"][j]} for j in sorted([index, *others])]
+
+
+def repo_report(report: dict, index: int) -> dict:
+    """What one repo carries: the run's summary, this adapter in full, its cluster's peers in brief. Keeps a
+    thousand repos from each holding the whole run (which grows with the square of the collection)."""
+    top = {k: v for k, v in report.items() if k != "adapters"}
+    return {**top, "adapter": report["adapters"][index], "adapters": peers(report, index)}
 
 
 def _hub_url(repo_or_path: str) -> str:
@@ -35,17 +61,32 @@ def source_license(folder: Path) -> dict:
 
 
 def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, base_model: str | None, sources: list[str],
-               command: str, weighting: str, local_path: str | None = None, license: dict | None = None) -> Path:
-    """Render README.md and the PNG plots into `folder` (the repo's root).
+               command: str, weighting: str, local_path: str | None = None, license: dict | None = None,
+               figures: ClusterFigures | None = None) -> Path:
+    """Render README.md, report.json and the PNG plots into `folder` (the repo's root).
 
     `repo_id` for a pushed repo; `local_path` (absolute) for a --no-push run, whose snippets load the folder.
-    `license`: the source card's license fields; "unknown" when it states none.
+    `license`: the source card's license fields; "unknown" when it states none. `figures`: the cluster's
+    figures when many cards are written (made here otherwise).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
-    plot_errors_by_layer(report, index, folder / ERRORS_PNG)
-    plot_params(report, index, folder / PARAMS_PNG)
     own = report["adapters"][index]
+    clusters = report.get("clusters") or []
+    cluster = next((c for c in clusters if c["id"] == own.get("cluster")), None)
+    made = figures is None
+    if made:
+        figures = ClusterFigures(report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == own.get("cluster")])
+    try:
+        figures.errors(index, folder / ERRORS_PNG)
+        figures.params(index, folder / PARAMS_PNG)
+    finally:
+        if made:
+            figures.close()
+    ranks_png = None
+    if report.get("target_error") is not None and cluster is not None:
+        ranks_png = RANKS_PNG
+        plot_ranks(cluster, folder / RANKS_PNG)
     license = license or {"license": "unknown"}
     data = ModelCardData(
         **license,
@@ -55,12 +96,13 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         base_model_relation="adapter",
         soppu={"sources": sources, "method": report["method"], "rank": report["rank"],
                "compression_ratio": round(report["compression_ratio"], 4), "mean_rel_error": round(own["mean_rel_error"], 6),
-               "max_rel_error": round(own["max_rel_error"], 6), "version": __version__},
+               "max_rel_error": round(own["max_rel_error"], 6), "version": __version__,
+               "cluster": own.get("cluster", 0), "cluster_size": cluster["size"] if cluster else len(report["adapters"]),
+               "clusters": max(1, len(clusters))},
     )
-    verify = [a.get("verify") for a in report["adapters"]]
-    card = ModelCard.from_template(
-        data,
-        template_path=str(TEMPLATE),
+    listed = peers(report, index)
+    content = _template().render(
+        card_data=data.to_yaml(),
         repo_id=repo_id or own["name"],
         adapter_id=repo_id or local_path,
         adapter_source="hub" if repo_id else "local",
@@ -70,6 +112,11 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         name=own["name"],
         own=own,
         report=report,
+        n_adapters=len(report["adapters"]),
+        cluster=cluster,
+        n_clusters=max(1, len(clusters)),
+        peers=listed,
+        unlisted=(cluster["size"] if cluster else len(report["adapters"])) - len(listed),
         sources=[{"source": s, "url": _hub_url(s)} for s in sources],
         base_model=base_model or "unknown",
         base_url=_hub_url(base_model or ""),
@@ -79,10 +126,84 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         command=command,
         errors_png=ERRORS_PNG,
         params_png=PARAMS_PNG,
-        has_verify=any(verify),
-        verify_prompts=next((v["prompts"] for v in verify if v), 0),
+        ranks_png=ranks_png,
+        has_verify=any(a.get("verify") for a in listed),
+        verify_prompts=next((a["verify"]["prompts"] for a in listed if a.get("verify")), 0),
     )
     path = folder / CARD_NAME
-    card.save(path)
-    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    path.write_text(content)
+    (folder / REPORT_NAME).write_text(json.dumps(repo_report(report, index), indent=2))
     return path
+
+
+@dataclass
+class CardJob:
+    """One card to write, everything but the report (which a worker receives once)."""
+
+    folder: Path
+    index: int
+    repo_id: str | None
+    base_model: str | None
+    sources: list[str]
+    command: str
+    weighting: str
+    local_path: str | None
+    license: dict
+
+
+_REPORT: dict = {}
+
+
+def _init_worker(report: dict) -> None:
+    _REPORT["report"] = report
+
+
+def _write_cluster_chunk(jobs: list[CardJob], report: dict | None = None) -> int:
+    """Cards of adapters of one cluster on one set of figures; in a worker process the report came at start-up."""
+    report = report if report is not None else _REPORT["report"]
+    cluster = report["adapters"][jobs[0].index].get("cluster")
+    figures = ClusterFigures(report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == cluster])
+    try:
+        for job in jobs:
+            write_card(job.folder, report, job.index, repo_id=job.repo_id, base_model=job.base_model, sources=job.sources,
+                       command=job.command, weighting=job.weighting, local_path=job.local_path, license=job.license,
+                       figures=figures)
+    finally:
+        figures.close()
+    return len(jobs)
+
+
+PARALLEL_CARDS = 64  # below this many cards, worker start-up costs more than it saves
+
+
+def write_cards(jobs: list[CardJob], report: dict, *, workers: int = 1, progress=None) -> None:
+    """All cards, cluster by cluster; with many cards and workers > 1, in worker processes (spawned, so no
+    torch state is forked), each drawing a share of a cluster on figures it builds once."""
+    import math
+    import os
+
+    chunks: list[list[CardJob]] = []
+    by_cluster: dict[object, list[CardJob]] = {}
+    for job in jobs:
+        by_cluster.setdefault(report["adapters"][job.index].get("cluster"), []).append(job)
+    workers = max(1, min(workers, os.cpu_count() or 1))
+    parallel = workers > 1 and len(jobs) >= PARALLEL_CARDS
+    for members in by_cluster.values():
+        size = math.ceil(len(members) / workers) if parallel else len(members)
+        chunks += [members[i : i + max(size, 16)] for i in range(0, len(members), max(size, 16))]
+    done = 0
+    if not parallel:
+        for chunk in chunks:
+            done += _write_cluster_chunk(chunk, report)
+            if progress:
+                progress(done, len(jobs))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(report,)) as pool:
+        for n in pool.map(_write_cluster_chunk, chunks):
+            done += n
+            if progress:
+                progress(done, len(jobs))

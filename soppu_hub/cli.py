@@ -86,14 +86,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
         push_to=args.push_to, namespace=args.namespace, private=args.private, revision=args.revision,
         token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
-        command=_command_line(args.argv),
+        command=_command_line(args.argv), workers=args.workers,
     )
-    bar = _ProgressBar("compressing", "module")
+    bar, cards = _ProgressBar("compressing", "module"), _ProgressBar("cards", "card")
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
-        result = run_job(spec, progress=None if args.quiet else bar, log=log)
+        result = run_job(spec, progress=None if args.quiet else bar, log=log, cards_progress=None if args.quiet else cards)
     finally:
         bar.close()
+        cards.close()
     if not args.quiet:
         print(format_table(result.report))
         if result.out:
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="functional check: next-token agreement and KL with the base model")
     p.add_argument("--base-model", help="base model folder or repo id for --verify (default: from the adapter config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads, pushes and card-drawing processes (default 8)")
     _add_config_args(p)
     _add_export_args(p)
     p.set_defaults(func=cmd_compress)

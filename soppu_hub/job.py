@@ -37,6 +37,7 @@ class JobSpec:
     verify: bool = field(default=False, metadata={"help": "run the functional check with the base model"})
     base_model: str | None = field(default=None, metadata={"help": "base model for --verify (default: from the adapter config)"})
     command: str = "soppu-hub compress"
+    workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
 
 @dataclass
@@ -123,7 +124,8 @@ def _fetch(sources: list[Source], spec: JobSpec) -> list[Path]:
     return [s.path if s.path else download_adapter(s.repo_id, revision=s.revision, token=spec.token) for s in sources]
 
 
-def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None) -> JobResult:
+def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
+            cards_progress: Progress | None = None) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
     spec.config.validate(len(spec.sources))
@@ -161,7 +163,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             for entry, v in zip(report["adapters"], verify_adapters(base, folders, [tmp / n for n in names], token=spec.token)):
                 entry["verify"] = v
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        _write_cards(tmp, report, names, targets, adapters, folders, spec)
+        _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report
         if out is None:  # push straight from the temp folder
             result.pushed = push_all(tmp, names, targets, spec, log)
@@ -171,14 +173,13 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
 
 
 def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
-                 spec: JobSpec) -> None:
-    from .card import source_license, write_card
+                 spec: JobSpec, progress: Progress | None = None) -> None:
+    from .card import CardJob, source_license, write_cards
 
-    for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources)):
-        local = None if spec.push else str(Path(spec.out).resolve() / name)
-        write_card(folder / name, report, i, repo_id=target if spec.push else None, local_path=local,
-                   base_model=adapter.base_model, sources=[adapter.source], command=spec.command,
-                   weighting=spec.config.weighting, license=source_license(src))
+    jobs = [CardJob(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
+                    spec.config.weighting, None if spec.push else str(Path(spec.out).resolve() / name), source_license(src))
+            for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources))]
+    write_cards(jobs, report, workers=spec.workers, progress=progress)
 
 
 def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None]) -> dict[str, str]:

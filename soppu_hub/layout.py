@@ -19,6 +19,7 @@ BUNDLE_HEADER = "bundle.json"
 
 PLOTS_DIR = "plots"
 ERRORS_PNG = f"{PLOTS_DIR}/errors_by_layer.png"
+RANKS_PNG = f"{PLOTS_DIR}/ranks_by_layer.png"
 PARAMS_PNG = f"{PLOTS_DIR}/params.png"
 
 # LoRAX (server/lorax_server/utils/punica.py): SGMV pads r to 8 * tensor-parallel size, or above that to

@@ -1,4 +1,10 @@
-"""Card figures with matplotlib (Agg): error by layer per module type, and parameters before/after."""
+"""Card figures with matplotlib (Agg): error by layer per module type, parameters before/after, ranks per layer.
+
+A thousand cards cannot each build a figure (about half a second apiece): `ClusterFigures` builds the error
+figure once per cluster (axes, legend, layout, the cluster's error range) and per adapter only changes the bar
+heights and the title before saving; the parameter figure is the same for adapters of equal size in a cluster,
+so it is rendered once and its bytes reused.
+"""
 
 from __future__ import annotations
 
@@ -14,61 +20,108 @@ def _layer_and_type(module: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1), module.rsplit(".", 1)[-1]
 
 
-def plot_errors_by_layer(report: dict, adapter_index: int, path: Path) -> Path:
-    """Grouped bars: this adapter's relative error per layer and module type; dots: the others in the bundle."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    own = report["adapters"][adapter_index]
-    grid: dict[str, dict[int, float]] = defaultdict(dict)
-    for module, v in own["modules"].items():
-        layer, kind = _layer_and_type(module)
-        grid[kind][layer] = v["rel_error"]
-    others: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for j, a in enumerate(report["adapters"]):
-        if j != adapter_index:
-            for module, v in a["modules"].items():
+    return plt
+
+
+class ClusterFigures:
+    """The card figures of the adapters of one cluster (report["adapters"] indices `members`)."""
+
+    def __init__(self, report: dict, members: list[int]) -> None:
+        self.report, self.members = report, members
+        self._params_png: dict[int, bytes] = {}
+        grid: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for j in members:
+            for module, v in report["adapters"][j]["modules"].items():
                 layer, kind = _layer_and_type(module)
-                others[kind][layer].append(v["rel_error"])
-    kinds = sorted(grid)
-    layers = sorted({layer for g in grid.values() for layer in g})
-    width = 0.8 / max(1, len(kinds))
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(layers) * max(1, len(kinds)) ** 0.5 + 3), 4.6), dpi=110)
-    cmap = plt.get_cmap("tab10")
-    for k, kind in enumerate(kinds):
-        xs = [i + (k - (len(kinds) - 1) / 2) * width for i in range(len(layers))]
-        ax.bar(xs, [grid[kind].get(layer, 0.0) for layer in layers], width=width, color=cmap(k % 10), label=kind)
-        for x, layer in zip(xs, layers):
-            pts = others.get(kind, {}).get(layer, [])
-            ax.scatter([x] * len(pts), pts, s=10, color="black", alpha=0.5, zorder=3,
-                       label="other adapters in the bundle" if (k == 0 and x == xs[0] and pts) else None)
-    ax.set_xticks(range(len(layers)), [str(layer) if layer >= 0 else "other" for layer in layers])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("relative error  ||W - U S V^T|| / ||W||")
-    top = max([v for g in grid.values() for v in g.values()] + [v for o in others.values() for vs in o.values() for v in vs] + [0.05])
-    ax.set_ylim(0, 1.15 * top)
-    ax.set_title(f"{own['name']}: reconstruction error by layer (JD-{report['method']}, rank {report['rank']})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=min(5, len(kinds) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+                grid[kind][layer].append(v["rel_error"])
+        self.kinds = sorted(grid)
+        self.layers = sorted({layer for g in grid.values() for layer in g})
+        plt = _pyplot()
+        width = 0.8 / max(1, len(self.kinds))
+        self.fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(self.layers) * max(1, len(self.kinds)) ** 0.5 + 3), 4.6),
+                                    dpi=110)
+        cmap = plt.get_cmap("tab10")
+        self.bars = {}
+        self.ranges = []
+        for k, kind in enumerate(self.kinds):
+            xs = [i + (k - (len(self.kinds) - 1) / 2) * width for i in range(len(self.layers))]
+            self.bars[kind] = ax.bar(xs, [0.0] * len(xs), width=width, color=cmap(k % 10), label=kind)
+            if len(members) > 1:  # the range over the cluster's adapters, drawn once
+                lo = [min(grid[kind].get(layer, [0.0])) for layer in self.layers]
+                hi = [max(grid[kind].get(layer, [0.0])) for layer in self.layers]
+                self.ranges.append(ax.vlines(xs, lo, hi, color="black", alpha=0.55, lw=1.2, zorder=3,
+                                             label=f"range over the {len(members)} adapters sharing these bases" if k == 0 else None))
+        ax.set_xticks(range(len(self.layers)), [str(layer) if layer >= 0 else "other" for layer in self.layers])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative error  ||W - U S V^T|| / ||W||")
+        top = max([v for g in grid.values() for vs in g.values() for v in vs] + [0.05])
+        ax.set_ylim(0, 1.15 * top)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, ncol=min(5, len(self.kinds) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+        ax.set_title(f"reconstruction error by layer (JD-{report['method']}, rank {report['rank']})")
+        self.name = ax.text(0.01, 0.97, " ", transform=ax.transAxes, ha="left", va="top", fontsize=11, fontweight="bold",
+                            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        self.fig.tight_layout()
+        # Blitting: draw everything that is the same for every adapter once, then per adapter only the bars,
+        # the range lines over them and the title (a full draw per card was most of a card's cost).
+        self.ax = ax
+        self._moving = [b for bars in self.bars.values() for b in bars] + self.ranges + [self.name]
+        for artist in self._moving:
+            artist.set_visible(False)
+        self.fig.canvas.draw()
+        self._background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
+        for artist in self._moving:
+            artist.set_visible(True)
+
+    def errors(self, index: int, path: Path) -> Path:
+        """This adapter's error per layer and module type, over the cluster's range."""
+        own = self.report["adapters"][index]
+        values: dict[str, dict[int, float]] = defaultdict(dict)
+        for module, v in own["modules"].items():
+            layer, kind = _layer_and_type(module)
+            values[kind][layer] = v["rel_error"]
+        for kind, bars in self.bars.items():
+            for bar, layer in zip(bars, self.layers):
+                bar.set_height(values[kind].get(layer, 0.0))
+        self.name.set_text(own["name"])
+        canvas = self.fig.canvas
+        canvas.restore_region(self._background)
+        for artist in self._moving:
+            self.ax.draw_artist(artist)
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(
+            path, format="png", compress_level=3)
+        return path
+
+    def params(self, index: int, path: Path) -> Path:
+        """All adapters before vs everything stored after, and this adapter alone (rendered once per size)."""
+        own = self.report["adapters"][index]
+        if own["params_before"] not in self._params_png:
+            import io
+
+            buf = io.BytesIO()
+            _params_figure(self.report, own, buf)
+            self._params_png[own["params_before"]] = buf.getvalue()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self._params_png[own["params_before"]])
+        return path
+
+    def close(self) -> None:
+        _pyplot().close(self.fig)
 
 
-def plot_params(report: dict, adapter_index: int, path: Path) -> Path:
-    """Parameter counts: all adapters before vs the shared bundle after, and this adapter alone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    own = report["adapters"][adapter_index]
+def _params_figure(report: dict, own: dict, out) -> None:
+    plt = _pyplot()
     n = len(report["adapters"])
-    labels = [f"{n} original LoRA(s)", "shared bundle\n(bases + all cores)", f"{own['name']}\noriginal"]
+    labels = [f"{n} original LoRA(s)", "stored after\n(bases + all cores)", "this adapter\noriginal"]
     values = [report["params_before"], report["params_after"], own["params_before"]]
     fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
     bars = ax.bar(labels, values, color=["#9aa5b1", "#2b8a3e", "#9aa5b1"])
@@ -78,6 +131,27 @@ def plot_params(report: dict, adapter_index: int, path: Path) -> Path:
     ax.set_title(f"parameters: {report['params_before']:,} -> {report['params_after']:,} ({report['compression_ratio']:.2f}x)")
     ax.set_ylim(0, max(values) * 1.18)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+def plot_ranks(cluster: dict, path: Path) -> Path:
+    """The shared rank chosen per layer and module type (--target-error), for one cluster."""
+    plt = _pyplot()
+    grid: dict[str, dict[int, int]] = defaultdict(dict)
+    for module, r in cluster["ranks"].items():
+        layer, kind = _layer_and_type(module)
+        grid[kind][layer] = r
+    layers = sorted({layer for g in grid.values() for layer in g})
+    fig, ax = plt.subplots(figsize=(6.5, 3.2), dpi=110)
+    for kind, g in sorted(grid.items()):
+        ax.plot(layers, [g.get(layer, 0) for layer in layers], marker="o", label=kind)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("shared rank")
+    ax.set_title(f"cluster {cluster['id']}: rank per module chosen for the target error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

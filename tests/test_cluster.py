@@ -1,6 +1,7 @@
 """Clustering: planted task families are found, each cluster gets its own bases, --target-error picks ranks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,3 +95,44 @@ def test_bad_cluster_flags_are_one_line_and_write_nothing(tmp_path, families, ca
     assert main(["compress", *map(str, folders), "--out", str(out), "--no-push", *args]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
+    """70 adapters (over card.PARALLEL_CARDS): every card and report.json stays small, names its cluster, and the
+    cards drawn by two worker processes are byte for byte those drawn in-process (the timing row aside)."""
+    from soppu_hub.card import MAX_PEERS
+
+    shapes = llama_module_shapes(hidden=32, layers=2, targets=("q_proj",))
+    facs, fam = family_factors(shapes, 70, 2, families=2, noise=0.02, seed=3)
+    folders = [write_adapter(tmp_path / "in" / f"ad{i:02d}", f, base_model="tiny", rank=2, alpha=2) for i, f in enumerate(facs)]
+    outs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        assert main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--rank", "2",
+                     "--clusters", "2", "--workers", workers]) == 0
+        outs[workers] = out
+    for i in (0, 33, 69):
+        name = f"ad{i:02d}"
+        repo = json.loads((outs["2"] / name / "report.json").read_text())
+        assert repo["adapter"]["name"] == name and len(repo["adapters"]) <= MAX_PEERS < 70
+        assert name in [a["name"] for a in repo["adapters"]]
+        card = (outs["2"] / name / "README.md").read_text()
+        assert "shares its bases with | 34 other adapter(s): cluster" in card and len(re.findall(r"^\| (\*\*)?ad\d\d", card, re.M)) == 35
+        same = [line for line in card.replace(str(outs["2"]), "OUT").replace("--workers 2", "--workers 1").splitlines()
+                if not line.startswith("| time |")]
+        assert same == [line for line in (outs["1"] / name / "README.md").read_text().replace(str(outs["1"]), "OUT").splitlines()
+                        if not line.startswith("| time |")]
+        for png in ("plots/errors_by_layer.png", "plots/params.png"):
+            assert (outs["2"] / name / png).read_bytes() == (outs["1"] / name / png).read_bytes()
+    assert (outs["2"] / "ad00" / "plots/errors_by_layer.png").read_bytes() != (outs["2"] / "ad02" / "plots/errors_by_layer.png").read_bytes()
+
+
+def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
+    from soppu_hub.card import MAX_PEERS, peers, repo_report
+
+    report = {"method": "full", "adapters": [{"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}}
+                                             for i in range(300)]}
+    listed = peers(report, 299)
+    assert len(listed) == MAX_PEERS and listed[-1]["name"] == "a299" and all(int(a["name"][1:]) % 2 == 1 for a in listed)
+    assert [int(a["name"][1:]) for a in listed] == sorted(int(a["name"][1:]) for a in listed)
+    assert "modules" not in listed[0] and repo_report(report, 299)["adapter"]["modules"] == {"m": 1}
