@@ -220,16 +220,13 @@ class ExportInfo:
     rank: int  # rank written (padded)
     unpadded_rank: int  # rank the reconstruction needs
     dtype: torch.dtype
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written; dropped once scored
+    lora_params: int = 0
+    padding_params: int = 0  # zeros written only so LoRAX runs the adapter unchanged
 
-    @property
-    def lora_params(self) -> int:
-        return sum(B.numel() + A.numel() for B, A in self.factors.values())
-
-    @property
-    def padding_params(self) -> int:
-        """Zeros written only so LoRAX runs the adapter unchanged."""
-        return (self.rank - self.unpadded_rank) * sum(B.shape[0] + A.shape[1] for B, A in self.factors.values())
+    def __post_init__(self) -> None:
+        self.lora_params = sum(B.numel() + A.numel() for B, A in self.factors.values())
+        self.padding_params = (self.rank - self.unpadded_rank) * sum(B.shape[0] + A.shape[1] for B, A in self.factors.values())
 
 
 def write_peft_folder(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], config: dict, *,

@@ -329,8 +329,7 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
     for name, mb in bundle.modules.items():
         r = mb.rank
         local = sorted(mb.cores)
-        norms = torch.stack([delta_sq_norms(adapters[members[p]].modules[name].B, adapters[members[p]].modules[name].A)
-                             for p in local])
+        norms = torch.stack([delta_sq_norms(*reversed(adapters[members[p]].modules[name].factors())) for p in local])
         cores = torch.stack([mb.core_matrix(p).double() for p in local])  # (n, r, r)
         kept = torch.stack([cores[:, :j, :j].pow(2).sum((-2, -1)) for j in range(1, r + 1)], dim=1)  # (n, r)
         rel = ((norms[:, None] - kept).clamp_min(0) / norms[:, None].clamp_min(1e-300)).sqrt()
@@ -347,7 +346,7 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Relative error per module of factors as written (rounded to the export dtype) against the original."""
-    return {name: factored_rel_error(mod.B, mod.A, *factors[name]) for name, mod in adapter.modules.items()}
+    return {name: factored_rel_error(*reversed(mod.factors()), *factors[name]) for name, mod in adapter.modules.items()}
 
 
 def _order_key(adapters: list[LoraAdapter]) -> Callable[[str], int]:
@@ -365,12 +364,13 @@ def _stack(
     """(L, n, m, kmax) and (L, n, kmax, d) factor stacks, zero-padded where an adapter's rank is lower."""
     first = adapters[present[0]].modules[names[0]]
     (m, d), L, n = first.shape, len(names), len(present)
-    dtype = torch.float64 if any(adapters[i].modules[names[0]].A.dtype == torch.float64 for i in present) else torch.float32
+    dtype = torch.float64 if any(adapters[i].dtype == torch.float64 for i in present) else torch.float32
     B = torch.zeros(L, n, m, kmax, dtype=dtype)
     A = torch.zeros(L, n, kmax, d, dtype=dtype)
     for j, name in enumerate(names):
         for p, i in enumerate(present):
             mod = adapters[i].modules[name]
-            B[j, p, :, : mod.rank] = mod.B
-            A[j, p, : mod.rank, :] = mod.A
+            a, b = mod.factors()  # a streamed module is read from its file here, and dropped after the copy
+            B[j, p, :, : mod.rank] = b
+            A[j, p, : mod.rank, :] = a
     return B.to(device), A.to(device)

@@ -109,11 +109,14 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     local = {}
     for i, c in enumerate(comp.cluster_of):
         local[i] = sum(1 for cj in comp.cluster_of[:i] if cj == c)
+    errors = []
     for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
         c, j = comp.cluster_of[i], local[i]
-        exports.append(export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype)))
+        info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype))
         save_bundle(written[c].subset(j), folder / name / BUNDLE_DIR)
-    errors = [written_rel_errors(a, e.factors) for a, e in zip(comp.adapters, exports)]
+        errors.append(written_rel_errors(adapter, info.factors))
+        info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
+        exports.append(info)
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
     report = build_report(comp, outs, exports, errors, export)
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -141,7 +144,8 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         check_write_access(targets, writable, user)
 
     folders = _fetch(sources, spec)
-    adapters = [read_adapter(f, name=n, source=s.text) for f, n, s in zip(folders, names, sources)]
+    # headers only: every input is checked before any compute, factors are read one module position at a time
+    adapters = [read_adapter(f, name=n, source=s.text, stream=True) for f, n, s in zip(folders, names, sources)]
     if spec.verify:
         for a in adapters:
             if a.config.get("task_type") not in (None, "CAUSAL_LM"):
