@@ -252,20 +252,8 @@ def read_adapter(folder: str | Path, *, name: str | None = None, source: str | N
         return _read_header(folder, name, source, config)
     tensors = _load_tensors(folder, name)
 
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    carried: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if "lora_magnitude_vector" in key:
-            raise _fail(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
-        match = _KEY_RE.match(key)
-        if match is None:
-            if ".lora_" in key:
-                raise _fail(name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter")
-            carried[key] = tensor  # modules_to_save copy, saved base_layer weight, trainable-token delta
-            continue
-        module = match["module"].removeprefix(KEY_PREFIX)
-        part = f"E{match['eside']}" if match["eside"] else (match["bias"] or match["side"])
-        parts.setdefault(module, {})[part] = tensor
+    parts, carried_keys = _classify(name, tensors)
+    carried = {k: tensors[k] for k in carried_keys}  # modules_to_save copies, saved base_layer weights, token deltas
     adapter = LoraAdapter(name=name, source=source or str(folder), config=config, carried=carried)
     dtypes = set()
     for module, (kind, (A, B), scaling, _) in _checked_modules(name, config, parts):
@@ -304,24 +292,11 @@ def _read_header(folder: Path, name: str, source: str | None, config: dict) -> L
     path = folder / SAFETENSORS_NAME
     try:
         with safe_open(str(path), framework="pt") as f:
-            metas = {k: _Meta(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
-            carried_keys = [k for k in metas if _KEY_RE.match(k) is None and ".lora_" not in k
-                            and "lora_magnitude_vector" not in k]
+            metas = {k: (k, _Meta(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())) for k in f.keys()}
+            parts, carried_keys = _classify(name, metas)
             carried = {k: f.get_tensor(k) for k in carried_keys}
     except (SafetensorError, OSError, ValueError) as e:
         raise _fail(name, f"{SAFETENSORS_NAME} is corrupt ({str(e).splitlines()[0]})", "download or save it again") from None
-    parts: dict[str, dict[str, tuple[str, _Meta]]] = {}
-    for key, meta in metas.items():
-        if "lora_magnitude_vector" in key:
-            raise _fail(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
-        match = _KEY_RE.match(key)
-        if match is None:
-            if ".lora_" in key:
-                raise _fail(name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter")
-            continue
-        module = match["module"].removeprefix(KEY_PREFIX)
-        part = f"E{match['eside']}" if match["eside"] else (match["bias"] or match["side"])
-        parts.setdefault(module, {})[part] = (key, meta)
     adapter = LoraAdapter(name=name, source=source or str(folder), config=config, carried=carried)
     dtypes = set()
     for module, got in _checked_modules(name, config, {m: {p: meta for p, (_, meta) in g.items()} for m, g in parts.items()}):
@@ -334,6 +309,26 @@ def _read_header(folder: Path, name: str, source: str | None, config: dict) -> L
         dtypes.update((A.dtype, B.dtype))
     adapter.dtype = widest_dtype(dtypes)
     return adapter
+
+
+def _classify(name: str, items: dict) -> tuple[dict[str, dict], list[str]]:
+    """Sort a weights file's keys: module -> {"A", "B", "bias", "EA", "EB"} -> value, and the carried keys.
+    Refuses DoRA magnitude vectors and lora_* tensors this tool does not know."""
+    parts: dict[str, dict] = {}
+    carried: list[str] = []
+    for key, value in items.items():
+        if "lora_magnitude_vector" in key:
+            raise _fail(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
+        match = _KEY_RE.match(key)
+        if match is None:
+            if ".lora_" in key:
+                raise _fail(name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter")
+            carried.append(key)
+            continue
+        module = match["module"].removeprefix(KEY_PREFIX)
+        part = f"E{match['eside']}" if match["eside"] else (match["bias"] or match["side"])
+        parts.setdefault(module, {})[part] = value
+    return parts, carried
 
 
 def _checked_modules(name: str, config: dict, parts: dict[str, dict]):
