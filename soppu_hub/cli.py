@@ -68,6 +68,21 @@ def _command_line(argv: list[str]) -> str:
     return "soppu-hub " + shlex.join(kept)
 
 
+def _sources_from_file(path: str | None) -> list[str]:
+    """One source a line; blank lines and # comments skipped."""
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SoppuError(f"cannot read --sources-file {path} ({type(e).__name__}: {e.strerror if isinstance(e, OSError) else e}); "
+                         "give a text file with one adapter folder or repo id a line") from None
+    sources = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not sources:
+        raise SoppuError(f"--sources-file {path} names no adapters; give one adapter folder or repo id a line")
+    return sources
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     help_ = {f.name: f.metadata["help"] for f in dataclasses.fields(ExportConfig)}
     p.add_argument("--no-pad", dest="pad", action="store_false",
@@ -81,6 +96,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .report import format_table
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
+    args.sources = [*args.sources, *_sources_from_file(args.sources_file)]
+    if not args.sources:
+        raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE")
     export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.export_dtype)
     spec = JobSpec(
         sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
@@ -105,6 +123,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "scale":
+        from .bench.scale import run_scale_bench
+
+        print(run_scale_bench(n_adapters=args.adapters, rank=args.rank, clusters=args.clusters, device=args.device,
+                              per_family=not args.no_per_family))
+        return 0
     if args.what == "serve":
         from .bench.serve import run_serve_bench
 
@@ -188,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress LoRA adapters jointly into PEFT adapters + a shared-basis bundle")
-    p.add_argument("sources", nargs="+", help="PEFT LoRA adapter folders or Hub repo ids (owner/name[@revision])")
+    p.add_argument("sources", nargs="*", help="PEFT LoRA adapter folders or Hub repo ids (owner/name[@revision])")
+    p.add_argument("--sources-file", metavar="FILE", help="more sources, one a line (# comments allowed)")
     p.add_argument("--out", help="keep results in this folder (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-push", action="store_true", help="keep the results local (needs --out)")
@@ -205,9 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_args(p)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters")
-    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve"])
-    p.add_argument("--adapters", type=int, default=20, help="serve: distinct adapters (default 20)")
+    p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters; "
+                       "scale: the whole CLI on N adapters from 8 task families")
+    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale"])
+    p.add_argument("--adapters", type=int, default=20, help="serve: distinct adapters; scale: adapters in the collection "
+                   "(default 20)")
+    p.add_argument("--rank", type=int, default=24, help="scale: shared rank (default 24)")
+    p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
+    p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
     p.add_argument("--new-tokens", type=int, default=32, help="serve: new tokens per request (default 32)")
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
     p.add_argument("--ref-layers", type=int, default=2,

@@ -108,22 +108,26 @@ def synthetic_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, 
 
 
 def family_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, families: int, family_dim: int | None = None,
-                   noise: float = 0.05, seed: int = 0) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
-    """n adapters from `families` task families (adapter i is in family i % families): each family owns a
-    `family_dim`-dimensional column and row space per module, each adapter mixes them at random, plus
-    `noise` of its own. Returns (factors per adapter, family per adapter): a workload with known clusters."""
+                   noise: float = 0.05, seed: int = 0, offset: int = 0
+                   ) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """n adapters from `families` task families (adapter i is in family (offset + i) % families): each family
+    owns a `family_dim`-dimensional column and row space per module (fixed by `seed`), each adapter mixes
+    them at random, plus `noise` of its own. `offset` continues a collection written in batches. Returns
+    (factors per adapter, family per adapter): a workload with known clusters."""
     g = torch.Generator().manual_seed(seed)
     fdim = family_dim or rank
     bases = {name: [(torch.linalg.qr(torch.randn(m, fdim, generator=g))[0], torch.linalg.qr(torch.randn(d, fdim, generator=g))[0])
                     for _ in range(families)] for name, (m, d) in shapes.items()}
+    g = torch.Generator().manual_seed(seed * 1_000_003 + offset + 1)
+    fam = [(offset + i) % families for i in range(n)]
     out: list[dict] = [{} for _ in range(n)]
     for name, (m, d) in shapes.items():
         for i in range(n):
-            Uf, Vf = bases[name][i % families]
+            Uf, Vf = bases[name][fam[i]]
             B = Uf @ torch.randn(fdim, rank, generator=g) / math.sqrt(fdim) + noise * torch.randn(m, rank, generator=g) / math.sqrt(m)
             A = torch.randn(rank, fdim, generator=g) @ Vf.T / math.sqrt(fdim) + noise * torch.randn(rank, d, generator=g) / math.sqrt(d)
             out[i][name] = (B, A)
-    return out, [i % families for i in range(n)]
+    return out, fam
 
 
 def write_adapter(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, base_model: str,
