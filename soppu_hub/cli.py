@@ -97,8 +97,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
     args.sources = [*args.sources, *_sources_from_file(args.sources_file)]
+    if args.author:
+        from .hub import list_adapter_repos
+
+        args.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
     if not args.sources:
-        raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE")
+        raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE or --author USER")
     export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.export_dtype)
     spec = JobSpec(
         sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
@@ -106,19 +110,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
         token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
         command=_command_line(args.argv), workers=args.workers,
     )
-    bar, cards = _ProgressBar("compressing", "module"), _ProgressBar("cards", "card")
+    bars = {phase: _ProgressBar(phase, unit) for phase, unit in
+            (("downloading", "repo"), ("compressing", "module"), ("cards", "card"), ("pushing", "repo"))}
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    shown = {k: None if args.quiet else b for k, b in bars.items()}
     try:
-        result = run_job(spec, progress=None if args.quiet else bar, log=log, cards_progress=None if args.quiet else cards)
+        result = run_job(spec, progress=shown["compressing"], log=log, cards_progress=shown["cards"],
+                         download_progress=shown["downloading"], push_progress=shown["pushing"])
     finally:
-        bar.close()
-        cards.close()
+        for b in bars.values():
+            b.close()
     if not args.quiet:
         print(format_table(result.report))
         if result.out:
             print(f"results: {result.out} (cards: {result.out}/<name>/README.md)")
         for repo_id, url in result.pushed.items():
-            print(f"pushed {repo_id}: {url}")
+            print(f"unchanged {repo_id} (already on the Hub)" if url == "unchanged" else f"pushed {repo_id}: {url}")
     return 0
 
 
@@ -214,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress LoRA adapters jointly into PEFT adapters + a shared-basis bundle")
     p.add_argument("sources", nargs="*", help="PEFT LoRA adapter folders or Hub repo ids (owner/name[@revision])")
     p.add_argument("--sources-file", metavar="FILE", help="more sources, one a line (# comments allowed)")
+    p.add_argument("--author", metavar="USER", help="every LoRA adapter repo of this user or organisation (with --base-model, "
+                   "only those for that base model); soppu outputs are left out")
     p.add_argument("--out", help="keep results in this folder (must not exist or be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-push", action="store_true", help="keep the results local (needs --out)")
@@ -223,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="revision for Hub sources given without @revision")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
     p.add_argument("--verify", action="store_true", help="functional check: next-token agreement and KL with the base model")
-    p.add_argument("--base-model", help="base model folder or repo id for --verify (default: from the adapter config)")
+    p.add_argument("--base-model", help="base model for --verify (default: from the adapter config); with --author, "
+                   "only adapters for this base model")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.add_argument("--workers", type=int, default=8, help="parallel downloads, pushes and card-drawing processes (default 8)")
     _add_config_args(p)

@@ -186,11 +186,47 @@ def check_write_access(repo_ids: list[str], writable: set[str], user: str) -> No
                            f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to")
 
 
+SUMMARY_FILES = (CARD_NAME, "report.json", "plots/")  # what a rerun rewrites anyway (timings): not "a change"
+
+
+def _local_ids(path: Path) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file, as the Hub names regular and LFS files."""
+    import hashlib
+
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest()
+
+
+def unchanged_on_hub(folder: Path, repo_id: str, *, token: str | bool | None = None) -> bool:
+    """True when the repo already holds every file of `folder` that carries the adapter (weights, config, bundle)
+    byte for byte, and no other such file: a rerun then has nothing to push for it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def substance(path: str) -> bool:
+        return not path.startswith(SUMMARY_FILES) and path != ".gitattributes"
+
+    try:
+        tree = _retry(lambda: list(HfApi(token=token).list_repo_tree(repo_id, recursive=True)), f"list {repo_id}")
+    except RepositoryNotFoundError:
+        return False
+    remote = {f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id) for f in tree
+              if hasattr(f, "blob_id") and substance(f.path)}
+    local = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    local = {k: v for k, v in local.items() if substance(k)}
+    if set(remote) != set(local):
+        return False
+    return all(remote[k] in _local_ids(path) for k, path in local.items())
+
+
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-                commit_message: str = "Upload soppu-compressed adapter") -> str:
-    """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too)."""
+                commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False) -> str | None:
+    """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too).
+    With `skip_unchanged`, a repo that already holds this adapter is left alone (returns None)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    if skip_unchanged and unchanged_on_hub(folder, repo_id, token=token):
+        return None
     api = HfApi(token=token)
     _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -199,3 +235,36 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
     ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
     info = api.create_commit(repo_id, ops, commit_message=commit_message)
     return info.commit_url
+
+
+def list_adapter_repos(author: str, *, base_model: str | None = None, token: str | bool | None = None,
+                       workers: int = 8) -> list[str]:
+    """Every LoRA adapter repo of a user or organisation (optionally for one base model), soppu outputs excluded:
+    list_models, then each repo's adapter_config.json, read with bounded parallelism."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        models = _retry(lambda: list(HfApi(token=token).list_models(author=author)), f"list {author}")
+    except HfHubHTTPError as e:
+        raise HubError(f"cannot list the repos of {author} (HTTP {e.response.status_code if e.response is not None else '?'})") from None
+    ids = [m.id for m in models if "soppu" not in (m.tags or [])]
+
+    def lora_config(repo_id: str) -> dict | None:
+        try:
+            return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, token=token)).read_text())
+        except (HfHubHTTPError, OSError, ValueError):
+            return None  # no adapter_config.json (a model, a dataset card...), or not readable to us
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        configs = list(pool.map(lora_config, ids))
+    found = [r for r, c in zip(ids, configs) if isinstance(c, dict) and str(c.get("peft_type", "")).upper() == "LORA"
+             and (base_model is None or c.get("base_model_name_or_path") == base_model)]
+    if not found:
+        what = f" for {base_model}" if base_model else ""
+        raise HubError(f"{author} has no LoRA adapter repos{what} that this token can read ({len(ids)} repos listed); "
+                       "check the user or organisation name, or name the adapters directly")
+    return found

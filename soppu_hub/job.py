@@ -123,12 +123,34 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     return report
 
 
-def _fetch(sources: list[Source], spec: JobSpec) -> list[Path]:
-    return [s.path if s.path else download_adapter(s.repo_id, revision=s.revision, token=spec.token) for s in sources]
+def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = None) -> list[Path]:
+    """Local folders as they are; Hub sources downloaded `spec.workers` at a time (the first failure stops it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    remote = [s for s in sources if not s.path]
+    done = 0
+
+    def one(s: Source) -> Path:
+        return download_adapter(s.repo_id, revision=s.revision, token=spec.token)
+
+    got: dict[int, Path] = {}
+    if remote:
+        with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
+            try:
+                for s, path in zip(remote, pool.map(one, remote)):
+                    got[id(s)] = path
+                    done += 1
+                    if progress:
+                        progress(done, len(remote))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return [s.path if s.path else got[id(s)] for s in sources]
 
 
 def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
-            cards_progress: Progress | None = None) -> JobResult:
+            cards_progress: Progress | None = None, download_progress: Progress | None = None,
+            push_progress: Progress | None = None) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
     spec.config.validate(len(spec.sources))
@@ -143,7 +165,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         targets = target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
         check_write_access(targets, writable, user)
 
-    folders = _fetch(sources, spec)
+    folders = _fetch(sources, spec, download_progress)
     # headers only: every input is checked before any compute, factors are read one module position at a time
     adapters = [read_adapter(f, name=n, source=s.text, stream=True) for f, n, s in zip(folders, names, sources)]
     if spec.verify:
@@ -170,9 +192,9 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report
         if out is None:  # push straight from the temp folder
-            result.pushed = push_all(tmp, names, targets, spec, log)
+            result.pushed = push_all(tmp, names, targets, spec, log, push_progress)
     if out is not None and spec.push:
-        result.pushed = push_all(out, names, targets, spec, log)
+        result.pushed = push_all(out, names, targets, spec, log, push_progress)
     return result
 
 
@@ -186,20 +208,39 @@ def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str
     write_cards(jobs, report, workers=spec.workers, progress=progress)
 
 
-def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None]) -> dict[str, str]:
-    """One commit per repo; on a failure say exactly which repos got their commit and which did not."""
+def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
+             progress: Progress | None = None) -> dict[str, str]:
+    """One commit per repo, `spec.workers` repos at a time; a repo whose adapter is already on the Hub unchanged
+    is skipped (so a rerun after a failure pushes only what is missing or changed). On a failure the message
+    says exactly which repos got their commit and which did not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    message = f"soppu-hub: JD-{spec.config.method} rank {spec.config.rank}"
     pushed: dict[str, str] = {}
-    for i, (name, repo_id) in enumerate(zip(names, targets)):
+    failed: dict[str, str] = {}
+
+    def one(name: str, repo_id: str) -> None:
+        if failed:
+            return  # after a failure, start nothing new
         try:
-            pushed[repo_id] = push_folder(folder / name, repo_id, private=spec.private, token=spec.token,
-                                          commit_message=f"soppu-hub: JD-{spec.config.method} rank {spec.config.rank}")
-            log(f"pushed {repo_id}")
-        except Exception as e:
-            done = ", ".join(pushed) or "none"
-            todo = ", ".join(targets[i:])
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PushError(f"push to {repo_id} failed ({detail}); pushed: {done}; not pushed: {todo} "
-                            "(their previous revisions are unchanged): run the same command again") from None
+            url = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
+                              skip_unchanged=True)
+        except Exception as e:  # noqa: BLE001 - any failure of one push is reported with all the others
+            failed[repo_id] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return
+        pushed[repo_id] = url or "unchanged"
+        log(f"pushed {repo_id}" if url else f"unchanged {repo_id} (already on the Hub, skipped)")
+        if progress:
+            progress(len(pushed), len(targets))
+
+    with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
+        list(pool.map(one, names, targets))
+    if failed:
+        first, detail = next(iter(failed.items()))
+        done = ", ".join(t for t in targets if t in pushed) or "none"
+        todo = ", ".join(t for t in targets if t not in pushed)
+        raise PushError(f"push to {first} failed ({detail}); pushed: {done}; not pushed: {todo} "
+                        "(their previous revisions are unchanged): run the same command again") from None
     return pushed
 
 
