@@ -129,7 +129,8 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> None:
         "adapters": [{"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))],
         "modules": modules,
     }
-    save_file(tensors, str(folder / BUNDLE_WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+    save_file(tensors, str(folder / BUNDLE_WEIGHTS), metadata={"format": FORMAT})  # one key: safetensors writes a map in
+    # no fixed order, and byte-identical files are how a rerun knows a repo is unchanged (version: bundle.json)
     (folder / BUNDLE_HEADER).write_text(json.dumps(header, indent=2))
 
 

@@ -135,6 +135,11 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
 
     got: dict[int, Path] = {}
     if remote:
+        from huggingface_hub.utils import tqdm as hf_tqdm
+
+        # snapshot_download's thread_map creates tqdm's class lock when missing and deletes it on the way out;
+        # from several threads at once that races (AttributeError: _lock). With the lock made here, none deletes it.
+        hf_tqdm.get_lock()
         with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
             try:
                 for s, path in zip(remote, pool.map(one, remote)):

@@ -132,6 +132,20 @@ def create_app(store: Store, auth: Auth, public_url: str, *, max_commit_bytes: i
             return JSONResponse({"error": "You already created this repo", "url": url}, status_code=409)
         return {"url": url, "name": repo_id}
 
+    @app.delete("/api/repos/delete")
+    async def delete_repo(request: Request):
+        body = await json_object(request)
+        user = auth.user(request)
+        if user is None:
+            return _error(401, "Unauthorized", "Invalid credentials in Authorization header")
+        namespace, name, kind = body.get("organization") or user, body.get("name"), body.get("type") or "model"
+        if not isinstance(namespace, str) or not isinstance(name, str) or kind not in PREFIX:
+            return _error(400, "BadRequest", "name and organization must be strings and type one of model, dataset, space")
+        repo_id = f"{namespace}/{name}"
+        writable(request, kind, repo_id)
+        store.delete_repo(kind, repo_id)
+        return {}
+
     @app.put("/api/{kinds}/{ns}/{name}/settings")
     async def settings(kinds: str, ns: str, name: str, request: Request):
         kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"

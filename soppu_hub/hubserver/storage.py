@@ -137,6 +137,19 @@ class Store:
             _atomic_write(path, json.dumps(meta).encode())
             return meta
 
+    def delete_repo(self, repo_type: str, repo_id: str) -> bool:
+        """Remove a repo (its commits and refs; blobs stay, shared by content). False if it does not exist."""
+        import shutil
+
+        with self.lock:
+            d = self._repo_dir(repo_type, repo_id)
+            if not (d / "repo.json").is_file():
+                return False
+            trash = d.with_name(f".deleted-{d.name}-{time.monotonic_ns()}")
+            d.rename(trash)  # gone from view at once; the files after
+            shutil.rmtree(trash, ignore_errors=True)
+            return True
+
     def list_repos(self, repo_type: str) -> list[str]:
         base = self.root / "repos" / repo_type
         if not base.is_dir():
