@@ -89,6 +89,19 @@ def _describe_repo(repo_id: str, revision: str | None, token: str | bool | None)
     return f"a repo without adapter_config.json (files: {', '.join(sorted(names)[:6]) or 'none'})"
 
 
+def _silent_tqdm():
+    """A tqdm class that shows nothing: snapshot_download's per-repo "Fetching N files" bar, which from parallel
+    downloads would interleave with (and, nested, break the lines of) the CLI's one bar per phase."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Silent(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
+
+
 def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
                      with_bundle: bool = False) -> Path:
     """Snapshot only what a LoRA needs (and its soppu bundle slice if asked) into the cache; return the folder."""
@@ -100,7 +113,8 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
     what = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         folder = Path(_retry(lambda: snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES + (BUNDLE_FILES if with_bundle else [])), what))
+            repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES + (BUNDLE_FILES if with_bundle else []),
+            tqdm_class=_silent_tqdm()), what))
         if not (folder / CONFIG_NAME).is_file():
             raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo")
         return folder

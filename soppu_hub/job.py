@@ -140,16 +140,25 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
         # snapshot_download's thread_map creates tqdm's class lock when missing and deletes it on the way out;
         # from several threads at once that races (AttributeError: _lock). With the lock made here, none deletes it.
         hf_tqdm.get_lock()
-        with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
-            try:
-                for s, path in zip(remote, pool.map(one, remote)):
-                    got[id(s)] = path
-                    done += 1
-                    if progress:
-                        progress(done, len(remote))
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        group = "huggingface_hub.http_get"  # per-file byte bars: one "downloading" bar per phase instead
+        was_disabled = are_progress_bars_disabled(group)
+        disable_progress_bars(group)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
+                try:
+                    for s, path in zip(remote, pool.map(one, remote)):
+                        got[id(s)] = path
+                        done += 1
+                        if progress:
+                            progress(done, len(remote))
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        finally:
+            if not was_disabled:
+                enable_progress_bars(group)
     return [s.path if s.path else got[id(s)] for s in sources]
 
 

@@ -48,6 +48,9 @@ class CardSummary:
     mean_rel_error: float | None
     max_rel_error: float | None
     error_plot: str | None  # local file path of the card's error plot
+    cluster: int | None = None
+    cluster_size: int | None = None
+    clusters: int | None = None
 
     def markdown(self) -> str:
         def fmt(v, spec):
@@ -55,7 +58,9 @@ class CardSummary:
 
         return (f"**{self.repo_id}**  \nbase model: `{self.base_model or 'unknown'}`  \n"
                 f"compression ratio: **{fmt(self.compression_ratio, '.2f')}x**  \n"
-                f"relative error: mean **{fmt(self.mean_rel_error, '.4f')}**, max **{fmt(self.max_rel_error, '.4f')}**")
+                f"relative error: mean **{fmt(self.mean_rel_error, '.4f')}**, max **{fmt(self.max_rel_error, '.4f')}**"
+                + (f"  \nshares its bases with **{self.cluster_size - 1}** other adapter(s): cluster {self.cluster} "
+                   f"of {self.clusters}" if self.cluster_size else ""))
 
 
 def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
@@ -73,7 +78,7 @@ def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     except Exception:
         plot = None
     return CardSummary(repo_id, data.get("base_model"), soppu.get("compression_ratio"), soppu.get("mean_rel_error"),
-                       soppu.get("max_rel_error"), plot)
+                       soppu.get("max_rel_error"), plot, soppu.get("cluster"), soppu.get("cluster_size"), soppu.get("clusters"))
 
 
 def history_to_messages(history: list | None) -> list[dict]:

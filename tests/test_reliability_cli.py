@@ -69,6 +69,8 @@ def matrix(hub, sample_adapters, tmp_path_factory):
     _carry_extra(Path(carries))
     classifier = broken("classifier")
     _set_config(Path(classifier), task_type="SEQ_CLS")
+    empty_list = root / "empty.txt"
+    empty_list.write_text("# nothing yet\n\n")
     (root / "taken").mkdir()
     (root / "taken" / "keep.txt").write_text("mine")
     local.update({
@@ -82,6 +84,12 @@ def matrix(hub, sample_adapters, tmp_path_factory):
         "--rank 0": ([good, "--rank", "0"], "--rank must be a positive integer"),
         "missing folder": ([str(root / "missing")], "not an existing folder and not a Hub repo id"),
         "neither folder nor id": (["not a repo"], "not an existing folder and not a Hub repo id"),
+        "--clusters 0": ([good, other, "--clusters", "0"], "--clusters must be a positive integer or auto"),
+        "--clusters more than adapters": ([good, other, "--clusters", "3"], "--clusters 3 is more than the 2 adapters"),
+        "--target-error outside (0, 1)": ([good, "--target-error", "1.5"], "--target-error must be between 0 and 1"),
+        "unreadable --sources-file": (["--sources-file", str(root / "no-such-list.txt")], "cannot read --sources-file"),
+        "empty --sources-file": (["--sources-file", str(empty_list)], "names no adapters"),
+        "--author with no LoRA repos": (["--author", "nobody-at-all"], "nobody-at-all has no LoRA adapter repos"),
     })
 
     alice = HfApi(token=ALICE)
@@ -136,7 +144,8 @@ def matrix(hub, sample_adapters, tmp_path_factory):
 
 CASES = [*(f"adapter {c}" for c in sorted(REFUSALS)), "different base models", "different module shapes",
          "different carried tensors", "--verify on a classifier", "--lorax-tp 0", "--lorax-tp two", "unknown --export-dtype", "--rank 0",
-         "missing folder", "neither folder nor id", "--push-to with two inputs", "repo not found",
+         "missing folder", "neither folder nor id", "--clusters 0", "--clusters more than adapters",
+         "--target-error outside (0, 1)", "unreadable --sources-file", "empty --sources-file", "--author with no LoRA repos", "--push-to with two inputs", "repo not found",
          "private repo of another user", "gated repo", "a dataset repo", "a space repo", "a full model", "unknown revision",
          "no token", "refused token", "namespace the token cannot write", "--push-to another user's repo",
          "--out exists and is not empty"]

@@ -140,3 +140,27 @@ def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
     assert basis["adapters"] == 2 and basis["shared_params"] > 0
     assert plain_info["shared_bases"] == {}
     assert shared_info["resident_lora_params"] < plain_info["resident_lora_params"]
+
+
+def test_each_cluster_is_one_resident_basis(hub, tmp_path):
+    """4 adapters from 2 families compressed with --clusters 2: the backend holds two bases, each shared by 2."""
+    from soppu_hub.cli import main
+    from soppu_hub.launch import start_backend
+    from soppu_hub.samples import family_factors, llama_module_shapes, write_adapter
+
+    facs, fam = family_factors(llama_module_shapes(), 4, 4, families=2, noise=0.02, seed=9)
+    folders = [write_adapter(tmp_path / "in" / f"fam{f}-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
+               for i, (x, f) in enumerate(zip(facs, fam))]
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, folders), "--rank", "4", "--clusters", "2", "--no-push", "--out", str(out),
+                 "--quiet"]) == 0
+    child = start_backend(hub.base_model, extra=["--adapter-dir", str(out), "--max-adapters", "8"])
+    try:
+        client = Client(child.url)
+        for f in folders:
+            client.generate(PROMPT, max_new_tokens=4, adapter_id=f.name, adapter_source="local")
+        info = json.loads(urllib.request.urlopen(f"{child.url}/info").read())
+    finally:
+        child.stop()
+    bases = info["shared_bases"]
+    assert len(bases) == 2 and sorted(b["adapters"] for b in bases.values()) == [2, 2]

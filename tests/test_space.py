@@ -56,6 +56,7 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             page.get_by_role("option", name="alice/support-bot-soppu").click()
             expect(page.locator("#card-summary")).to_contain_text("alice/support-bot-soppu", timeout=30_000)
             expect(page.locator("#card-summary")).to_contain_text("compression ratio")
+            expect(page.locator("#card-summary")).to_contain_text("shares its bases with 1 other adapter(s): cluster 0 of 1")
             page.wait_for_function(
                 "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && i.naturalWidth > 0 }",
                 timeout=30_000)
