@@ -41,9 +41,19 @@ def repo_report(report: dict, index: int) -> dict:
 
 
 def _hub_url(repo_or_path: str) -> str:
-    from huggingface_hub import constants
+    """A repo id as a site-relative link (`/owner/name`): right on huggingface.co and on any Hub mirror, never a
+    host that is gone (the demo's loopback Hub); a local path as it is."""
+    return f"/{repo_or_path}" if "/" in repo_or_path and not Path(repo_or_path).exists() else repo_or_path
 
-    return f"{constants.ENDPOINT}/{repo_or_path}" if "/" in repo_or_path and not Path(repo_or_path).exists() else repo_or_path
+
+def verdict(agreement: float, ratio: float) -> str:
+    """One sentence on the functional check, for people: how much of the adapter's behaviour survived."""
+    kept = "kept" if agreement >= 0.85 else "partly kept" if agreement >= 0.6 else "largely lost"
+    return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time, "
+            f"at {ratio:.2f}x fewer parameters for the whole collection.")
+
+
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 def source_license(folder: Path) -> dict:
@@ -101,7 +111,13 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
                "clusters": max(1, len(clusters))},
     )
     listed = peers(report, index)
+    v = own.get("verify")
+    width = BYTES.get(report["export"]["dtype"], 4)
     content = _template().render(
+        verdict=verdict(v["next_token_agreement"], report["compression_ratio"]) if v else None,
+        export_mb=own["export_params"] * width / 1e6,
+        original_mb=own["params_before"] * width / 1e6,
+        bundle_params=cluster["params"] if cluster else report["params_after"] - report["carried_params"],
         card_data=data.to_yaml(),
         repo_id=repo_id or own["name"],
         adapter_id=repo_id or local_path,

@@ -64,6 +64,7 @@ def test_card_metadata_images_and_one_commit(hub, pushed):
         assert {"soppu", "lora", "peft", "compression"} <= set(data["tags"])
         assert data["soppu"]["sources"] == [source]
         assert source in card.text and repo_id in card.text and "soppu-hub compress" in card.text
+        assert f"](/{source})" in card.text and os.environ["HF_ENDPOINT"] not in card.text  # links outlive that Hub
         assert "hf_test_" not in card.content
         images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
         files = set(api.list_repo_files(repo_id))
@@ -131,7 +132,10 @@ def test_revision_pin_and_verify(hub, tmp_path):
     assert entry["max_rel_error"] < 1e-5
     v = entry["verify"]
     assert v["next_token_agreement"] == 1.0 and v["mean_kl"] < 1e-6 and v["positions"] > 20
-    assert "next-token agreement" in (tmp_path / "out" / "versioned" / "README.md").read_text()
+    card = (tmp_path / "out" / "versioned" / "README.md").read_text()
+    assert "next-token agreement" in card
+    assert "**Behaviour kept: the compressed adapter picks the original's next token 100% of the time" in card
+    assert "this repo's PEFT export holds 16,384 LoRA parameters" in card and "1.00x the size of the original" in card
     res = cli("alice/versioned", "--rank", "2", "--no-push", "--out", str(tmp_path / "out2"), "--verify")
     v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]
     assert v["mean_kl"] > 0 and 0 <= v["next_token_agreement"] <= 1
