@@ -45,8 +45,8 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
 
     what = f"adapter {adapter_id}" if adapter_id else "the base model"
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, le.GenerationError):
-        return ChatError(f"the backend could not run {what}: {detail}")
+    if isinstance(e, le.GenerationError):  # the backend's message names the adapter already when it is about it
+        return ChatError(detail if adapter_id and adapter_id in detail else f"the backend could not run {what}: {detail}")
     if isinstance(e, (le.OverloadedError, le.RateLimitExceededError)):
         return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
     if isinstance(e, (le.ValidationError, le.UnprocessableEntityError, le.BadRequestError)):

@@ -22,7 +22,12 @@ T = TypeVar("T")
 
 
 class HubError(SoppuError):
-    """A Hub operation failed in a way the user can fix (not found, no access, offline...)."""
+    """A Hub operation failed in a way the user can fix (not found, no access, offline...). `reason` says which,
+    in a few words fit for any audience (a server relays it instead of the CLI's advice)."""
+
+    def __init__(self, message: str, reason: str = "the Hub refused the request") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PushError(SoppuError):
@@ -73,7 +78,7 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 3, wait: float = 1.0)
         if i + 1 < attempts:
             time.sleep(wait * 2**i)
     raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}, {attempts} tries); "
-                   "check your network or HF_ENDPOINT and try again")
+                   "check your network or HF_ENDPOINT and try again", "the Hub cannot be reached")
 
 
 def _describe_repo(repo_id: str, revision: str | None, token: str | bool | None) -> str:
@@ -116,28 +121,33 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
             repo_id, revision=revision, token=token, allow_patterns=ADAPTER_FILES + (BUNDLE_FILES if with_bundle else []),
             tqdm_class=_silent_tqdm()), what))
         if not (folder / CONFIG_NAME).is_file():
-            raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo")
+            raise HubError(f"{what}: is {_describe_repo(repo_id, revision, token)}; pass a LoRA adapter repo",
+                           "it is not a LoRA adapter repo")
         return folder
     except GatedRepoError:
-        raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and log in (hf auth login or HF_TOKEN)") from None
+        raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and log in (hf auth login or HF_TOKEN)",
+                       "the repo is gated") from None
     except RevisionNotFoundError:
-        raise HubError(f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit") from None
+        raise HubError(f"{what}: revision {revision!r} does not exist in {repo_id}; check the branch, tag or commit",
+                       f"revision {revision!r} does not exist") from None
     except RepositoryNotFoundError:
         api = HfApi(token=token)
         for kind in ("dataset", "space"):
             try:
                 if api.repo_exists(repo_id, repo_type=kind):
-                    raise HubError(f"{what}: is a {kind} repo, not a model; pass a LoRA adapter model repo") from None
+                    raise HubError(f"{what}: is a {kind} repo, not a model; pass a LoRA adapter model repo",
+                                   f"it is a {kind} repo, not a LoRA adapter") from None
             except HfHubHTTPError:
                 pass
         raise HubError(f"{what}: repo not found, or private and your token cannot see it; check the id or log in "
-                       "(hf auth login or HF_TOKEN)") from None
+                       "(hf auth login or HF_TOKEN)", "not found on the Hub, or private") from None
     except LocalEntryNotFoundError:
         raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} and it is not in the local cache; "
-                       "check your network or HF_ENDPOINT") from None
+                       "check your network or HF_ENDPOINT", "the Hub cannot be reached") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
-        raise HubError(f"{what}: the Hub answered HTTP {status}; check your token and the repo id") from None
+        raise HubError(f"{what}: the Hub answered HTTP {status}; check your token and the repo id",
+                       f"the Hub answered HTTP {status}") from None
 
 
 def model_folder(name_or_path: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:

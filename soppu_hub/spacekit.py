@@ -16,6 +16,7 @@ from .layout import ERRORS_PNG
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ERROR_PLOT = ERRORS_PNG
+BASE_IDS = ("__base_model__",)  # the base model, as the CLI and LoRAX name it
 
 
 def validate_repo_id(text: str | None) -> str:
@@ -68,10 +69,16 @@ def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     from huggingface_hub import ModelCard, hf_hub_download
 
     repo_id = validate_repo_id(repo_id)
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
     try:
         data = ModelCard.load(repo_id, token=token).data.to_dict()
-    except Exception as e:
-        raise SoppuError(f"cannot read the card of {repo_id} ({type(e).__name__}); is it a soppu-compressed adapter?") from None
+    except RepositoryNotFoundError:
+        raise SoppuError(f"{repo_id} is not on the Hub (or it is private)") from None
+    except EntryNotFoundError:
+        raise SoppuError(f"{repo_id} has no model card") from None
+    except Exception:  # network and anything else: said in words, once
+        raise SoppuError(f"the card of {repo_id} cannot be read from the Hub right now") from None
     soppu = data.get("soppu") or {}
     try:
         plot = hf_hub_download(repo_id, ERROR_PLOT, token=token)
@@ -105,7 +112,7 @@ def stream_reply(client: ChatClient, message: str, history: list | None, adapter
                                   temperature=temperature or None)
     text = ""
     try:
-        adapter = validate_repo_id(adapter_id) if adapter_id else None
+        adapter = validate_repo_id(adapter_id) if adapter_id and adapter_id.strip() not in BASE_IDS else None
         yield text
         for piece in client.stream(messages, adapter, system_prompt=system_prompt or None, settings=settings):
             text += piece

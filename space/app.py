@@ -91,6 +91,8 @@ def build_app(client: ChatClient) -> gr.Blocks:
                     clear = gr.Button("Clear")
 
         picker.change(show_card, picker, [summary, plot], api_visibility="private")
+        # a new adapter starts a new conversation: the old one is neither shown beside it nor sent as its history
+        picker.change(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
         demo.load(show_card, picker, [summary, plot], api_visibility="private")
         refresh_btn.click(refresh, None, picker, api_visibility="private")
         compare.change(lambda c: gr.update(visible=c), compare, base_chat, api_visibility="private")

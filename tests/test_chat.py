@@ -44,7 +44,7 @@ def test_template_falls_back_to_the_hub(hub, backend, monkeypatch):
 
 def test_errors_are_clear(backend):
     client = ChatClient(backend)
-    with pytest.raises(ChatError, match="could not run adapter alice/nope"):
+    with pytest.raises(ChatError, match="adapter alice/nope cannot be loaded: not found on the Hub, or private"):
         list(client.stream([{"role": "user", "content": "x"}], "alice/nope"))
     with pytest.raises(ChatError, match="rejected the request"):
         list(client.stream([{"role": "user", "content": "x"}], settings=GenerationSettings(max_new_tokens=100_000)))
@@ -68,4 +68,4 @@ def test_terminal_chat(backend):
     assert res.stdout == expected and len(expected) > 2
     res = subprocess.run([sys.executable, "-m", "soppu_hub", "chat", "alice/nope", "--url", backend], input="hi\n",
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "could not run adapter alice/nope" in res.stderr
+    assert res.returncode == 2 and "adapter alice/nope cannot be loaded: not found on the Hub, or private" in res.stderr

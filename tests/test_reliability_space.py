@@ -58,3 +58,10 @@ def test_a_100k_character_message_says_it_is_too_long_and_the_space_goes_on(chat
     reply = chat("lorem ipsum " * 8334, ADAPTER)
     assert reply.startswith("⚠️ the conversation is too long for this model") and "\n" not in reply, reply[:300]
     assert chat("Hello!", ADAPTER) == reference  # nothing stuck: the next message is answered as before
+
+
+def test_base_model_id_is_accepted_as_the_cli_does(chat, backend):
+    reply = chat("Hello!", "__base_model__")
+    expected = ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
+                                            settings=GenerationSettings(max_new_tokens=32))
+    assert reply == expected and not reply.startswith("⚠️")

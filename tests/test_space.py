@@ -39,7 +39,8 @@ def test_gradio_client_streams_the_chat_endpoint(space, backend):
     bad = client.submit("Hello!", [], "../etc/passwd", api_name="/chat").result()
     assert bad.startswith("⚠️") and "not a Hub repo id" in bad
     missing = client.submit("Hello!", [], "alice/no-such-adapter", api_name="/chat").result()
-    assert missing.startswith("⚠️") and "could not run adapter alice/no-such-adapter" in missing
+    assert missing.startswith("⚠️") and "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private" in missing
+    assert missing.count("alice/no-such-adapter") == 1 and "Error" not in missing and "hf auth login" not in missing
 
 
 def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
@@ -85,8 +86,11 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             # a typed id that does not exist: the error is shown in the chat, not a crash
             picker.fill("alice/no-such-adapter")
             picker.press("Enter")
+            # a new adapter, a new conversation: the old one is gone from both panes
+            expect(page.locator("#chat-adapter")).not_to_contain_text("Hello there!", timeout=10_000)
+            expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
             send("Anyone there?")
-            expect(page.locator("#chat-adapter")).to_contain_text("could not run adapter alice/no-such-adapter")
+            expect(page.locator("#chat-adapter")).to_contain_text("adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private")
             # a path typed as the adapter: one line in the chat, and the page goes on working
             picker.fill("/etc/passwd")
             picker.press("Enter")

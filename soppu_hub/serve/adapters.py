@@ -63,13 +63,15 @@ class AdapterStore:
         from huggingface_hub.errors import HFValidationError
 
         from ..errors import SoppuError
-        from ..hub import download_adapter
+        from ..hub import HubError, download_adapter
 
         try:
             return download_adapter(adapter_id, token=api_token or None, with_bundle=self.shared is not None)
         except HFValidationError:
             raise ValidationFailed(f"adapter_id {adapter_id[:200]!r} is not a Hub repo id (owner/name); "
                                    "for a folder use adapter_source=local") from None
+        except HubError as e:  # the reason, not the CLI's advice: whoever reads this cannot run `hf auth login` here
+            raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e.reason}") from None
         except SoppuError as e:
             raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
 
