@@ -131,6 +131,13 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
         space = start_space(dict(env, LORAX_URL=backend.url, SOPPU_AUTHOR="alice"))
         children.append(space)
         log(f"the Space is running: open {space.url}")
+        first = f"alice/{seeded.adapters[0].split('/')[1]}-soppu"
+        body = '{"inputs": "Hello!", "parameters": {"adapter_id": "%s", "max_new_tokens": 32}}' % first
+        log("ready to paste, while the demo runs:\n"
+            f"  .venv/bin/soppu-hub chat {first} --url {backend.url}\n"
+            f"  curl -s {backend.url}/generate -H 'Content-Type: application/json' -d '{body}'\n"
+            f"  HF_ENDPOINT={hub.url} HF_TOKEN={DEMO_USERS['alice']} .venv/bin/soppu-hub compress {seeded.adapters[0]} "
+            "--no-push --out my-copy   # the demo's own Hub and its demo-only token")
         run = DemoRun(hub.url, backend.url, space.url, pages)
         if serve:
             log("Ctrl-C stops the Space, the backend and the Hub")

@@ -26,6 +26,10 @@ def test_demo_runs_the_whole_chain(tmp_path):
     assert any(line.startswith(f"card of alice/support-bot-soppu: {page} ") for line in logs), logs
     assert "next-token agreement" in (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
     assert any(line == f"the Space is running: open {run.space_url}" for line in logs)
+    pasted = next(line for line in logs if line.startswith("ready to paste")).splitlines()
+    assert pasted[1].strip() == f".venv/bin/soppu-hub chat alice/support-bot-soppu --url {run.backend_url}"
+    assert pasted[2].strip().startswith(f"curl -s {run.backend_url}/generate ")
+    assert pasted[3].strip().startswith(f"HF_ENDPOINT={run.hub_url} HF_TOKEN=hf_demo_alice .venv/bin/soppu-hub compress")
     # everything the demo started is stopped again
     for url in (run.hub_url, run.backend_url, run.space_url):
         try:
