@@ -52,6 +52,17 @@ class CardSummary:
     cluster: int | None = None
     cluster_size: int | None = None
     clusters: int | None = None
+    sources: list[str] | None = None  # the original adapter(s) this one was compressed from
+
+    @property
+    def original(self) -> str | None:
+        """The original adapter's Hub id, when the card names exactly one that is a repo id."""
+        if not self.sources or len(self.sources) != 1:
+            return None
+        try:
+            return validate_repo_id(self.sources[0])
+        except SoppuError:
+            return None  # compressed from a local folder: nothing on the Hub to compare with
 
     def markdown(self) -> str:
         def fmt(v, spec):
@@ -85,7 +96,8 @@ def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     except Exception:
         plot = None
     return CardSummary(repo_id, data.get("base_model"), soppu.get("compression_ratio"), soppu.get("mean_rel_error"),
-                       soppu.get("max_rel_error"), plot, soppu.get("cluster"), soppu.get("cluster_size"), soppu.get("clusters"))
+                       soppu.get("max_rel_error"), plot, soppu.get("cluster"), soppu.get("cluster_size"), soppu.get("clusters"),
+                       soppu.get("sources"))
 
 
 def history_to_messages(history: list | None) -> list[dict]:

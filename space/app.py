@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import atexit
 import os
+import warnings
 from typing import Iterator
 
 import gradio as gr
+
+# Gradio's queue route builds a dict with Starlette's deprecated HTTP_422 name on every request: one warning per
+# message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
+warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
 from soppu_hub.chat import ChatClient
 from soppu_hub.errors import SoppuError
 from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapters, stream_reply
 
+COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 INTRO = """# Chat with a compressed LoRA adapter
@@ -32,20 +38,36 @@ def build_app(client: ChatClient) -> gr.Blocks:
             return []
 
     def show_card(repo_id: str):
+        """The card summary, the plot, and the original adapter to compare with (None when there is none)."""
         try:
             s = card_summary(repo_id)
         except SoppuError as e:
-            return f"⚠️ {e}", None
-        return s.markdown(), s.error_plot
+            return f"⚠️ {e}", None, None
+        return s.markdown(), s.error_plot, s.original
+
+    def compared_id(compare: str, original: str | None) -> str | None | bool:
+        """What the second pane talks to: the original adapter, the base model (None), or nothing (False)."""
+        if compare == COMPARE_ORIGINAL:
+            return original or False
+        return None if compare == COMPARE_BASE else False
+
+    def panes(adapter_id, compare, original):
+        """Both panes cleared (a new conversation, in step) and labelled with what they talk to."""
+        other = compared_id(compare, original)
+        label = "base model" if other is None else (other or "the original adapter is not on the Hub")
+        return gr.update(value=[], label=adapter_id or "adapter"), gr.update(value=[], visible=True if compare != COMPARE_NONE else "hidden",
+                                                                            label=label)
 
     def refresh():
         choices = adapters()
         return gr.update(choices=choices, value=choices[0] if choices else None)
 
-    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare):
+    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original):
         if not (message or "").strip():
             yield "", history, base_history
             return
+        other = compared_id(compare, original)
+        compare = other is not False
         past, base_past = list(history or []), list(base_history or [])
         history = past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         if compare:
@@ -57,7 +79,7 @@ def build_app(client: ChatClient) -> gr.Blocks:
             history[-1] = {"role": "assistant", "content": text}
             yield gr.skip(), history, base_history
         if compare:
-            for text in stream_reply(client, message, base_past, None, **kw):
+            for text in stream_reply(client, message, base_past, other, **kw):
                 base_history[-1] = {"role": "assistant", "content": text}
                 yield gr.skip(), history, base_history
         yield gr.update(interactive=True), history, base_history
@@ -76,27 +98,31 @@ def build_app(client: ChatClient) -> gr.Blocks:
                                      label="Adapter (repo id)", elem_id="adapter-picker")
                 refresh_btn = gr.Button("Refresh list", size="sm")
                 summary = gr.Markdown(elem_id="card-summary")
-                plot = gr.Image(label="Relative error by layer", type="filepath", interactive=False, elem_id="error-plot")
+                plot = gr.Image(label="Relative error by layer", show_label=False, type="filepath", interactive=False,
+                                elem_id="error-plot")  # the badge would cover the figure's own title
                 system = gr.Textbox(label="System prompt", lines=2)
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=min(64, MAX_NEW_TOKENS), step=1, label="Max new tokens")
-                compare = gr.Checkbox(label="Compare with the base model", value=False)
+                compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=COMPARE_NONE,
+                                   label="Compare side by side with", elem_id="compare")
+                original = gr.State(None)
             with gr.Column(scale=2):
                 with gr.Row():
                     chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter")
-                    base_chat = gr.Chatbot(label="Base model", height=440, visible=False, elem_id="chat-base")
+                    base_chat = gr.Chatbot(label="compared with", height=440, visible="hidden", elem_id="chat-base")
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     clear = gr.Button("Clear")
 
-        picker.change(show_card, picker, [summary, plot], api_visibility="private")
-        # a new adapter starts a new conversation: the old one is neither shown beside it nor sent as its history
-        picker.change(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
-        demo.load(show_card, picker, [summary, plot], api_visibility="private")
+        # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
+        picker.change(show_card, picker, [summary, plot, original], api_visibility="private").then(
+            panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
+        demo.load(show_card, picker, [summary, plot, original], api_visibility="private").then(
+            panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
         refresh_btn.click(refresh, None, picker, api_visibility="private")
-        compare.change(lambda c: gr.update(visible=c), compare, base_chat, api_visibility="private")
-        inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare]
+        compare.change(panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
+        inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare, original]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
         message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
         send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")

@@ -77,17 +77,22 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             expect(page.locator("#chat-adapter")).to_contain_text("Hello there!")
             page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
             assert (tmp_path / "space.png").stat().st_size > 10_000
-            # the base model comparison appears beside it when asked for
-            page.get_by_label("Compare with the base model").check()
+            # the original adapter beside it, labelled with its repo id, the conversation starting afresh in both
+            page.get_by_label("the original adapter").check()
             expect(page.locator("#chat-base")).to_be_visible()
+            expect(page.locator("#chat-base")).to_contain_text("alice/support-bot", timeout=10_000)
+            expect(page.locator("#chat-adapter")).not_to_contain_text("Hello there!")
             send("Tell me more")
             expect(page.locator("#chat-base")).to_contain_text("Tell me more")
             expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last).not_to_be_empty()
+            original_reply = page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last.inner_text()
+            assert "⚠️" not in original_reply
+            page.screenshot(path=str(tmp_path / "space-compare.png"), full_page=True)
             # a typed id that does not exist: the error is shown in the chat, not a crash
             picker.fill("alice/no-such-adapter")
             picker.press("Enter")
             # a new adapter, a new conversation: the old one is gone from both panes
-            expect(page.locator("#chat-adapter")).not_to_contain_text("Hello there!", timeout=10_000)
+            expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me more", timeout=10_000)
             expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
             send("Anyone there?")
             expect(page.locator("#chat-adapter")).to_contain_text("adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private")
