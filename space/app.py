@@ -51,12 +51,21 @@ def build_app(client: ChatClient) -> gr.Blocks:
             return original or False
         return None if compare == COMPARE_BASE else False
 
-    def panes(adapter_id, compare, original):
-        """Both panes cleared (a new conversation, in step) and labelled with what they talk to."""
+    def labels(adapter_id, compare, original):
+        """Each pane labelled with what it talks to; the second shown only when comparing."""
         other = compared_id(compare, original)
         label = "base model" if other is None else (other or "the original adapter is not on the Hub")
-        return gr.update(value=[], label=adapter_id or "adapter"), gr.update(value=[], visible=True if compare != COMPARE_NONE else "hidden",
-                                                                            label=label)
+        return (gr.update(label=adapter_id or "adapter"),
+                gr.update(visible=True if compare != COMPARE_NONE else "hidden", label=label))
+
+    def panes(adapter_id, compare, original):
+        """A new conversation in both panes (in step), labelled."""
+        first, second = labels(adapter_id, compare, original)
+        return {**first, "value": []}, {**second, "value": []}
+
+    def cleared(adapter_id):
+        """First thing on a new adapter, before the (slower) card is read, so a message sent meanwhile stays."""
+        return gr.update(value=[], label=adapter_id or "adapter"), gr.update(value=[])
 
     def refresh():
         choices = adapters()
@@ -116,10 +125,11 @@ def build_app(client: ChatClient) -> gr.Blocks:
                     clear = gr.Button("Clear")
 
         # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
-        picker.change(show_card, picker, [summary, plot, original], api_visibility="private").then(
-            panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
+        picker.change(cleared, picker, [chatbot, base_chat], api_visibility="private").then(
+            show_card, picker, [summary, plot, original], api_visibility="private").then(
+            labels, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
         demo.load(show_card, picker, [summary, plot, original], api_visibility="private").then(
-            panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
+            labels, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
         refresh_btn.click(refresh, None, picker, api_visibility="private")
         compare.change(panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
         inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare, original]

@@ -91,6 +91,7 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             # a typed id that does not exist: the error is shown in the chat, not a crash
             picker.fill("alice/no-such-adapter")
             picker.press("Enter")
+            expect(page.locator("#chat-adapter")).to_contain_text("alice/no-such-adapter", timeout=30_000)  # pane relabelled
             # a new adapter, a new conversation: the old one is gone from both panes
             expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me more", timeout=10_000)
             expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
@@ -99,6 +100,7 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             # a path typed as the adapter: one line in the chat, and the page goes on working
             picker.fill("/etc/passwd")
             picker.press("Enter")
+            expect(page.locator("#chat-adapter")).to_contain_text("/etc/passwd", timeout=30_000)  # switched: pane relabelled
             send("And now?")
             expect(page.locator("#chat-adapter")).to_contain_text("not a Hub repo id")
         finally:
