@@ -79,13 +79,17 @@ class Compression:
     def bundle(self) -> Bundle:
         """The one bundle of an unclustered run."""
         if len(self.bundles) != 1:
-            raise ValueError("this compression has several clusters; use bundles / bundle_of()")
+            raise ValueError("this compression has several clusters; use bundles and local_indices()")
         return self.bundles[0]
 
-    def bundle_of(self, i: int) -> tuple[Bundle, int]:
-        """Adapter i's cluster bundle and its index inside it."""
-        c = self.cluster_of[i]
-        return self.bundles[c], [j for j, cj in enumerate(self.cluster_of) if cj == c].index(i)
+    def local_indices(self) -> list[int]:
+        """Each adapter's index inside its cluster's bundle (members keep their input order)."""
+        seen: dict[int, int] = {}
+        out = []
+        for c in self.cluster_of:
+            out.append(seen.get(c, 0))
+            seen[c] = out[-1] + 1
+        return out
 
     def members(self, c: int) -> list[int]:
         return [i for i, cj in enumerate(self.cluster_of) if cj == c]

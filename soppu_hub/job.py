@@ -106,9 +106,7 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     for c, wb in enumerate(written):  # one cluster: out/bundle; several: out/bundle/cluster-<c>
         save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""))
     exports: list[ExportInfo] = []
-    local = {}
-    for i, c in enumerate(comp.cluster_of):
-        local[i] = sum(1 for cj in comp.cluster_of[:i] if cj == c)
+    local = comp.local_indices()
     errors = []
     for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
         c, j = comp.cluster_of[i], local[i]
