@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast browser demo bench venv clean
+.PHONY: test test-fast browser demo bench samples venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ browser:
 
 demo: $(STAMP)
 	$(PY) -m soppu_hub demo
+
+# The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
+samples: $(STAMP)
+	$(PY) -m soppu_hub samples build
 
 bench: $(STAMP)
 	$(PY) -m soppu_hub bench

@@ -161,6 +161,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from .samples.collection import BuildConfig, build_collection, load_collection
+
+    if args.action == "check":
+        c = load_collection(args.out)
+        print(f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json")
+        return 0
+    config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    bar = _ProgressBar("training", "step")
+    try:
+        c = build_collection(args.out, config, progress=bar, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        bar.close()
+    print(f"sample collection: {c.folder} ({len(c.adapters)} adapters; check it with soppu-hub samples check)")
+    return 0
+
+
 def cmd_hub(args: argparse.Namespace) -> int:
     from .hubserver import load_auth, serve
 
@@ -290,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")
     p.set_defaults(func=cmd_chat)
+
+    from .samples.collection import COLLECTION, BuildConfig
+
+    p = sub.add_parser("samples", help="build (train on the CPU, minutes) or check the sample collection the demo uses")
+    p.add_argument("action", choices=["build", "check"])
+    p.add_argument("--out", default=str(COLLECTION), help="collection folder (default: the one in the package)")
+    for f in dataclasses.fields(BuildConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    p.set_defaults(func=cmd_samples)
 
     p = sub.add_parser("demo", help="the whole chain offline: Hub, sample adapters, compress by repo id, backend, the Space")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")

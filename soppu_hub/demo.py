@@ -13,6 +13,7 @@ from typing import Callable
 
 from .errors import SoppuError
 from .samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
+from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples"}
 
@@ -37,19 +38,16 @@ def _endpoint(url: str):
 
 
 def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str,
-             trained: bool = False) -> Seeded:
-    """Publish the tiny base model and two sample adapters (naming it as their base) to a Hub endpoint.
+             collection: Collection | None = None) -> Seeded:
+    """Publish a base model and its sample adapters (naming it as their base) to a Hub endpoint.
 
-    trained=True spends ~30 s of CPU so the model talks and the adapters have a style (the demo);
-    otherwise random weights and synthetic adapters (the tests).
+    From the trained sample collection (the demo) or, without one, a random tiny Llama and two synthetic
+    adapters written into `workdir` (the tests: fast, and shaped like the real thing).
     """
     from huggingface_hub import HfApi
 
-    if trained:
-        from .sample_training import build_talking_llama, train_style_adapters
-
-        base = build_talking_llama(workdir / "tiny-llama")
-        adapters = train_style_adapters(workdir / "adapters", base, base_model=TINY_BASE_ID)
+    if collection is not None:
+        base, adapters = collection.base, collection.adapters
     else:
         base = build_tiny_llama(workdir / "tiny-llama")
         adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
@@ -65,6 +63,27 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
             api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
             ids.append(repo_id)
     return Seeded(TINY_BASE_ID, ids)
+
+
+def sample_collection(log: Callable[[str], None] = print) -> Collection:
+    """The committed collection; trained first (minutes, with a progress bar) when it is missing."""
+    if (COLLECTION / "manifest.json").exists():
+        return load_collection(COLLECTION)
+    from huggingface_hub.utils import tqdm
+
+    log(f"no sample collection in {COLLECTION}: training it once on the CPU (make samples does the same)")
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc="training", unit="step")
+        bar.update(done - bar.n)
+
+    try:
+        return build_collection(COLLECTION, progress=progress, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -106,10 +125,10 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
         hub = start_hub(workdir / "hub-data", DEMO_USERS)
         children.append(hub)
         log(f"offline Hub running at {hub.url}")
-        log("training the tiny Llama and two style adapters on the CPU (about 30 s)")
+        collection = sample_collection(log)
         seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"],
-                          samples_token=DEMO_USERS["soppu-samples"], trained=True)
-        log(f"seeded {seeded.base_model} and sample adapters {', '.join(seeded.adapters)}")
+                          samples_token=DEMO_USERS["soppu-samples"], collection=collection)
+        log(f"seeded {seeded.base_model} and {len(seeded.adapters)} sample adapters ({', '.join(seeded.adapters)})")
         env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",
                "--out", str(workdir / "compressed")]

@@ -24,10 +24,15 @@ from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapte
 
 COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
+# one set of defaults for the UI's controls and the `chat` API
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_MAX_NEW = min(64, MAX_NEW_TOKENS)
+EXAMPLES = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.", "What is the capital of France?",
+            "How do I reset my password?", "I am feeling sad."]
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 INTRO = """# Chat with a compressed LoRA adapter
 Adapters compressed with soppu-hub (joint diagonalization: one shared
-basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its repo id."""
+basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
 
 
 def build_app(client: ChatClient) -> gr.Blocks:
@@ -93,46 +98,59 @@ def build_app(client: ChatClient) -> gr.Blocks:
                 yield gr.skip(), history, base_history
         yield gr.update(interactive=True), history, base_history
 
-    def chat(message: str, history: list[dict], adapter_id: str) -> Iterator[str]:
-        """Stream the adapter's reply to `message` given the chat `history` (role/content messages)."""
-        yield from stream_reply(client, message, history, adapter_id, max_new_tokens=MAX_NEW_TOKENS,
-                                max_new_tokens_cap=MAX_NEW_TOKENS)
+    def chat(message: str, history: list[dict], adapter_id: str, system_prompt: str = "",
+             temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = DEFAULT_MAX_NEW) -> Iterator[str]:
+        """Stream the reply of `adapter_id` (or __base_model__) to `message` given the chat `history`
+        (role/content messages); the defaults are the UI's."""
+        yield from stream_reply(client, message, history, adapter_id, system_prompt=system_prompt, temperature=temperature,
+                                max_new_tokens=max_new_tokens, max_new_tokens_cap=MAX_NEW_TOKENS)
 
     with gr.Blocks(title="soppu-hub: chat with a compressed LoRA") as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 choices = adapters()
-                picker = gr.Dropdown(choices=choices, value=choices[0] if choices else None, allow_custom_value=True,
-                                     label="Adapter (repo id)", elem_id="adapter-picker")
+                first = choices[0] if choices else None
+                # a list to pick from and a box for an exact id: a dropdown that accepts typing would replace a
+                # typed id with the first listed id it prefixes (alice/support-bot -> alice/support-bot-soppu)
+                picker = gr.Dropdown(choices=choices, value=first, label="Adapter", elem_id="adapter-picker")
+                typed = gr.Textbox(value=first, label="or type an exact repo id, then Enter", elem_id="adapter-id",
+                                   placeholder="owner/name", max_lines=1)
+                active = gr.State(first)
                 refresh_btn = gr.Button("Refresh list", size="sm")
                 summary = gr.Markdown(elem_id="card-summary")
                 plot = gr.Image(label="Relative error by layer", show_label=False, type="filepath", interactive=False,
                                 elem_id="error-plot")  # the badge would cover the figure's own title
-                system = gr.Textbox(label="System prompt", lines=2)
-                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                max_new = gr.Slider(1, MAX_NEW_TOKENS, value=min(64, MAX_NEW_TOKENS), step=1, label="Max new tokens")
+                with gr.Accordion("Generation settings", open=False):  # closed: on a phone the chat comes sooner
+                    system = gr.Textbox(label="System prompt", lines=2)
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW, step=1, label="Max new tokens")
                 compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=COMPARE_NONE,
                                    label="Compare side by side with", elem_id="compare")
                 original = gr.State(None)
             with gr.Column(scale=2):
-                with gr.Row():
-                    chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter")
-                    base_chat = gr.Chatbot(label="compared with", height=440, visible="hidden", elem_id="chat-base")
+                with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
+                    chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter", min_width=300)
+                    base_chat = gr.Chatbot(label="compared with", height=440, visible="hidden", elem_id="chat-base",
+                                           min_width=300)
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                gr.Examples([[e] for e in EXAMPLES], inputs=message, label="Example prompts (click one, then Enter)",
+                            elem_id="examples")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     clear = gr.Button("Clear")
 
         # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
-        picker.change(cleared, picker, [chatbot, base_chat], api_visibility="private").then(
-            show_card, picker, [summary, plot, original], api_visibility="private").then(
-            labels, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
-        demo.load(show_card, picker, [summary, plot, original], api_visibility="private").then(
-            labels, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
+        picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
+        typed.submit(lambda v: (v or "").strip() or None, typed, active, api_visibility="private")
+        active.change(cleared, active, [chatbot, base_chat], api_visibility="private").then(
+            show_card, active, [summary, plot, original], api_visibility="private").then(
+            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+        demo.load(show_card, active, [summary, plot, original], api_visibility="private").then(
+            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         refresh_btn.click(refresh, None, picker, api_visibility="private")
-        compare.change(panes, [picker, compare, original], [chatbot, base_chat], api_visibility="private")
-        inputs = [message, chatbot, base_chat, picker, system, temperature, max_new, compare, original]
+        compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+        inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
         message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
         send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")

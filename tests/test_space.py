@@ -1,5 +1,6 @@
 """The Space as a person and a program meet it: gradio_client on the `chat` endpoint, a real headless Chromium."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,13 @@ def test_gradio_client_streams_the_chat_endpoint(space, backend):
     expected = ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
                                             settings=GenerationSettings(max_new_tokens=32))
     assert final == expected
+    # the base model by the CLI's name, and the UI's controls as keywords with the UI's defaults
+    base = client.submit("Hello!", [], "__base_model__", api_name="/chat").result()
+    assert base == ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
+                                                settings=GenerationSettings(max_new_tokens=32))
+    short = client.submit("Hello!", [], "alice/support-bot-soppu", "", 0.0, 3, api_name="/chat").result()
+    assert short == ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
+                                                 settings=GenerationSettings(max_new_tokens=3))
     bad = client.submit("Hello!", [], "../etc/passwd", api_name="/chat").result()
     assert bad.startswith("⚠️") and "not a Hub repo id" in bad
     missing = client.submit("Hello!", [], "alice/no-such-adapter", api_name="/chat").result()
@@ -43,17 +51,28 @@ def test_gradio_client_streams_the_chat_endpoint(space, backend):
     assert missing.count("alice/no-such-adapter") == 1 and "Error" not in missing and "hf auth login" not in missing
 
 
-def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
+def _artifacts(tmp_path: Path) -> Path:
+    """Screenshots are kept: $SOPPU_TEST_ARTIFACTS when set (make screenshot points it at docs/), else tmp_path."""
+    folder = Path(os.environ.get("SOPPU_TEST_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _browser(p):
     assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium); .ci/run installs it"
+    return p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+
+
+def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    shots = _artifacts(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 1000})
             page.goto(space)
-            picker = page.locator("#adapter-picker input")
-            picker.click()
+            page.locator("#adapter-picker input").click()
             page.get_by_role("option", name="alice/support-bot-soppu").click()
             expect(page.locator("#card-summary")).to_contain_text("alice/support-bot-soppu", timeout=30_000)
             expect(page.locator("#card-summary")).to_contain_text("compression ratio")
@@ -62,46 +81,91 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
                 "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && i.naturalWidth > 0 }",
                 timeout=30_000)
             box = page.locator("#message textarea")
+            typed = page.locator("#adapter-id textarea, #adapter-id input").first
+            expect(typed).to_have_value("alice/support-bot-soppu")  # the box shows the exact id in use
 
-            def send(text: str) -> None:
+            def send(text: str | None) -> None:
+                """Type `text` (None: what an example put in the box) and wait for the reply to finish."""
                 expect(box).to_be_enabled(timeout=60_000)  # locked while a reply streams
-                box.fill(text)
+                if text is None:
+                    text = box.input_value()
+                else:
+                    box.fill(text)
                 box.press("Enter")
                 expect(page.locator("#chat-adapter")).to_contain_text(text, timeout=30_000)
                 expect(box).to_have_value("")
                 expect(box).to_be_enabled(timeout=60_000)
 
-            send("Hello there!")
+            # an example prompt fills the box; Enter sends it
+            page.locator("#examples").get_by_text("Tell me a joke.", exact=True).click()
+            expect(box).to_have_value("Tell me a joke.")
+            send(None)
             bot = page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last
             expect(bot).not_to_be_empty(timeout=10_000)
-            expect(page.locator("#chat-adapter")).to_contain_text("Hello there!")
-            page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
-            assert (tmp_path / "space.png").stat().st_size > 10_000
+            page.screenshot(path=str(shots / "space.png"), full_page=True)
+            assert (shots / "space.png").stat().st_size > 10_000
             # the original adapter beside it, labelled with its repo id, the conversation starting afresh in both
             page.get_by_label("the original adapter").check()
             expect(page.locator("#chat-base")).to_be_visible()
             expect(page.locator("#chat-base")).to_contain_text("alice/support-bot", timeout=10_000)
-            expect(page.locator("#chat-adapter")).not_to_contain_text("Hello there!")
+            expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me a joke.")
             send("Tell me more")
             expect(page.locator("#chat-base")).to_contain_text("Tell me more")
             expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last).not_to_be_empty()
             original_reply = page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last.inner_text()
             assert "⚠️" not in original_reply
-            page.screenshot(path=str(tmp_path / "space-compare.png"), full_page=True)
-            # a typed id that does not exist: the error is shown in the chat, not a crash
-            picker.fill("alice/no-such-adapter")
-            picker.press("Enter")
-            expect(page.locator("#chat-adapter")).to_contain_text("alice/no-such-adapter", timeout=30_000)  # pane relabelled
-            # a new adapter, a new conversation: the old one is gone from both panes
-            expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me more", timeout=10_000)
+            page.screenshot(path=str(shots / "space-compare.png"), full_page=True)
+            # a typed exact id is used as typed: alice/support-bot is not replaced by the listed alice/support-bot-soppu
+            typed.fill("alice/support-bot")
+            typed.press("Enter")
+            label = page.locator("#chat-adapter [data-testid='block-label'], #chat-adapter label").first
+            expect(label).to_have_text("alice/support-bot", timeout=30_000)
+            expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me more", timeout=10_000)  # new conversation
             expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
+            send("Hello!")
+            assert "⚠️" not in page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last.inner_text()
+            # a typed id that does not exist: one line in the chat, in words
+            typed.fill("alice/no-such-adapter")
+            typed.press("Enter")
+            expect(label).to_have_text("alice/no-such-adapter", timeout=30_000)
             send("Anyone there?")
-            expect(page.locator("#chat-adapter")).to_contain_text("adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private")
+            expect(page.locator("#chat-adapter")).to_contain_text(
+                "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private")
+            text = page.locator("#chat-adapter").inner_text()
+            assert text.count("alice/no-such-adapter") == 2 and "Error" not in text and "hf auth" not in text  # label + line
             # a path typed as the adapter: one line in the chat, and the page goes on working
-            picker.fill("/etc/passwd")
-            picker.press("Enter")
-            expect(page.locator("#chat-adapter")).to_contain_text("/etc/passwd", timeout=30_000)  # switched: pane relabelled
+            typed.fill("/etc/passwd")
+            typed.press("Enter")
+            expect(label).to_have_text("/etc/passwd", timeout=30_000)
             send("And now?")
             expect(page.locator("#chat-adapter")).to_contain_text("not a Hub repo id")
+            page.screenshot(path=str(shots / "space-error.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_browser_phone_width_stacks_the_panes(space, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = _artifacts(tmp_path)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+            page.goto(space)
+            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=30_000)
+            page.get_by_label("the original adapter").check()
+            expect(page.locator("#chat-base")).to_be_visible()
+            for pane in ("#chat-adapter", "#chat-base"):
+                box = page.locator(pane).bounding_box()
+                assert box["width"] >= 300, (pane, box)  # stacked, not two 150 px slivers
+            a, b = page.locator("#chat-adapter").bounding_box(), page.locator("#chat-base").bounding_box()
+            assert b["y"] >= a["y"] + a["height"] - 1  # one above the other
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # nothing off-screen sideways
+            message = page.locator("#message textarea")
+            message.fill("Hello!")
+            message.press("Enter")
+            expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last).not_to_be_empty(timeout=60_000)
+            page.screenshot(path=str(shots / "space-phone.png"), full_page=True)
         finally:
             browser.close()
