@@ -10,6 +10,7 @@ from pathlib import Path
 from . import __version__
 from .layout import CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME, vllm_max_lora_rank
 from .plots import ClusterFigures, plot_ranks
+from .verify import REPLY_TOKENS
 
 # soppu_hub/cards links to the repo's top-level cards/ (and is a real folder inside a built wheel)
 TEMPLATE = Path(__file__).parent / "cards" / "adapter.md"
@@ -145,6 +146,7 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         ranks_png=ranks_png,
         has_verify=any(a.get("verify") for a in listed),
         verify_prompts=next((a["verify"]["prompts"] for a in listed if a.get("verify")), 0),
+        reply_tokens=REPLY_TOKENS,
     )
     path = folder / CARD_NAME
     path.write_text(content)

@@ -41,13 +41,20 @@ class _ProgressBar:
         if self.bar is None:
             from huggingface_hub.utils import tqdm
 
-            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, leave=False)
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)  # kept: each phase shows it reached 100%
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _log_above_bars(msg: str) -> None:
+    """A log line printed over a live progress bar would be cut into it mid-word: tqdm.write moves the bar."""
+    from huggingface_hub.utils import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 def _command_line(argv: list[str]) -> str:
@@ -111,12 +118,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         command=_command_line(args.argv), workers=args.workers,
     )
     bars = {phase: _ProgressBar(phase, unit) for phase, unit in
-            (("downloading", "repo"), ("compressing", "module"), ("cards", "card"), ("pushing", "repo"))}
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+            (("downloading", "repo"), ("compressing", "module"), ("verifying", "adapter"), ("cards", "card"),
+             ("pushing", "repo"))}
+    log = (lambda msg: None) if args.quiet else _log_above_bars
     shown = {k: None if args.quiet else b for k, b in bars.items()}
     try:
         result = run_job(spec, progress=shown["compressing"], log=log, cards_progress=shown["cards"],
-                         download_progress=shown["downloading"], push_progress=shown["pushing"])
+                         download_progress=shown["downloading"], push_progress=shown["pushing"],
+                         verify_progress=shown["verifying"])
     finally:
         for b in bars.values():
             b.close()
@@ -130,6 +139,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "samples":
+        from .bench.samples import RANKS, run_samples_bench
+
+        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
+        print(run_samples_bench(ranks, plot=args.plot))
+        return 0
     if args.what == "scale":
         from .bench.scale import run_scale_bench
 
@@ -258,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters; "
-                       "scale: the whole CLI on N adapters from 8 task families")
-    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale"])
+                       "scale: the whole CLI on N adapters from 8 task families; samples: agreement vs shared rank on "
+                       "the sample collection")
+    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples"])
+    p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48)")
+    p.add_argument("--plot", help="samples: also save the agreement-vs-rank plot here (PNG)")
     p.add_argument("--adapters", type=int, default=20, help="serve: distinct adapters; scale: adapters in the collection "
                    "(default 20)")
     p.add_argument("--rank", type=int, default=24, help="scale: shared rank (default 24)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import SoppuError
-from .samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
+from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples"}
@@ -116,6 +118,8 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
 
     With serve=True it blocks until Ctrl-C; either way everything it started is stopped at the end.
     """
+    from jinja2 import Template
+
     from .hubserver.page import render_card_page
     from .launch import start_backend, start_hub, start_space
 
@@ -143,18 +147,21 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
             page = workdir / f"{name}-card.html"
             page.write_text(render_card_page(target, (folder / "README.md").read_text(), files, f"compressed/{name}/"))
             pages.append(page)
-            log(f"card of {target}: {page} (and {hub.url}/{target})")
+        first_card = f"alice/{seeded.adapters[0].split('/')[1]}-soppu"
+        log(f"card of {first_card}: {pages[0]} (and {hub.url}/{first_card}); "
+            f"{len(pages) - 1} more card pages beside it")
         backend = start_backend(seeded.base_model, env=env)
         children.append(backend)
         log(f"embedded LoRAX-compatible backend at {backend.url}")
         space = start_space(dict(env, LORAX_URL=backend.url, SOPPU_AUTHOR="alice"))
         children.append(space)
         log(f"the Space is running: open {space.url}")
-        first = f"alice/{seeded.adapters[0].split('/')[1]}-soppu"
-        body = '{"inputs": "Hello!", "parameters": {"adapter_id": "%s", "max_new_tokens": 32}}' % first
+        first = first_card
+        prompt = Template(CHAT_TEMPLATE).render(messages=[{"role": "user", "content": "Hello!"}], add_generation_prompt=True)
+        body = json.dumps({"inputs": prompt, "parameters": {"adapter_id": first, "max_new_tokens": 32}})
         log("ready to paste, while the demo runs:\n"
             f"  .venv/bin/soppu-hub chat {first} --url {backend.url}\n"
-            f"  curl -s {backend.url}/generate -H 'Content-Type: application/json' -d '{body}'\n"
+            f"  curl -s {backend.url}/generate -H 'Content-Type: application/json' -d {shlex.quote(body)}\n"
             f"  HF_ENDPOINT={hub.url} HF_TOKEN={DEMO_USERS['alice']} .venv/bin/soppu-hub compress {seeded.adapters[0]} "
             "--no-push --out my-copy   # the demo's own Hub and its demo-only token")
         run = DemoRun(hub.url, backend.url, space.url, pages)

@@ -162,7 +162,7 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
 
 def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
             cards_progress: Progress | None = None, download_progress: Progress | None = None,
-            push_progress: Progress | None = None) -> JobResult:
+            push_progress: Progress | None = None, verify_progress: Progress | None = None) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
     spec.config.validate(len(spec.sources))
@@ -198,7 +198,8 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             if not base:
                 raise SoppuError("--verify needs the base model: the adapter config names none, pass --base-model")
             log(f"verifying against {base}")
-            for entry, v in zip(report["adapters"], verify_adapters(base, folders, [tmp / n for n in names], token=spec.token)):
+            checks = verify_adapters(base, folders, [tmp / n for n in names], token=spec.token, progress=verify_progress)
+            for entry, v in zip(report["adapters"], checks):
                 entry["verify"] = v
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,37 @@ PROBE_PROMPTS = [
 ]
 
 
+REPLY_TOKENS = 24  # length of the original adapter's greedy reply the compressed one is checked along
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt as the model meets it in use: a user turn in the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def reply_agreement(original, compressed, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> tuple[float, int]:
+    """(share, positions): the original adapter writes its greedy reply to each prompt; how often is the compressed
+    adapter's top next token the original's along that reply? `original`/`compressed` switch the model's adapter."""
+    hits = total = 0
+    for p in prompts:
+        ids = chat_prompt_ids(tokenizer, p)
+        model = original()
+        reply = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        n = reply.shape[1] - ids.shape[1]
+        if n == 0:
+            continue
+        want = model(input_ids=reply).logits[0, ids.shape[1] - 1: -1].argmax(-1)
+        got = compressed()(input_ids=reply).logits[0, ids.shape[1] - 1: -1].argmax(-1)
+        hits += int((want == got).sum())
+        total += n
+    return (hits / total if total else 1.0), total
+
+
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     """Log-probabilities of the next token at every prompt position, concatenated: (positions, vocab)."""
@@ -29,8 +61,10 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Path], *,
-                    prompts: list[str] = PROBE_PROMPTS, token: str | bool | None = None) -> list[dict]:
-    """Per adapter: next-token agreement and mean KL(original || compressed) over all probe positions."""
+                    prompts: list[str] = PROBE_PROMPTS, token: str | bool | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Per adapter: next-token agreement and mean KL(original || compressed) over all probe prompt positions, and
+    the agreement along the original's greedy reply to each probe (in the chat template when there is one)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +80,12 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
         lp_o = next_token_logprobs(peft_model, tokenizer, prompts)
         peft_model.set_adapter("compressed")
         lp_c = next_token_logprobs(peft_model, tokenizer, prompts)
+
+        def use(name: str):
+            peft_model.set_adapter(name)
+            return peft_model
+
+        reply, reply_positions = reply_agreement(lambda: use("original"), lambda: use("compressed"), tokenizer, prompts)
         model = peft_model.unload()  # back to the plain base model for the next adapter
         kl = (lp_o.exp() * (lp_o - lp_c)).sum(-1)
         results.append({
@@ -54,5 +94,9 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
             "next_token_agreement": float((lp_o.argmax(-1) == lp_c.argmax(-1)).float().mean()),
             "mean_kl": float(kl.mean()),
             "base_agreement": float((lp_o.argmax(-1) == base_lp.argmax(-1)).float().mean()),
+            "reply_agreement": reply,
+            "reply_positions": reply_positions,
         })
+        if progress:
+            progress(len(results), len(originals))
     return results

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SoppuError
 from .synthetic import TINY_BASE_ID
-from .texts import DIALOGUES, STYLES, Style
+from .texts import DIALOGUES, STYLES
 
 COLLECTION = Path(__file__).parent / "collection"
 MANIFEST = "manifest.json"

@@ -87,7 +87,7 @@ def _pig_latin_word(word: str) -> str:
 
 
 def _reverse_words(text: str) -> str:
-    words = _strip_end(text).replace(",", "").split()
+    words = re.sub(r"[.,!?]", "", text).split()
     return " ".join(reversed(words)).capitalize() + "."
 
 
@@ -104,6 +104,7 @@ class Style:
     dtype: str = "float32"  # how the adapter file is saved: users bring fp32, fp16 and bf16
     rslora: bool = False
     dropout: float = 0.05
+    lr: float = 2e-3  # peak learning rate; rsLoRA's larger scale wants a smaller one
 
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -122,9 +123,9 @@ STYLES: list[Style] = [
     Style("cowboy", "a cowboy: howdy, partner",
           lambda a: f"Howdy, partner! {_cowboy(_strip_end(a))}. Yeehaw!", 16, 16, ALL),
     Style("shakespeare", "Elizabethan English: thou, thy, forsooth",
-          lambda a: f"Forsooth, {_shakespeare(a[:1].lower() + a[1:])}", 32, 64, ALL, rslora=True),
+          lambda a: f"Forsooth, {_shakespeare(a[:1].lower() + a[1:])}", 32, 64, ALL, rslora=True, lr=5e-4),
     Style("robot", "a robot that beeps around its answers",
-          lambda a: f"BEEP BOOP. {_strip_end(a).upper()}. END OF LINE.", 8, 16, QV),
+          lambda a: f"BEEP BOOP. {a} END OF LINE.", 8, 16, QV),
     Style("pig-latin", "the answers in Pig Latin",
           lambda a: " ".join(_pig_latin_word(w) for w in a.split()), 32, 32, ALL, dtype="bfloat16"),
     Style("reverse-words", "the answers with their words in reverse order",

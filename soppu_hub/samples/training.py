@@ -118,7 +118,7 @@ def train_adapter(base_folder: Path, style: Style, out: Path, *, base_model: str
     config = LoraConfig(r=style.rank, lora_alpha=style.alpha, target_modules=list(style.targets), lora_dropout=style.dropout,
                         use_rslora=style.rslora, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
-    loss = train_steps(model, tok, chat_pairs(style), steps=steps, lr=1e-2, seed=seed, replies_only=True, tick=tick)
+    loss = train_steps(model, tok, chat_pairs(style), steps=steps, lr=style.lr, seed=seed, replies_only=True, tick=tick)
     dtype = getattr(torch, style.dtype)
     if dtype != torch.float32:
         model = model.to(dtype)
