@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import SoppuError
 from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
+DEMO_RANK = 32  # chosen from `soppu-hub bench samples` (README, "The demo"): agreement against rank
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples"}
 
 
@@ -113,10 +115,12 @@ class DemoRun:
     pages: list[Path]
 
 
-def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 12, serve: bool = True) -> DemoRun:
+def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = DEMO_RANK, serve: bool = True,
+             on_ready: Callable[[DemoRun], None] | None = None) -> DemoRun:
     """Offline Hub + samples -> `soppu-hub compress` by repo id -> embedded backend -> the Space.
 
     With serve=True it blocks until Ctrl-C; either way everything it started is stopped at the end.
+    on_ready(run) is called while everything is up (the tests drive a browser there).
     """
     from jinja2 import Template
 
@@ -137,7 +141,14 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
         cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",
                "--out", str(workdir / "compressed")]
         log("$ soppu-hub compress " + " ".join(cmd[4:]))
-        subprocess.run(cmd, env=env, check=True)
+        # the backend loads the base model from the Hub meanwhile: it needs no compressed adapter to start
+        starting = ThreadPoolExecutor(1).submit(start_backend, seeded.base_model, env=env)
+        try:
+            subprocess.run(cmd, env=env, check=True)
+        finally:
+            children.append(starting.result())
+        backend = children[-1]
+        log(f"embedded LoRAX-compatible backend at {backend.url}")
         pages = []
         for repo_id in seeded.adapters:
             name = repo_id.split("/")[1]
@@ -150,9 +161,6 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
         first_card = f"alice/{seeded.adapters[0].split('/')[1]}-soppu"
         log(f"card of {first_card}: {pages[0]} (and {hub.url}/{first_card}); "
             f"{len(pages) - 1} more card pages beside it")
-        backend = start_backend(seeded.base_model, env=env)
-        children.append(backend)
-        log(f"embedded LoRAX-compatible backend at {backend.url}")
         space = start_space(dict(env, LORAX_URL=backend.url, SOPPU_AUTHOR="alice"))
         children.append(space)
         log(f"the Space is running: open {space.url}")
@@ -165,6 +173,8 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = 1
             f"  HF_ENDPOINT={hub.url} HF_TOKEN={DEMO_USERS['alice']} .venv/bin/soppu-hub compress {seeded.adapters[0]} "
             "--no-push --out my-copy   # the demo's own Hub and its demo-only token")
         run = DemoRun(hub.url, backend.url, space.url, pages)
+        if on_ready:
+            on_ready(run)
         if serve:
             log("Ctrl-C stops the Space, the backend and the Hub")
             space.proc.wait()

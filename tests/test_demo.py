@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +13,62 @@ from soppu_hub.demo import run_demo
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
 
+def _look_at_the_space(run, shots: Path) -> dict:
+    """A person on the demo's Space: the pirate adapter beside its original, one example prompt, a screenshot."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from test_space import _browser
+
+    seen = {}
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.goto(run.space_url)
+            typed = page.locator("#adapter-id textarea, #adapter-id input").first
+            typed.fill("alice/pirate-talk-soppu")
+            typed.press("Enter")
+            expect(page.locator("#card-summary")).to_contain_text("alice/pirate-talk-soppu", timeout=30_000)
+            page.get_by_label("the original adapter").check()
+            expect(page.locator("#chat-base")).to_contain_text("alice/pirate-talk", timeout=10_000)
+            page.locator("#examples").get_by_text("Where is my order? It has not arrived.", exact=True).click()
+            page.locator("#message textarea").press("Enter")
+            bots = "#chat-{} .bot, #chat-{} [data-testid='bot']"
+            for pane in ("adapter", "base"):
+                expect(page.locator(bots.format(pane, pane)).last).not_to_be_empty(timeout=60_000)
+            expect(page.locator("#message textarea")).to_be_enabled(timeout=60_000)
+            for pane in ("adapter", "base"):
+                seen[pane] = page.locator(bots.format(pane, pane)).last.inner_text()
+            page.screenshot(path=str(shots / "space.png"))
+        finally:
+            browser.close()
+    return seen
+
+
 def test_demo_runs_the_whole_chain(tmp_path):
-    logs = []
-    run = run_demo(tmp_path / "demo", log=logs.append, serve=False)
+    """The demo on the committed sample collection: 12 adapters, a real saving, and replies a person can read."""
+    import json
+    import os
+    import time
+
+    shots = Path(os.environ.get("SOPPU_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    logs, stamps, seen = [], [], {}
+    start = time.monotonic()
+
+    def log(line):
+        logs.append(line)
+        stamps.append(time.monotonic() - start)
+
+    run = run_demo(tmp_path / "demo", log=log, serve=False, on_ready=lambda r: seen.update(_look_at_the_space(r, shots)))
+    space_line = next(i for i, line in enumerate(logs) if line == f"the Space is running: open {run.space_url}")
+    print(f"Space URL after {stamps[space_line]:.1f} s")
+    assert stamps[space_line] < 60  # the brief says 30 s on a quiet machine; CI's 2 shared cores get slack
+    # what the person saw: the pirate adapter, compressed, still talks like a pirate, as its original does
+    assert seen["adapter"].startswith("Arr!") and seen["base"].startswith("Arr!"), seen
+    assert (shots / "space.png").stat().st_size > 20_000
+    report = json.loads((tmp_path / "demo" / "compressed" / "report.json").read_text())
+    assert len(report["adapters"]) >= 12 and report["compression_ratio"] >= 2.4
     page = run.pages[0]
     html = page.read_text()
     assert "alice/support-bot-soppu" in html and "<table>" in html
@@ -24,8 +78,8 @@ def test_demo_runs_the_whole_chain(tmp_path):
         png = page.parent / src
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith(f"card of alice/support-bot-soppu: {page} ") for line in logs), logs
-    assert "next-token agreement" in (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
-    assert any(line == f"the Space is running: open {run.space_url}" for line in logs)
+    card = (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
+    assert "next-token agreement" in card and "reply agreement" in card and card.startswith("---\nlicense: apache-2.0")
     pasted = next(line for line in logs if line.startswith("ready to paste")).splitlines()
     assert pasted[1].strip() == f".venv/bin/soppu-hub chat alice/support-bot-soppu --url {run.backend_url}"
     assert pasted[2].strip().startswith(f"curl -s {run.backend_url}/generate ")

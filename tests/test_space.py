@@ -102,8 +102,8 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             send(None)
             bot = page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last
             expect(bot).not_to_be_empty(timeout=10_000)
-            page.screenshot(path=str(shots / "space.png"), full_page=True)
-            assert (shots / "space.png").stat().st_size > 10_000
+            page.screenshot(path=str(shots / "space-chat.png"), full_page=True)
+            assert (shots / "space-chat.png").stat().st_size > 10_000
             # the original adapter beside it, labelled with its repo id, the conversation starting afresh in both
             page.get_by_label("the original adapter").check()
             expect(page.locator("#chat-base")).to_be_visible()
