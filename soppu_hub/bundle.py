@@ -45,6 +45,13 @@ class ModuleBasis:
     def num_params(self) -> int:
         return self.U.numel() + self.V.numel() + sum(c.numel() for c in self.cores.values())
 
+    def leading(self, j: int) -> "ModuleBasis":
+        """The first j basis directions and the matching block of every core (JD orders them by weight)."""
+        if j >= self.rank:
+            return self
+        return ModuleBasis(self.U[:, :j].contiguous(), self.V[:, :j].contiguous(),
+                           {p: (c[:j] if c.dim() == 1 else c[:j, :j]).contiguous() for p, c in self.cores.items()}, self.kind)
+
 
 @dataclass
 class Bundle:
@@ -74,6 +81,10 @@ class Bundle:
             h.update(mb.U.contiguous().float().numpy().tobytes())
             h.update(mb.V.contiguous().float().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def truncated(self, rank: int) -> "Bundle":
+        """Every module cut to its leading `rank` directions: the same fit at a smaller shared rank."""
+        return Bundle(self.method, self.adapters, self.configs, {n: mb.leading(rank) for n, mb in self.modules.items()})
 
     def factors(self, adapter: int | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Reconstruction of one adapter as (B, A) per module, delta = B @ A = U S_i V^T."""

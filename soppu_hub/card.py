@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .layout import CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME, vllm_max_lora_rank
-from .plots import ClusterFigures, plot_ranks
+from .layout import AGREEMENT_PNG, CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME, vllm_max_lora_rank
+from .plots import ClusterFigures, plot_rank_sweep, plot_ranks
 from .verify import REPLY_TOKENS
 
 # soppu_hub/cards links to the repo's top-level cards/ (and is a real folder inside a built wheel)
@@ -98,6 +98,13 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
     if report.get("target_error") is not None and cluster is not None:
         ranks_png = RANKS_PNG
         plot_ranks(cluster, folder / RANKS_PNG)
+    sweep_png = None
+    if report.get("rank_sweep"):
+        sweep_png = AGREEMENT_PNG
+        v = own.get("verify") or {}
+        curve = {**v.get("by_rank", {}), str(report["rank"]): v} if v else None
+        plot_rank_sweep(report["rank_sweep"], folder / AGREEMENT_PNG, own=curve,
+                        title=f"{own['name']}: agreement against shared rank (all {len(report['adapters'])} adapters)")
     license = license or {"license": "unknown"}
     data = ModelCardData(
         **license,
@@ -133,6 +140,7 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         cluster=cluster,
         n_clusters=max(1, len(clusters)),
         peers=listed,
+        sweep_png=sweep_png,
         unlisted=(cluster["size"] if cluster else len(report["adapters"])) - len(listed),
         sources=[{"source": s, "url": _hub_url(s)} for s in sources],
         base_model=base_model or "unknown",

@@ -98,6 +98,21 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help=f"{help_['dtype']} (default: auto)")
 
 
+def _ranks(text: str | None, verify: bool) -> list[int]:
+    """--verify-ranks 8,16,24 -> [8, 16, 24]."""
+    if not text:
+        return []
+    if not verify:
+        raise SoppuError("--verify-ranks needs --verify (it checks the same fit at smaller ranks)")
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise SoppuError(f"--verify-ranks takes comma-separated positive integers (e.g. 8,16,24), got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise SoppuError(f"--verify-ranks takes comma-separated positive integers (e.g. 8,16,24), got {text!r}")
+    return ranks
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .job import JobSpec, run_job
     from .report import format_table
@@ -115,6 +130,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
         push_to=args.push_to, namespace=args.namespace, private=args.private, revision=args.revision,
         token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
+        verify_ranks=_ranks(args.verify_ranks, args.verify),
         command=_command_line(args.argv), workers=args.workers,
     )
     bars = {phase: _ProgressBar(phase, unit) for phase, unit in
@@ -264,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="revision for Hub sources given without @revision")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
     p.add_argument("--verify", action="store_true", help="functional check: next-token agreement and KL with the base model")
+    p.add_argument("--verify-ranks", metavar="R1,R2,..", help="with --verify, also check the same fit cut to these smaller "
+                   "shared ranks; the card plots agreement against rank")
     p.add_argument("--base-model", help="base model for --verify (default: from the adapter config); with --author, "
                    "only adapters for this base model")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")

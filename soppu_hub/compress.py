@@ -342,10 +342,7 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
         rel = torch.where(norms[:, None] > 0, rel, torch.zeros_like(rel))
         ok = (rel <= config.target_error).all(0).nonzero()
         j = int(ok[0]) + 1 if len(ok) else r
-        if j < r:
-            bundle.modules[name] = ModuleBasis(
-                mb.U[:, :j].contiguous(), mb.V[:, :j].contiguous(),
-                {p: (c[:j] if c.dim() == 1 else c[:j, :j]).contiguous() for p, c in mb.cores.items()}, mb.kind)
+        bundle.modules[name] = mb.leading(j)
         for q, p in enumerate(local):
             stats[name].rel_errors[members[p]] = float(rel[q, j - 1])
 

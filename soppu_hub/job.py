@@ -36,6 +36,8 @@ class JobSpec:
     overwrite: bool = False
     verify: bool = field(default=False, metadata={"help": "run the functional check with the base model"})
     base_model: str | None = field(default=None, metadata={"help": "base model for --verify (default: from the adapter config)"})
+    verify_ranks: list[int] = field(default_factory=list, metadata={
+        "help": "with --verify, also check the same fit cut to these smaller shared ranks (agreement against rank)"})
     command: str = "soppu-hub compress"
     workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
@@ -121,6 +123,36 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     return report
 
 
+def _rank_variants(comp: Compression, names: list[str], spec: JobSpec, scratch: Path
+                   ) -> tuple[dict[int, list[Path]], dict[int, int]]:
+    """Exports of the same fit cut to each smaller rank of --verify-ranks (not kept), and each cut's parameters."""
+    variants, params = {}, {}
+    dtype = spec.export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
+    local = comp.local_indices()
+    for rank in sorted({r for r in spec.verify_ranks if 0 < r < spec.config.rank}):
+        cut = [b.truncated(rank) for b in comp.bundles]
+        variants[rank] = [scratch / str(rank) / n for n in names]
+        for i, (folder, a) in enumerate(zip(variants[rank], comp.adapters)):
+            export_peft(cut[comp.cluster_of[i]], local[i], folder, export=spec.export, dtype=dtype, extras=a.extras(dtype))
+        params[rank] = sum(b.num_params for b in cut) + comp.carried_params
+    return variants, params
+
+
+def _sweep_summary(params: dict[int, int], report: dict, checks: list[dict]) -> list[dict]:
+    """Agreement against shared rank over all adapters: mean and worst, with the parameter ratio at each rank."""
+    import statistics
+
+    rows = []
+    for rank in [*sorted(params), report["rank"]]:
+        at = [c["by_rank"][str(rank)] if rank in params else c for c in checks]
+        ratio = report["params_before"] / (params[rank] if rank in params else report["params_after"])
+        rows.append({"rank": rank, "compression_ratio": ratio,
+                     "mean_next_token_agreement": statistics.fmean(a["next_token_agreement"] for a in at),
+                     "min_next_token_agreement": min(a["next_token_agreement"] for a in at),
+                     "mean_reply_agreement": statistics.fmean(a["reply_agreement"] for a in at)})
+    return rows
+
+
 def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = None) -> list[Path]:
     """Local folders as they are; Hub sources downloaded `spec.workers` at a time (the first failure stops it)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -198,9 +230,14 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             if not base:
                 raise SoppuError("--verify needs the base model: the adapter config names none, pass --base-model")
             log(f"verifying against {base}")
-            checks = verify_adapters(base, folders, [tmp / n for n in names], token=spec.token, progress=verify_progress)
+            with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch:
+                variants, sweep = _rank_variants(comp, names, spec, Path(scratch))
+                checks = verify_adapters(base, folders, [tmp / n for n in names], token=spec.token, variants=variants,
+                                         progress=verify_progress)
             for entry, v in zip(report["adapters"], checks):
                 entry["verify"] = v
+            if sweep:
+                report["rank_sweep"] = _sweep_summary(sweep, report, checks)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report

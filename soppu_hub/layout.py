@@ -21,6 +21,7 @@ PLOTS_DIR = "plots"
 ERRORS_PNG = f"{PLOTS_DIR}/errors_by_layer.png"
 RANKS_PNG = f"{PLOTS_DIR}/ranks_by_layer.png"
 PARAMS_PNG = f"{PLOTS_DIR}/params.png"
+AGREEMENT_PNG = f"{PLOTS_DIR}/agreement_by_rank.png"
 
 # LoRAX (server/lorax_server/utils/punica.py): SGMV pads r to 8 * tensor-parallel size, or above that to
 # the next multiple of 16, then overwrites config.r with the padded rank while scaling by lora_alpha / r.

@@ -157,3 +157,34 @@ def plot_ranks(cluster: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_rank_sweep(rows: list[dict], path: Path, *, own: dict | None = None, title: str = "") -> Path:
+    """Agreement with the originals against shared rank (mean, worst, reply; this adapter's when given), and the
+    compression ratio on a second axis: the figure a rank is chosen from."""
+    plt = _pyplot()
+    ranks = [r["rank"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
+    ax.plot(ranks, [r["mean_next_token_agreement"] for r in rows], "o-", label="mean next-token agreement")
+    ax.plot(ranks, [r["min_next_token_agreement"] for r in rows], "s--", label="worst adapter")
+    ax.plot(ranks, [r["mean_reply_agreement"] for r in rows], "d-.", label="mean reply agreement")
+    if own:
+        ax.plot(ranks, [own[str(r)]["next_token_agreement"] for r in ranks], "*-", color="black", label="this adapter")
+    ax.axhline(0.85, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("shared rank")
+    ax.set_ylabel("agreement with the original")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(ranks)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(ranks, [r["compression_ratio"] for r in rows], "^:", color="tab:green", label="fewer parameters (x)")
+    ax2.set_ylabel("fewer parameters (x)", color="tab:green")
+    handles, labels = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(handles + more[0], labels + more[1], loc="lower right", fontsize=7)
+    ax.set_title(title or "agreement against shared rank", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -31,23 +31,22 @@ def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reply_agreement(original, compressed, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> tuple[float, int]:
-    """(share, positions): the original adapter writes its greedy reply to each prompt; how often is the compressed
-    adapter's top next token the original's along that reply? `original`/`compressed` switch the model's adapter."""
-    hits = total = 0
+def greedy_replies(model, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> list[tuple[torch.Tensor, int]]:
+    """(prompt + greedy reply ids, prompt length) per prompt, as `model` (the original adapter) writes them."""
+    out = []
     for p in prompts:
         ids = chat_prompt_ids(tokenizer, p)
-        model = original()
         reply = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        n = reply.shape[1] - ids.shape[1]
-        if n == 0:
-            continue
-        want = model(input_ids=reply).logits[0, ids.shape[1] - 1: -1].argmax(-1)
-        got = compressed()(input_ids=reply).logits[0, ids.shape[1] - 1: -1].argmax(-1)
-        hits += int((want == got).sum())
-        total += n
-    return (hits / total if total else 1.0), total
+        out.append((reply, ids.shape[1]))
+    return out
+
+
+@torch.no_grad()
+def reply_choices(model, replies: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """The model's top next token at every reply position (teacher-forced along the given replies)."""
+    picks = [model(input_ids=ids).logits[0, n - 1: -1].argmax(-1) for ids, n in replies if ids.shape[1] > n]
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -62,9 +61,13 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Path], *,
                     prompts: list[str] = PROBE_PROMPTS, token: str | bool | None = None,
+                    variants: dict[int, list[Path]] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per adapter: next-token agreement and mean KL(original || compressed) over all probe prompt positions, and
-    the agreement along the original's greedy reply to each probe (in the chat template when there is one)."""
+    the agreement along the original's greedy reply to each probe (in the chat template when there is one).
+
+    `variants`: more exports of each adapter (e.g. the same fit at smaller shared ranks, keyed by rank), scored
+    the same way into "by_rank"; the original's predictions and replies are computed once for all of them."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,20 +75,27 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     base_lp = next_token_logprobs(model, tokenizer, prompts)
+    variants = variants or {}
     results = []
-    for orig, comp in zip(originals, compressed):
+    for i, (orig, comp) in enumerate(zip(originals, compressed)):
         peft_model = PeftModel.from_pretrained(model, str(orig), adapter_name="original").eval()
-        peft_model.load_adapter(str(comp), adapter_name="compressed")
-        peft_model.set_adapter("original")
         lp_o = next_token_logprobs(peft_model, tokenizer, prompts)
-        peft_model.set_adapter("compressed")
-        lp_c = next_token_logprobs(peft_model, tokenizer, prompts)
+        replies = greedy_replies(peft_model, tokenizer, prompts)
+        want = reply_choices(peft_model, replies)
 
-        def use(name: str):
+        def score(name: str, path: Path) -> tuple[torch.Tensor, float]:
+            peft_model.load_adapter(str(path), adapter_name=name)
             peft_model.set_adapter(name)
-            return peft_model
+            lp = next_token_logprobs(peft_model, tokenizer, prompts)
+            got = reply_choices(peft_model, replies)
+            return lp, float((want == got).float().mean()) if len(want) else 1.0
 
-        reply, reply_positions = reply_agreement(lambda: use("original"), lambda: use("compressed"), tokenizer, prompts)
+        lp_c, reply = score("compressed", comp)
+        by_rank = {}
+        for rank, paths in sorted(variants.items()):
+            lp_r, reply_r = score(f"rank{rank}", paths[i])
+            by_rank[str(rank)] = {"next_token_agreement": float((lp_o.argmax(-1) == lp_r.argmax(-1)).float().mean()),
+                                  "reply_agreement": reply_r}
         model = peft_model.unload()  # back to the plain base model for the next adapter
         kl = (lp_o.exp() * (lp_o - lp_c)).sum(-1)
         results.append({
@@ -95,7 +105,8 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
             "mean_kl": float(kl.mean()),
             "base_agreement": float((lp_o.argmax(-1) == base_lp.argmax(-1)).float().mean()),
             "reply_agreement": reply,
-            "reply_positions": reply_positions,
+            "reply_positions": int(len(want)),
+            **({"by_rank": by_rank} if by_rank else {}),
         })
         if progress:
             progress(len(results), len(originals))

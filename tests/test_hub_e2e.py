@@ -136,9 +136,31 @@ def test_revision_pin_and_verify(hub, tmp_path):
     assert "next-token agreement" in card
     assert "**Behaviour kept: the compressed adapter picks the original's next token 100% of the time" in card
     assert "this repo's PEFT export holds 16,384 LoRA parameters" in card and "1.00x the size of the original" in card
+    assert v["reply_agreement"] == 1.0 and v["reply_positions"] > 0  # the same reply, token for token
     res = cli("alice/versioned", "--rank", "2", "--no-push", "--out", str(tmp_path / "out2"), "--verify")
     v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]
     assert v["mean_kl"] > 0 and 0 <= v["next_token_agreement"] <= 1
+    # the same fit cut to smaller ranks: agreement against rank, rank 8 of a rank-8 adapter exact again
+    res = cli(*hub.adapters, "--rank", "16", "--no-push", "--out", str(tmp_path / "out3"), "--verify", "--verify-ranks", "2,8,99")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out3" / "report.json").read_text())
+    sweep = report["rank_sweep"]
+    assert [r["rank"] for r in sweep] == [2, 8, 16]  # 99 is not below the fitted rank: nothing to cut
+    assert sweep[0]["compression_ratio"] > sweep[1]["compression_ratio"] > sweep[2]["compression_ratio"]
+    assert sweep[-1]["mean_next_token_agreement"] == pytest.approx(
+        sum(a["verify"]["next_token_agreement"] for a in report["adapters"]) / len(report["adapters"]))
+    assert sweep[0]["mean_next_token_agreement"] < sweep[2]["mean_next_token_agreement"]
+    for entry in report["adapters"]:
+        assert set(entry["verify"]["by_rank"]) == {"2", "8"}
+    folder = tmp_path / "out3" / hub.adapters[0].split("/")[1]
+    assert (folder / "plots" / "agreement_by_rank.png").read_bytes()[:4] == b"\x89PNG"
+    card = (folder / "README.md").read_text()
+    assert "![Agreement with the originals against shared rank](plots/agreement_by_rank.png)" in card
+    assert "| 2 | " in card and "| 16 | " in card
+    err = one_line_error(cli(hub.adapters[0], "--no-push", "--out", str(tmp_path / "out4"), "--verify-ranks", "8"))
+    assert "--verify-ranks needs --verify" in err and not (tmp_path / "out4").exists()
+    err = one_line_error(cli(hub.adapters[0], "--no-push", "--out", str(tmp_path / "out4"), "--verify", "--verify-ranks", "8,x"))
+    assert "comma-separated positive integers" in err
 
 
 def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch):
