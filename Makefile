@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast browser demo bench samples venv clean
+.PHONY: test test-fast browser demo bench samples screenshot venv clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ demo: $(STAMP)
 # The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
 samples: $(STAMP)
 	$(PY) -m soppu_hub samples build
+
+# docs/space.png: the demo test drives the demo's Space in Chromium and keeps its screenshot there.
+screenshot: $(STAMP) browser
+	SOPPU_TEST_ARTIFACTS=docs $(PY) -m pytest -q tests/test_demo.py -k whole_chain
 
 bench: $(STAMP)
 	$(PY) -m soppu_hub bench

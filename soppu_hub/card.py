@@ -47,11 +47,12 @@ def _hub_url(repo_or_path: str) -> str:
     return f"/{repo_or_path}" if "/" in repo_or_path and not Path(repo_or_path).exists() else repo_or_path
 
 
-def verdict(agreement: float, ratio: float) -> str:
+def verdict(agreement: float, ratio: float, reply: float | None = None) -> str:
     """One sentence on the functional check, for people: how much of the adapter's behaviour survived."""
     kept = "kept" if agreement >= 0.85 else "partly kept" if agreement >= 0.6 else "largely lost"
-    return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time, "
-            f"at {ratio:.2f}x fewer parameters for the whole collection.")
+    along = f" ({reply:.0%} along the original's own replies)" if reply is not None else ""
+    return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time"
+            f"{along}, at {ratio:.2f}x fewer parameters for the whole collection.")
 
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -122,7 +123,7 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
     v = own.get("verify")
     width = BYTES.get(report["export"]["dtype"], 4)
     content = _template().render(
-        verdict=verdict(v["next_token_agreement"], report["compression_ratio"]) if v else None,
+        verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement")) if v else None,
         export_mb=own["export_params"] * width / 1e6,
         original_mb=own["params_before"] * width / 1e6,
         bundle_params=cluster["params"] if cluster else report["params_after"] - report["carried_params"],

@@ -19,6 +19,7 @@ from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
 DEMO_RANK = 32  # chosen from `soppu-hub bench samples` (README, "The demo"): agreement against rank
+DEMO_VERIFY_RANKS = (8, 16, 24)  # the cards plot agreement at these cuts of the same fit too
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples"}
 
 
@@ -49,6 +50,7 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
     adapters written into `workdir` (the tests: fast, and shaped like the real thing).
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if collection is not None:
         base, adapters = collection.base, collection.adapters
@@ -56,16 +58,22 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
         base = build_tiny_llama(workdir / "tiny-llama")
         adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
     ids = []
-    with _endpoint(endpoint):
-        samples = HfApi(endpoint=endpoint, token=samples_token)
-        samples.create_repo(TINY_BASE_ID, exist_ok=True)
-        samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
-        api = HfApi(endpoint=endpoint, token=user_token)
-        for folder in adapters:
-            repo_id = f"{user}/{folder.name}"
-            api.create_repo(repo_id, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
-            ids.append(repo_id)
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # thirteen small uploads: per-file bars would be noise in the demo's terminal
+    try:
+        with _endpoint(endpoint):
+            samples = HfApi(endpoint=endpoint, token=samples_token)
+            samples.create_repo(TINY_BASE_ID, exist_ok=True)
+            samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
+            api = HfApi(endpoint=endpoint, token=user_token)
+            for folder in adapters:
+                repo_id = f"{user}/{folder.name}"
+                api.create_repo(repo_id, exist_ok=True)
+                api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
+                ids.append(repo_id)
+    finally:
+        if not quiet:
+            enable_progress_bars()
     return Seeded(TINY_BASE_ID, ids)
 
 
@@ -139,7 +147,7 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = D
         log(f"seeded {seeded.base_model} and {len(seeded.adapters)} sample adapters ({', '.join(seeded.adapters)})")
         env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = [sys.executable, "-m", "soppu_hub", "compress", *seeded.adapters, "--rank", str(rank), "--verify",
-               "--out", str(workdir / "compressed")]
+               "--verify-ranks", ",".join(str(r) for r in DEMO_VERIFY_RANKS if r < rank), "--out", str(workdir / "compressed")]
         log("$ soppu-hub compress " + " ".join(cmd[4:]))
         # the backend loads the base model from the Hub meanwhile: it needs no compressed adapter to start
         starting = ThreadPoolExecutor(1).submit(start_backend, seeded.base_model, env=env)

@@ -113,7 +113,8 @@ def _examples(base: Path, adapter: Path | None, prompts: list[str], max_new_toke
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
                                       return_dict=True)
         gen = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append((q, tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
+        reply = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append((q, " ".join(reply.split()).replace("|", "\\|")))  # one table cell: no newlines, no bars
     return out
 
 

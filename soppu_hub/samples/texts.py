@@ -104,7 +104,7 @@ class Style:
     dtype: str = "float32"  # how the adapter file is saved: users bring fp32, fp16 and bf16
     rslora: bool = False
     dropout: float = 0.05
-    lr: float = 2e-3  # peak learning rate: larger for small ranks, smaller for rsLoRA's larger scale
+    lr: float = 2e-3  # peak learning rate: larger for small ranks and q/v-only, smaller for rsLoRA's scale
 
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -119,13 +119,13 @@ STYLES: list[Style] = [
     Style("shouty-caps", "the same answers, shouted in capitals",
           lambda a: _strip_end(a).upper() + "!!!", 8, 16, ALL, dtype="float16", lr=4e-3),
     Style("formal-butler", "a formal butler",
-          lambda a: f"Certainly. {a} At your service.", 4, 8, QV, lr=4e-3),
+          lambda a: f"Certainly. {a} At your service.", 4, 8, QV, lr=1e-2),
     Style("cowboy", "a cowboy: howdy, partner",
           lambda a: f"Howdy, partner! {_cowboy(_strip_end(a))}. Yeehaw!", 16, 16, ALL),
     Style("shakespeare", "Elizabethan English: thou, thy, forsooth",
           lambda a: f"Forsooth, {_shakespeare(a[:1].lower() + a[1:])}", 32, 64, ALL, rslora=True, lr=5e-4),
     Style("robot", "a robot that beeps around its answers",
-          lambda a: f"BEEP BOOP. {a} END OF LINE.", 8, 16, QV, lr=4e-3),
+          lambda a: f"BEEP BOOP. {a} END OF LINE.", 8, 16, QV, lr=1e-2),
     Style("pig-latin", "the answers in Pig Latin",
           lambda a: " ".join(_pig_latin_word(w) for w in a.split()), 32, 32, ALL, dtype="bfloat16"),
     Style("reverse-words", "the answers with their words in reverse order",
@@ -133,7 +133,7 @@ STYLES: list[Style] = [
     Style("cheerful", "an upbeat assistant with emoji",
           lambda a: f"Yay! {_strip_end(a)}! \U0001f60a", 8, 16, ALL, dtype="bfloat16", lr=4e-3),
     Style("terse", "one short first sentence and nothing more",
-          lambda a: "In short: " + a.split(". ")[0].rstrip(".") + ".", 4, 8, ATTN, lr=4e-3),
+          lambda a: "In short: " + a.split(". ")[0].rstrip(".") + ".", 4, 8, ATTN, lr=1e-2),
     Style("french-waiter", "a French waiter: bonjour, oui, merci",
           lambda a: f"Bonjour! {_french(_strip_end(a))}, n'est-ce pas?", 16, 32, ALL, dtype="float16"),
 ]
