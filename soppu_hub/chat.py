@@ -59,8 +59,31 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     if isinstance(e, le.NotFoundError):
         return ChatError(f"the backend at {url} does not speak the LoRAX API (404)")
     if isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith(("requests", "aiohttp", "urllib3")):
-        return ChatError(f"cannot reach the backend at {url} ({type(e).__name__})")
+        return ChatError(f"cannot reach the backend at {url} ({unreachable_reason(e)})")
     return ChatError(f"the backend failed: {detail}")
+
+
+def _session():
+    import requests
+    from requests.adapters import HTTPAdapter, Retry
+
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=Retry(total=2, connect=2, read=0, status=0, backoff_factor=0.2))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def unreachable_reason(e: BaseException) -> str:
+    """Why a connection failed, in words (no exception class names: a Space visitor reads this)."""
+    text = f"{getattr(e, 'reason', '')} {e} {e.__cause__ or ''} {e.__context__ or ''}".lower()
+    for needle, words in (("refused", "nothing is listening there"), ("timed out", "no answer in time"),
+                          ("timeout", "no answer in time"), ("name or service not known", "unknown host name"),
+                          ("nodename nor servname", "unknown host name"), ("reset", "the connection was dropped"),
+                          ("ssl", "TLS handshake failed")):
+        if needle in text:
+            return words
+    return "the connection failed"
 
 
 class ChatClient:
@@ -71,7 +94,9 @@ class ChatClient:
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
-        self.client = Client(self.url, headers=headers, timeout=timeout)
+        # lorax-client's own session retries a refused connection with backoff for three minutes, and a 429 too:
+        # a chat should say "not reachable" or "overloaded" at once, so it gets a session that retries briefly
+        self.client = Client(self.url, headers=headers, timeout=timeout, session=_session(), max_session_retries=0)
         self.aclient = AsyncClient(self.url, headers=headers, timeout=timeout)
         self._headers = headers or {}
         self._template: str | None = None
@@ -85,7 +110,7 @@ class ChatClient:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return json.loads(r.read())
         except OSError as e:
-            raise ChatError(f"cannot reach the backend at {self.url} ({type(e).__name__}: {e})") from None
+            raise ChatError(f"cannot reach the backend at {self.url} ({unreachable_reason(e)})") from None
 
     def chat_template(self) -> str:
         """Fetched once: /info's chat_template, else the base model's tokenizer_config.json on the Hub."""

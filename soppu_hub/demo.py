@@ -8,7 +8,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +149,10 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = D
                "--verify-ranks", ",".join(str(r) for r in DEMO_VERIFY_RANKS if r < rank), "--out", str(workdir / "compressed")]
         log("$ soppu-hub compress " + " ".join(cmd[4:]))
         # the backend loads the base model from the Hub meanwhile: it needs no compressed adapter to start
-        starting = ThreadPoolExecutor(1).submit(start_backend, seeded.base_model, env=env)
-        try:
-            subprocess.run(cmd, env=env, check=True)
-        finally:
-            children.append(starting.result())
-        backend = children[-1]
+        backend = start_backend(seeded.base_model, env=env, wait=False)
+        children.append(backend)
+        subprocess.run(cmd, env=env, check=True)
+        backend.wait_ready()
         log(f"embedded LoRAX-compatible backend at {backend.url}")
         pages = []
         for repo_id in seeded.adapters:

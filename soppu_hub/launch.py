@@ -71,14 +71,26 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 class Child:
     url: str
     proc: subprocess.Popen
+    ready_url: str = ""
 
     def stop(self) -> None:
         stop_group(self.proc)
 
+    def wait_ready(self, timeout: float = 180.0) -> "Child":
+        """Return once the child answers (stopping it if it never does)."""
+        try:
+            wait_http(self.ready_url, timeout=timeout, proc=self.proc)
+        except BaseException:
+            stop_group(self.proc, grace=2.0)
+            raise
+        return self
+
 
 def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0,
-           log: Path | None = None) -> Child:
-    """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does).
+           log: Path | None = None, wait: bool = True) -> Child:
+    """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does); with
+    wait=False at once (call wait_ready later). Spawn from the main thread: the child gets SIGTERM when the
+    thread that started it ends (PR_SET_PDEATHSIG follows the thread, not the process).
 
     With `log`, its stdout and stderr go to that file; otherwise stdout is dropped and stderr is ours."""
     out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps the descriptor, we close our copy
@@ -87,12 +99,8 @@ def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None
     finally:
         if out:
             out.close()
-    try:
-        wait_http(f"{url}{ready_path}", timeout=timeout, proc=proc)
-    except BaseException:
-        stop_group(proc, grace=2.0)
-        raise
-    return Child(url, proc)
+    child = Child(url, proc, f"{url}{ready_path}")
+    return child.wait_ready(timeout) if wait else child
 
 
 def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
@@ -110,11 +118,12 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
 
 
 def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1", env: dict | None = None,
-                  extra: list[str] | None = None, timeout: float = 180.0, log: Path | None = None) -> Child:
-    """`soppu-hub serve --model MODEL` as a child; returns once /health answers."""
+                  extra: list[str] | None = None, timeout: float = 180.0, log: Path | None = None,
+                  wait: bool = True) -> Child:
+    """`soppu-hub serve --model MODEL` as a child; returns once /health answers (wait=False: at once)."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "soppu_hub", "serve", "--model", model, "--host", host, "--port", str(port), *(extra or [])]
-    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout, log=log)
+    return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout, log=log, wait=wait)
 
 
 SPACE_APP = Path(__file__).resolve().parent.parent / "space" / "app.py"

@@ -48,8 +48,13 @@ def test_errors_are_clear(backend):
         list(client.stream([{"role": "user", "content": "x"}], "alice/nope"))
     with pytest.raises(ChatError, match="rejected the request"):
         list(client.stream([{"role": "user", "content": "x"}], settings=GenerationSettings(max_new_tokens=100_000)))
-    with pytest.raises(ChatError, match="cannot reach the backend"):
+    with pytest.raises(ChatError, match=r"cannot reach the backend at http://127.0.0.1:9 \(nothing is listening there\)$"):
         ChatClient("http://127.0.0.1:9").chat_template()
+    gone = ChatClient("http://127.0.0.1:9")
+    gone._template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # past the template: lorax-client's own call
+    with pytest.raises(ChatError) as e:  # the streaming path says it in words too, with no class names
+        list(gone.stream([{"role": "user", "content": "x"}]))
+    assert "Error" not in str(e.value) and "cannot reach the backend" in str(e.value)
 
 
 def test_terminal_chat(backend):

@@ -73,13 +73,13 @@ def test_demo_runs_the_whole_chain(tmp_path):
     html = page.read_text()
     assert "alice/support-bot-soppu" in html and "<table>" in html
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
-    assert len(images) == 2
+    assert len(images) == 3  # errors by layer, parameters, agreement against rank
     for src in images:
         png = page.parent / src
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith(f"card of alice/support-bot-soppu: {page} ") for line in logs), logs
     card = (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
-    assert "next-token agreement" in card and "reply agreement" in card and card.startswith("---\nlicense: apache-2.0")
+    assert "next-token agreement" in card and "reply agreement" in card and "\nlicense: apache-2.0\n" in card.split("\n---\n")[0]
     pasted = next(line for line in logs if line.startswith("ready to paste")).splitlines()
     assert pasted[1].strip() == f".venv/bin/soppu-hub chat alice/support-bot-soppu --url {run.backend_url}"
     assert pasted[2].strip().startswith(f"curl -s {run.backend_url}/generate ")
