@@ -11,7 +11,8 @@ from lorax import Client
 from lorax.errors import GenerationError
 
 from soppu_hub.launch import free_port, wait_http
-from soppu_hub.serve.engine import ServeError, TokenEvent
+from soppu_hub.serve.engine import TokenEvent
+from soppu_hub.serve.errors import ServeError
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 

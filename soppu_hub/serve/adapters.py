@@ -7,12 +7,9 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..layout import CONFIG_NAME
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .errors import AdapterLoadFailed, ValidationFailed
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 BASE_ALIASES = {"", "__base_model__", BASE}
@@ -28,15 +25,16 @@ class Loaded:
 class AdapterStore:
     """Loaded adapters in LRU order with a soft cap: adapters in use are never evicted."""
 
-    def __init__(self, engine: "Engine", base, model_dir: Path, *, max_adapters: int, local_root: Path | None,
-                 share_bases: bool = True):
+    def __init__(self, base, model_dir: Path, *, model_id: str, lock: threading.RLock, max_adapters: int,
+                 local_root: Path | None, share_bases: bool = True):
+        """`lock` guards the model: the engine holds it while generating, the store while (un)loading."""
         from .shared import SharedBases
 
-        self.engine, self.base, self.peft = engine, base, None
+        self.base, self.peft, self.model_id, self.lock = base, None, model_id, lock
         self.shared = SharedBases() if share_bases else None
         self.max_adapters = max(1, max_adapters)
         self.local_root = local_root.resolve() if local_root else None
-        self.accepted_bases = {engine.model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
+        self.accepted_bases = {model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
         self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self._meta = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -45,8 +43,6 @@ class AdapterStore:
 
     # --- resolving -------------------------------------------------------------------------------
     def _folder(self, adapter_id: str, source: str, api_token: str | None) -> Path:
-        from .engine import AdapterLoadFailed, ValidationFailed
-
         if source == "local":
             if self.local_root is None:
                 raise ValidationFailed("local adapters are disabled on this server (start it with --adapter-dir)")
@@ -76,8 +72,6 @@ class AdapterStore:
             raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
 
     def _check(self, adapter_id: str, folder: Path) -> None:
-        from .engine import AdapterLoadFailed
-
         try:
             cfg = json.loads((folder / CONFIG_NAME).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -86,13 +80,11 @@ class AdapterStore:
             raise AdapterLoadFailed(f"adapter {adapter_id} is {cfg.get('peft_type')!r}, not a LoRA adapter")
         base = cfg.get("base_model_name_or_path")
         if base and base not in self.accepted_bases:
-            raise AdapterLoadFailed(f"adapter {adapter_id} was trained for {base}, but this server runs {self.engine.model_id}")
+            raise AdapterLoadFailed(f"adapter {adapter_id} was trained for {base}, but this server runs {self.model_id}")
 
     # --- acquire / release -------------------------------------------------------------------------
     def acquire(self, adapter_id: str | None, source: str | None, api_token: str | None) -> tuple[str, callable]:
         """Load if needed and pin; returns (PEFT adapter name, unpin)."""
-        from .engine import AdapterLoadFailed, ValidationFailed
-
         if adapter_id is None or adapter_id in BASE_ALIASES:
             return BASE, lambda: None
         source = source or "hub"
@@ -114,11 +106,11 @@ class AdapterStore:
                     self._counter += 1
                     name = f"adapter_{self._counter}"
                 try:
-                    with self.engine.lock:
+                    with self.lock:
                         self._load(folder, name)
                         self._measure()
                 except Exception as e:
-                    raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.engine.model_id}: "
+                    raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.model_id}: "
                                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
                 with self._meta:
                     entry = self.loaded[key] = Loaded(name, pins=1)
@@ -159,7 +151,7 @@ class AdapterStore:
             victims = [key for key, entry in self.loaded.items() if entry.pins == 0][: max(0, over)]
             names = [self.loaded.pop(key).name for key in victims]
         if names:
-            with self.engine.lock:
+            with self.lock:
                 for name in names:
                     self.peft.delete_adapter(name)
                     if self.shared is not None:

@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from .engine import Engine, Job, Sampling, ServeError, TokenEvent, ValidationFailed
+from .engine import Engine, Job, TokenEvent
+from .errors import ServeError, ValidationFailed
+from .params import MAX_STOP_SEQUENCES, parse_generate
 
-MAX_STOP_SEQUENCES = 4
 
 
 def _err(e: ServeError) -> JSONResponse:
@@ -29,17 +30,6 @@ def _err(e: ServeError) -> JSONResponse:
 
 def _sse(obj: Any) -> bytes:
     return f"data:{json.dumps(obj)}\n\n".encode()
-
-
-def _number(params: dict, name: str, kind: type, ok, rule: str):
-    """A numeric parameter, None when absent; anything else (a string, a bool, NaN, out of range) is a 422."""
-    v = params.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float) and not v.is_integer()) \
-            or v != v or v in (float("inf"), float("-inf")) or not ok(v):
-        raise ValidationFailed(f"`{name}` must be {rule}. Given: {v!r}"[:200])
-    return kind(v)
 
 
 def _token_json(t: TokenEvent) -> dict:
@@ -55,46 +45,12 @@ class _Request:
         self.job: Job | None = None
         self.finished = False
 
-    def validate(self) -> tuple[list[int], int, Sampling, list[str]]:
-        p, e = self.params, self.engine
-        if not isinstance(self.inputs, str) or not self.inputs:
-            raise ValidationFailed("`inputs` must be a non-empty string")
-        truncate = _number(p, "truncate", int, lambda v: v > 0, "a positive integer")
-        max_new = _number(p, "max_new_tokens", int, lambda v: v > 0, "strictly positive")
-        temperature = _number(p, "temperature", float, lambda v: v >= 0, "a number >= 0")
-        top_p = _number(p, "top_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
-        top_k = _number(p, "top_k", int, lambda v: v > 0, "a positive integer")
-        typical_p = _number(p, "typical_p", float, lambda v: 0 < v <= 1, "in (0, 1]")
-        repetition_penalty = _number(p, "repetition_penalty", float, lambda v: v > 0, "a number > 0")
-        seed = _number(p, "seed", int, lambda v: 0 <= v < 2**63, "an integer >= 0")
-        if (_number(p, "best_of", int, lambda v: v > 0, "a positive integer") or 1) > 1:
-            raise ValidationFailed("`best_of` > 1 is not supported by this server")
-        stop = p.get("stop") or []
-        if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
-            raise ValidationFailed("`stop` must be a list of strings")
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise ValidationFailed(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(stop)}")
-        ids = e.tokenizer(self.inputs, add_special_tokens=True).input_ids
-        if truncate:
-            ids = ids[-truncate:]
-        if len(ids) >= e.max_total_tokens:
-            raise ValidationFailed(f"`inputs` must have less than {e.max_total_tokens} tokens. Given: {len(ids)}")
-        room = e.max_total_tokens - len(ids)
-        if max_new is None:
-            max_new = room
-        if max_new > room:
-            raise ValidationFailed(f"`inputs` tokens + `max_new_tokens` must be <= {e.max_total_tokens}. "
-                                   f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`")
-        do_sample = bool(p.get("do_sample")) or (temperature not in (None, 0, 1.0)) or top_p not in (None, 1.0) \
-            or top_k is not None or typical_p is not None
-        if temperature == 0:
-            do_sample = False
-        sampling = Sampling(do_sample, temperature, top_k, top_p, typical_p, repetition_penalty, seed if do_sample else None)
-        return ids, max_new, sampling, stop
-
     def start(self) -> None:
         """Validate, admit, load the adapter (may take a while: in a thread), then queue the job."""
-        ids, max_new, sampling, stop = self.validate()
+        e = self.engine
+        r = parse_generate(self.inputs, self.params, max_total_tokens=e.max_total_tokens,
+                           tokenize=lambda text: e.tokenizer(text, add_special_tokens=True).input_ids)
+        ids, max_new, sampling, stop = r.ids, r.max_new, r.sampling, r.stop
         release = self.engine.admit()
         try:
             name, unpin = self.engine.adapters.acquire(self.params.get("adapter_id"), self.params.get("adapter_source"),

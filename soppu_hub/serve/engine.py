@@ -19,50 +19,10 @@ from typing import Callable
 import torch
 
 from .adapters import AdapterStore
+from .errors import Overloaded, ServeError
+from .params import Sampling
 
 log = logging.getLogger("soppu_hub.serve")
-
-
-class ServeError(Exception):
-    """Carries the LoRAX error class: status code and error_type (a failed generation is 424, as in LoRAX)."""
-
-    status = 424
-    error_type = "generation"
-
-
-class ValidationFailed(ServeError):
-    status, error_type = 422, "validation"
-
-
-class AdapterLoadFailed(ServeError):
-    status, error_type = 424, "generation"
-
-
-class Overloaded(ServeError):
-    status, error_type = 429, "overloaded"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-
-    def generate_kwargs(self) -> dict:
-        kw: dict = {"do_sample": self.do_sample}
-        if self.do_sample:
-            kw.update(temperature=self.temperature or 1.0, top_k=self.top_k or 0, top_p=self.top_p or 1.0)
-            if self.typical_p:
-                kw["typical_p"] = self.typical_p
-        else:
-            kw.update(temperature=None, top_k=None, top_p=None)
-        if self.repetition_penalty:
-            kw["repetition_penalty"] = self.repetition_penalty
-        return kw
 
 
 @dataclass
@@ -174,8 +134,8 @@ class Engine:
         self.max_total_tokens = min(max_total_tokens or limit, limit)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
-        self.adapters = AdapterStore(self, base, model_dir, max_adapters=max_adapters, local_root=local_root,
-                                     share_bases=share_bases)
+        self.adapters = AdapterStore(base, model_dir, model_id=model_id, lock=self.lock, max_adapters=max_adapters,
+                                     local_root=local_root, share_bases=share_bases)
         self.pending: queue.Queue[Job] = queue.Queue()
         self.active = 0  # admitted requests not yet closed
         self.cancelled = 0  # requests stopped early because their client went away
