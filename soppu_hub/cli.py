@@ -164,13 +164,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "scale":
         from .bench.scale import run_scale_bench
 
-        print(run_scale_bench(n_adapters=args.adapters, rank=args.rank, clusters=args.clusters, device=args.device,
+        print(run_scale_bench(n_adapters=args.adapters or 20, rank=args.rank, clusters=args.clusters, device=args.device,
                               per_family=not args.no_per_family))
         return 0
     if args.what == "serve":
         from .bench.serve import run_serve_bench
 
-        print(run_serve_bench(n_adapters=args.adapters, new_tokens=args.new_tokens))
+        print(run_serve_bench(n_adapters=args.adapters or 16, new_tokens=args.new_tokens, as_json=args.json))
         return 0
     from .bench.kernel import run_kernel_bench
 
@@ -296,12 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples"])
     p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48)")
     p.add_argument("--plot", help="samples: also save the agreement-vs-rank plot here (PNG)")
-    p.add_argument("--adapters", type=int, default=20, help="serve: distinct adapters; scale: adapters in the collection "
-                   "(default 20)")
+    p.add_argument("--adapters", type=int, default=None, help="serve: distinct adapters (default 16); scale: adapters in the "
+                   "collection (default 20)")
     p.add_argument("--rank", type=int, default=24, help="scale: shared rank (default 24)")
     p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
     p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
     p.add_argument("--new-tokens", type=int, default=32, help="serve: new tokens per request (default 32)")
+    p.add_argument("--json", action="store_true", help="serve: one JSON object with every case instead of the table")
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
     p.add_argument("--ref-layers", type=int, default=2,
                    help="layers the slow reference runs on; its time is scaled to --layers (default 2)")

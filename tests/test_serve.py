@@ -164,3 +164,23 @@ def test_each_cluster_is_one_resident_basis(hub, tmp_path):
         child.stop()
     bases = info["shared_bases"]
     assert len(bases) == 2 and sorted(b["adapters"] for b in bases.values()) == [2, 2]
+
+
+@pytest.mark.e2e
+def test_bench_serve_reports_every_case_as_json():
+    """`soppu-hub bench serve --json`: one object other tools can read (small sizes here; the README has the real run)."""
+    import json
+
+    from soppu_hub.bench.serve import format_serve, run_serve_bench
+
+    m = json.loads(run_serve_bench(2, 4, as_json=True, repeats=1, hidden=64, layers=1, lora_rank=4, rank=4))
+    assert [c["requests"] for c in m["cases"]] == [1, 2, 2, 2, 2]
+    assert [c["distinct_adapters"] for c in m["cases"]] == [1, 0, 1, 2, 2]
+    for c in m["cases"]:
+        assert c["tokens"] == 4 * c["requests"] and c["tokens_per_s"] == pytest.approx(c["tokens"] / c["seconds"])
+    assert m["distinct_over_one"] == pytest.approx(m["cases"][3]["tokens_per_s"] / m["cases"][2]["tokens_per_s"])
+    lat = m["short_during_long"]
+    assert lat["long_tokens"] == 256 and lat["short_tokens"] == 4 and 0 < lat["short_seconds"]
+    assert m["resident_lora_params"]["jd_shared"] < m["resident_lora_params"]["originals"]
+    table = format_serve(m)
+    assert "2 distinct adapters:" in table and "a 4-token request sent while a 256-token one runs" in table
