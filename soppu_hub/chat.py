@@ -1,4 +1,5 @@
-"""Chat with an adapter through any LoRAX-compatible backend, using the official lorax-client.
+"""Chat with an adapter through any LoRAX-compatible backend, using the official lorax-client (`connect` picks
+this or the OpenAI-compatible client in openai_chat.py).
 
 Used by the Space and by `soppu-hub chat`. Chat messages become a prompt with the base model's own chat
 template, fetched once (the backend's /info when it offers one, else the base model's tokenizer_config.json
@@ -8,10 +9,11 @@ on the Hub), and lorax-client's exceptions become one clear message.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from .errors import SoppuError
 
@@ -74,6 +76,18 @@ def _session():
     return session
 
 
+@contextmanager
+def mapped_errors(mapper: Callable[[Exception, str | None, str], ChatError], adapter_id: str | None, url: str
+                  ) -> Iterator[None]:
+    """A client library's (and the network's) exceptions become one ChatError through `mapper`; ours pass through."""
+    try:
+        yield
+    except ChatError:
+        raise
+    except Exception as e:
+        raise mapper(e, adapter_id, url) from None
+
+
 def unreachable_reason(e: BaseException) -> str:
     """Why a connection failed, in words (no exception class names: a Space visitor reads this)."""
     text = f"{getattr(e, 'reason', '')} {e} {e.__cause__ or ''} {e.__context__ or ''}".lower()
@@ -109,8 +123,18 @@ class ChatClient:
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise ChatError(f"the backend at {self.url} does not speak the LoRAX API ({e.code} on /info); "
+                            "for vLLM or another OpenAI-compatible server use --api openai (BACKEND_API=openai)") from None
         except OSError as e:
             raise ChatError(f"cannot reach the backend at {self.url} ({unreachable_reason(e)})") from None
+        except ValueError:
+            raise ChatError(f"the backend at {self.url} does not speak the LoRAX API (/info is not JSON)") from None
+
+    def check(self) -> str:
+        """The base model's id; fails early, before the first prompt, when the backend is not there."""
+        self.chat_template()
+        return self.model_id or "the base model"
 
     def chat_template(self) -> str:
         """Fetched once: /info's chat_template, else the base model's tokenizer_config.json on the Hub."""
@@ -158,15 +182,8 @@ class ChatClient:
         return env.from_string(self.chat_template()).render(messages=msgs, add_generation_prompt=True, **self._specials)
 
     # --- generation ------------------------------------------------------------------------------
-    @contextmanager
-    def _mapped_errors(self, adapter_id: str | None) -> Iterator[None]:
-        """lorax-client's (and the network's) exceptions become one ChatError; ours pass through."""
-        try:
-            yield
-        except ChatError:
-            raise
-        except Exception as e:
-            raise _map_error(e, adapter_id, self.url) from None
+    def _mapped_errors(self, adapter_id: str | None):
+        return mapped_errors(_map_error, adapter_id, self.url)
 
     def _request(self, messages: list[dict], adapter_id: str | None, adapter_source: str, api_token: str | None,
                  system_prompt: str | None, settings: GenerationSettings | None) -> tuple[str, dict]:
@@ -200,3 +217,17 @@ class ChatClient:
             async for resp in self.aclient.generate_stream(prompt, **kw):
                 if not resp.token.special:
                     yield resp.token.text
+
+
+APIS = ("lorax", "openai")
+
+
+def connect(url: str, *, api: str = "lorax", auth_token: str | None = None):
+    """The chat client for a backend: LoRAX's REST API (lorax-client) or OpenAI's /v1 (vLLM), same surface."""
+    if api == "openai":
+        from .openai_chat import OpenAIChatClient
+
+        return OpenAIChatClient(url, auth_token=auth_token)
+    if api != "lorax":
+        raise ChatError(f"unknown backend API {api!r}: use lorax (LoRAX, soppu-hub serve) or openai (vLLM, /v1)")
+    return ChatClient(url, auth_token=auth_token)

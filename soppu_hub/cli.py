@@ -231,12 +231,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatClient, GenerationSettings
+    from .chat import GenerationSettings, connect
 
-    client = ChatClient(args.url, auth_token=args.auth_token or os.environ.get("LORAX_API_TOKEN"))
+    client = connect(args.url, api=args.api, auth_token=args.auth_token or os.environ.get("LORAX_API_TOKEN"))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     adapter = None if args.adapter in ("", "-", "__base_model__") else args.adapter
-    client.chat_template()  # fail early, before the first prompt, if the backend is not there
+    client.check()  # fail early, before the first prompt, if the backend is not there
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     print(f"chatting with {adapter or 'the base model'} on {client.model_id} at {args.url}; Ctrl-D or /exit ends",
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="terminal chat with an adapter through a LoRAX-compatible backend (streamed)")
     p.add_argument("adapter", help="adapter repo id (or __base_model__ for none)")
     p.add_argument("--url", default=os.environ.get("LORAX_URL", "http://127.0.0.1:8080"), help="backend URL (default $LORAX_URL)")
+    p.add_argument("--api", default=os.environ.get("BACKEND_API", "lorax"), choices=["lorax", "openai"],
+                   help="lorax: LoRAX's REST API; openai: /v1/chat/completions with the adapter id as model, as vLLM "
+                   "serves LoRA adapters (default $BACKEND_API or lorax)")
     p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
     p.add_argument("--api-token", help="Hub token the backend uses for a private adapter")
     p.add_argument("--auth-token", help="bearer token of the backend itself (default $LORAX_API_TOKEN)")

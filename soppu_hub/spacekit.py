@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .chat import ChatClient, ChatError, GenerationSettings
+from .chat import APIS, ChatClient, ChatError, GenerationSettings, connect
 from .errors import SoppuError
 from .layout import ERRORS_PNG
 
@@ -138,19 +138,28 @@ class Backend:
     url: str
     auth_token: str | None
     child: object | None  # launch.Child when we started the embedded backend
+    api: str = "lorax"  # or "openai": /v1/chat/completions with the adapter id as model (vLLM)
 
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
 
+    def client(self):
+        return connect(self.url, api=self.api, auth_token=self.auth_token)
+
 
 def backend_from_env() -> Backend:
-    """LORAX_URL (+ LORAX_API_TOKEN) when set; otherwise start the embedded backend for SOPPU_BASE_MODEL."""
+    """LORAX_URL (+ LORAX_API_TOKEN, BACKEND_API=lorax|openai) when set; otherwise start the embedded backend
+    for SOPPU_BASE_MODEL (it speaks both APIs)."""
+    api = os.environ.get("BACKEND_API") or "lorax"
+    if api not in APIS:
+        raise SoppuError(f"BACKEND_API={api!r} is not one of {', '.join(APIS)}: lorax for LoRAX or soppu-hub serve, "
+                         "openai for vLLM or another OpenAI-compatible server")
     url = os.environ.get("LORAX_URL")
     if url:
-        return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None)
+        return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None, api)
     from .launch import start_backend
     from .samples import TINY_BASE_ID
 
     child = start_backend(os.environ.get("SOPPU_BASE_MODEL", TINY_BASE_ID))
-    return Backend(child.url, None, child)
+    return Backend(child.url, None, child, api)

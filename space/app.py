@@ -1,6 +1,7 @@
 """soppu-hub Space: pick a soppu-compressed LoRA adapter and chat with it through a LoRAX backend.
 
-A thin Gradio shell over soppu_hub.spacekit. Backend: LORAX_URL (+ LORAX_API_TOKEN) or, when unset, the
+A thin Gradio shell over soppu_hub.spacekit. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai for vLLM's
+OpenAI-compatible server, the adapter id sent as the model) or, when unset, the
 embedded CPU backend started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies.
 Runs with `python space/app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on Spaces).
 """
@@ -19,6 +20,7 @@ import gradio as gr
 warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
 from soppu_hub.chat import ChatClient
+from soppu_hub.openai_chat import OpenAIChatClient
 from soppu_hub.errors import SoppuError
 from soppu_hub.spacekit import backend_from_env, card_summary, list_soppu_adapters, stream_reply
 
@@ -35,7 +37,7 @@ Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
 
 
-def build_app(client: ChatClient) -> gr.Blocks:
+def build_app(client: ChatClient | OpenAIChatClient) -> gr.Blocks:
     def adapters() -> list[str]:
         try:
             return list_soppu_adapters(AUTHOR)
@@ -160,9 +162,12 @@ def build_app(client: ChatClient) -> gr.Blocks:
 
 
 def main() -> None:
-    backend = backend_from_env()
+    try:
+        backend = backend_from_env()
+    except SoppuError as e:  # a misconfigured Space says what to set, in one line
+        raise SystemExit(f"error: {e}") from None
     atexit.register(backend.stop)
-    client = ChatClient(backend.url, auth_token=backend.auth_token)
+    client = backend.client()
     build_app(client).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
 
 

@@ -28,6 +28,10 @@ def _err(e: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(e), "error_type": e.error_type}, status_code=e.status)
 
 
+def _openai_error(e: ServeError) -> dict:
+    return {"error": {"message": str(e), "type": e.error_type, "code": e.status, "param": None}}
+
+
 def _sse(obj: Any) -> bytes:
     return f"data:{json.dumps(obj)}\n\n".encode()
 
@@ -160,8 +164,21 @@ def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="soppu-hub embedded LoRAX-compatible backend", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ServeError)
-    async def serve_error(_: Request, e: ServeError):
+    async def serve_error(request: Request, e: ServeError):
+        if request.url.path.startswith("/v1/"):  # OpenAI clients read {"error": {"message", "type", "code"}}
+            return JSONResponse(_openai_error(e), status_code=e.status)
         return _err(e)
+
+    @app.get("/v1/models")
+    async def models():
+        """The base model, then the adapters loaded now (each with the base as parent), as vLLM lists LoRA modules."""
+        created = int(time.time())
+        base = {"id": engine.model_id, "object": "model", "created": created, "owned_by": "soppu-hub", "root": engine.model_id,
+                "parent": None}
+        loaded = [{"id": adapter_id, "object": "model", "created": created, "owned_by": "soppu-hub", "root": adapter_id,
+                   "parent": engine.model_id}
+                  for source, adapter_id in (i.split(":", 1) for i in engine.adapters.loaded_ids()) if source == "hub"]
+        return {"object": "list", "data": [base, *loaded]}
 
     async def body_of(request: Request) -> dict:
         try:
@@ -245,7 +262,7 @@ def create_app(engine: Engine) -> FastAPI:
             async def chunks():
                 async for kind, payload in req.events_until_done():
                     if kind == "error":
-                        yield _sse({"error": str(payload), "error_type": payload.error_type})
+                        yield _sse(_openai_error(payload))
                         return
                     delta, reason = ({"content": payload.text} if not payload.special else {}, None) if kind == "token" \
                         else ({}, finish(payload["finish_reason"]))

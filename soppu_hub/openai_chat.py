@@ -1,0 +1,92 @@
+"""Chat with an adapter through an OpenAI-compatible backend (vLLM, LoRAX's /v1, ours), using the official client.
+
+vLLM serves a LoRA adapter as a model of its own (`--enable-lora --lora-modules NAME=PATH`, or loaded at run
+time), so the adapter id is the request's `model` and the server applies the chat template. Same surface as
+`chat.ChatClient` (stream / complete / check), so the Space and `soppu-hub chat` take either.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .chat import ChatError, GenerationSettings, mapped_errors, unreachable_reason
+
+
+def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
+    import openai
+
+    what = f"adapter {adapter_id}" if adapter_id else "the base model"
+    body = getattr(e, "body", None)
+    detail = body.get("message") if isinstance(body, dict) and isinstance(body.get("message"), str) else None
+    detail = (detail or str(e) or type(e).__name__).splitlines()[0][:300]
+    if isinstance(e, openai.APIConnectionError):
+        return ChatError(f"cannot reach the backend at {url} ({unreachable_reason(e)})")
+    if isinstance(e, openai.RateLimitError):
+        return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
+    if isinstance(e, openai.NotFoundError):
+        if adapter_id and ("model" in detail.lower() or adapter_id in detail):  # vLLM: "The model `x` does not exist."
+            return ChatError(f"{what} is not served by the backend at {url}; start vLLM with --lora-modules "
+                             f"{adapter_id.rsplit('/', 1)[-1]}={adapter_id} or enable runtime LoRA loading")
+        return ChatError(f"the backend at {url} does not speak the OpenAI API (404 on /v1/chat/completions)")
+    if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
+        return ChatError(f"the backend rejected the request: {detail}")
+    if isinstance(e, openai.AuthenticationError):
+        return ChatError(f"the backend at {url} refused the API key (401); set the backend token")
+    if isinstance(e, openai.APIStatusError) and adapter_id and adapter_id in detail:
+        return ChatError(detail)  # the backend's message names the adapter already (e.g. it cannot be loaded)
+    if isinstance(e, openai.APIError):
+        return ChatError(f"the backend could not run {what}: {detail}")
+    return ChatError(f"the backend failed: {detail}")
+
+
+class OpenAIChatClient:
+    """A thin layer over openai.OpenAI pointed at `<url>/v1`; the adapter id is the model name."""
+
+    def __init__(self, url: str, *, auth_token: str | None = None, timeout: int = 120) -> None:
+        import openai
+
+        self.url = url.rstrip("/")
+        base = self.url if self.url.endswith("/v1") else f"{self.url}/v1"
+        # max_retries=1: a refused connection or a 429 is said at once, not after the client's backoff
+        self.client = openai.OpenAI(base_url=base, api_key=auth_token or "none", timeout=timeout, max_retries=1)
+        self.model_id: str | None = None
+
+    def _mapped_errors(self, adapter_id: str | None):
+        return mapped_errors(_map_error, adapter_id, self.url)
+
+    def check(self) -> str:
+        """The base model's name (the listed model without a parent); fails early when nothing answers."""
+        if self.model_id is None:
+            with self._mapped_errors(None):
+                models = list(self.client.models.list())
+            if not models:
+                raise ChatError(f"the backend at {self.url} lists no models on /v1/models")
+            base = [m for m in models if not getattr(m, "parent", None)]
+            self.model_id = (base or models)[0].id
+        return self.model_id
+
+    def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
+               api_token: str | None = None, system_prompt: str | None = None,
+               settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece (`adapter_source` / `api_token` are LoRAX's; vLLM has no such)."""
+        settings = settings or GenerationSettings()
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if system_prompt:
+            msgs = [{"role": "system", "content": system_prompt}] + [m for m in msgs if m["role"] != "system"]
+        kw: dict = {"max_tokens": settings.max_new_tokens}
+        if settings.temperature:
+            kw.update(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+        else:
+            kw["temperature"] = 0.0
+        if settings.stop:
+            kw["stop"] = settings.stop
+        model = adapter_id or self.check()
+        with self._mapped_errors(adapter_id):
+            for chunk in self.client.chat.completions.create(model=model, messages=msgs, stream=True,
+                                                              **{k: v for k, v in kw.items() if v is not None}):
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        yield choice.delta.content
+
+    def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
+        return "".join(self.stream(messages, adapter_id, **kw))
