@@ -36,3 +36,60 @@ def test_shared_basis_rows_equal_their_reconstructed_adapters():
     out = shared_basis_lora(x, U, V, cores, slots)
     for row in range(4):
         torch.testing.assert_close(out[row], x[row] @ (U @ cores[slots[row]] @ V.T).T)
+
+
+def test_installed_forward_matches_peft_token_for_token(tmp_path):
+    """A real tiny Llama with plain LoRAs of two ranks and three adapters through one JD bundle, all in one
+    batch: the gathered forward gives PEFT's logits and the same greedy tokens."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.compress import CompressConfig
+    from soppu_hub.job import compress_folders
+    from soppu_hub.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.serve.multilora import install
+    from soppu_hub.serve.shared import SharedBases
+
+    base_dir = build_tiny_llama(tmp_path / "base")
+    shapes = llama_module_shapes()
+    folders = []
+    for i, (rank, targets) in enumerate([(4, None), (8, ("q_proj", "v_proj")), (8, None), (8, None), (8, None)]):
+        sub = {k: v for k, v in shapes.items() if targets is None or k.rsplit(".", 1)[1] in targets}
+        f = synthetic_factors(sub, 1, rank, shared=rank // 2, seed=i, scales=[3.0])[0]
+        folders.append(write_adapter(tmp_path / f"a{i}", f, base_model=str(base_dir), rank=rank, alpha=2 * rank))
+    compress_folders(folders[2:], tmp_path / "jd", CompressConfig(rank=6))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    peft_model = None
+
+    def load(path, name):
+        nonlocal peft_model
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
+        else:
+            peft_model.load_adapter(path, adapter_name=name)
+        return peft_model
+
+    load(str(folders[0]), "p0")
+    load(str(folders[1]), "p1")
+    shared = SharedBases()
+    for j in range(3):
+        shared.load(load, tmp_path / "jd" / f"a{j + 2}", f"s{j}")
+    names = ["p0", "s0", "__base__", "p1", "s2", "s1", "p0", "s0"]
+    ids = torch.randint(5, 300, (len(names), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=names).logits
+        want_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
+                                          pad_token_id=0)
+        assert install(peft_model) > 0 and install(peft_model) == 0
+        layer = next(m for m in peft_model.modules() if isinstance(m, LoraLinear))
+        assert layer._mixed_batch_forward.__func__ is not LoraLinear._mixed_batch_forward
+        got = peft_model(input_ids=ids, adapter_names=names).logits
+        got_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
+                                         pad_token_id=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    with torch.no_grad():
+        base = peft_model(input_ids=ids, adapter_names=["__base__"] * len(names)).logits
+    moved = (want - base).abs().amax((1, 2))
+    assert moved[2] == 0 and (moved[[0, 1, 3, 4, 5, 6, 7]] > 1e-3).all()  # every adapter row is really adapted

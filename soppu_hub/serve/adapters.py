@@ -127,12 +127,15 @@ class AdapterStore:
         return entry.name, unpin
 
     def _load_peft(self, path: str, name: str):
+        from .multilora import install
+
         if self.peft is None:
             from peft import PeftModel
 
             self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
             self.peft.load_adapter(path, adapter_name=name)
+        install(self.peft)  # mixed batches in a few gathered matmuls, not PEFT's loop over adapters
         return self.peft
 
     def _load(self, folder: Path, name: str) -> None:

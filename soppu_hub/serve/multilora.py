@@ -3,12 +3,16 @@
 Plain LoRAs: every adapter's (A, B) of one module position sits in a slot of two stacked tensors (zero-padded
 to the largest rank; slot 0 is all zeros, "no adapter"); a batch gathers its rows' slots and applies them with
 two batched matmuls (what BGMV kernels do on GPUs). JD bundles: rows whose adapters share a basis pay x V and
-(.) U^T once for all of them and only their r x r cores per row. Not yet wired into the engine.
+(.) U^T once for all of them and only their r x r cores per row. `install` puts this in place of PEFT's
+mixed-batch forward (a Python loop over the batch's adapters, one sub-batch each) on every LoRA linear layer.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 
 
 def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -43,3 +47,81 @@ def stack_slots(factors: list[tuple[torch.Tensor, torch.Tensor] | None], *, dtyp
             A[i, : a.shape[0]] = a.to(dtype)
             B[i, :, : b.shape[1]] = b.to(dtype)
     return A, B
+
+
+def install(peft_model) -> int:
+    """Give every PEFT LoRA Linear of the model the gathered mixed-batch forward; returns how many were new.
+    Idempotent: call it after each adapter load (PEFT adds layers for modules no earlier adapter targeted)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    new = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLinear) and not getattr(module, "_soppu_gathered", False):
+            module._mixed_batch_forward = types.MethodType(_gathered_mixed_batch_forward, module)
+            module._soppu_gathered = True
+            new += 1
+    return new
+
+
+def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+    """PEFT's `_mixed_batch_forward` contract (row i uses adapter_names[i]; "__base__" none) in a few batched
+    matmuls: plain LoRAs gathered per row, adapters sharing a JD basis grouped on it. The gathered tensors are
+    built once per batch composition (every decoding step of a batch reuses them) and kept for the last one only."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if any(n in self.lora_variant for n in set(adapter_names)):  # DoRA and friends: PEFT's own loop
+        return LoraLinear._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+    for k in VARIANT_KWARG_KEYS:
+        kwargs.pop(k, None)
+    result = self.base_layer(x, *args, **kwargs)
+    key = tuple((n, id(self.lora_A[n]) if n in self.lora_A else 0) for n in adapter_names)
+    cached = getattr(self, "_soppu_plan", None)
+    if cached is None or cached[0] != key:
+        cached = self._soppu_plan = (key, _plan(self, adapter_names, x.device))
+    for rows, apply in cached[1]:
+        xr = x[rows]
+        result[rows] += apply(xr.reshape(len(rows), -1, xr.shape[-1])).reshape(*xr.shape[:-1], -1).to(result.dtype)
+    return result
+
+
+def _plan(layer, adapter_names: list[str], device) -> list:
+    """[(rows, x_rows -> delta)] for one batch composition: one entry per group of rows computed together."""
+    from .shared import CoreLinear
+
+    plain: dict[str, list[int]] = {}
+    shared: dict[tuple[int, int], dict[str, list[int]]] = {}
+    for i, name in enumerate(adapter_names):
+        if name not in layer.lora_A:
+            continue
+        a = layer.lora_A[name]
+        if isinstance(a, CoreLinear):
+            shared.setdefault((id(a.weight), id(layer.lora_B[name].weight)), {}).setdefault(name, []).append(i)
+        else:
+            plain.setdefault(name, []).append(i)
+    steps = []
+    if len(plain) == 1:  # one adapter: one sub-batch, as PEFT does it
+        (name, idx), = plain.items()
+        a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+        steps.append((torch.tensor(idx, device=device), lambda xr: F.linear(F.linear(xr.to(a.dtype), a), b) * scale))
+    elif plain:
+        weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in plain]
+        r = max(a.shape[0] for a, _, _ in weights)
+        A = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _, _ in weights])
+        B = torch.stack([F.pad(b * scale, (0, r - b.shape[1])) for _, b, scale in weights])
+        rows, slots = _rows_and_slots(plain, device)
+        steps.append((rows, lambda xr, A=A, B=B, slots=slots: gathered_lora(xr.to(A.dtype), A, B, slots)))
+    for group in shared.values():
+        names = list(group)
+        vt, u = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight  # the bundle's V^T and U, held once
+        cores = torch.stack([layer.lora_A[n].core * layer.scaling[n] for n in names])
+        rows, slots = _rows_and_slots(group, device)
+        steps.append((rows, lambda xr, u=u, v=vt.T, cores=cores, slots=slots:
+                      shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
+    return steps
+
+
+def _rows_and_slots(by_name: dict[str, list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [i for idx in by_name.values() for i in idx]
+    slots = [k for k, idx in enumerate(by_name.values()) for _ in idx]
+    return torch.tensor(rows, device=device), torch.tensor(slots, device=device)
