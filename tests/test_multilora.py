@@ -48,7 +48,7 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     from soppu_hub.compress import CompressConfig
     from soppu_hub.job import compress_folders
     from soppu_hub.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
-    from soppu_hub.serve.multilora import install
+    from soppu_hub.serve.multilora import install, rows_use
     from soppu_hub.serve.shared import SharedBases
 
     base_dir = build_tiny_llama(tmp_path / "base")
@@ -77,7 +77,9 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
         shared.load(load, tmp_path / "jd" / f"a{j + 2}", f"s{j}")
     names = ["p0", "s0", "__base__", "p1", "s2", "s1", "p0", "s0"]
     ids = torch.randint(5, 300, (len(names), 7), generator=torch.Generator().manual_seed(0))
+    whole = [["s0", "s1", "s2", "s0"] * 2, ["p1"] * 8]  # one group or one adapter covering the whole batch
     with torch.no_grad():
+        want_whole = [peft_model(input_ids=ids, adapter_names=w).logits for w in whole]
         want = peft_model(input_ids=ids, adapter_names=names).logits
         want_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
                                           pad_token_id=0)
@@ -87,6 +89,11 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
         got = peft_model(input_ids=ids, adapter_names=names).logits
         got_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
                                          pad_token_id=0)
+        for w, expected in zip(whole, want_whole):
+            torch.testing.assert_close(peft_model(input_ids=ids, adapter_names=w).logits, expected, rtol=1e-5, atol=1e-5)
+        with rows_use(names):  # the engine's way: no per-call hooks, the same rows
+            torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert peft_model._soppu_rows_ok
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_tokens, want_tokens)
     with torch.no_grad():

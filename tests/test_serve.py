@@ -45,6 +45,33 @@ def test_greedy_with_adapter_matches_peft_in_process(hub, backend):
     assert all(isinstance(t.logprob, float) and t.logprob <= 0 for t in d.tokens)
 
 
+def test_a_short_request_joins_a_running_batch_and_leaves_first(backend):
+    """Continuous batching: a 4-token request sent while a 200-token one streams joins at the next step and is
+    done while the long one still streams; both get the very tokens they get alone (greedy, mixed adapters)."""
+    import threading
+    import time
+
+    client = Client(backend)
+    alone_long = client.generate(PROMPT, max_new_tokens=200, adapter_id=ADAPTER, ignore_eos_token=True).generated_text
+    alone_short = client.generate("Tell me a joke.", max_new_tokens=4, ignore_eos_token=True).generated_text
+    seen, long_text, started = [], [], threading.Event()
+
+    def long_stream():
+        for r in client.generate_stream(PROMPT, max_new_tokens=200, adapter_id=ADAPTER, ignore_eos_token=True):
+            seen.append(time.monotonic())
+            started.set()
+            long_text.append(r.token.text)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert started.wait(60)
+    short = client.generate("Tell me a joke.", max_new_tokens=4, ignore_eos_token=True)
+    short_done, tokens_then = time.monotonic(), len(seen)
+    t.join(120)
+    assert short.generated_text == alone_short and "".join(long_text) == alone_long
+    assert tokens_then < 200 and seen[-1] > short_done  # the long one was still streaming when the short one ended
+
+
 def test_stream_concatenates_to_final_text_sync_and_async(backend):
     client = Client(backend)
     events = list(client.generate_stream(PROMPT, max_new_tokens=24, adapter_id=ADAPTER))

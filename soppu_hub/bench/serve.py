@@ -56,7 +56,7 @@ def _resident(url: str) -> int:
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def measure_serve(n_adapters: int = 16, new_tokens: int = 32, repeats: int = 2, hidden: int = 256, layers: int = 4,
+def measure_serve(n_adapters: int = 16, new_tokens: int = 32, repeats: int = 5, hidden: int = 256, layers: int = 4,
                   lora_rank: int = 16, rank: int = 16) -> dict:
     """Every case side by side against one backend: a dict with `cases` (label, requests, distinct adapters,
     tokens, seconds, tokens/s), the ratios, resident LoRA parameters and the short-during-long latency."""

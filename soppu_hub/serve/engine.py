@@ -11,7 +11,6 @@ import logging
 import queue
 import random
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from .errors import Overloaded, ServeError
 from .params import Sampling
 
 log = logging.getLogger("soppu_hub.serve")
+GATHER_S = 0.005  # when idle, how long a first request waits for company before its prefill
 
 
 @dataclass
@@ -57,64 +57,45 @@ class Job:
         self.cancelled = True
 
 
-class _Capture:
-    """Logits processor that keeps the step's log-probabilities so each token can carry its logprob."""
+class _Row:
+    """One request in the running batch: its job, its sampler, the token to feed next."""
 
-    def __init__(self) -> None:
-        self.logprobs: torch.Tensor | None = None
+    def __init__(self, job: Job) -> None:
+        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
-    def __call__(self, input_ids, scores):
-        self.logprobs = torch.log_softmax(scores.float(), dim=-1)
-        return scores
+        self.job, sp = job, job.sampling
+        self.seed = (sp.seed if sp.seed is not None else random.randrange(2**31)) if sp.do_sample else None
+        self.generator = torch.Generator().manual_seed(self.seed) if sp.do_sample else None
+        procs = LogitsProcessorList()
+        if sp.repetition_penalty:
+            procs.append(RepetitionPenaltyLogitsProcessor(sp.repetition_penalty))
+        if sp.do_sample:  # the warpers HF generate would use for these settings, in its order
+            if sp.temperature and sp.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(sp.temperature))
+            if sp.top_k:
+                procs.append(TopKLogitsWarper(sp.top_k))
+            if sp.top_p and sp.top_p < 1.0:
+                procs.append(TopPLogitsWarper(sp.top_p))
+            if sp.typical_p and sp.typical_p < 1.0:
+                procs.append(TypicalLogitsWarper(sp.typical_p))
+        self.procs = procs
+        self.next_id: int | None = None
 
+    @property
+    def plain_greedy(self) -> bool:
+        return self.generator is None and not self.procs
 
-class _Rows:
-    """Streamer + stopping criteria for a batch: per-row bookkeeping of tokens, text and stop reasons."""
-
-    def __init__(self, jobs: list[Job], tokenizer, capture: _Capture, eos_ids: set[int], special_ids: set[int],
-                 close: Callable[[Job], None]):
-        self.jobs, self.tok, self.capture = jobs, tokenizer, capture
-        self.eos_ids, self.special_ids, self.close = eos_ids, special_ids, close
-        self.first = True
-
-    # streamer protocol
-    def put(self, value: torch.Tensor) -> None:
-        if self.first:  # the prompt
-            self.first = False
-            return
-        lp = self.capture.logprobs
-        for row, job in enumerate(self.jobs):
-            if job.done:
-                continue
-            if job.cancelled:
-                job.done, job.finish_reason = True, "cancelled"
-                self.close(job)
-                continue
-            tid = int(value[row])
-            special = tid in self.special_ids
-            job.tokens.append(tid)
-            text = ""
-            if not special:
-                full = self.tok.decode([t for t in job.tokens if t not in self.special_ids], skip_special_tokens=True)
-                if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    text, job.text = full[len(job.text):], full
-            logprob = float(lp[row, tid]) if lp is not None else 0.0
-            if tid in self.eos_ids and not job.ignore_eos:
-                job.done, job.finish_reason = True, "eos_token"
-            elif any(s and job.text.endswith(s) for s in job.stop):
-                job.done, job.finish_reason = True, "stop_sequence"
-            elif len(job.tokens) >= job.max_new_tokens:
-                job.done, job.finish_reason = True, "length"
-            job.emit("token", TokenEvent(tid, text if not special else self.tok.convert_ids_to_tokens(tid), logprob, special))
-            if job.done:  # this row's slot is free now, whatever the rest of the batch still does
-                self.close(job)
-
-    def end(self) -> None:
-        pass
-
-    # stopping-criteria protocol: a per-row mask
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([j.done or j.cancelled for j in self.jobs], dtype=torch.bool, device=input_ids.device)
+    def pick(self, logits: torch.Tensor) -> tuple[int, float]:
+        """(token id, its log-probability under the processed distribution) from this row's last logits."""
+        history = torch.tensor([self.job.prompt_ids + self.job.tokens])
+        scores = self.procs(history, logits[None].float())[0] if self.procs else logits.float()
+        logprobs = torch.log_softmax(scores, dim=-1)
+        if self.generator is None:
+            tid = int(scores.argmax())
+        else:
+            tid = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
+        return tid, float(logprobs[tid])
 
 
 class Engine:
@@ -168,34 +149,113 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.pending.put(job)
 
-    # --- worker ----------------------------------------------------------------------------------
+    # --- worker: continuous batching ----------------------------------------------------------------
     def _run(self) -> None:
+        """One decoding step at a time over the running rows; new requests join at the next step (their prompts
+        prefilled, their caches merged in) and finished rows leave at once, so a short request never waits for
+        a long one."""
+        batch = _Batch()
         while True:
-            jobs = [self.pending.get()]
-            while len(jobs) < self.max_batch:
-                try:
-                    jobs.append(self.pending.get(timeout=0.005))
-                except queue.Empty:
-                    break
-            for j in [j for j in jobs if j.cancelled]:  # abandoned while queued: never decoded
-                j.done, j.finish_reason = True, "cancelled"
-                self._close(j, None)
-            jobs = [j for j in jobs if not j.closed]
-            if not jobs:
+            joining: list[Job] = []
+            try:
+                joining = self._take(block=not batch.rows, room=self.max_batch - len(batch.rows))
+                with self.lock:
+                    if joining:
+                        self._join(batch, joining)
+                    if batch.rows:
+                        self._step(batch)
+            except Exception as e:  # never let one batch kill the server
+                log.exception("generation failed")
+                for j in {id(j): j for j in [row.job for row in batch.rows] + joining}.values():
+                    if not j.closed:
+                        j.done = j.closed = True
+                        j.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
+                        j.release()
+                batch = _Batch()
+
+    def _take(self, *, block: bool, room: int) -> list[Job]:
+        """Queued jobs that fit (waiting for one when nothing runs); abandoned ones are closed unseen."""
+        jobs = []
+        if block:  # idle: the first request, then whatever arrives with it (a burst prefills as one batch)
+            jobs.append(self.pending.get())
+        while len(jobs) < room:
+            try:
+                jobs.append(self.pending.get(timeout=GATHER_S) if block else self.pending.get_nowait())
+            except queue.Empty:
+                break
+        for j in [j for j in jobs if j.cancelled]:
+            j.done, j.finish_reason = True, "cancelled"
+            self._close(j, None)
+        return [j for j in jobs if not j.closed]
+
+    def _forward(self, names: list[str], **inputs) -> torch.Tensor:
+        from .multilora import rows_use
+
+        model, adapter_names = self.adapters.model_for(names)
+        if adapter_names is not None and not getattr(model, "_soppu_rows_ok", False):  # embedding LoRA, heads
+            return model(**inputs, use_cache=True, adapter_names=adapter_names).logits[:, -1]
+        with rows_use(adapter_names):  # not PEFT's adapter_names: it would hook every layer on every step
+            return model(**inputs, use_cache=True).logits[:, -1]
+
+    @torch.no_grad()
+    def _join(self, batch: "_Batch", jobs: list[Job]) -> None:
+        """Prefill the newcomers together (left-padded), give each its first token, merge their cache in."""
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(jobs):
+            ids[r, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+            mask[r, width - len(j.prompt_ids):] = 1
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        logits = self._forward([j.adapter for j in jobs], input_ids=ids.to(self.device),
+                               attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+                               past_key_values=cache)
+        rows = [_Row(j) for j in jobs]
+        batch.merge(rows, cache, mask)
+        for row, picked in zip(rows, _pick_all(rows, logits)):
+            self._emit(row, *picked)
+        batch.drop_finished()
+
+    @torch.no_grad()
+    def _step(self, batch: "_Batch") -> None:
+        """Feed every row its last token, pick the next one, let finished rows go."""
+        ids = torch.tensor([[row.next_id] for row in batch.rows])
+        positions = batch.mask.sum(1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype)], 1)
+        logits = self._forward([row.job.adapter for row in batch.rows], input_ids=ids.to(self.device),
+                               attention_mask=batch.mask.to(self.device), position_ids=positions.to(self.device),
+                               past_key_values=batch.cache)
+        for row, picked in zip(batch.rows, _pick_all(batch.rows, logits)):
+            if row.job.cancelled:
+                row.job.done, row.job.finish_reason = True, "cancelled"
+                self._close(row.job, row.seed)
                 continue
-            groups: OrderedDict[Sampling, list[Job]] = OrderedDict()
-            for j in jobs:
-                groups.setdefault(j.sampling, []).append(j)
-            for sampling, group in groups.items():
-                try:
-                    self._generate(group, sampling)
-                except Exception as e:  # never let one batch kill the server
-                    log.exception("generation failed")
-                    for j in group:
-                        if not j.closed:
-                            j.done = j.closed = True
-                            j.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
-                            j.release()
+            self._emit(row, *picked)
+        batch.drop_finished()
+
+    def _emit(self, row: _Row, tid: int, logprob: float) -> None:
+        """Record the row's token, stream it, and close the row when it is finished."""
+        job = row.job
+        special = tid in self.special_ids
+        job.tokens.append(tid)
+        text = ""
+        if not special:
+            full = self.tokenizer.decode([t for t in job.tokens if t not in self.special_ids], skip_special_tokens=True)
+            if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                text, job.text = full[len(job.text):], full
+        if tid in self.eos_ids and not job.ignore_eos:
+            job.done, job.finish_reason = True, "eos_token"
+        elif any(s and job.text.endswith(s) for s in job.stop):
+            job.done, job.finish_reason = True, "stop_sequence"
+        elif len(job.tokens) >= job.max_new_tokens:
+            job.done, job.finish_reason = True, "length"
+        job.emit("token", TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special))
+        row.next_id = tid
+        if job.done:  # this row's slot is free now, whatever the rest of the batch still does
+            self._close(job, row.seed)
 
     def _close(self, job: Job, seed: int | None) -> None:
         """Deliver the row's "done" event and release its slot, once."""
@@ -209,33 +269,56 @@ class Engine:
                           "generated_tokens": len(job.tokens), "seed": seed})
         job.release()
 
-    @torch.no_grad()
-    def _generate(self, jobs: list[Job], sampling: Sampling) -> None:
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, j in enumerate(jobs):
-            ids[row, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[row, width - len(j.prompt_ids):] = 1
-        capture = _Capture()
-        kwargs = sampling.generate_kwargs()
-        seed = sampling.seed
-        if sampling.do_sample:
-            seed = seed if seed is not None else random.randrange(2**31)
-            torch.manual_seed(seed)
-        shown_seed = seed if sampling.do_sample else None
-        rows = _Rows(jobs, self.tokenizer, capture, self.eos_ids, self.special_ids, lambda j: self._close(j, shown_seed))
-        with self.lock:
-            model, names = self.adapters.model_for([j.adapter for j in jobs])
-            extra = {"adapter_names": names} if names is not None else {}
-            model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=max(j.max_new_tokens for j in jobs), min_new_tokens=0,
-                eos_token_id=None, pad_token_id=self.pad_id, streamer=rows, stopping_criteria=[rows],
-                logits_processor=[capture], **kwargs, **extra,
-            )
-        for j in jobs:
-            if j.cancelled and not j.closed:
-                j.finish_reason = "cancelled"
-            j.done = True
-            self._close(j, shown_seed)
+
+def _pick_all(rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """Every row's next token: plain greedy rows in one vectorised argmax, the others through their sampler."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = logprobs.argmax(-1).tolist()
+    return [(best[r], float(logprobs[r, best[r]])) if row.plain_greedy else row.pick(logits[r])
+            for r, row in enumerate(rows)]
+
+
+class _Batch:
+    """The running rows, their shared KV cache (left-padded) and attention mask."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache = None  # transformers DynamicCache
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
+        """Add newly prefilled rows: both caches left-padded to one length, then stacked on the batch axis."""
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        from transformers import DynamicCache
+
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # left-pad the time axis (dim -2 of k/v, dim 1 of masks)
+            return torch.nn.functional.pad(t, (0, 0, n, 0)) if t.dim() == 4 else torch.nn.functional.pad(t, (n, 0))
+
+        merged = DynamicCache()
+        for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
+            k = torch.cat([pad(old.keys, width - self.mask.shape[1]), pad(new.keys, width - mask.shape[1])])
+            v = torch.cat([pad(old.values, width - self.mask.shape[1]), pad(new.values, width - mask.shape[1])])
+            merged.update(k, v, i)
+        self.mask = torch.cat([pad(self.mask, width - self.mask.shape[1]), pad(mask, width - mask.shape[1])])
+        self.rows, self.cache = self.rows + rows, merged
+
+    def drop_finished(self) -> None:
+        """Rows whose job is closed leave the batch; columns no remaining row attends to are cut from the left."""
+        keep = [i for i, row in enumerate(self.rows) if not row.job.closed]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
+            return
+        idx = torch.tensor(keep)
+        self.mask = self.mask[idx]
+        start = int((self.mask.sum(0) > 0).nonzero()[0]) if self.mask.any() else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
+            layer.values = layer.values[idx.to(layer.values.device), :, start:]

@@ -10,6 +10,9 @@ mixed-batch forward (a Python loop over the batch's adapters, one sub-batch each
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +57,45 @@ def install(peft_model) -> int:
     Idempotent: call it after each adapter load (PEFT adds layers for modules no earlier adapter targeted)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    # rows_use covers LoRA linears only: embedding LoRA or modules_to_save need PEFT's adapter_names hooks
+    peft_model._soppu_rows_ok = not any(
+        isinstance(m, ModulesToSaveWrapper) or (isinstance(m, LoraLayer) and not isinstance(m, LoraLinear))
+        for m in peft_model.modules())
     new = 0
     for module in peft_model.modules():
         if isinstance(module, LoraLinear) and not getattr(module, "_soppu_gathered", False):
             module._mixed_batch_forward = types.MethodType(_gathered_mixed_batch_forward, module)
+            module.forward = types.MethodType(_forward_rows, module)
             module._soppu_gathered = True
             new += 1
     return new
+
+
+_ROWS: ContextVar[list[str] | None] = ContextVar("soppu_rows", default=None)
+
+
+@contextmanager
+def rows_use(adapter_names: list[str] | None) -> Iterator[None]:
+    """While inside, installed LoRA layers give row i adapter_names[i] (None: PEFT's usual behaviour). PEFT's own
+    `adapter_names=` argument does the same by adding a hook to every LoRA layer on each call, which costs more
+    than a decoding step of a small model."""
+    token = _ROWS.set(adapter_names)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    names = kwargs.pop("adapter_names", None) or _ROWS.get()
+    if names is None or self.disable_adapters or self.merged:
+        return LoraLinear.forward(self, x, *args, **kwargs)
+    return self._mixed_batch_forward(x, *args, adapter_names=names, **kwargs)
 
 
 def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
@@ -80,6 +115,9 @@ def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: l
     if cached is None or cached[0] != key:
         cached = self._soppu_plan = (key, _plan(self, adapter_names, x.device))
     for rows, apply in cached[1]:
+        if rows is None:  # the group is the whole batch, in order: no gather, no scatter
+            result += apply(x.reshape(x.shape[0], -1, x.shape[-1])).reshape(*x.shape[:-1], -1).to(result.dtype)
+            continue
         xr = x[rows]
         result[rows] += apply(xr.reshape(len(rows), -1, xr.shape[-1])).reshape(*xr.shape[:-1], -1).to(result.dtype)
     return result
@@ -118,10 +156,11 @@ def _plan(layer, adapter_names: list[str], device) -> list:
         rows, slots = _rows_and_slots(group, device)
         steps.append((rows, lambda xr, u=u, v=vt.T, cores=cores, slots=slots:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
-    return steps
+    n = len(adapter_names)
+    return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order
 
 
 def _rows_and_slots(by_name: dict[str, list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [i for idx in by_name.values() for i in idx]
-    slots = [k for k, idx in enumerate(by_name.values()) for _ in idx]
-    return torch.tensor(rows, device=device), torch.tensor(slots, device=device)
+    """Rows in batch order and each one's slot (its adapter's index in by_name)."""
+    pairs = sorted((i, k) for k, idx in enumerate(by_name.values()) for i in idx)
+    return torch.tensor([i for i, _ in pairs], device=device), torch.tensor([k for _, k in pairs], device=device)
