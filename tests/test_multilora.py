@@ -100,3 +100,54 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
         base = peft_model(input_ids=ids, adapter_names=["__base__"] * len(names)).logits
     moved = (want - base).abs().amax((1, 2))
     assert moved[2] == 0 and (moved[[0, 1, 3, 4, 5, 6, 7]] > 1e-3).all()  # every adapter row is really adapted
+
+
+def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
+    """In-process engine, one continuous batch mixing an embedding-LoRA adapter (PEFT's hook path), a plain one
+    (the gathered path) and the base model: each row gets the tokens PEFT gives that adapter alone."""
+    import threading
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.samples import build_tiny_llama
+    from soppu_hub.serve.engine import Engine, Job
+    from soppu_hub.serve.params import Sampling
+
+    base_dir = build_tiny_llama(tmp_path / "base")
+    for i, (name, targets) in enumerate((("plain", ["q_proj", "v_proj"]), ("embed", ["q_proj", "embed_tokens"]))):
+        torch.manual_seed(i)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn(p.shape))
+        m.save_pretrained(str(tmp_path / "adapters" / name))
+    prompt = list(range(10, 19))
+
+    def alone(name):
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+        if name:
+            model = PeftModel.from_pretrained(model, str(tmp_path / "adapters" / name)).eval()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    engine = Engine(base_dir, str(base_dir), local_root=tmp_path / "adapters", max_batch=8)
+    order = ["plain", "embed", None, "embed", "plain"]
+    done = threading.Semaphore(0)
+    jobs = []
+    for name in order:
+        adapter, _ = engine.adapters.acquire(name, "local", None)
+        jobs.append(Job(prompt_ids=prompt, adapter=adapter, max_new_tokens=12, sampling=Sampling(), stop=[], ignore_eos=True,
+                        emit=lambda kind, payload: done.release() if kind in ("done", "error") else None))
+    for j in jobs:
+        engine.submit(j)
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    assert not engine.adapters.peft._soppu_rows_ok  # the embedding LoRA keeps PEFT's per-row hooks in play
+    expected = {name: alone(name) for name in set(order)}
+    assert len({tuple(v) for v in expected.values()}) == 3  # the two adapters and the base really differ
+    for name, j in zip(order, jobs):
+        assert j.tokens == expected[name], name
