@@ -98,7 +98,7 @@ def build_app(client: ChatClient | OpenAIChatClient) -> gr.Blocks:
             for text in stream_reply(client, message, base_past, other, **kw):
                 base_history[-1] = {"role": "assistant", "content": text}
                 yield gr.skip(), history, base_history
-        yield gr.update(interactive=True), history, base_history
+        yield gr.update(value="", interactive=True), history, base_history  # value too: fast yields may be coalesced
 
     def chat(message: str, history: list[dict], adapter_id: str, system_prompt: str = "",
              temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = DEFAULT_MAX_NEW) -> Iterator[str]:
