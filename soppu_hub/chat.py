@@ -42,6 +42,19 @@ class GenerationSettings:
                 "seed": self.seed if sample else None, "stop_sequences": self.stop}
 
 
+# The sentences both clients (LoRAX's and OpenAI's) say, so a person reads the same words whichever API it is.
+def overloaded(detail: str) -> ChatError:
+    return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
+
+
+def rejected(detail: str) -> ChatError:
+    return ChatError(f"the backend rejected the request: {detail}")
+
+
+def unreachable(url: str, e: BaseException) -> ChatError:
+    return ChatError(f"cannot reach the backend at {url} ({unreachable_reason(e)})")
+
+
 def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     from lorax import errors as le
 
@@ -50,18 +63,18 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     if isinstance(e, le.GenerationError):  # the backend's message names the adapter already when it is about it
         return ChatError(detail if adapter_id and adapter_id in detail else f"the backend could not run {what}: {detail}")
     if isinstance(e, (le.OverloadedError, le.RateLimitExceededError)):
-        return ChatError(f"the backend is overloaded right now; try again in a moment ({detail})")
+        return overloaded(detail)
     if isinstance(e, (le.ValidationError, le.UnprocessableEntityError, le.BadRequestError)):
         if "`inputs` must have less than" in detail:  # LoRAX's wording for a prompt over max_input_length
             return ChatError(f"the conversation is too long for this model; clear the chat or send a shorter message "
                              f"({detail.split('`inputs` ', 1)[1]})")
-        return ChatError(f"the backend rejected the request: {detail}")
+        return rejected(detail)
     if isinstance(e, (le.ShardNotReadyError, le.ShardTimeoutError)):
         return ChatError(f"the backend is not ready: {detail}")
     if isinstance(e, le.NotFoundError):
         return ChatError(f"the backend at {url} does not speak the LoRAX API (404)")
     if isinstance(e, (OSError, ConnectionError)) or type(e).__module__.startswith(("requests", "aiohttp", "urllib3")):
-        return ChatError(f"cannot reach the backend at {url} ({unreachable_reason(e)})")
+        return unreachable(url, e)
     return ChatError(f"the backend failed: {detail}")
 
 
@@ -127,7 +140,7 @@ class ChatClient:
             raise ChatError(f"the backend at {self.url} does not speak the LoRAX API ({e.code} on /info); "
                             "for vLLM or another OpenAI-compatible server use --api openai (BACKEND_API=openai)") from None
         except OSError as e:
-            raise ChatError(f"cannot reach the backend at {self.url} ({unreachable_reason(e)})") from None
+            raise unreachable(self.url, e) from None
         except ValueError:
             raise ChatError(f"the backend at {self.url} does not speak the LoRAX API (/info is not JSON)") from None
 
