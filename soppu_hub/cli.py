@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .bundle import EXPORT_DTYPES, ExportConfig
-from .compress import CompressConfig
+from .compression.bundle import EXPORT_DTYPES, ExportConfig
+from .compression.plan import CompressConfig
 from .errors import SoppuError
 
 
@@ -114,8 +114,8 @@ def _ranks(text: str | None, verify: bool) -> list[int]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .job import JobSpec, run_job
-    from .report import format_table
+    from .compression.report import format_table
+    from .pipeline.job import JobSpec, run_job
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
     args.sources = [*args.sources, *_sources_from_file(args.sources_file)]
@@ -156,23 +156,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "samples":
-        from .bench.samples import RANKS, run_samples_bench
+        from .devtools.bench.samples import RANKS, run_samples_bench
 
         ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
         print(run_samples_bench(ranks, plot=args.plot))
         return 0
     if args.what == "scale":
-        from .bench.scale import run_scale_bench
+        from .devtools.bench.scale import run_scale_bench
 
         print(run_scale_bench(n_adapters=args.adapters or 20, rank=args.rank, clusters=args.clusters, device=args.device,
                               per_family=not args.no_per_family))
         return 0
     if args.what == "serve":
-        from .bench.serve import run_serve_bench
+        from .devtools.bench.serve import run_serve_bench
 
         print(run_serve_bench(n_adapters=args.adapters or 16, new_tokens=args.new_tokens, as_json=args.json))
         return 0
-    from .bench.kernel import run_kernel_bench
+    from .devtools.bench.kernel import run_kernel_bench
 
     print(run_kernel_bench(layers=args.layers, ref_layers=args.ref_layers, device=args.device, seed=args.seed))
     return 0
@@ -185,7 +185,7 @@ def _interrupt(signum, frame) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     import signal
 
-    from .demo import run_demo
+    from .devtools.demo import run_demo
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo's servers as Ctrl-C does
     run_demo(Path(args.workdir), log=print, serve=not args.no_serve)
@@ -193,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from .samples.collection import BuildConfig, build_collection, load_collection
+    from .devtools.samples.collection import BuildConfig, build_collection, load_collection
 
     if args.action == "check":
         c = load_collection(args.out)
@@ -231,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import GenerationSettings, connect
+    from .clients.lorax import GenerationSettings, connect
 
     client = connect(args.url, api=args.api, auth_token=args.auth_token or os.environ.get("LORAX_API_TOKEN"))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: greedy)")
     p.set_defaults(func=cmd_chat)
 
-    from .samples.collection import COLLECTION, BuildConfig
+    from .devtools.samples.collection import COLLECTION, BuildConfig
 
     p = sub.add_parser("samples", help="build (train on the CPU, minutes) or check the sample collection the demo uses")
     p.add_argument("action", choices=["build", "check"])

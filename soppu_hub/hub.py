@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from .errors import SoppuError
-from .layout import BIN_NAME, BUNDLE_DIR, BUNDLE_HEADER, BUNDLE_WEIGHTS, CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from .peft_format.layout import (
+    BIN_NAME,
+    BUNDLE_DIR,
+    BUNDLE_HEADER,
+    BUNDLE_WEIGHTS,
+    CARD_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+)
 
 ADAPTER_FILES = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, CARD_NAME]
 BUNDLE_FILES = [f"{BUNDLE_DIR}/{BUNDLE_HEADER}", f"{BUNDLE_DIR}/{BUNDLE_WEIGHTS}"]
@@ -110,10 +118,14 @@ def _silent_tqdm():
 def download_adapter(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
                      with_bundle: bool = False) -> Path:
     """Snapshot only what a LoRA needs (and its soppu bundle slice if asked) into the cache; return the folder."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     what = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:

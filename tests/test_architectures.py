@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+from helpers import random_peft_adapter
 
 from soppu_hub.cli import main
 from soppu_hub.errors import AdapterError
-from soppu_hub.lora import read_adapter
-
-from helpers import random_peft_adapter
+from soppu_hub.peft_format.read import read_adapter
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
 

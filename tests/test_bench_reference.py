@@ -1,11 +1,12 @@
 """The seeds' Algorithm 1 reference used by `soppu-hub bench`: faithful, and scored against our kernel."""
 
 import numpy as np
-from soppu_hub.bench.kernel import _errors
-from soppu_hub.bench.seed_reference import seed_jd, seed_pipeline
-from soppu_hub.compress import CompressConfig, compress
-from soppu_hub.lora import read_adapter
-from soppu_hub.samples import synthetic_factors, write_adapter
+
+from soppu_hub.compression.plan import CompressConfig, compress
+from soppu_hub.devtools.bench.kernel import _errors
+from soppu_hub.devtools.bench.seed_reference import seed_jd, seed_pipeline
+from soppu_hub.devtools.samples import synthetic_factors, write_adapter
+from soppu_hub.peft_format.read import read_adapter
 
 
 def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soppu_hub.bundle import load_bundle
 from soppu_hub.cli import main
+from soppu_hub.compression.bundle import load_bundle
 from soppu_hub.errors import BundleError
-from soppu_hub.layout import BUNDLE_HEADER, BUNDLE_WEIGHTS
+from soppu_hub.peft_format.layout import BUNDLE_HEADER, BUNDLE_WEIGHTS
 
 
 @pytest.fixture(scope="module")

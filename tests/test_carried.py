@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+from helpers import random_peft_adapter
 
 from soppu_hub.cli import main
 from soppu_hub.errors import IncompatibleAdaptersError
-from soppu_hub.lora import read_adapter
-
-from helpers import random_peft_adapter
+from soppu_hub.peft_format.read import read_adapter
 
 
 def _gpt2_cls():
@@ -122,7 +121,7 @@ def test_adapters_must_agree_on_what_they_carry(tmp_path):
     cfg = json.loads((plain / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "base")
     (plain / "adapter_config.json").write_text(json.dumps(cfg))
-    from soppu_hub.compress import check_compatible
+    from soppu_hub.compression.plan import check_compatible
 
     with pytest.raises(IncompatibleAdaptersError, match="carry different uncompressed tensors"):
         check_compatible([read_adapter(with_head), read_adapter(plain)])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from soppu_hub.chat import ChatClient, ChatError, GenerationSettings
+from soppu_hub.clients.lorax import ChatClient, ChatError, GenerationSettings
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
@@ -33,8 +33,8 @@ def test_chat_template_from_backend_and_streamed_reply(backend):
 
 
 def test_template_falls_back_to_the_hub(hub, backend, monkeypatch):
-    from soppu_hub.chat import FALLBACK_TEMPLATE
-    from soppu_hub.samples import CHAT_TEMPLATE
+    from soppu_hub.clients.lorax import FALLBACK_TEMPLATE
+    from soppu_hub.devtools.samples import CHAT_TEMPLATE
 
     client = ChatClient(backend)
     monkeypatch.setattr(client, "info", lambda: {"model_id": hub.base_model})  # a real LoRAX /info has no template

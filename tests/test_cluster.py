@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from soppu_hub.cli import main
-from soppu_hub.cluster import adjusted_rand_index, choose_k, kmeans
-from soppu_hub.samples import family_factors, llama_module_shapes, write_adapter
+from soppu_hub.compression.cluster import adjusted_rand_index, choose_k, kmeans
+from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 
@@ -56,7 +56,7 @@ def test_planted_families_are_recovered_and_fit_better_than_one_basis(tmp_path, 
 
 
 def test_each_cluster_has_its_own_bases_in_every_export(tmp_path, families):
-    from soppu_hub.bundle import load_bundle
+    from soppu_hub.compression.bundle import load_bundle
 
     folders, fam = families
     report = run(tmp_path, folders, "--rank", "4", "--clusters", "3")
@@ -100,7 +100,7 @@ def test_bad_cluster_flags_are_one_line_and_write_nothing(tmp_path, families, ca
 def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
     """70 adapters (over card.PARALLEL_CARDS): every card and report.json stays small, names its cluster, and the
     cards drawn by two worker processes are byte for byte those drawn in-process (the timing row aside)."""
-    from soppu_hub.card import MAX_PEERS
+    from soppu_hub.cards.card import MAX_PEERS
 
     shapes = llama_module_shapes(hidden=32, layers=2, targets=("q_proj",))
     facs, fam = family_factors(shapes, 70, 2, families=2, noise=0.02, seed=3)
@@ -128,7 +128,7 @@ def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
 
 
 def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
-    from soppu_hub.card import MAX_PEERS, peers, repo_report
+    from soppu_hub.cards.card import MAX_PEERS, peers, repo_report
 
     report = {"method": "full", "adapters": [{"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}}
                                              for i in range(300)]}

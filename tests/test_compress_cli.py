@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
+from helpers import peft_deltas
 from safetensors.torch import load_file
 
-from soppu_hub.bundle import load_bundle
 from soppu_hub.cli import main
-from soppu_hub.lora import read_adapter
-from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
-
-from helpers import peft_deltas
+from soppu_hub.compression.bundle import load_bundle
+from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+from soppu_hub.peft_format.read import read_adapter
 
 REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
                "clusters", "target_error",
@@ -150,7 +149,7 @@ def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters
     (["Lora", "lora"], ["Lora", "lora-2"]),  # repo names on the Hub are case-insensitive
 ])
 def test_unique_names_are_distinct_ignoring_case(names, expected):
-    from soppu_hub.job import unique_names
+    from soppu_hub.pipeline.job import unique_names
 
     out = unique_names(names)
     assert out == expected and len({o.lower() for o in out}) == len(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from soppu_hub.demo import run_demo
+from soppu_hub.devtools.demo import run_demo
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
@@ -16,7 +16,6 @@ pytestmark = pytest.mark.e2e  # real servers over loopback
 def _look_at_the_space(run, shots: Path) -> dict:
     """A person on the demo's Space: the pirate adapter beside its original, one example prompt, a screenshot."""
     from playwright.sync_api import expect, sync_playwright
-
     from test_space import _browser
 
     seen = {}
@@ -124,7 +123,7 @@ def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, stop_sign
     import signal
     import time
 
-    from soppu_hub.launch import spawn_group, stop_group
+    from soppu_hub.devtools.launch import spawn_group, stop_group
 
     proc = spawn_group([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path / "demo")],
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
+from helpers import lorax_effective_scales
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from soppu_hub.bundle import load_bundle
 from soppu_hub.cli import main
-from soppu_hub.layout import lorax_rank, vllm_max_lora_rank
-from soppu_hub.lora import read_adapter
-from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
-
-from helpers import lorax_effective_scales
+from soppu_hub.compression.bundle import load_bundle
+from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+from soppu_hub.peft_format.layout import lorax_rank, vllm_max_lora_rank
+from soppu_hub.peft_format.read import read_adapter
 
 
 def _adapters(tmp_path, n=2, rank=8, dtypes=None, targets=("q_proj", "v_proj", "down_proj"), **extra):

@@ -8,12 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import USERS
+from helpers import peft_deltas
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
-
-from conftest import USERS
-
-from helpers import peft_deltas
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
@@ -39,7 +37,7 @@ def test_pushed_repos_load_by_name_in_peft(hub, pushed):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.bundle import load_bundle
+    from soppu_hub.compression.bundle import load_bundle
 
     bundle = load_bundle(pushed / "bundle")
     for repo_id, name in [("alice/support-bot-soppu", "support-bot"), ("alice/pirate-talk-soppu", "pirate-talk")]:
@@ -116,7 +114,7 @@ def test_failed_run_pushes_nothing(hub, pushed, tmp_path):
 
 
 def test_revision_pin_and_verify(hub, tmp_path):
-    from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     api = HfApi(token=USERS["alice"])
     api.create_repo("alice/versioned", exist_ok=True)
@@ -165,8 +163,8 @@ def test_revision_pin_and_verify(hub, tmp_path):
 
 def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch):
     """Unit test with a fake push (in addition to the real HTTP tests above): the message lists both sides."""
-    from soppu_hub import job
     from soppu_hub.hub import PushError
+    from soppu_hub.pipeline import job
 
     failing = {"u/b-soppu", "u/r1"}
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from huggingface_hub import HfApi
-
 from conftest import USERS
+from huggingface_hub import HfApi
 
 pytestmark = pytest.mark.e2e  # the real CLI against the session's Hub
 
@@ -24,7 +23,7 @@ def cli(*args, token=BOB):
 @pytest.fixture(scope="module")
 def bobs_repos(hub, tmp_path_factory):
     """bob: three LoRAs for the tiny Llama, one for another base, a full model and a soppu output."""
-    from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     root = tmp_path_factory.mktemp("bob")
     api = HfApi(token=BOB)

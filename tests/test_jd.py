@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from soppu_hub.jd import joint_diagonalize, reconstruction_sq_errors
+from soppu_hub.compression.jd import joint_diagonalize, reconstruction_sq_errors
 
 
 def factors(L, n, m, d, k, seed=0, scales=None, dtype=torch.float64):
@@ -200,7 +200,7 @@ def test_subspace_solver_never_decreases_the_objective_and_is_deterministic():
 
 
 def test_auto_uses_the_subspace_solver_past_the_exact_size():
-    from soppu_hub.jd import EXACT_MAX_K
+    from soppu_hub.compression.jd import EXACT_MAX_K
 
     B, A = planted(1, EXACT_MAX_K // 4 + 1, 64, 48, 4, 6, seed=1, dtype=torch.float32)  # n * k just over the limit
     auto = joint_diagonalize(B, A, 6)

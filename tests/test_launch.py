@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 PARENT = """
 import sys, time
-from soppu_hub.launch import start_hub
+from soppu_hub.devtools.launch import start_hub
 child = start_hub(sys.argv[1], {"alice": "hf_test_alice"})
 print(child.url, child.proc.pid, flush=True)
 time.sleep(600)

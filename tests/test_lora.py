@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers import peft_deltas
 from safetensors.torch import save_file
 
+from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.errors import AdapterError
-from soppu_hub.lora import read_adapter
-from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
-
-from helpers import peft_deltas
+from soppu_hub.peft_format.read import read_adapter
 
 
 def _facs(rank=4, seed=0, n=1):

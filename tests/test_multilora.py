@@ -45,11 +45,11 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.compress import CompressConfig
-    from soppu_hub.job import compress_folders
-    from soppu_hub.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.compression.plan import CompressConfig
+    from soppu_hub.devtools.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.pipeline.job import compress_folders
     from soppu_hub.serve.multilora import install, rows_use
-    from soppu_hub.serve.shared import SharedBases
+    from soppu_hub.serve.shared_bases import SharedBases
 
     base_dir = build_tiny_llama(tmp_path / "base")
     shapes = llama_module_shapes()
@@ -110,7 +110,7 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.samples import build_tiny_llama
+    from soppu_hub.devtools.samples import build_tiny_llama
     from soppu_hub.serve.engine import Engine, Job
     from soppu_hub.serve.params import Sampling
 

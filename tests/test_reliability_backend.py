@@ -85,7 +85,7 @@ def test_bad_requests_are_422_with_lorax_error_shape(backend, case):
 
 
 def test_local_adapters_outside_the_folder_are_refused_even_through_a_symlink(backend, local_adapters, tmp_path):
-    from soppu_hub.samples import write_sample_adapters
+    from soppu_hub.devtools.samples import write_sample_adapters
 
     outside = write_sample_adapters(tmp_path / "outside", base_model="soppu-samples/tiny-llama")[0]  # a valid adapter
     link = local_adapters / "link-out"
@@ -151,7 +151,7 @@ def test_32_concurrent_streams_over_4_adapters_all_correct_while_health_answers(
 @pytest.fixture(scope="module")
 def small_backend(hub, pushed):
     """A backend admitting 8 requests at a time, long generations allowed (512 tokens)."""
-    from soppu_hub.launch import start_backend
+    from soppu_hub.devtools.launch import start_backend
 
     child = start_backend(hub.base_model, extra=["--max-concurrent-requests", "8", "--max-total-tokens", "512"])
     try:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
-
 from conftest import USERS
+from huggingface_hub import HfApi
 from test_lora import REFUSALS
 
 pytestmark = pytest.mark.e2e  # the real CLI against the session's Hub
@@ -44,7 +43,7 @@ def _set_config(folder: Path, **changes) -> None:
 @pytest.fixture(scope="module")
 def matrix(hub, sample_adapters, tmp_path_factory):
     """Build the inputs, run every case at once, return {case: (result, out folder)} and the Hub before/after."""
-    from soppu_hub.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     root = tmp_path_factory.mktemp("cli-matrix")
     good, other = (str(p) for p in sample_adapters)

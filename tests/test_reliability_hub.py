@@ -14,10 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import USERS
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
-
-from conftest import USERS
 
 pytestmark = pytest.mark.e2e  # a real Hub server over loopback
 

@@ -4,7 +4,7 @@ never a crash, and the Space goes on answering correctly afterwards."""
 
 import pytest
 
-from soppu_hub.chat import ChatClient, GenerationSettings
+from soppu_hub.clients.lorax import ChatClient, GenerationSettings
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from soppu_hub.devtools.samples.collection import COLLECTION, MANIFEST, BuildConfig, build_collection, load_collection
+from soppu_hub.devtools.samples.texts import DIALOGUES, STYLES
 from soppu_hub.errors import SoppuError
-from soppu_hub.samples.collection import COLLECTION, MANIFEST, BuildConfig, build_collection, load_collection
-from soppu_hub.samples.texts import DIALOGUES, STYLES
 
 TINY = BuildConfig(hidden=32, layers=1, vocab=300, base_steps=3, adapter_steps=2, styles=2)
 

@@ -6,10 +6,9 @@ import urllib.request
 
 import pytest
 import torch
+from conftest import USERS
 from lorax import AsyncClient, Client
 from lorax.errors import GenerationError, ValidationError
-
-from conftest import USERS
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
@@ -143,7 +142,7 @@ def test_openai_chat_tokenize_info(backend, hub):
 
 
 def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
-    from soppu_hub.launch import start_backend
+    from soppu_hub.devtools.launch import start_backend
 
     pair = ["alice/support-bot-soppu", "alice/pirate-talk-soppu"]
 
@@ -172,8 +171,8 @@ def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
 def test_each_cluster_is_one_resident_basis(hub, tmp_path):
     """4 adapters from 2 families compressed with --clusters 2: the backend holds two bases, each shared by 2."""
     from soppu_hub.cli import main
-    from soppu_hub.launch import start_backend
-    from soppu_hub.samples import family_factors, llama_module_shapes, write_adapter
+    from soppu_hub.devtools.launch import start_backend
+    from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 
     facs, fam = family_factors(llama_module_shapes(), 4, 4, families=2, noise=0.02, seed=9)
     folders = [write_adapter(tmp_path / "in" / f"fam{f}-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
@@ -198,7 +197,7 @@ def test_bench_serve_reports_every_case_as_json():
     """`soppu-hub bench serve --json`: one object other tools can read (small sizes here; the README has the real run)."""
     import json
 
-    from soppu_hub.bench.serve import format_serve, run_serve_bench
+    from soppu_hub.devtools.bench.serve import format_serve, run_serve_bench
 
     m = json.loads(run_serve_bench(2, 4, as_json=True, repeats=1, hidden=64, layers=1, lora_rank=4, rank=4))
     assert [c["requests"] for c in m["cases"]] == [1, 2, 2, 2, 2]

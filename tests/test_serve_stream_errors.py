@@ -10,7 +10,7 @@ import pytest
 from lorax import Client
 from lorax.errors import GenerationError
 
-from soppu_hub.launch import free_port, wait_http
+from soppu_hub.devtools.launch import free_port, wait_http
 from soppu_hub.serve.engine import TokenEvent
 from soppu_hub.serve.errors import ServeError
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from soppu_hub.chat import ChatClient, GenerationSettings
+from soppu_hub.clients.lorax import ChatClient, GenerationSettings
 from soppu_hub.errors import SoppuError
-from soppu_hub.spacekit import history_to_messages, validate_repo_id
+from soppu_hub.space.logic import history_to_messages, validate_repo_id
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 

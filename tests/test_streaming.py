@@ -4,12 +4,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from soppu_hub import compress as compress_mod
 from soppu_hub.cli import main
-from soppu_hub.compress import CompressConfig, compress
+from soppu_hub.compression import plan as compress_mod
+from soppu_hub.compression.plan import CompressConfig, compress
+from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.errors import AdapterError
-from soppu_hub.lora import StreamedModule, read_adapter
-from soppu_hub.samples import family_factors, llama_module_shapes, write_adapter
+from soppu_hub.peft_format.read import StreamedModule, read_adapter
 
 SHAPES = llama_module_shapes(hidden=48, layers=3, targets=("q_proj", "v_proj"))
 

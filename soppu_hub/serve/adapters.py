@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import CONFIG_NAME
+from ..peft_format.layout import CONFIG_NAME
 from .errors import AdapterLoadFailed, ValidationFailed
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -28,7 +28,7 @@ class AdapterStore:
     def __init__(self, base, model_dir: Path, *, model_id: str, lock: threading.RLock, max_adapters: int,
                  local_root: Path | None, share_bases: bool = True):
         """`lock` guards the model: the engine holds it while generating, the store while (un)loading."""
-        from .shared import SharedBases
+        from .shared_bases import SharedBases
 
         self.base, self.peft, self.model_id, self.lock = base, None, model_id, lock
         self.shared = SharedBases() if share_bases else None
@@ -140,7 +140,7 @@ class AdapterStore:
 
     def _load(self, folder: Path, name: str) -> None:
         """Through the bundle (shared basis) when the repo has one, else as the plain PEFT adapter."""
-        from .shared import has_bundle
+        from .shared_bases import has_bundle
 
         if self.shared is not None and has_bundle(folder):
             self.shared.load(self._load_peft, folder, name)
@@ -173,7 +173,7 @@ class AdapterStore:
 
     def _measure(self) -> None:
         """Recount resident LoRA memory; called with the engine lock held, right after a load or an eviction."""
-        from .shared import resident_lora_params
+        from .shared_bases import resident_lora_params
 
         self._memory = {"resident_lora_params": resident_lora_params(self.peft),
                         "shared_bases": self.shared.summary() if self.shared is not None else {}}

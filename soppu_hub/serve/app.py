@@ -23,7 +23,6 @@ from .errors import ServeError, ValidationFailed
 from .params import MAX_STOP_SEQUENCES, parse_generate
 
 
-
 def _err(e: ServeError) -> JSONResponse:
     return JSONResponse({"error": str(e), "error_type": e.error_type}, status_code=e.status)
 

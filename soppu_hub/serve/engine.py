@@ -61,8 +61,14 @@ class _Row:
     """One request in the running batch: its job, its sampler, the token to feed next."""
 
     def __init__(self, job: Job) -> None:
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+            TypicalLogitsWarper,
+        )
 
         self.job, sp = job, job.sampling
         self.seed = (sp.seed if sp.seed is not None else random.randrange(2**31)) if sp.do_sample else None

@@ -55,9 +55,8 @@ def stack_slots(factors: list[tuple[torch.Tensor, torch.Tensor] | None], *, dtyp
 def install(peft_model) -> int:
     """Give every PEFT LoRA Linear of the model the gathered mixed-batch forward; returns how many were new.
     Idempotent: call it after each adapter load (PEFT adds layers for modules no earlier adapter targeted)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.utils import ModulesToSaveWrapper
 
     # rows_use covers LoRA linears only: embedding LoRA or modules_to_save need PEFT's adapter_names hooks
@@ -125,7 +124,7 @@ def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: l
 
 def _plan(layer, adapter_names: list[str], device) -> list:
     """[(rows, x_rows -> delta)] for one batch composition: one entry per group of rows computed together."""
-    from .shared import CoreLinear
+    from .shared_bases import CoreLinear
 
     plain: dict[str, list[int]] = {}
     shared: dict[tuple[int, int], dict[str, list[int]]] = {}

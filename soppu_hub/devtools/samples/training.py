@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..layout import CONFIG_NAME
+from ...peft_format.layout import CONFIG_NAME
 from .synthetic import CHAT_TEMPLATE, build_tokenizer
 from .texts import DIALOGUES, STYLES, Style, answers
 

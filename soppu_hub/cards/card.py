@@ -7,13 +7,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .layout import AGREEMENT_PNG, CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME, vllm_max_lora_rank
+from .. import __version__
+from ..compression.verify import REPLY_TOKENS
+from ..peft_format.layout import (
+    AGREEMENT_PNG,
+    CARD_NAME,
+    ERRORS_PNG,
+    PARAMS_PNG,
+    RANKS_PNG,
+    REPORT_NAME,
+    vllm_max_lora_rank,
+)
+from . import TEMPLATES
 from .plots import ClusterFigures, plot_rank_sweep, plot_ranks
-from .verify import REPLY_TOKENS
 
-# soppu_hub/cards links to the repo's top-level cards/ (and is a real folder inside a built wheel)
-TEMPLATE = Path(__file__).parent / "cards" / "adapter.md"
+TEMPLATE = TEMPLATES / "adapter.md"
 TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
 MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
 

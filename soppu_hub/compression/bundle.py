@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import BundleError
-from .layout import BUNDLE_HEADER, BUNDLE_WEIGHTS, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, lorax_rank
-from .lora import EMBEDDING, LINEAR, clean_config, module_scaling
+from ..errors import BundleError
+from ..peft_format.layout import BUNDLE_HEADER, BUNDLE_WEIGHTS, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, lorax_rank
+from ..peft_format.read import EMBEDDING, LINEAR, clean_config, module_scaling
 
 FORMAT = "soppu-bundle"
 VERSION = 1

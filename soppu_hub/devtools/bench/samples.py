@@ -20,11 +20,11 @@ AGREEMENT_BAR = 0.85  # the demo's promise: mean next-token agreement at least t
 
 def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dict]:
     """Compress the collection at each rank (a fit per rank), write the exports, verify them against the originals."""
-    from ..bundle import ExportConfig
-    from ..compress import CompressConfig, compress
-    from ..job import write_outputs
-    from ..lora import read_adapter
-    from ..verify import verify_adapters
+    from ...compression.bundle import ExportConfig
+    from ...compression.plan import CompressConfig, compress
+    from ...compression.verify import verify_adapters
+    from ...peft_format.read import read_adapter
+    from ...pipeline.job import write_outputs
 
     coll = load_collection(folder)
     names = [p.name for p in coll.adapters]
@@ -60,7 +60,7 @@ def run_samples_bench(ranks: tuple[int, ...] = RANKS, plot: str | None = None) -
         out.append(f"smallest rank with {what} >= {AGREEMENT_BAR}: "
                    + (f"{best['rank']} ({best['compression_ratio']:.2f}x fewer parameters)" if best else "none of these"))
     if plot:
-        from ..plots import plot_rank_sweep
+        from ...cards.plots import plot_rank_sweep
 
         out.append(f"plot: {plot_rank_sweep(rows, Path(plot), title='sample collection: a fit per shared rank')}")
     return "\n".join(out)

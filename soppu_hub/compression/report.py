@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 
 from .bundle import ExportConfig, ExportInfo
-from .compress import Compression
+from .plan import Compression
 
 
 @dataclass

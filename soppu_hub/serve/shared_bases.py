@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bundle import load_bundle
-from ..layout import BUNDLE_DIR, BUNDLE_HEADER, KEY_PREFIX
+from ..compression.bundle import load_bundle
+from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, KEY_PREFIX
 
 
 class CoreLinear(torch.nn.Module):

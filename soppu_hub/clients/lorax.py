@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
-from .errors import SoppuError
+from ..errors import SoppuError
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -238,7 +238,7 @@ APIS = ("lorax", "openai")
 def connect(url: str, *, api: str = "lorax", auth_token: str | None = None):
     """The chat client for a backend: LoRAX's REST API (lorax-client) or OpenAI's /v1 (vLLM), same surface."""
     if api == "openai":
-        from .openai_chat import OpenAIChatClient
+        from .openai import OpenAIChatClient
 
         return OpenAIChatClient(url, auth_token=auth_token)
     if api != "lorax":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..cluster import adjusted_rand_index
+from ...compression.cluster import adjusted_rand_index
 from ..samples import family_factors, write_adapter
 
 LAYERS, FAMILIES, LORA_RANK = 16, 8, 16
@@ -46,8 +46,8 @@ def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 
 
 def _per_family_error(folders: list[Path], fams: list[int], rank: int) -> float:
     """Mean relative error when each family is compressed on its own at the same rank."""
-    from ..compress import CompressConfig, compress
-    from ..lora import read_adapter
+    from ...compression.plan import CompressConfig, compress
+    from ...peft_format.read import read_adapter
 
     errs = []
     for f in sorted(set(fams)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .chat import ChatError, GenerationSettings, mapped_errors, overloaded, rejected, unreachable
+from .lorax import ChatError, GenerationSettings, mapped_errors, overloaded, rejected, unreachable
 
 
 def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:

@@ -1,6 +1,6 @@
 """What the Space does, without Gradio: find adapters, summarise their cards, stream chat replies.
 
-`space/app.py` only lays out widgets and wires them to these functions.
+`app.py` beside it only lays out widgets and wires them to these functions.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .chat import APIS, ChatClient, ChatError, GenerationSettings, connect
-from .errors import SoppuError
-from .layout import ERRORS_PNG
+from ..clients.lorax import APIS, ChatClient, ChatError, GenerationSettings, connect
+from ..errors import SoppuError
+from ..peft_format.layout import ERRORS_PNG
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ERROR_PLOT = ERRORS_PNG
@@ -158,8 +158,8 @@ def backend_from_env() -> Backend:
     url = os.environ.get("LORAX_URL")
     if url:
         return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None, api)
-    from .launch import start_backend
-    from .samples import TINY_BASE_ID
+    from ..devtools.launch import start_backend
+    from ..devtools.samples import TINY_BASE_ID
 
     child = start_backend(os.environ.get("SOPPU_BASE_MODEL", TINY_BASE_ID))
     return Backend(child.url, None, child, api)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..compress import CompressConfig, compress
-from ..jd import reconstruction_sq_errors, resolve_device
-from ..lora import read_adapter
+from ...compression.jd import reconstruction_sq_errors, resolve_device
+from ...compression.plan import CompressConfig, compress
+from ...peft_format.read import read_adapter
 from ..samples import synthetic_factors, write_adapter
 from .seed_reference import seed_jd
 
@@ -73,7 +73,7 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
                         "--out", str(tmp / "ours"), "--quiet", "--no-push", "--device", str(dev)], check=True)
         ours_cli = time.perf_counter() - t
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "soppu_hub.bench.seed_reference",
+        subprocess.run([sys.executable, "-m", "soppu_hub.devtools.bench.seed_reference",
                         *[str(f / "adapter_model.safetensors") for f in folders], "--rank", str(rank),
                         "--layers", str(ref_layers), "--out", str(tmp / "seed.safetensors")], check=True, stdout=subprocess.DEVNULL)
         seed_cli_measured = time.perf_counter() - t

@@ -107,7 +107,7 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
               port: int | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
               log: Path | None = None) -> Child:
     """The offline Hub; users: name -> token, handed over in the environment (not on disk, not in `ps`)."""
-    from .hubserver import USERS_ENV
+    from ..hubserver import USERS_ENV
 
     port = port or free_port(host)
     root = Path(root)
@@ -126,11 +126,9 @@ def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1
     return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout, log=log, wait=wait)
 
 
-SPACE_APP = Path(__file__).resolve().parent.parent / "space" / "app.py"
-
-
 def start_space(env: dict, *, port: int | None = None, host: str = "127.0.0.1", timeout: float = 180.0) -> Child:
-    """`python space/app.py` as a child with GRADIO_SERVER_NAME / _PORT set; returns once the page answers."""
+    """The Space (`python -m soppu_hub.space.app`, what space/app.py runs) as a child with GRADIO_SERVER_NAME /
+    _PORT set; returns once the page answers."""
     port = port or free_port(host)
     env = dict(env, GRADIO_SERVER_NAME=host, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
-    return _spawn([sys.executable, str(SPACE_APP)], f"http://{host}:{port}", "/", env=env, timeout=timeout)
+    return _spawn([sys.executable, "-m", "soppu_hub.space.app"], f"http://{host}:{port}", "/", env=env, timeout=timeout)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import SoppuError
+from ..errors import SoppuError
 from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
@@ -131,7 +131,7 @@ def run_demo(workdir: Path, *, log: Callable[[str], None] = print, rank: int = D
     """
     from jinja2 import Template
 
-    from .hubserver.page import render_card_page
+    from ..hubserver.page import render_card_page
     from .launch import start_backend, start_hub, start_space
 
     workdir = prepare_workdir(Path(workdir))

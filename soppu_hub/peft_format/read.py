@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
-
+from ..errors import AdapterError
 from .layout import BIN_NAME, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
 
 # lora_A / lora_B weights of a linear layer, lora_B's bias (lora_bias), the factors of an embedding layer.
@@ -227,7 +226,9 @@ def module_scaling(config: dict, module: str) -> tuple[int, float]:
     alpha_pattern = config.get("alpha_pattern") or {}
     r, alpha = config["r"], config["lora_alpha"]
     if rank_pattern or alpha_pattern:
-        from peft.utils.other import get_pattern_key  # PEFT's own matching rule; imported only when needed (slow import)
+        from peft.utils.other import (
+            get_pattern_key,  # PEFT's own matching rule; imported only when needed (slow import)
+        )
 
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import SoppuError
+from ...errors import SoppuError
 from .synthetic import TINY_BASE_ID
 from .texts import DIALOGUES, STYLES
 
@@ -121,8 +121,9 @@ def _examples(base: Path, adapter: Path | None, prompts: list[str], max_new_toke
 def _render(template: str, **values) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-    cards = Path(__file__).resolve().parent.parent / "cards"
-    env = Environment(loader=FileSystemLoader(str(cards)), undefined=StrictUndefined, keep_trailing_newline=True)
+    from ...cards import TEMPLATES
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True)
     return env.get_template(template).render(**values)
 
 

@@ -10,10 +10,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import IncompatibleAdaptersError
+from ..peft_format.read import LoraAdapter
 from .bundle import Bundle, ModuleBasis
-from .errors import IncompatibleAdaptersError
 from .jd import METHODS, factored_rel_error, joint_diagonalize, resolve_device
-from .lora import LoraAdapter
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 

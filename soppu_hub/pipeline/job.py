@@ -10,13 +10,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .bundle import ExportConfig, ExportInfo, export_peft, save_bundle
-from .compress import CompressConfig, Compression, Progress, compress, written_rel_errors
-from .errors import SoppuError
-from .hub import PushError, Source, check_write_access, download_adapter, parse_source, push_folder, target_repo_ids, whoami
-from .layout import BUNDLE_DIR, REPORT_NAME
-from .lora import read_adapter, widest_dtype
-from .report import Output, build_report
+from ..compression.bundle import ExportConfig, ExportInfo, export_peft, save_bundle
+from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
+from ..compression.report import Output, build_report
+from ..errors import SoppuError
+from ..hub import (
+    PushError,
+    Source,
+    check_write_access,
+    download_adapter,
+    parse_source,
+    push_folder,
+    target_repo_ids,
+    whoami,
+)
+from ..peft_format.layout import BUNDLE_DIR, REPORT_NAME
+from ..peft_format.read import read_adapter, widest_dtype
 
 
 @dataclass
@@ -224,7 +233,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         outputs = targets if spec.push else [str(out / n) for n in names]
         report = write_outputs(comp, tmp, names, outputs, spec.export)
         if spec.verify:
-            from .verify import verify_adapters
+            from ..compression.verify import verify_adapters
 
             base = spec.base_model or adapters[0].base_model
             if not base:
@@ -250,7 +259,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
 
 def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
                  spec: JobSpec, progress: Progress | None = None) -> None:
-    from .card import CardJob, source_license, write_cards
+    from ..cards.card import CardJob, source_license, write_cards
 
     jobs = [CardJob(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
                     spec.config.weighting, None if spec.push else str(Path(spec.out).resolve() / name), source_license(src))

@@ -1,0 +1,1 @@
+"""The compression step: the JD kernel, clusters, the plan over modules, bundles, exports, reports, checks."""

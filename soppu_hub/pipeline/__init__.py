@@ -1,0 +1,1 @@
+"""The main job, pull -> compress -> card -> push, as one library call."""

@@ -1,0 +1,175 @@
+"""soppu-hub Space: pick a soppu-compressed LoRA adapter and chat with it through a LoRAX backend.
+
+The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai for vLLM's
+OpenAI-compatible server, the adapter id sent as the model) or, when unset, the
+embedded CPU backend started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies.
+Runs with `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on Spaces).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+from typing import Iterator
+
+import gradio as gr
+
+# Gradio's queue route builds a dict with Starlette's deprecated HTTP_422 name on every request: one warning per
+# message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
+warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
+
+from ..clients.lorax import ChatClient
+from ..clients.openai import OpenAIChatClient
+from ..errors import SoppuError
+from .logic import backend_from_env, card_summary, list_soppu_adapters, stream_reply
+
+COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
+MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
+# one set of defaults for the UI's controls and the `chat` API
+DEFAULT_TEMPERATURE = 0.0
+DEFAULT_MAX_NEW = min(64, MAX_NEW_TOKENS)
+EXAMPLES = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.", "What is the capital of France?",
+            "How do I reset my password?", "I am feeling sad."]
+AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
+INTRO = """# Chat with a compressed LoRA adapter
+Adapters compressed with soppu-hub (joint diagonalization: one shared
+basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
+
+
+def build_app(client: ChatClient | OpenAIChatClient) -> gr.Blocks:
+    def adapters() -> list[str]:
+        try:
+            return list_soppu_adapters(AUTHOR)
+        except SoppuError:
+            return []
+
+    def show_card(repo_id: str):
+        """The card summary, the plot, and the original adapter to compare with (None when there is none)."""
+        try:
+            s = card_summary(repo_id)
+        except SoppuError as e:
+            return f"⚠️ {e}", None, None
+        return s.markdown(), s.error_plot, s.original
+
+    def compared_id(compare: str, original: str | None) -> str | None | bool:
+        """What the second pane talks to: the original adapter, the base model (None), or nothing (False)."""
+        if compare == COMPARE_ORIGINAL:
+            return original or False
+        return None if compare == COMPARE_BASE else False
+
+    def labels(adapter_id, compare, original):
+        """Each pane labelled with what it talks to; the second shown only when comparing."""
+        other = compared_id(compare, original)
+        label = "base model" if other is None else (other or "the original adapter is not on the Hub")
+        return (gr.update(label=adapter_id or "adapter"),
+                gr.update(visible=True if compare != COMPARE_NONE else "hidden", label=label))
+
+    def panes(adapter_id, compare, original):
+        """A new conversation in both panes (in step), labelled."""
+        first, second = labels(adapter_id, compare, original)
+        return {**first, "value": []}, {**second, "value": []}
+
+    def cleared(adapter_id):
+        """First thing on a new adapter, before the (slower) card is read, so a message sent meanwhile stays."""
+        return gr.update(value=[], label=adapter_id or "adapter"), gr.update(value=[])
+
+    def refresh():
+        choices = adapters()
+        return gr.update(choices=choices, value=choices[0] if choices else None)
+
+    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original):
+        if not (message or "").strip():
+            yield "", history, base_history
+            return
+        other = compared_id(compare, original)
+        compare = other is not False
+        past, base_past = list(history or []), list(base_history or [])
+        history = past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        if compare:
+            base_history = base_past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        kw = dict(system_prompt=system, temperature=temperature, max_new_tokens=max_new, max_new_tokens_cap=MAX_NEW_TOKENS)
+        # the box is cleared and locked while the reply streams, so no message is typed into a busy chat
+        yield gr.update(value="", interactive=False), history, base_history
+        for text in stream_reply(client, message, past, adapter_id, **kw):
+            history[-1] = {"role": "assistant", "content": text}
+            yield gr.skip(), history, base_history
+        if compare:
+            for text in stream_reply(client, message, base_past, other, **kw):
+                base_history[-1] = {"role": "assistant", "content": text}
+                yield gr.skip(), history, base_history
+        yield gr.update(value="", interactive=True), history, base_history  # value too: fast yields may be coalesced
+
+    def chat(message: str, history: list[dict], adapter_id: str, system_prompt: str = "",
+             temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = DEFAULT_MAX_NEW) -> Iterator[str]:
+        """Stream the reply of `adapter_id` (or __base_model__) to `message` given the chat `history`
+        (role/content messages); the defaults are the UI's."""
+        yield from stream_reply(client, message, history, adapter_id, system_prompt=system_prompt, temperature=temperature,
+                                max_new_tokens=max_new_tokens, max_new_tokens_cap=MAX_NEW_TOKENS)
+
+    with gr.Blocks(title="soppu-hub: chat with a compressed LoRA") as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                choices = adapters()
+                first = choices[0] if choices else None
+                # a list to pick from and a box for an exact id: a dropdown that accepts typing would replace a
+                # typed id with the first listed id it prefixes (alice/support-bot -> alice/support-bot-soppu)
+                picker = gr.Dropdown(choices=choices, value=first, label="Adapter", elem_id="adapter-picker")
+                typed = gr.Textbox(value=first, label="or type an exact repo id, then Enter", elem_id="adapter-id",
+                                   placeholder="owner/name", max_lines=1)
+                active = gr.State(first)
+                refresh_btn = gr.Button("Refresh list", size="sm")
+                summary = gr.Markdown(elem_id="card-summary")
+                plot = gr.Image(label="Relative error by layer", show_label=False, type="filepath", interactive=False,
+                                elem_id="error-plot")  # the badge would cover the figure's own title
+                with gr.Accordion("Generation settings", open=False):  # closed: on a phone the chat comes sooner
+                    system = gr.Textbox(label="System prompt", lines=2)
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW, step=1, label="Max new tokens")
+                compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=COMPARE_NONE,
+                                   label="Compare side by side with", elem_id="compare")
+                original = gr.State(None)
+            with gr.Column(scale=2):
+                with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
+                    chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter", min_width=300)
+                    base_chat = gr.Chatbot(label="compared with", height=440, visible="hidden", elem_id="chat-base",
+                                           min_width=300)
+                message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                gr.Examples([[e] for e in EXAMPLES], inputs=message, label="Example prompts (click one, then Enter)",
+                            elem_id="examples")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary")
+                    clear = gr.Button("Clear")
+
+        # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
+        picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
+        typed.submit(lambda v: (v or "").strip() or None, typed, active, api_visibility="private")
+        active.change(cleared, active, [chatbot, base_chat], api_visibility="private").then(
+            show_card, active, [summary, plot, original], api_visibility="private").then(
+            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+        demo.load(show_card, active, [summary, plot, original], api_visibility="private").then(
+            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+        refresh_btn.click(refresh, None, picker, api_visibility="private")
+        compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+        inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original]
+        # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
+        message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
+        send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
+        clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
+        gr.api(chat, api_name="chat")
+    return demo
+
+
+def main() -> None:
+    try:
+        backend = backend_from_env()
+    except SoppuError as e:  # a misconfigured Space says what to set, in one line
+        raise SystemExit(f"error: {e}") from None
+    atexit.register(backend.stop)
+    client = backend.client()
+    build_app(client).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()
