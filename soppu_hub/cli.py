@@ -12,6 +12,7 @@ from . import __version__
 from .compression.bundle import EXPORT_DTYPES, ExportConfig
 from .compression.plan import CompressConfig
 from .errors import SoppuError
+from .peft_format.layout import DEFAULT_LORAX_TP
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +95,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
     help_ = {f.name: f.metadata["help"] for f in dataclasses.fields(ExportConfig)}
     p.add_argument("--no-pad", dest="pad", action="store_false",
                    help="write the bare rank; LoRAX then pads it and serves the adapter too weak")
-    p.add_argument("--lorax-tp", type=int, default=1, metavar="N", help=f"{help_['lorax_tp']} (default: 1)")
+    p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=f"{help_['lorax_tp']} (default: {DEFAULT_LORAX_TP})")
     p.add_argument("--export-dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help=f"{help_['dtype']} (default: auto)")
 
 

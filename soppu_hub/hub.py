@@ -222,34 +222,29 @@ def check_write_access(repo_ids: list[str], writable: set[str], user: str) -> No
                            f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to")
 
 
-SUMMARY_FILES = (CARD_NAME, "report.json", "plots/")  # what a rerun rewrites anyway (timings): not "a change"
-
-
 def _local_ids(path: Path) -> tuple[str, str]:
     """(git blob sha1, sha256) of a file, as the Hub names regular and LFS files."""
     import hashlib
 
+    from huggingface_hub.utils.sha import git_hash
+
     data = path.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), hashlib.sha256(data).hexdigest()
+    return git_hash(data), hashlib.sha256(data).hexdigest()
 
 
 def unchanged_on_hub(folder: Path, repo_id: str, *, token: str | bool | None = None) -> bool:
-    """True when the repo already holds every file of `folder` that carries the adapter (weights, config, bundle)
-    byte for byte, and no other such file: a rerun then has nothing to push for it."""
+    """True when the repo already holds every file of `folder` byte for byte (card, report and plots included;
+    run timings are kept out of them) and no other file: a rerun then has nothing to push for it."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
-
-    def substance(path: str) -> bool:
-        return not path.startswith(SUMMARY_FILES) and path != ".gitattributes"
 
     try:
         tree = _retry(lambda: list(HfApi(token=token).list_repo_tree(repo_id, recursive=True)), f"list {repo_id}")
     except RepositoryNotFoundError:
         return False
     remote = {f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id) for f in tree
-              if hasattr(f, "blob_id") and substance(f.path)}
+              if hasattr(f, "blob_id") and f.path != ".gitattributes"}
     local = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
-    local = {k: v for k, v in local.items() if substance(k)}
     if set(remote) != set(local):
         return False
     return all(remote[k] in _local_ids(path) for k, path in local.items())

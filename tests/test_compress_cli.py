@@ -18,7 +18,7 @@ REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_a
                "clusters", "target_error",
                "export", "adapters"}
 ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank", "cluster",
-                "unpadded_rank", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules"}
+                "unpadded_rank", "lorax_exact_tp", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
         folder = compressed / name
         assert sorted(p.name for p in folder.glob("*.safetensors")) == ["adapter_model.safetensors"]
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and not cfg["rank_pattern"] and not cfg["alpha_pattern"]
+        assert cfg["r"] == 16 and cfg["lora_alpha"] == 16 and not cfg["rank_pattern"]  # rank 8, padded for LoRAX tp 1 and 2 and not cfg["alpha_pattern"]
         assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_base)
         keys = load_file(str(folder / "adapter_model.safetensors")).keys()
         assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
@@ -78,8 +78,9 @@ def test_lossless_when_rank_covers_everything(tmp_path, sample_adapters, tiny_ba
     assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet", "--no-push"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert max(a["max_rel_error"] for a in report["adapters"]) < 1e-5
-    cfg = json.loads((out / "support-bot" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8  # rank(S_i) <= k_i: exported at the adapter's own rank, exactly
+    entry = report["adapters"][0]
+    assert entry["unpadded_rank"] == 8  # rank(S_i) <= k_i: the adapter's own rank holds it exactly
+    assert json.loads((out / "support-bot" / "adapter_config.json").read_text())["r"] == entry["export_rank"] == 16
     orig = read_adapter(sample_adapters[0])
     deltas = peft_deltas(tiny_base, out / "support-bot")
     for module, mod in orig.modules.items():
@@ -95,11 +96,12 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
     bundle = load_bundle(out / "bundle")
     assert all(c.shape == (6,) for mb in bundle.modules.values() for c in mb.cores.values())
-    # a diagonal core has rank up to r, so the export keeps all r directions, zero-padded to LoRAX's 8
-    assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 8
+    # a diagonal core has rank up to r, so the export keeps all r directions, zero-padded to 16 (exact in LoRAX at
+    # tensor parallel 1 and 2)
+    assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 16
     entry = report["adapters"][0]
-    assert (entry["unpadded_rank"], entry["export_rank"]) == (6, 8)
-    assert entry["padding_params"] == 2 * 2 * (64 + 64 + 64 + 128)  # 2 zero ranks x 2 layers x (q: 64+64, down: 64+128)
+    assert (entry["unpadded_rank"], entry["export_rank"], entry["lorax_exact_tp"]) == (6, 16, [1, 2])
+    assert entry["padding_params"] == 10 * 2 * (64 + 64 + 64 + 128)  # 10 zero ranks x 2 layers x (q: 64+64, down: 64+128)
     exported = read_adapter(out / "a11")
     for module, (B, A) in bundle.factors("a11").items():
         torch.testing.assert_close(exported.modules[module].B @ exported.modules[module].A, B @ A, atol=1e-5, rtol=1e-4)

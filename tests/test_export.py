@@ -104,13 +104,32 @@ def test_bf16_export_is_half_the_size_of_fp32(tmp_path):
     assert size("auto") < 0.55 * size("fp32")
 
 
+@pytest.mark.parametrize("rank", [4, 8])
+def test_default_export_is_exact_in_lorax_at_tensor_parallel_1_and_2(tmp_path, rank):
+    """A rank-8 export padded for tp 1 ran at half strength under LoRAX's --num-shard 2 on every module type after
+    the first: the default pads for 2, which is exact at both, and the card says where it is exact."""
+    srcs = _adapters(tmp_path, rank=rank)
+    report = _compress(srcs, tmp_path / "out", "--rank", str(rank))
+    for entry in report["adapters"]:
+        assert entry["export_rank"] == 16 and entry["lorax_exact_tp"] == [1, 2]
+        for tp in (1, 2):
+            scales = lorax_effective_scales(tmp_path / "out" / entry["name"], tp)
+            assert len(scales) == 6 and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values()), (tp, scales)
+        assert lorax_effective_scales(tmp_path / "out" / entry["name"], 4) != {k: 1.0 for k in scales}  # 4: not exact
+        text, _ = _card(tmp_path / "out", entry["name"])
+        assert "| LoRAX tensor parallel | exact at `--num-shard` 1, 2 (padded for 2); at other sizes" in text
+        assert "re-export with `--lorax-tp N`" in text
+    bare = _compress(srcs, tmp_path / "bare", "--rank", str(rank), "--no-pad", "--method", "diag")
+    assert bare["adapters"][0]["lorax_exact_tp"] == ([1] if rank == 8 else [])
+
+
 def _card(out, name):
     text = (out / name / "README.md").read_text()
     meta = text.split("---")[1]
     return text, meta
 
 
-@pytest.mark.parametrize("rank, pad, vllm", [(20, True, 32), (20, False, 32), (12, False, 16), (7, False, 8), (7, True, 8)])
+@pytest.mark.parametrize("rank, pad, vllm", [(20, True, 32), (20, False, 32), (12, False, 16), (7, False, 8), (7, True, 16)])
 def test_card_vllm_command_has_a_rank_vllm_accepts(tmp_path, rank, pad, vllm):
     srcs = _adapters(tmp_path, n=3)
     out = tmp_path / "out"
@@ -145,7 +164,7 @@ def test_exported_config_is_peft_s_own_without_obsolete_keys(tmp_path):
     from peft import LoraConfig
 
     loaded = LoraConfig.from_pretrained(str(out / "ad0"))
-    assert loaded.r == 8 and loaded.lora_alpha == 8 and not loaded.use_rslora and set(loaded.target_modules) == {"q_proj", "v_proj", "down_proj"}
+    assert loaded.r == 16 and loaded.lora_alpha == 16 and not loaded.use_rslora and set(loaded.target_modules) == {"q_proj", "v_proj", "down_proj"}
 
 
 def test_bundle_written_in_export_dtype_reconstructs(tmp_path):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import USERS
@@ -76,3 +77,21 @@ def test_rerun_pushes_only_what_is_missing_or_changed(bobs_repos, tmp_path):
     assert f"unchanged {targets[0]}" in res.stdout and f"pushed {targets[1]}:" in res.stdout and f"pushed {targets[2]}:" in res.stdout
     assert len(api.list_repo_commits(targets[0])) == commits[targets[0]]
     assert "soppu/old.bin" not in api.list_repo_files(targets[2])
+
+
+def test_rerun_with_verify_added_pushes_one_commit_and_then_none(bobs_repos):
+    """Weights, config and bundle are the same, but the card and report gain the functional check: a change, one
+    new commit per repo; the same command again is none (run timings are kept out of what is pushed)."""
+    api = HfApi(token=BOB)
+    sources = ["bob/lora-a", "bob/lora-b"]
+    targets = [f"{s}-soppu" for s in sources]
+    assert cli(*sources, "--rank", "4").returncode == 0  # pushed, or already there from the test above
+    commits = {t: len(api.list_repo_commits(t)) for t in targets}
+    res = cli(*sources, "--rank", "4", "--verify")
+    assert res.returncode == 0 and all(f"pushed {t}:" in res.stdout for t in targets), res.stdout + res.stderr
+    assert {t: len(api.list_repo_commits(t)) for t in targets} == {t: n + 1 for t, n in commits.items()}
+    card = Path(api.hf_hub_download(targets[0], "README.md")).read_text()
+    assert "next-token agreement" in card and "| time |" not in card
+    res = cli(*sources, "--rank", "4", "--verify")
+    assert res.returncode == 0 and all(f"unchanged {t}" in res.stdout for t in targets), res.stdout + res.stderr
+    assert {t: len(api.list_repo_commits(t)) for t in targets} == {t: n + 1 for t, n in commits.items()}

@@ -23,6 +23,7 @@ from .plots import ClusterFigures, plot_rank_sweep, plot_ranks
 
 TEMPLATE = TEMPLATES / "adapter.md"
 TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
+TIMINGS = ("seconds",)  # report keys that differ from run to run with the same result
 MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
 
 
@@ -44,8 +45,9 @@ def peers(report: dict, index: int) -> list[dict]:
 
 def repo_report(report: dict, index: int) -> dict:
     """What one repo carries: the run's summary, this adapter in full, its cluster's peers in brief. Keeps a
-    thousand repos from each holding the whole run (which grows with the square of the collection)."""
-    top = {k: v for k, v in report.items() if k != "adapters"}
+    thousand repos from each holding the whole run (which grows with the square of the collection). Run timings
+    stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
+    top = {k: v for k, v in report.items() if k not in ("adapters", *TIMINGS)}
     return {**top, "adapter": report["adapters"][index], "adapters": peers(report, index)}
 
 
@@ -142,6 +144,7 @@ def write_card(folder: Path, report: dict, index: int, *, repo_id: str | None, b
         local_dir=str(Path(local_path).parent) if local_path else None,
         license=license,
         vllm_rank=vllm_max_lora_rank(own["export_rank"]),
+        exact_tps=own["lorax_exact_tp"],
         name=own["name"],
         own=own,
         report=report,

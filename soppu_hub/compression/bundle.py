@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import BundleError
-from ..peft_format.layout import BUNDLE_HEADER, BUNDLE_WEIGHTS, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, lorax_rank
+from ..peft_format.layout import (
+    BUNDLE_HEADER,
+    BUNDLE_WEIGHTS,
+    CONFIG_NAME,
+    DEFAULT_LORAX_TP,
+    KEY_PREFIX,
+    SAFETENSORS_NAME,
+    lorax_rank,
+)
 from ..peft_format.read import EMBEDDING, LINEAR, clean_config, module_scaling
 
 FORMAT = "soppu-bundle"
@@ -204,7 +212,8 @@ class ExportConfig:
     """How each adapter is written as a PEFT LoRA. Field metadata carries the CLI help."""
 
     pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged"})
-    lorax_tp: int = field(default=1, metadata={"help": "LoRAX tensor-parallel size to pad for (rank >= 8 x N)"})
+    lorax_tp: int = field(default=DEFAULT_LORAX_TP, metadata={
+        "help": "LoRAX tensor-parallel size (--num-shard) to pad for: the export is exact at N and below (rank >= 8 x N)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of written tensors: auto (the inputs'; mixed -> the widest), "
                                                          "float32, bfloat16 or float16"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from ..peft_format.layout import lorax_exact_tps
 from .bundle import ExportConfig, ExportInfo
 from .plan import Compression
 
@@ -38,6 +39,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "carried": adapter.carried_names,
                 "export_rank": info.rank,
                 "unpadded_rank": info.unpadded_rank,
+                "lorax_exact_tp": list(lorax_exact_tps(info.rank)),  # LoRAX --num-shard sizes that run it unchanged
                 "export_params": info.lora_params,
                 "padding_params": info.padding_params,
                 "mean_rel_error": statistics.fmean(errs.values()),

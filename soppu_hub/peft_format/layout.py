@@ -27,6 +27,9 @@ AGREEMENT_PNG = f"{PLOTS_DIR}/agreement_by_rank.png"
 # the next multiple of 16, then overwrites config.r with the padded rank while scaling by lora_alpha / r.
 LORAX_MIN_RANK = 8
 LORAX_BLOCK = 16
+# Tensor-parallel sizes a LoRAX deployment runs (--num-shard); an export padded for 2 is exact at 1 and 2.
+LORAX_TP_SIZES = (1, 2, 4, 8)
+DEFAULT_LORAX_TP = 2
 # vLLM accepts only these values for --max-lora-rank (default 16).
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -35,6 +38,11 @@ def lorax_rank(rank: int, tensor_parallel: int = 1) -> int:
     """The rank LoRAX's SGMV kernels pad an adapter of rank `rank` to (LoRAX's own rule)."""
     floor = LORAX_MIN_RANK * tensor_parallel
     return floor if rank <= floor else -(-rank // LORAX_BLOCK) * LORAX_BLOCK
+
+
+def lorax_exact_tps(rank: int) -> tuple[int, ...]:
+    """The tensor-parallel sizes at which LoRAX runs a rank-`rank` adapter unchanged (so at its full strength)."""
+    return tuple(tp for tp in LORAX_TP_SIZES if lorax_rank(rank, tp) == rank)
 
 
 def vllm_max_lora_rank(rank: int) -> int | None:
