@@ -12,7 +12,8 @@ from . import __version__
 from .compression.bundle import EXPORT_DTYPES, ExportConfig
 from .compression.plan import CompressConfig
 from .errors import SoppuError
-from .peft_format.layout import DEFAULT_LORAX_TP
+from .peft_format.layout import BASE_MODEL_ID, DEFAULT_LORAX_TP
+from .progress import ProgressBar, log_above_bars
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,32 +31,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
             f"--{f.name.replace('_', '-')}", type=f.metadata.get("type", type(f.default)), default=f.default,
             choices=choices.get(f.name), help=f"{f.metadata['help']} (default: {f.default})",
         )
-
-
-class _ProgressBar:
-    """tqdm (through huggingface_hub, so HF_HUB_DISABLE_PROGRESS_BARS applies), opened on the first update."""
-
-    def __init__(self, desc: str, unit: str) -> None:
-        self.desc, self.unit, self.bar = desc, unit, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from huggingface_hub.utils import tqdm
-
-            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)  # kept: each phase shows it reached 100%
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _log_above_bars(msg: str) -> None:
-    """A log line printed over a live progress bar would be cut into it mid-word: tqdm.write moves the bar."""
-    from huggingface_hub.utils import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
 
 
 def _command_line(argv: list[str]) -> str:
@@ -134,10 +109,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         verify_ranks=_ranks(args.verify_ranks, args.verify),
         command=_command_line(args.argv), workers=args.workers,
     )
-    bars = {phase: _ProgressBar(phase, unit) for phase, unit in
+    bars = {phase: ProgressBar(phase, unit) for phase, unit in
             (("downloading", "repo"), ("compressing", "module"), ("verifying", "adapter"), ("cards", "card"),
              ("pushing", "repo"))}
-    log = (lambda msg: None) if args.quiet else _log_above_bars
+    log = (lambda msg: None) if args.quiet else log_above_bars
     shown = {k: None if args.quiet else b for k, b in bars.items()}
     try:
         result = run_job(spec, progress=shown["compressing"], log=log, cards_progress=shown["cards"],
@@ -201,7 +176,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
         print(f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json")
         return 0
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
-    bar = _ProgressBar("training", "step")
+    bar = ProgressBar("training", "step")
     try:
         c = build_collection(args.out, config, progress=bar, log=lambda m: print(m, file=sys.stderr))
     finally:
@@ -232,11 +207,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .clients.lorax import GenerationSettings, connect
+    from .clients import GenerationSettings, connect
 
     client = connect(args.url, api=args.api, auth_token=args.auth_token or os.environ.get("LORAX_API_TOKEN"))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    adapter = None if args.adapter in ("", "-", "__base_model__") else args.adapter
+    adapter = None if args.adapter in ("", "-", BASE_MODEL_ID) else args.adapter
     client.check()  # fail early, before the first prompt, if the backend is not there
     history: list[dict] = []
     interactive = sys.stdin.isatty()
@@ -336,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="terminal chat with an adapter through a LoRAX-compatible backend (streamed)")
-    p.add_argument("adapter", help="adapter repo id (or __base_model__ for none)")
+    p.add_argument("adapter", help=f"adapter repo id (or {BASE_MODEL_ID} for none)")
     p.add_argument("--url", default=os.environ.get("LORAX_URL", "http://127.0.0.1:8080"), help="backend URL (default $LORAX_URL)")
     p.add_argument("--api", default=os.environ.get("BACKEND_API", "lorax"), choices=["lorax", "openai"],
                    help="lorax: LoRAX's REST API; openai: /v1/chat/completions with the adapter id as model, as vLLM "

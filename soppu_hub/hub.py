@@ -1,4 +1,4 @@
-"""All Hub traffic: parse sources, download adapters, check write access, push one commit per repo.
+"""All Hub traffic: sources, downloads, write access, one commit per repo, listings, cards, chat templates.
 
 Everything goes through huggingface_hub, so HF_ENDPOINT, HF_TOKEN / `hf auth login`, the cache and
 private repos work as they do for any Hub tool. Tokens are never put into messages.
@@ -6,11 +6,11 @@ private repos work as they do for any Hub tool. Tokens are never put into messag
 
 from __future__ import annotations
 
-import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from .errors import SoppuError
 from .peft_format.layout import (
@@ -25,7 +25,6 @@ from .peft_format.layout import (
 
 ADAPTER_FILES = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, CARD_NAME]
 BUNDLE_FILES = [f"{BUNDLE_DIR}/{BUNDLE_HEADER}", f"{BUNDLE_DIR}/{BUNDLE_WEIGHTS}"]
-_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[^\s@]+))?$")
 T = TypeVar("T")
 
 
@@ -56,15 +55,29 @@ class Source:
         return (self.repo_id.split("/")[1] if self.repo_id else self.path.name) if (self.repo_id or self.path) else self.text
 
 
+def is_repo_id(text: str) -> bool:
+    """`owner/name` as the Hub spells it (huggingface_hub's own rule), never a path or a URL."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or "\\" in text or "://" in text:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def parse_source(text: str, revision: str | None = None) -> Source:
     """A local folder if one exists at that path, else `owner/name[@revision]`."""
     path = Path(text).expanduser()
     if path.exists():
         return Source(text, path=path)
-    m = _REPO_ID.match(text)
-    if not m or text.startswith((".", "/", "~")) or "://" in text:
+    repo, _, rev = text.partition("@")
+    if not is_repo_id(repo) or (_ and not rev) or any(c.isspace() or c == "@" for c in rev):
         raise SoppuError(f"{text}: not an existing folder and not a Hub repo id; give a PEFT adapter folder or owner/name[@revision]")
-    return Source(text, repo_id=m["repo"], revision=m["rev"] or revision)
+    return Source(text, repo_id=repo, revision=rev or revision)
 
 
 def _retry(fn: Callable[[], T], what: str, attempts: int = 3, wait: float = 1.0) -> T:
@@ -170,7 +183,7 @@ def model_folder(name_or_path: str, *, revision: str | None = None, token: str |
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if not _REPO_ID.match(name_or_path):
+    if not is_repo_id(name_or_path):
         raise SoppuError(f"{name_or_path}: not a folder and not a Hub repo id; give a model folder or owner/name")
     try:
         return Path(_retry(lambda: snapshot_download(
@@ -207,7 +220,7 @@ def target_repo_ids(names: list[str], *, user: str, push_to: str | None = None, 
     if push_to:
         if len(names) != 1:
             raise SoppuError(f"--push-to names one repo but {len(names)} adapters were given; use --namespace for many")
-        if not _REPO_ID.match(push_to) or "@" in push_to:
+        if not is_repo_id(push_to):
             raise SoppuError(f"--push-to {push_to!r} is not a repo id; use owner/name")
         return [push_to]
     ns = namespace or user
@@ -299,3 +312,76 @@ def list_adapter_repos(author: str, *, base_model: str | None = None, token: str
         raise HubError(f"{author} has no LoRA adapter repos{what} that this token can read ({len(ids)} repos listed); "
                        "check the user or organisation name, or name the adapters directly")
     return found
+
+
+@contextmanager
+def endpoint(url: str) -> Iterator[None]:
+    """huggingface_hub parses commit URLs against its process-wide endpoint: point it at `url`, then restore it."""
+    from huggingface_hub import constants
+
+    saved = constants.ENDPOINT
+    constants.ENDPOINT = url
+    try:
+        yield
+    finally:
+        constants.ENDPOINT = saved
+
+
+def list_tagged(tag: str, *, author: str | None = None, token: str | bool | None = None, limit: int = 200) -> list[str]:
+    """Model repo ids carrying `tag` (optionally one author's), in the Hub's listing order."""
+    from huggingface_hub import HfApi
+
+    try:
+        return [m.id for m in HfApi(token=token).list_models(filter=tag, author=author or None, limit=limit)]
+    except Exception as e:  # a listing is a convenience: say it failed, in words
+        raise HubError(f"cannot list the Hub's {tag} models ({type(e).__name__})", "the Hub cannot be listed") from None
+
+
+def card_metadata(repo_id: str, *, token: str | bool | None = None) -> dict:
+    """The YAML metadata of a repo's model card."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return ModelCard.load(repo_id, token=token).data.to_dict()
+    except RepositoryNotFoundError:
+        raise HubError(f"{repo_id} is not on the Hub (or it is private)", "not found on the Hub, or private") from None
+    except EntryNotFoundError:
+        raise HubError(f"{repo_id} has no model card", "it has no model card") from None
+    except Exception:  # network and anything else: said in words, once
+        raise HubError(f"the card of {repo_id} cannot be read from the Hub right now", "the Hub cannot be reached") from None
+
+
+def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | bool | None = None) -> Path | None:
+    """One file of a repo from the cache or the Hub; None when it is not there (or cannot be fetched now)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+    except Exception:
+        return None
+
+
+def chat_template(model_id: str, *, token: str | bool | None = None) -> tuple[str | None, dict[str, str]]:
+    """A base model's chat template from its tokenizer_config.json (or chat_template.jinja beside it), with the
+    bos / eos token texts templates refer to; (None, {}) when it has none."""
+    import json
+
+    path = fetch_file(model_id, "tokenizer_config.json", token=token)
+    if path is None:
+        return None, {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, {}
+    specials = {}
+    for key in ("bos_token", "eos_token"):
+        tok = cfg.get(key)
+        specials[key] = tok.get("content", "") if isinstance(tok, dict) else (tok or "")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:  # transformers >= 4.43 saves it beside the config instead
+        jinja = fetch_file(model_id, "chat_template.jinja", token=token)
+        template = jinja.read_text() if jinja else None
+    return template, specials

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from soppu_hub.clients.lorax import ChatClient, ChatError, GenerationSettings, connect
+from soppu_hub.clients import ChatError, GenerationSettings, connect
+from soppu_hub.clients.lorax import LoraxChatClient
 from soppu_hub.clients.openai import OpenAIChatClient
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
@@ -20,7 +21,7 @@ def test_official_openai_client_against_the_backend(backend):
     import openai
 
     client = openai.OpenAI(base_url=f"{backend}/v1", api_key="none", max_retries=0)
-    lorax_reply = ChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=12))
+    lorax_reply = LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=12))
     out = client.chat.completions.create(model=ADAPTER, messages=HELLO, max_tokens=12, temperature=0)
     assert out.choices[0].message.content == lorax_reply and out.usage.completion_tokens <= 12
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
@@ -54,7 +55,7 @@ def test_openai_errors_are_one_line_in_words(backend, hub_server):
     with pytest.raises(ChatError, match="does not speak the OpenAI API"):
         OpenAIChatClient(hub_server[0].url).complete(HELLO, ADAPTER)
     with pytest.raises(ChatError, match="does not speak the LoRAX API .*use --api openai"):
-        ChatClient(hub_server[0].url).check()
+        LoraxChatClient(hub_server[0].url).check()
     with pytest.raises(ChatError, match="unknown backend API 'grpc'"):
         connect(backend, api="grpc")
 
@@ -64,7 +65,7 @@ def test_terminal_chat_over_openai(backend):
                           "--max-new-tokens", "6"], input="Hello!\n/exit\n", capture_output=True, text=True,
                          env=dict(os.environ), timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == ChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=6)).strip()
+    assert res.stdout.strip() == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=6)).strip()
     res = subprocess.run([sys.executable, "-m", "soppu_hub", "chat", ADAPTER, "--url", "http://127.0.0.1:9", "--api", "openai"],
                          input="", capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nothing is listening there" in res.stderr
@@ -81,7 +82,7 @@ def test_space_over_openai(backend):
         reply = Client(child.url, verbose=False).submit("Hello!", [], ADAPTER, api_name="/chat").result()
     finally:
         child.stop()
-    assert reply == ChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=32))
+    assert reply == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=32))
     res = subprocess.run([sys.executable, "space/app.py"], env=dict(os.environ, LORAX_URL=backend, BACKEND_API="grpc"),
                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: BACKEND_API='grpc' is not one of")

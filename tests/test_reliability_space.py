@@ -4,7 +4,8 @@ never a crash, and the Space goes on answering correctly afterwards."""
 
 import pytest
 
-from soppu_hub.clients.lorax import ChatClient, GenerationSettings
+from soppu_hub.clients import GenerationSettings
+from soppu_hub.clients.lorax import LoraxChatClient
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
@@ -35,7 +36,7 @@ def chat(space):
 
 @pytest.fixture(scope="module")
 def reference(backend):
-    return ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], ADAPTER,
+    return LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], ADAPTER,
                                         settings=GenerationSettings(max_new_tokens=32))
 
 
@@ -62,6 +63,6 @@ def test_a_100k_character_message_says_it_is_too_long_and_the_space_goes_on(chat
 
 def test_base_model_id_is_accepted_as_the_cli_does(chat, backend):
     reply = chat("Hello!", "__base_model__")
-    expected = ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
+    expected = LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
                                             settings=GenerationSettings(max_new_tokens=32))
     assert reply == expected and not reply.startswith("⚠️")

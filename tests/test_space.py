@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from soppu_hub.clients.lorax import ChatClient, GenerationSettings
+from soppu_hub.clients import GenerationSettings
+from soppu_hub.clients.lorax import LoraxChatClient
 from soppu_hub.errors import SoppuError
 from soppu_hub.space.logic import history_to_messages, validate_repo_id
 
@@ -34,15 +35,15 @@ def test_gradio_client_streams_the_chat_endpoint(space, backend):
     final = job.result()
     assert len(outputs) >= 2 and final  # streamed: several partial replies, then the whole one
     assert all(final.startswith(o) for o in outputs)
-    expected = ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
+    expected = LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
                                             settings=GenerationSettings(max_new_tokens=32))
     assert final == expected
     # the base model by the CLI's name, and the UI's controls as keywords with the UI's defaults
     base = client.submit("Hello!", [], "__base_model__", api_name="/chat").result()
-    assert base == ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
+    assert base == LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
                                                 settings=GenerationSettings(max_new_tokens=32))
     short = client.submit("Hello!", [], "alice/support-bot-soppu", "", 0.0, 3, api_name="/chat").result()
-    assert short == ChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
+    assert short == LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
                                                  settings=GenerationSettings(max_new_tokens=3))
     bad = client.submit("Hello!", [], "../etc/passwd", api_name="/chat").result()
     assert bad.startswith("⚠️") and "not a Hub repo id" in bad

@@ -1,15 +1,23 @@
 """Chat with an adapter through an OpenAI-compatible backend (vLLM, LoRAX's /v1, ours), using the official client.
 
 vLLM serves a LoRA adapter as a model of its own (`--enable-lora --lora-modules NAME=PATH`, or loaded at run
-time), so the adapter id is the request's `model` and the server applies the chat template. Same surface as
-`chat.ChatClient` (stream / complete / check), so the Space and `soppu-hub chat` take either.
+time), so the adapter id is the request's `model` and the server applies the chat template.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from .lorax import ChatError, GenerationSettings, mapped_errors, overloaded, rejected, unreachable
+from .base import (
+    ChatClient,
+    ChatError,
+    GenerationSettings,
+    mapped_errors,
+    overloaded,
+    rejected,
+    unreachable,
+    with_system_prompt,
+)
 
 
 def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
@@ -39,7 +47,7 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     return ChatError(f"the backend failed: {detail}")
 
 
-class OpenAIChatClient:
+class OpenAIChatClient(ChatClient):
     """A thin layer over openai.OpenAI pointed at `<url>/v1`; the adapter id is the model name."""
 
     def __init__(self, url: str, *, auth_token: str | None = None, timeout: int = 120) -> None:
@@ -51,13 +59,10 @@ class OpenAIChatClient:
         self.client = openai.OpenAI(base_url=base, api_key=auth_token or "none", timeout=timeout, max_retries=1)
         self.model_id: str | None = None
 
-    def _mapped_errors(self, adapter_id: str | None):
-        return mapped_errors(_map_error, adapter_id, self.url)
-
     def check(self) -> str:
-        """The base model's name (the listed model without a parent); fails early when nothing answers."""
+        """The base model's name (the listed model without a parent)."""
         if self.model_id is None:
-            with self._mapped_errors(None):
+            with mapped_errors(_map_error, None, self.url):
                 models = list(self.client.models.list())
             if not models:
                 raise ChatError(f"the backend at {self.url} lists no models on /v1/models")
@@ -70,23 +75,18 @@ class OpenAIChatClient:
                settings: GenerationSettings | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece (`adapter_source` / `api_token` are LoRAX's; vLLM has no such)."""
         settings = settings or GenerationSettings()
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if system_prompt:
-            msgs = [{"role": "system", "content": system_prompt}] + [m for m in msgs if m["role"] != "system"]
+        msgs = with_system_prompt(messages, system_prompt)
         kw: dict = {"max_tokens": settings.max_new_tokens}
-        if settings.temperature:
+        if settings.sampling:
             kw.update(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
         else:
             kw["temperature"] = 0.0
         if settings.stop:
             kw["stop"] = settings.stop
         model = adapter_id or self.check()
-        with self._mapped_errors(adapter_id):
+        with mapped_errors(_map_error, adapter_id, self.url):
             for chunk in self.client.chat.completions.create(model=model, messages=msgs, stream=True,
                                                               **{k: v for k, v in kw.items() if v is not None}):
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
                         yield choice.delta.content
-
-    def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
-        return "".join(self.stream(messages, adapter_id, **kw))

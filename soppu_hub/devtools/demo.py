@@ -8,11 +8,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import hub
 from ..errors import SoppuError
 from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
@@ -28,19 +28,6 @@ class Seeded:
     adapters: list[str]  # repo ids
 
 
-@contextmanager
-def _endpoint(url: str):
-    """huggingface_hub parses commit URLs against its process-wide endpoint: point it here, then restore it."""
-    from huggingface_hub import constants
-
-    saved = constants.ENDPOINT
-    constants.ENDPOINT = url
-    try:
-        yield
-    finally:
-        constants.ENDPOINT = saved
-
-
 def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, samples_token: str,
              collection: Collection | None = None) -> Seeded:
     """Publish a base model and its sample adapters (naming it as their base) to a Hub endpoint.
@@ -48,7 +35,6 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
     From the trained sample collection (the demo) or, without one, a random tiny Llama and two synthetic
     adapters written into `workdir` (the tests: fast, and shaped like the real thing).
     """
-    from huggingface_hub import HfApi
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     if collection is not None:
@@ -60,15 +46,11 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # thirteen small uploads: per-file bars would be noise in the demo's terminal
     try:
-        with _endpoint(endpoint):
-            samples = HfApi(endpoint=endpoint, token=samples_token)
-            samples.create_repo(TINY_BASE_ID, exist_ok=True)
-            samples.upload_folder(repo_id=TINY_BASE_ID, folder_path=str(base), commit_message="tiny Llama for the demo")
-            api = HfApi(endpoint=endpoint, token=user_token)
+        with hub.endpoint(endpoint):
+            hub.push_folder(base, TINY_BASE_ID, token=samples_token, commit_message="tiny Llama for the demo")
             for folder in adapters:
                 repo_id = f"{user}/{folder.name}"
-                api.create_repo(repo_id, exist_ok=True)
-                api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="sample LoRA adapter")
+                hub.push_folder(folder, repo_id, token=user_token, commit_message="sample LoRA adapter")
                 ids.append(repo_id)
     finally:
         if not quiet:
@@ -80,21 +62,14 @@ def sample_collection(log: Callable[[str], None] = print) -> Collection:
     """The committed collection; trained first (minutes, with a progress bar) when it is missing."""
     if (COLLECTION / "manifest.json").exists():
         return load_collection(COLLECTION)
-    from huggingface_hub.utils import tqdm
+    from ..progress import ProgressBar
 
     log(f"no sample collection in {COLLECTION}: training it once on the CPU (make samples does the same)")
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        bar = bar or tqdm(total=total, desc="training", unit="step")
-        bar.update(done - bar.n)
-
+    bar = ProgressBar("training", "step")
     try:
-        return build_collection(COLLECTION, progress=progress, log=log)
+        return build_collection(COLLECTION, progress=bar, log=log)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def prepare_workdir(workdir: Path) -> Path:

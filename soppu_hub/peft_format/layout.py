@@ -1,4 +1,4 @@
-"""What a pushed adapter repo looks like to servers: file names, key prefix, and the ranks they run.
+"""What a pushed adapter repo looks like to servers: file names, key prefix, the ranks they run, their ids.
 
 Defined once here so the reader, the exporter, the card, the Hub code and the backend agree.
 """
@@ -16,6 +16,9 @@ KEY_PREFIX = "base_model.model."
 BUNDLE_DIR = "soppu"
 BUNDLE_WEIGHTS = "bundle.safetensors"
 BUNDLE_HEADER = "bundle.json"
+
+# The id LoRAX's API (and so the CLI, the Space and the embedded backend) gives "no adapter, the base model".
+BASE_MODEL_ID = "__base_model__"
 
 PLOTS_DIR = "plots"
 ERRORS_PNG = f"{PLOTS_DIR}/errors_by_layer.png"

@@ -8,11 +8,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..peft_format.layout import CONFIG_NAME
+from ..peft_format.layout import BASE_MODEL_ID, CONFIG_NAME
 from .errors import AdapterLoadFailed, ValidationFailed
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-BASE_ALIASES = {"", "__base_model__", BASE}
+BASE_ALIASES = {"", BASE_MODEL_ID, BASE}
 SOURCES = ("hub", "local")
 
 

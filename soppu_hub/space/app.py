@@ -19,8 +19,7 @@ import gradio as gr
 # message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
 warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
-from ..clients.lorax import ChatClient
-from ..clients.openai import OpenAIChatClient
+from ..clients import ChatClient
 from ..errors import SoppuError
 from .logic import backend_from_env, card_summary, list_soppu_adapters, stream_reply
 
@@ -37,7 +36,7 @@ Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
 
 
-def build_app(client: ChatClient | OpenAIChatClient) -> gr.Blocks:
+def build_app(client: ChatClient) -> gr.Blocks:
     def adapters() -> list[str]:
         try:
             return list_soppu_adapters(AUTHOR)

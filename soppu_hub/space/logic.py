@@ -6,17 +6,13 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..clients.lorax import APIS, ChatClient, ChatError, GenerationSettings, connect
+from ..clients import APIS, ChatClient, ChatError, GenerationSettings, connect
 from ..errors import SoppuError
-from ..peft_format.layout import ERRORS_PNG
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-ERROR_PLOT = ERRORS_PNG
-BASE_IDS = ("__base_model__",)  # the base model, as the CLI and LoRAX name it
+from ..hub import card_metadata, fetch_file, is_repo_id, list_tagged
+from ..peft_format.layout import BASE_MODEL_ID, ERRORS_PNG
 
 
 def validate_repo_id(text: str | None) -> str:
@@ -26,19 +22,15 @@ def validate_repo_id(text: str | None) -> str:
         raise SoppuError("pick an adapter or type its repo id (owner/name)")
     if "://" in text or text.startswith(("/", ".", "~")) or "\\" in text or ".." in text:
         raise SoppuError(f"{text!r} is not a Hub repo id: use owner/name, not a path or URL")
-    if not _REPO_ID.match(text):
+    if not is_repo_id(text):
         raise SoppuError(f"{text!r} is not a Hub repo id: use owner/name (letters, digits, - _ .)")
     return text
 
 
 def list_soppu_adapters(author: str | None = None, *, token: str | None = None, limit: int = 200) -> list[str]:
-    """Repo ids tagged `soppu` on the Hub (optionally one author's), newest listing order."""
-    from huggingface_hub import HfApi
-
-    try:
-        return [m.id for m in HfApi(token=token).list_models(filter="soppu", author=author or None, limit=limit)]
-    except Exception as e:  # the picker still accepts typed ids when the Hub cannot be listed
-        raise SoppuError(f"cannot list soppu adapters on the Hub ({type(e).__name__})") from None
+    """Repo ids tagged `soppu` on the Hub (optionally one author's); when the Hub cannot be listed a SoppuError
+    says so and the picker still accepts typed ids."""
+    return list_tagged("soppu", author=author, token=token, limit=limit)
 
 
 @dataclass
@@ -77,24 +69,11 @@ class CardSummary:
 
 def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     """Read the adapter's card metadata (written by soppu-hub) and fetch its error plot."""
-    from huggingface_hub import ModelCard, hf_hub_download
-
     repo_id = validate_repo_id(repo_id)
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        data = ModelCard.load(repo_id, token=token).data.to_dict()
-    except RepositoryNotFoundError:
-        raise SoppuError(f"{repo_id} is not on the Hub (or it is private)") from None
-    except EntryNotFoundError:
-        raise SoppuError(f"{repo_id} has no model card") from None
-    except Exception:  # network and anything else: said in words, once
-        raise SoppuError(f"the card of {repo_id} cannot be read from the Hub right now") from None
+    data = card_metadata(repo_id, token=token)
     soppu = data.get("soppu") or {}
-    try:
-        plot = hf_hub_download(repo_id, ERROR_PLOT, token=token)
-    except Exception:
-        plot = None
+    path = fetch_file(repo_id, ERRORS_PNG, token=token)
+    plot = str(path) if path else None
     return CardSummary(repo_id, data.get("base_model"), soppu.get("compression_ratio"), soppu.get("mean_rel_error"),
                        soppu.get("max_rel_error"), plot, soppu.get("cluster"), soppu.get("cluster_size"), soppu.get("clusters"),
                        soppu.get("sources"))
@@ -124,7 +103,7 @@ def stream_reply(client: ChatClient, message: str, history: list | None, adapter
                                   temperature=temperature or None)
     text = ""
     try:
-        adapter = validate_repo_id(adapter_id) if adapter_id and adapter_id.strip() not in BASE_IDS else None
+        adapter = validate_repo_id(adapter_id) if adapter_id and adapter_id.strip() != BASE_MODEL_ID else None
         yield text
         for piece in client.stream(messages, adapter, system_prompt=system_prompt or None, settings=settings):
             text += piece
@@ -144,7 +123,7 @@ class Backend:
         if self.child is not None:
             self.child.stop()
 
-    def client(self):
+    def client(self) -> ChatClient:
         return connect(self.url, api=self.api, auth_token=self.auth_token)
 
 

@@ -1,0 +1,31 @@
+"""Progress callbacks (done, total) shown as tqdm bars, and log lines that do not cut into them."""
+
+from __future__ import annotations
+
+import sys
+
+
+class ProgressBar:
+    """tqdm (through huggingface_hub, so HF_HUB_DISABLE_PROGRESS_BARS applies), opened on the first update."""
+
+    def __init__(self, desc: str, unit: str) -> None:
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from huggingface_hub.utils import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)  # kept: each phase shows it reached 100%
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def log_above_bars(msg: str) -> None:
+    """A log line printed over a live progress bar would be cut into it mid-word: tqdm.write moves the bar."""
+    from huggingface_hub.utils import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
