@@ -2,7 +2,7 @@
 
 import torch
 
-from soppu_hub.serve.multilora import gathered_lora, shared_basis_lora, stack_slots
+from soppu_hub.serve.lora_ops import gathered_lora, shared_basis_lora, stack_slots
 
 
 def _rows(n=3, s=5, d=12, seed=0):
@@ -14,15 +14,14 @@ def test_gathered_plain_loras_equal_one_adapter_per_row():
     x, g = _rows()
     m = 7
     factors = [(torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, 12, generator=g, dtype=torch.float64))
-               for r in (2, 4)] + [None]
-    A, B = stack_slots(factors, dtype=torch.float64)
-    assert A.shape == (4, 4, 12) and B.shape == (4, 7, 4) and not A[0].any() and not A[3].any()
-    slots = torch.tensor([1, 0, 2])  # row 0: adapter 0, row 1: no adapter, row 2: adapter 1
+               for r in (2, 4)]
+    A, B = stack_slots(factors)
+    assert A.shape == (2, 4, 12) and B.shape == (2, 7, 4) and not A[0, 2:].any() and not B[0, :, 2:].any()
+    slots = torch.tensor([0, 1, 0])  # rows 0 and 2: adapter 0 (rank 2, zero-padded), row 1: adapter 1
     out = gathered_lora(x, A, B, slots)
-    for row, adapter in ((0, 0), (2, 1)):
+    for row, adapter in ((0, 0), (1, 1), (2, 0)):
         b, a = factors[adapter]
         torch.testing.assert_close(out[row], x[row] @ a.T @ b.T)
-    assert not out[1].any()
 
 
 def test_shared_basis_rows_equal_their_reconstructed_adapters():
@@ -48,7 +47,7 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     from soppu_hub.compression.plan import CompressConfig
     from soppu_hub.devtools.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
     from soppu_hub.pipeline.job import compress_folders
-    from soppu_hub.serve.multilora import install, rows_use
+    from soppu_hub.serve.peft_patch import install, rows_use
     from soppu_hub.serve.shared_bases import SharedBases
 
     base_dir = build_tiny_llama(tmp_path / "base")
@@ -111,8 +110,8 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from soppu_hub.devtools.samples import build_tiny_llama
-    from soppu_hub.serve.engine import Engine, Job
-    from soppu_hub.serve.params import Sampling
+    from soppu_hub.serve.engine import Engine, Generation
+    from soppu_hub.serve.params import GenerateRequest, Sampling
 
     base_dir = build_tiny_llama(tmp_path / "base")
     for i, (name, targets) in enumerate((("plain", ["q_proj", "v_proj"]), ("embed", ["q_proj", "embed_tokens"]))):
@@ -140,8 +139,8 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     jobs = []
     for name in order:
         adapter, _ = engine.adapters.acquire(name, "local", None)
-        jobs.append(Job(prompt_ids=prompt, adapter=adapter, max_new_tokens=12, sampling=Sampling(), stop=[], ignore_eos=True,
-                        emit=lambda kind, payload: done.release() if kind in ("done", "error") else None))
+        request = GenerateRequest(ids=prompt, max_new=12, sampling=Sampling(), stop=[], ignore_eos=True)
+        jobs.append(Generation(request, adapter, emit=lambda kind, payload: done.release() if kind in ("done", "error") else None))
     for j in jobs:
         engine.submit(j)
     for _ in jobs:

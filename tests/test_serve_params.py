@@ -5,7 +5,7 @@ import math
 import pytest
 
 from soppu_hub.serve.errors import ValidationFailed
-from soppu_hub.serve.params import MAX_STOP_SEQUENCES, parse_generate
+from soppu_hub.serve.params import MAX_STOP_SEQUENCES, Sampling, parse_generate
 
 
 def parse(params: dict, inputs="hello world", limit=16):
@@ -16,7 +16,8 @@ def test_defaults_fill_the_room_and_stay_greedy():
     r = parse({})
     assert r.ids == [0, 1] and r.max_new == 14 and r.stop == []
     assert not r.sampling.do_sample and r.sampling.seed is None
-    assert r.sampling.generate_kwargs() == {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    assert r.sampling == Sampling() and not r.ignore_eos
+    assert parse({"ignore_eos_token": True}).ignore_eos
 
 
 def test_sampling_switches_on_as_lorax_does():
@@ -25,7 +26,7 @@ def test_sampling_switches_on_as_lorax_does():
     assert not parse({"temperature": 1.0}).sampling.do_sample  # 1.0 is "unchanged"
     assert not parse({"temperature": 0, "do_sample": True}).sampling.do_sample  # 0 means greedy, whatever else
     s = parse({"do_sample": True, "seed": 7, "temperature": 0.5, "repetition_penalty": 1.2}).sampling
-    assert s.seed == 7 and s.generate_kwargs()["repetition_penalty"] == 1.2 and s.generate_kwargs()["top_k"] == 0
+    assert (s.seed, s.temperature, s.repetition_penalty, s.top_k) == (7, 0.5, 1.2, None)
     assert parse({"seed": 7}).sampling.seed is None  # a seed without sampling changes nothing
 
 

@@ -28,7 +28,7 @@ class _Adapters:
 
 
 class FailingEngine:
-    tokenizer, max_total_tokens, max_queue, max_batch = _Tok(), 64, 4, 4
+    tokenizer, max_total_tokens, max_concurrent_requests, max_batch = _Tok(), 64, 4, 4
     adapters = _Adapters()
 
     def admit(self):
@@ -45,8 +45,7 @@ class FailingEngine:
 @pytest.fixture(scope="module")
 def failing_url():
     import uvicorn
-
-    from soppu_hub.serve.app import create_app
+    from soppu_hub.serve.api import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(FailingEngine()), host="127.0.0.1", port=port, log_level="warning"))

@@ -10,19 +10,19 @@ if TYPE_CHECKING:  # importing the package must not pull the engine in: adapters
 
 
 def build_engine(model: str, *, max_adapters: int = 8, max_batch: int = 16, max_total_tokens: int | None = None,
-                 max_concurrent: int = 128, adapter_dir: str | None = None, token: str | None = None,
+                 max_concurrent_requests: int = 128, adapter_dir: str | None = None, token: str | None = None,
                  share_bases: bool = True) -> "Engine":
     from ..hub import model_folder
     from .engine import Engine
 
     folder = model_folder(model, token=token)
     return Engine(folder, model, max_adapters=max_adapters, max_batch=max_batch, max_total_tokens=max_total_tokens,
-                  max_queue=max_concurrent, local_root=Path(adapter_dir) if adapter_dir else None, share_bases=share_bases)
+                  max_concurrent_requests=max_concurrent_requests, local_root=Path(adapter_dir) if adapter_dir else None, share_bases=share_bases)
 
 
 def serve(engine: "Engine", host: str = "127.0.0.1", port: int = 8080) -> None:
     import uvicorn
 
-    from .app import create_app
+    from .api import create_app
 
     uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")

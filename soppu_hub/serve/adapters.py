@@ -127,7 +127,7 @@ class AdapterStore:
         return entry.name, unpin
 
     def _load_peft(self, path: str, name: str):
-        from .multilora import install
+        from .peft_patch import install
 
         if self.peft is None:
             from peft import PeftModel
@@ -162,7 +162,7 @@ class AdapterStore:
                 self._measure()
 
     def model_for(self, names: list[str]):
-        """(model, adapter_names for generate or None when the batch needs no adapter)."""
+        """(model, each row's adapter name), or (base model, None) while no adapter is loaded."""
         if self.peft is None:
             return self.base, None
         return self.peft, names

@@ -1,15 +1,15 @@
-"""The embedded backend's engine: one base model, LoRA adapters loaded by name, batched generation.
+"""The embedded backend's engine: one base model, adapters by name, a continuous-batching decoding loop.
 
-Requests that share sampling settings run as one `generate` call even when they use different adapters
-(PEFT's `adapter_names` routes each row through its own LoRA). Each row stops on its own (EOS, stop
-sequence, its own max_new_tokens); tokens are streamed to the request as they are produced.
+Its own loop, not `generate`: one decoding step at a time over the running rows and one left-padded KV cache
+(batch.py); a request joins at the next step (its prompt prefilled, its cache merged in) and leaves as soon as
+it finishes (EOS, a stop sequence, its max_new_tokens, or its client gone), so a short request never waits for
+a long one. Rows with different adapters share every forward (peft_patch.py); tokens stream out as produced.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from .adapters import AdapterStore
+from .batch import Batch, Sampler, pick_all
 from .errors import Overloaded, ServeError
-from .params import Sampling
+from .params import GenerateRequest
 
 log = logging.getLogger("soppu_hub.serve")
 GATHER_S = 0.005  # when idle, how long a first request waits for company before its prefill
@@ -34,17 +35,15 @@ class TokenEvent:
 
 
 @dataclass
-class Job:
-    """One generation request as the worker sees it; `emit` delivers events to the request's consumer."""
+class Generation:
+    """One request as the engine runs it (a row of the batch once it joins); `emit` delivers its events."""
 
-    prompt_ids: list[int]
+    request: GenerateRequest
     adapter: str  # PEFT adapter name, or BASE
-    max_new_tokens: int
-    sampling: Sampling
-    stop: list[str]
-    ignore_eos: bool
     emit: Callable[[str, object], None]  # ("token", TokenEvent) | ("done", dict) | ("error", ServeError)
     release: Callable[[], None] = lambda: None
+    sampler: Sampler | None = None  # made when it joins the batch
+    next_id: int | None = None  # the token to feed at the next step
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False  # no more tokens for this row
@@ -57,58 +56,11 @@ class Job:
         self.cancelled = True
 
 
-class _Row:
-    """One request in the running batch: its job, its sampler, the token to feed next."""
-
-    def __init__(self, job: Job) -> None:
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-            TypicalLogitsWarper,
-        )
-
-        self.job, sp = job, job.sampling
-        self.seed = (sp.seed if sp.seed is not None else random.randrange(2**31)) if sp.do_sample else None
-        self.generator = torch.Generator().manual_seed(self.seed) if sp.do_sample else None
-        procs = LogitsProcessorList()
-        if sp.repetition_penalty:
-            procs.append(RepetitionPenaltyLogitsProcessor(sp.repetition_penalty))
-        if sp.do_sample:  # the warpers HF generate would use for these settings, in its order
-            if sp.temperature and sp.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(sp.temperature))
-            if sp.top_k:
-                procs.append(TopKLogitsWarper(sp.top_k))
-            if sp.top_p and sp.top_p < 1.0:
-                procs.append(TopPLogitsWarper(sp.top_p))
-            if sp.typical_p and sp.typical_p < 1.0:
-                procs.append(TypicalLogitsWarper(sp.typical_p))
-        self.procs = procs
-        self.next_id: int | None = None
-
-    @property
-    def plain_greedy(self) -> bool:
-        return self.generator is None and not self.procs
-
-    def pick(self, logits: torch.Tensor) -> tuple[int, float]:
-        """(token id, its log-probability under the processed distribution) from this row's last logits."""
-        history = torch.tensor([self.job.prompt_ids + self.job.tokens])
-        scores = self.procs(history, logits[None].float())[0] if self.procs else logits.float()
-        logprobs = torch.log_softmax(scores, dim=-1)
-        if self.generator is None:
-            tid = int(scores.argmax())
-        else:
-            tid = int(torch.multinomial(logprobs.exp(), 1, generator=self.generator))
-        return tid, float(logprobs[tid])
-
-
 class Engine:
     """Owns the model. `submit` is thread-safe; one worker thread runs the batches."""
 
     def __init__(self, model_dir: Path, model_id: str, *, max_adapters: int = 8, max_batch: int = 16,
-                 max_total_tokens: int | None = None, max_queue: int = 128, local_root: Path | None = None,
+                 max_total_tokens: int | None = None, max_concurrent_requests: int = 128, local_root: Path | None = None,
                  device: str = "cpu", share_bases: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,11 +71,11 @@ class Engine:
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(self.device).eval()
         limit = getattr(base.config, "max_position_embeddings", 2048)
         self.max_total_tokens = min(max_total_tokens or limit, limit)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_concurrent_requests = max_batch, max_concurrent_requests
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
         self.adapters = AdapterStore(base, model_dir, model_id=model_id, lock=self.lock, max_adapters=max_adapters,
                                      local_root=local_root, share_bases=share_bases)
-        self.pending: queue.Queue[Job] = queue.Queue()
+        self.pending: queue.Queue[Generation] = queue.Queue()
         self.active = 0  # admitted requests not yet closed
         self.cancelled = 0  # requests stopped early because their client went away
         self._count_lock = threading.Lock()
@@ -138,8 +90,8 @@ class Engine:
     def admit(self) -> Callable[[], None]:
         """Reserve a slot or refuse with 429; returns the release function."""
         with self._count_lock:
-            if self.active >= self.max_queue:
-                raise Overloaded(f"Model is overloaded: {self.active} requests in flight (limit {self.max_queue})")
+            if self.active >= self.max_concurrent_requests:
+                raise Overloaded(f"Model is overloaded: {self.active} requests in flight (limit {self.max_concurrent_requests})")
             self.active += 1
         released = False
 
@@ -152,7 +104,7 @@ class Engine:
 
         return release
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Generation) -> None:
         self.pending.put(job)
 
     # --- worker: continuous batching ----------------------------------------------------------------
@@ -160,9 +112,9 @@ class Engine:
         """One decoding step at a time over the running rows; new requests join at the next step (their prompts
         prefilled, their caches merged in) and finished rows leave at once, so a short request never waits for
         a long one."""
-        batch = _Batch()
+        batch = Batch()
         while True:
-            joining: list[Job] = []
+            joining: list[Generation] = []
             try:
                 joining = self._take(block=not batch.rows, room=self.max_batch - len(batch.rows))
                 with self.lock:
@@ -172,14 +124,14 @@ class Engine:
                         self._step(batch)
             except Exception as e:  # never let one batch kill the server
                 log.exception("generation failed")
-                for j in {id(j): j for j in [row.job for row in batch.rows] + joining}.values():
+                for j in {id(j): j for j in batch.rows + joining}.values():
                     if not j.closed:
                         j.done = j.closed = True
                         j.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
                         j.release()
-                batch = _Batch()
+                batch = Batch()
 
-    def _take(self, *, block: bool, room: int) -> list[Job]:
+    def _take(self, *, block: bool, room: int) -> list[Generation]:
         """Queued jobs that fit (waiting for one when nothing runs); abandoned ones are closed unseen."""
         jobs = []
         if block:  # idle: the first request, then whatever arrives with it (a burst prefills as one batch)
@@ -191,11 +143,11 @@ class Engine:
                 break
         for j in [j for j in jobs if j.cancelled]:
             j.done, j.finish_reason = True, "cancelled"
-            self._close(j, None)
+            self._close(j)
         return [j for j in jobs if not j.closed]
 
     def _forward(self, names: list[str], **inputs) -> torch.Tensor:
-        from .multilora import rows_use
+        from .peft_patch import rows_use
 
         model, adapter_names = self.adapters.model_for(names)
         if adapter_names is not None and not getattr(model, "_soppu_rows_ok", False):  # embedding LoRA, heads
@@ -204,14 +156,14 @@ class Engine:
             return model(**inputs, use_cache=True).logits[:, -1]
 
     @torch.no_grad()
-    def _join(self, batch: "_Batch", jobs: list[Job]) -> None:
+    def _join(self, batch: "Batch", jobs: list[Generation]) -> None:
         """Prefill the newcomers together (left-padded), give each its first token, merge their cache in."""
-        width = max(len(j.prompt_ids) for j in jobs)
+        width = max(len(j.request.ids) for j in jobs)
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, j in enumerate(jobs):
-            ids[r, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[r, width - len(j.prompt_ids):] = 1
+            ids[r, width - len(j.request.ids):] = torch.tensor(j.request.ids)
+            mask[r, width - len(j.request.ids):] = 1
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -219,32 +171,32 @@ class Engine:
         logits = self._forward([j.adapter for j in jobs], input_ids=ids.to(self.device),
                                attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
                                past_key_values=cache)
-        rows = [_Row(j) for j in jobs]
-        batch.merge(rows, cache, mask)
-        for row, picked in zip(rows, _pick_all(rows, logits)):
-            self._emit(row, *picked)
+        for j in jobs:
+            j.sampler = Sampler(j.request.sampling, j.request.ids)
+        batch.merge(jobs, cache, mask)
+        for j, picked in zip(jobs, pick_all(jobs, logits)):
+            self._emit(j, *picked)
         batch.drop_finished()
 
     @torch.no_grad()
-    def _step(self, batch: "_Batch") -> None:
+    def _step(self, batch: "Batch") -> None:
         """Feed every row its last token, pick the next one, let finished rows go."""
         ids = torch.tensor([[row.next_id] for row in batch.rows])
         positions = batch.mask.sum(1, keepdim=True)
         batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype)], 1)
-        logits = self._forward([row.job.adapter for row in batch.rows], input_ids=ids.to(self.device),
+        logits = self._forward([row.adapter for row in batch.rows], input_ids=ids.to(self.device),
                                attention_mask=batch.mask.to(self.device), position_ids=positions.to(self.device),
                                past_key_values=batch.cache)
-        for row, picked in zip(batch.rows, _pick_all(batch.rows, logits)):
-            if row.job.cancelled:
-                row.job.done, row.job.finish_reason = True, "cancelled"
-                self._close(row.job, row.seed)
+        for row, picked in zip(batch.rows, pick_all(batch.rows, logits)):
+            if row.cancelled:
+                row.done, row.finish_reason = True, "cancelled"
+                self._close(row)
                 continue
             self._emit(row, *picked)
         batch.drop_finished()
 
-    def _emit(self, row: _Row, tid: int, logprob: float) -> None:
+    def _emit(self, job: Generation, tid: int, logprob: float) -> None:
         """Record the row's token, stream it, and close the row when it is finished."""
-        job = row.job
         special = tid in self.special_ids
         job.tokens.append(tid)
         text = ""
@@ -252,18 +204,18 @@ class Engine:
             full = self.tokenizer.decode([t for t in job.tokens if t not in self.special_ids], skip_special_tokens=True)
             if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 text, job.text = full[len(job.text):], full
-        if tid in self.eos_ids and not job.ignore_eos:
+        if tid in self.eos_ids and not job.request.ignore_eos:
             job.done, job.finish_reason = True, "eos_token"
-        elif any(s and job.text.endswith(s) for s in job.stop):
+        elif any(s and job.text.endswith(s) for s in job.request.stop):
             job.done, job.finish_reason = True, "stop_sequence"
-        elif len(job.tokens) >= job.max_new_tokens:
+        elif len(job.tokens) >= job.request.max_new:
             job.done, job.finish_reason = True, "length"
         job.emit("token", TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special))
-        row.next_id = tid
+        job.next_id = tid
         if job.done:  # this row's slot is free now, whatever the rest of the batch still does
-            self._close(job, row.seed)
+            self._close(job)
 
-    def _close(self, job: Job, seed: int | None) -> None:
+    def _close(self, job: Generation) -> None:
         """Deliver the row's "done" event and release its slot, once."""
         if job.closed:
             return
@@ -271,60 +223,6 @@ class Engine:
         if job.finish_reason == "cancelled":
             with self._count_lock:
                 self.cancelled += 1
-        job.emit("done", {"finish_reason": job.finish_reason, "prompt_tokens": len(job.prompt_ids),
-                          "generated_tokens": len(job.tokens), "seed": seed})
+        job.emit("done", {"finish_reason": job.finish_reason, "prompt_tokens": len(job.request.ids),
+                          "generated_tokens": len(job.tokens), "seed": job.sampler.seed if job.sampler else None})
         job.release()
-
-
-def _pick_all(rows: list[_Row], logits: torch.Tensor) -> list[tuple[int, float]]:
-    """Every row's next token: plain greedy rows in one vectorised argmax, the others through their sampler."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    best = logprobs.argmax(-1).tolist()
-    return [(best[r], float(logprobs[r, best[r]])) if row.plain_greedy else row.pick(logits[r])
-            for r, row in enumerate(rows)]
-
-
-class _Batch:
-    """The running rows, their shared KV cache (left-padded) and attention mask."""
-
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.cache = None  # transformers DynamicCache
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-
-    def merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
-        """Add newly prefilled rows: both caches left-padded to one length, then stacked on the batch axis."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = rows, cache, mask
-            return
-        from transformers import DynamicCache
-
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # left-pad the time axis (dim -2 of k/v, dim 1 of masks)
-            return torch.nn.functional.pad(t, (0, 0, n, 0)) if t.dim() == 4 else torch.nn.functional.pad(t, (n, 0))
-
-        merged = DynamicCache()
-        for i, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
-            k = torch.cat([pad(old.keys, width - self.mask.shape[1]), pad(new.keys, width - mask.shape[1])])
-            v = torch.cat([pad(old.values, width - self.mask.shape[1]), pad(new.values, width - mask.shape[1])])
-            merged.update(k, v, i)
-        self.mask = torch.cat([pad(self.mask, width - self.mask.shape[1]), pad(mask, width - mask.shape[1])])
-        self.rows, self.cache = self.rows + rows, merged
-
-    def drop_finished(self) -> None:
-        """Rows whose job is closed leave the batch; columns no remaining row attends to are cut from the left."""
-        keep = [i for i, row in enumerate(self.rows) if not row.job.closed]
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.mask = None, torch.zeros(0, 0, dtype=torch.long)
-            return
-        idx = torch.tensor(keep)
-        self.mask = self.mask[idx]
-        start = int((self.mask.sum(0) > 0).nonzero()[0]) if self.mask.any() else 0
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
-            layer.values = layer.values[idx.to(layer.values.device), :, start:]

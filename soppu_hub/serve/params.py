@@ -12,6 +12,8 @@ MAX_STOP_SEQUENCES = 4
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the next token is picked (LoRAX's sampling parameters, with do_sample settled)."""
+
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -20,26 +22,16 @@ class Sampling:
     repetition_penalty: float | None = None
     seed: int | None = None
 
-    def generate_kwargs(self) -> dict:
-        kw: dict = {"do_sample": self.do_sample}
-        if self.do_sample:
-            kw.update(temperature=self.temperature or 1.0, top_k=self.top_k or 0, top_p=self.top_p or 1.0)
-            if self.typical_p:
-                kw["typical_p"] = self.typical_p
-        else:
-            kw.update(temperature=None, top_k=None, top_p=None)
-        if self.repetition_penalty:
-            kw["repetition_penalty"] = self.repetition_penalty
-        return kw
-
-
 
 @dataclass(frozen=True)
 class GenerateRequest:
+    """What one request asks the engine to generate, checked."""
+
     ids: list[int]  # prompt token ids, truncated as asked
     max_new: int
     sampling: Sampling
     stop: list[str]
+    ignore_eos: bool = False
 
 
 def number(params: dict, name: str, kind: type, ok: Callable[[float], bool], rule: str):
@@ -90,4 +82,4 @@ def parse_generate(inputs: object, params: dict, *, tokenize: Callable[[str], li
     if temperature == 0:
         do_sample = False
     sampling = Sampling(do_sample, temperature, top_k, top_p, typical_p, repetition_penalty, seed if do_sample else None)
-    return GenerateRequest(ids, max_new, sampling, stop)
+    return GenerateRequest(ids, max_new, sampling, stop, bool(p.get("ignore_eos_token")))

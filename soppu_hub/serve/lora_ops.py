@@ -1,0 +1,36 @@
+"""The math of one forward for a batch whose rows use different adapters: pure torch, no PEFT.
+
+Plain LoRAs: every adapter's (A, B) of one module position sits in a slot of two stacked tensors (zero-padded
+to the largest rank); a batch gathers its rows' slots and applies them with two batched matmuls (what BGMV
+kernels do on GPUs). JD bundles: rows whose adapters share a basis pay x V and (.) U^T once for all of them
+and only their r x r cores per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """delta y for rows using different plain LoRAs. x (b, s, d); A (S, r, d); B (S, m, r) with the scaling in B;
+    slots (b,) long, each row's slot. Returns (b, s, m)."""
+    h = torch.bmm(x, A[slots].transpose(1, 2))  # (b, s, r)
+    return torch.bmm(h, B[slots].transpose(1, 2))  # (b, s, m)
+
+
+def shared_basis_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, slots: torch.Tensor
+                      ) -> torch.Tensor:
+    """delta y for rows whose adapters share one basis: x V once, each row's core, then U^T once.
+    x (b, s, d); U (m, R); V (d, R); cores (S, R, R); slots (b,). Returns (b, s, m)."""
+    h = x @ V  # (b, s, R): one matmul for every row
+    h = torch.bmm(h, cores[slots].transpose(1, 2))  # (b, s, R): S_i applied per row
+    return h @ U.T
+
+
+def stack_slots(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(B, A) per adapter, scaling in B] -> (A (S, r, d), B (S, m, r)), adapter i in slot i, each zero-padded to
+    the largest rank r (zero directions add nothing)."""
+    r = max(b.shape[1] for b, _ in factors)
+    A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for _, a in factors])
+    B = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b, _ in factors])
+    return A, B
