@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .compression.bundle import EXPORT_DTYPES, ExportConfig
+from .compression.bundle import ExportConfig
 from .compression.plan import CompressConfig
 from .errors import SoppuError
 from .peft_format.layout import BASE_MODEL_ID, DEFAULT_LORAX_TP
+from .pipeline.job import JobSpec
 from .progress import ProgressBar, log_above_bars
 
 
@@ -23,14 +24,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per CompressConfig field, help taken from the field's metadata."""
-    choices = {"method": ["full", "diag"], "weighting": ["norm", "none"]}
-    for f in dataclasses.fields(CompressConfig):
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}", type=f.metadata.get("type", type(f.default)), default=f.default,
-            choices=choices.get(f.name), help=f"{f.metadata['help']} (default: {f.default})",
-        )
+def _help(cls, name: str) -> str:
+    """A config field's help, as its dataclass states it (one text for the library and the CLI)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    return f"{f.metadata['help']} (default: {default})" if default not in (None, False, True) else f.metadata["help"]
+
+
+def _add_fields(p: argparse.ArgumentParser, cls, names: list[str] | None = None) -> None:
+    """One flag per field of a config dataclass: --field-name, its type, default, choices and help from the field."""
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names or "help" not in f.metadata:
+            continue
+        flag = f.metadata.get("flag", f"--{f.name.replace('_', '-')}")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            kind = f.metadata.get("type", str if f.default is None else type(f.default))
+            p.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                           choices=f.metadata.get("choices"), help=_help(cls, f.name))
 
 
 def _command_line(argv: list[str]) -> str:
@@ -67,11 +79,9 @@ def _sources_from_file(path: str | None) -> list[str]:
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
-    help_ = {f.name: f.metadata["help"] for f in dataclasses.fields(ExportConfig)}
-    p.add_argument("--no-pad", dest="pad", action="store_false",
-                   help="write the bare rank; LoRAX then pads it and serves the adapter too weak")
-    p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=f"{help_['lorax_tp']} (default: {DEFAULT_LORAX_TP})")
-    p.add_argument("--export-dtype", default="auto", choices=["auto", *EXPORT_DTYPES], help=f"{help_['dtype']} (default: auto)")
+    p.add_argument("--no-pad", dest="pad", action="store_false", help=ExportConfig.__dataclass_fields__["pad"].metadata["help"])
+    p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=_help(ExportConfig, "lorax_tp"))
+    _add_fields(p, ExportConfig, ["dtype"])
 
 
 def _ranks(text: str | None, verify: bool) -> list[int]:
@@ -89,26 +99,28 @@ def _ranks(text: str | None, verify: bool) -> list[int]:
     return ranks
 
 
+def job_spec(args: argparse.Namespace) -> JobSpec:
+    """The run the flags describe (sources from the command line and --sources-file; --author is listed later)."""
+    config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
+    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype)
+    simple = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobSpec)
+              if f.name not in ("sources", "config", "export", "out", "push", "verify_ranks", "command")}
+    return JobSpec(sources=[*args.sources, *_sources_from_file(args.sources_file)], config=config, export=export,
+                   out=Path(args.out) if args.out else None, push=not args.no_push,
+                   verify_ranks=_ranks(args.verify_ranks, args.verify), command=_command_line(args.argv), **simple)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .compression.report import format_table
-    from .pipeline.job import JobSpec, run_job
+    from .pipeline.job import run_job
 
-    config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
-    args.sources = [*args.sources, *_sources_from_file(args.sources_file)]
+    spec = job_spec(args)
     if args.author:
         from .hub import list_adapter_repos
 
-        args.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
-    if not args.sources:
+        spec.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
+    if not spec.sources:
         raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE or --author USER")
-    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.export_dtype)
-    spec = JobSpec(
-        sources=args.sources, config=config, export=export, out=Path(args.out) if args.out else None, push=not args.no_push,
-        push_to=args.push_to, namespace=args.namespace, private=args.private, revision=args.revision,
-        token=args.token, overwrite=args.overwrite, verify=args.verify, base_model=args.base_model,
-        verify_ranks=_ranks(args.verify_ranks, args.verify),
-        command=_command_line(args.argv), workers=args.workers,
-    )
     bars = {phase: ProgressBar(phase, unit) for phase, unit in
             (("downloading", "repo"), ("compressing", "module"), ("verifying", "adapter"), ("cards", "card"),
              ("pushing", "repo"))}
@@ -247,22 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources-file", metavar="FILE", help="more sources, one a line (# comments allowed)")
     p.add_argument("--author", metavar="USER", help="every LoRA adapter repo of this user or organisation (with --base-model, "
                    "only those for that base model); soppu outputs are left out")
-    p.add_argument("--out", help="keep results in this folder (must not exist or be empty unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-push", action="store_true", help="keep the results local (needs --out)")
-    p.add_argument("--push-to", help="target repo id for a single input (default <user>/<name>-soppu)")
-    p.add_argument("--namespace", help="user or organisation for the target repos")
-    p.add_argument("--private", action="store_true", help="create the target repos private")
-    p.add_argument("--revision", help="revision for Hub sources given without @revision")
-    p.add_argument("--token", help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`)")
-    p.add_argument("--verify", action="store_true", help="functional check: next-token agreement and KL with the base model")
-    p.add_argument("--verify-ranks", metavar="R1,R2,..", help="with --verify, also check the same fit cut to these smaller "
-                   "shared ranks; the card plots agreement against rank")
-    p.add_argument("--base-model", help="base model for --verify (default: from the adapter config); with --author, "
-                   "only adapters for this base model")
+    p.add_argument("--out", help=_help(JobSpec, "out"))
+    p.add_argument("--no-push", action="store_true", help=_help(JobSpec, "push"))
+    _add_fields(p, JobSpec, ["overwrite", "push_to", "namespace", "private", "revision", "token", "verify", "base_model"])
+    p.add_argument("--verify-ranks", metavar="R1,R2,..", help=_help(JobSpec, "verify_ranks"))
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads, pushes and card-drawing processes (default 8)")
-    _add_config_args(p)
+    _add_fields(p, JobSpec, ["workers"])
+    _add_fields(p, CompressConfig)
     _add_export_args(p)
     p.set_defaults(func=cmd_compress)
 
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args)
-    except (SoppuError, ValueError) as e:
+    except SoppuError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

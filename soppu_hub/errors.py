@@ -1,8 +1,16 @@
-"""User-facing errors: one line that says what is wrong and how to fix it."""
+"""User-facing errors: one line that says what is wrong and how to fix it.
+
+Only these mean "the user can fix this": the CLI prints them as one line and exits 2. Anything else is a bug
+(or a library failing) and says so.
+"""
 
 
 class SoppuError(Exception):
     """Base class; the CLI prints str(error) on one line and exits non-zero."""
+
+
+class ConfigError(SoppuError):
+    """A flag or setting is out of range, unknown, or asks for what this machine lacks."""
 
 
 class AdapterError(SoppuError):

@@ -45,6 +45,7 @@ class FailingEngine:
 @pytest.fixture(scope="module")
 def failing_url():
     import uvicorn
+
     from soppu_hub.serve.api import create_app
 
     port = free_port()

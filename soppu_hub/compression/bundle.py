@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import BundleError
+from ..errors import BundleError, ConfigError
 from ..peft_format.layout import (
     BUNDLE_HEADER,
     BUNDLE_WEIGHTS,
@@ -211,17 +211,19 @@ def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[tor
 class ExportConfig:
     """How each adapter is written as a PEFT LoRA. Field metadata carries the CLI help."""
 
-    pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged"})
+    pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
+                                                      "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"})
     lorax_tp: int = field(default=DEFAULT_LORAX_TP, metadata={
         "help": "LoRAX tensor-parallel size (--num-shard) to pad for: the export is exact at N and below (rank >= 8 x N)"})
     dtype: str = field(default="auto", metadata={"help": "dtype of written tensors: auto (the inputs'; mixed -> the widest), "
-                                                         "float32, bfloat16 or float16"})
+                                                         "float32, bfloat16 or float16",
+                                                 "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
 
     def validate(self) -> None:
         if not isinstance(self.lorax_tp, int) or self.lorax_tp < 1:
-            raise ValueError(f"--lorax-tp must be a positive integer (LoRAX's tensor-parallel size), got {self.lorax_tp}")
+            raise ConfigError(f"--lorax-tp must be a positive integer (LoRAX's tensor-parallel size), got {self.lorax_tp}")
         if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
-            raise ValueError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
     def rank_for(self, rank: int) -> int:
         """The rank written for an adapter whose reconstruction needs `rank`."""

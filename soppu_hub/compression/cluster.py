@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .jd import delta_sq_norms
+
 Tensor = torch.Tensor
 
 SKETCH = 16  # p: each side of a probe module becomes a p x p sketch
@@ -93,7 +95,7 @@ def captured(B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
     """||U^T W_i V||_F^2 / ||W_i||_F^2 per adapter (1 = the bases hold W_i entirely); B: (n, m, k), A: (n, k, d)."""
     B64, A64 = B.double(), A.double()
     P = (U.double().mT.unsqueeze(0) @ B64) @ (A64 @ V.double().unsqueeze(0))
-    norms = ((B64.mT @ B64) * (A64 @ A64.mT)).sum((-2, -1))
+    norms = delta_sq_norms(B64, A64)
     return torch.where(norms > 0, P.pow(2).sum((-2, -1)) / norms.clamp_min(1e-300), torch.ones_like(norms))
 
 

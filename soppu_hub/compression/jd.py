@@ -34,6 +34,7 @@ import torch
 Tensor = torch.Tensor
 
 METHODS = ("full", "diag")
+WEIGHTINGS = ("norm", "none")  # w_i = 1/||W_i||^2, or all 1
 SOLVERS = ("auto", "exact", "subspace")
 EXACT_MAX_K = 512  # n * k above which "auto" uses subspace iteration (the exact eigh grows like (n k)^3)
 
@@ -135,7 +136,7 @@ def _resolve_weights(weights: str | Tensor, sq_norms: Tensor, dtype: torch.dtype
     elif weights == "none":
         w = torch.ones_like(sq_norms)
     else:
-        raise ValueError(f"weights must be 'norm', 'none' or a tensor, not {weights!r}")
+        raise ValueError(f"weights must be one of {WEIGHTINGS} or a tensor, not {weights!r}")
     # Rescale per module so the largest weight is 1: the optimum is unchanged, float32 stays well-scaled.
     w = w / w.amax(dim=-1, keepdim=True).clamp_min(1e-300)
     return w.to(dtype)
@@ -311,11 +312,3 @@ def _refine_diag(
         prev = obj
     return U, V, max_iter, False
 
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    return torch.device(device)

@@ -10,10 +10,10 @@ from typing import Callable
 
 import torch
 
-from ..errors import IncompatibleAdaptersError
+from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter
 from .bundle import Bundle, ModuleBasis
-from .jd import METHODS, factored_rel_error, joint_diagonalize, resolve_device
+from .jd import METHODS, WEIGHTINGS, factored_rel_error, joint_diagonalize
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 
@@ -26,9 +26,11 @@ class CompressConfig:
     """How to compress. Field metadata carries the help text the CLI shows."""
 
     rank: int = field(default=16, metadata={"help": "shared rank r of the bases U, V (not clipped to the LoRA rank)"})
-    method: str = field(default="full", metadata={"help": "full: r x r core per adapter; diag: r values per adapter"})
+    method: str = field(default="full", metadata={"help": "full: r x r core per adapter; diag: r values per adapter",
+                                                  "choices": METHODS})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
-    weighting: str = field(default="norm", metadata={"help": "norm: w_i = 1/||W_i||^2 so small adapters are kept; none: unweighted"})
+    weighting: str = field(default="norm", metadata={
+        "help": "norm: w_i = 1/||W_i||^2 so small adapters are kept; none: unweighted", "choices": WEIGHTINGS})
     tol: float = field(default=1e-6, metadata={"help": "stop when the objective changes by less than this, relatively"})
     max_iter: int = field(default=200, metadata={"help": "iteration cap per batch of modules"})
     clusters: str = field(default="1", metadata={
@@ -40,18 +42,27 @@ class CompressConfig:
 
     def validate(self, n_adapters: int | None = None) -> None:
         if self.rank < 1:
-            raise ValueError(f"--rank must be a positive integer, got {self.rank}")
+            raise ConfigError(f"--rank must be a positive integer, got {self.rank}")
         if self.clusters != "auto" and not (str(self.clusters).isdigit() and int(self.clusters) >= 1):
-            raise ValueError(f"--clusters must be a positive integer or auto, got {self.clusters!r}")
+            raise ConfigError(f"--clusters must be a positive integer or auto, got {self.clusters!r}")
         if n_adapters is not None and self.clusters != "auto" and int(self.clusters) > n_adapters:
-            raise ValueError(f"--clusters {self.clusters} is more than the {n_adapters} adapters given; "
+            raise ConfigError(f"--clusters {self.clusters} is more than the {n_adapters} adapters given; "
                              f"use at most {n_adapters} or auto")
         if self.target_error is not None and not 0 < self.target_error < 1:
-            raise ValueError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
+            raise ConfigError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
         if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.weighting not in ("norm", "none"):
-            raise ValueError(f"--weighting must be norm or none, got {self.weighting!r}")
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    return torch.device(device)
 
 
 @dataclass
@@ -74,13 +85,6 @@ class Compression:
     stats: dict[str, ModuleStats]  # rel_errors keyed by global adapter index
     device: str
     seconds: float
-
-    @property
-    def bundle(self) -> Bundle:
-        """The one bundle of an unclustered run."""
-        if len(self.bundles) != 1:
-            raise ValueError("this compression has several clusters; use bundles and local_indices()")
-        return self.bundles[0]
 
     def local_indices(self) -> list[int]:
         """Each adapter's index inside its cluster's bundle (members keep their input order)."""
@@ -335,7 +339,7 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
     for name, mb in bundle.modules.items():
         r = mb.rank
         local = sorted(mb.cores)
-        norms = torch.stack([delta_sq_norms(*reversed(adapters[members[p]].modules[name].factors())) for p in local])
+        norms = torch.stack([delta_sq_norms(*adapters[members[p]].modules[name].factors()) for p in local])
         cores = torch.stack([mb.core_matrix(p).double() for p in local])  # (n, r, r)
         kept = torch.stack([cores[:, :j, :j].pow(2).sum((-2, -1)) for j in range(1, r + 1)], dim=1)  # (n, r)
         rel = ((norms[:, None] - kept).clamp_min(0) / norms[:, None].clamp_min(1e-300)).sqrt()
@@ -349,7 +353,7 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """Relative error per module of factors as written (rounded to the export dtype) against the original."""
-    return {name: factored_rel_error(*reversed(mod.factors()), *factors[name]) for name, mod in adapter.modules.items()}
+    return {name: factored_rel_error(*mod.factors(), *factors[name]) for name, mod in adapter.modules.items()}
 
 
 def _order_key(adapters: list[LoraAdapter]) -> Callable[[str], int]:
@@ -373,7 +377,7 @@ def _stack(
     for j, name in enumerate(names):
         for p, i in enumerate(present):
             mod = adapters[i].modules[name]
-            a, b = mod.factors()  # a streamed module is read from its file here, and dropped after the copy
+            b, a = mod.factors()  # a streamed module is read from its file here, and dropped after the copy
             B[j, p, :, : mod.rank] = b
             A[j, p, : mod.rank, :] = a
     return B.to(device), A.to(device)

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
 from .app import Auth, create_app
 from .bodies import MAX_COMMIT_BYTES
 from .storage import Store
@@ -30,14 +31,14 @@ def load_auth(users: list[str] | None = None, orgs: list[str] | None = None, use
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            raise ValueError(f"users must be JSON {{\"users\": {{name: token}}, \"orgs\": {{org: [members]}}}} "
+            raise ConfigError(f"users must be JSON {{\"users\": {{name: token}}, \"orgs\": {{org: [members]}}}} "
                              f"(in --users-file or ${USERS_ENV})") from None
         auth.tokens.update({tok: name for name, tok in data.get("users", {}).items()})
         auth.orgs.update(data.get("orgs", {}))
     for spec in users or []:
         name, _, token = spec.partition(":")
         if not name or not token:
-            raise ValueError(f"--user must be NAME:TOKEN, got {spec!r}")
+            raise ConfigError(f"--user must be NAME:TOKEN, got {spec!r}")
         auth.tokens[token] = name
     for spec in orgs or []:
         org, _, members = spec.partition(":")

@@ -51,8 +51,8 @@ class LoraModule:
         return self.B.shape[0], self.A.shape[1]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B), B scaled."""
-        return self.A, self.B
+        """(B, A), B scaled: delta = B @ A, the order every factor pair has in this project."""
+        return self.B, self.A
 
 
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -74,6 +74,7 @@ class StreamedModule:
     kind: str = LINEAR
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) read from the file now, B scaled, in float32 (float64 stays float64)."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), framework="pt") as f:
@@ -83,15 +84,15 @@ class StreamedModule:
                 raise _fail(self.adapter, f"{self.module} lora_{side} contains NaN or Inf values",
                             "the adapter is broken: retrain or re-export it")
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
-        return A.to(work), B.to(work) * self.scaling
+        return B.to(work) * self.scaling, A.to(work)
 
     @property
     def A(self) -> torch.Tensor:
-        return self.factors()[0]
+        return self.factors()[1]
 
     @property
     def B(self) -> torch.Tensor:
-        return self.factors()[1]
+        return self.factors()[0]
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -147,10 +148,6 @@ class LoraAdapter:
         """What the export writes beside the factors: carried tensors as they are, lora_B biases in `dtype`."""
         biases = {f"{KEY_PREFIX}{n}.lora_B.bias": m.bias.to(dtype) for n, m in self.modules.items() if self._has_bias(m)}
         return {**self.carried, **biases}
-
-    @property
-    def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
 
 
 def _fail(name: str, what: str, fix: str) -> AdapterError:

@@ -30,24 +30,32 @@ from ..peft_format.read import read_adapter, widest_dtype
 
 @dataclass
 class JobSpec:
-    """Everything one `soppu-hub compress` run needs. Field metadata is the CLI help."""
+    """Everything one `soppu-hub compress` run needs. Field metadata is the CLI's help (cli.py reads it)."""
 
     sources: list[str] = field(metadata={"help": "PEFT adapter folders or Hub repo ids (owner/name[@revision])"})
     config: CompressConfig = field(default_factory=CompressConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    out: Path | None = field(default=None, metadata={"help": "keep the results in this folder"})
-    push: bool = field(default=True, metadata={"help": "push one repo per input to the Hub"})
-    push_to: str | None = field(default=None, metadata={"help": "target repo id (one input only)"})
-    namespace: str | None = field(default=None, metadata={"help": "user or org for the target repos"})
+    out: Path | None = field(default=None, metadata={
+        "help": "keep results in this folder (must not exist or be empty unless --overwrite)"})
+    push: bool = field(default=True, metadata={"help": "push one repo per input to the Hub (--no-push keeps the results "
+                                                       "local, and needs --out)"})
+    push_to: str | None = field(default=None, metadata={"help": "target repo id for a single input (default "
+                                                                "<user>/<name>-soppu)"})
+    namespace: str | None = field(default=None, metadata={"help": "user or organisation for the target repos"})
     private: bool = field(default=False, metadata={"help": "create the target repos private"})
-    revision: str | None = field(default=None, metadata={"help": "revision of Hub sources without @revision"})
-    token: str | bool | None = field(default=None, repr=False, metadata={"help": "Hub token (default: HF_TOKEN or hf auth login)"})
-    overwrite: bool = False
-    verify: bool = field(default=False, metadata={"help": "run the functional check with the base model"})
-    base_model: str | None = field(default=None, metadata={"help": "base model for --verify (default: from the adapter config)"})
+    revision: str | None = field(default=None, metadata={"help": "revision for Hub sources given without @revision"})
+    token: str | bool | None = field(default=None, repr=False, metadata={
+        "help": "Hub token (default: HF_TOKEN or the one saved by `hf auth login`)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    verify: bool = field(default=False, metadata={
+        "help": "functional check: next-token agreement and KL with the base model"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "base model for --verify (default: from the adapter config); with --author, only adapters for this base "
+                "model"})
     verify_ranks: list[int] = field(default_factory=list, metadata={
-        "help": "with --verify, also check the same fit cut to these smaller shared ranks (agreement against rank)"})
-    command: str = "soppu-hub compress"
+        "help": "with --verify, also check the same fit cut to these smaller shared ranks (comma-separated); the card "
+                "plots agreement against rank"})
+    command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run
     workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
 
