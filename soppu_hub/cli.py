@@ -7,14 +7,18 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .compression.bundle import ExportConfig
-from .compression.plan import CompressConfig
 from .errors import SoppuError
 from .peft_format.layout import BASE_MODEL_ID, DEFAULT_LORAX_TP
-from .pipeline.job import JobSpec
 from .progress import ProgressBar, log_above_bars
+
+if TYPE_CHECKING:
+    from .pipeline.job import JobSpec
+
+# The library (and torch with it) is imported where a command needs it, not here: card workers are spawned
+# processes that import this module again, and should load only what drawing cards takes.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +83,8 @@ def _sources_from_file(path: str | None) -> list[str]:
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
+    from .compression.bundle import ExportConfig
+
     p.add_argument("--no-pad", dest="pad", action="store_false", help=ExportConfig.__dataclass_fields__["pad"].metadata["help"])
     p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=_help(ExportConfig, "lorax_tp"))
     _add_fields(p, ExportConfig, ["dtype"])
@@ -99,8 +105,12 @@ def _ranks(text: str | None, verify: bool) -> list[int]:
     return ranks
 
 
-def job_spec(args: argparse.Namespace) -> JobSpec:
+def job_spec(args: argparse.Namespace) -> "JobSpec":
     """The run the flags describe (sources from the command line and --sources-file; --author is listed later)."""
+    from .compression.bundle import ExportConfig
+    from .compression.plan import CompressConfig
+    from .pipeline.job import JobSpec
+
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
     export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype)
     simple = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobSpec)
@@ -250,6 +260,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compression.plan import CompressConfig
+    from .pipeline.job import JobSpec
+
     parser = _Parser(prog="soppu-hub", description=__doc__)
     parser.add_argument("--version", action="version", version=f"soppu-hub {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

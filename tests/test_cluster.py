@@ -100,7 +100,7 @@ def test_bad_cluster_flags_are_one_line_and_write_nothing(tmp_path, families, ca
 def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
     """70 adapters (over card.PARALLEL_CARDS): every card and report.json stays small, names its cluster, and the
     cards drawn by two worker processes are byte for byte those drawn in-process (the timing row aside)."""
-    from soppu_hub.cards.card import MAX_PEERS
+    from soppu_hub.cards.render import MAX_PEERS
 
     shapes = llama_module_shapes(hidden=32, layers=2, targets=("q_proj",))
     facs, fam = family_factors(shapes, 70, 2, families=2, noise=0.02, seed=3)
@@ -128,7 +128,7 @@ def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
 
 
 def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
-    from soppu_hub.cards.card import MAX_PEERS, peers, repo_report
+    from soppu_hub.cards.render import MAX_PEERS, peers, repo_report
 
     report = {"method": "full", "adapters": [{"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}}
                                              for i in range(300)]}

@@ -100,6 +100,7 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
         kl = (lp_o.exp() * (lp_o - lp_c)).sum(-1)
         results.append({
             "prompts": len(prompts),
+            "reply_tokens": REPLY_TOKENS,
             "positions": int(lp_o.shape[0]),
             "next_token_agreement": float((lp_o.argmax(-1) == lp_c.argmax(-1)).float().mean()),
             "mean_kl": float(kl.mean()),

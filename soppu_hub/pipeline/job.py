@@ -267,7 +267,8 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
 
 def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
                  spec: JobSpec, progress: Progress | None = None) -> None:
-    from ..cards.card import CardJob, source_license, write_cards
+    from ..cards.render import CardJob
+    from ..cards.write import source_license, write_cards
 
     jobs = [CardJob(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
                     spec.config.weighting, None if spec.push else str(Path(spec.out).resolve() / name), source_license(src))

@@ -1,0 +1,133 @@
+"""A model card's text from the run's numbers: pure (data in, text out), no files, plots or Hub calls."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__
+from ..peft_format.layout import ERRORS_PNG, PARAMS_PNG, vllm_max_lora_rank
+from . import TEMPLATES
+
+TEMPLATE = TEMPLATES / "adapter.md"
+TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
+TIMINGS = ("seconds",)  # report keys that differ from run to run with the same result
+MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass
+class CardJob:
+    """One card to write: where, for which adapter of the report, and what the report does not say."""
+
+    folder: Path
+    index: int
+    repo_id: str | None  # the pushed repo; None for a --no-push run
+    base_model: str | None
+    sources: list[str]
+    command: str
+    weighting: str
+    local_path: str | None  # absolute folder of a --no-push run, whose snippets load it
+    license: dict  # the source card's license fields; {} when it states none
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    """templates/adapter.md compiled once (compiling it per card cost more than rendering it)."""
+    import jinja2
+
+    return jinja2.Template(TEMPLATE.read_text())
+
+
+def peers(report: dict, index: int) -> list[dict]:
+    """Compact entries of up to MAX_PEERS adapters of this adapter's cluster (this one always), in run order."""
+    own = report["adapters"][index].get("cluster")
+    others = [j for j, a in enumerate(report["adapters"]) if j != index and a.get("cluster") == own][: MAX_PEERS - 1]
+    keys = ("name", "source", "output", "cluster", "params_before", "mean_rel_error", "max_rel_error", "verify")
+    return [{k: report["adapters"][j][k] for k in keys if k in report["adapters"][j]} for j in sorted([index, *others])]
+
+
+def repo_report(report: dict, index: int) -> dict:
+    """What one repo carries: the run's summary, this adapter in full, its cluster's peers in brief. Keeps a
+    thousand repos from each holding the whole run (which grows with the square of the collection). Run timings
+    stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
+    top = {k: v for k, v in report.items() if k not in ("adapters", *TIMINGS)}
+    return {**top, "adapter": report["adapters"][index], "adapters": peers(report, index)}
+
+
+def _hub_url(repo_or_path: str) -> str:
+    """A repo id as a site-relative link (`/owner/name`): right on huggingface.co and on any Hub mirror, never a
+    host that is gone (the demo's loopback Hub); a local path as it is."""
+    return f"/{repo_or_path}" if "/" in repo_or_path and not Path(repo_or_path).exists() else repo_or_path
+
+
+def verdict(agreement: float, ratio: float, reply: float | None = None) -> str:
+    """One sentence on the functional check, for people: how much of the adapter's behaviour survived."""
+    kept = "kept" if agreement >= 0.85 else "partly kept" if agreement >= 0.6 else "largely lost"
+    along = f" ({reply:.0%} along the original's own replies)" if reply is not None else ""
+    return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time"
+            f"{along}, at {ratio:.2f}x fewer parameters for the whole collection.")
+
+
+def render_card(report: dict, job: CardJob, *, ranks_png: str | None, sweep_png: str | None) -> str:
+    """README.md for adapter `job.index` of `report`: YAML metadata, then templates/adapter.md. `ranks_png` /
+    `sweep_png`: the optional plots' paths when they were drawn."""
+    from huggingface_hub import ModelCardData
+
+    own = report["adapters"][job.index]
+    clusters = report.get("clusters") or []
+    cluster = next((c for c in clusters if c["id"] == own.get("cluster")), None)
+    license = job.license or {"license": "unknown"}
+    repo_id, local_path, base_model = job.repo_id, job.local_path, job.base_model
+    data = ModelCardData(
+        **license,
+        base_model=base_model,
+        library_name="peft",
+        tags=TAGS,
+        base_model_relation="adapter",
+        soppu={"sources": job.sources, "method": report["method"], "rank": report["rank"],
+               "compression_ratio": round(report["compression_ratio"], 4), "mean_rel_error": round(own["mean_rel_error"], 6),
+               "max_rel_error": round(own["max_rel_error"], 6), "version": __version__,
+               "cluster": own.get("cluster", 0), "cluster_size": cluster["size"] if cluster else len(report["adapters"]),
+               "clusters": max(1, len(clusters))},
+    )
+    listed = peers(report, job.index)
+    v = own.get("verify")
+    width = BYTES.get(report["export"]["dtype"], 4)
+    return _template().render(
+        verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement")) if v else None,
+        export_mb=own["export_params"] * width / 1e6,
+        original_mb=own["params_before"] * width / 1e6,
+        bundle_params=cluster["params"] if cluster else report["params_after"] - report["carried_params"],
+        card_data=data.to_yaml(),
+        repo_id=repo_id or own["name"],
+        adapter_id=repo_id or local_path,
+        adapter_source="hub" if repo_id else "local",
+        local_dir=str(Path(local_path).parent) if local_path else None,
+        license=license,
+        vllm_rank=vllm_max_lora_rank(own["export_rank"]),
+        exact_tps=own["lorax_exact_tp"],
+        name=own["name"],
+        own=own,
+        report=report,
+        n_adapters=len(report["adapters"]),
+        cluster=cluster,
+        n_clusters=max(1, len(clusters)),
+        peers=listed,
+        sweep_png=sweep_png,
+        unlisted=(cluster["size"] if cluster else len(report["adapters"])) - len(listed),
+        sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
+        base_model=base_model or "unknown",
+        base_url=_hub_url(base_model or ""),
+        version=__version__,
+        export_rank=own["export_rank"],
+        weighting=job.weighting,
+        command=job.command,
+        errors_png=ERRORS_PNG,
+        params_png=PARAMS_PNG,
+        ranks_png=ranks_png,
+        has_verify=any(a.get("verify") for a in listed),
+        verify_prompts=next((a["verify"]["prompts"] for a in listed if a.get("verify")), 0),
+        reply_tokens=next((a["verify"].get("reply_tokens") for a in listed if a.get("verify")), None),
+    )

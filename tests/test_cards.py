@@ -1,0 +1,48 @@
+"""Card text as a pure function of the run's numbers (no files, no plots, no Hub)."""
+
+from pathlib import Path
+
+from soppu_hub.cards.render import CardJob, render_card, repo_report
+
+
+def _report(**over):
+    adapter = {"name": "my-lora", "source": "alice/my-lora", "output": "alice/my-lora-soppu", "params_before": 1000,
+               "lora_params": 1000, "carried_params": 0, "carried": [], "export_rank": 16, "unpadded_rank": 8,
+               "lorax_exact_tp": [1, 2], "export_params": 2000, "padding_params": 1000, "mean_rel_error": 0.1234,
+               "max_rel_error": 0.2345, "modules": {"m": {"rel_error": 0.1234}}, "cluster": 0}
+    report = {"method": "full", "rank": 16, "device": "cpu", "seconds": 1.5, "params_before": 4000, "params_after": 800,
+              "carried_params": 0, "compression_ratio": 5.0, "target_error": None,
+              "export": {"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2},
+              "clusters": [{"id": 0, "size": 4, "rank": 16, "params": 800, "ranks": {"m": 16}}],
+              "adapters": [adapter] + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)]}
+    report.update(over)
+    return report
+
+
+JOB = CardJob(Path("unused"), 0, "alice/my-lora-soppu", "org/base", ["alice/my-lora"], "soppu-hub compress alice/my-lora",
+              "norm", None, {"license": "apache-2.0"})
+
+
+def test_card_states_the_numbers_and_where_the_export_runs_exactly():
+    text = render_card(_report(), JOB, ranks_png=None, sweep_png=None)
+    assert text.startswith("---\n") and "base_model: org/base" in text and "license: apache-2.0" in text
+    assert "| compression ratio | 5.00x |" in text and "**my-lora** (this repo) | 0.1234 | 0.2345 |" in text
+    assert "| LoRAX tensor parallel | exact at `--num-shard` 1, 2 (padded for 2)" in text
+    assert "--enable-lora --max-lora-rank 16 --lora-modules my-lora=alice/my-lora-soppu" in text
+    assert "soppu-hub compress alice/my-lora" in text
+
+
+def test_card_and_repo_report_leave_out_run_timings():
+    """Two runs with the same result write the same card and report, so a rerun can tell nothing changed."""
+    slow, fast = _report(seconds=99.0), _report(seconds=0.1)
+    assert render_card(slow, JOB, ranks_png=None, sweep_png=None) == render_card(fast, JOB, ranks_png=None, sweep_png=None)
+    assert repo_report(slow, 0) == repo_report(fast, 0) and "seconds" not in repo_report(slow, 0)
+
+
+def test_an_unpadded_export_says_lorax_serves_it_too_weak():
+    report = _report()
+    report["adapters"][0] = {**report["adapters"][0], "export_rank": 12, "unpadded_rank": 12, "padding_params": 0,
+                             "lorax_exact_tp": []}
+    report["export"]["pad"] = "none"
+    text = render_card(report, JOB, ranks_png=None, sweep_png=None)
+    assert "LoRAX pads this rank at every size and serves the adapter too weak: re-export without `--no-pad`" in text
