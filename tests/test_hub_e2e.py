@@ -133,7 +133,8 @@ def test_revision_pin_and_verify(hub, tmp_path):
     card = (tmp_path / "out" / "versioned" / "README.md").read_text()
     assert "next-token agreement" in card
     assert "**Behaviour kept: the compressed adapter picks the original's next token 100% of the time" in card
-    assert "this repo's PEFT export holds 16,384 LoRA parameters" in card and "1.00x the size of the original" in card
+    # rank 8 zero-padded to 16, exact in LoRAX at tensor parallel 1 and 2: twice the original on disk, said so
+    assert "this repo's PEFT export holds 32,768 LoRA parameters" in card and "2.00x the size of the original" in card
     assert v["reply_agreement"] == 1.0 and v["reply_positions"] > 0  # the same reply, token for token
     res = cli("alice/versioned", "--rank", "2", "--no-push", "--out", str(tmp_path / "out2"), "--verify")
     v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]

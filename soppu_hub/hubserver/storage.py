@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from huggingface_hub.utils.sha import git_hash
+
 REPO_TYPES = ("model", "dataset", "space")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 MAX_PATH = 1000
@@ -59,10 +61,6 @@ def check_path(path: object, what: str = "file path") -> str:
 def check_revision(revision: object) -> str:
     """A branch, tag or commit id: the same rules as a path (so 'refs/pr/1' passes, '../x' does not)."""
     return check_path(revision, "revision")
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -124,7 +122,7 @@ class Store:
                 return False
             gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
             sha = self.put_object(gitattributes)
-            files = {".gitattributes": FileEntry(sha, len(gitattributes), git_blob_sha1(gitattributes), False)}
+            files = {".gitattributes": FileEntry(sha, len(gitattributes), git_hash(gitattributes), False)}
             _atomic_write(d / "repo.json", json.dumps({"private": private, "created": _now()}).encode())
             self._write_commit(repo_type, repo_id, None, "initial commit", files)
             return True
