@@ -83,7 +83,7 @@ def _sources_from_file(path: str | None) -> list[str]:
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
-    from .compression.bundle import ExportConfig
+    from .compression.export import ExportConfig
 
     p.add_argument("--no-pad", dest="pad", action="store_false", help=ExportConfig.__dataclass_fields__["pad"].metadata["help"])
     p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=_help(ExportConfig, "lorax_tp"))
@@ -107,7 +107,7 @@ def _ranks(text: str | None, verify: bool) -> list[int]:
 
 def job_spec(args: argparse.Namespace) -> "JobSpec":
     """The run the flags describe (sources from the command line and --sources-file; --author is listed later)."""
-    from .compression.bundle import ExportConfig
+    from .compression.export import ExportConfig
     from .compression.plan import CompressConfig
     from .pipeline.job import JobSpec
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from soppu_hub.cards.render import CardJob, render_card, repo_report
+from soppu_hub.cards.render import CardSpec, render_card, repo_report
 
 
 def _report(**over):
@@ -19,7 +19,7 @@ def _report(**over):
     return report
 
 
-JOB = CardJob(Path("unused"), 0, "alice/my-lora-soppu", "org/base", ["alice/my-lora"], "soppu-hub compress alice/my-lora",
+JOB = CardSpec(Path("unused"), 0, "alice/my-lora-soppu", "org/base", ["alice/my-lora"], "soppu-hub compress alice/my-lora",
               "norm", None, {"license": "apache-2.0"})
 
 

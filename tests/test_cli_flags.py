@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from soppu_hub import cli
-from soppu_hub.compression.bundle import ExportConfig
+from soppu_hub.compression.export import ExportConfig
 from soppu_hub.compression.plan import CompressConfig
 from soppu_hub.errors import SoppuError
 from soppu_hub.pipeline.job import JobSpec

@@ -18,7 +18,7 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @dataclass
-class CardJob:
+class CardSpec:
     """One card to write: where, for which adapter of the report, and what the report does not say."""
 
     folder: Path
@@ -70,7 +70,7 @@ def verdict(agreement: float, ratio: float, reply: float | None = None) -> str:
             f"{along}, at {ratio:.2f}x fewer parameters for the whole collection.")
 
 
-def render_card(report: dict, job: CardJob, *, ranks_png: str | None, sweep_png: str | None) -> str:
+def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
     """README.md for adapter `job.index` of `report`: YAML metadata, then templates/adapter.md. `ranks_png` /
     `sweep_png`: the optional plots' paths when they were drawn."""
     from huggingface_hub import ModelCardData

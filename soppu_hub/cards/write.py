@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..peft_format.layout import AGREEMENT_PNG, CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME
 from .plots import ClusterFigures, plot_rank_sweep, plot_ranks
-from .render import CardJob, render_card, repo_report
+from .render import CardSpec, render_card, repo_report
 
 
 def source_license(folder: Path) -> dict:
@@ -25,7 +25,7 @@ def source_license(folder: Path) -> dict:
     return {k: getattr(data, k, None) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
 
 
-def write_card(job: CardJob, report: dict, figures: ClusterFigures | None = None) -> Path:
+def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = None) -> Path:
     """README.md, report.json and the PNG plots into `job.folder` (the repo's root). `figures`: the cluster's
     figures when many cards are written (made here otherwise)."""
     folder, index = job.folder, job.index
@@ -65,7 +65,7 @@ def _init_worker(report: dict) -> None:
     _REPORT["report"] = report
 
 
-def _write_cluster_chunk(jobs: list[CardJob], report: dict | None = None) -> int:
+def _write_cluster_chunk(jobs: list[CardSpec], report: dict | None = None) -> int:
     """Cards of adapters of one cluster on one set of figures; in a worker process the report came at start-up."""
     report = report if report is not None else _REPORT["report"]
     cluster = report["adapters"][jobs[0].index].get("cluster")
@@ -81,14 +81,14 @@ def _write_cluster_chunk(jobs: list[CardJob], report: dict | None = None) -> int
 PARALLEL_CARDS = 64  # below this many cards, worker start-up costs more than it saves
 
 
-def write_cards(jobs: list[CardJob], report: dict, *, workers: int = 1, progress=None) -> None:
+def write_cards(jobs: list[CardSpec], report: dict, *, workers: int = 1, progress=None) -> None:
     """All cards, cluster by cluster; with many cards and workers > 1, in worker processes (spawned, so no
     torch state is forked), each drawing a share of a cluster on figures it builds once."""
     import math
     import os
 
-    chunks: list[list[CardJob]] = []
-    by_cluster: dict[object, list[CardJob]] = {}
+    chunks: list[list[CardSpec]] = []
+    by_cluster: dict[object, list[CardSpec]] = {}
     for job in jobs:
         by_cluster.setdefault(report["adapters"][job.index].get("cluster"), []).append(job)
     workers = max(1, min(workers, os.cpu_count() or 1))

@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..peft_format.layout import lorax_exact_tps
-from .bundle import ExportConfig, ExportInfo
+from .export import ExportConfig, ExportInfo
 from .plan import Compression
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..compression.bundle import ExportConfig, ExportInfo, export_peft, save_bundle
+from ..compression.bundle import save_bundle
+from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
@@ -267,10 +268,10 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
 
 def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
                  spec: JobSpec, progress: Progress | None = None) -> None:
-    from ..cards.render import CardJob
+    from ..cards.render import CardSpec
     from ..cards.write import source_license, write_cards
 
-    jobs = [CardJob(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
+    jobs = [CardSpec(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
                     spec.config.weighting, None if spec.push else str(Path(spec.out).resolve() / name), source_license(src))
             for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources))]
     write_cards(jobs, report, workers=spec.workers, progress=progress)

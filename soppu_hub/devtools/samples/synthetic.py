@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ...compression.bundle import write_peft_folder
+from ...peft_format.write import write_peft_folder
 
 TINY_BASE_ID = "soppu-samples/tiny-llama"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,0 +1,101 @@
+"""One adapter of a bundle as a standard PEFT LoRA, at a rank and dtype servers run exactly as compressed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..peft_format.layout import DEFAULT_LORAX_TP, lorax_rank
+from ..peft_format.read import clean_config
+from ..peft_format.write import write_peft_folder
+from .bundle import Bundle
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Adapter i as float64 LoRA factors of one uniform rank: SVD of each core, split evenly between B and A.
+
+    Exact whenever `rank` >= rank(S_i) (see export_rank); the columns / rows beyond are zeros.
+    """
+    out = {}
+    for name, mb in bundle.modules.items():
+        if adapter not in mb.cores:
+            continue
+        S = mb.core_matrix(adapter).double()
+        P, sig, Qh = torch.linalg.svd(S)
+        e = min(rank, sig.numel())
+        root = sig[:e].sqrt()
+        B = torch.zeros(mb.U.shape[0], rank, dtype=torch.float64)
+        A = torch.zeros(rank, mb.V.shape[0], dtype=torch.float64)
+        B[:, :e] = mb.U.double() @ (P[:, :e] * root)
+        A[:e] = (root[:, None] * Qh[:e]) @ mb.V.double().T
+        out[name] = (B, A)
+    return out
+
+
+@dataclass
+class ExportConfig:
+    """How each adapter is written as a PEFT LoRA. Field metadata carries the CLI help."""
+
+    pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
+                                                      "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"})
+    lorax_tp: int = field(default=DEFAULT_LORAX_TP, metadata={
+        "help": "LoRAX tensor-parallel size (--num-shard) to pad for: the export is exact at N and below (rank >= 8 x N)"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of written tensors: auto (the inputs'; mixed -> the widest), "
+                                                         "float32, bfloat16 or float16",
+                                                 "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
+
+    def validate(self) -> None:
+        if not isinstance(self.lorax_tp, int) or self.lorax_tp < 1:
+            raise ConfigError(f"--lorax-tp must be a positive integer (LoRAX's tensor-parallel size), got {self.lorax_tp}")
+        if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def rank_for(self, rank: int) -> int:
+        """The rank written for an adapter whose reconstruction needs `rank`."""
+        return lorax_rank(rank, self.lorax_tp) if self.pad else rank
+
+    def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
+        """`inputs`: the widest dtype of the input adapters (float64 inputs are written as float32)."""
+        if self.dtype != "auto":
+            return EXPORT_DTYPES[self.dtype]
+        return torch.float32 if inputs == torch.float64 else inputs
+
+
+@dataclass
+class ExportInfo:
+    """What export_peft wrote for one adapter."""
+
+    rank: int  # rank written (padded)
+    unpadded_rank: int  # rank the reconstruction needs
+    dtype: torch.dtype
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written; dropped once scored
+    lora_params: int = 0
+    padding_params: int = 0  # zeros written only so LoRAX runs the adapter unchanged
+
+    def __post_init__(self) -> None:
+        self.lora_params = sum(B.numel() + A.numel() for B, A in self.factors.values())
+        self.padding_params = (self.rank - self.unpadded_rank) * sum(B.shape[0] + A.shape[1] for B, A in self.factors.values())
+
+
+def export_peft(bundle: Bundle, adapter: int, folder: str | Path, *, export: ExportConfig | None = None,
+                dtype: torch.dtype = torch.float32, extras: dict[str, torch.Tensor] | None = None) -> ExportInfo:
+    """Write adapter i as a standard PEFT LoRA (one uniform r, lora_alpha = r) that LoRAX, vLLM and PEFT load.
+
+    The rank is padded with zeros as `export` says, so the delta is exactly U S_i V^T at any LoRAX setting;
+    `extras` (carried tensors, scaled lora_B biases) are written beside the factors.
+    """
+    export = export or ExportConfig()
+    unpadded = bundle.export_rank(adapter)
+    rank = export.rank_for(unpadded)
+    factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, rank).items()}
+    config = clean_config(bundle.configs[adapter], r=rank, lora_alpha=rank, use_rslora=False, use_dora=False,
+                          rank_pattern={}, alpha_pattern={})
+    kinds = {n: mb.kind for n, mb in bundle.modules.items()}
+    write_peft_folder(folder, factors, config, kinds=kinds, extras=extras)
+    return ExportInfo(rank, unpadded, dtype, factors)
