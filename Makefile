@@ -43,7 +43,7 @@ samples: $(STAMP)
 
 # docs/space.png: the demo test drives the demo's Space in Chromium and keeps its screenshot there.
 screenshot: $(STAMP) browser
-	SOPPU_TEST_ARTIFACTS=docs $(PY) -m pytest -q tests/test_demo.py -k whole_chain
+	SOPPU_TEST_ARTIFACTS=docs $(PY) -m pytest -q tests/test_devtools_demo.py -k whole_chain
 
 bench: $(STAMP)
 	$(PY) -m soppu_hub bench

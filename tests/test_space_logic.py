@@ -1,0 +1,52 @@
+"""The Space's logic without Gradio or servers: ids, history, replies from a fake backend."""
+
+import pytest
+
+from soppu_hub.clients import ChatClient, ChatError
+from soppu_hub.errors import SoppuError
+from soppu_hub.space.logic import history_to_messages, stream_reply, validate_repo_id
+
+
+def test_repo_id_validation_and_history_blocks():
+    assert validate_repo_id(" alice/my-lora-soppu ") == "alice/my-lora-soppu"
+    for bad in ["", "/etc/passwd", "../x/y", "https://example.com/a/b", "alice", "a/b/c", "~/lora"]:
+        with pytest.raises(SoppuError):
+            validate_repo_id(bad)
+    history = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "yo"}]
+    assert history_to_messages(history) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+class _Echo(ChatClient):
+    """A backend that answers with the last message, word by word; or fails after the first word."""
+
+    url, model_id = "fake://", "base"
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.calls = fail, []
+
+    def check(self) -> str:
+        return self.model_id
+
+    def stream(self, messages, adapter_id=None, **kw):
+        self.calls.append((messages, adapter_id, kw))
+        for i, word in enumerate(messages[-1]["content"].split()):
+            if self.fail and i == 1:
+                raise ChatError("the backend is overloaded right now; try again in a moment (429)")
+            yield word + " "
+
+
+def test_replies_accumulate_and_name_the_adapter_or_the_base():
+    client = _Echo()
+    assert list(stream_reply(client, "one two", [], "alice/a-soppu"))[-1] == "one two "
+    assert client.calls[-1][1] == "alice/a-soppu"
+    list(stream_reply(client, "hi", [], "__base_model__", system_prompt="Be brief.", max_new_tokens=999, max_new_tokens_cap=8))
+    messages, adapter, kw = client.calls[-1]
+    assert adapter is None and kw["system_prompt"] == "Be brief." and kw["settings"].max_new_tokens == 8
+    assert client.complete([{"role": "user", "content": "a b"}]) == "a b "  # the interface's own complete()
+
+
+def test_failures_are_one_line_after_what_already_came():
+    out = list(stream_reply(_Echo(fail=True), "one two three", [], "alice/a-soppu"))
+    assert out[-1] == "one \n\n⚠️ the backend is overloaded right now; try again in a moment (429)"
+    assert list(stream_reply(_Echo(), "  ", [], "alice/a-soppu")) == ["⚠️ type a message first"]
+    assert list(stream_reply(_Echo(), "hi", [], "../etc"))[-1].startswith("⚠️ '../etc' is not a Hub repo id")
