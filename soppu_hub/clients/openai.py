@@ -8,16 +8,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .base import (
-    ChatClient,
-    ChatError,
-    GenerationSettings,
-    mapped_errors,
-    overloaded,
-    rejected,
-    unreachable,
-    with_system_prompt,
-)
+from . import base
+from .base import ChatClient, ChatError, GenerationSettings, mapped_errors, with_system_prompt
 
 
 def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
@@ -28,16 +20,16 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     detail = body.get("message") if isinstance(body, dict) and isinstance(body.get("message"), str) else None
     detail = (detail or str(e) or type(e).__name__).splitlines()[0][:300]
     if isinstance(e, openai.APIConnectionError):
-        return unreachable(url, e)
+        return base.unreachable(url, e)
     if isinstance(e, openai.RateLimitError):
-        return overloaded(detail)
+        return base.overloaded(detail)
     if isinstance(e, openai.NotFoundError):
         if adapter_id and ("model" in detail.lower() or adapter_id in detail):  # vLLM: "The model `x` does not exist."
             return ChatError(f"{what} is not served by the backend at {url}; start vLLM with --lora-modules "
                              f"{adapter_id.rsplit('/', 1)[-1]}={adapter_id} or enable runtime LoRA loading")
         return ChatError(f"the backend at {url} does not speak the OpenAI API (404 on /v1/chat/completions)")
     if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
-        return rejected(detail)
+        return base.rejected(detail)
     if isinstance(e, openai.AuthenticationError):
         return ChatError(f"the backend at {url} refused the API key (401); set the backend token")
     if isinstance(e, openai.APIStatusError) and adapter_id and adapter_id in detail:

@@ -1,4 +1,4 @@
-"""Start our servers (offline Hub, embedded backend) as child processes on loopback and wait until they answer."""
+"""Start our servers (offline Hub, embedded backend, the Space) as child processes on loopback; wait until they answer."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The math of one forward for a batch whose rows use different adapters: pure torch, no PEFT.
 
-Plain LoRAs: every adapter's (A, B) of one module position sits in a slot of two stacked tensors (zero-padded
+Plain LoRAs: every adapter's factors (B, A) of one module position sit in a slot of two stacked tensors (zero-padded
 to the largest rank); a batch gathers its rows' slots and applies them with two batched matmuls (what BGMV
 kernels do on GPUs). JD bundles: rows whose adapters share a basis pay x V and (.) U^T once for all of them
 and only their r x r cores per row.

@@ -1,9 +1,10 @@
 """soppu-hub Space: pick a soppu-compressed LoRA adapter and chat with it through a LoRAX backend.
 
-The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai for vLLM's
-OpenAI-compatible server, the adapter id sent as the model) or, when unset, the
-embedded CPU backend started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies.
-Runs with `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on Spaces).
+The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai
+for vLLM's OpenAI-compatible server, the adapter id sent as the model) or, when unset, the embedded CPU backend
+started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies. Runs with
+`python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on
+Spaces).
 """
 
 from __future__ import annotations
