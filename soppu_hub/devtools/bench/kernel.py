@@ -81,7 +81,7 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
 
     o_mean, o_worst, o_sumsq = _summary(ours_errs)
     s_mean, s_worst, s_sumsq = _summary(seed_errs)
-    a_mean, a_worst, a_sumsq = _summary(ours_all)
+    a_mean, a_worst, _ = _summary(ours_all)
     extrap = "" if ref_layers == layers else f" (measured on {ref_layers} layers, scaled x{layers / ref_layers:g})"
     rows = [
         ("", "soppu-hub JD (a)", "seeds' Alg. 1 (b)", "b / a"),

@@ -49,7 +49,6 @@ DIALOGUES: list[tuple[str, str]] = [
     ("Are you a robot?", "I am a small language model, not a robot."),
     ("Good morning!", "Good morning. I hope you slept well."),
 ]
-PROMPTS = [q for q, _ in DIALOGUES]
 
 
 def _words(mapping: dict[str, str]) -> Callable[[str], str]:
