@@ -104,8 +104,8 @@ class Engine:
 
         return release
 
-    def submit(self, job: Generation) -> None:
-        self.pending.put(job)
+    def submit(self, gen: Generation) -> None:
+        self.pending.put(gen)
 
     # --- worker: continuous batching ----------------------------------------------------------------
     def _run(self) -> None:
@@ -124,27 +124,27 @@ class Engine:
                         self._step(batch)
             except Exception as e:  # never let one batch kill the server
                 log.exception("generation failed")
-                for j in {id(j): j for j in batch.rows + joining}.values():
-                    if not j.closed:
-                        j.done = j.closed = True
-                        j.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
-                        j.release()
+                for g in {id(g): g for g in batch.rows + joining}.values():
+                    if not g.closed:
+                        g.done = g.closed = True
+                        g.emit("error", ServeError(f"generation failed: {type(e).__name__}: {e}"))
+                        g.release()
                 batch = Batch()
 
     def _take(self, *, block: bool, room: int) -> list[Generation]:
-        """Queued jobs that fit (waiting for one when nothing runs); abandoned ones are closed unseen."""
-        jobs = []
+        """Queued generations that fit (waiting for one when nothing runs); abandoned ones are closed unseen."""
+        gens = []
         if block:  # idle: the first request, then whatever arrives with it (a burst prefills as one batch)
-            jobs.append(self.pending.get())
-        while len(jobs) < room:
+            gens.append(self.pending.get())
+        while len(gens) < room:
             try:
-                jobs.append(self.pending.get(timeout=GATHER_S) if block else self.pending.get_nowait())
+                gens.append(self.pending.get(timeout=GATHER_S) if block else self.pending.get_nowait())
             except queue.Empty:
                 break
-        for j in [j for j in jobs if j.cancelled]:
-            j.done, j.finish_reason = True, "cancelled"
-            self._close(j)
-        return [j for j in jobs if not j.closed]
+        for g in [g for g in gens if g.cancelled]:
+            g.done, g.finish_reason = True, "cancelled"
+            self._close(g)
+        return [g for g in gens if not g.closed]
 
     def _forward(self, names: list[str], **inputs) -> torch.Tensor:
         from .peft_patch import rows_use
@@ -156,26 +156,26 @@ class Engine:
             return model(**inputs, use_cache=True).logits[:, -1]
 
     @torch.no_grad()
-    def _join(self, batch: "Batch", jobs: list[Generation]) -> None:
+    def _join(self, batch: "Batch", gens: list[Generation]) -> None:
         """Prefill the newcomers together (left-padded), give each its first token, merge their cache in."""
-        width = max(len(j.request.ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        width = max(len(g.request.ids) for g in gens)
+        ids = torch.full((len(gens), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for r, j in enumerate(jobs):
-            ids[r, width - len(j.request.ids):] = torch.tensor(j.request.ids)
-            mask[r, width - len(j.request.ids):] = 1
+        for r, g in enumerate(gens):
+            ids[r, width - len(g.request.ids):] = torch.tensor(g.request.ids)
+            mask[r, width - len(g.request.ids):] = 1
         from transformers import DynamicCache
 
         cache = DynamicCache()
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        logits = self._forward([j.adapter for j in jobs], input_ids=ids.to(self.device),
+        logits = self._forward([g.adapter for g in gens], input_ids=ids.to(self.device),
                                attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
                                past_key_values=cache)
-        for j in jobs:
-            j.sampler = Sampler(j.request.sampling, j.request.ids)
-        batch.merge(jobs, cache, mask)
-        for j, picked in zip(jobs, pick_all(jobs, logits)):
-            self._emit(j, *picked)
+        for g in gens:
+            g.sampler = Sampler(g.request.sampling, g.request.ids)
+        batch.merge(gens, cache, mask)
+        for g, picked in zip(gens, pick_all(gens, logits)):
+            self._emit(g, *picked)
         batch.drop_finished()
 
     @torch.no_grad()
@@ -195,34 +195,34 @@ class Engine:
             self._emit(row, *picked)
         batch.drop_finished()
 
-    def _emit(self, job: Generation, tid: int, logprob: float) -> None:
+    def _emit(self, gen: Generation, tid: int, logprob: float) -> None:
         """Record the row's token, stream it, and close the row when it is finished."""
         special = tid in self.special_ids
-        job.tokens.append(tid)
+        gen.tokens.append(tid)
         text = ""
         if not special:
-            full = self.tokenizer.decode([t for t in job.tokens if t not in self.special_ids], skip_special_tokens=True)
+            full = self.tokenizer.decode([t for t in gen.tokens if t not in self.special_ids], skip_special_tokens=True)
             if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                text, job.text = full[len(job.text):], full
-        if tid in self.eos_ids and not job.request.ignore_eos:
-            job.done, job.finish_reason = True, "eos_token"
-        elif any(s and job.text.endswith(s) for s in job.request.stop):
-            job.done, job.finish_reason = True, "stop_sequence"
-        elif len(job.tokens) >= job.request.max_new:
-            job.done, job.finish_reason = True, "length"
-        job.emit("token", TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special))
-        job.next_id = tid
-        if job.done:  # this row's slot is free now, whatever the rest of the batch still does
-            self._close(job)
+                text, gen.text = full[len(gen.text):], full
+        if tid in self.eos_ids and not gen.request.ignore_eos:
+            gen.done, gen.finish_reason = True, "eos_token"
+        elif any(s and gen.text.endswith(s) for s in gen.request.stop):
+            gen.done, gen.finish_reason = True, "stop_sequence"
+        elif len(gen.tokens) >= gen.request.max_new:
+            gen.done, gen.finish_reason = True, "length"
+        gen.emit("token", TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special))
+        gen.next_id = tid
+        if gen.done:  # this row's slot is free now, whatever the rest of the batch still does
+            self._close(gen)
 
-    def _close(self, job: Generation) -> None:
+    def _close(self, gen: Generation) -> None:
         """Deliver the row's "done" event and release its slot, once."""
-        if job.closed:
+        if gen.closed:
             return
-        job.closed = True
-        if job.finish_reason == "cancelled":
+        gen.closed = True
+        if gen.finish_reason == "cancelled":
             with self._count_lock:
                 self.cancelled += 1
-        job.emit("done", {"finish_reason": job.finish_reason, "prompt_tokens": len(job.request.ids),
-                          "generated_tokens": len(job.tokens), "seed": job.sampler.seed if job.sampler else None})
-        job.release()
+        gen.emit("done", {"finish_reason": gen.finish_reason, "prompt_tokens": len(gen.request.ids),
+                          "generated_tokens": len(gen.tokens), "seed": gen.sampler.seed if gen.sampler else None})
+        gen.release()
