@@ -126,7 +126,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     spec = job_spec(args)
     if args.author:
-        from .hub import list_adapter_repos
+        from .hub.pull import list_adapter_repos
 
         spec.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
     if not spec.sources:

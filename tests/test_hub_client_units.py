@@ -3,7 +3,9 @@
 import pytest
 
 from soppu_hub.errors import SoppuError
-from soppu_hub.hub import is_repo_id, parse_source, target_repo_ids
+from soppu_hub.hub.common import is_repo_id
+from soppu_hub.hub.pull import parse_source
+from soppu_hub.hub.push import target_repo_ids
 
 
 def test_sources_are_folders_or_repo_ids_at_a_revision(tmp_path):
@@ -34,7 +36,7 @@ def test_targets_default_to_the_user_and_push_to_names_one_repo():
 
 def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch):
     """Unit test with a fake push (in addition to the real HTTP tests above): the message lists both sides."""
-    from soppu_hub.hub import PushError
+    from soppu_hub.hub.common import PushError
     from soppu_hub.pipeline import job
 
     failing = {"u/b-soppu", "u/r1"}

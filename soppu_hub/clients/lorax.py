@@ -112,7 +112,7 @@ class LoraxChatClient(ChatClient):
             self.model_id = info.get("model_id")
             template = info.get("chat_template")
             if not template and self.model_id:
-                from ..hub import chat_template
+                from ..hub.info import chat_template
 
                 template, self._specials = chat_template(self.model_id)
             self._template = template or FALLBACK_TEMPLATE

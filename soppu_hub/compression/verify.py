@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..hub import model_folder
+from ..hub.pull import model_folder
 
 PROBE_PROMPTS = [
     "The capital of France is",

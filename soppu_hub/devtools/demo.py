@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import hub
 from ..errors import SoppuError
+from ..hub.common import use_endpoint
+from ..hub.push import push_folder
 from .samples import CHAT_TEMPLATE, TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from .samples.collection import COLLECTION, Collection, build_collection, load_collection
 
@@ -46,11 +47,11 @@ def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: s
     quiet = are_progress_bars_disabled()
     disable_progress_bars()  # thirteen small uploads: per-file bars would be noise in the demo's terminal
     try:
-        with hub.endpoint(endpoint):
-            hub.push_folder(base, TINY_BASE_ID, token=samples_token, commit_message="tiny Llama for the demo")
+        with use_endpoint(endpoint):
+            push_folder(base, TINY_BASE_ID, token=samples_token, commit_message="tiny Llama for the demo")
             for folder in adapters:
                 repo_id = f"{user}/{folder.name}"
-                hub.push_folder(folder, repo_id, token=user_token, commit_message="sample LoRA adapter")
+                push_folder(folder, repo_id, token=user_token, commit_message="sample LoRA adapter")
                 ids.append(repo_id)
     finally:
         if not quiet:

@@ -15,16 +15,9 @@ from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
-from ..hub import (
-    PushError,
-    Source,
-    check_write_access,
-    download_adapter,
-    parse_source,
-    push_folder,
-    target_repo_ids,
-    whoami,
-)
+from ..hub.common import PushError
+from ..hub.pull import Source, download_adapter, parse_source
+from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter, widest_dtype
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # importing the package must not pull the engine in: adapters
 def build_engine(model: str, *, max_adapters: int = 8, max_batch: int = 16, max_total_tokens: int | None = None,
                  max_concurrent_requests: int = 128, adapter_dir: str | None = None, token: str | None = None,
                  share_bases: bool = True) -> "Engine":
-    from ..hub import model_folder
+    from ..hub.pull import model_folder
     from .engine import Engine
 
     folder = model_folder(model, token=token)

@@ -59,7 +59,8 @@ class AdapterStore:
         from huggingface_hub.errors import HFValidationError
 
         from ..errors import SoppuError
-        from ..hub import HubError, download_adapter
+        from ..hub.common import HubError
+        from ..hub.pull import download_adapter
 
         try:
             return download_adapter(adapter_id, token=api_token or None, with_bundle=self.shared is not None)

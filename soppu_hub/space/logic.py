@@ -11,7 +11,8 @@ from typing import Iterator
 
 from ..clients import APIS, ChatClient, ChatError, GenerationSettings, connect
 from ..errors import SoppuError
-from ..hub import card_metadata, fetch_file, is_repo_id, list_tagged
+from ..hub.common import is_repo_id
+from ..hub.info import card_metadata, fetch_file, list_tagged
 from ..peft_format.layout import BASE_MODEL_ID, ERRORS_PNG
 
 

@@ -1,0 +1,93 @@
+"""Push to the Hub: who the token is, where it may write, and one commit per repo (none when nothing changed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SoppuError
+from .common import HubError, is_repo_id, retry
+
+
+def whoami(token: str | bool | None) -> tuple[str, set[str]]:
+    """(user name, namespaces the token may write to). Fails clearly without a valid token."""
+    import requests
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        info = retry(lambda: HfApi(token=token).whoami(), "whoami")
+    except LocalTokenNotFoundError:
+        raise HubError("pushing needs a Hub token: run `hf auth login` or set HF_TOKEN (or pass --no-push)") from None
+    except requests.HTTPError:  # HfHubHTTPError subclasses it; whoami raises the plain one on 401
+        raise HubError("the Hub token was refused: log in again (hf auth login) or fix HF_TOKEN") from None
+    writable = {info["name"]}
+    for org in info.get("orgs") or []:
+        if org.get("roleInOrg", "write") in ("admin", "write", "contributor"):
+            writable.add(org["name"])
+    return info["name"], writable
+
+
+def target_repo_ids(names: list[str], *, user: str, push_to: str | None = None, namespace: str | None = None) -> list[str]:
+    """`<user>/<name>-soppu` by default; --push-to names the one repo; --namespace picks an org."""
+    if push_to:
+        if len(names) != 1:
+            raise SoppuError(f"--push-to names one repo but {len(names)} adapters were given; use --namespace for many")
+        if not is_repo_id(push_to):
+            raise SoppuError(f"--push-to {push_to!r} is not a repo id; use owner/name")
+        return [push_to]
+    ns = namespace or user
+    return [f"{ns}/{n}-soppu" for n in names]
+
+
+def check_write_access(repo_ids: list[str], writable: set[str], user: str) -> None:
+    for repo_id in repo_ids:
+        ns = repo_id.split("/")[0]
+        if ns not in writable:
+            raise HubError(f"your token (user {user}) cannot write to the namespace {ns!r} for {repo_id}; "
+                           f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to")
+
+
+def _local_ids(path: Path) -> tuple[str, str]:
+    """(git blob sha1, sha256) of a file, as the Hub names regular and LFS files."""
+    import hashlib
+
+    from huggingface_hub.utils.sha import git_hash
+
+    data = path.read_bytes()
+    return git_hash(data), hashlib.sha256(data).hexdigest()
+
+
+def unchanged_on_hub(folder: Path, repo_id: str, *, token: str | bool | None = None) -> bool:
+    """True when the repo already holds every file of `folder` byte for byte (card, report and plots included;
+    run timings are kept out of them) and no other file: a rerun then has nothing to push for it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        tree = retry(lambda: list(HfApi(token=token).list_repo_tree(repo_id, recursive=True)), f"list {repo_id}")
+    except RepositoryNotFoundError:
+        return False
+    remote = {f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id) for f in tree
+              if hasattr(f, "blob_id") and f.path != ".gitattributes"}
+    local = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    if set(remote) != set(local):
+        return False
+    return all(remote[k] in _local_ids(path) for k, path in local.items())
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False) -> str | None:
+    """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too).
+    With `skip_unchanged`, a repo that already holds this adapter is left alone (returns None)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    if skip_unchanged and unchanged_on_hub(folder, repo_id, token=token):
+        return None
+    api = HfApi(token=token)
+    retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
+    local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    remote = retry(lambda: api.list_repo_files(repo_id), f"list {repo_id}")
+    ops: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in local]
+    ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
+    info = api.create_commit(repo_id, ops, commit_message=commit_message)
+    return info.commit_url
