@@ -3,6 +3,7 @@ in spawned worker processes, cluster by cluster."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -58,16 +59,15 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
     return path
 
 
-_REPORT: dict = {}  # a worker process's copy of the run's report, sent once when it starts (not with every chunk)
+@functools.lru_cache(maxsize=1)
+def _report_file(path: str) -> dict:
+    """A worker reads the run's report once, from the file its parent wrote (not pickled with every chunk)."""
+    return json.loads(Path(path).read_text())
 
 
-def _init_worker(report: dict) -> None:
-    _REPORT["report"] = report
-
-
-def _write_cluster_chunk(jobs: list[CardSpec], report: dict | None = None) -> int:
-    """Cards of adapters of one cluster on one set of figures; in a worker process the report came at start-up."""
-    report = report if report is not None else _REPORT["report"]
+def _write_cluster_chunk(jobs: list[CardSpec], report: dict | str) -> int:
+    """Cards of adapters of one cluster on one set of figures; `report` itself, or in a worker the path of its file."""
+    report = _report_file(report) if isinstance(report, str) else report
     cluster = report["adapters"][jobs[0].index].get("cluster")
     figures = ClusterFigures(report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == cluster])
     try:
@@ -104,11 +104,15 @@ def write_cards(jobs: list[CardSpec], report: dict, *, workers: int = 1, progres
                 progress(done, len(jobs))
         return
     import multiprocessing
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(report,)) as pool:
-        for n in pool.map(_write_cluster_chunk, chunks):
-            done += n
-            if progress:
-                progress(done, len(jobs))
+    with tempfile.TemporaryDirectory(prefix="soppu-cards-") as tmp:
+        path = Path(tmp) / "report.json"
+        path.write_text(json.dumps(report))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for n in pool.map(partial(_write_cluster_chunk, report=str(path)), chunks):
+                done += n
+                if progress:
+                    progress(done, len(jobs))
