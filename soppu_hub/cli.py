@@ -193,6 +193,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_samples(args: argparse.Namespace) -> int:
     from .devtools.samples.collection import BuildConfig, build_collection, load_collection
 
+    if args.action == "real-base":
+        from .devtools.realbase import REAL_BASE_ID, real_base
+
+        print(f"{REAL_BASE_ID}: {real_base()}")
+        return 0
     if args.action == "check":
         c = load_collection(args.out)
         print(f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json")
@@ -342,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .devtools.samples.collection import COLLECTION, BuildConfig
 
-    p = sub.add_parser("samples", help="build (train on the CPU, minutes) or check the sample collection the demo uses")
-    p.add_argument("action", choices=["build", "check"])
+    p = sub.add_parser("samples", help="build (train on the CPU, minutes) or check the sample collection the demo uses; "
+                       "real-base: the real demo base model's folder (converted from its GGUF once)")
+    p.add_argument("action", choices=["build", "check", "real-base"])
     p.add_argument("--out", default=str(COLLECTION), help="collection folder (default: the one in the package)")
     for f in dataclasses.fields(BuildConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
