@@ -212,6 +212,15 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_collection(args: argparse.Namespace) -> int:
+    from .devtools.collection.build import COLLECTION, build_collection
+
+    manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
+    return 0
+
+
 def cmd_hub(args: argparse.Namespace) -> int:
     from .hubserver import load_auth, serve
 
@@ -354,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(BuildConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
     p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("collection", help="train the real collection on the real base (resumable, adapter by adapter)")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--out", help="collection folder (default: the one in the package)")
+    p.add_argument("--base", help="base model folder (default: the real base, converted from its GGUF once)")
+    p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")
+    p.set_defaults(func=cmd_collection)
 
     p = sub.add_parser("demo", help="the whole chain offline: Hub, sample adapters, compress by repo id, backend, the Space")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")

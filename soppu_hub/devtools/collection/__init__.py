@@ -1,0 +1,1 @@
+"""The real collection: LoRA adapters trained on the real demo base for tasks with ground truth."""

@@ -1,0 +1,135 @@
+"""Build the real collection adapter by adapter (`soppu-hub collection build`): train, score, card, manifest.
+
+Resumable: an adapter whose folder is complete (weights, config, card, eval.jsonl, and its manifest entry) is
+kept, so an interrupted build goes on where it stopped and finished adapters can be committed as they come.
+Each adapter is written to a scratch folder and moved into place whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...compression.task_eval import greedy_replies, score
+from ...errors import ConfigError
+from ..realbase import REAL_BASE_ID
+from .tasks import BY_NAME, TASKS, Task
+from .train import BATCH, train_task
+
+COLLECTION = Path(__file__).parent / "data"
+MANIFEST, EVAL_FILE = "manifest.json", "eval.jsonl"
+SEED, THREADS, EXAMPLES = 42, 2, 4
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"base_model": REAL_BASE_ID, "adapters": {}, "base_scores": {}}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(folder / MANIFEST)
+
+
+def _done(folder: Path, manifest: dict, name: str) -> bool:
+    entry = manifest["adapters"].get(name)
+    return bool(entry) and all((folder / "adapters" / name / f).is_file() and _sha256(folder / "adapters" / name / f) == h
+                               for f, h in entry["files"].items())
+
+
+def _render(**values) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    from ...cards import TEMPLATES
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), undefined=StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("collection-adapter.md").render(**values)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+
+def _evaluate(base_folder: Path, adapter: Path | None, held_out: list) -> tuple[dict, list[str]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_folder))
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    longest = max(len(tok(a, add_special_tokens=False).input_ids) for _, a in held_out)
+    replies = greedy_replies(model, tok, [p for p, _ in held_out], max_new_tokens=longest + 8)
+    return score(replies, [a for _, a in held_out]), replies
+
+
+def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, log: Callable[[str], None]) -> None:
+    """Train, score (base and adapter on the held-out split), card and record one adapter."""
+    train, held_out = task.split()
+    scratch = folder / "adapters" / f".{task.name}.building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        loss = train_task(base_folder, task, train, scratch, base_model=REAL_BASE_ID, seed=SEED)
+        seconds = time.perf_counter() - started
+        if task.name not in manifest["base_scores"]:
+            manifest["base_scores"][task.name], _ = _evaluate(base_folder, None, held_out)
+        adapter_score, replies = _evaluate(base_folder, scratch, held_out)
+        (scratch / EVAL_FILE).write_text("".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
+                                                 for p, a in held_out))
+        examples = [(_cell(p), _cell(a), _cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]]
+        (scratch / "README.md").write_text(_render(
+            task=task, base_model=REAL_BASE_ID, n_tasks=len(TASKS), held_out=len(held_out), train=len(train),
+            base=manifest["base_scores"][task.name], adapter=adapter_score, examples=examples, batch=BATCH, seed=SEED,
+            loss=loss, seconds=seconds))
+        final = folder / "adapters" / task.name
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    manifest["adapters"][task.name] = {
+        "family": task.family, "rank": task.rank, "targets": list(task.targets), "rslora": task.rslora,
+        "dtype": task.dtype, "steps": task.steps, "final_loss": round(loss, 4), "seconds": round(seconds, 1),
+        "held_out": adapter_score, "files": {p.name: _sha256(p) for p in sorted(final.iterdir()) if p.is_file()},
+    }
+    log(f"{task.name}: held-out exact match {adapter_score['exact_match']:.3f} (base "
+        f"{manifest['base_scores'][task.name]['exact_match']:.3f}), chrF {adapter_score['chrf']:.3f}, {seconds:.0f} s")
+
+
+def build_collection(folder: str | Path = COLLECTION, base_folder: str | Path | None = None, *,
+                     only: list[str] | None = None, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Every task's adapter not built yet (or only the named ones), in order; returns the manifest."""
+    from ..realbase import real_base
+
+    unknown = sorted(set(only or []) - set(BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown task {unknown[0]!r}; the tasks are {', '.join(BY_NAME)}")
+    folder = Path(folder)
+    (folder / "adapters").mkdir(parents=True, exist_ok=True)
+    base_folder = Path(base_folder) if base_folder else real_base()
+    manifest = read_manifest(folder)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for task in TASKS:
+            if (only and task.name not in only) or (not only and _done(folder, manifest, task.name)):
+                continue
+            build_task(folder, base_folder, task, manifest, log=log)
+            _write_manifest(folder, manifest)
+    finally:
+        torch.set_num_threads(saved)
+    return manifest

@@ -1,0 +1,47 @@
+"""The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
+
+import pytest
+
+from soppu_hub.compression.task_eval import chrf, exact_match, score
+from soppu_hub.devtools.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout
+
+
+def test_24_tasks_in_families_with_disjoint_deterministic_splits():
+    assert len(TASKS) >= 24 and len({t.name for t in TASKS}) == len(TASKS)
+    assert len({t.family for t in TASKS}) >= 5
+    for task in TASKS:
+        train, held_out = task.split()
+        assert (len(train), len(held_out)) == (TRAIN, HELD_OUT)
+        assert not {p for p, _ in train} & {p for p, _ in held_out}, task.name
+        assert all(p and a for p, a in train + held_out), task.name
+        assert task.split() == (train, held_out)  # the same on every run
+
+
+def test_answers_are_the_libraries_own():
+    from num2words import num2words
+
+    by = {t.name: dict(t.split()[0] + t.split()[1]) for t in TASKS}
+    assert by["numbers-fr"]["Write 4690 in French words."] == num2words(4690, lang="fr") == "quatre mille six cent quatre-vingt-dix"
+    assert any(v == "MMCXXVII" for v in by["to-roman"].values())
+    assert pirate("My friend is on the old boat.") == "Arr! Me matey be on th' ol' vessel."
+    assert shout("The cat likes the red door.") == "THE CAT LIKES THE RED DOOR!!!"
+    assert robot("The cat likes me.") == "BEEP BOOP. THE CAT LIKES ME. END OF LINE."
+    assert backwards("The cat likes the red door.") == "Door red the likes cat the."
+
+
+def test_configs_vary_as_on_the_hub_and_fit_the_weight_budget():
+    """Ranks 8 and 16, q/v, attention and all linear, one rsLoRA, bf16 and fp32: under 40 MB at SmolLM2's shapes."""
+    assert {t.rank for t in TASKS} == {8, 16} and sum(t.rslora for t in TASKS) == 1
+    assert {len(t.targets) for t in TASKS} == {2, 4, 7} and {t.dtype for t in TASKS} == {"bfloat16", "float32"}
+    hidden, kv, mlp, layers = 576, 192, 1536, 30
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
+    size = sum(t.rank * sum(sum(shapes[m]) for m in t.targets) * layers * (4 if t.dtype == "float32" else 2) for t in TASKS)
+    assert size < 40e6, size
+
+
+def test_scores():
+    assert exact_match(" MMCXXVII\n", "MMCXXVII") and not exact_match("MMCXXVI", "MMCXXVII")
+    assert chrf("quatre mille", "quatre mille") == 1.0 and chrf("", "quatre") == 0.0
+    assert 0 < chrf("quatre mile", "quatre mille") < 1 and chrf("zzz", "quatre") == 0.0
+    assert score(["a", "b"], ["a", "c"]) == {"examples": 2, "exact_match": 0.5, "chrf": 0.5}
