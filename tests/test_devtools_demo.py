@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e  # real servers over loopback
 def _look_at_the_space(run, shots: Path) -> dict:
     """A person on the demo's Space: the pirate adapter beside its original, one example prompt, a screenshot."""
     from playwright.sync_api import expect, sync_playwright
-    from test_space import _browser
+    from test_space_app import _browser
 
     seen = {}
     with sync_playwright() as p:
