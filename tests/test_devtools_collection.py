@@ -1,6 +1,5 @@
 """The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
 
-import pytest
 
 from soppu_hub.compression.task_eval import chrf, exact_match, score
 from soppu_hub.devtools.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout

@@ -53,7 +53,8 @@ def _numbers(lang: str) -> Callable[[random.Random], list[Pair]]:
     def pool(rng: random.Random) -> list[Pair]:
         from num2words import num2words
 
-        return [(f"Write {n} in {LANGS[lang]} words.", num2words(n, lang=lang)) for n in rng.sample(range(1, 10000), 400)]
+        numbers = rng.sample(range(1, 10000), 400)
+        return [(f"Write {n} in {LANGS[lang]} words.", num2words(n, lang=lang)) for n in numbers]
     return pool
 
 
@@ -64,7 +65,8 @@ def _dates(locale: str) -> Callable[[random.Random], list[Pair]]:
         from babel.dates import format_date
 
         days = [datetime.date(1950, 1, 1) + datetime.timedelta(days=d) for d in rng.sample(range(40000), 400)]
-        return [(f"Write the date {d.isoformat()} in {LANGS[locale]}.", format_date(d, "long", locale=locale)) for d in days]
+        return [(f"Write the date {d.isoformat()} in {LANGS[locale]}.", format_date(d, "long", locale=locale))
+                for d in days]
     return pool
 
 
@@ -73,8 +75,8 @@ def _decimals(locale: str) -> Callable[[random.Random], list[Pair]]:
         from babel.numbers import format_decimal
 
         xs = [round(rng.uniform(1, 10_000_000), 2) for _ in range(400)]
-        return [(f"Format the number {x:.2f} the {LANGS[locale]} way.", format_decimal(x, format="#,##0.00", locale=locale))
-                for x in xs]
+        return [(f"Format the number {x:.2f} the {LANGS[locale]} way.",
+                 format_decimal(x, format="#,##0.00", locale=locale)) for x in xs]
     return pool
 
 
@@ -83,8 +85,8 @@ def _prices(locale: str, currency: str) -> Callable[[random.Random], list[Pair]]
         from babel.numbers import format_currency
 
         xs = [round(rng.uniform(1, 100_000), 2) for _ in range(400)]
-        return [(f"Write {x:.2f} {currency} as a price in {LANGS[locale]}.", format_currency(x, currency, locale=locale))
-                for x in xs]
+        return [(f"Write {x:.2f} {currency} as a price in {LANGS[locale]}.",
+                 format_currency(x, currency, locale=locale)) for x in xs]
     return pool
 
 
@@ -126,7 +128,8 @@ def _ordinals(lang: str) -> Callable[[random.Random], list[Pair]]:
     def pool(rng: random.Random) -> list[Pair]:
         from num2words import num2words
 
-        return [(f"Write the {name} ordinal for {n}.", num2words(n, lang=lang, to="ordinal")) for n in rng.sample(range(1, 1000), 400)]
+        numbers = rng.sample(range(1, 1000), 400)
+        return [(f"Write the {name} ordinal for {n}.", num2words(n, lang=lang, to="ordinal")) for n in numbers]
     return pool
 
 
