@@ -11,7 +11,7 @@ import soppu_hub
 
 ROOT = Path(soppu_hub.__file__).parent
 MODULES = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
-           for p in ROOT.rglob("*.py") if "collection" not in p.parts}
+           for p in ROOT.rglob("*.py")}
 SUBPACKAGES = sorted(m for m, p in MODULES.items() if p.name == "__init__.py" and m.count(".") == 1)
 
 
