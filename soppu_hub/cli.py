@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-push", action="store_true", help=_help(JobSpec, "push"))
     _add_fields(p, JobSpec, ["overwrite", "push_to", "namespace", "private", "revision", "token", "verify", "base_model"])
     p.add_argument("--verify-ranks", metavar="R1,R2,..", help=_help(JobSpec, "verify_ranks"))
+    _add_fields(p, JobSpec, ["eval_file", "probe_file"])
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     _add_fields(p, JobSpec, ["workers"])
     _add_fields(p, CompressConfig)

@@ -13,6 +13,10 @@ class ConfigError(SoppuError):
     """A flag or setting is out of range, unknown, or asks for what this machine lacks."""
 
 
+class EvalFileError(SoppuError):
+    """An --eval-file or --probe-file is missing, empty or malformed (the message names the file and line)."""
+
+
 class AdapterError(SoppuError):
     """An input adapter cannot be read or is not something JD can compress."""
 

@@ -44,7 +44,7 @@ def peers(report: dict, index: int) -> list[dict]:
     """Compact entries of up to MAX_PEERS adapters of this adapter's cluster (this one always), in run order."""
     own = report["adapters"][index].get("cluster")
     others = [j for j, a in enumerate(report["adapters"]) if j != index and a.get("cluster") == own][: MAX_PEERS - 1]
-    keys = ("name", "source", "output", "cluster", "params_before", "mean_rel_error", "max_rel_error", "verify")
+    keys = ("name", "source", "output", "cluster", "params_before", "mean_rel_error", "max_rel_error", "verify", "task_eval")
     return [{k: report["adapters"][j][k] for k in keys if k in report["adapters"][j]} for j in sorted([index, *others])]
 
 
@@ -68,6 +68,16 @@ def verdict(agreement: float, ratio: float, reply: float | None = None) -> str:
     along = f" ({reply:.0%} along the original's own replies)" if reply is not None else ""
     return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time"
             f"{along}, at {ratio:.2f}x fewer parameters for the whole collection.")
+
+
+def task_verdict(t: dict, ratio: float) -> str:
+    """One sentence on the user's own examples: how much of the original's task score the compressed adapter keeps."""
+    kept = t["chrf_retention"]
+    share = f"keeps {kept:.0%} of the original's score" if kept is not None else "scores"
+    return (f"On your {t['examples']} examples the compressed adapter {share} (chrF {t['compressed']['chrf']:.3f} against "
+            f"{t['original']['chrf']:.3f}; exact match {t['compressed']['exact_match']:.3f} against "
+            f"{t['original']['exact_match']:.3f}; the base model alone {t['base']['chrf']:.3f} / "
+            f"{t['base']['exact_match']:.3f}), at {ratio:.2f}x fewer parameters for the whole collection.")
 
 
 def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
@@ -97,6 +107,8 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
     width = BYTES.get(report["export"]["dtype"], 4)
     return _template().render(
         verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement")) if v else None,
+        task_verdict=task_verdict(own["task_eval"], report["compression_ratio"]) if own.get("task_eval") else None,
+        task=own.get("task_eval"),
         export_mb=own["export_params"] * width / 1e6,
         original_mb=own["params_before"] * width / 1e6,
         bundle_params=cluster["params"] if cluster else report["params_after"] - report["carried_params"],

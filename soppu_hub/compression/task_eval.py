@@ -8,11 +8,17 @@ partial credit.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+from ..errors import EvalFileError
+
 CHRF_ORDER, CHRF_BETA = 6, 2.0
+Pair = tuple[str, str]  # (prompt, expected answer)
 
 
 def exact_match(reply: str, answer: str) -> bool:
@@ -47,26 +53,123 @@ def score(replies: list[str], answers: list[str]) -> dict:
             "chrf": sum(map(chrf, replies, answers)) / n}
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the user's turn of a chat (the model's own template), or as it is without one."""
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt as the model meets it in use: the user's turn of a chat in the model's own template, or the
+    plain text (special tokens as the tokenizer adds them) when it has none."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(prompt).input_ids
 
 
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch: int = 16) -> list[str]:
-    """Each prompt's greedy reply, decoded without special tokens and trimmed; prompts run `batch` at a time."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    """Each prompt's greedy reply, decoded without special tokens and trimmed; prompts run `batch` at a time
+    (left-padded)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch):
-            texts = [chat_prompt(tokenizer, p) for p in prompts[i:i + batch]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), batch):
+        rows = [chat_prompt_ids(tokenizer, p) for p in prompts[i:i + batch]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        out += [t.strip() for t in tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)]
     return out
+
+
+def read_eval_file(path: str | Path) -> list[Pair]:
+    """JSONL, one {"prompt": str, "answer": str} a line (blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalFileError(f"cannot read eval file {path} ({type(e).__name__}); give a JSONL file of "
+                            '{"prompt": ..., "answer": ...} lines') from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise EvalFileError(f"{path}:{n}: not JSON; each line must be {{\"prompt\": ..., \"answer\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str) \
+                or not row["prompt"].strip():
+            raise EvalFileError(f"{path}:{n}: needs a non-empty string \"prompt\" and a string \"answer\"")
+        pairs.append((row["prompt"], row["answer"]))
+    if not pairs:
+        raise EvalFileError(f"eval file {path} has no examples; give one {{\"prompt\", \"answer\"}} object a line")
+    return pairs
+
+
+def eval_sets(path: str | Path, names: list[str]) -> list[list[Pair] | None]:
+    """Each adapter's examples: one file for all, or a folder with `<adapter name>.jsonl` per adapter (an adapter
+    without a file is not scored; a folder that has none for any adapter is refused)."""
+    path = Path(path)
+    if not path.is_dir():
+        pairs = read_eval_file(path)
+        return [pairs for _ in names]
+    sets = [read_eval_file(path / f"{n}.jsonl") if (path / f"{n}.jsonl").is_file() else None for n in names]
+    if not any(sets):
+        raise EvalFileError(f"eval folder {path} has no <adapter>.jsonl for any of the adapters "
+                            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return sets
+
+
+def read_probe_file(path: str | Path) -> list[str]:
+    """Probe prompts for --verify: one a line, or JSONL with a "prompt" per line."""
+    path = Path(path)
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalFileError(f"cannot read probe file {path} ({type(e).__name__}); give one prompt a line") from None
+    if not lines:
+        raise EvalFileError(f"probe file {path} is empty; give one prompt a line")
+    if path.suffix != ".jsonl":
+        return lines
+    return [_prompt_only(path, n, line) for n, line in enumerate(lines, 1)]
+
+
+def _prompt_only(path: Path, n: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise EvalFileError(f"{path}:{n}: not JSON; each line must be {{\"prompt\": ...}}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        raise EvalFileError(f"{path}:{n}: needs a non-empty string \"prompt\"")
+    return row["prompt"]
+
+
+def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list[Path], sets: list[list[Pair] | None],
+                      progress: Callable[[int, int], None] | None = None) -> list[dict | None]:
+    """Per adapter with examples: the base model's, the original's and the compressed adapter's scores, and how
+    much of the original's score the compressed one keeps (chrF and exact match ratios)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    base_scores: dict[int, dict] = {}
+    results: list[dict | None] = []
+    for i, (orig, comp, pairs) in enumerate(zip(originals, compressed, sets)):
+        if not pairs:
+            results.append(None)
+            continue
+        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+        longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 8
+        if id(pairs) not in base_scores:
+            base_scores[id(pairs)] = score(greedy_replies(model, tokenizer, prompts, max_new_tokens=longest), answers)
+        got = {}
+        for label, folder in (("original", orig), ("compressed", comp)):
+            peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+            got[label] = score(greedy_replies(peft_model, tokenizer, prompts, max_new_tokens=longest), answers)
+            model = peft_model.unload()
+        o, c = got["original"], got["compressed"]
+        results.append({"examples": len(pairs), "base": base_scores[id(pairs)], **got,
+                        "chrf_retention": c["chrf"] / o["chrf"] if o["chrf"] else None,
+                        "exact_match_retention": c["exact_match"] / o["exact_match"] if o["exact_match"] else None})
+        if progress:
+            progress(i + 1, len(originals))
+    return results

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..hub.pull import model_folder
+from .task_eval import chat_prompt_ids
 
 PROBE_PROMPTS = [
     "The capital of France is",
@@ -22,20 +23,12 @@ PROBE_PROMPTS = [
 REPLY_TOKENS = 24  # length of the original adapter's greedy reply the compressed one is checked along
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """The prompt as the model meets it in use: a user turn in the chat template when the tokenizer has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> list[tuple[torch.Tensor, int]]:
     """(prompt + greedy reply ids, prompt length) per prompt, as `model` (the original adapter) writes them."""
     out = []
     for p in prompts:
-        ids = chat_prompt_ids(tokenizer, p)
+        ids = torch.tensor([chat_prompt_ids(tokenizer, p)])
         reply = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         out.append((reply, ids.shape[1]))
@@ -60,7 +53,7 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Path], *,
-                    prompts: list[str] = PROBE_PROMPTS, token: str | bool | None = None,
+                    prompts: list[str] | None = None, token: str | bool | None = None,
                     variants: dict[int, list[Path]] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per adapter: next-token agreement and mean KL(original || compressed) over all probe prompt positions, and
@@ -71,6 +64,7 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    prompts = prompts or PROBE_PROMPTS
     folder = model_folder(str(base), token=token)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()

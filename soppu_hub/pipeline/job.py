@@ -49,6 +49,11 @@ class JobSpec:
     verify_ranks: list[int] = field(default_factory=list, metadata={
         "help": "with --verify, also check the same fit cut to these smaller shared ranks (comma-separated); the card "
                 "plots agreement against rank"})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "score base, original and compressed adapter on your own examples: a JSONL file of {\"prompt\", "
+                "\"answer\"} lines, or a folder with <adapter name>.jsonl per adapter (exact match and chrF)"})
+    probe_file: str | None = field(default=None, metadata={
+        "help": "with --verify, these prompts (one a line, or JSONL with \"prompt\") instead of the built-in probes"})
     command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run
     workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
@@ -214,6 +219,17 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         raise SoppuError("--no-push needs --out to keep the results somewhere")
     sources = [parse_source(s, spec.revision) for s in spec.sources]
     names = unique_names([s.name for s in sources])
+    sets, probes = None, None  # the user's files, checked before anything is downloaded
+    if spec.eval_file:
+        from ..compression.task_eval import eval_sets
+
+        sets = eval_sets(spec.eval_file, names)
+    if spec.probe_file:
+        if not spec.verify:
+            raise SoppuError("--probe-file needs --verify (its prompts replace the built-in probes)")
+        from ..compression.task_eval import read_probe_file
+
+        probes = read_probe_file(spec.probe_file)
     targets: list[str] = names
     if spec.push:
         user, writable = whoami(spec.token)
@@ -223,11 +239,16 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     folders = _fetch(sources, spec, download_progress)
     # headers only: every input is checked before any compute, factors are read one module position at a time
     adapters = [read_adapter(f, name=n, source=s.text, stream=True) for f, n, s in zip(folders, names, sources)]
-    if spec.verify:
-        for a in adapters:
+    for flag, wanted in (("--verify", spec.verify), ("--eval-file", spec.eval_file)):
+        for a in adapters if wanted else []:
             if a.config.get("task_type") not in (None, "CAUSAL_LM"):
-                raise SoppuError(f"{a.name}: --verify compares next-token predictions of causal LMs, but this is a "
-                                 f"{a.config['task_type']} adapter; run without --verify")
+                what = "compares next-token predictions of" if flag == "--verify" else "scores replies of"
+                raise SoppuError(f"{a.name}: {flag} {what} causal LMs, but this is a {a.config['task_type']} adapter; "
+                                 f"run without {flag}")
+    base = spec.base_model or adapters[0].base_model
+    if (spec.verify or sets) and not base:
+        raise SoppuError(f"{'--verify' if spec.verify else '--eval-file'} needs the base model: the adapter config names "
+                         "none, pass --base-model")
     out = Path(spec.out) if spec.out is not None else None
     result = JobResult(report={}, out=out)
     with staged_output(out, overwrite=spec.overwrite) as tmp:
@@ -237,18 +258,25 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         if spec.verify:
             from ..compression.verify import verify_adapters
 
-            base = spec.base_model or adapters[0].base_model
-            if not base:
-                raise SoppuError("--verify needs the base model: the adapter config names none, pass --base-model")
             log(f"verifying against {base}")
             with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch:
                 variants, sweep = _rank_variants(comp, names, spec, Path(scratch))
                 checks = verify_adapters(base, folders, [tmp / n for n in names], token=spec.token, variants=variants,
-                                         progress=verify_progress)
+                                         prompts=probes, progress=verify_progress)
             for entry, v in zip(report["adapters"], checks):
                 entry["verify"] = v
             if sweep:
                 report["rank_sweep"] = _sweep_summary(sweep, report, checks)
+        if sets:
+            from ..compression.task_eval import evaluate_adapters
+            from ..hub.pull import model_folder
+
+            log(f"scoring the eval examples with {base}")
+            scores = evaluate_adapters(model_folder(base, token=spec.token), folders, [tmp / n for n in names], sets)
+            for entry, t in zip(report["adapters"], scores):
+                if t is not None:
+                    entry["task_eval"] = t
+        if spec.verify or sets:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ...compression.task_eval import chat_prompt
+from ...compression.task_eval import chat_prompt_ids
 from ...peft_format.layout import CONFIG_NAME
 from .tasks import Pair, Task
 
@@ -20,7 +20,7 @@ def _batch(tokenizer, pairs: list[Pair], eos: str) -> tuple[torch.Tensor, torch.
     """Right-padded ids, mask and labels of chat turns; only the reply (and its end-of-turn token) is learned."""
     rows, labels = [], []
     for prompt, answer in pairs:
-        p = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+        p = chat_prompt_ids(tokenizer, prompt)
         r = tokenizer(answer + eos, add_special_tokens=False).input_ids
         rows.append(p + r)
         labels.append([-100] * len(p) + r)
