@@ -22,7 +22,8 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-USERS = {"alice": "hf_test_alice", "bob": "hf_test_bob", "soppu-samples": "hf_test_samples"}
+USERS = {"alice": "hf_test_alice", "bob": "hf_test_bob", "soppu-samples": "hf_test_samples",
+         "HuggingFaceTB": "hf_test_hftb"}
 ORGS = {"acme": ["alice"]}
 
 

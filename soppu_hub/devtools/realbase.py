@@ -125,6 +125,17 @@ def fix_tokenizer(tokenizer) -> None:
     tokenizer.add_bos_token = False
 
 
+def publish(folder: str | Path, token: str, *, repo_id: str = REAL_BASE_ID) -> str:
+    """Push a converted base folder to the Hub in use under its real id (the offline Hub: a user named like the
+    id's owner), so configs and cards that name `HuggingFaceTB/SmolLM2-135M-Instruct` resolve. Returns the commit."""
+    from ..hub.push import push_folder
+
+    folder = Path(folder)
+    return push_folder(folder, repo_id, token=token, skip_unchanged=True,
+                       commit_message=f"{repo_id} converted from {json.loads((folder / MARKER).read_text())['gguf']}") \
+        or "unchanged"
+
+
 def real_base(cache_dir: str | Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct folder: the packaged GGUF, checked and converted once."""
     return convert_gguf(packaged_gguf(), cache_dir=cache_dir, expected_sha256=GGUF_SHA256)
