@@ -163,9 +163,9 @@ def test_unique_names_are_distinct_ignoring_case(names, expected):
     (["compress", "--token", "hf_secret", "my lora"], "soppu-hub compress 'my lora'"),
 ])
 def test_recorded_command_never_holds_the_token(argv, expected):
-    from soppu_hub.cli import _command_line
+    from soppu_hub.cli import command_line
 
-    assert _command_line(argv) == expected
+    assert command_line(argv) == expected
 
 
 def test_token_given_on_the_command_line_is_in_no_written_file(tmp_path, sample_adapters):

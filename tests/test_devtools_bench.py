@@ -25,3 +25,22 @@ def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):
     out = tmp_path / "seed.safetensors"
     result = seed_pipeline([str(f / "adapter_model.safetensors") for f in folders], str(out), 6, layers=1)
     assert sorted(result) == [(0, "q"), (0, "v")] and out.is_file()
+
+
+def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_base):
+    """Every method at each setting, scored on held-out examples; at a rank holding the adapters exactly, every
+    method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter."""
+    from soppu_hub.devtools.bench.quality import format_quality, plot_quality, quality_rows
+
+    sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
+    rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), target_errors=(0.5,))
+    assert [r["method"] for r in rows] == ["JD, one cluster"] * 2 + ["JD, clusters auto"] * 2 + ["JD, target error"] + \
+        ["per-adapter SVD"] * 2
+    for r in rows:
+        if r["setting"].get("rank") == 16 and "target_error" not in r["setting"]:
+            assert r["worst_rel_error"] < 1e-5 and r["mean_retention"] in (1.0, None)
+    svd = [r for r in rows if r["method"] == "per-adapter SVD"]
+    assert all(r["clusters"] == len(sample_adapters) for r in svd)
+    assert rows[0]["stored_params"] < rows[1]["stored_params"] and rows[0]["ratio"] > rows[1]["ratio"]
+    assert "| per-adapter SVD | rank 16, clusters 2 |" in format_quality(rows)
+    assert plot_quality(rows, tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,34 +142,50 @@ def _prompt_only(path: Path, n: int, line: str) -> str:
     return row["prompt"]
 
 
+class Scorer:
+    """The base model loaded once; scores it alone or with one adapter folder at a time on a set of examples."""
+
+    def __init__(self, base_folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
+        self.model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+
+    def __call__(self, adapter: Path | None, pairs: list[Pair]) -> dict:
+        from peft import PeftModel
+
+        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+        longest = max(len(self.tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 8
+        if adapter is None:
+            return score(greedy_replies(self.model, self.tokenizer, prompts, max_new_tokens=longest), answers)
+        peft_model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
+        try:
+            return score(greedy_replies(peft_model, self.tokenizer, prompts, max_new_tokens=longest), answers)
+        finally:
+            self.model = peft_model.unload()
+
+
+def retention(compressed: dict, original: dict, key: str = "chrf") -> float | None:
+    """How much of the original's score the compressed adapter keeps (None when the original scores 0)."""
+    return compressed[key] / original[key] if original[key] else None
+
+
 def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list[Path], sets: list[list[Pair] | None],
                       progress: Callable[[int, int], None] | None = None) -> list[dict | None]:
     """Per adapter with examples: the base model's, the original's and the compressed adapter's scores, and how
     much of the original's score the compressed one keeps (chrF and exact match ratios)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
-    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
+    scorer = Scorer(base_folder)
     base_scores: dict[int, dict] = {}
     results: list[dict | None] = []
     for i, (orig, comp, pairs) in enumerate(zip(originals, compressed, sets)):
         if not pairs:
             results.append(None)
             continue
-        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
-        longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 8
         if id(pairs) not in base_scores:
-            base_scores[id(pairs)] = score(greedy_replies(model, tokenizer, prompts, max_new_tokens=longest), answers)
-        got = {}
-        for label, folder in (("original", orig), ("compressed", comp)):
-            peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-            got[label] = score(greedy_replies(peft_model, tokenizer, prompts, max_new_tokens=longest), answers)
-            model = peft_model.unload()
-        o, c = got["original"], got["compressed"]
-        results.append({"examples": len(pairs), "base": base_scores[id(pairs)], **got,
-                        "chrf_retention": c["chrf"] / o["chrf"] if o["chrf"] else None,
-                        "exact_match_retention": c["exact_match"] / o["exact_match"] if o["exact_match"] else None})
+            base_scores[id(pairs)] = scorer(None, pairs)
+        o, c = scorer(orig, pairs), scorer(comp, pairs)
+        results.append({"examples": len(pairs), "base": base_scores[id(pairs)], "original": o, "compressed": c,
+                        "chrf_retention": retention(c, o), "exact_match_retention": retention(c, o, "exact_match")})
         if progress:
             progress(i + 1, len(originals))
     return results
