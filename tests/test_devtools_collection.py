@@ -44,3 +44,33 @@ def test_scores():
     assert chrf("quatre mille", "quatre mille") == 1.0 and chrf("", "quatre") == 0.0
     assert 0 < chrf("quatre mile", "quatre mille") < 1 and chrf("zzz", "quatre") == 0.0
     assert score(["a", "b"], ["a", "c"]) == {"examples": 2, "exact_match": 0.5, "chrf": 0.5}
+
+
+def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
+    """The real build's path on the tiny base: PEFT folder in the task's dtype naming the real base, card with base
+    and adapter scores, the held-out split as eval.jsonl, a manifest entry whose hashes say it is done."""
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    from soppu_hub.compression.task_eval import read_eval_file
+    from soppu_hub.devtools.collection.build import _done, build_task, read_manifest
+    from soppu_hub.devtools.collection.tasks import BY_NAME
+
+    task = dataclasses.replace(BY_NAME["shouty"], steps=12)
+    manifest = read_manifest(tmp_path)
+    build_task(tmp_path, tiny_base, task, manifest, log=lambda m: None)
+    folder = tmp_path / "adapters" / "shouty"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["r"] == 8
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    assert read_eval_file(folder / "eval.jsonl") == task.split()[1]
+    card = (folder / "README.md").read_text()
+    assert "| base model alone |" in card and "**with this adapter**" in card and "12 AdamW steps" in card
+    entry = manifest["adapters"]["shouty"]
+    assert set(entry["held_out"]) == {"examples", "exact_match", "chrf"} and "shouty" in manifest["base_scores"]
+    assert _done(tmp_path, manifest, "shouty")
+    (folder / "README.md").write_text("changed")
+    assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again

@@ -8,9 +8,10 @@ the same machine writes the same bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -49,8 +50,12 @@ def _batch(tokenizer, pairs: list[tuple[str, str]], replies_only: bool) -> tuple
         r = tokenizer(reply, add_special_tokens=False).input_ids
         rows.append(p + r)
         labels.append(([-100] * len(p) if replies_only else p) + r)
+    return right_padded(rows, labels, tokenizer.pad_token_id)
+
+
+def right_padded(rows: list[list[int]], labels: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels) of token rows, right-padded to the longest; padding is never learned."""
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
@@ -61,13 +66,19 @@ def train_steps(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, l
                 replies_only: bool, tick: Tick | None = None) -> float:
     """Full-batch AdamW with a cosine schedule; returns the last loss."""
     torch.manual_seed(seed)
-    ids, mask, labels = _batch(tokenizer, pairs, replies_only)
+    batch = _batch(tokenizer, pairs, replies_only)
+    return optimise(model, itertools.repeat(batch), steps=steps, lr=lr, tick=tick)
+
+
+def optimise(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
+             tick: Tick | None = None) -> float:
+    """AdamW with a one-cycle schedule over `steps` (ids, mask, labels) batches; returns the last loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for _, (ids, mask, labels) in zip(range(steps), batches):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -77,6 +88,19 @@ def train_steps(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, l
             tick(1)
     model.eval()
     return float(loss.detach())
+
+
+def save_lora(model, out: Path, *, dtype: str, base_model: str) -> None:
+    """The PEFT model saved as PEFT writes it, in `dtype`, its config naming `base_model` with sorted targets."""
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(str(out))
+    path = out / CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base_model
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set, in hash order
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def base_pairs() -> list[tuple[str, str]]:
@@ -119,14 +143,5 @@ def train_adapter(base_folder: Path, style: Style, out: Path, *, base_model: str
                         use_rslora=style.rslora, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     loss = train_steps(model, tok, chat_pairs(style), steps=steps, lr=style.lr, seed=seed, replies_only=True, tick=tick)
-    dtype = getattr(torch, style.dtype)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    model.save_pretrained(str(out))
-    cfg_path = out / CONFIG_NAME
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base_model
-    if isinstance(cfg.get("target_modules"), list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set, in hash order
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    save_lora(model, out, dtype=style.dtype, base_model=base_model)
     return loss
