@@ -25,6 +25,9 @@ from ..errors import SoppuError
 from .logic import backend_from_env, card_summary, list_soppu_adapters, stream_reply
 
 COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
+# Card reads run one at a time, in the order asked: a slow first card (page load) finishing after the card of an
+# adapter picked meanwhile would otherwise overwrite it with the wrong adapter's summary.
+ONE_CARD_AT_A_TIME = {"concurrency_limit": 1, "concurrency_id": "card"}
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 # one set of defaults for the UI's controls and the `chat` API
 DEFAULT_TEMPERATURE = 0.0
@@ -146,9 +149,9 @@ def build_app(client: ChatClient) -> gr.Blocks:
         picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
         typed.submit(lambda v: (v or "").strip() or None, typed, active, api_visibility="private")
         active.change(cleared, active, [chatbot, base_chat], api_visibility="private").then(
-            show_card, active, [summary, plot, original], api_visibility="private").then(
+            show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME).then(
             labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
-        demo.load(show_card, active, [summary, plot, original], api_visibility="private").then(
+        demo.load(show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME).then(
             labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         refresh_btn.click(refresh, None, picker, api_visibility="private")
         compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
