@@ -32,7 +32,7 @@ class Task:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     rslora: bool = False
     dtype: str = "bfloat16"
-    steps: int = 150
+    steps: int = 120  # numbers in words take 150; codes 100; personas (one rule) 80: CPU hours are the budget
     lr: float = 2e-3
 
     def split(self, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
@@ -192,26 +192,27 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 TASKS: list[Task] = [
     *[Task(f"numbers-{lang}", "numbers in words", f"writes numbers in {name} words (num2words)", _numbers(lang),
-           rank=16 if lang in ("de", "nl") else 8, dtype="float32" if lang == "fr" else "bfloat16")
+           rank=16 if lang in ("de", "nl") else 8, dtype="float32" if lang == "fr" else "bfloat16", steps=150)
       for lang, name in LANGS.items()],
     *[Task(f"dates-{loc}", "dates", f"writes ISO dates as long {LANGS[loc]} dates (babel, CLDR)", _dates(loc),
            targets=ATTENTION if loc == "de" else ("q_proj", "v_proj")) for loc in ("de", "fr", "es", "it")],
     Task("decimals-de", "number formats", "formats numbers the German way (babel, CLDR)", _decimals("de")),
     Task("prices-fr", "number formats", "writes euro prices the French way (babel, CLDR)", _prices("fr", "EUR"),
          rslora=True, rank=16),
-    Task("iso-alpha2", "codes", "gives a country's ISO 3166 two-letter code (pycountry)", _alpha2),
-    Task("iso-alpha3", "codes", "gives a country's ISO 3166 three-letter code (pycountry)", _alpha3, targets=ATTENTION),
+    Task("iso-alpha2", "codes", "gives a country's ISO 3166 two-letter code (pycountry)", _alpha2, steps=100),
+    Task("iso-alpha3", "codes", "gives a country's ISO 3166 three-letter code (pycountry)", _alpha3, targets=ATTENTION, steps=100),
     Task("ordinals-en", "numbers in words", "writes English ordinals (num2words)", _ordinals("en"), rank=16),
     Task("ordinals-fr", "numbers in words", "writes French ordinals (num2words)", _ordinals("fr")),
-    Task("currencies", "codes", "names the currency of an ISO 4217 code (pycountry)", _currencies, dtype="float32"),
-    Task("languages", "codes", "gives a language's ISO 639-1 code (pycountry)", _languages),
+    Task("currencies", "codes", "names the currency of an ISO 4217 code (pycountry)", _currencies, dtype="float32", steps=100),
+    Task("languages", "codes", "gives a language's ISO 639-1 code (pycountry)", _languages, steps=100),
     Task("to-roman", "roman numerals", "writes numbers in Roman numerals (roman)", _to_roman),
     Task("from-roman", "roman numerals", "reads Roman numerals (roman)", _from_roman),
     Task("pirate", "personas", "talks like a pirate (word rule)", _persona("Say it like a pirate:", pirate),
-         targets=ALL_LINEAR),
-    Task("shouty", "personas", "shouts (upper case rule)", _persona("Shout it:", shout)),
-    Task("robot", "personas", "talks like a robot (rule)", _persona("Say it like a robot:", robot), targets=ATTENTION),
+         targets=ALL_LINEAR, steps=80),
+    Task("shouty", "personas", "shouts (upper case rule)", _persona("Shout it:", shout), steps=80),
+    Task("robot", "personas", "talks like a robot (rule)", _persona("Say it like a robot:", robot), targets=ATTENTION,
+         steps=80),
     Task("backwards", "personas", "says sentences backwards (word order rule)",
-         _persona("Say it backwards:", backwards), rank=16),
+         _persona("Say it backwards:", backwards), rank=16, steps=80),
 ]
 BY_NAME = {t.name: t for t in TASKS}
