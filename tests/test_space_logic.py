@@ -50,3 +50,23 @@ def test_failures_are_one_line_after_what_already_came():
     assert out[-1] == "one \n\n⚠️ the backend is overloaded right now; try again in a moment (429)"
     assert list(stream_reply(_Echo(), "  ", [], "alice/a-soppu")) == ["⚠️ type a message first"]
     assert list(stream_reply(_Echo(), "hi", [], "../etc"))[-1].startswith("⚠️ '../etc' is not a Hub repo id")
+
+
+def test_space_options_from_the_environment(tmp_path):
+    """SOPPU_EXAMPLES_FILE replaces the example prompts, SOPPU_COMPARE picks the second pane; bad values say why."""
+    import pytest
+
+    from soppu_hub.errors import SoppuError
+    from soppu_hub.space.app import COMPARE_NONE, COMPARE_ORIGINAL, EXAMPLES, app_options
+
+    assert app_options({}) == {"compare_default": COMPARE_NONE}
+    (tmp_path / "ex.txt").write_text("Write 12 in French words.\n\nShout it: hello.\n")
+    opts = app_options({"SOPPU_EXAMPLES_FILE": str(tmp_path / "ex.txt"), "SOPPU_COMPARE": "original"})
+    assert opts == {"examples": ["Write 12 in French words.", "Shout it: hello."], "compare_default": COMPARE_ORIGINAL}
+    assert EXAMPLES[0] == "Hello!"  # the generic prompts stay the default
+    (tmp_path / "empty.txt").write_text("\n")
+    for env, words in (({"SOPPU_EXAMPLES_FILE": str(tmp_path / "empty.txt")}, "is empty"),
+                       ({"SOPPU_EXAMPLES_FILE": str(tmp_path / "nope.txt")}, "cannot read"),
+                       ({"SOPPU_COMPARE": "left"}, "is not one of nothing, original, base")):
+        with pytest.raises(SoppuError, match=words):
+            app_options(env)

@@ -121,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")
     p.set_defaults(func=cmd_collection)
 
-    p = sub.add_parser("demo", help="the whole chain offline: Hub, sample adapters, compress by repo id, backend, the Space")
+    p = sub.add_parser("demo", help="the whole chain offline: Hub, a base and its adapters, compress by repo id, backend, "
+                       "the Space")
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")
+    p.add_argument("--set", dest="set_name", choices=["real", "tiny"], default="real",
+                   help="real: SmolLM2-135M-Instruct and the real collection (needs the demo extra); tiny: the "
+                        "1M-parameter sample collection, in seconds (default real)")
     p.add_argument("--no-serve", action="store_true", help="stop everything once the Space answers instead of waiting for Ctrl-C")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -87,7 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..devtools.demo import run_demo
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo's servers as Ctrl-C does
-    run_demo(Path(args.workdir), log=print, serve=not args.no_serve)
+    run_demo(Path(args.workdir), demo_set=args.set_name, log=print, serve=not args.no_serve)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai
 for vLLM's OpenAI-compatible server, the adapter id sent as the model) or, when unset, the embedded CPU backend
-started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies. Runs with
+started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
+a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane shows. Runs with
 `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on
 Spaces).
 """
@@ -34,13 +35,14 @@ DEFAULT_TEMPERATURE = 0.0
 DEFAULT_MAX_NEW = min(64, MAX_NEW_TOKENS)
 EXAMPLES = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.", "What is the capital of France?",
             "How do I reset my password?", "I am feeling sad."]
+COMPARE_CHOICES = {"nothing": COMPARE_NONE, "original": COMPARE_ORIGINAL, "base": COMPARE_BASE}
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 INTRO = """# Chat with a compressed LoRA adapter
 Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
 
 
-def build_app(client: ChatClient) -> gr.Blocks:
+def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_default: str = COMPARE_NONE) -> gr.Blocks:
     def adapters() -> list[str]:
         try:
             return list_soppu_adapters(AUTHOR)
@@ -130,16 +132,17 @@ def build_app(client: ChatClient) -> gr.Blocks:
                     system = gr.Textbox(label="System prompt", lines=2)
                     temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
                     max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW, step=1, label="Max new tokens")
-                compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=COMPARE_NONE,
+                compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=compare_default,
                                    label="Compare side by side with", elem_id="compare")
                 original = gr.State(None)
             with gr.Column(scale=2):
                 with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
                     chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter", min_width=300)
-                    base_chat = gr.Chatbot(label="compared with", height=440, visible="hidden", elem_id="chat-base",
+                    base_chat = gr.Chatbot(label="compared with", height=440, elem_id="chat-base",
+                                           visible=True if compare_default != COMPARE_NONE else "hidden",
                                            min_width=300)
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
-                gr.Examples([[e] for e in EXAMPLES], inputs=message, label="Example prompts (click one, then Enter)",
+                gr.Examples([[e] for e in examples], inputs=message, label="Example prompts (click one, then Enter)",
                             elem_id="examples")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
@@ -164,6 +167,25 @@ def build_app(client: ChatClient) -> gr.Blocks:
     return demo
 
 
+def app_options(env) -> dict:
+    """build_app's keywords from SOPPU_EXAMPLES_FILE and SOPPU_COMPARE."""
+    options: dict = {}
+    if env.get("SOPPU_EXAMPLES_FILE"):
+        path = env["SOPPU_EXAMPLES_FILE"]
+        try:
+            options["examples"] = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SoppuError(f"cannot read SOPPU_EXAMPLES_FILE {path} ({type(e).__name__}); give a text file, one "
+                             "prompt a line") from None
+        if not options["examples"]:
+            raise SoppuError(f"SOPPU_EXAMPLES_FILE {path} is empty; give one prompt a line")
+    compare = env.get("SOPPU_COMPARE", "nothing")
+    if compare not in COMPARE_CHOICES:
+        raise SoppuError(f"SOPPU_COMPARE={compare!r} is not one of {', '.join(COMPARE_CHOICES)}")
+    options["compare_default"] = COMPARE_CHOICES[compare]
+    return options
+
+
 def main() -> None:
     try:
         backend = backend_from_env()
@@ -171,7 +193,11 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     atexit.register(backend.stop)
     client = backend.client()
-    build_app(client).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
+    try:
+        options = app_options(os.environ)
+    except SoppuError as e:
+        raise SystemExit(f"error: {e}") from None
+    build_app(client, **options).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def read_manifest(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"base_model": REAL_BASE_ID, "adapters": {}, "base_scores": {}}
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict) -> None:
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tmp.replace(folder / MANIFEST)
@@ -129,7 +129,7 @@ def build_collection(folder: str | Path = COLLECTION, base_folder: str | Path | 
             if (only and task.name not in only) or (not only and _done(folder, manifest, task.name)):
                 continue
             build_task(folder, base_folder, task, manifest, log=log)
-            _write_manifest(folder, manifest)
+            write_manifest(folder, manifest)
     finally:
         torch.set_num_threads(saved)
     return manifest
