@@ -30,10 +30,10 @@ def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):
 def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_base):
     """Every method at each setting, scored on held-out examples; at a rank holding the adapters exactly, every
     method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter."""
-    from soppu_hub.devtools.bench.quality import format_quality, plot_quality, quality_rows
+    from soppu_hub.devtools.bench.quality import format_quality, matched_budgets, plot_quality, quality_rows
 
     sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
-    rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), target_errors=(0.5,))
+    rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), target_errors=(0.5,), svd_ranks=(2, 16))
     assert [r["method"] for r in rows] == ["JD, one cluster"] * 2 + ["JD, clusters auto"] * 2 + ["JD, target error"] + \
         ["per-adapter SVD"] * 2
     for r in rows:
@@ -42,5 +42,34 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
     svd = [r for r in rows if r["method"] == "per-adapter SVD"]
     assert all(r["clusters"] == len(sample_adapters) for r in svd)
     assert rows[0]["stored_params"] < rows[1]["stored_params"] and rows[0]["ratio"] > rows[1]["ratio"]
-    assert "| per-adapter SVD | rank 16, clusters 2 |" in format_quality(rows)
+    table = format_quality(rows)
+    assert "| per-adapter SVD | rank 16, clusters 2 |" in table
+    # matched budgets: JD at shared rank 16 stores less than two rank-16 SVDs and holds both exactly
+    exact = next(m for m in matched_budgets(rows) if m["svd"]["setting"]["rank"] == 16)
+    assert exact["jd"]["stored_params"] <= exact["svd"]["stored_params"] and exact["jd_keeps_more"]
+    assert "JD keeps at least as much" in table and table.count("\nAt ") == 2 and "\nGoal (4x fewer" in table
     assert plot_quality(rows, tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_verdicts_from_rows():
+    """The goal row is the most compressed one keeping the retention bar; each SVD row meets the best JD row storing
+    no more, which can keep less (said so) or not exist."""
+    from soppu_hub.devtools.bench.quality import format_quality, goal_row, matched_budgets
+
+    def row(method, rank, stored, ratio, mean, worst):
+        return {"method": method, "setting": {"rank": rank}, "stored_params": stored, "params_before": 1000,
+                "ratio": ratio, "clusters": 1, "mean_rel_error": 0.1, "worst_rel_error": 0.2, "mean_retention": mean,
+                "worst_retention": worst, "seconds": 1.0}
+
+    rows = [row("JD, one cluster", 16, 100, 10.0, 0.90, 0.80), row("JD, one cluster", 32, 200, 5.0, 0.97, 0.90),
+            row("per-adapter SVD", 1, 150, 6.7, 0.93, 0.70), row("per-adapter SVD", 2, 250, 4.0, 0.99, 0.95),
+            row("per-adapter SVD", 1, 50, 20.0, 0.50, 0.10)]
+    assert goal_row(rows)["stored_params"] == 200 and goal_row(rows[:1]) is None
+    m = {r["svd"]["stored_params"]: r for r in matched_budgets(rows)}
+    assert m[150]["jd"]["stored_params"] == 100 and not m[150]["jd_keeps_more"]  # 0.90 < 0.93 at <= 150
+    assert m[250]["jd"]["stored_params"] == 200 and not m[250]["jd_keeps_more"]
+    assert m[50]["jd"] is None
+    table = format_quality(rows)
+    assert "reached; the most compressed setting keeping that retention is JD, one cluster (rank 32), 5.00x" in table
+    assert "JD keeps LESS" in table and "no JD setting stores this little" in table
+    assert "not reached; no setting keeps" in format_quality(rows[:1])

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "collection (JD settings beside per-adapter SVD)")
     p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality"])
     p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
-                   "(default 8,16,32)")
+                   "JD's shared ranks (default 16,32,48)")
+    p.add_argument("--svd-ranks", help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")
     p.add_argument("--plot", help="samples, quality: also save the plot here (PNG)")
     p.add_argument("--adapters", type=int, default=None, help="serve: distinct adapters (default 16); scale: adapters in the "
                    "collection (default 20)")

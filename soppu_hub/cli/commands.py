@@ -54,10 +54,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(run_samples_bench(ranks, plot=args.plot))
         return 0
     if args.what == "quality":
-        from ..devtools.bench.quality import RANKS, run_quality_bench
+        from ..devtools.bench.quality import RANKS, SVD_RANKS, run_quality_bench
 
         ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
-        print(run_quality_bench(ranks=ranks, as_json=args.json, plot=args.plot,
+        svd_ranks = tuple(int(r) for r in args.svd_ranks.split(",")) if args.svd_ranks else SVD_RANKS
+        print(run_quality_bench(ranks=ranks, svd_ranks=svd_ranks, as_json=args.json, plot=args.plot,
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "scale":

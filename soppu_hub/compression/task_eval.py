@@ -63,7 +63,7 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch: int = 16) -> list[str]:
+def greedy_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch: int = 64) -> list[str]:
     """Each prompt's greedy reply, decoded without special tokens and trimmed; prompts run `batch` at a time
     (left-padded)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

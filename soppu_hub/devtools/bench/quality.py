@@ -5,6 +5,9 @@ side by side in one run: JD with one cluster, JD with `--clusters auto`, JD with
 per-adapter truncated SVD (every adapter its own cluster: JD of one adapter is its exact truncated SVD, what
 kohya's `resize_lora` does). Per setting: stored parameters (bases + cores, carried tensors included),
 ratio, mean and worst relative error, mean and worst retention of the original's held-out chrF, seconds.
+Then the two questions the issue asks, answered from those rows: the smallest store that keeps mean retention
+>= 0.95 with no adapter under 0.85, and whether JD at no more stored parameters than each per-adapter SVD
+setting keeps at least as much.
 """
 
 from __future__ import annotations
@@ -16,21 +19,44 @@ import time
 from pathlib import Path
 from typing import Callable
 
-RANKS = (8, 16, 32)
+# Shared ranks for JD and per-adapter ranks for SVD: one shared basis of rank R costs about what R / n adapters'
+# own bases do, so these span the same stored-parameter budgets on the 24-adapter collection (2x to 9x fewer).
+RANKS = (16, 32, 48)
+SVD_RANKS = (1, 2, 4)
 TARGET_ERRORS = (0.3, 0.5)
+GOAL_RATIO, GOAL_MEAN, GOAL_WORST = 4.0, 0.95, 0.85  # issue 19: >= 4x at mean retention >= 0.95, worst >= 0.85
+SVD = "per-adapter SVD"
 
 
-def settings(n_adapters: int, ranks=RANKS, target_errors=TARGET_ERRORS) -> list[tuple[str, dict]]:
+def settings(n_adapters: int, ranks=RANKS, target_errors=TARGET_ERRORS, svd_ranks=SVD_RANKS) -> list[tuple[str, dict]]:
     """(method, CompressConfig fields) for every setting the bench runs."""
     out = [("JD, one cluster", {"rank": r}) for r in ranks]
     out += [("JD, clusters auto", {"rank": r, "clusters": "auto"}) for r in ranks]
     out += [("JD, target error", {"rank": max(ranks), "target_error": e}) for e in target_errors]
-    out += [("per-adapter SVD", {"rank": r, "clusters": str(n_adapters)}) for r in ranks]
+    out += [(SVD, {"rank": r, "clusters": str(n_adapters)}) for r in svd_ranks]
     return out
 
 
+def matched_budgets(rows: list[dict]) -> list[dict]:
+    """Per SVD row: the best JD row storing no more parameters, and whether it keeps at least as much."""
+    out = []
+    for svd in (r for r in rows if r["method"] == SVD and r["mean_retention"] is not None):
+        jd = [r for r in rows if r["method"] != SVD and r["stored_params"] <= svd["stored_params"]
+              and r["mean_retention"] is not None]
+        best = max(jd, key=lambda r: r["mean_retention"], default=None)
+        out.append({"svd": svd, "jd": best, "jd_keeps_more": best is not None and best["mean_retention"] >= svd["mean_retention"]})
+    return out
+
+
+def goal_row(rows: list[dict]) -> dict | None:
+    """The row with the highest ratio that keeps mean retention >= 0.95 and every adapter >= 0.85 (None: none)."""
+    ok = [r for r in rows if r["mean_retention"] is not None and r["mean_retention"] >= GOAL_MEAN
+          and r["worst_retention"] >= GOAL_WORST]
+    return max(ok, key=lambda r: r["ratio"], default=None)
+
+
 def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ranks=RANKS, target_errors=TARGET_ERRORS,
-                 log: Callable[[str], None] = lambda m: None) -> list[dict]:
+                 svd_ranks=SVD_RANKS, log: Callable[[str], None] = lambda m: None) -> list[dict]:
     """Every setting's row; the originals are scored once, every compressed export on its adapter's examples."""
     from ...compression.export import ExportConfig
     from ...compression.plan import CompressConfig, compress
@@ -42,7 +68,7 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
     scorer = Scorer(base_folder)
     originals = [scorer(f, s) for f, s in zip(folders, sets)]
     rows = []
-    for method, fields in settings(len(folders), ranks, target_errors):
+    for method, fields in settings(len(folders), ranks, target_errors, svd_ranks):
         started = time.perf_counter()
         adapters = [read_adapter(f, name=n, stream=True) for f, n in zip(folders, names)]
         comp = compress(adapters, CompressConfig(device="cpu", **fields))
@@ -69,11 +95,27 @@ def format_quality(rows: list[dict]) -> str:
     out = ["| method | setting | stored parameters | fewer parameters | mean / worst rel. error | mean / worst retention | seconds |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        setting = ", ".join(f"{k} {v}" for k, v in r["setting"].items())
-        out.append(f"| {r['method']} | {setting} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
+        out.append(f"| {r['method']} | {_setting(r)} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
                    f"{r['mean_rel_error']:.3f} / {r['worst_rel_error']:.3f} | "
                    f"{f(r['mean_retention'], '.3f')} / {f(r['worst_retention'], '.3f')} | {r['seconds']:.1f} |")
+    goal = goal_row(rows)
+    out.append("")
+    out.append(f"Goal ({GOAL_RATIO:g}x fewer at mean retention >= {GOAL_MEAN}, worst >= {GOAL_WORST}): " + (
+        f"{'reached' if goal['ratio'] >= GOAL_RATIO else 'not reached'}; the most compressed setting keeping that "
+        f"retention is {goal['method']} ({_setting(goal)}), {goal['ratio']:.2f}x" if goal else
+        "not reached; no setting keeps that retention"))
+    for m in matched_budgets(rows):
+        svd, jd = m["svd"], m["jd"]
+        out.append(f"At {svd['stored_params']:,} stored parameters ({SVD}, {_setting(svd)}, retention "
+                   f"{svd['mean_retention']:.3f}): " + (
+                       f"{jd['method']} ({_setting(jd)}) keeps {jd['mean_retention']:.3f} with {jd['stored_params']:,}: "
+                       f"{'JD keeps at least as much' if m['jd_keeps_more'] else 'JD keeps LESS'}" if jd else
+                       "no JD setting stores this little"))
     return "\n".join(out)
+
+
+def _setting(row: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row["setting"].items())
 
 
 def plot_quality(rows: list[dict], path: Path) -> Path:
@@ -99,8 +141,8 @@ def plot_quality(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, as_json: bool = False, plot: str | None = None,
-                      log: Callable[[str], None] = lambda m: None) -> str:
+def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, svd_ranks=SVD_RANKS, as_json: bool = False,
+                      plot: str | None = None, log: Callable[[str], None] = lambda m: None) -> str:
     """The bench on the real collection (built by `soppu-hub collection build`) and the real base."""
     from ...compression.task_eval import read_eval_file
     from ...errors import ConfigError
@@ -113,7 +155,8 @@ def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, as_json: b
         raise ConfigError(f"the collection in {collection} has {len(done)} trained adapters; build it first with "
                           "`soppu-hub collection build` (at least 2 are needed)")
     folders = [collection / "adapters" / n for n in done]
-    rows = quality_rows(real_base(), folders, [read_eval_file(f / EVAL_FILE) for f in folders], ranks=ranks, log=log)
+    rows = quality_rows(real_base(), folders, [read_eval_file(f / EVAL_FILE) for f in folders], ranks=ranks,
+                        svd_ranks=svd_ranks, log=log)
     if plot:
         plot_quality(rows, Path(plot))
     return json.dumps(rows, indent=1) if as_json else format_quality(rows)
