@@ -52,9 +52,9 @@ samples: $(STAMP)
 real-base: $(STAMP) smollm2
 	$(PY) -m soppu_hub samples real-base
 
-# docs/space.png: the demo test drives the demo's Space in Chromium and keeps its screenshot there.
-screenshot: $(STAMP) browser
-	SOPPU_TEST_ARTIFACTS=docs $(PY) -m pytest -q tests/test_devtools_demo.py -k whole_chain
+# docs/space.png: the real demo's Space in headless Chromium (the pirate beside its original, one example prompt).
+screenshot: $(STAMP) browser smollm2
+	$(PY) -m soppu_hub.devtools.screenshot docs/space.png
 
 bench: $(STAMP)
 	$(PY) -m soppu_hub bench

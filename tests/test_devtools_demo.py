@@ -9,39 +9,9 @@ from pathlib import Path
 import pytest
 
 from soppu_hub.devtools.demo import run_demo
+from soppu_hub.devtools.screenshot import look_at_the_space
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
-
-
-def _look_at_the_space(run, shots: Path) -> dict:
-    """A person on the demo's Space: the pirate adapter beside its original, one example prompt, a screenshot."""
-    from playwright.sync_api import expect, sync_playwright
-    from test_space_app import _browser
-
-    seen = {}
-    with sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1300, "height": 900})
-            page.goto(run.space_url)
-            typed = page.locator("#adapter-id textarea, #adapter-id input").first
-            typed.fill("alice/pirate-talk-soppu")
-            typed.press("Enter")
-            expect(page.locator("#card-summary")).to_contain_text("alice/pirate-talk-soppu", timeout=30_000)
-            page.get_by_label("the original adapter").check()
-            expect(page.locator("#chat-base")).to_contain_text("alice/pirate-talk", timeout=10_000)
-            page.locator("#examples").get_by_text("Where is my order? It has not arrived.", exact=True).click()
-            page.locator("#message textarea").press("Enter")
-            bots = "#chat-{} .bot, #chat-{} [data-testid='bot']"
-            for pane in ("adapter", "base"):
-                expect(page.locator(bots.format(pane, pane)).last).not_to_be_empty(timeout=60_000)
-            expect(page.locator("#message textarea")).to_be_enabled(timeout=60_000)
-            for pane in ("adapter", "base"):
-                seen[pane] = page.locator(bots.format(pane, pane)).last.inner_text()
-            page.screenshot(path=str(shots / "space.png"))
-        finally:
-            browser.close()
-    return seen
 
 
 def test_demo_runs_the_whole_chain(tmp_path):
@@ -59,7 +29,8 @@ def test_demo_runs_the_whole_chain(tmp_path):
         logs.append(line)
         stamps.append(time.monotonic() - start)
 
-    run = run_demo(tmp_path / "demo", demo_set="tiny", log=log, serve=False, on_ready=lambda r: seen.update(_look_at_the_space(r, shots)))
+    run = run_demo(tmp_path / "demo", demo_set="tiny", log=log, serve=False, on_ready=lambda r: seen.update(look_at_the_space(
+        r.space_url, "alice/pirate-talk-soppu", "Where is my order? It has not arrived.", shots / "space.png")))
     space_line = next(i for i, line in enumerate(logs) if line == f"the Space is running: open {run.space_url}")
     print(f"Space URL after {stamps[space_line]:.1f} s")  # reported, not asserted: timings belong in benchmarks
     # what the person saw: the pirate adapter, compressed, still talks like a pirate, as its original does

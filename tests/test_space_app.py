@@ -10,9 +10,7 @@ from soppu_hub.clients.lorax import LoraxChatClient
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from soppu_hub.devtools.screenshot import CHROMIUM, launch_browser
 
 
 def test_gradio_client_streams_the_chat_endpoint(space, backend):
@@ -50,7 +48,7 @@ def _artifacts(tmp_path: Path) -> Path:
 
 def _browser(p):
     assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium); .ci/run installs it"
-    return p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    return launch_browser(p)
 
 
 def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
