@@ -29,6 +29,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             (("downloading", "repo"), ("compressing", "module"), ("verifying", "adapter"), ("cards", "card"),
              ("pushing", "repo"))}
     log = (lambda msg: None) if args.quiet else log_above_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_bars = not are_progress_bars_disabled()
+    if args.quiet:  # huggingface_hub's own per-file bars (snapshot downloads, uploads) too
+        disable_progress_bars()
     shown = {k: None if args.quiet else b for k, b in bars.items()}
     try:
         result = run_job(spec, progress=shown["compressing"], log=log, cards_progress=shown["cards"],
@@ -37,6 +42,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     finally:
         for b in bars.values():
             b.close()
+        if hub_bars:
+            enable_progress_bars()
     if not args.quiet:
         print(format_table(result.report))
         if result.out:
