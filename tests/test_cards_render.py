@@ -46,3 +46,24 @@ def test_an_unpadded_export_says_lorax_serves_it_too_weak():
     report["export"]["pad"] = "none"
     text = render_card(report, JOB, ranks_png=None, sweep_png=None)
     assert "LoRAX pads this rank at every size and serves the adapter too weak: re-export without `--no-pad`" in text
+
+
+def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
+    """30 layers x 7 module types (SmolLM2, all linear): one readable figure at most 12 inches wide, not a strip."""
+    import struct
+
+    from soppu_hub.cards.plots import MAX_WIDTH, ClusterFigures
+
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    modules = {f"model.layers.{i}.{k}": {"rel_error": 0.01 * (i % 7) + 0.001 * j} for i in range(30)
+               for j, k in enumerate(kinds)}
+    report = {"method": "full", "rank": 32, "adapters": [{"name": n, "modules": modules} for n in ("a", "b")]}
+    figures = ClusterFigures(report, [0, 1])
+    try:
+        png = figures.errors(0, tmp_path / "e.png").read_bytes()
+    finally:
+        figures.close()
+    width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
+    assert width <= MAX_WIDTH * 110 and width / height < 3.5, (width, height)
+    assert sorted(figures.kinds) == sorted(k.split(".")[-1] for k in kinds) and len(figures.layers) == 30

@@ -29,6 +29,9 @@ def _pyplot():
     return plt
 
 
+MAX_WIDTH = 12.0  # inches, at 110 dpi
+
+
 class ClusterFigures:
     """The card figures of the adapters of one cluster (report["adapters"] indices `members`)."""
 
@@ -44,8 +47,10 @@ class ClusterFigures:
         self.layers = sorted({layer for g in grid.values() for layer in g})
         plt = _pyplot()
         width = 0.8 / max(1, len(self.kinds))
-        self.fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(self.layers) * max(1, len(self.kinds)) ** 0.5 + 3), 4.6),
-                                    dpi=110)
+        # wider with more layers and module types, up to MAX_WIDTH: a real model (30 layers x 7 types) would
+        # otherwise be a 4,700-pixel strip that a card or the Space shrinks to nothing
+        wide = 0.5 * len(self.layers) * max(1, len(self.kinds)) ** 0.5 + 3
+        self.fig, ax = plt.subplots(figsize=(min(MAX_WIDTH, max(6.5, wide)), 4.6), dpi=110)
         cmap = plt.get_cmap("tab10")
         self.bars = {}
         self.ranges = []
@@ -57,7 +62,9 @@ class ClusterFigures:
                 hi = [max(grid[kind].get(layer, [0.0])) for layer in self.layers]
                 self.ranges.append(ax.vlines(xs, lo, hi, color="black", alpha=0.55, lw=1.2, zorder=3,
                                              label=f"range over the {len(members)} adapters sharing these bases" if k == 0 else None))
-        ax.set_xticks(range(len(self.layers)), [str(layer) if layer >= 0 else "other" for layer in self.layers])
+        step = 1 if len(self.layers) <= 16 else 5  # every fifth layer named past 16: labels that do not collide
+        ax.set_xticks(range(len(self.layers)), [(str(layer) if layer >= 0 else "other") if i % step == 0 or layer < 0 else ""
+                                                for i, layer in enumerate(self.layers)])
         ax.set_xlabel("layer")
         ax.set_ylabel("relative error  ||W - U S V^T|| / ||W||")
         top = max([v for g in grid.values() for vs in g.values() for v in vs] + [0.05])
