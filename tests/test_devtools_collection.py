@@ -55,7 +55,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     from safetensors import safe_open
 
     from soppu_hub.compression.task_eval import read_eval_file
-    from soppu_hub.devtools.collection.build import _done, build_task, read_manifest
+    from soppu_hub.devtools.collection.build import _done, build_task, format_collection, read_manifest
     from soppu_hub.devtools.collection.tasks import BY_NAME
 
     task = dataclasses.replace(BY_NAME["shouty"], steps=12)
@@ -72,5 +72,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     entry = manifest["adapters"]["shouty"]
     assert set(entry["held_out"]) == {"examples", "exact_match", "chrf"} and "shouty" in manifest["base_scores"]
     assert _done(tmp_path, manifest, "shouty")
+    table = format_collection(manifest)  # `soppu-hub collection show`
+    assert "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table and f"1 of {len(TASKS)} adapters trained" in table
     (folder / "README.md").write_text("changed")
     assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again

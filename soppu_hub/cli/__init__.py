@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
     p.set_defaults(func=cmd_samples)
 
-    p = sub.add_parser("collection", help="train the real collection on the real base (resumable, adapter by adapter)")
-    p.add_argument("action", choices=["build"])
+    p = sub.add_parser("collection", help="build: train the real collection on the real base (resumable, adapter by "
+                       "adapter); show: its adapters' held-out scores beside the base model's")
+    p.add_argument("action", choices=["build", "show"])
     p.add_argument("--out", help="collection folder (default: the one in the package)")
     p.add_argument("--base", help="base model folder (default: the real base, converted from its GGUF once)")
     p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")

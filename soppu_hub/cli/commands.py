@@ -122,8 +122,11 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_collection(args: argparse.Namespace) -> int:
-    from ..devtools.collection.build import COLLECTION, build_collection
+    from ..devtools.collection.build import COLLECTION, build_collection, format_collection, read_manifest
 
+    if args.action == "show":
+        print(format_collection(read_manifest(Path(args.out or COLLECTION))))
+        return 0
     manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")

@@ -19,7 +19,7 @@ import torch
 from ...compression.task_eval import greedy_replies, score
 from ...errors import ConfigError
 from ..realbase import REAL_BASE_ID
-from .tasks import BY_NAME, TASKS, Task
+from .tasks import BY_NAME, HELD_OUT, TASKS, Task
 from .train import BATCH, train_task
 
 COLLECTION = Path(__file__).parent / "data"
@@ -133,3 +133,18 @@ def build_collection(folder: str | Path = COLLECTION, base_folder: str | Path | 
     finally:
         torch.set_num_threads(saved)
     return manifest
+
+
+def format_collection(manifest: dict) -> str:
+    """The trained adapters in task order, each beside the base model on its held-out split (a Markdown table)."""
+    out = ["| adapter | family | LoRA | steps | base EM / chrF | adapter EM / chrF | seconds |", "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        a = manifest["adapters"].get(task.name)
+        if a is None:
+            continue
+        b, h = manifest["base_scores"][task.name], a["held_out"]
+        lora = f"r{a['rank']} {'/'.join(t.removesuffix('_proj') for t in a['targets'])}{' rsLoRA' if a['rslora'] else ''}, {a['dtype']}"
+        out.append(f"| {task.name} | {a['family']} | {lora} | {a['steps']} | {b['exact_match']:.3f} / {b['chrf']:.3f} | "
+                   f"{h['exact_match']:.3f} / {h['chrf']:.3f} | {a['seconds']:.0f} |")
+    out.append(f"\n{len(manifest['adapters'])} of {len(TASKS)} adapters trained; {HELD_OUT} held-out examples each.")
+    return "\n".join(out)
