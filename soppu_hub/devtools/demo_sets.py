@@ -63,9 +63,9 @@ def tiny_set(log: Callable[[str], None] = print) -> DemoSet:
         finally:
             bar.close()
     from .samples import TINY_BASE_ID
+    from .samples.texts import DIALOGUES
 
-    examples = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.", "What is the capital of France?",
-                "How do I reset my password?", "I am feeling sad."]
+    examples = [prompt for prompt, _ in DIALOGUES]  # the only prompts the tiny model answers sensibly
     return DemoSet("tiny", collection.base, TINY_BASE_ID, collection.adapters, TINY_RANK, TINY_VERIFY_RANKS, examples)
 
 
