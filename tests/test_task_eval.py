@@ -5,6 +5,7 @@ import json
 import pytest
 
 from soppu_hub.cli import main
+from soppu_hub.cards.render import table_cell
 from soppu_hub.compression.task_eval import eval_sets, read_eval_file, read_probe_file
 from soppu_hub.errors import EvalFileError
 
@@ -57,8 +58,13 @@ def test_scores_in_report_and_card_lossless_keeps_everything(tmp_path, sample_ad
         t = entry["task_eval"]
         assert t["examples"] == 3 and t["compressed"] == t["original"] and set(t["base"]) == {"examples", "exact_match", "chrf"}
         assert t["chrf_retention"] in (1.0, None) and entry["verify"]["prompts"] == 2
+        assert [x["prompt"] for x in t["samples"]] == ["Hello!", "How are you today?", "What is the capital of France?"]
+        assert all(x["original"] == x["compressed"] and x["answer"] == "I am fine, thank you." for x in t["samples"])
     card = (out / sample_adapters[0].name / "README.md").read_text()
     assert "On your 3 examples the compressed adapter" in card and "| original adapter |" in card
+    said = report["adapters"][0]["task_eval"]["samples"][0]["compressed"]
+    row = f"| Hello! | I am fine, thank you. | {table_cell(said)} | {table_cell(said)} |"
+    assert "Replies to the first 3 examples:" in card and row in card, card
 
 
 def test_bad_eval_file_stops_before_anything_is_written(tmp_path, sample_adapters, capsys):

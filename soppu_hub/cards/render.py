@@ -37,7 +37,14 @@ def _template():
     """templates/adapter.md compiled once (compiling it per card cost more than rendering it)."""
     import jinja2
 
-    return jinja2.Template(TEMPLATE.read_text())
+    env = jinja2.Environment()
+    env.filters["cell"] = table_cell
+    return env.from_string(TEMPLATE.read_text())
+
+
+def table_cell(text: str) -> str:
+    """Free text (a prompt, a reply) as one Markdown table cell: one line, pipes escaped, never empty."""
+    return " ".join(str(text).split()).replace("|", "\\|") or "(nothing)"
 
 
 def peers(report: dict, index: int) -> list[dict]:

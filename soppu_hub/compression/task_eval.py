@@ -18,6 +18,7 @@ import torch
 from ..errors import EvalFileError
 
 CHRF_ORDER, CHRF_BETA = 6, 2.0
+SAMPLES = 4  # examples whose replies (original and compressed) the report and the card show
 Pair = tuple[str, str]  # (prompt, expected answer)
 
 
@@ -152,15 +153,19 @@ class Scorer:
         self.model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
 
     def __call__(self, adapter: Path | None, pairs: list[Pair]) -> dict:
+        return score(self.replies(adapter, pairs), [a for _, a in pairs])
+
+    def replies(self, adapter: Path | None, pairs: list[Pair]) -> list[str]:
+        """The greedy reply to each prompt, up to 8 tokens longer than the longest answer."""
         from peft import PeftModel
 
-        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
-        longest = max(len(self.tokenizer(a, add_special_tokens=False).input_ids) for a in answers) + 8
+        prompts = [p for p, _ in pairs]
+        longest = max(len(self.tokenizer(a, add_special_tokens=False).input_ids) for _, a in pairs) + 8
         if adapter is None:
-            return score(greedy_replies(self.model, self.tokenizer, prompts, max_new_tokens=longest), answers)
+            return greedy_replies(self.model, self.tokenizer, prompts, max_new_tokens=longest)
         peft_model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
         try:
-            return score(greedy_replies(peft_model, self.tokenizer, prompts, max_new_tokens=longest), answers)
+            return greedy_replies(peft_model, self.tokenizer, prompts, max_new_tokens=longest)
         finally:
             self.model = peft_model.unload()
 
@@ -172,8 +177,9 @@ def retention(compressed: dict, original: dict, key: str = "chrf") -> float | No
 
 def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list[Path], sets: list[list[Pair] | None],
                       progress: Callable[[int, int], None] | None = None) -> list[dict | None]:
-    """Per adapter with examples: the base model's, the original's and the compressed adapter's scores, and how
-    much of the original's score the compressed one keeps (chrF and exact match ratios)."""
+    """Per adapter with examples: the base model's, the original's and the compressed adapter's scores, how much
+    of the original's score the compressed one keeps (chrF and exact match ratios), and both replies to the first
+    few examples."""
     scorer = Scorer(base_folder)
     base_scores: dict[int, dict] = {}
     results: list[dict | None] = []
@@ -183,9 +189,14 @@ def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list
             continue
         if id(pairs) not in base_scores:
             base_scores[id(pairs)] = scorer(None, pairs)
-        o, c = scorer(orig, pairs), scorer(comp, pairs)
+        answers = [a for _, a in pairs]
+        said = {"original": scorer.replies(orig, pairs), "compressed": scorer.replies(comp, pairs)}
+        o, c = score(said["original"], answers), score(said["compressed"], answers)
+        samples = [{"prompt": p, "answer": a, "original": r, "compressed": k}
+                   for (p, a), r, k in list(zip(pairs, said["original"], said["compressed"]))[:SAMPLES]]
         results.append({"examples": len(pairs), "base": base_scores[id(pairs)], "original": o, "compressed": c,
-                        "chrf_retention": retention(c, o), "exact_match_retention": retention(c, o, "exact_match")})
+                        "chrf_retention": retention(c, o), "exact_match_retention": retention(c, o, "exact_match"),
+                        "samples": samples})
         if progress:
             progress(i + 1, len(originals))
     return results

@@ -51,7 +51,8 @@ class JobSpec:
                 "plots agreement against rank"})
     eval_file: str | None = field(default=None, metadata={
         "help": "score base, original and compressed adapter on your own examples: a JSONL file of {\"prompt\", "
-                "\"answer\"} lines, or a folder with <adapter name>.jsonl per adapter (exact match and chrF)"})
+                "\"answer\"} lines, or a folder with <adapter name>.jsonl per adapter (exact match and chrF; the card also "
+                "shows both adapters' replies to the first 4 examples)"})
     probe_file: str | None = field(default=None, metadata={
         "help": "with --verify, these prompts (one a line, or JSONL with \"prompt\") instead of the built-in probes"})
     command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ...cards.render import table_cell
 from ...compression.task_eval import greedy_replies, score
 from ...errors import ConfigError
 from ..realbase import REAL_BASE_ID
@@ -57,10 +58,6 @@ def _render(**values) -> str:
     return env.get_template("collection-adapter.md").render(**values)
 
 
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
-
-
 def _evaluate(base_folder: Path, adapter: Path | None, held_out: list) -> tuple[dict, list[str]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,7 +87,7 @@ def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, l
         adapter_score, replies = _evaluate(base_folder, scratch, held_out)
         (scratch / EVAL_FILE).write_text("".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
                                                  for p, a in held_out))
-        examples = [(_cell(p), _cell(a), _cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]]
+        examples = [(table_cell(p), table_cell(a), table_cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]]
         (scratch / "README.md").write_text(_render(
             task=task, base_model=REAL_BASE_ID, n_tasks=len(TASKS), held_out=len(held_out), train=len(train),
             base=manifest["base_scores"][task.name], adapter=adapter_score, examples=examples, batch=BATCH, seed=SEED,
