@@ -39,6 +39,9 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
     for r in rows:
         if r["setting"].get("rank") == 16 and "target_error" not in r["setting"]:
             assert r["worst_rel_error"] < 1e-5 and r["mean_retention"] in (1.0, None)
+    names = {f.name for f in sample_adapters}
+    for r in rows:  # every adapter's own retention, and the one that keeps least named
+        assert set(r["retention"]) <= names and (r["worst_adapter"] is None or r["retention"][r["worst_adapter"]] == r["worst_retention"])
     svd = [r for r in rows if r["method"] == "per-adapter SVD"]
     assert all(r["clusters"] == len(sample_adapters) for r in svd)
     assert rows[0]["stored_params"] < rows[1]["stored_params"] and rows[0]["ratio"] > rows[1]["ratio"]
