@@ -156,6 +156,8 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
     first = (tmp_path / "demo" / "compressed" / "shouty" / "README.md").read_text()
     assert "next-token agreement" not in first  # the Space came first: the fast pass has no checks
     assert "in the background" in next(line for line in logs if line.startswith("checking every compressed"))
+    assert "--rank 24 " in next(line for line in logs if line.startswith("$ soppu-hub compress")) and \
+        "--target-error 0.5" in next(line for line in logs if line.startswith("$ soppu-hub compress"))  # the bench's choice
     card = cards["hub"]
     assert "next-token agreement" in card and "On your 40 examples the compressed adapter" in card
     assert card == (tmp_path / "demo" / "checked" / "shouty" / "README.md").read_text()

@@ -88,6 +88,8 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
     """`soppu-hub compress` of the seeded repos; with checks, --verify (and the set's probes and held-out
     examples), which rewrites the cards and pushes them again (the weights are the same: JD is deterministic)."""
     cmd = [sys.executable, "-m", "soppu_hub", "compress", *ids, "--rank", str(demo_set.rank), "--out", str(workdir / out)]
+    if demo_set.target_error is not None:
+        cmd += ["--target-error", str(demo_set.target_error)]
     if not checks:
         return cmd
     cmd += ["--verify", "--verify-ranks", ",".join(str(r) for r in demo_set.verify_ranks if r < demo_set.rank)]
