@@ -76,3 +76,14 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     assert "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table and f"1 of {len(TASKS)} adapters trained" in table
     (folder / "README.md").write_text("changed")
     assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again
+
+
+def test_demo_refuses_a_collection_with_too_few_adapters(tmp_path, tiny_base):
+    """`make demo` on a collection not built yet: one line saying how to build it, or which smaller set to run."""
+    import pytest
+
+    from soppu_hub.devtools.demo_sets import real_set
+    from soppu_hub.errors import SoppuError
+
+    with pytest.raises(SoppuError, match=r"has 0 trained adapters; build it with `soppu-hub collection build` .*--set tiny"):
+        real_set(collection=tmp_path, base=tiny_base)
