@@ -18,7 +18,42 @@ from ..peft_format.layout import (
 from ..peft_format.read import LINEAR, module_scaling
 
 FORMAT = "soppu-bundle"
-VERSION = 1
+VERSION = 2  # 2: JD-Full cores of rank k < r / 2 stored as their factors (2 r k numbers); 1: every core dense
+READS = (1, 2)
+
+
+@dataclass(frozen=True)
+class FactoredCore:
+    """A JD-Full core S = P @ Q kept as its exact rank-k factors: 2 r k numbers instead of r^2 (worth it for k < r / 2).
+
+    S_i = U^T B_i A_i V has rank at most k_i, so nothing is lost; this is what makes a large shared rank cheap."""
+
+    P: torch.Tensor  # (r, k) = U^T B_i
+    Q: torch.Tensor  # (k, r) = A_i V
+
+    def matrix(self) -> torch.Tensor:
+        return self.P @ self.Q
+
+    def numel(self) -> int:
+        return self.P.numel() + self.Q.numel()
+
+    def to(self, dtype: torch.dtype) -> "FactoredCore":
+        return FactoredCore(self.P.to(dtype), self.Q.to(dtype))
+
+
+Core = torch.Tensor | FactoredCore  # (r, r) dense, (r,) JD-Diag, or factored
+
+
+def compact_core(P: torch.Tensor, Q: torch.Tensor) -> Core:
+    """The smaller exact form of S = P @ Q: its factors when 2 r k < r^2, else the dense matrix."""
+    r, k = P.shape
+    return FactoredCore(P.contiguous(), Q.contiguous()) if 2 * k < r else (P @ Q).contiguous()
+
+
+def _leading_core(c: Core, j: int) -> Core:
+    if isinstance(c, FactoredCore):
+        return compact_core(c.P[:j], c.Q[:, :j])
+    return (c[:j] if c.dim() == 1 else c[:j, :j]).contiguous()
 
 
 @dataclass
@@ -27,7 +62,7 @@ class ModuleBasis:
 
     U: torch.Tensor  # (out, r)
     V: torch.Tensor  # (in, r)
-    cores: dict[int, torch.Tensor]  # adapter index -> (r, r) or (r,) for diag
+    cores: dict[int, Core]  # adapter index -> (r, r), (r,) for diag, or a FactoredCore
     kind: str = LINEAR  # or "embedding": exported as lora_embedding_A / _B
 
     @property
@@ -36,10 +71,13 @@ class ModuleBasis:
 
     def core_matrix(self, i: int) -> torch.Tensor:
         c = self.cores[i]
+        if isinstance(c, FactoredCore):
+            return c.matrix()
         return torch.diag(c) if c.dim() == 1 else c
 
     @property
     def num_params(self) -> int:
+        """What is stored: both bases and every core in its stored form."""
         return self.U.numel() + self.V.numel() + sum(c.numel() for c in self.cores.values())
 
     def leading(self, j: int) -> "ModuleBasis":
@@ -47,7 +85,7 @@ class ModuleBasis:
         if j >= self.rank:
             return self
         return ModuleBasis(self.U[:, :j].contiguous(), self.V[:, :j].contiguous(),
-                           {p: (c[:j] if c.dim() == 1 else c[:j, :j]).contiguous() for p, c in self.cores.items()}, self.kind)
+                           {p: _leading_core(c, j) for p, c in self.cores.items()}, self.kind)
 
 
 @dataclass
@@ -126,9 +164,17 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> None:
     for name, mb in bundle.modules.items():
         tensors[f"{name}.U"] = mb.U.contiguous()
         tensors[f"{name}.V"] = mb.V.contiguous()
-        order = sorted(mb.cores)
-        tensors[f"{name}.cores"] = torch.stack([mb.cores[i] for i in order]).contiguous()
-        modules[name] = {"rank": mb.rank, "adapters": order, "kind": mb.kind}
+        dense = sorted(i for i, c in mb.cores.items() if not isinstance(c, FactoredCore))
+        if dense:
+            tensors[f"{name}.cores"] = torch.stack([mb.cores[i] for i in dense]).contiguous()
+        by_rank: dict[int, list[int]] = {}
+        for i in sorted(set(mb.cores) - set(dense)):
+            by_rank.setdefault(mb.cores[i].P.shape[1], []).append(i)
+        for k, members in by_rank.items():  # one stack per factor rank: no padding zeros are written
+            tensors[f"{name}.cores_P.{k}"] = torch.stack([mb.cores[i].P for i in members]).contiguous()
+            tensors[f"{name}.cores_Q.{k}"] = torch.stack([mb.cores[i].Q for i in members]).contiguous()
+        modules[name] = {"rank": mb.rank, "adapters": dense, "factored": {str(k): m for k, m in by_rank.items()},
+                         "kind": mb.kind}
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -152,8 +198,11 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise BundleError(f"{folder} is not a soppu bundle (missing {missing}); point at the bundle folder") from None
     except Exception as e:
         raise BundleError(f"{folder}: bundle cannot be read ({type(e).__name__}: {e}); download it again") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise BundleError(f"{folder}: not a {FORMAT} v{VERSION} bundle; upgrade soppu-hub")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise BundleError(f"{folder}: {BUNDLE_HEADER} is not a {FORMAT} header; write the bundle again")
+    if header.get("version") not in READS:
+        raise BundleError(f"{folder}: {FORMAT} version {header.get('version')!r} is newer than this soppu-hub reads "
+                          f"(versions {', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)")
     try:
         adapters = sorted(header["adapters"], key=lambda a: a["index"])
         bundle = Bundle(header["method"], [a["name"] for a in adapters], [a["peft_config"] for a in adapters])
@@ -162,14 +211,32 @@ def load_bundle(folder: str | Path) -> Bundle:
         raise BundleError(f"{folder}: {BUNDLE_HEADER} is incomplete; download or write the bundle again") from None
     for name, meta in modules:
         try:
-            cores = tensors[f"{name}.cores"]
-            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], {i: cores[j] for j, i in enumerate(meta["adapters"])},
-                             meta.get("kind", LINEAR))
-        except (KeyError, IndexError, TypeError):
+            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], _read_cores(tensors, name, meta), meta.get("kind", LINEAR))
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise BundleError(f"{folder}: tensors for module {name} are missing; the bundle is incomplete") from None
         r = mb.rank
-        if mb.V.shape[1] != r or any(c.shape not in ((r, r), (r,)) for c in mb.cores.values()):
-            raise BundleError(f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of shape "
-                              f"{tuple(cores.shape[1:])}; the bundle is corrupt, write it again")
+        if mb.V.shape[1] != r or not all(_fits(c, r) for c in mb.cores.values()):
+            raise BundleError(f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of other "
+                              "shapes; the bundle is corrupt, write it again")
         bundle.modules[name] = mb
     return bundle
+
+
+def _read_cores(tensors: dict[str, torch.Tensor], name: str, meta: dict) -> dict[int, Core]:
+    """One module's cores from the file: the dense stack (v1: all of them) and one factor stack per rank (v2)."""
+    cores: dict[int, Core] = {}
+    if meta["adapters"]:
+        dense = tensors[f"{name}.cores"]
+        cores.update({i: dense[j] for j, i in enumerate(meta["adapters"])})
+    for k, members in meta.get("factored", {}).items():
+        P, Q = tensors[f"{name}.cores_P.{int(k)}"], tensors[f"{name}.cores_Q.{int(k)}"]
+        cores.update({i: FactoredCore(P[j], Q[j]) for j, i in enumerate(members)})
+    return cores
+
+
+def _fits(c: Core, r: int) -> bool:
+    """Whether a core read from a file fits bases of rank r."""
+    if isinstance(c, FactoredCore):
+        k = c.P.shape[1]
+        return c.P.shape == (r, k) and c.Q.shape == (k, r)
+    return c.shape in ((r, r), (r,))

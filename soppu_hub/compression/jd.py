@@ -5,7 +5,9 @@ already folded into B_i), find orthonormal U (m x r), V (d x r) and cores S_i mi
 
     sum_i w_i ||W_i - U S_i V^T||_F^2
 
-with S_i = U^T W_i V (JD-Full, r x r) or S_i = diag(U^T W_i V) (JD-Diag, r values).
+with S_i = U^T W_i V (JD-Full, r x r) or S_i = diag(U^T W_i V) (JD-Diag, r values). A JD-Full core has rank
+at most k_i (the adapter's LoRA rank): S_i = (U^T B_i)(A_i V), returned as those factors too, so a caller can
+store 2 r k_i numbers instead of r^2 when k_i < r / 2.
 
 Why it looks the way it does:
 - Every W_i is touched only through its factors; no m x d matrix is ever formed.
@@ -51,6 +53,7 @@ class JDResult:
     iterations: int
     converged: bool
     method: str
+    factors: tuple[Tensor, Tensor] | None = None  # "full": (U^T B_i, A_i V), (L, n, r, k) and (L, n, k, r); cores = P @ Q
 
     @property
     def rank(self) -> int:
@@ -231,11 +234,13 @@ def joint_diagonalize(
 
 def _finish(B: Tensor, A: Tensor, Bc: Tensor, Ac: Tensor, U: Tensor, V: Tensor, sq_norms: Tensor, iterations: int,
             converged: bool, method: str) -> JDResult:
-    core = (U.mT.unsqueeze(1) @ Bc) @ (Ac @ V.unsqueeze(1))  # (L, n, r, r) = U^T W_i V
+    P, Q = U.mT.unsqueeze(1) @ Bc, Ac @ V.unsqueeze(1)  # (L, n, r, k), (L, n, k, r): the core's exact rank-k factors
+    core = P @ Q  # (L, n, r, r) = U^T W_i V
     cores = torch.diagonal(core, dim1=-2, dim2=-1).contiguous() if method == "diag" else core
     dense = torch.diag_embed(cores) if method == "diag" else cores
     sq_errors = reconstruction_sq_errors(B, A, U, V, dense)
-    return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method)
+    factors = (P, Q) if method == "full" else None
+    return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method, factors)
 
 
 def _ritz(X: Tensor, P: Tensor, w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter
-from .bundle import Bundle, ModuleBasis
+from .bundle import Bundle, Core, ModuleBasis, compact_core
 from .jd import METHODS, WEIGHTINGS, factored_rel_error, joint_diagonalize
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
@@ -249,14 +249,23 @@ def _fit(adapters: list[LoraAdapter], members: list[int], modules: list[str], co
                 B, A, config.rank, method=config.method, weights=config.weighting, tol=config.tol, max_iter=config.max_iter
             )
             U, V, cores, rel = res.U.cpu(), res.V.cpu(), res.cores.cpu(), res.rel_errors.cpu()
+            factors = None if res.factors is None else (res.factors[0].cpu(), res.factors[1].cpu())
             for j, name in enumerate(chunk):
                 bundle.modules[name] = ModuleBasis(
-                    U[j].contiguous(), V[j].contiguous(), {p: cores[j, q].contiguous() for q, p in enumerate(present)},
+                    U[j].contiguous(), V[j].contiguous(),
+                    {p: _core(cores, factors, j, q, adapters[glob[q]].modules[name].rank) for q, p in enumerate(present)},
                     adapters[glob[0]].modules[name].kind,
                 )
                 stats[name] = ModuleStats({i: float(rel[j, q]) for q, i in enumerate(glob)}, res.iterations, res.converged)
             step(len(chunk))
     return bundle, stats
+
+
+def _core(cores: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None, j: int, q: int, k: int) -> Core:
+    """Adapter q's core at module j: from its exact rank-k factors when those are smaller (JD-Full), else dense."""
+    if factors is None:
+        return cores[j, q].contiguous()
+    return compact_core(factors[0][j, q, :, :k], factors[1][j, q, :k, :])
 
 
 def _probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 4) -> list[str]:
