@@ -34,7 +34,7 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
 
     sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
     rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), target_errors=(0.5,), svd_ranks=(2, 16))
-    assert [r["method"] for r in rows] == ["JD, one cluster"] * 2 + ["JD, clusters auto"] * 2 + ["JD, target error"] + \
+    assert [r["method"] for r in rows] == ["JD, one cluster"] * 2 + ["JD, clusters auto"] + ["JD, target error"] + \
         ["per-adapter SVD"] * 2
     for r in rows:
         if r["setting"].get("rank") == 16 and "target_error" not in r["setting"]:
