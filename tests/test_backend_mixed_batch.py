@@ -2,7 +2,7 @@
 
 import torch
 
-from soppu_hub.serve.lora_ops import gathered_lora, shared_basis_lora, stack_slots
+from soppu_hub.serve.lora_ops import gathered_lora, shared_basis_lora, shared_factored_lora, stack_slots
 
 
 def _rows(n=3, s=5, d=12, seed=0):
@@ -35,6 +35,21 @@ def test_shared_basis_rows_equal_their_reconstructed_adapters():
     out = shared_basis_lora(x, U, V, cores, slots)
     for row in range(4):
         torch.testing.assert_close(out[row], x[row] @ (U @ cores[slots[row]] @ V.T).T)
+
+
+def test_factored_cores_give_what_their_dense_products_give():
+    """Cores kept as factors S_i = P_i Q_i (ranks 1 and 2, zero-padded to one stack) act as the dense S_i."""
+    x, g = _rows(n=3)
+    m, R = 9, 5
+    U = torch.linalg.qr(torch.randn(m, R, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(12, R, generator=g, dtype=torch.float64))[0]
+    pairs = [(torch.randn(R, k, generator=g, dtype=torch.float64), torch.randn(k, R, generator=g, dtype=torch.float64))
+             for k in (1, 2)]
+    Q, P = stack_slots(pairs)
+    assert Q.shape == (2, 2, R) and P.shape == (2, R, 2)
+    slots = torch.tensor([1, 0, 1])
+    dense = torch.stack([p @ q for p, q in pairs])
+    torch.testing.assert_close(shared_factored_lora(x, U, V, Q, P, slots), shared_basis_lora(x, U, V, dense, slots))
 
 
 def test_installed_forward_matches_peft_token_for_token(tmp_path):

@@ -114,3 +114,48 @@ def test_an_old_bundle_serves_the_same_logits_as_the_new_one(factored, tmp_path,
                 base = peft_model(input_ids=ids).logits
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     assert (logits[0] - base).abs().max() > 1e-3  # the adapter is really applied
+
+
+def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(factored, tmp_path, tiny_base):
+    """Three adapters served from factored cores and one from a v1 (square) copy, in one batch with the base: the
+    installed forward (thin per-row matmuls for the factored group) gives PEFT's own per-row logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.serve.peft_patch import install
+    from soppu_hub.serve.shared_bases import CoreLinear, SharedBases
+
+    _, out, _ = factored
+    old = tmp_path / "square"
+    shutil.copytree(out / NAMES[3], old)
+    _write_as_v1(old / BUNDLE_DIR)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    holder = {}
+
+    def load(path, name):
+        if "m" not in holder:
+            holder["m"] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
+        else:
+            holder["m"].load_adapter(path, adapter_name=name)
+        return holder["m"]
+
+    shared = SharedBases()
+    for name in NAMES[:3]:
+        shared.load(load, out / name, name)
+    peft_model = shared.load(load, old, "square")
+    kinds = {n: m.lora_A[n].factored for m in peft_model.modules() if hasattr(m, "lora_A")
+             for n in m.lora_A if isinstance(m.lora_A[n], CoreLinear)}
+    assert kinds == {"a0": True, "a1": True, "a2": True, "square": False}
+    names = ["a0", "square", "__base__", "a2", "a1", "a0"]
+    ids = torch.randint(5, 300, (len(names), 7), generator=torch.Generator().manual_seed(2))
+    only = ["a0", "a1", "a2"] * 2  # the factored group alone covers the batch: no gather, no scatter
+    with torch.no_grad():
+        want, want_only = (peft_model(input_ids=ids, adapter_names=n).logits for n in (names, only))
+        assert install(peft_model) > 0
+        got, got_only = (peft_model(input_ids=ids, adapter_names=n).logits for n in (names, only))
+        assert install(peft_model) == 0
+        base = peft_model(input_ids=ids, adapter_names=["__base__"] * len(names)).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_only, want_only, rtol=1e-5, atol=1e-5)
+    moved = (want - base).abs().amax((1, 2))
+    assert moved[2] == 0 and (moved[[0, 1, 3, 4, 5]] > 1e-3).all()

@@ -3,7 +3,7 @@
 Plain LoRAs: every adapter's factors (B, A) of one module position sit in a slot of two stacked tensors (zero-padded
 to the largest rank); a batch gathers its rows' slots and applies them with two batched matmuls (what BGMV
 kernels do on GPUs). JD bundles: rows whose adapters share a basis pay x V and (.) U^T once for all of them
-and only their r x r cores per row.
+and only their cores per row: r x r, or two thin factors when the core was stored factored.
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def shared_basis_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: 
     h = x @ V  # (b, s, R): one matmul for every row
     h = torch.bmm(h, cores[slots].transpose(1, 2))  # (b, s, R): S_i applied per row
     return h @ U.T
+
+
+def shared_factored_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, P: torch.Tensor,
+                         slots: torch.Tensor) -> torch.Tensor:
+    """shared_basis_lora for cores kept as factors S_i = P_i Q_i: two thin per-row matmuls (2 R k) instead of R^2.
+    Q (S, k, R), P (S, R, k), zero-padded to the largest k as stack_slots does."""
+    return gathered_lora(x @ V, Q, P, slots) @ U.T
 
 
 def stack_slots(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

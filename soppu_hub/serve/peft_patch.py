@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .lora_ops import gathered_lora, shared_basis_lora, stack_slots
+from .lora_ops import gathered_lora, shared_basis_lora, shared_factored_lora, stack_slots
 
 
 def install(peft_model) -> int:
@@ -114,9 +114,15 @@ def _plan(layer, adapter_names: list[str], device) -> list:
     for group in shared.values():
         names = list(group)
         vt, u = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight  # the bundle's V^T and U, held once
-        cores = torch.stack([layer.lora_A[n].core * layer.scaling[n] for n in names])
         rows, slots = _rows_and_slots(group, device)
-        steps.append((rows, lambda xr, u=u, v=vt.T, cores=cores, slots=slots:
+        cores = [layer.lora_A[n] for n in names]
+        if all(c.factored for c in cores):  # S_i = P_i Q_i: two thin matmuls per row
+            Q, P = stack_slots([(c.core_p * layer.scaling[n], c.core_q) for c, n in zip(cores, names)])
+            steps.append((rows, lambda xr, u=u, v=vt.T, Q=Q, P=P, slots=slots:
+                          shared_factored_lora(xr.to(u.dtype), u, v, Q, P, slots)))
+            continue
+        dense = torch.stack([c.dense_core() * layer.scaling[n] for c, n in zip(cores, names)])
+        steps.append((rows, lambda xr, u=u, v=vt.T, cores=dense, slots=slots:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
     n = len(adapter_names)
     return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order

@@ -2,7 +2,7 @@
 
 An adapter from a bundle is delta = U S_i V^T. PEFT computes lora_B(lora_A(x)); we make lora_A a
 `CoreLinear` (x -> S_i (V^T x), with V^T the one Parameter shared by every adapter of the bundle and S_i
-the adapter's own r x r core) and give lora_B the shared U. N adapters of one bundle then hold U and V
+the adapter's own core: r x r, or its two thin factors when the bundle stored it factored) and give lora_B the shared U. N adapters of one bundle then hold U and V
 once plus N small cores, instead of N full LoRA factor pairs.
 """
 
@@ -14,20 +14,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..compression.bundle import load_bundle
+from ..compression.bundle import Core, FactoredCore, load_bundle
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, KEY_PREFIX
 
 
 class CoreLinear(torch.nn.Module):
-    """lora_A replacement: x -> S (V^T x). `weight` is the shared V^T (PEFT reads its dtype and device)."""
+    """lora_A replacement: x -> S (V^T x). `weight` is the shared V^T (PEFT reads its dtype and device).
 
-    def __init__(self, shared_vt: torch.nn.Parameter, core: torch.Tensor) -> None:
+    A core stored factored (S = P Q, rank k < R / 2) stays factored: x -> P (Q (V^T x)), 2 R k instead of R^2."""
+
+    def __init__(self, shared_vt: torch.nn.Parameter, core: Core) -> None:
         super().__init__()
         self.weight = shared_vt
-        self.core = torch.nn.Parameter(core.to(shared_vt.dtype), requires_grad=False)
+        if isinstance(core, FactoredCore):
+            self.core, self.core_p, self.core_q = None, _frozen(core.P, shared_vt), _frozen(core.Q, shared_vt)
+        else:
+            self.core, self.core_p, self.core_q = _frozen(core, shared_vt), None, None
+
+    @property
+    def factored(self) -> bool:
+        return self.core is None
+
+    def dense_core(self) -> torch.Tensor:
+        return self.core_p @ self.core_q if self.factored else self.core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.weight), self.core)
+        h = F.linear(x, self.weight)
+        if self.factored:
+            return F.linear(F.linear(h, self.core_q), self.core_p)
+        return F.linear(h, self.core)
+
+
+def _frozen(t: torch.Tensor, like: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t.to(like.dtype).contiguous(), requires_grad=False)
 
 
 @dataclass
@@ -71,7 +90,8 @@ class SharedBases:
             like = b.weight
             vt = basis.params.setdefault(key + ".A", torch.nn.Parameter(mb.V.T.contiguous().to(like), requires_grad=False))
             u = basis.params.setdefault(key + ".B", torch.nn.Parameter(mb.U.contiguous().to(like), requires_grad=False))
-            module.lora_A[name] = CoreLinear(vt, mb.core_matrix(0).to(like))
+            core = mb.cores[0]
+            module.lora_A[name] = CoreLinear(vt, core if isinstance(core, FactoredCore) else mb.core_matrix(0))
             b.weight = u
         basis.users.add(name)
         self.of_adapter[name] = basis_id
