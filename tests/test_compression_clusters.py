@@ -31,8 +31,15 @@ def run(tmp_path, folders, *args) -> dict:
 def test_adjusted_rand_index_and_knee():
     assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 2, 2]) == 1.0
     assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) < 0
-    assert choose_k({1: 0.9, 2: 0.5, 3: 0.1, 4: 0.09, 5: 0.085}) == 3
-    assert choose_k({1: 0.2, 2: 0.2}) == 1
+    params = {k: 100 * k for k in range(1, 6)}
+    assert choose_k({1: 0.9, 2: 0.5, 3: 0.1, 4: 0.09, 5: 0.085}, params) == 3  # 9x less error for 3x the bases
+    assert choose_k({1: 0.9, 2: 0.5, 3: 0.2, 4: 0.05, 5: 0.045}, params) == 4
+    assert choose_k({1: 0.2, 2: 0.2}, params) == 1
+    # one shared subspace: more clusters only fit noise, a small cut for K times the bases: one cluster
+    assert choose_k({1: 0.05, 2: 0.045, 3: 0.04}, params) == 1
+    assert choose_k({1: 0.0, 2: 0.0}, params) == 1  # exact everywhere: the fewest parameters
+    # --target-error: the fewest parameters among the K that meet it, whatever the errors say
+    assert choose_k({1: 0.3, 2: 0.1, 3: 0.05}, {1: 500, 2: 300, 3: 400}, meets={1: False, 2: True, 3: True}) == 2
 
 
 def test_kmeans_is_deterministic_and_finds_separated_groups():
@@ -134,3 +141,19 @@ def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
     assert len(listed) == MAX_PEERS and listed[-1]["name"] == "a299" and all(int(a["name"][1:]) % 2 == 1 for a in listed)
     assert [int(a["name"][1:]) for a in listed] == sorted(int(a["name"][1:]) for a in listed)
     assert "modules" not in listed[0] and repo_report(report, 299)["adapter"]["modules"] == {"m": 1}
+
+
+@pytest.mark.parametrize("families,n,expected", [(1, 16, 1), (8, 24, 8)])
+def test_auto_counts_what_clusters_store(tmp_path, families, n, expected):
+    """One planted subspace: more clusters would only fit each adapter's noise at K times the bases, so auto keeps
+    one. Eight planted families: eight clusters, the families found (adjusted Rand >= 0.95)."""
+    from soppu_hub.compression.plan import CompressConfig, compress
+    from soppu_hub.peft_format.read import read_adapter
+
+    facs, fam = family_factors(SHAPES, n, 4, families=families, noise=0.05, seed=3)
+    adapters = [read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
+                for i, f in enumerate(facs)]
+    comp = compress(adapters, CompressConfig(rank=4, clusters="auto", device="cpu"))
+    assert len(comp.bundles) == expected
+    if families > 1:
+        assert adjusted_rand_index(comp.cluster_of, fam) >= 0.95

@@ -44,10 +44,16 @@ class FactoredCore:
 Core = torch.Tensor | FactoredCore  # (r, r) dense, (r,) JD-Diag, or factored
 
 
+def core_size(r: int, k: int, method: str = "full") -> int:
+    """Numbers stored for one core at shared rank r of an adapter of LoRA rank k: r for JD-Diag; for JD-Full
+    the smaller of r^2 (dense) and 2 r k (factored)."""
+    return r if method == "diag" else min(r * r, 2 * r * k)
+
+
 def compact_core(P: torch.Tensor, Q: torch.Tensor) -> Core:
-    """The smaller exact form of S = P @ Q: its factors when 2 r k < r^2, else the dense matrix."""
+    """The smaller exact form of S = P @ Q (core_size): its factors when 2 r k < r^2, else the dense matrix."""
     r, k = P.shape
-    return FactoredCore(P.contiguous(), Q.contiguous()) if 2 * k < r else (P @ Q).contiguous()
+    return FactoredCore(P.contiguous(), Q.contiguous()) if 2 * r * k < r * r else (P @ Q).contiguous()
 
 
 def _leading_core(c: Core, j: int) -> Core:

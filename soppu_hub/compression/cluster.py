@@ -1,7 +1,8 @@
 """Which adapters share a basis: adapter signatures, deterministic k-means, the choice of K, reassignment.
 
 Pure torch, no I/O. Adapters trained for different tasks occupy different subspaces; one basis for all of
-them wastes its rank (the Compress-then-Serve paper clusters 1000 LoRAs for this reason). The signature of
+them wastes its rank (the Compress-then-Serve paper clusters 1000 LoRAs for this reason). But every cluster
+stores its own bases, so K is chosen by stored parameters against error, not by error alone. The signature of
 an adapter is a sketch of where its deltas live: for a few probe modules, the column and row "covariances"
 U_W diag(s^2) U_W^T / sum(s^2) of W = B A (from the factors' QR and a k x k SVD), each sketched with a
 fixed Gaussian to p x p. Two adapters whose deltas use the same directions get nearby signatures whatever
@@ -19,7 +20,6 @@ Tensor = torch.Tensor
 
 SKETCH = 16  # p: each side of a probe module becomes a p x p sketch
 MAX_AUTO_K = 16  # --clusters auto tries K = 1 .. min(MAX_AUTO_K, n // 2)
-KNEE = 0.1  # auto: the smallest K within 10% of the best error improvement over K = 1
 
 
 def _sketch_matrix(dim: int, p: int, seed: int) -> Tensor:
@@ -80,15 +80,16 @@ def renumber(labels: Tensor) -> Tensor:
     return torch.tensor([order[c] for c in labels.tolist()], dtype=torch.long)
 
 
-def choose_k(errors: dict[int, float]) -> int:
-    """The knee rule of --clusters auto: errors[K] is the mean relative error with K clusters (K = 1 .. Kmax) on
-    the probe modules; take the smallest K that achieves 90% of the best improvement over K = 1."""
-    ks = sorted(errors)
-    best = min(errors.values())
-    gain = errors[ks[0]] - best
-    if gain <= 0:
-        return ks[0]
-    return next(k for k in ks if errors[k] - best <= KNEE * gain)
+def choose_k(errors: dict[int, float], params: dict[int, int], *, meets: dict[int, bool] | None = None) -> int:
+    """--clusters auto: errors[K] is the mean relative error with K clusters on the probe modules, params[K] what
+    they store there. Each cluster stores its own bases, so a split must cut the error by more than it multiplies
+    the stored parameters: the K with the smallest error x parameters (ties: fewer parameters). Planted families
+    cut the error many-fold at the right K; more clusters than that only fit each adapter's own noise, a small cut
+    for K times the bases. With --target-error, meets[K] says whether every probed adapter met it: then the fewest
+    parameters among the K that do."""
+    if meets and any(meets.values()):
+        return min((k for k in errors if meets[k]), key=lambda k: (params[k], k))
+    return min(errors, key=lambda k: (errors[k] * params[k], params[k], k))
 
 
 def captured(B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -317,3 +317,15 @@ def _refine_diag(
         prev = obj
     return U, V, max_iter, False
 
+
+def leading_rank(cores: torch.Tensor, sq_norms: torch.Tensor, target: float) -> tuple[int, torch.Tensor]:
+    """The smallest leading rank j at which every adapter's relative error <= target (else the full rank), and the
+    errors there. With orthonormal bases ||W - U' S' V'^T||^2 = ||W||^2 - ||S[:j, :j]||^2. cores (n, r, r)."""
+    r = cores.shape[-1]
+    kept = torch.stack([cores[:, :j, :j].pow(2).sum((-2, -1)) for j in range(1, r + 1)], dim=1)  # (n, r)
+    norms = sq_norms.double()[:, None]
+    rel = ((norms - kept).clamp_min(0) / norms.clamp_min(1e-300)).sqrt()
+    rel = torch.where(norms > 0, rel, torch.zeros_like(rel))
+    ok = (rel <= target).all(0).nonzero()
+    j = int(ok[0]) + 1 if len(ok) else r
+    return j, rel[:, j - 1]

@@ -12,8 +12,9 @@ import torch
 
 from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter
+from .assign import auto_k, reassign, signatures, stack_factors
 from .bundle import Bundle, Core, ModuleBasis, compact_core
-from .jd import METHODS, WEIGHTINGS, factored_rel_error, joint_diagonalize
+from .jd import METHODS, WEIGHTINGS, factored_rel_error, joint_diagonalize, leading_rank
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 
@@ -34,8 +35,8 @@ class CompressConfig:
     tol: float = field(default=1e-6, metadata={"help": "stop when the objective changes by less than this, relatively"})
     max_iter: int = field(default=200, metadata={"help": "iteration cap per batch of modules"})
     clusters: str = field(default="1", metadata={
-        "help": "K: adapters split into K clusters, each with its own bases per module; auto: K chosen by the knee of "
-                "probe error against K (see README)"})
+        "help": "K: adapters split into K clusters, each with its own bases per module; auto: K with the smallest probe "
+                "error x stored parameters, or the smallest store meeting --target-error (see README)"})
     target_error: float | None = field(default=None, metadata={
         "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
                                "relative error is <= this; in (0, 1)"})
@@ -163,13 +164,15 @@ def compress(
     if config.clusters != "1":
         from .cluster import kmeans, normalise
 
-        sig = normalise(_signatures(adapters, modules))
-        k = _auto_k(adapters, modules, sig, config, device) if config.clusters == "auto" else int(config.clusters)
+        sig = normalise(signatures(adapters, modules))
+        k = int(config.clusters) if config.clusters != "auto" else auto_k(
+            adapters, modules, sig, device, rank=config.rank, method=config.method, weighting=config.weighting,
+            target_error=config.target_error)
         labels = kmeans(sig, k).tolist()
     tracker = _Progress(progress, len(modules))
     bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
     for _ in range(REASSIGN_ROUNDS if len(bundles) > 1 else 0):
-        new = _reassign(adapters, bundles, labels, modules, device)
+        new = reassign(adapters, bundles, labels, modules, device)
         if new == labels:
             break
         labels = new
@@ -244,7 +247,7 @@ def _fit(adapters: list[LoraAdapter], members: list[int], modules: list[str], co
         glob = tuple(members[p] for p in present)
         for lo in range(0, len(names), step_size):
             chunk = names[lo : lo + step_size]
-            B, A = _stack(adapters, chunk, glob, kmax, device)
+            B, A = stack_factors(adapters, chunk, glob, kmax, device)
             res = joint_diagonalize(
                 B, A, config.rank, method=config.method, weights=config.weighting, tol=config.tol, max_iter=config.max_iter
             )
@@ -268,96 +271,19 @@ def _core(cores: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None
     return compact_core(factors[0][j, q, :, :k], factors[1][j, q, :k, :])
 
 
-def _probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 4) -> list[str]:
-    """Up to `count` module positions every adapter has, spread over the model, cheapest shapes first."""
-    common = [m for m in modules if all(m in a.modules for a in adapters)]
-    if not common:
-        raise IncompatibleAdaptersError("--clusters needs module positions that every adapter adapts; these share none")
-    step = max(1, len(common) // count)
-    return common[::step][:count]
-
-
-def _signatures(adapters: list[LoraAdapter], modules: list[str]) -> torch.Tensor:
-    from .cluster import module_signature
-
-    parts = []
-    for name in _probe_modules(adapters, modules):
-        kmax = max(a.modules[name].rank for a in adapters)
-        B, A = _stack(adapters, [name], tuple(range(len(adapters))), kmax, torch.device("cpu"))
-        parts.append(module_signature(B[0], A[0]))
-    return torch.cat(parts, dim=1)
-
-
-def _auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, config: CompressConfig,
-            device: torch.device) -> int:
-    """--clusters auto: for K = 1 .. min(16, n // 2), k-means on the signatures, then JD of each cluster on the probe
-    modules; the mean relative error against K picks K by its knee (cluster.choose_k)."""
-    from .cluster import MAX_AUTO_K, choose_k, kmeans
-
-    n = len(adapters)
-    probes = _probe_modules(adapters, modules, count=2)
-    stacks = {}
-    for name in probes:
-        kmax = max(a.modules[name].rank for a in adapters)
-        stacks[name] = _stack(adapters, [name], tuple(range(n)), kmax, device)
-    errors: dict[int, float] = {}
-    for k in range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1):
-        labels = kmeans(sig, k)
-        total = 0.0
-        for B, A in stacks.values():
-            for c in range(k):
-                idx = (labels == c).nonzero().flatten().to(B.device)
-                res = joint_diagonalize(B[:, idx], A[:, idx], config.rank, method=config.method, weights=config.weighting,
-                                        tol=1e-4, max_iter=30)
-                total += float(res.rel_errors.sum())
-        errors[k] = total / (n * len(stacks))
-    return choose_k(errors)
-
-
-def _reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str],
-              device: torch.device) -> list[int]:
-    """Each adapter to the cluster whose bases capture most of it (mean over modules of ||U^T W V||^2 / ||W||^2)."""
-    from .cluster import captured, renumber
-
-    n = len(adapters)
-    score = torch.zeros(n, len(bundles), dtype=torch.float64)
-    counted = torch.zeros(n, dtype=torch.float64)
-    for name in modules:
-        present = tuple(i for i in range(n) if name in adapters[i].modules)
-        if any(name not in b.modules for b in bundles):
-            continue
-        kmax = max(adapters[i].modules[name].rank for i in present)
-        B, A = _stack(adapters, [name], present, kmax, device)
-        for c, b in enumerate(bundles):
-            mb = b.modules[name]
-            score[list(present), c] += captured(B[0], A[0], mb.U.to(device), mb.V.to(device)).cpu()
-        counted[list(present)] += 1
-    if not bool((counted > 0).all()):
-        return labels
-    return renumber(score.argmax(1)).tolist()
-
-
 def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraAdapter], stats: dict[str, ModuleStats],
                         config: CompressConfig) -> None:
-    """Per module: the smallest leading rank r' <= rank at which every member's error <= target (else the full rank).
-
-    With orthonormal U, V the error of the leading r' columns is exact from the core alone:
-    ||W - U' S' V'^T||^2 = ||W||^2 - ||S[:r', :r']||^2."""
+    """Per module: the smallest leading rank r' <= rank at which every member's error <= target (else the full rank)."""
     from .jd import delta_sq_norms
 
     for name, mb in bundle.modules.items():
-        r = mb.rank
         local = sorted(mb.cores)
         norms = torch.stack([delta_sq_norms(*adapters[members[p]].modules[name].factors()) for p in local])
         cores = torch.stack([mb.core_matrix(p).double() for p in local])  # (n, r, r)
-        kept = torch.stack([cores[:, :j, :j].pow(2).sum((-2, -1)) for j in range(1, r + 1)], dim=1)  # (n, r)
-        rel = ((norms[:, None] - kept).clamp_min(0) / norms[:, None].clamp_min(1e-300)).sqrt()
-        rel = torch.where(norms[:, None] > 0, rel, torch.zeros_like(rel))
-        ok = (rel <= config.target_error).all(0).nonzero()
-        j = int(ok[0]) + 1 if len(ok) else r
+        j, rel = leading_rank(cores, norms, config.target_error)
         bundle.modules[name] = mb.leading(j)
         for q, p in enumerate(local):
-            stats[name].rel_errors[members[p]] = float(rel[q, j - 1])
+            stats[name].rel_errors[members[p]] = float(rel[q])
 
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -372,21 +298,3 @@ def _order_key(adapters: list[LoraAdapter]) -> Callable[[str], int]:
         for name in a.modules:
             order.setdefault(name, len(order))
     return lambda n: order[n]
-
-
-def _stack(
-    adapters: list[LoraAdapter], names: list[str], present: tuple[int, ...], kmax: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, n, m, kmax) and (L, n, kmax, d) factor stacks, zero-padded where an adapter's rank is lower."""
-    first = adapters[present[0]].modules[names[0]]
-    (m, d), L, n = first.shape, len(names), len(present)
-    dtype = torch.float64 if any(adapters[i].dtype == torch.float64 for i in present) else torch.float32
-    B = torch.zeros(L, n, m, kmax, dtype=dtype)
-    A = torch.zeros(L, n, kmax, d, dtype=dtype)
-    for j, name in enumerate(names):
-        for p, i in enumerate(present):
-            mod = adapters[i].modules[name]
-            b, a = mod.factors()  # a streamed module is read from its file here, and dropped after the copy
-            B[j, p, :, : mod.rank] = b
-            A[j, p, : mod.rank, :] = a
-    return B.to(device), A.to(device)
