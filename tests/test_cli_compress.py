@@ -177,3 +177,24 @@ def test_token_given_on_the_command_line_is_in_no_written_file(tmp_path, sample_
     assert "soppu-hub compress" in card and "--rank 4 --out" in card  # the command is recorded, without the token
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 5 and not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_an_adapter_the_shared_bases_miss_is_named_with_the_ways_on(tmp_path, capsys):
+    """Two adapters in disjoint subspaces at a shared rank that holds only one of them: the weaker one is named in
+    the report, on the terminal and in its card, with the two ways on; a looser --max-adapter-error names none."""
+    shapes = llama_module_shapes(hidden=64, layers=1, targets=("q_proj",))
+    facs = synthetic_factors(shapes, 2, 4, shared=0, seed=5, scales=[10.0, 1.0])
+    folders = [write_adapter(tmp_path / n, f, base_model="tiny", rank=4, alpha=4) for n, f in zip(("big", "small"), facs)]
+    out = tmp_path / "out"
+    assert main(["compress", *map(str, folders), "--rank", "4", "--weighting", "none", "--out", str(out), "--no-push"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (miss,) = report["poorly_kept"]
+    assert miss["name"] == "small" and miss["mean_rel_error"] > 0.9
+    assert "--clusters 2 or auto" in miss["advice"] and "--rank (now 4)" in miss["advice"]
+    assert f"warning: {miss['advice']}" in capsys.readouterr().out
+    assert "poorly kept" in (out / "small" / "README.md").read_text()
+    assert "poorly kept" not in (out / "big" / "README.md").read_text()
+    loose = tmp_path / "loose"
+    assert main(["compress", *map(str, folders), "--rank", "4", "--weighting", "none", "--max-adapter-error", "1.5",
+                 "--out", str(loose), "--no-push", "--quiet"]) == 0
+    assert json.loads((loose / "report.json").read_text())["poorly_kept"] == []

@@ -86,6 +86,7 @@ def matrix(hub, sample_adapters, tmp_path_factory):
         "--clusters 0": ([good, other, "--clusters", "0"], "--clusters must be a positive integer or auto"),
         "--clusters more than adapters": ([good, other, "--clusters", "3"], "--clusters 3 is more than the 2 adapters"),
         "--target-error outside (0, 1)": ([good, "--target-error", "1.5"], "--target-error must be between 0 and 1"),
+        "--max-adapter-error 0": ([good, "--max-adapter-error", "0"], "--max-adapter-error must be positive"),
         "unreadable --sources-file": (["--sources-file", str(root / "no-such-list.txt")], "cannot read --sources-file"),
         "empty --sources-file": (["--sources-file", str(empty_list)], "names no adapters"),
         "--author with no LoRA repos": (["--author", "nobody-at-all"], "nobody-at-all has no LoRA adapter repos"),

@@ -40,6 +40,9 @@ class CompressConfig:
     target_error: float | None = field(default=None, metadata={
         "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
                                "relative error is <= this; in (0, 1)"})
+    max_adapter_error: float = field(default=0.9, metadata={
+        "help": "an adapter whose mean relative error is above this is named in the report and the terminal with "
+                "the ways on (a cluster of its own, a larger rank): its directions are not in the shared bases"})
 
     def validate(self, n_adapters: int | None = None) -> None:
         if self.rank < 1:
@@ -51,6 +54,8 @@ class CompressConfig:
                              f"use at most {n_adapters} or auto")
         if self.target_error is not None and not 0 < self.target_error < 1:
             raise ConfigError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
+        if not self.max_adapter_error > 0:
+            raise ConfigError(f"--max-adapter-error must be positive (a relative error), got {self.max_adapter_error}")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.weighting not in WEIGHTINGS:

@@ -67,7 +67,18 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         ],
         "target_error": comp.config.target_error,
         "adapters": adapters,
+        "poorly_kept": poorly_kept(adapters, comp),
     }
+
+
+def poorly_kept(adapters: list[dict], comp: Compression) -> list[dict]:
+    """Adapters left above --max-adapter-error, each with the two ways on: a cluster of its own, or a larger rank."""
+    limit, k = comp.config.max_adapter_error, len(comp.bundles)
+    return [{"name": a["name"], "mean_rel_error": a["mean_rel_error"], "cluster": a["cluster"],
+             "advice": f"{a['name']}: mean relative error {a['mean_rel_error']:.3f} is above --max-adapter-error "
+                       f"{limit:g} (its cluster's bases miss its directions); give it a cluster of its own "
+                       f"(--clusters {k + 1} or auto) or a larger --rank (now {comp.config.rank})"}
+            for a in adapters if a["mean_rel_error"] > limit]
 
 
 def format_table(report: dict) -> str:
@@ -81,6 +92,7 @@ def format_table(report: dict) -> str:
     clusters = report.get("clusters") or []
     if len(clusters) > 1:
         lines.append(f"{len(clusters)} clusters of sizes {', '.join(str(c['size']) for c in clusters)}")
+    lines += [f"warning: {p['advice']}" for p in report.get("poorly_kept", [])]
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "
