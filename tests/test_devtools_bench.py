@@ -76,3 +76,36 @@ def test_quality_verdicts_from_rows():
     assert "reached; the most compressed setting keeping that retention is JD, one cluster (rank 32), 5.00x" in table
     assert "JD keeps LESS" in table and "no JD setting stores this little" in table
     assert "not reached; no setting keeps" in format_quality(rows[:1])
+
+
+def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
+    """soppu-hub, per-adapter SVD and the real lorashare on the same tiny family set, each in a child process: rows
+    with stored parameters, errors read back from the written PEFT folders, time and RSS; an exact setting scores 0;
+    lorashare's stored count is its components plus loadings; mixed ranks make lorashare fail in one line."""
+    from soppu_hub.devtools.bench.peers import SHARE, SVD, adapter_errors, format_peers, peer_rows, plot_peers
+    from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+
+    shapes = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
+    facs, _ = family_factors(shapes, 6, 4, families=2, noise=0.05, seed=0)
+    folders = [write_adapter(tmp_path / "in" / f"a{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
+    assert adapter_errors(folders, tmp_path / "in") == [0.0] * 6  # each folder against itself
+    rows, failed = peer_rows("tiny", folders, have_share=True, ranks=(4, 24), svd_ranks=(2, 4), ks=(4, 8))
+    assert failed == []
+    methods = [r["method"] for r in rows]
+    assert methods.count(SHARE) == 2 and methods.count(SVD) == 2 and "soppu, clusters auto" in methods
+    for r in rows:
+        assert r["stored_params"] > 0 and r["seconds"] > 0 and r["peak_rss_gb"] > 0.05 and 0 <= r["mean_error"] <= r["worst_error"]
+    exact = [r for r in rows if r["method"] == SVD and r["setting"]["rank"] == 4] + \
+        [r for r in rows if r["method"] == "soppu, one cluster" and r["setting"]["rank"] == 24]
+    assert all(r["worst_error"] < 1e-2 for r in exact)  # rank 4 of rank-4 adapters; 24 >= 6 x 4: bf16 rounding only
+    share4 = next(r for r in rows if r["method"] == SHARE and r["setting"]["k"] == 4)
+    # SHARE per module: k components for B's columns (m) and for A's rows (d), and 2 k r loadings per adapter
+    assert share4["stored_params"] == sum(4 * (m + d) + 6 * 2 * 4 * 4 for m, d in shapes.values())
+    table = format_peers(rows, failed)
+    assert "| tiny | lorashare (SHARE) | k 4 |" in table and "tiny, lorashare k 4" in table
+    assert plot_peers(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    mixed = folders[:2] + [write_adapter(tmp_path / "in" / "r8", family_factors(shapes, 1, 8, families=1, seed=9)[0][0],
+                                         base_model="tiny", rank=8, alpha=8)]
+    rows, failed = peer_rows("mixed", mixed, have_share=True, ranks=(4,), svd_ranks=(2,), ks=(4,))
+    assert [r["method"] for r in rows if r["method"] == SHARE] == [] and len(failed) == 1
+    assert failed[0].startswith("mixed: lorashare (SHARE) k 4 failed: ") and "\n" not in failed[0]

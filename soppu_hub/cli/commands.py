@@ -68,6 +68,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(run_quality_bench(ranks=ranks, svd_ranks=svd_ranks, as_json=args.json, plot=args.plot,
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
+    if args.what == "peers":
+        from ..devtools.bench.peers import run_peers_bench
+
+        print(run_peers_bench(args.adapters or 32, as_json=args.json, plot=args.plot,
+                              log=lambda m: print(m, file=sys.stderr, flush=True)))
+        return 0
     if args.what == "scale":
         from ..devtools.bench.scale import run_scale_bench
 

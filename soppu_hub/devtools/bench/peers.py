@@ -1,0 +1,239 @@
+"""`soppu-hub bench peers`: soppu-hub against per-adapter SVD and lorashare (SHARE) at matched stored parameters.
+
+The same adapter sets for every method: the scale bench's task families at two sizes (hidden 1024 and Llama-3.2-1B
+shapes, q/v of 16 layers, rank 16, bf16 files), the sample collection, and the real collection when it is trained.
+Each method runs in a child process (its wall time and peak RSS are its own) and writes one PEFT folder per
+adapter; the bench reads every folder back and scores it against its original with one formula for all:
+an adapter's relative error sqrt(sum over modules ||W - W'||^2 / sum ||W||^2). Stored parameters: soppu's bases
+and cores (report.json, LoRA tensors only), SVD's per-adapter factors, lorashare's components and loadings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .scale import LAYERS, LORA_RANK, write_workload
+
+SOPPU_RANKS = (16, 32, 64, 128)
+SVD_RANKS = (2, 4, 8)
+SHARE_KS = (16, 32, 64, 128)
+TARGET_ERRORS = (0.1, 0.3)
+PEERS_EXTRA = "pip install 'soppu-hub[peers]' (lorashare==0.1.3)"
+SHARE = "lorashare (SHARE)"
+SVD = "per-adapter SVD"
+
+
+def settings(n: int, ranks=SOPPU_RANKS, svd_ranks=SVD_RANKS, ks=SHARE_KS) -> list[tuple[str, dict]]:
+    """(method, settings) for every run: soppu with one cluster, auto and a target error; SVD; lorashare."""
+    out = [("soppu, one cluster", {"rank": r}) for r in ranks]
+    out += [("soppu, clusters auto", {"rank": r, "clusters": "auto"}) for r in ranks[:2]]
+    out += [("soppu, target error", {"rank": max(ranks), "target_error": e}) for e in TARGET_ERRORS]
+    out += [(SVD, {"rank": r, "clusters": str(n)}) for r in svd_ranks]
+    out += [(SHARE, {"k": k}) for k in ks]
+    return out
+
+
+def family_set(root: Path, n: int, hidden: int) -> list[Path]:
+    """n adapters of the scale bench's 8 families at hidden 1024 (q 1024 x 1024, v 256 x 1024) or 2048 (its own)."""
+    if hidden == 2048:
+        return write_workload(root, n)[0]
+    import torch
+
+    from ..samples import family_factors, write_adapter
+
+    shapes = {f"model.layers.{i}.self_attn.{t}": s for i in range(LAYERS)
+              for t, s in (("q_proj", (hidden, hidden)), ("v_proj", (hidden // 4, hidden)))}
+    facs, _ = family_factors(shapes, n, LORA_RANK, families=8, family_dim=16, noise=0.05, seed=0)
+    return [write_adapter(root / f"lora-{i:04d}", f, base_model="bench/hidden-1024", rank=LORA_RANK, alpha=LORA_RANK,
+                          dtype=torch.bfloat16) for i, f in enumerate(facs)]
+
+
+def adapter_errors(originals: list[Path], written: Path) -> list[float]:
+    """Each adapter's whole relative error against the PEFT folder written for it (written / <folder name>)."""
+    from ...compression.jd import delta_sq_norms
+    from ...peft_format.read import read_adapter
+
+    out = []
+    for folder in originals:
+        a, b = read_adapter(folder), read_adapter(written / folder.name)
+        total = diff = 0.0
+        for name, mod in a.modules.items():
+            B, A = (t.double() for t in mod.factors())
+            norm = float(delta_sq_norms(B, A))
+            total += norm
+            if name not in b.modules:
+                diff += norm
+                continue
+            B2, A2 = (t.double() for t in b.modules[name].factors())
+            cross = float(((B2.T @ B) * (A2 @ A.T)).sum())
+            diff += max(norm - 2 * cross + float(delta_sq_norms(B2, A2)), 0.0)
+        out.append(math.sqrt(diff / total) if total > 0 else 0.0)
+    return out
+
+
+def run_child(method: str, setting: dict, folders: list[Path], out: Path) -> dict:
+    """One method in this process: write PEFT folders under `out`, return stored parameters and seconds."""
+    import time
+
+    start = time.perf_counter()
+    if method == SHARE:
+        from lorashare import SHAREModel
+
+        share = SHAREModel.from_adapters({f.name: str(f) for f in folders}, num_components=setting["k"], device="cpu")
+        for f in folders:
+            share.reconstruct(f.name, output_dir=str(out / f.name))
+        stored = sum(t.numel() for t in share.components.values())
+        stored += sum(t.numel() for loads in share.all_loadings.values() for t in loads.values())
+    else:
+        from ...compression.plan import CompressConfig
+        from ...pipeline.job import compress_folders
+
+        report = compress_folders(folders, out, CompressConfig(device="cpu", **setting))
+        stored = report["params_after"] - report["carried_params"]
+    return {"stored_params": stored, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _run(method: str, setting: dict, folders: list[Path], out: Path) -> dict:
+    """run_child in a child process: its own wall time and peak RSS (ru_maxrss of that process alone)."""
+    job = json.dumps({"method": method, "setting": setting, "folders": [str(f) for f in folders], "out": str(out)})
+    res = subprocess.run([sys.executable, "-m", "soppu_hub.devtools.bench.peers", job], capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"failed": f"{method} {_label(setting)} failed: {tail}"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable[[str], None] = lambda m: None,
+              **budgets) -> tuple[list[dict], list[str]]:
+    """Every setting on one set: rows (method, setting, stored, ratio, mean / worst error, seconds, RSS) and the
+    lines of settings that failed (lorashare refuses mixed ranks or targets)."""
+    from ...peft_format.read import read_adapter
+
+    before = sum(read_adapter(f).lora_params for f in folders)
+    rows, failed = [], []
+    for method, setting in settings(len(folders), **budgets):
+        if method == SHARE and not have_share:
+            continue
+        with tempfile.TemporaryDirectory(prefix="soppu-peers-") as tmp:
+            got = _run(method, setting, folders, Path(tmp) / "out")
+            if "failed" in got:
+                failed.append(f"{name}: {got['failed']}")
+                log(failed[-1])
+                continue
+            errors = adapter_errors(folders, Path(tmp) / "out")
+        rows.append({"set": name, "method": method, "setting": setting, "stored_params": got["stored_params"],
+                     "ratio": before / got["stored_params"], "mean_error": statistics.fmean(errors),
+                     "worst_error": max(errors), "seconds": got["seconds"], "peak_rss_gb": got["peak_rss_gb"]})
+        log(f"{name}: {method} {_label(setting)}: {rows[-1]['ratio']:.2f}x, mean error {rows[-1]['mean_error']:.4f}")
+    return rows, failed
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Per lorashare row: soppu's best setting storing <= 0.7x its parameters, and whether it has no more mean error
+    (and its worst <= 1.5x its own mean); per set, the single-cluster rows against lorashare at equal parameters."""
+    out = []
+    for share in (r for r in rows if r["method"] == SHARE):
+        ours = [r for r in rows if r["set"] == share["set"] and r["method"].startswith("soppu")
+                and r["stored_params"] <= 0.7 * share["stored_params"]]
+        best = min(ours, key=lambda r: r["mean_error"], default=None)
+        head = f"{share['set']}, lorashare k {share['setting']['k']} ({share['stored_params']:,}, mean {share['mean_error']:.4f}): "
+        if best is None:
+            out.append(head + "no soppu setting stores <= 0.7x of it")
+            continue
+        ok = best["mean_error"] <= share["mean_error"] and best["worst_error"] <= 1.5 * best["mean_error"]
+        out.append(head + f"{best['method']} ({_label(best['setting'])}) {best['stored_params']:,} "
+                   f"({best['stored_params'] / share['stored_params']:.2f}x), mean {best['mean_error']:.4f}, worst "
+                   f"{best['worst_error']:.4f}: {'goal met' if ok else 'goal NOT met'}")
+    return out
+
+
+def format_peers(rows: list[dict], failed: list[str]) -> str:
+    out = ["| set | method | setting | stored parameters | fewer parameters | mean / worst rel. error | seconds | peak RSS |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['set']} | {r['method']} | {_label(r['setting'])} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
+                   f"{r['mean_error']:.4f} / {r['worst_error']:.4f} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} GB |")
+    return "\n".join(out + [""] + verdicts(rows) + failed)
+
+
+def plot_peers(rows: list[dict], path: Path) -> Path:
+    """Mean relative error against stored parameters, one panel per set, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    fig, axes = plt.subplots(1, len(sets), figsize=(min(12, 4 * len(sets)), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        mine = [r for r in rows if r["set"] == name]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            pts = sorted((r["stored_params"], r["mean_error"]) for r in mine if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("stored parameters")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean relative error")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _label(setting: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in setting.items())
+
+
+def have_lorashare() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lorashare") is not None
+
+
+def run_peers_bench(n_adapters: int = 32, *, as_json: bool = False, plot: str | None = None,
+                    log: Callable[[str], None] = lambda m: None) -> str:
+    """Every set, every method; lorashare missing or failing is one line and the rest still runs."""
+    from ..collection.build import COLLECTION, read_manifest
+    from ..samples.collection import COLLECTION as SAMPLES
+
+    share = have_lorashare()
+    notes = [] if share else [f"lorashare is not installed, so its rows are missing: {PEERS_EXTRA}"]
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="soppu-peers-sets-") as tmp:
+        sets = [(f"families, hidden {h}, {n_adapters} adapters", family_set(Path(tmp) / f"h{h}", n_adapters, h))
+                for h in (1024, 2048)]
+        sets.append(("sample collection", sorted(p for p in (SAMPLES / "adapters").iterdir() if p.is_dir())))
+        real = sorted(read_manifest(COLLECTION).get("adapters", {})) if (COLLECTION / "manifest.json").is_file() else []
+        if len(real) >= 2:
+            sets.append((f"real collection ({len(real)})", [COLLECTION / "adapters" / n for n in real]))
+        for name, folders in sets:
+            r, f = peer_rows(name, folders, have_share=share, log=log)
+            rows += r
+            failed += f
+    if plot:
+        plot_peers(rows, Path(plot))
+    if as_json:
+        return json.dumps({"rows": rows, "failed": failed, "notes": notes}, indent=1)
+    return "\n".join(notes + [format_peers(rows, failed)])
+
+
+def _child_main(job: str) -> None:
+    import resource
+
+    spec = json.loads(job)
+    got = run_child(spec["method"], spec["setting"], [Path(f) for f in spec["folders"]], Path(spec["out"]))
+    got["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+    print(json.dumps(got))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])
