@@ -16,7 +16,7 @@ from soppu_hub.peft_format.read import read_adapter
 
 REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
                "clusters", "target_error",
-               "export", "adapters"}
+               "export", "adapters", "poorly_kept", "written"}
 ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank", "cluster",
                 "unpadded_rank", "lorax_exact_tp", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules"}
 
@@ -39,6 +39,12 @@ def test_report_shape_and_numbers(compressed, sample_adapters):
     shared = sum(mb.U.numel() + mb.V.numel() for mb in bundle.modules.values())
     assert report["params_after"] == shared + 2 * 14 * 8 * 8
     assert report["compression_ratio"] == pytest.approx(report["params_before"] / report["params_after"])
+    # what is written, counted honestly: every repo carries the bases again beside its PEFT export
+    written = report["written"]
+    assert written["bundle_params"] == report["params_after"] - report["carried_params"]
+    assert written["repo_params"] == sum(shared + 14 * 8 * 8 + a["export_params"] + a["carried_params"]
+                                         for a in report["adapters"])
+    assert written["tensor_bytes"] == sum(p.stat().st_size for p in compressed.rglob("*.safetensors"))
     for entry, orig in zip(report["adapters"], originals):
         assert set(entry) == ADAPTER_KEYS
         assert entry["output"] == str(compressed / entry["name"])

@@ -93,6 +93,10 @@ def format_table(report: dict) -> str:
     if len(clusters) > 1:
         lines.append(f"{len(clusters)} clusters of sizes {', '.join(str(c['size']) for c in clusters)}")
     lines += [f"warning: {p['advice']}" for p in report.get("poorly_kept", [])]
+    if "written" in report:
+        w = report["written"]
+        lines.append(f"written: {w['tensor_bytes'] / 1e6:.1f} MB of tensors (the bundle {w['bundle_params']:,} parameters; "
+                     f"the {len(report['adapters'])} repos {w['repo_params']:,}: each carries its cluster's bases and a PEFT export)")
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "

@@ -127,15 +127,21 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     exports: list[ExportInfo] = []
     local = comp.local_indices()
     errors = []
+    repo_params = 0
     for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
         c, j = comp.cluster_of[i], local[i]
         info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype))
-        save_bundle(written[c].subset(j), folder / name / BUNDLE_DIR)
+        own = written[c].subset(j)
+        save_bundle(own, folder / name / BUNDLE_DIR)
+        repo_params += own.num_params + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
         info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
         exports.append(info)
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
     report = build_report(comp, outs, exports, errors, export)
+    # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
+    report["written"] = {"bundle_params": sum(b.num_params for b in written), "repo_params": repo_params,
+                         "tensor_bytes": sum(p.stat().st_size for p in folder.rglob("*.safetensors"))}
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
