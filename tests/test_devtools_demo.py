@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from soppu_hub.devtools.demo import run_demo
+from soppu_hub.devtools.demo_sets import REAL_RANK, REAL_TARGET_ERROR
 from soppu_hub.devtools.screenshot import look_at_the_space
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
@@ -156,8 +157,8 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
     first = (tmp_path / "demo" / "compressed" / "shouty" / "README.md").read_text()
     assert "next-token agreement" not in first  # the Space came first: the fast pass has no checks
     assert "in the background" in next(line for line in logs if line.startswith("checking every compressed"))
-    assert "--rank 24 " in next(line for line in logs if line.startswith("$ soppu-hub compress")) and \
-        "--target-error 0.5" in next(line for line in logs if line.startswith("$ soppu-hub compress"))  # the bench's choice
+    command = next(line for line in logs if line.startswith("$ soppu-hub compress"))
+    assert f"--rank {REAL_RANK} " in command and f"--target-error {REAL_TARGET_ERROR}" in command  # the bench's choice
     card = cards["hub"]
     assert "next-token agreement" in card and "On your 40 examples the compressed adapter" in card
     assert card == (tmp_path / "demo" / "checked" / "shouty" / "README.md").read_text()

@@ -33,10 +33,13 @@ def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeo
         try:
             page = browser.new_page(viewport={"width": 1300, "height": 900})
             page.goto(url)
+            # the page's own first card (the list's first adapter) before typing: typed earlier, the box is reset
+            # to the list's value when the page finishes loading, and the screenshot names the wrong adapter
+            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=60_000)
             typed = page.locator("#adapter-id textarea, #adapter-id input").first
             typed.fill(adapter)
             typed.press("Enter")
-            expect(page.locator("#card-summary")).to_contain_text(adapter, timeout=30_000)
+            expect(page.locator("#card-summary")).to_contain_text(adapter, timeout=60_000)
             page.get_by_label("the original adapter").check()
             expect(page.locator("#chat-base")).to_contain_text(adapter.removesuffix("-soppu"), timeout=10_000)
             # Gradio shows long examples cut short ("...treasur..."): click the one that starts like ours
@@ -49,6 +52,7 @@ def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeo
             for pane in ("adapter", "base"):
                 seen[pane] = page.locator(BOTS.format(pane)).last.inner_text()
             shot.parent.mkdir(parents=True, exist_ok=True)
+            page.evaluate("window.scrollTo(0, 0)")  # clicking an example low in a long list scrolled the chats away
             page.screenshot(path=str(shot))
         finally:
             browser.close()

@@ -143,7 +143,7 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                                            min_width=300)
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
                 gr.Examples([[e] for e in examples], inputs=message, label="Example prompts (click one, then Enter)",
-                            elem_id="examples")
+                            elem_id="examples", examples_per_page=max(1, len(examples)))  # one task each: all on view
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     clear = gr.Button("Clear")
