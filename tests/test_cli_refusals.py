@@ -145,7 +145,7 @@ def matrix(hub, sample_adapters, tmp_path_factory):
 CASES = [*(f"adapter {c}" for c in sorted(REFUSALS)), "different base models", "different module shapes",
          "different carried tensors", "--verify on a classifier", "--lorax-tp 0", "--lorax-tp two", "unknown --export-dtype", "--rank 0",
          "missing folder", "neither folder nor id", "--clusters 0", "--clusters more than adapters",
-         "--target-error outside (0, 1)", "unreadable --sources-file", "empty --sources-file", "--author with no LoRA repos", "--push-to with two inputs", "repo not found",
+         "--target-error outside (0, 1)", "--max-adapter-error 0", "unreadable --sources-file", "empty --sources-file", "--author with no LoRA repos", "--push-to with two inputs", "repo not found",
          "private repo of another user", "gated repo", "a dataset repo", "a space repo", "a full model", "unknown revision",
          "no token", "refused token", "namespace the token cannot write", "--push-to another user's repo",
          "--out exists and is not empty"]
