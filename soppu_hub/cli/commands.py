@@ -101,6 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..devtools.demo import run_demo
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo's servers as Ctrl-C does
+    # a shell's background job starts with SIGINT ignored, and Python then leaves it ignored: Ctrl-C (or kill -INT)
+    # would do nothing. The demo always stops on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_demo(Path(args.workdir), demo_set=args.set_name, log=print, serve=not args.no_serve)
     return 0
 
