@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from soppu_hub.compression.jd import joint_diagonalize, reconstruction_sq_errors
+from soppu_hub.compression.jd import joint_diagonalize
+from soppu_hub.compression.scoring import reconstruction_sq_errors
 
 
 def factors(L, n, m, d, k, seed=0, scales=None, dtype=torch.float64):
@@ -199,11 +200,26 @@ def test_subspace_solver_never_decreases_the_objective_and_is_deterministic():
     assert torch.equal(a.U, b.U) and torch.equal(a.cores, b.cores)
 
 
-def test_auto_uses_the_subspace_solver_past_the_exact_size():
-    from soppu_hub.compression.jd import EXACT_MAX_K
+def test_auto_takes_the_solver_its_cost_model_prices_lower():
+    from soppu_hub.compression.jd import solver_costs
 
-    B, A = planted(1, EXACT_MAX_K // 4 + 1, 64, 48, 4, 6, seed=1, dtype=torch.float32)  # n * k just over the limit
-    auto = joint_diagonalize(B, A, 6)
-    assert torch.equal(auto.U, joint_diagonalize(B, A, 6, solver="subspace").U)
-    small = planted(1, 3, 64, 48, 4, 6, seed=1, dtype=torch.float32)
-    assert torch.equal(joint_diagonalize(*small, 6).U, joint_diagonalize(*small, 6, solver="exact").U)
+    many = planted(1, 40, 256, 192, 4, 6, seed=1, dtype=torch.float32)  # n k = 160 against r = 6: subspace
+    few = planted(1, 3, 64, 48, 4, 6, seed=1, dtype=torch.float32)  # n k = 12: the exact K-sized problem is tiny
+    costs_many, costs_few = solver_costs(40, 4, 256, 192, 6), solver_costs(3, 4, 64, 48, 6)
+    assert costs_many["subspace"] < costs_many["exact"] and costs_few["exact"] < costs_few["subspace"]
+    assert torch.equal(joint_diagonalize(*many, 6).U, joint_diagonalize(*many, 6, solver="subspace").U)
+    assert torch.equal(joint_diagonalize(*few, 6).U, joint_diagonalize(*few, 6, solver="exact").U)
+    assert solver_costs(40, 4, 20, 192, 12)["subspace"] == float("inf")  # 2 r > m: no room for the Ritz block
+
+
+def test_module_positions_converge_on_their_own():
+    """A position that settles early leaves the batch: its result is what it gets alone, batched or not."""
+    B, A = planted(3, 30, 96, 80, 4, 8, seed=7, noise=0.3, dtype=torch.float32)
+    for solver in ("exact", "subspace"):
+        together = joint_diagonalize(B, A, 8, solver=solver)
+        for i in range(3):
+            alone = joint_diagonalize(B[i:i + 1], A[i:i + 1], 8, solver=solver)
+            proj = together.U[i] @ together.U[i].mT
+            torch.testing.assert_close(proj, alone.U[0] @ alone.U[0].mT, atol=1e-4, rtol=0)
+            torch.testing.assert_close(together.rel_errors[i:i + 1], alone.rel_errors, atol=1e-5, rtol=0)
+            assert alone.iterations <= together.iterations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .jd import delta_sq_norms
+from .scoring import delta_sq_norms
 
 Tensor = torch.Tensor
 

@@ -14,13 +14,16 @@ Why it looks the way it does:
 - The column space of every W_i lies in span(B_1..B_n) and the row space in span(A_1..A_n), so when
   K = n * k is smaller than m (or d) we QR the stacked factors once and solve an exact K-sized problem,
   then lift the bases back. For n = 1 this is the exact truncated SVD.
-- With many adapters (n * k past EXACT_MAX_K) the K-sized eigenproblem costs (n k)^3 per step, so the
-  solver switches to block subspace iteration through the factors: each half-step multiplies the
-  current basis by the weighted Gram once (two passes over the factors, linear in n) and solves the
-  Rayleigh-Ritz problem in span(current basis, Gram @ basis), a 2r x 2r eigh. The current basis lies in
-  that span, so the objective still never decreases; warm starts carry across steps.
+- With many adapters the K-sized eigenproblem costs (n k)^3 per step, so there is a second solver: block
+  subspace iteration through the factors. Each half-step multiplies the current basis by the weighted Gram
+  once (two passes over the factors, linear in n) and solves the Rayleigh-Ritz problem in span(current
+  basis, Gram @ basis), a 2r x 2r eigh. The current basis lies in that span, so the objective still never
+  decreases. "auto" takes whichever one iteration costs less by a fixed flop model (solver_costs).
+- Weighted Grams sum_i F_i M_i F_i^T are one (p x n k) @ (n k x p) product with k x k middles, never n
+  separate p x p terms: the memory is the factors', not n p^2.
 - All module positions of one shape are a leading batch dimension: one batched QR / eigh / matmul per
-  step instead of a Python loop over layers. The same code runs on CPU and CUDA.
+  step instead of a Python loop over layers. A position whose objective has settled leaves the batch, so
+  each gets what it would get alone and the slowest does not set everyone's cost. Same code on CPU and CUDA.
 - JD-Full alternates exact maximisers (top eigenvectors of the weighted Grams), so the objective is
   monotone; JD-Diag alternates orthogonal Procrustes steps, also monotone. Both stop on the relative
   change of the objective and report how many iterations they took. No random init: deterministic.
@@ -33,12 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .scoring import delta_sq_norms, factored_sq_errors, project_left, project_right, reconstruction_sq_errors
+
 Tensor = torch.Tensor
 
 METHODS = ("full", "diag")
 WEIGHTINGS = ("norm", "none")  # w_i = 1/||W_i||^2, or all 1
 SOLVERS = ("auto", "exact", "subspace")
-EXACT_MAX_K = 512  # n * k above which "auto" uses subspace iteration (the exact eigh grows like (n k)^3)
+EIGH_WEIGHT = 4.0  # a p x p eigh costs about 4 p^3 matmul flops on CPU (fitted to `bench kernel`-style timings)
 
 
 @dataclass
@@ -71,35 +76,25 @@ class JDResult:
         return torch.diag_embed(self.cores) if self.method == "diag" else self.cores
 
 
-def delta_sq_norms(B: Tensor, A: Tensor) -> Tensor:
-    """||B A||_F^2 = tr((B^T B)(A A^T)) in float64, from the factors only. Shapes (..., m, k), (..., k, d)."""
-    B64, A64 = B.double(), A.double()
-    return ((B64.mT @ B64) * (A64 @ A64.mT)).sum(dim=(-2, -1))
+def solver_costs(n: int, k: int, m: int, d: int, r: int) -> dict[str, float]:
+    """Modelled cost of one iteration per module position, in matmul flops, for each JD-Full solver.
 
+    exact: in each reduced space (p' = min(p, n k)) one Gram, 2 n k p'^2, and its eigh; subspace: per side one pass
+    of the stacked factors against r columns and one against 2r, a QR of 2r columns and a 2r x 2r Ritz problem.
+    Both take similar numbers of iterations on the benches, so "auto" compares one iteration. Fitted once and
+    fixed (not timed at run time), so the same inputs always take the same path and give the same bytes."""
+    K = n * k
+    r = min(r, K, m, d)
 
-def reconstruction_sq_errors(B: Tensor, A: Tensor, U: Tensor, V: Tensor, cores: Tensor) -> Tensor:
-    """||W_i - U S_i V^T||_F^2 in float64 for the stored (rounded) U, V, S, without forming W_i.
+    def exact(p: int) -> float:
+        q = min(p, K)
+        return 2.0 * K * q * q + EIGH_WEIGHT * q**3
 
-    Uses ||W||^2 - 2 <S, U^T W V> + tr(S^T U^T U S V^T V), which does not assume U, V are exactly
-    orthonormal, so it scores what is actually saved. B: (L, n, m, k), A: (L, n, k, d),
-    U: (L, m, r), V: (L, d, r), cores: (L, n, r, r).
-    """
-    B64, A64 = B.double(), A.double()
-    U64, V64, S64 = U.double(), V.double(), cores.double()
-    P = (U64.mT.unsqueeze(1) @ B64) @ (A64 @ V64.unsqueeze(1))  # (L, n, r, r) = U^T W V
-    gu = (U64.mT @ U64).unsqueeze(1)
-    gv = (V64.mT @ V64).unsqueeze(1)
-    quad = (S64.mT @ gu @ S64 * gv).sum(dim=(-2, -1))  # tr(S^T Gu S Gv), Gv symmetric
-    return delta_sq_norms(B, A) - 2 * (S64 * P).sum(dim=(-2, -1)) + quad
+    def subspace(p: int) -> float:
+        return 6.0 * p * K * r + 4.0 * p * (2 * r) ** 2 + 2.0 * K * (2 * r) ** 2
 
-
-def factored_rel_error(B: Tensor, A: Tensor, B2: Tensor, A2: Tensor) -> float:
-    """||B A - B2 A2||_F / ||B A||_F in float64 from the factors (0 for an all-zero delta); any rank pair."""
-    Bx, Ax, B2x, A2x = B.double(), A.double(), B2.double(), A2.double()
-    norm = float(delta_sq_norms(Bx, Ax))
-    cross = float(((B2x.mT @ Bx) * (A2x @ Ax.mT)).sum())  # <B A, B2 A2> = tr((B2^T B)(A A2^T))
-    sq = norm - 2 * cross + float(delta_sq_norms(B2x, A2x))
-    return math.sqrt(max(sq, 0.0) / norm) if norm > 0 else 0.0
+    sub = subspace(m) + subspace(d) if 2 * r <= min(m, d) else math.inf
+    return {"exact": exact(m) + exact(d), "subspace": sub}
 
 
 def _top_eigvecs(sym: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -167,7 +162,7 @@ def joint_diagonalize(
     The shared rank is min(rank, m', d') where m', d' are the dimensions after reduction (at most
     n * k): beyond that every adapter is already represented exactly. `solver` "exact" solves each
     half-step's eigenproblem in the QR-reduced space, "subspace" by one Rayleigh-Ritz step through the
-    factors (cost linear in n), "auto" takes "exact" while n * k <= EXACT_MAX_K.
+    factors (cost linear in n), "auto" the one solver_costs prices lower at these shapes.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -184,7 +179,10 @@ def joint_diagonalize(
     L, n, m, k = B.shape
     d = A.shape[-1]
     r = min(rank, n * k, m, d)
-    if solver == "subspace" or (solver == "auto" and n * k > EXACT_MAX_K):
+    if solver == "auto":
+        costs = solver_costs(n, k, m, d, r)
+        solver = "subspace" if costs["subspace"] < costs["exact"] else "exact"
+    if solver == "subspace":
         if 2 * r <= min(m, d):
             U, V, iterations, converged = _subspace_full(Bc, Ac, w, r, tol, max_iter)
             if method == "diag":
@@ -199,27 +197,19 @@ def joint_diagonalize(
     wc = w[..., None, None]
 
     # Deterministic SVD init: V = top right singular vectors of the weighted stack of W_i.
-    BtB = Bs.mT @ Bs
-    V, _ = _top_eigvecs((wc * (As.mT @ BtB @ As)).sum(1), r)
+    V, _ = _top_eigvecs(_gram(As.mT, wc * (Bs.mT @ Bs)), r)
 
-    def u_step(V: Tensor) -> tuple[Tensor, Tensor]:
-        Y = Bs @ (As @ V.unsqueeze(1))  # W_i V, (L, n, m', r)
-        return _top_eigvecs((wc * (Y @ Y.mT)).sum(1), r)
+    def step(data: dict[str, Tensor], st: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        Bs, As, wc = data["B"], data["A"], data["w"]
+        Z = project_right(As, st["V"])  # A_i V: sum_i w_i W_i V V^T W_i^T = sum_i B_i (w_i Z_i Z_i^T) B_i^T
+        U, _ = _top_eigvecs(_gram(Bs, wc * (Z @ Z.mT)), r)
+        C = project_left(U, Bs).mT  # B_i^T U
+        V, obj = _top_eigvecs(_gram(As.mT, wc * (C @ C.mT)), r)  # obj = sum_i w_i ||U^T W_i V||^2
+        return {"U": U, "V": V}, obj
 
-    def v_step(U: Tensor) -> tuple[Tensor, Tensor]:
-        Z = As.mT @ (Bs.mT @ U.unsqueeze(1))  # W_i^T U, (L, n, d', r)
-        return _top_eigvecs((wc * (Z @ Z.mT)).sum(1), r)
-
-    prev = None
-    converged = False
-    iterations = 0
-    for iterations in range(1, max_iter + 1):
-        U, _ = u_step(V)
-        V, obj = v_step(U)  # obj = sum_i w_i ||U^T W_i V||^2
-        if prev is not None and bool(((obj - prev).abs() <= tol * obj.abs().clamp_min(1e-30)).all()):
-            converged = True
-            break
-        prev = obj
+    st = {"U": torch.zeros(L, m_, r, dtype=dtype, device=B.device), "V": V}
+    st, iterations, converged = _until_converged(step, {"B": Bs, "A": As, "w": wc}, st, tol, max_iter)
+    U, V = st["U"], st["V"]
 
     if method == "diag":
         U, V, it2, converged = _refine_diag(Bs, As, U, V, w, tol, max_iter)
@@ -234,21 +224,30 @@ def joint_diagonalize(
 
 def _finish(B: Tensor, A: Tensor, Bc: Tensor, Ac: Tensor, U: Tensor, V: Tensor, sq_norms: Tensor, iterations: int,
             converged: bool, method: str) -> JDResult:
-    P, Q = U.mT.unsqueeze(1) @ Bc, Ac @ V.unsqueeze(1)  # (L, n, r, k), (L, n, k, r): the core's exact rank-k factors
+    P, Q = project_left(U, Bc), project_right(Ac, V)  # (L, n, r, k), (L, n, k, r): the core's exact rank-k factors
     core = P @ Q  # (L, n, r, r) = U^T W_i V
-    cores = torch.diagonal(core, dim1=-2, dim2=-1).contiguous() if method == "diag" else core
-    dense = torch.diag_embed(cores) if method == "diag" else cores
-    sq_errors = reconstruction_sq_errors(B, A, U, V, dense)
-    factors = (P, Q) if method == "full" else None
-    return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method, factors)
+    if method == "diag":
+        cores = torch.diagonal(core, dim1=-2, dim2=-1).contiguous()
+        sq_errors = reconstruction_sq_errors(B, A, U, V, torch.diag_embed(cores))
+        return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method)
+    sq_errors = factored_sq_errors(B, A, U, V, P, Q)
+    return JDResult(U, V, core, sq_norms, sq_errors, iterations, converged, method, (P, Q))
 
 
-def _ritz(X: Tensor, P: Tensor, w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rayleigh-Ritz for max tr(Q^T G Q), G = sum_i w_i F_i F_i^T with F_i = X^T W_i Y (rows of P, (L, n, 2r, r)).
+def _gram(F: Tensor, M: Tensor) -> Tensor:
+    """sum_i F_i M_i F_i^T for F: (L, n, p, k) and M: (L, n, k, k), as one (p x n k) @ (n k x p) product: no
+    per-adapter p x p term is ever formed, and the cost is n k p^2 instead of n p^2 r."""
+    L, n, p, k = F.shape
+    T = (M @ F.mT).reshape(L, n * k, p)  # M_i F_i^T stacked
+    return F.permute(0, 2, 1, 3).reshape(L, p, n * k) @ T
+
+
+def _ritz(X: Tensor, E: Tensor, Z: Tensor, w: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh-Ritz for max tr(Q^T G Q), G = sum_i w_i F_i F_i^T with F_i = X^T W_i Y = E_i^T Z_i, where E_i is
+    the k x 2r factor projected on X and Z_i the k x r one on the fixed side; G = sum_i E_i^T (w_i Z_i Z_i^T) E_i.
 
     Returns (X @ Q, Q, sum of the top r Ritz values) with Q the top-r eigenvectors of the 2r x 2r G."""
-    G = (w[..., None, None] * (P @ P.mT)).sum(1)
-    Q, top = _top_eigvecs(G, r)
+    Q, top = _top_eigvecs(_gram(E.mT, w[..., None, None] * (Z @ Z.mT)), r)
     return X @ Q, Q, top
 
 
@@ -256,8 +255,19 @@ def _sketch(F: Tensor, r: int) -> Tensor:
     """Deterministic start: an orthonormal basis of F^T @ Omega for a fixed-seed Gaussian Omega (drawn on the CPU,
     so CPU and CUDA start alike). F: (L, n*k, p) stacked factors; returns (L, p, r)."""
     g = torch.Generator().manual_seed(0)
-    omega = torch.randn(F.shape[0], F.shape[1], r, generator=g, dtype=torch.float64).to(F.device, F.dtype)
+    omega = torch.randn(F.shape[1], r, generator=g, dtype=torch.float64).to(F.device, F.dtype)  # one for all positions
     return torch.linalg.qr(F.mT @ omega, mode="reduced")[0]
+
+
+def _start(F: Tensor, M: Tensor, r: int) -> Tensor:
+    """A deterministic start for one side: Rayleigh-Ritz of G = sum_i F_i^T M_i F_i (F: (L, n k, p) stacked factors,
+    M: (L, n, k, k) weighted Grams of the other factor) within a 2r-wide sketch of F's row space. Starting from G's
+    leading directions rather than a bare sketch cut the iterations by up to half on the scale bench's families."""
+    L, nk, p = F.shape
+    n, k = M.shape[1], M.shape[2]
+    X = _sketch(F, min(2 * r, p))
+    Q, _ = _top_eigvecs(_gram((F @ X).reshape(L, n, k, X.shape[-1]).mT, M), r)
+    return X @ Q
 
 
 def _subspace_full(B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int, bool]:
@@ -271,51 +281,80 @@ def _subspace_full(B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter
     Bt = B.mT.reshape(L, n * k, m)  # stacked B_i^T, one copy: each pass is one large matmul
     Af = A.reshape(L, n * k, A.shape[-1])  # stacked A_i, a view
     wk = w[..., None, None]
-    U, V = _sketch(Bt, r), _sketch(Af, r)
-    C = (Bt @ U).reshape(L, n, k, r)
-    Z = (Af @ V).reshape(L, n, k, r)
-    prev, converged, it = None, False, 0
+    U = _start(Bt, wk * (A @ A.mT), r)  # top of sum_i w_i W_i W_i^T within a sketch
+    V = _start(Af, wk * (B.mT @ B), r)  # top of sum_i w_i W_i^T W_i within a sketch
+    st = {"U": U, "V": V, "C": (Bt @ U).reshape(L, n, k, r), "Z": (Af @ V).reshape(L, n, k, r)}
+
+    def step(data: dict[str, Tensor], st: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        Bt, Af, w = data["Bt"], data["Af"], data["w"]
+        wk, U, V, C, Z = w[..., None, None], st["U"], st["V"], st["C"], st["Z"]
+        La = Bt.shape[0]
+        T = (wk * (Z @ (Z.mT @ C))).reshape(La, n * k, r)
+        X = torch.linalg.qr(torch.cat([U, Bt.mT @ T], dim=-1), mode="reduced")[0]  # (La, m, 2r)
+        E = (Bt @ X).reshape(La, n, k, 2 * r)  # B_i^T X
+        U, Q, _ = _ritz(X, E, Z, w, r)
+        C = project_right(E, Q)  # B_i^T U for the new U
+        T = (wk * (C @ (C.mT @ Z))).reshape(La, n * k, r)
+        Y = torch.linalg.qr(torch.cat([V, Af.mT @ T], dim=-1), mode="reduced")[0]  # (La, d, 2r)
+        E = (Af @ Y).reshape(La, n, k, 2 * r)  # A_i Y
+        V, Q, obj = _ritz(Y, E, C, w, r)
+        return {"U": U, "V": V, "C": C, "Z": project_right(E, Q)}, obj  # Z: A_i V for the new V
+
+    st, it, converged = _until_converged(step, {"Bt": Bt, "Af": Af, "w": w}, st, tol, max_iter)
+    return st["U"], st["V"], it, converged
+
+
+def _until_converged(step, data: dict[str, Tensor], state: dict[str, Tensor], tol: float, max_iter: int,
+                     prev: Tensor | None = None) -> tuple[dict[str, Tensor], int, bool]:
+    """Run `step(data, state) -> (state, objective)` until each module position's objective changes by at most
+    `tol` relatively. Every tensor is indexed by position first. A converged position leaves the batch: the
+    slowest position no longer sets the cost of all, and each position gets what it would get alone.
+    Returns the final state, the most iterations any position took, and whether all converged."""
+    out = {key: t.clone() for key, t in state.items()}
+    active = torch.arange(next(iter(state.values())).shape[0], device=next(iter(state.values())).device)
     for it in range(1, max_iter + 1):
-        T = (wk * (Z @ (Z.mT @ C))).reshape(L, n * k, r)
-        X = torch.linalg.qr(torch.cat([U, Bt.mT @ T], dim=-1), mode="reduced")[0]  # (L, m, 2r)
-        E = (Bt @ X).reshape(L, n, k, 2 * r)  # B_i^T X
-        U, Q, _ = _ritz(X, E.mT @ Z, w, r)
-        C = E @ Q.unsqueeze(1)  # B_i^T U for the new U
-        T = (wk * (C @ (C.mT @ Z))).reshape(L, n * k, r)
-        Y = torch.linalg.qr(torch.cat([V, Af.mT @ T], dim=-1), mode="reduced")[0]  # (L, d, 2r)
-        E = (Af @ Y).reshape(L, n, k, 2 * r)  # A_i Y
-        V, Q, obj = _ritz(Y, E.mT @ C, w, r)
-        Z = E @ Q.unsqueeze(1)  # A_i V for the new V
-        if prev is not None and bool(((obj - prev).abs() <= tol * obj.abs().clamp_min(1e-30)).all()):
-            converged = True
-            break
+        state, obj = step(data, state)
+        if prev is not None:
+            done = (obj - prev).abs() <= tol * obj.abs().clamp_min(1e-30)
+            if bool(done.any()):
+                for key in out:
+                    out[key][active[done]] = state[key][done]
+                keep = ~done
+                if not bool(keep.any()):
+                    return out, it, True
+                active, obj = active[keep], obj[keep]
+                data = {key: t[keep] for key, t in data.items()}
+                state = {key: t[keep] for key, t in state.items()}
         prev = obj
-    return U, V, it, converged
+    for key in out:
+        out[key][active] = state[key]
+    return out, max_iter, False
 
 
 def _refine_diag(
     Bs: Tensor, As: Tensor, U: Tensor, V: Tensor, w: Tensor, tol: float, max_iter: int
 ) -> tuple[Tensor, Tensor, int, bool]:
     """Alternating orthogonal Procrustes for diagonal cores, started from the JD-Full bases."""
-    wc = w[..., None, None]
 
-    def diag_of(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-        Y = Bs @ (As @ V.unsqueeze(1))
+    def diag_of(Bs: Tensor, As: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+        Y = Bs @ project_right(As, V)  # W_i V, (L, n, m, r)
         return torch.diagonal(U.mT.unsqueeze(1) @ Y, dim1=-2, dim2=-1), Y  # (L, n, r)
 
-    d, Y = diag_of(U, V)
-    prev = (w * (d**2).sum(-1)).sum(-1)
-    for it in range(1, max_iter + 1):
+    def step(data: dict[str, Tensor], st: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        Bs, As, w = data["B"], data["A"], data["w"]
+        wc, V, d, Y = w[..., None, None], st["V"], st["d"], st["Y"]
         U = _polar((wc * (Y * d.unsqueeze(-2))).sum(1))
-        Z = As.mT @ (Bs.mT @ U.unsqueeze(1))
+        Z = As.mT @ project_left(U, Bs).mT  # W_i^T U
         d = torch.diagonal(Z.mT @ V.unsqueeze(1), dim1=-2, dim2=-1)
         V = _polar((wc * (Z * d.unsqueeze(-2))).sum(1))
-        d, Y = diag_of(U, V)
-        obj = (w * (d**2).sum(-1)).sum(-1)
-        if bool(((obj - prev).abs() <= tol * obj.abs().clamp_min(1e-30)).all()):
-            return U, V, it, True
-        prev = obj
-    return U, V, max_iter, False
+        d, Y = diag_of(Bs, As, U, V)
+        return {"U": U, "V": V, "d": d, "Y": Y}, (w * (d**2).sum(-1)).sum(-1)
+
+    d, Y = diag_of(Bs, As, U, V)
+    st = {"U": U, "V": V, "d": d, "Y": Y}
+    st, it, converged = _until_converged(step, {"B": Bs, "A": As, "w": w}, st, tol, max_iter,
+                                         prev=(w * (d**2).sum(-1)).sum(-1))
+    return st["U"], st["V"], it, converged
 
 
 def leading_rank(cores: torch.Tensor, sq_norms: torch.Tensor, target: float) -> tuple[int, torch.Tensor]:

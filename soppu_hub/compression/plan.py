@@ -14,7 +14,8 @@ from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter
 from .assign import auto_k, reassign, signatures, stack_factors
 from .bundle import Bundle, Core, ModuleBasis, compact_core
-from .jd import METHODS, WEIGHTINGS, factored_rel_error, joint_diagonalize, leading_rank
+from .jd import METHODS, WEIGHTINGS, joint_diagonalize, leading_rank
+from .scoring import factored_rel_error
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 
@@ -279,7 +280,7 @@ def _core(cores: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None
 def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraAdapter], stats: dict[str, ModuleStats],
                         config: CompressConfig) -> None:
     """Per module: the smallest leading rank r' <= rank at which every member's error <= target (else the full rank)."""
-    from .jd import delta_sq_norms
+    from .scoring import delta_sq_norms
 
     for name, mb in bundle.modules.items():
         local = sorted(mb.cores)

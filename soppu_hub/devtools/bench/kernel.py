@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ...compression.jd import reconstruction_sq_errors
 from ...compression.plan import CompressConfig, compress, resolve_device
+from ...compression.scoring import reconstruction_sq_errors
 from ...peft_format.read import read_adapter
 from ..samples import synthetic_factors, write_adapter
 from .seed_reference import seed_jd

@@ -57,7 +57,7 @@ def family_set(root: Path, n: int, hidden: int) -> list[Path]:
 
 def adapter_errors(originals: list[Path], written: Path) -> list[float]:
     """Each adapter's whole relative error against the PEFT folder written for it (written / <folder name>)."""
-    from ...compression.jd import delta_sq_norms
+    from ...compression.scoring import delta_sq_norms
     from ...peft_format.read import read_adapter
 
     out = []
