@@ -200,8 +200,9 @@ def test_bench_serve_reports_every_case_as_json():
     from soppu_hub.devtools.bench.serve import format_serve, run_serve_bench
 
     m = json.loads(run_serve_bench(2, 4, as_json=True, repeats=1, hidden=64, layers=1, lora_rank=4, rank=4))
-    assert [c["requests"] for c in m["cases"]] == [1, 2, 2, 2, 2]
-    assert [c["distinct_adapters"] for c in m["cases"]] == [1, 0, 1, 2, 2]
+    assert [c["requests"] for c in m["cases"]] == [1, 2, 2, 2, 2, 2, 2]
+    assert [c["distinct_adapters"] for c in m["cases"]] == [1, 0, 1, 2, 2, 2, 2]
+    assert m["factored_over_square"] == pytest.approx(m["cases"][5]["tokens_per_s"] / m["cases"][6]["tokens_per_s"])
     for c in m["cases"]:
         assert c["tokens"] == 4 * c["requests"] and c["tokens_per_s"] == pytest.approx(c["tokens"] / c["seconds"])
     assert m["distinct_over_one"] == pytest.approx(m["cases"][3]["tokens_per_s"] / m["cases"][2]["tokens_per_s"])
@@ -210,3 +211,4 @@ def test_bench_serve_reports_every_case_as_json():
     assert m["resident_lora_params"]["jd_shared"] < m["resident_lora_params"]["originals"]
     table = format_serve(m)
     assert "2 distinct adapters:" in table and "a 4-token request sent while a 256-token one runs" in table
+    assert "at rank 16 factored cores run" in table

@@ -159,3 +159,16 @@ def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(fact
     torch.testing.assert_close(got_only, want_only, rtol=1e-5, atol=1e-5)
     moved = (want - base).abs().amax((1, 2))
     assert moved[2] == 0 and (moved[[0, 1, 3, 4, 5]] > 1e-3).all()
+
+
+def test_the_serve_bench_s_square_copy_holds_the_same_cores_dense(factored, tmp_path):
+    from soppu_hub.devtools.bench.serve import _square_copy
+
+    _, out, _ = factored
+    _square_copy(out / NAMES[0], tmp_path / "square")
+    before, after = load_bundle(out / NAMES[0] / BUNDLE_DIR), load_bundle(tmp_path / "square" / BUNDLE_DIR)
+    assert any(isinstance(c, FactoredCore) for mb in before.modules.values() for c in mb.cores.values())
+    for name, mb in after.modules.items():
+        assert not any(isinstance(c, FactoredCore) for c in mb.cores.values())
+        torch.testing.assert_close(mb.core_matrix(0), before.modules[name].core_matrix(0))
+        assert torch.equal(mb.U, before.modules[name].U)

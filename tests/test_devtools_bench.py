@@ -109,3 +109,7 @@ def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
     rows, failed = peer_rows("mixed", mixed, have_share=True, ranks=(4,), svd_ranks=(2,), ks=(4,))
     assert [r["method"] for r in rows if r["method"] == SHARE] == [] and len(failed) == 1
     assert failed[0].startswith("mixed: lorashare (SHARE) k 4 failed: ") and "\n" not in failed[0]
+    from soppu_hub.devtools.bench.peers import uniform_subset
+
+    assert uniform_subset(mixed) == [("real collection, its 2 rank-4 q/v adapters", folders[:2])]
+    assert uniform_subset(folders) == []  # already uniform: no second set

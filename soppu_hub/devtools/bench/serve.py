@@ -70,6 +70,12 @@ def measure_serve(n_adapters: int = 16, new_tokens: int = 32, repeats: int = 5, 
             write_adapter(tmp / "adapters" / name, f, base_model=str(base), rank=lora_rank, alpha=2 * lora_rank)
         compress_folders([tmp / "adapters" / n for n in names], tmp / "adapters" / "jd", CompressConfig(rank=rank))
         compressed = [f"jd/{n}" for n in names]
+        wide = 4 * lora_rank  # cores of rank k <= r / 4: stored (and applied) as two thin factors
+        compress_folders([tmp / "adapters" / n for n in names], tmp / "adapters" / "jd-wide", CompressConfig(rank=wide))
+        factored = [f"jd-wide/{n}" for n in names]
+        square = [f"jd-square/{n}" for n in names]
+        for n in names:
+            _square_copy(tmp / "adapters" / "jd-wide" / n, tmp / "adapters" / "jd-square" / n)
         child = start_backend(str(base), extra=["--adapter-dir", str(tmp / "adapters"), "--max-adapters", str(3 * n_adapters),
                                                 "--max-batch-size", str(n_adapters), "--max-total-tokens", "512"])
         try:
@@ -83,6 +89,8 @@ def measure_serve(n_adapters: int = 16, new_tokens: int = 32, repeats: int = 5, 
                 (f"{n_adapters} concurrent, 1 adapter", [names[0]] * n_adapters),
                 (f"{n_adapters} concurrent, {n_adapters} distinct adapters", names),
                 (f"{n_adapters} concurrent, {n_adapters} JD-compressed (shared basis)", compressed),
+                (f"{n_adapters} concurrent, {n_adapters} JD rank {wide}, factored cores", factored),
+                (f"{n_adapters} concurrent, {n_adapters} JD rank {wide}, the same cores square", square),
             ]
             cases = []
             for label, adapters in plan:
@@ -100,9 +108,24 @@ def measure_serve(n_adapters: int = 16, new_tokens: int = 32, repeats: int = 5, 
         "cases": cases,
         "distinct_over_one": cases[3]["tokens_per_s"] / one,
         "jd_over_one": cases[4]["tokens_per_s"] / one,
+        "factored_over_square": cases[5]["tokens_per_s"] / cases[6]["tokens_per_s"],
         "resident_lora_params": {"originals": resident_orig, "jd_shared": resident_jd},
         "short_during_long": latency,
     }
+
+
+def _square_copy(src: Path, dst: Path) -> None:
+    """An output folder whose bundle holds the same cores as dense r x r matrices (format v1's layout)."""
+    import shutil
+
+    from ...compression.bundle import FactoredCore, load_bundle, save_bundle
+    from ...peft_format.layout import BUNDLE_DIR
+
+    shutil.copytree(src, dst)
+    bundle = load_bundle(src / BUNDLE_DIR)
+    for mb in bundle.modules.values():
+        mb.cores = {i: c.matrix() if isinstance(c, FactoredCore) else c for i, c in mb.cores.items()}
+    save_bundle(bundle, dst / BUNDLE_DIR)
 
 
 def format_serve(m: dict) -> str:
@@ -117,7 +140,8 @@ def format_serve(m: dict) -> str:
         f"{w['new_tokens']} new tokens per request, best of {w['repeats']}",
         *("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [header, *rows]),
         f"{n} distinct adapters: {m['distinct_over_one']:.2f}x the throughput of 1 adapter; "
-        f"{n} JD-compressed: {m['jd_over_one']:.2f}x",
+        f"{n} JD-compressed: {m['jd_over_one']:.2f}x; at rank {4 * w['lora_rank']} factored cores run "
+        f"{m['factored_over_square']:.2f}x as fast as the same cores square",
         f"a {lat['short_tokens']}-token request sent while a {lat['long_tokens']}-token one runs: {lat['short_seconds']:.2f} s "
         f"of the long one's {lat['long_seconds']:.2f} s ({lat['short_over_long']:.2f})",
         f"resident LoRA parameters: {n} original adapters {res['originals']:,}; the same {n} JD-compressed at rank "
