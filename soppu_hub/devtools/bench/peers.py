@@ -171,7 +171,6 @@ def plot_peers(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullFormatter
 
     sets = list(dict.fromkeys(r["set"] for r in rows))
