@@ -157,3 +157,17 @@ def test_auto_counts_what_clusters_store(tmp_path, families, n, expected):
     assert len(comp.bundles) == expected
     if families > 1:
         assert adjusted_rand_index(comp.cluster_of, fam) >= 0.95
+
+
+def test_captured_energy_matches_the_dense_projection():
+    from soppu_hub.compression.cluster import captured
+
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(5, 40, 4, generator=g), torch.randn(5, 4, 30, generator=g)
+    U = torch.linalg.qr(torch.randn(40, 6, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(30, 6, generator=g))[0]
+    W = (B @ A).double()
+    dense = (U.double().T @ W @ V.double()).pow(2).sum((-2, -1)) / W.pow(2).sum((-2, -1))
+    torch.testing.assert_close(captured(B, A, U, V), dense, rtol=1e-5, atol=1e-6)
+    B[2] = 0  # an all-zero delta counts as held entirely
+    assert captured(B, A, U, V)[2] == 1.0

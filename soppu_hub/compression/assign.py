@@ -12,6 +12,10 @@ from ..errors import IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter
 from .bundle import Bundle, core_size
 from .jd import joint_diagonalize, leading_rank
+from .scoring import delta_sq_norms
+
+
+REASSIGN_MODULES = 8
 
 
 def probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 4) -> list[str]:
@@ -74,21 +78,24 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
 
 def reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str],
              device: torch.device) -> list[int]:
-    """Each adapter to the cluster whose bases capture most of it (mean over modules of ||U^T W V||^2 / ||W||^2)."""
+    """Each adapter to the cluster whose bases capture most of it (mean of ||U^T W V||^2 / ||W||^2 over up to
+    REASSIGN_MODULES positions spread over the model: reading every module of every adapter again cost as much as
+    a fit at 1000 adapters, and a cluster's bases are fitted to all layers alike)."""
     from .cluster import captured, renumber
 
     n = len(adapters)
     score = torch.zeros(n, len(bundles), dtype=torch.float64)
     counted = torch.zeros(n, dtype=torch.float64)
-    for name in modules:
+    for name in modules[::max(1, len(modules) // REASSIGN_MODULES)][:REASSIGN_MODULES]:
         present = tuple(i for i in range(n) if name in adapters[i].modules)
         if any(name not in b.modules for b in bundles):
             continue
         kmax = max(adapters[i].modules[name].rank for i in present)
         B, A = stack_factors(adapters, [name], present, kmax, device)
+        norms = delta_sq_norms(B[0], A[0])
         for c, b in enumerate(bundles):
             mb = b.modules[name]
-            score[list(present), c] += captured(B[0], A[0], mb.U.to(device), mb.V.to(device)).cpu()
+            score[list(present), c] += captured(B[0], A[0], mb.U.to(device), mb.V.to(device), norms).cpu()
         counted[list(present)] += 1
     if not bool((counted > 0).all()):
         return labels

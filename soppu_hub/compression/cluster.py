@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .scoring import delta_sq_norms
+from .scoring import delta_sq_norms, project_left, project_right
 
 Tensor = torch.Tensor
 
@@ -92,12 +92,16 @@ def choose_k(errors: dict[int, float], params: dict[int, int], *, meets: dict[in
     return min(errors, key=lambda k: (errors[k] * params[k], params[k], k))
 
 
-def captured(B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """||U^T W_i V||_F^2 / ||W_i||_F^2 per adapter (1 = the bases hold W_i entirely); B: (n, m, k), A: (n, k, d)."""
-    B64, A64 = B.double(), A.double()
-    P = (U.double().mT.unsqueeze(0) @ B64) @ (A64 @ V.double().unsqueeze(0))
-    norms = delta_sq_norms(B64, A64)
-    return torch.where(norms > 0, P.pow(2).sum((-2, -1)) / norms.clamp_min(1e-300), torch.ones_like(norms))
+def captured(B: Tensor, A: Tensor, U: Tensor, V: Tensor, sq_norms: Tensor | None = None) -> Tensor:
+    """||U^T W_i V||_F^2 / ||W_i||_F^2 per adapter (1 = the bases hold W_i entirely); B: (n, m, k), A: (n, k, d).
+
+    Through k x k products only: ||(U^T B)(A V)||^2 = sum((B^T U U^T B) * (A V V^T A^T)). `sq_norms` (||W_i||^2,
+    float64) may be passed when one module is scored against several clusters' bases."""
+    C = project_left(U.to(B.dtype)[None], B[None])[0].double()  # (n, r, k) = U^T B_i
+    Z = project_right(A[None], V.to(A.dtype)[None])[0].double()  # (n, k, r) = A_i V
+    kept = ((C.mT @ C) * (Z @ Z.mT)).sum((-2, -1))
+    norms = delta_sq_norms(B, A) if sq_norms is None else sq_norms
+    return torch.where(norms > 0, kept / norms.clamp_min(1e-300), torch.ones_like(norms))
 
 
 def adjusted_rand_index(a: list[int], b: list[int]) -> float:
