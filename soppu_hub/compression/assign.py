@@ -14,7 +14,6 @@ from .bundle import Bundle, core_size
 from .jd import joint_diagonalize, leading_rank
 from .scoring import delta_sq_norms
 
-
 REASSIGN_MODULES = 8
 
 
