@@ -101,6 +101,10 @@ def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
     share4 = next(r for r in rows if r["method"] == SHARE and r["setting"]["k"] == 4)
     # SHARE per module: k components for B's columns (m) and for A's rows (d), and 2 k r loadings per adapter
     assert share4["stored_params"] == sum(4 * (m + d) + 6 * 2 * 4 * 4 for m, d in shapes.values())
+    for share in (r for r in rows if r["method"] == SHARE):  # a single-basis row sits at 0.7x of every lorashare budget
+        rank = int(0.7 * share["setting"]["k"])
+        margin = next(r for r in rows if r["method"] == "soppu, one cluster" and r["setting"]["rank"] == rank)
+        assert margin["stored_params"] <= 0.7 * share["stored_params"]
     table = format_peers(rows, failed)
     assert "| tiny | lorashare (SHARE) | k 4 |" in table and "tiny, lorashare k 4" in table
     assert plot_peers(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

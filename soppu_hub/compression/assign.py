@@ -15,6 +15,7 @@ from .jd import joint_diagonalize, leading_rank
 from .scoring import delta_sq_norms
 
 REASSIGN_MODULES = 8
+AUTO_K_SAMPLE = 256
 
 
 def probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 4) -> list[str]:
@@ -42,25 +43,35 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
            method: str, weighting: str, target_error: float | None) -> int:
     """--clusters auto: for K = 1 .. min(16, n // 2), k-means on the signatures, then JD of each cluster on two probe
     modules, scored by mean relative error and stored parameters (truncated to --target-error when given);
-    cluster.choose_k weighs the two."""
+    cluster.choose_k weighs the two.
+
+    Past AUTO_K_SAMPLE adapters the scan runs on a fixed-seed uniform sample of that many, the cores' parameters
+    scaled up to all n: the choice of K depends on the collection's structure, not its size, and the one-cluster fit
+    of a thousand adapters alone cost more than the rest of the scan."""
     from .cluster import MAX_AUTO_K, choose_k, kmeans
 
     n = len(adapters)
-    probes = probe_modules(adapters, modules, count=2)
+    picked = list(range(n))
+    if n > AUTO_K_SAMPLE:
+        picked = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:AUTO_K_SAMPLE].tolist())
+    sample, sig, scale = [adapters[i] for i in picked], sig[picked], n / len(picked)
+    probes = probe_modules(sample, modules, count=2)
     stacks = {}
     for name in probes:
-        kmax = max(a.modules[name].rank for a in adapters)
-        ranks = torch.tensor([a.modules[name].rank for a in adapters])
-        stacks[name] = (*stack_factors(adapters, [name], tuple(range(n)), kmax, device), ranks)
+        kmax = max(a.modules[name].rank for a in sample)
+        ranks = torch.tensor([a.modules[name].rank for a in sample])
+        stacks[name] = (*stack_factors(sample, [name], tuple(range(len(sample))), kmax, device), ranks)
     errors: dict[int, float] = {}
-    params: dict[int, int] = {}
+    params: dict[int, float] = {}
     meets: dict[int, bool] = {}
     for k in range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1):
         labels = kmeans(sig, k)
-        total, stored, met = 0.0, 0, True
+        total, stored, met = 0.0, 0.0, True
         for B, A, ranks in stacks.values():
             for c in range(k):
                 idx = (labels == c).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
                 on = idx.to(B.device)
                 res = joint_diagonalize(B[:, on], A[:, on], rank, method=method, weights=weighting, tol=1e-4, max_iter=30)
                 rel = res.rel_errors[0].cpu().double()
@@ -69,9 +80,9 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
                     r, rel = leading_rank(res.dense_cores()[0].cpu().double(), res.sq_norms[0].cpu(), target_error)
                     met = met and bool((rel <= target_error).all())
                 m, d = B.shape[-2], A.shape[-1]
-                stored += r * (m + d) + sum(core_size(r, int(ranks[i]), method) for i in idx.tolist())
+                stored += r * (m + d) + scale * sum(core_size(r, int(ranks[i]), method) for i in idx.tolist())
                 total += float(rel.sum())
-        errors[k], params[k], meets[k] = total / (n * len(stacks)), stored, met
+        errors[k], params[k], meets[k] = total / (len(sample) * len(stacks)), stored, met
     return choose_k(errors, params, meets=meets if target_error is not None else None)
 
 

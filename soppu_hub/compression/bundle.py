@@ -162,7 +162,8 @@ class Bundle:
         return Bundle(self.method, self.adapters, self.configs, mods)
 
 
-def save_bundle(bundle: Bundle, folder: str | Path) -> None:
+def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None) -> None:
+    """`basis_id`: bundle.basis_id() when the caller has it already (a cluster's thousand subsets share one)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -185,7 +186,7 @@ def save_bundle(bundle: Bundle, folder: str | Path) -> None:
         "format": FORMAT,
         "version": VERSION,
         "method": bundle.method,
-        "basis_id": bundle.basis_id(),
+        "basis_id": basis_id or bundle.basis_id(),
         "adapters": [{"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))],
         "modules": modules,
     }

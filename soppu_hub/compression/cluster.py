@@ -80,7 +80,7 @@ def renumber(labels: Tensor) -> Tensor:
     return torch.tensor([order[c] for c in labels.tolist()], dtype=torch.long)
 
 
-def choose_k(errors: dict[int, float], params: dict[int, int], *, meets: dict[int, bool] | None = None) -> int:
+def choose_k(errors: dict[int, float], params: dict[int, float], *, meets: dict[int, bool] | None = None) -> int:
     """--clusters auto: errors[K] is the mean relative error with K clusters on the probe modules, params[K] what
     they store there. Each cluster stores its own bases, so a split must cut the error by more than it multiplies
     the stored parameters: the K with the smallest error x parameters (ties: fewer parameters). Planted families

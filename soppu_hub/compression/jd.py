@@ -228,9 +228,9 @@ def _finish(B: Tensor, A: Tensor, Bc: Tensor, Ac: Tensor, U: Tensor, V: Tensor, 
     core = P @ Q  # (L, n, r, r) = U^T W_i V
     if method == "diag":
         cores = torch.diagonal(core, dim1=-2, dim2=-1).contiguous()
-        sq_errors = reconstruction_sq_errors(B, A, U, V, torch.diag_embed(cores))
+        sq_errors = reconstruction_sq_errors(B, A, U, V, torch.diag_embed(cores), sq_norms)
         return JDResult(U, V, cores, sq_norms, sq_errors, iterations, converged, method)
-    sq_errors = factored_sq_errors(B, A, U, V, P, Q)
+    sq_errors = factored_sq_errors(B, A, U, V, P, Q, sq_norms)
     return JDResult(U, V, core, sq_norms, sq_errors, iterations, converged, method, (P, Q))
 
 

@@ -122,8 +122,9 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     export = export or ExportConfig()
     dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
     written = [b.to(dtype) for b in comp.bundles]
+    ids = [wb.basis_id() for wb in written]
     for c, wb in enumerate(written):  # one cluster: out/bundle; several: out/bundle/cluster-<c>
-        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""))
+        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""), basis_id=ids[c])
     exports: list[ExportInfo] = []
     local = comp.local_indices()
     errors = []
@@ -132,7 +133,7 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
         c, j = comp.cluster_of[i], local[i]
         info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype))
         own = written[c].subset(j)
-        save_bundle(own, folder / name / BUNDLE_DIR)
+        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c])
         repo_params += own.num_params + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
         info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
