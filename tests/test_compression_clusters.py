@@ -159,6 +159,27 @@ def test_auto_counts_what_clusters_store(tmp_path, families, n, expected):
         assert adjusted_rand_index(comp.cluster_of, fam) >= 0.95
 
 
+def test_auto_scans_k_on_a_sample_of_a_large_collection(tmp_path, monkeypatch):
+    """Past AUTO_K_SAMPLE adapters the K scan runs on a fixed sample (here 12 of 36): the same K and the same split
+    of all 36 as a scan over every adapter."""
+    from soppu_hub.compression import assign
+    from soppu_hub.compression.plan import CompressConfig, compress
+    from soppu_hub.peft_format.read import read_adapter
+
+    facs, fam = family_factors(SHAPES, 36, 4, families=3, noise=0.05, seed=4)
+    adapters = [read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
+                for i, f in enumerate(facs)]
+    full = compress(adapters, CompressConfig(rank=4, clusters="auto", device="cpu"))
+    calls = []
+    real_jd = assign.joint_diagonalize
+    monkeypatch.setattr(assign, "joint_diagonalize", lambda B, *a, **k: calls.append(B.shape[1]) or real_jd(B, *a, **k))
+    monkeypatch.setattr(assign, "AUTO_K_SAMPLE", 12)
+    sampled = compress(adapters, CompressConfig(rank=4, clusters="auto", device="cpu"))
+    assert max(calls) == 12  # the one-cluster probe fit saw the sample only
+    assert len(sampled.bundles) == len(full.bundles) == 3
+    assert adjusted_rand_index(sampled.cluster_of, fam) >= 0.95
+
+
 def test_captured_energy_matches_the_dense_projection():
     from soppu_hub.compression.cluster import captured
 

@@ -41,7 +41,7 @@ def signatures(adapters: list[LoraAdapter], modules: list[str]) -> torch.Tensor:
 
 def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, device: torch.device, *, rank: int,
            method: str, weighting: str, target_error: float | None) -> int:
-    """--clusters auto: for K = 1 .. min(16, n // 2), k-means on the signatures, then JD of each cluster on two probe
+    """--clusters auto: for K = 1 .. min(16, n // 2) (n: adapters scanned), k-means on the signatures, then JD of each cluster on two probe
     modules, scored by mean relative error and stored parameters (truncated to --target-error when given);
     cluster.choose_k weighs the two.
 
@@ -64,7 +64,7 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
     errors: dict[int, float] = {}
     params: dict[int, float] = {}
     meets: dict[int, bool] = {}
-    for k in range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1):
+    for k in range(1, max(1, min(MAX_AUTO_K, len(sample) // 2)) + 1):
         labels = kmeans(sig, k)
         total, stored, met = 0.0, 0.0, True
         for B, A, ranks in stacks.values():
