@@ -27,3 +27,7 @@ class IncompatibleAdaptersError(SoppuError):
 
 class BundleError(SoppuError):
     """A shared-basis bundle on disk is missing, corrupt or inconsistent."""
+
+
+class CollectionError(SoppuError):
+    """A published collection is missing, damaged, or does not fit the adapter joining it."""

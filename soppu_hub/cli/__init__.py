@@ -14,7 +14,17 @@ import sys
 from .. import __version__
 from ..errors import SoppuError
 from ..peft_format.layout import BASE_MODEL_ID
-from .commands import cmd_bench, cmd_chat, cmd_collection, cmd_compress, cmd_demo, cmd_hub, cmd_samples, cmd_serve
+from .commands import (
+    cmd_bench,
+    cmd_chat,
+    cmd_collection,
+    cmd_compress,
+    cmd_demo,
+    cmd_hub,
+    cmd_join,
+    cmd_samples,
+    cmd_serve,
+)
 from .flags import Parser, add_export_args, add_fields, command_line, field_help, job_spec
 
 __all__ = ["build_parser", "command_line", "job_spec", "main"]
@@ -39,10 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-ranks", metavar="R1,R2,..", help=field_help(JobSpec, "verify_ranks"))
     add_fields(p, JobSpec, ["eval_file", "probe_file"])
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
-    add_fields(p, JobSpec, ["workers"])
+    add_fields(p, JobSpec, ["workers", "collection"])
     add_fields(p, CompressConfig)
     add_export_args(p)
     p.set_defaults(func=cmd_compress)
+
+    from ..collection.join import JoinSpec
+
+    p = sub.add_parser("join", help="compress one adapter against a published collection's bases and add it to the "
+                       "collection (downloads only one cluster's bases)")
+    p.add_argument("source", help=field_help(JoinSpec, "source"))
+    p.add_argument("--collection", required=True, help=field_help(JoinSpec, "collection"))
+    p.add_argument("--out", help=field_help(JoinSpec, "out"))
+    p.add_argument("--no-push", action="store_true", help="keep the member repo local (needs --out); a collection folder "
+                   "is then updated in place")
+    add_fields(p, JoinSpec, ["collection_revision", "max_error", "new_cluster", "push_to", "namespace", "private",
+                             "revision", "token", "overwrite"])
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_export_args(p)
+    p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters; "
                        "scale: the whole CLI on N adapters from 8 task families; samples: agreement vs shared rank on "

@@ -53,6 +53,25 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from ..collection.join import JoinSpec
+    from ..compression.export import ExportConfig
+    from ..pipeline.join import run_join
+
+    names = ("collection_revision", "max_error", "new_cluster", "push_to", "namespace", "private", "revision", "token",
+             "overwrite")
+    spec = JoinSpec(args.source, args.collection, out=Path(args.out) if args.out else None, push=not args.no_push,
+                    export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
+                    **{n: getattr(args, n) for n in names})
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    r = run_join(spec, log=log)
+    if not args.quiet:
+        where = r.repo_id or r.out
+        print(f"{r.name}: joined {args.collection} as {'a new cluster ' + str(r.cluster) if r.how == 'new-cluster' else f'cluster {r.cluster}'}, "
+              f"mean relative error {r.mean_rel_error:.4f} (worst module {r.max_rel_error:.4f}); member repo: {where}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "samples":
         from ..devtools.bench.samples import RANKS, run_samples_bench

@@ -27,12 +27,12 @@ def probe_modules(adapters: list[LoraAdapter], modules: list[str], count: int = 
     return common[::step][:count]
 
 
-def signatures(adapters: list[LoraAdapter], modules: list[str]) -> torch.Tensor:
-    """(n, features) cluster.module_signature of every adapter over the probe modules."""
+def signatures(adapters: list[LoraAdapter], modules: list[str], probes: list[str] | None = None) -> torch.Tensor:
+    """(n, features) cluster.module_signature of every adapter over the probe modules (`probes`, else chosen here)."""
     from .cluster import module_signature
 
     parts = []
-    for name in probe_modules(adapters, modules):
+    for name in probes if probes is not None else probe_modules(adapters, modules):
         kmax = max(a.modules[name].rank for a in adapters)
         B, A = stack_factors(adapters, [name], tuple(range(len(adapters))), kmax, torch.device("cpu"))
         parts.append(module_signature(B[0], A[0]))

@@ -19,7 +19,8 @@ from ..peft_format.read import LINEAR, module_scaling
 
 FORMAT = "soppu-bundle"
 VERSION = 2  # 2: JD-Full cores of rank k < r / 2 stored as their factors (2 r k numbers); 1: every core dense
-READS = (1, 2)
+SHARED_VERSION = 3  # 3: cores only; the bases live in a published collection, named by the header's "bases"
+READS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -162,15 +163,17 @@ class Bundle:
         return Bundle(self.method, self.adapters, self.configs, mods)
 
 
-def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None) -> None:
-    """`basis_id`: bundle.basis_id() when the caller has it already (a cluster's thousand subsets share one)."""
+def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None, bases_ref: dict | None = None) -> None:
+    """`basis_id`: bundle.basis_id() when the caller has it already (a cluster's thousand subsets share one).
+    `bases_ref` ({"collection", "revision", "cluster"}): the bases are kept there, not written (version 3)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
     for name, mb in bundle.modules.items():
-        tensors[f"{name}.U"] = mb.U.contiguous()
-        tensors[f"{name}.V"] = mb.V.contiguous()
+        if bases_ref is None:
+            tensors[f"{name}.U"] = mb.U.contiguous()
+            tensors[f"{name}.V"] = mb.V.contiguous()
         dense = sorted(i for i, c in mb.cores.items() if not isinstance(c, FactoredCore))
         if dense:
             tensors[f"{name}.cores"] = torch.stack([mb.cores[i] for i in dense]).contiguous()
@@ -184,9 +187,10 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
                          "kind": mb.kind}
     header = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if bases_ref is None else SHARED_VERSION,
         "method": bundle.method,
         "basis_id": basis_id or bundle.basis_id(),
+        **({} if bases_ref is None else {"bases": bases_ref}),
         "adapters": [{"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))],
         "modules": modules,
     }
@@ -195,7 +199,18 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
     (folder / BUNDLE_HEADER).write_text(json.dumps(header, indent=2))
 
 
-def load_bundle(folder: str | Path) -> Bundle:
+def bases_ref(folder: str | Path) -> dict | None:
+    """Where a version-3 bundle's bases live ({"collection", "revision", "cluster"}); None when it holds its own."""
+    try:
+        header = json.loads((Path(folder) / BUNDLE_HEADER).read_text())
+    except (OSError, ValueError):
+        return None
+    ref = header.get("bases") if isinstance(header, dict) else None
+    return ref if isinstance(ref, dict) else None
+
+
+def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None) -> Bundle:
+    """`bases` ("<module>.U" / ".V" tensors): a version-3 bundle's bases, fetched from its collection by the caller."""
     folder = Path(folder)
     try:
         header = json.loads((folder / BUNDLE_HEADER).read_text())
@@ -216,6 +231,12 @@ def load_bundle(folder: str | Path) -> Bundle:
         modules = header["modules"].items()
     except (KeyError, TypeError, AttributeError):
         raise BundleError(f"{folder}: {BUNDLE_HEADER} is incomplete; download or write the bundle again") from None
+    if "bases" in header:
+        ref = header["bases"] if isinstance(header["bases"], dict) else {}
+        if bases is None:
+            raise BundleError(f"{folder}: the bases of this bundle live in collection {ref.get('collection')!r} "
+                              f"(cluster {ref.get('cluster')}); load it with them (soppu_hub.collection.load_member)")
+        tensors = {**bases, **tensors}
     for name, meta in modules:
         try:
             mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], _read_cores(tensors, name, meta), meta.get("kind", LINEAR))

@@ -16,6 +16,8 @@ KEY_PREFIX = "base_model.model."
 BUNDLE_DIR = "soppu"
 BUNDLE_WEIGHTS = "bundle.safetensors"
 BUNDLE_HEADER = "bundle.json"
+# Beside the adapters' folders in an --out folder: the whole fit's bundle, or the collection that holds its bases.
+COLLECTION_DIR = "collection"
 
 # The id LoRAX's API (and so the CLI, the Space and the embedded backend) gives "no adapter, the base model".
 BASE_MODEL_ID = "__base_model__"

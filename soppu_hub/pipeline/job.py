@@ -15,10 +15,10 @@ from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
-from ..hub.common import PushError
+from ..hub.common import PushError, is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
-from ..peft_format.layout import BUNDLE_DIR, REPORT_NAME
+from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter, widest_dtype
 
 
@@ -55,6 +55,9 @@ class JobSpec:
                 "shows both adapters' replies to the first 4 examples)"})
     probe_file: str | None = field(default=None, metadata={
         "help": "with --verify, these prompts (one a line, or JSONL with \"prompt\") instead of the built-in probes"})
+    collection: str | None = field(default=None, metadata={
+        "help": "also publish the clusters' bases once as this collection repo (owner/name) that others can join "
+                "(soppu-hub join); each adapter's repo then carries its cores and a reference, not the bases"})
     command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run
     workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
@@ -114,16 +117,19 @@ def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path
 
 
 def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: list[str],
-                  export: ExportConfig | None = None) -> dict:
+                  export: ExportConfig | None = None, *, collection: str | None = None, command: str = "",
+                  repo_ids: list[str | None] | None = None) -> dict:
     """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
 
     Everything is written in the export dtype, and the report's errors are those of the factors as written.
+    With `collection`, the bases go once into out/collection (collection.build) and each slice names it instead;
+    `repo_ids`: where each adapter will be pushed (None: kept local), for the members list.
     """
     export = export or ExportConfig()
     dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
     written = [b.to(dtype) for b in comp.bundles]
     ids = [wb.basis_id() for wb in written]
-    for c, wb in enumerate(written):  # one cluster: out/bundle; several: out/bundle/cluster-<c>
+    for c, wb in enumerate(written if collection is None else []):  # one cluster: out/bundle; several: .../cluster-<c>
         save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""), basis_id=ids[c])
     exports: list[ExportInfo] = []
     local = comp.local_indices()
@@ -133,13 +139,21 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
         c, j = comp.cluster_of[i], local[i]
         info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype))
         own = written[c].subset(j)
-        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c])
-        repo_params += own.num_params + info.lora_params + adapter.carried_params  # lora_params: padding included
+        ref = None if collection is None else {"collection": collection, "revision": None, "cluster": c}
+        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c], bases_ref=ref)
+        kept = own.num_params if ref is None else own.num_params - sum(mb.U.numel() + mb.V.numel() for mb in own.modules.values())
+        repo_params += kept + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
         info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
         exports.append(info)
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
     report = build_report(comp, outs, exports, errors, export)
+    if collection is not None:
+        from ..collection.build import write_collection_folder
+
+        write_collection_folder(folder / COLLECTION_DIR, comp, written, ids, report, command=command,
+                                repo_ids=repo_ids or [None] * len(names))
+        report["collection"] = {"name": collection, "revision": None}
     # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
     report["written"] = {"bundle_params": sum(b.num_params for b in written), "repo_params": repo_params,
                          "tensor_bytes": sum(p.stat().st_size for p in folder.rglob("*.safetensors"))}
@@ -242,7 +256,9 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     if spec.push:
         user, writable = whoami(spec.token)
         targets = target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
-        check_write_access(targets, writable, user)
+        check_write_access(targets + ([spec.collection] if spec.collection else []), writable, user)
+    if spec.collection and not is_repo_id(spec.collection):
+        raise SoppuError(f"--collection {spec.collection!r} is not a repo id; name it owner/name")
 
     folders = _fetch(sources, spec, download_progress)
     # headers only: every input is checked before any compute, factors are read one module position at a time
@@ -262,7 +278,8 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     with staged_output(out, overwrite=spec.overwrite) as tmp:
         comp = compress(adapters, spec.config, progress=progress)
         outputs = targets if spec.push else [str(out / n) for n in names]
-        report = write_outputs(comp, tmp, names, outputs, spec.export)
+        report = write_outputs(comp, tmp, names, outputs, spec.export, collection=spec.collection, command=spec.command,
+                               repo_ids=targets if spec.push else None)
         if spec.verify:
             from ..compression.verify import verify_adapters
 
@@ -289,10 +306,27 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report
         if out is None:  # push straight from the temp folder
-            result.pushed = push_all(tmp, names, targets, spec, log, push_progress)
+            result.pushed = _push(tmp, names, targets, spec, log, push_progress)
     if out is not None and spec.push:
-        result.pushed = push_all(out, names, targets, spec, log, push_progress)
+        result.pushed = _push(out, names, targets, spec, log, push_progress)
     return result
+
+
+def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
+          progress: Progress | None) -> dict[str, str]:
+    """push_all, with --collection: the collection first (members name its commit), the members' revisions last."""
+    if not spec.collection:
+        return push_all(folder, names, targets, spec, log, progress)
+    from ..collection.publish import name_revision, publish_collection, record_revisions
+
+    sha = publish_collection(folder / COLLECTION_DIR, spec.collection, private=spec.private, token=spec.token)
+    log(f"published collection {spec.collection} at {sha[:12]}")
+    for name in names:
+        name_revision(folder / name / BUNDLE_DIR, sha)
+    pushed = push_all(folder, names, targets, spec, log, progress)
+    record_revisions(spec.collection, {r: u.rsplit("/", 1)[-1] for r, u in pushed.items() if u != "unchanged"},
+                     token=spec.token)
+    return pushed
 
 
 def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],

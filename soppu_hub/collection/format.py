@@ -1,0 +1,155 @@
+"""The collection repo on disk: collection.json, members.json, one bases file per cluster, the centroids.
+
+collection.json says what every member shares (base model, module shapes, method, shared rank, target error,
+the settings and sources that made it) and, per cluster, its bases file and content id; members.json lists who
+joined (repo, revision, cluster, errors, source). A joiner reads collection.json, the centroids and ONE
+cluster's bases file, never another member's adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..errors import CollectionError
+
+FORMAT = "soppu-collection"
+VERSION = 1
+COLLECTION_FILE = "collection.json"
+MEMBERS_FILE = "members.json"
+CLUSTERS_DIR = "clusters"
+CENTROIDS_FILE = f"{CLUSTERS_DIR}/centroids.safetensors"
+HOW = ("compress", "join", "new-cluster")
+
+
+def cluster_file(c: int) -> str:
+    return f"{CLUSTERS_DIR}/cluster-{c}.safetensors"
+
+
+@dataclass
+class ClusterInfo:
+    index: int
+    basis_id: str  # content hash of the bases (Bundle.basis_id): the backend holds one copy per id
+    max_error: float  # worst mean relative error of a member compressed with these bases: a joiner's default bar
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        self.file = self.file or cluster_file(self.index)
+
+
+@dataclass
+class Member:
+    name: str
+    cluster: int
+    mean_rel_error: float
+    max_rel_error: float
+    source: str  # what was compressed: a Hub id (with @revision) or a folder
+    how: str = "compress"  # compress (fitted with the bases), join (projected onto them), new-cluster
+    repo_id: str | None = None  # None while only written locally
+    revision: str | None = None  # the member repo's commit
+
+
+@dataclass
+class CollectionInfo:
+    base_model: str | None
+    method: str
+    rank: int
+    target_error: float | None
+    modules: dict[str, list[int]]  # module -> [out, in]: a joiner must match these shapes
+    probes: list[str]  # the modules whose signatures place an adapter (cluster.module_signature)
+    clusters: list[ClusterInfo]
+    settings: dict = field(default_factory=dict)  # the CompressConfig fields the fit ran with
+    sources: list[str] = field(default_factory=list)  # what the fit compressed, in order
+    command: str = "soppu-hub compress"
+
+
+def write_collection(folder: Path, info: CollectionInfo) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"format": FORMAT, "version": VERSION, **asdict(info)}
+    (folder / COLLECTION_FILE).write_text(json.dumps(body, indent=1))
+
+
+def parse_collection(text: str, where: str) -> CollectionInfo:
+    """collection.json's text -> CollectionInfo; anything damaged is one CollectionError naming `where`."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise CollectionError(f"{where}: {COLLECTION_FILE} is not JSON; the collection is damaged, publish it again") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CollectionError(f"{where} is not a soppu collection ({COLLECTION_FILE} lacks format {FORMAT!r}); "
+                              "name a repo written by soppu-hub compress --collection")
+    if body.get("version") != VERSION:
+        raise CollectionError(f"{where}: collection format version {body.get('version')!r} is not the {VERSION} this "
+                              "soppu-hub reads; upgrade soppu-hub (pip install -U soppu-hub)")
+    try:
+        info = CollectionInfo(**{f.name: body[f.name] for f in fields(CollectionInfo) if f.name in body})
+        info.clusters = [ClusterInfo(**c) for c in info.clusters]
+        ok = [c.index for c in info.clusters] == list(range(len(info.clusters))) and len(info.clusters) > 0 and all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in info.modules.values())
+    except (TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CollectionError(f"{where}: {COLLECTION_FILE} is incomplete or edited by hand; publish the collection "
+                              "again (soppu-hub compress --collection ... --refit)")
+    return info
+
+
+def read_collection(folder: Path) -> CollectionInfo:
+    path = folder / COLLECTION_FILE
+    if not path.is_file():
+        raise CollectionError(f"{folder} is not a soppu collection (no {COLLECTION_FILE}); name a folder or repo "
+                              "written by soppu-hub compress --collection")
+    return parse_collection(path.read_text(), str(folder))
+
+
+def write_members(folder: Path, members: list[Member]) -> None:
+    (folder / MEMBERS_FILE).write_text(members_text(members))
+
+
+def members_text(members: list[Member]) -> str:
+    return json.dumps({"members": [asdict(m) for m in members]}, indent=1)
+
+
+def parse_members(text: str, where: str, clusters: int) -> list[Member]:
+    """members.json's text -> members; damaged, duplicated or pointing at a missing cluster: one CollectionError."""
+    try:
+        members = [Member(**m) for m in json.loads(text)["members"]]
+        names = [m.name for m in members]
+        ok = len(set(names)) == len(names) and all(
+            isinstance(m.name, str) and isinstance(m.cluster, int) and 0 <= m.cluster < clusters and m.how in HOW
+            for m in members)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CollectionError(f"{where}: {MEMBERS_FILE} is damaged or edited by hand (it must list each member once, "
+                              "with a cluster the collection has); restore it from an earlier revision or --refit")
+    return members
+
+
+def read_members(folder: Path, clusters: int) -> list[Member]:
+    path = folder / MEMBERS_FILE
+    if not path.is_file():
+        raise CollectionError(f"{folder}: no {MEMBERS_FILE}; the collection is incomplete, publish it again")
+    return parse_members(path.read_text(), str(folder), clusters)
+
+
+def save_bases(path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], basis_id: str) -> None:
+    """One cluster's bases: "<module>.U" (out x r) and "<module>.V" (in x r)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{n}.{side}": t.contiguous() for n, (U, V) in bases.items() for side, t in (("U", U), ("V", V))}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "basis_id": basis_id})
+
+
+def load_bases(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CollectionError(f"{path.name}: the cluster's bases cannot be read ({type(e).__name__}); "
+                              "download the collection again") from None
