@@ -235,7 +235,7 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
         ref = header["bases"] if isinstance(header["bases"], dict) else {}
         if bases is None:
             raise BundleError(f"{folder}: the bases of this bundle live in collection {ref.get('collection')!r} "
-                              f"(cluster {ref.get('cluster')}); load it with them (soppu_hub.collection.load_member)")
+                              f"(cluster {ref.get('cluster')}); load it with them (soppu_hub.collection.publish.member_bases)")
         tensors = {**bases, **tensors}
     for name, meta in modules:
         try:

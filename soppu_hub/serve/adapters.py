@@ -108,7 +108,7 @@ class AdapterStore:
                     name = f"adapter_{self._counter}"
                 try:
                     with self.lock:
-                        self._load(folder, name)
+                        self._load(folder, name, api_token)
                         self._measure()
                 except Exception as e:
                     raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.model_id}: "
@@ -139,12 +139,12 @@ class AdapterStore:
         install(self.peft)  # mixed batches in a few gathered matmuls, not PEFT's loop over adapters
         return self.peft
 
-    def _load(self, folder: Path, name: str) -> None:
+    def _load(self, folder: Path, name: str, token: str | None = None) -> None:
         """Through the bundle (shared basis) when the repo has one, else as the plain PEFT adapter."""
         from .shared_bases import has_bundle
 
         if self.shared is not None and has_bundle(folder):
-            self.shared.load(self._load_peft, folder, name)
+            self.shared.load(self._load_peft, folder, name, token=token or None)
         else:
             self._load_peft(str(folder), name)
 

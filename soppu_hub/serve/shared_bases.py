@@ -65,17 +65,34 @@ class SharedBases:
     def __init__(self) -> None:
         self.bases: dict[str, _Basis] = {}
         self.of_adapter: dict[str, str] = {}
+        self.fetched: dict[str, dict[str, torch.Tensor]] = {}  # a collection cluster's bases, by its basis id
 
-    def load(self, load_peft, folder: Path, name: str):
+    def _collection_bases(self, folder: Path, token: str | None) -> dict[str, torch.Tensor] | None:
+        """A collection member's bases (bundle version 3), fetched once per cluster while any member is loaded."""
+        import json
+
+        from ..collection.publish import member_bases
+        from ..compression.bundle import bases_ref
+
+        if bases_ref(folder / BUNDLE_DIR) is None:
+            return None
+        key = json.loads((folder / BUNDLE_DIR / BUNDLE_HEADER).read_text()).get("basis_id", "")
+        if key not in self.fetched:
+            self.fetched[key] = member_bases(folder, token=token)
+        return self.fetched[key]
+
+    def load(self, load_peft, folder: Path, name: str, token: str | None = None):
         """Load adapter `name` from a repo folder with a bundle, sharing its basis; returns the PeftModel.
 
         `load_peft(path, name)` loads the repo's plain PEFT export (creating the PeftModel on first use), so
         carried tensors, lora_B biases and embedding LoRA load exactly as PEFT loads them; then every linear
-        module of the bundle swaps its factors for the shared U, V^T and the adapter's own core.
+        module of the bundle swaps its factors for the shared U, V^T and the adapter's own core. A collection
+        member's bases come from its collection (one cluster's file, fetched once): members joined one by one and
+        members compressed together then hold the same single copy.
         """
         from peft.tuners.lora import LoraLayer
 
-        bundle = load_bundle(folder / BUNDLE_DIR)
+        bundle = load_bundle(folder / BUNDLE_DIR, bases=self._collection_bases(folder, token))
         peft_model = load_peft(str(folder), name)
         basis_id = bundle.basis_id()
         basis = self.bases.setdefault(basis_id, _Basis())
@@ -105,6 +122,8 @@ class SharedBases:
         basis.users.discard(name)
         if not basis.users:
             del self.bases[basis_id]
+            if not self.bases:
+                self.fetched.clear()  # nothing resident: no collection bases are worth keeping either
 
     def summary(self) -> dict:
         return {bid: {"adapters": len(b.users), "shared_params": sum(p.numel() for p in b.params.values())}
