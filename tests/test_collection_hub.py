@@ -1,0 +1,142 @@
+"""A collection on the offline Hub (real HTTP): published with its members, joined by strangers, concurrently."""
+
+import json
+import threading
+
+import pytest
+from conftest import USERS
+
+from soppu_hub.cli import main
+from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+
+SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
+COLL = "alice/hub-coll"
+
+
+@pytest.fixture(scope="module")
+def published(hub_server, tmp_path_factory):
+    """10 adapters of 2 families compressed by alice as the collection alice/hub-coll (pushed), 4 kept to join."""
+    root = tmp_path_factory.mktemp("hubcoll")
+    facs, fam = family_factors(SHAPES, 14, 4, families=2, noise=0.02, seed=2)
+    folders = [write_adapter(root / "in" / f"c{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
+    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
+                 USERS["alice"], "--quiet", "--device", "cpu"]) == 0
+    return folders, fam
+
+
+def _members(token=USERS["alice"], revision=None):
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(open(hf_hub_download(COLL, "members.json", revision=revision, token=token)).read())["members"]
+
+
+def _head():
+    from huggingface_hub import HfApi
+
+    return HfApi(token=USERS["alice"]).model_info(COLL).sha
+
+
+def test_compress_publishes_the_collection_then_members_naming_its_revision(published):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(token=USERS["alice"])
+    files = set(api.list_repo_files(COLL))
+    assert {"collection.json", "members.json", "clusters/centroids.safetensors", "clusters/cluster-0.safetensors",
+            "clusters/cluster-1.safetensors"} <= files
+    members = _members()
+    assert [m["repo_id"] for m in members] == [f"alice/c{i:02d}-soppu" for i in range(10)]
+    assert all(m["revision"] and m["how"] == "compress" for m in members)
+    for m in members[:2]:
+        assert api.model_info(m["repo_id"]).sha == m["revision"]
+        header = json.loads(open(hf_hub_download(m["repo_id"], "soppu/bundle.json", token=USERS["alice"])).read())
+        ref = header["bases"]
+        assert ref["collection"] == COLL and ref["cluster"] == m["cluster"]
+        hf_hub_download(COLL, f"clusters/cluster-{ref['cluster']}.safetensors", revision=ref["revision"])  # it is there
+        assert "soppu/bundle.safetensors" in api.list_repo_files(m["repo_id"])
+
+
+def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
+    """Two joins at the same moment: the members list gets both, through commits on the head with a retry on 412;
+    each join read only the collection's small files and the bases of one cluster."""
+    from soppu_hub.collection import remote
+    from soppu_hub.collection.join import JoinSpec
+    from soppu_hub.pipeline.join import run_join
+
+    folders, fam = published
+    before = len(_members())
+    read = []
+    real = remote.download_file
+    monkeypatch.setattr(remote, "download_file", lambda repo, path, **kw: read.append((repo, path)) or real(repo, path, **kw))
+    results, errors = {}, []
+
+    def join(i):
+        try:
+            results[i] = run_join(JoinSpec(str(folders[i]), COLL, token=USERS["alice"], push_to=f"alice/joined-{i}"))
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in (10, 11)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    members = _members()
+    assert len(members) == before + 2
+    assert {m["repo_id"] for m in members[-2:]} == {"alice/joined-10", "alice/joined-11"}
+    assert all(m["how"] == "join" and m["revision"] for m in members[-2:])
+    cluster_of_family = {fam[i]: m["cluster"] for i, m in enumerate(members[:10])}
+    assert results[10].cluster == cluster_of_family[fam[10]] and results[11].cluster == cluster_of_family[fam[11]]
+    paths = {p for _, p in read}
+    assert paths <= {"collection.json", "members.json", "clusters/centroids.safetensors", "clusters/cluster-0.safetensors",
+                     "clusters/cluster-1.safetensors"}
+    assert sum(p.startswith("clusters/cluster-") for _, p in read) == 2  # one cluster's bases per join
+
+
+def test_a_join_without_write_access_pushes_nothing(published, capsys):
+    from huggingface_hub import HfApi
+
+    folders, _ = published
+    head = _head()
+    assert main(["join", str(folders[12]), "--collection", COLL, "--token", USERS["bob"], "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot write" in err and "alice" in err
+    assert not HfApi(token=USERS["bob"]).repo_exists("bob/c12-soppu") and _head() == head
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--collection-revision", "no-such-branch"], "does not exist"),
+    (["--collection", "alice/no-such-collection"], "not found"),
+])
+def test_a_missing_collection_or_revision_is_one_line(published, capsys, args, expected):
+    folders, _ = published
+    head = _head()
+    argv = ["join", str(folders[13]), "--collection", COLL, "--token", USERS["alice"], "--quiet", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+    assert _head() == head
+
+
+def test_a_members_list_changed_in_between_is_read_again_not_overwritten(published):
+    """Someone commits to the collection after this join read the head: the Hub refuses the join's commit (412,
+    parent is no longer the head), the join reads the list again and applies its change to it: both entries stay."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from soppu_hub.collection.format import Member, members_text
+    from soppu_hub.collection.remote import open_collection, update_members
+
+    coll = open_collection(COLL, token=USERS["alice"])
+    calls = []
+
+    def change(members):
+        calls.append(len(members))
+        if len(calls) == 1:  # another joiner lands first
+            other = members + [Member("other", 0, 0.1, 0.1, "elsewhere", "join", repo_id="alice/other-member")]
+            HfApi(token=USERS["alice"]).create_commit(COLL, [CommitOperationAdd("members.json", members_text(other).encode())],
+                                                      commit_message="someone else")
+        return members + [Member("mine", 1, 0.1, 0.1, "here", "join", repo_id="alice/my-member")]
+
+    update_members(coll, change, message="mine")
+    assert len(calls) == 2 and calls[1] == calls[0] + 1  # the second try saw the other entry
+    assert [m["repo_id"] for m in _members()[-2:]] == ["alice/other-member", "alice/my-member"]
