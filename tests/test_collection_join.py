@@ -54,6 +54,8 @@ def test_the_collection_holds_each_clusters_bases_once_and_members_only_their_co
     assert [m.cluster for m in members] == [a["cluster"] for a in report["adapters"]]
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 2
     assert not (out / "bundle").exists()
+    card = (out / "a00" / "README.md").read_text()
+    assert f"stored once in the collection\n[`{COLL}`]" in card and f"--collection {COLL}" in card
     for a in report["adapters"]:
         tensors = load_file(str(out / a["name"] / "soppu" / "bundle.safetensors"))
         assert not any(k.endswith((".U", ".V")) for k in tensors)  # the bases are only in the collection
@@ -86,6 +88,9 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
         got = json.loads((tmp_path / f"j{i}" / "report.json").read_text())
         assert got["cluster"] == cluster_of_family[fam[i]] and got["how"] == "join"
         assert got["mean_rel_error"] < 0.1 and got["mean_rel_error"] <= got["bar"]
+        card = (tmp_path / f"j{i}" / "README.md").read_text()
+        assert f"cluster {got['cluster']}" in card and "**Its bases are shared.**" in card and str(out / "collection") in card
+        assert f"{got['mean_rel_error']:.4f}" in card and "soppu-hub join" in card
     members = read_members(out / "collection", 2)
     assert [m.name for m in members[-2:]] == ["a12", "a13"] and {m.how for m in members[-2:]} == {"join"}
     bundle = load_bundle(tmp_path / "j12" / "soppu", bases=member_bases(tmp_path / "j12"))

@@ -32,14 +32,15 @@ class CardSpec:
     license: dict  # the source card's license fields; {} when it states none
 
 
-@functools.lru_cache(maxsize=1)
-def _template():
-    """templates/adapter.md compiled once (compiling it per card cost more than rendering it)."""
+@functools.lru_cache(maxsize=4)
+def _template(name: str = TEMPLATE.name):
+    """A template of templates/ compiled once (compiling it per card cost more than rendering it); templates
+    include each other by file name (use-it.md: the loading snippets every adapter card shows)."""
     import jinja2
 
-    env = jinja2.Environment()
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)))
     env.filters["cell"] = table_cell
-    return env.from_string(TEMPLATE.read_text())
+    return env.get_template(name)
 
 
 def table_cell(text: str) -> str:
@@ -149,4 +150,26 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         has_verify=any(a.get("verify") for a in listed),
         verify_prompts=next((a["verify"]["prompts"] for a in listed if a.get("verify")), 0),
         reply_tokens=next((a["verify"].get("reply_tokens") for a in listed if a.get("verify")), None),
+        collection_url=_hub_url(report["collection"]["name"]) if report.get("collection") else None,
     )
+
+
+def render_join_card(entry: dict, job: CardSpec, *, params_before: int, core_params: int) -> str:
+    """README.md of a member that joined a collection (`entry`: its report.json): which collection, revision and
+    cluster, its error against the bar it met, and that its bases are shared, not in the repo."""
+    from huggingface_hub import ModelCardData
+
+    license = job.license or {"license": "unknown"}
+    data = ModelCardData(**license, base_model=job.base_model, library_name="peft", tags=[*TAGS, "soppu-collection"],
+                         base_model_relation="adapter",
+                         soppu={"sources": job.sources, "collection": entry["collection"], "cluster": entry["cluster"],
+                                "how": entry["how"], "mean_rel_error": round(entry["mean_rel_error"], 6),
+                                "max_rel_error": round(entry["max_rel_error"], 6), "version": __version__})
+    return _template("joined-adapter.md").render(
+        card_data=data.to_yaml(), e=entry, repo_id=job.repo_id or entry["name"], name=entry["name"],
+        adapter_id=job.repo_id or job.local_path, adapter_source="hub" if job.repo_id else "local",
+        local_dir=str(Path(job.local_path).parent) if job.local_path else None, own={},
+        collection_url=_hub_url(entry["collection"]), sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
+        base_model=job.base_model or "unknown", base_url=_hub_url(job.base_model or ""), version=__version__,
+        vllm_rank=vllm_max_lora_rank(entry["export_rank"]), export_rank=entry["export_rank"], license=license,
+        params_before=params_before, core_params=core_params, command=job.command)

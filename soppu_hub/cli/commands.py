@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import SoppuError
 from ..peft_format.layout import BASE_MODEL_ID
 from ..progress import ProgressBar, log_above_bars
-from .flags import job_spec
+from .flags import command_line, job_spec
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def cmd_join(args: argparse.Namespace) -> int:
              "overwrite")
     spec = JoinSpec(args.source, args.collection, out=Path(args.out) if args.out else None, push=not args.no_push,
                     export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
-                    **{n: getattr(args, n) for n in names})
+                    command=command_line(args.argv), **{n: getattr(args, n) for n in names})
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     r = run_join(spec, log=log)
     if not args.quiet:

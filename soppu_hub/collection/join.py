@@ -57,6 +57,7 @@ class JoinSpec:
         "help": "Hub token (default: HF_TOKEN or the one saved by `hf auth login`)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
     export: ExportConfig = field(default_factory=ExportConfig)
+    command: str = "soppu-hub join"  # recorded in the card: how to reproduce the run
 
 
 @dataclass
@@ -173,10 +174,11 @@ def write_member(folder: Path, adapter: LoraAdapter, bundle: Bundle, ref: dict, 
     return errors
 
 
-def fetch_adapter(spec: JoinSpec) -> LoraAdapter:
+def fetch_adapter(spec: JoinSpec) -> tuple[LoraAdapter, Path]:
+    """The adapter to join and its folder (a Hub source is downloaded: only the files a LoRA needs)."""
     source = parse_source(spec.source, spec.revision)
     folder = source.path or download_adapter(source.repo_id, revision=source.revision, token=spec.token)
-    return read_adapter(folder, name=source.name, source=source.text)
+    return read_adapter(folder, name=source.name, source=source.text), folder
 
 
 def check_spec(spec: JoinSpec) -> None:

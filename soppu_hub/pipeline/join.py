@@ -44,6 +44,7 @@ from ..compression.bundle import Bundle
 from ..errors import CollectionError, SoppuError
 from ..hub.collection import commit_on_head, download_file
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
+from ..peft_format.layout import CARD_NAME
 from .job import staged_output
 
 
@@ -71,7 +72,7 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         target = target_repo_ids([parse_source(spec.source, spec.revision).name], user=user, push_to=spec.push_to,
                                  namespace=spec.namespace)[0]
         check_write_access([target, coll.repo_id], writable, user)
-    adapter = fetch_adapter(spec)
+    adapter, source_folder = fetch_adapter(spec)
     check_fits(adapter, coll)
     dtype = spec.export.torch_dtype(adapter.dtype)
     try:
@@ -93,6 +94,7 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         entry = {"name": adapter.name, "source": adapter.source, "collection": coll.name, "collection_revision": revision,
                  "cluster": c, "how": how, "bar": bar, "shared_bases": True}
         errors = write_member(tmp, adapter, bundle, ref, basis_id, spec.export, entry)
+        _write_card(tmp, entry, adapter, bundle, source_folder, spec, target)
         member = new_member(adapter, c, how, errors, target)
         if target is not None:
             url = push_folder(tmp, target, private=spec.private, token=spec.token,
@@ -105,6 +107,17 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
             _write_local(coll.folder / MEMBERS_FILE, members_text(_with(coll.members, member)))
     result.cluster, result.mean_rel_error, result.max_rel_error = c, member.mean_rel_error, member.max_rel_error
     return result
+
+
+def _write_card(folder: Path, entry: dict, adapter, bundle: Bundle, source_folder: Path, spec: JoinSpec,
+                target: str | None) -> None:
+    from ..cards.render import CardSpec, render_join_card
+    from ..cards.write import source_license
+
+    job = CardSpec(folder, 0, target, adapter.base_model, [adapter.source], spec.command, "", None if target else
+                   str(Path(spec.out).resolve()), source_license(source_folder))
+    cores = sum(mb.cores[0].numel() for mb in bundle.modules.values())
+    (folder / CARD_NAME).write_text(render_join_card(entry, job, params_before=adapter.num_params, core_params=cores))
 
 
 def _with(members: list[Member], member: Member) -> list[Member]:
