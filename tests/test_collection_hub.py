@@ -140,3 +140,39 @@ def test_a_members_list_changed_in_between_is_read_again_not_overwritten(publish
     update_members(coll, change, message="mine")
     assert len(calls) == 2 and calls[1] == calls[0] + 1  # the second try saw the other entry
     assert [m["repo_id"] for m in _members()[-2:]] == ["alice/other-member", "alice/my-member"]
+    update_members(coll, lambda ms: [m for m in ms if m.repo_id not in ("alice/other-member", "alice/my-member")],
+                   message="tidy up")  # made-up members: the refit below needs real sources
+
+
+def test_refit_compresses_every_member_together_and_says_how_far_joiners_drifted(published, capsys):
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=USERS["alice"])
+    before = _members()
+    assert {m["how"] for m in before} == {"compress", "join"}  # the joins above
+    revisions = {m["repo_id"]: m["revision"] for m in before}
+    head = _head()
+    capsys.readouterr()
+    assert main(["compress", "--collection", COLL, "--refit", "--token", USERS["alice"], "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    after = _members()
+    assert [m["repo_id"] for m in after] == [m["repo_id"] for m in before]  # none skipped, repos kept
+    assert {m["how"] for m in after} == {"compress"} and _head() != head
+    assert all(api.model_info(m["repo_id"]).sha == m["revision"] != revisions[m["repo_id"]] for m in after
+               if m["repo_id"].startswith("alice/joined-"))
+    joined = [line for line in out.splitlines() if line.startswith("alice/joined-")]
+    assert len(joined) == 2 and "joined members: 2, their error was" in out
+
+
+def test_refit_refuses_sources_this_machine_lacks_in_one_line(published, capsys, tmp_path):
+    from soppu_hub.collection.format import Member
+    from soppu_hub.collection.remote import open_collection, update_members
+
+    coll = open_collection(COLL, token=USERS["alice"])
+    update_members(coll, lambda ms: ms + [Member("gone", 0, 0.1, 0.1, str(tmp_path / "gone"), "join", repo_id="alice/gone")],
+                   message="a member whose source folder is elsewhere")
+    head = _head()
+    assert main(["compress", "--collection", COLL, "--refit", "--token", USERS["alice"], "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "folders this machine lacks" in err and str(tmp_path / "gone") in err
+    assert _head() == head

@@ -23,6 +23,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from ..hub.pull import list_adapter_repos
 
         spec.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
+    members = None
+    if spec.refit:
+        from ..pipeline.refit import refit_spec
+
+        spec, members = refit_spec(spec)
     if not spec.sources:
         raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE or --author USER")
     bars = {phase: ProgressBar(phase, unit) for phase, unit in
@@ -50,6 +55,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             print(f"results: {result.out} (cards: {result.out}/<name>/README.md)")
         for repo_id, url in result.pushed.items():
             print(f"unchanged {repo_id} (already on the Hub)" if url == "unchanged" else f"pushed {repo_id}: {url}")
+    if members is not None and not args.quiet:
+        from ..pipeline.refit import drift, format_drift
+
+        print(format_drift(drift(members, result.report)))
     return 0
 
 

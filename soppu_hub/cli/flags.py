@@ -106,7 +106,7 @@ def job_spec(args: argparse.Namespace) -> "JobSpec":
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
     export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype)
     simple = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobSpec)
-              if f.name not in ("sources", "config", "export", "out", "push", "verify_ranks", "command")}
+              if f.name not in ("sources", "config", "export", "out", "push", "verify_ranks", "command", "repo_ids")}
     return JobSpec(sources=[*args.sources, *_sources_from_file(args.sources_file)], config=config, export=export,
                    out=Path(args.out) if args.out else None, push=not args.no_push,
                    verify_ranks=_ranks(args.verify_ranks, args.verify), command=command_line(args.argv), **simple)

@@ -58,6 +58,10 @@ class JobSpec:
     collection: str | None = field(default=None, metadata={
         "help": "also publish the clusters' bases once as this collection repo (owner/name) that others can join "
                 "(soppu-hub join); each adapter's repo then carries its cores and a reference, not the bases"})
+    refit: bool = field(default=False, metadata={
+        "help": "with --collection: compress every member of that collection again, together, from the sources its "
+                "members list records (none skipped), and publish a new revision of it and of every member"})
+    repo_ids: list[str] = field(default_factory=list)  # one target repo per source (a refit keeps each member's repo)
     command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run
     workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
 
@@ -255,7 +259,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     targets: list[str] = names
     if spec.push:
         user, writable = whoami(spec.token)
-        targets = target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
+        targets = spec.repo_ids or target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
         check_write_access(targets + ([spec.collection] if spec.collection else []), writable, user)
     if spec.collection and not is_repo_id(spec.collection):
         raise SoppuError(f"--collection {spec.collection!r} is not a repo id; name it owner/name")
