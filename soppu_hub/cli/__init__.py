@@ -73,19 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "scale: the whole CLI on N adapters from 8 task families; samples: agreement vs shared rank on "
                        "the sample collection; quality: held-out task score kept vs stored parameters on the real "
                        "collection (JD settings beside per-adapter SVD); peers: soppu-hub vs per-adapter SVD and lorashare at matched "
-                       "stored parameters")
-    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality", "peers"])
+                       "stored parameters; join: a collection of N adapters published, then more join one by one")
+    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality", "peers",
+                                                                 "join"])
+    p.add_argument("--joins", type=int, default=100, help="join: adapters that join the collection one by one (default 100)")
     p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
                    "JD's shared ranks (default 16,32,48)")
     p.add_argument("--svd-ranks", help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")
     p.add_argument("--plot", help="samples, quality, peers: also save the plot here (PNG)")
     p.add_argument("--adapters", type=int, default=None, help="serve: distinct adapters (default 16); scale: adapters in the "
-                   "collection (default 20); peers: adapters per family set (default 32)")
-    p.add_argument("--rank", type=int, default=24, help="scale: shared rank (default 24)")
+                   "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900)")
+    p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
     p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
     p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
     p.add_argument("--new-tokens", type=int, default=32, help="serve: new tokens per request (default 32)")
-    p.add_argument("--json", action="store_true", help="serve, quality, peers: JSON with every case instead of the table")
+    p.add_argument("--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table")
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
     p.add_argument("--ref-layers", type=int, default=2,
                    help="layers the slow reference runs on; its time is scaled to --layers (default 2)")

@@ -96,6 +96,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(run_quality_bench(ranks=ranks, svd_ranks=svd_ranks, as_json=args.json, plot=args.plot,
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
+    if args.what == "join":
+        from ..devtools.bench.join import run_join_bench
+
+        print(run_join_bench(args.adapters or 900, args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
+                             log=lambda m: print(m, file=sys.stderr, flush=True)))
+        return 0
     if args.what == "peers":
         from ..devtools.bench.peers import run_peers_bench
 

@@ -22,6 +22,8 @@ from .remote import open_collection, update_members
 
 def publish_collection(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None) -> str:
     """The collection folder as one commit (none when the Hub already holds it); returns the head's sha."""
+    if not (folder / COLLECTION_FILE).is_file():
+        raise CollectionError(f"{folder} is not a collection folder (no {COLLECTION_FILE}); nothing was published")
     push_folder(folder, repo_id, private=private, token=token, commit_message="soppu-hub: publish collection",
                 skip_unchanged=True)
     return head_revision(repo_id, None, token)
