@@ -93,6 +93,15 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     assert sum(p.startswith("clusters/cluster-") for _, p in read) == 2  # one cluster's bases per join
 
 
+def test_the_space_lists_a_collections_members(published):
+    from soppu_hub.errors import SoppuError
+    from soppu_hub.space.logic import list_collection_members
+
+    assert list_collection_members(COLL) == [m["repo_id"] for m in _members() if m["repo_id"]]
+    with pytest.raises(SoppuError, match="not found"):
+        list_collection_members("alice/no-such-collection")
+
+
 def test_a_join_without_write_access_pushes_nothing(published, capsys):
     from huggingface_hub import HfApi
 

@@ -2,7 +2,7 @@
 
 The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai
 for vLLM's OpenAI-compatible server, the adapter id sent as the model) or, when unset, the embedded CPU backend
-started here. SOPPU_AUTHOR filters the adapter list; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
+started here. SOPPU_AUTHOR filters the adapter list; SOPPU_COLLECTION (owner/name) lists that collection's members instead; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
 a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane shows. Runs with
 `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on
 Spaces).
@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is de
 
 from ..clients import ChatClient
 from ..errors import SoppuError
-from .logic import backend_from_env, card_summary, list_soppu_adapters, stream_reply
+from .logic import backend_from_env, card_summary, list_collection_members, list_soppu_adapters, stream_reply
 
 COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
 # Card reads run one at a time, in the order asked: a slow first card (page load) finishing after the card of an
@@ -37,6 +37,7 @@ EXAMPLES = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.
             "How do I reset my password?", "I am feeling sad."]
 COMPARE_CHOICES = {"nothing": COMPARE_NONE, "original": COMPARE_ORIGINAL, "base": COMPARE_BASE}
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
+COLLECTION = os.environ.get("SOPPU_COLLECTION") or None
 INTRO = """# Chat with a compressed LoRA adapter
 Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
@@ -45,7 +46,7 @@ basis, a small core per adapter), served by a LoRAX backend. Pick one from the l
 def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_default: str = COMPARE_NONE) -> gr.Blocks:
     def adapters() -> list[str]:
         try:
-            return list_soppu_adapters(AUTHOR)
+            return list_collection_members(COLLECTION) if COLLECTION else list_soppu_adapters(AUTHOR)
         except SoppuError:
             return []
 

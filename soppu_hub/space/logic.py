@@ -34,6 +34,14 @@ def list_soppu_adapters(author: str | None = None, *, token: str | None = None, 
     return list_tagged("soppu", author=author, token=token, limit=limit)
 
 
+def list_collection_members(collection: str, *, token: str | None = None) -> list[str]:
+    """The pushed members of a soppu collection (its members.json), in the order they came in; a collection that
+    cannot be read is a SoppuError, and the picker still accepts typed ids."""
+    from ..collection.remote import open_collection
+
+    return [m.repo_id for m in open_collection(collection, token=token).members if m.repo_id]
+
+
 @dataclass
 class CardSummary:
     repo_id: str
