@@ -95,8 +95,10 @@ def format_table(report: dict) -> str:
     lines += [f"warning: {p['advice']}" for p in report.get("poorly_kept", [])]
     if "written" in report:
         w = report["written"]
+        each = ("its cores and a PEFT export; the bases are in the collection once" if report.get("collection")
+                else "its cluster's bases and a PEFT export")
         lines.append(f"written: {w['tensor_bytes'] / 1e6:.1f} MB of tensors (the bundle {w['bundle_params']:,} parameters; "
-                     f"the {len(report['adapters'])} repos {w['repo_params']:,}: each carries its cluster's bases and a PEFT export)")
+                     f"the {len(report['adapters'])} repos {w['repo_params']:,}: each carries {each})")
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "
