@@ -93,6 +93,19 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     assert sum(p.startswith("clusters/cluster-") for _, p in read) == 2  # one cluster's bases per join
 
 
+def test_join_by_repo_id_downloads_the_adapter_and_lists_the_source(published):
+    from soppu_hub.collection.join import JoinSpec
+    from soppu_hub.hub.push import push_folder
+    from soppu_hub.pipeline.join import run_join
+
+    folders, fam = published
+    push_folder(folders[13], "alice/raw-13", token=USERS["alice"])
+    r = run_join(JoinSpec("alice/raw-13", COLL, token=USERS["alice"]))
+    assert r.repo_id == "alice/raw-13-soppu" and r.how == "join"
+    entry = next(m for m in _members() if m["repo_id"] == "alice/raw-13-soppu")
+    assert entry["source"] == "alice/raw-13" and entry["cluster"] == r.cluster
+
+
 def test_the_space_lists_a_collections_members(published):
     from soppu_hub.errors import SoppuError
     from soppu_hub.space.logic import list_collection_members
@@ -168,9 +181,10 @@ def test_refit_compresses_every_member_together_and_says_how_far_joiners_drifted
     assert [m["repo_id"] for m in after] == [m["repo_id"] for m in before]  # none skipped, repos kept
     assert {m["how"] for m in after} == {"compress"} and _head() != head
     assert all(api.model_info(m["repo_id"]).sha == m["revision"] != revisions[m["repo_id"]] for m in after
-               if m["repo_id"].startswith("alice/joined-"))
-    joined = [line for line in out.splitlines() if line.startswith("alice/joined-")]
-    assert len(joined) == 2 and "joined members: 2, their error was" in out
+               if m["repo_id"] in {j["repo_id"] for j in before if j["how"] == "join"})
+    joined = [r for r in before if r["how"] == "join"]
+    assert len(joined) == 3 and all(any(line.startswith(m["repo_id"]) for line in out.splitlines()) for m in joined)
+    assert "joined members: 3, their error was" in out
 
 
 def test_refit_refuses_sources_this_machine_lacks_in_one_line(published, capsys, tmp_path):
