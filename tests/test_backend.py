@@ -193,6 +193,33 @@ def test_each_cluster_is_one_resident_basis(hub, tmp_path):
     assert len(bases) == 2 and sorted(b["adapters"] for b in bases.values()) == [2, 2]
 
 
+def test_collection_members_joined_or_compressed_share_one_resident_basis(hub, tmp_path):
+    """3 adapters compressed as the collection alice/served (pushed), 3 more joined one by one (pushed): a real
+    backend loading all six by repo id holds one basis, fetched from the collection, with 6 adapters on it."""
+    from soppu_hub.cli import main
+    from soppu_hub.devtools.launch import start_backend
+    from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+
+    facs, _ = family_factors(llama_module_shapes(), 6, 4, families=1, noise=0.02, seed=11)
+    folders = [write_adapter(tmp_path / "in" / f"served-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
+               for i, x in enumerate(facs)]
+    token = USERS["alice"]
+    assert main(["compress", *map(str, folders[:3]), "--rank", "8", "--collection", "alice/served", "--token", token,
+                 "--quiet"]) == 0
+    for f in folders[3:]:
+        assert main(["join", str(f), "--collection", "alice/served", "--token", token, "--max-error", "0.5", "--quiet"]) == 0
+    child = start_backend(hub.base_model, extra=["--max-adapters", "8"])
+    try:
+        client = Client(child.url)
+        for f in folders:
+            assert client.generate(PROMPT, max_new_tokens=4, adapter_id=f"alice/{f.name}-soppu", api_token=token).generated_text
+        info = json.loads(urllib.request.urlopen(f"{child.url}/info").read())
+    finally:
+        child.stop()
+    (basis,) = info["shared_bases"].values()
+    assert basis["adapters"] == 6
+
+
 @pytest.mark.e2e
 def test_bench_serve_reports_every_case_as_json():
     """`soppu-hub bench serve --json`: one object other tools can read (small sizes here; the README has the real run)."""
