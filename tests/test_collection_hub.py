@@ -55,6 +55,14 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
         assert "soppu/bundle.safetensors" in api.list_repo_files(m["repo_id"])
 
 
+def test_the_same_compress_again_pushes_nothing(published):
+    folders, _ = published
+    head, members = _head(), _members()
+    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
+                 USERS["alice"], "--quiet", "--device", "cpu"]) == 0
+    assert _head() == head and _members() == members
+
+
 def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     """Two joins at the same moment: the members list gets both, through commits on the head with a retry on 412;
     each join read only the collection's small files and the bases of one cluster."""
@@ -104,6 +112,16 @@ def test_join_by_repo_id_downloads_the_adapter_and_lists_the_source(published):
     assert r.repo_id == "alice/raw-13-soppu" and r.how == "join"
     entry = next(m for m in _members() if m["repo_id"] == "alice/raw-13-soppu")
     assert entry["source"] == "alice/raw-13" and entry["cluster"] == r.cluster
+
+
+def test_publishing_over_joined_members_is_refused_before_any_work(published, capsys):
+    folders, _ = published
+    head = _head()
+    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
+                 USERS["alice"], "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "member(s) this run leaves out" in err and "--refit" in err
+    assert _head() == head
 
 
 def test_the_space_lists_a_collections_members(published):

@@ -142,7 +142,8 @@ def save_bases(path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{n}.{side}": t.contiguous() for n, (U, V) in bases.items() for side, t in (("U", U), ("V", V))}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "basis_id": basis_id})
+    save_file(tensors, str(path), metadata={"format": f"{FORMAT} bases {basis_id}"})  # one key: safetensors writes a
+    # metadata map in no fixed order, and a rerun must write the same bytes to be seen as unchanged
 
 
 def load_bases(path: Path) -> dict[str, torch.Tensor]:

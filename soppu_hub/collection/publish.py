@@ -13,20 +13,60 @@ import torch
 
 from ..compression.bundle import bases_ref
 from ..errors import CollectionError
-from ..hub.collection import head_revision
 from ..hub.push import push_folder
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, COLLECTION_DIR
-from .format import COLLECTION_FILE
+from .format import COLLECTION_FILE, Member, read_collection, read_members, write_members
 from .remote import open_collection, update_members
+
+PUBLISH_MESSAGE = "soppu-hub: publish collection"
+
+
+def existing_members(repo_id: str, *, token: str | bool | None = None) -> list[Member]:
+    """The members list of a collection already on the Hub ([] when the repo does not exist yet)."""
+    from huggingface_hub import HfApi
+
+    if not HfApi(token=token).repo_exists(repo_id):
+        return []
+    return open_collection(repo_id, token=token).members
+
+
+def check_collection_target(repo_id: str, targets: list[str], *, refit: bool, token: str | bool | None = None) -> None:
+    """Before any work: publishing over a collection that has members this run leaves out (joined since) would drop
+    them from its list; only --refit (which includes every member) may replace it."""
+    if refit:
+        return
+    extra = [m for m in existing_members(repo_id, token=token) if (m.repo_id or m.name) not in set(targets)]
+    if extra:
+        raise CollectionError(f"collection {repo_id} already has {len(extra)} member(s) this run leaves out (first: "
+                              f"{extra[0].repo_id or extra[0].name}); fit them all again with --collection {repo_id} "
+                              "--refit, or publish to another --collection")
 
 
 def publish_collection(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None) -> str:
-    """The collection folder as one commit (none when the Hub already holds it); returns the head's sha."""
+    """The collection folder as one commit (none when the Hub already holds it); returns the head's sha. Members the
+    Hub lists with the same cluster and errors keep their recorded revisions, so a rerun changes nothing."""
     if not (folder / COLLECTION_FILE).is_file():
         raise CollectionError(f"{folder} is not a collection folder (no {COLLECTION_FILE}); nothing was published")
-    push_folder(folder, repo_id, private=private, token=token, commit_message="soppu-hub: publish collection",
-                skip_unchanged=True)
-    return head_revision(repo_id, None, token)
+    info = read_collection(folder)
+    known = {(m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source): m.revision
+             for m in existing_members(repo_id, token=token)}
+    members = read_members(folder, len(info.clusters))
+    for m in members:
+        m.revision = known.get((m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source), m.revision)
+    write_members(folder, members)
+    url = push_folder(folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE, skip_unchanged=True)
+    if url is not None:
+        return url.rsplit("/", 1)[-1]
+    return last_publish(repo_id, token=token)
+
+
+def last_publish(repo_id: str, *, token: str | bool | None = None) -> str:
+    """The commit of the latest publish: the revision the members of an unchanged collection already name (later
+    commits only record revisions or add joiners)."""
+    from huggingface_hub import HfApi
+
+    commits = HfApi(token=token).list_repo_commits(repo_id)
+    return next((c.commit_id for c in commits if c.title == PUBLISH_MESSAGE), commits[0].commit_id)
 
 
 def name_revision(bundle_folder: Path, revision: str) -> None:

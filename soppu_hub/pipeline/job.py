@@ -263,6 +263,10 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         check_write_access(targets + ([spec.collection] if spec.collection else []), writable, user)
     if spec.collection and not is_repo_id(spec.collection):
         raise SoppuError(f"--collection {spec.collection!r} is not a repo id; name it owner/name")
+    if spec.collection and spec.push:
+        from ..collection.publish import check_collection_target
+
+        check_collection_target(spec.collection, targets, refit=spec.refit, token=spec.token)
 
     folders = _fetch(sources, spec, download_progress)
     # headers only: every input is checked before any compute, factors are read one module position at a time
