@@ -194,7 +194,7 @@ def test_each_cluster_is_one_resident_basis(hub, tmp_path):
 
 
 def test_collection_members_joined_or_compressed_share_one_resident_basis(hub, tmp_path):
-    """3 adapters compressed as the collection alice/served (pushed), 3 more joined one by one (pushed): a real
+    """3 adapters compressed as the collection acme/served (pushed), 3 more joined one by one (pushed): a real
     backend loading all six by repo id holds one basis, fetched from the collection, with 6 adapters on it."""
     from soppu_hub.cli import main
     from soppu_hub.devtools.launch import start_backend
@@ -204,15 +204,17 @@ def test_collection_members_joined_or_compressed_share_one_resident_basis(hub, t
     folders = [write_adapter(tmp_path / "in" / f"served-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
                for i, x in enumerate(facs)]
     token = USERS["alice"]
-    assert main(["compress", *map(str, folders[:3]), "--rank", "8", "--collection", "alice/served", "--token", token,
-                 "--quiet"]) == 0
+    # in alice's org, not her own namespace: the Space tests list alice's own soppu repos
+    assert main(["compress", *map(str, folders[:3]), "--rank", "8", "--collection", "acme/served", "--token", token,
+                 "--namespace", "acme", "--quiet"]) == 0
     for f in folders[3:]:
-        assert main(["join", str(f), "--collection", "alice/served", "--token", token, "--max-error", "0.5", "--quiet"]) == 0
+        assert main(["join", str(f), "--collection", "acme/served", "--token", token, "--max-error", "0.5", "--namespace",
+                     "acme", "--quiet"]) == 0
     child = start_backend(hub.base_model, extra=["--max-adapters", "8"])
     try:
         client = Client(child.url)
         for f in folders:
-            assert client.generate(PROMPT, max_new_tokens=4, adapter_id=f"alice/{f.name}-soppu", api_token=token).generated_text
+            assert client.generate(PROMPT, max_new_tokens=4, adapter_id=f"acme/{f.name}-soppu", api_token=token).generated_text
         info = json.loads(urllib.request.urlopen(f"{child.url}/info").read())
     finally:
         child.stop()

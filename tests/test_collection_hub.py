@@ -10,17 +10,17 @@ from soppu_hub.cli import main
 from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
-COLL = "alice/hub-coll"
+COLL = "acme/hub-coll"  # an org alice writes to: the Space tests list alice's own soppu repos
 
 
 @pytest.fixture(scope="module")
 def published(hub_server, tmp_path_factory):
-    """10 adapters of 2 families compressed by alice as the collection alice/hub-coll (pushed), 4 kept to join."""
+    """10 adapters of 2 families compressed by alice as the collection acme/hub-coll (pushed), 4 kept to join."""
     root = tmp_path_factory.mktemp("hubcoll")
     facs, fam = family_factors(SHAPES, 14, 4, families=2, noise=0.02, seed=2)
     folders = [write_adapter(root / "in" / f"c{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
     assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--quiet", "--device", "cpu"]) == 0
+                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 0
     return folders, fam
 
 
@@ -44,7 +44,7 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
     assert {"collection.json", "members.json", "clusters/centroids.safetensors", "clusters/cluster-0.safetensors",
             "clusters/cluster-1.safetensors"} <= files
     members = _members()
-    assert [m["repo_id"] for m in members] == [f"alice/c{i:02d}-soppu" for i in range(10)]
+    assert [m["repo_id"] for m in members] == [f"acme/c{i:02d}-soppu" for i in range(10)]
     assert all(m["revision"] and m["how"] == "compress" for m in members)
     for m in members[:2]:
         assert api.model_info(m["repo_id"]).sha == m["revision"]
@@ -59,7 +59,7 @@ def test_the_same_compress_again_pushes_nothing(published):
     folders, _ = published
     head, members = _head(), _members()
     assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--quiet", "--device", "cpu"]) == 0
+                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 0
     assert _head() == head and _members() == members
 
 
@@ -79,7 +79,7 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
 
     def join(i):
         try:
-            results[i] = run_join(JoinSpec(str(folders[i]), COLL, token=USERS["alice"], push_to=f"alice/joined-{i}"))
+            results[i] = run_join(JoinSpec(str(folders[i]), COLL, token=USERS["alice"], push_to=f"acme/joined-{i}"))
         except Exception as e:  # noqa: BLE001 - reported by the assert below
             errors.append(repr(e))
 
@@ -91,7 +91,7 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     assert errors == []
     members = _members()
     assert len(members) == before + 2
-    assert {m["repo_id"] for m in members[-2:]} == {"alice/joined-10", "alice/joined-11"}
+    assert {m["repo_id"] for m in members[-2:]} == {"acme/joined-10", "acme/joined-11"}
     assert all(m["how"] == "join" and m["revision"] for m in members[-2:])
     cluster_of_family = {fam[i]: m["cluster"] for i, m in enumerate(members[:10])}
     assert results[10].cluster == cluster_of_family[fam[10]] and results[11].cluster == cluster_of_family[fam[11]]
@@ -108,9 +108,9 @@ def test_join_by_repo_id_downloads_the_adapter_and_lists_the_source(published):
 
     folders, fam = published
     push_folder(folders[13], "alice/raw-13", token=USERS["alice"])
-    r = run_join(JoinSpec("alice/raw-13", COLL, token=USERS["alice"]))
-    assert r.repo_id == "alice/raw-13-soppu" and r.how == "join"
-    entry = next(m for m in _members() if m["repo_id"] == "alice/raw-13-soppu")
+    r = run_join(JoinSpec("alice/raw-13", COLL, token=USERS["alice"], namespace="acme"))
+    assert r.repo_id == "acme/raw-13-soppu" and r.how == "join"
+    entry = next(m for m in _members() if m["repo_id"] == "acme/raw-13-soppu")
     assert entry["source"] == "alice/raw-13" and entry["cluster"] == r.cluster
 
 
@@ -118,7 +118,7 @@ def test_publishing_over_joined_members_is_refused_before_any_work(published, ca
     folders, _ = published
     head = _head()
     assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--quiet", "--device", "cpu"]) == 2
+                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "member(s) this run leaves out" in err and "--refit" in err
     assert _head() == head
@@ -140,7 +140,7 @@ def test_a_join_without_write_access_pushes_nothing(published, capsys):
     head = _head()
     assert main(["join", str(folders[12]), "--collection", COLL, "--token", USERS["bob"], "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "cannot write" in err and "alice" in err
+    assert err.count("\n") == 0 and "cannot write" in err and "acme" in err
     assert not HfApi(token=USERS["bob"]).repo_exists("bob/c12-soppu") and _head() == head
 
 
