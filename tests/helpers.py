@@ -3,6 +3,23 @@
 from pathlib import Path
 
 
+def peft_loader(model):
+    """`load(path, name)` as the backend gives SharedBases: the first call wraps `model` in a PeftModel, later ones
+    add adapters to it; returns the PeftModel each time."""
+    holder = {}
+
+    def load(path, name):
+        if "m" not in holder:
+            from peft import PeftModel
+
+            holder["m"] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
+        else:
+            holder["m"].load_adapter(path, adapter_name=name)
+        return holder["m"]
+
+    return load
+
+
 def peft_deltas(base_folder: Path, adapter_folder: Path) -> dict:
     """Module path -> delta weight exactly as PEFT computes it for a loaded adapter (out x in)."""
     import torch

@@ -1,6 +1,7 @@
 """The mixed-batch LoRA math: one gathered forward equals each row run with its own adapter."""
 
 import torch
+from helpers import peft_loader
 
 from soppu_hub.serve.lora_ops import gathered_lora, shared_basis_lora, shared_factored_lora, stack_slots
 
@@ -55,7 +56,6 @@ def test_factored_cores_give_what_their_dense_products_give():
 def test_installed_forward_matches_peft_token_for_token(tmp_path):
     """A real tiny Llama with plain LoRAs of two ranks and three adapters through one JD bundle, all in one
     batch: the gathered forward gives PEFT's logits and the same greedy tokens."""
-    from peft import PeftModel
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
@@ -74,18 +74,9 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
         folders.append(write_adapter(tmp_path / f"a{i}", f, base_model=str(base_dir), rank=rank, alpha=2 * rank))
     compress_folders(folders[2:], tmp_path / "jd", CompressConfig(rank=6))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    peft_model = None
-
-    def load(path, name):
-        nonlocal peft_model
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
-        else:
-            peft_model.load_adapter(path, adapter_name=name)
-        return peft_model
-
+    load = peft_loader(model)
     load(str(folders[0]), "p0")
-    load(str(folders[1]), "p1")
+    peft_model = load(str(folders[1]), "p1")
     shared = SharedBases()
     for j in range(3):
         shared.load(load, tmp_path / "jd" / f"a{j + 2}", f"s{j}")

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import peft_loader
 from safetensors.torch import load_file
 
 from soppu_hub.cli import main
@@ -172,26 +173,19 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
                      str(tmp_path / "joined" / f"m{i}"), "--quiet", "--max-error", "0.5"]) == 0
     members = [tmp_path / "out" / f"m{i}" for i in range(3)] + [tmp_path / "joined" / f"m{i}" for i in (3, 4, 5)]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-    holder = {}
-
-    def load(path, name):
-        if "m" not in holder:
-            holder["m"] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
-        else:
-            holder["m"].load_adapter(path, adapter_name=name)
-        return holder["m"]
+    load = peft_loader(model)
 
     shared = SharedBases()
     for j, folder in enumerate(members):
-        shared.load(load, folder, f"s{j}")
+        peft_model = shared.load(load, folder, f"s{j}")
     summary = shared.summary()
     assert len(summary) == 1 and next(iter(summary.values()))["adapters"] == 6
     bases = next(iter(summary.values()))["shared_params"]
     assert bases == sum((m + d) * 8 for m, d in shapes.values())
-    assert resident_lora_params(holder["m"]) < 2 * bases  # one U, V for all six plus six small cores
+    assert resident_lora_params(peft_model) < 2 * bases  # one U, V for all six plus six small cores
     ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(0))
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(members[4]),
                                       adapter_name="p").eval()
     with torch.no_grad():
-        torch.testing.assert_close(holder["m"](input_ids=ids, adapter_names=["s4"]).logits,
+        torch.testing.assert_close(peft_model(input_ids=ids, adapter_names=["s4"]).logits,
                                    plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import peft_loader
 from safetensors.torch import load_file, save_file
 
 from soppu_hub.compression.bundle import FactoredCore, ModuleBasis, load_bundle
@@ -119,7 +120,6 @@ def test_an_old_bundle_serves_the_same_logits_as_the_new_one(factored, tmp_path,
 def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(factored, tmp_path, tiny_base):
     """Three adapters served from factored cores and one from a v1 (square) copy, in one batch with the base: the
     installed forward (thin per-row matmuls for the factored group) gives PEFT's own per-row logits."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from soppu_hub.serve.peft_patch import install
@@ -130,14 +130,7 @@ def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(fact
     shutil.copytree(out / NAMES[3], old)
     _write_as_v1(old / BUNDLE_DIR)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
-    holder = {}
-
-    def load(path, name):
-        if "m" not in holder:
-            holder["m"] = PeftModel.from_pretrained(model, path, adapter_name=name).eval()
-        else:
-            holder["m"].load_adapter(path, adapter_name=name)
-        return holder["m"]
+    load = peft_loader(model)
 
     shared = SharedBases()
     for name in NAMES[:3]:

@@ -20,6 +20,7 @@ from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
 from ..compression.export import ExportConfig, export_peft
 from ..compression.plan import written_rel_errors
 from ..errors import CollectionError, SoppuError
+from ..hub.common import TOKEN_HELP
 from ..hub.pull import download_adapter, parse_source
 from ..peft_format.layout import BUNDLE_DIR, REPORT_NAME
 from ..peft_format.read import LoraAdapter, read_adapter
@@ -53,8 +54,7 @@ class JoinSpec:
     namespace: str | None = field(default=None, metadata={"help": "user or organisation for the member repo"})
     private: bool = field(default=False, metadata={"help": "create the member repo private"})
     revision: str | None = field(default=None, metadata={"help": "revision of a Hub source given without @revision"})
-    token: str | bool | None = field(default=None, repr=False, metadata={
-        "help": "Hub token (default: HF_TOKEN or the one saved by `hf auth login`)"})
+    token: str | bool | None = field(default=None, repr=False, metadata={"help": TOKEN_HELP})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
     export: ExportConfig = field(default_factory=ExportConfig)
     command: str = "soppu-hub join"  # recorded in the card: how to reproduce the run

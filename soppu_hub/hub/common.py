@@ -10,6 +10,9 @@ from ..errors import SoppuError
 
 T = TypeVar("T")
 
+# The help of every --token flag (compress, join): how huggingface_hub finds one when none is given.
+TOKEN_HELP = "Hub token (default: HF_TOKEN or the one saved by `hf auth login`)"
+
 
 class HubError(SoppuError):
     """A Hub operation failed in a way the user can fix (not found, no access, offline...). `reason` says which,

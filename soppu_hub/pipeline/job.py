@@ -15,7 +15,7 @@ from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
-from ..hub.common import PushError, is_repo_id
+from ..hub.common import TOKEN_HELP, PushError, is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
@@ -38,8 +38,7 @@ class JobSpec:
     namespace: str | None = field(default=None, metadata={"help": "user or organisation for the target repos"})
     private: bool = field(default=False, metadata={"help": "create the target repos private"})
     revision: str | None = field(default=None, metadata={"help": "revision for Hub sources given without @revision"})
-    token: str | bool | None = field(default=None, repr=False, metadata={
-        "help": "Hub token (default: HF_TOKEN or the one saved by `hf auth login`)"})
+    token: str | bool | None = field(default=None, repr=False, metadata={"help": TOKEN_HELP})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     verify: bool = field(default=False, metadata={
         "help": "functional check: next-token agreement and KL with the base model"})
