@@ -109,3 +109,15 @@ def random_peft_adapter(root: Path, build, lora_kwargs: dict, name: str, seed: i
     cfg["base_model_name_or_path"] = str(base_dir)
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     return model.eval(), folder, base_dir
+
+
+def peft_clean(config: dict, **overrides) -> dict:
+    """adapter_config.json as PEFT's LoraConfig itself makes it (no fast path): what clean_config must equal."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    from soppu_hub.peft_format.config import _with_peft
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_version", "runtime_config"}
+    return _with_peft({**{k: v for k, v in config.items() if k in known}, **overrides})

@@ -112,6 +112,20 @@ def test_an_unseen_task_is_refused_in_one_line_and_nothing_changes(built, tmp_pa
     assert not (tmp_path / "x").exists() and (out / "collection" / "members.json").read_bytes() == before
 
 
+def test_the_bar_follows_the_cluster_but_never_lets_in_what_compress_calls_poorly_kept(built):
+    from soppu_hub.collection.join import bar_for
+    from soppu_hub.collection.remote import open_collection
+
+    coll = open_collection(built[0] / "out" / "collection")
+    assert coll.info.settings["max_adapter_error"] == 0.9
+    for worst, bar in ((0.01, 0.2), (0.4, 0.5), (0.8, 0.9)):  # 1.25x the worst member, within [0.2, 0.9]
+        coll.info.clusters[0].max_error = worst
+        assert bar_for(coll, 0, None) == pytest.approx(bar)
+    assert bar_for(coll, 0, 0.97) == 0.97  # --max-error is the user's own call
+    coll.info.target_error = 0.3
+    assert bar_for(coll, 0, None) == 0.3
+
+
 def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
     from soppu_hub.collection.format import read_collection, read_members
 

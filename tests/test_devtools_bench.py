@@ -117,3 +117,22 @@ def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
 
     assert uniform_subset(mixed) == [("real collection, its 2 rank-4 q/v adapters", folders[:2])]
     assert uniform_subset(folders) == []  # already uniform: no second set
+
+
+def test_join_bench_end_to_end_at_a_small_size():
+    """`soppu-hub bench join` at 48 + 3 (+ 1 by the CLI): every join lands, within its download budget and near the
+    refit's error, the CLI join exits 0, and the unseen family is refused."""
+    import json
+
+    from soppu_hub.devtools.bench.join import format_join, run_join_bench
+
+    out = json.loads(run_join_bench(48, 3, clusters="8", cli_joins=1, as_json=True))
+    assert len(out["joins"]) == 3 and [c["rc"] for c in out["cli"]] == [0]
+    assert out["clusters"] == 8 and not out["refused"] and 0 < out["cli"][0]["downloaded"] <= max(out["bases_bytes"]) + 2_000_000
+    for j in out["joins"]:
+        assert j["downloaded"] <= max(out["bases_bytes"]) + j["adapter_bytes"]
+        # 6 members a family fit their own noise, a joiner cannot: 1.6x here, 1.03x at 900 (the bench's goal is there)
+        assert j["error"] <= 2.0 * out["refit_error"][j["name"]]
+    assert not out["unseen"].startswith("JOINED") and "--new-cluster" in out["unseen"]
+    table = format_join(out, 48)
+    assert "48 adapters, 8 clusters" in table and "refused: " in table

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers import random_peft_adapter
+from helpers import peft_clean, random_peft_adapter
 
 from soppu_hub.cli import main
 from soppu_hub.errors import AdapterError
+from soppu_hub.peft_format.config import clean_config, plain_config
 from soppu_hub.peft_format.read import read_adapter
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
@@ -103,6 +104,8 @@ def test_published_architectures_round_trip(tmp_path, arch):
     dtype = {"gemma2": torch.bfloat16, "qwen2": torch.float16}.get(arch, torch.float32)
     (f0, base_dir, model_cls), (f1, _, _) = _save(tmp_path, arch, 1, dtype), _save(tmp_path, arch, 2, dtype)
     want = [_logits(model_cls, base_dir, f) for f in (f0, f1)]
+    written = json.loads((f0 / "adapter_config.json").read_text())  # as this architecture's PEFT save wrote it
+    assert plain_config(written) == peft_clean(written) == clean_config(written)  # plain: no PEFT import needed
     assert not torch.allclose(want[0], _logits(model_cls, base_dir), atol=1e-4)
     out = tmp_path / "out"
     assert main(["compress", str(f0), str(f1), "--rank", "64", "--out", str(out), "--quiet", "--no-push"]) == 0

@@ -18,7 +18,7 @@ import torch
 
 from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
 from ..compression.export import ExportConfig, export_peft
-from ..compression.plan import written_rel_errors
+from ..compression.plan import CompressConfig, written_rel_errors
 from ..errors import CollectionError, SoppuError
 from ..hub.common import TOKEN_HELP
 from ..hub.pull import download_adapter, parse_source
@@ -30,7 +30,9 @@ from .remote import Collection, open_collection
 
 # Without a target error, a joiner's bar is JOIN_SLACK x the cluster's worst member, and never below JOIN_FLOOR:
 # members fitted with the bases absorb some of their own noise, which a joiner cannot (in a small cluster that
-# alone can double the error), while an adapter from a task the collection has never seen sits near 1.
+# alone can double the error), while an adapter from a task the collection has never seen sits near 1. Nor is it
+# ever above the error at which compress itself calls an adapter poorly kept (the collection's
+# max_adapter_error): a collection that keeps its own members badly must not wave strangers in at 0.96.
 JOIN_SLACK = 1.25
 JOIN_FLOOR = 0.2
 TRIES = 2  # clusters whose bases are downloaded before giving up (nearest signatures first)
@@ -136,7 +138,8 @@ def bar_for(coll: Collection, c: int, max_error: float | None) -> float:
         return max_error
     if coll.info.target_error is not None:
         return coll.info.target_error
-    return max(JOIN_SLACK * coll.info.clusters[c].max_error, JOIN_FLOOR)
+    ceiling = coll.info.settings.get("max_adapter_error", CompressConfig.max_adapter_error)
+    return min(max(JOIN_SLACK * coll.info.clusters[c].max_error, JOIN_FLOOR), ceiling)
 
 
 def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: Callable[[str], None]

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..peft_format.config import clean_config
 from ..peft_format.layout import DEFAULT_LORAX_TP, lorax_rank
-from ..peft_format.read import clean_config
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
 

@@ -7,18 +7,16 @@ own keys; a `lora_B.bias` (PEFT's lora_bias) stays with its module, scaled like 
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import AdapterError
+from .config import clean_config
 from .layout import BIN_NAME, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
 
 # lora_A / lora_B weights of a linear layer, lora_B's bias (lora_bias), the factors of an embedding layer.
@@ -181,21 +179,6 @@ def read_config(folder: Path, name: str) -> dict:
     if not isinstance(config.get("r"), int) or config["r"] < 1 or "lora_alpha" not in config:
         raise _fail(name, f"{CONFIG_NAME} lacks a valid 'r' or 'lora_alpha'", "re-save the adapter with PEFT")
     return config
-
-
-def clean_config(config: dict, **overrides) -> dict:
-    """adapter_config.json as PEFT's own LoraConfig writes it: keys PEFT no longer knows (enable_lora,
-    merge_weights...) are dropped, every kept field is validated by PEFT. Raises ValueError / TypeError."""
-    from peft import LoraConfig  # slow import, only when a config is written or checked
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_version", "runtime_config"}
-    kept = {k: v for k, v in config.items() if k in known}
-    kept.update(overrides)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = LoraConfig(**kept).to_dict()
-    out.pop("runtime_config", None)
-    return {k: sorted(v) if isinstance(v, set) else (v.value if isinstance(v, enum.Enum) else v) for k, v in out.items()}
 
 
 def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
