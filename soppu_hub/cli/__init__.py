@@ -25,7 +25,7 @@ from .commands import (
     cmd_samples,
     cmd_serve,
 )
-from .flags import Parser, add_export_args, add_fields, command_line, field_help, job_spec
+from .flags import Parser, add_export_args, add_fields, byte_size, command_line, field_help, job_spec
 
 __all__ = ["build_parser", "command_line", "job_spec", "main"]
 
@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded (LRU) (default 8)")
+    p.add_argument("--max-lora-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="bytes of LoRA weights kept loaded (LRU), e.g. 64MB: the bound GPU servers budget by "
+                   "(default: only --max-adapters)")
+    p.add_argument("--collection", default=None, metavar="SOURCE",
+                   help="a collection (folder written by compress --collection, or its repo id) whose members all stay "
+                   "resident: each cluster's bases once plus one core per member, addressed by repo id or name")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens per request (default: model limit)")
     p.add_argument("--max-concurrent-requests", type=int, default=128, help="requests in flight before 429 (default 128)")

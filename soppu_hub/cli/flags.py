@@ -112,3 +112,17 @@ def job_spec(args: argparse.Namespace) -> "JobSpec":
                    verify_ranks=_ranks(args.verify_ranks, args.verify), command=command_line(args.argv), **simple)
 
 
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """'64MB', '1.5GiB' or a plain number of bytes, for --max-lora-memory (argparse type)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size: give bytes, or a number with KB, MB, GB, KiB, MiB or GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+

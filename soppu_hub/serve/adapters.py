@@ -1,4 +1,8 @@
-"""Adapters by name for the embedded backend: resolve (Hub or allowed local folder), check, load, LRU-evict."""
+"""Adapters by name for the embedded backend: resolve (Hub or allowed local folder), check, load, LRU-evict.
+
+Two bounds on what stays loaded, as servers budget: a number of adapters (--max-adapters) and bytes of resident
+LoRA weights (--max-lora-memory). A preloaded collection (resident.py) is outside both: all its members stay.
+"""
 
 from __future__ import annotations
 
@@ -26,20 +30,22 @@ class AdapterStore:
     """Loaded adapters in LRU order with a soft cap: adapters in use are never evicted."""
 
     def __init__(self, base, model_dir: Path, *, model_id: str, lock: threading.RLock, max_adapters: int,
-                 local_root: Path | None, share_bases: bool = True):
+                 local_root: Path | None, share_bases: bool = True, max_lora_bytes: int | None = None):
         """`lock` guards the model: the engine holds it while generating, the store while (un)loading."""
         from .shared_bases import SharedBases
 
         self.base, self.peft, self.model_id, self.lock = base, None, model_id, lock
         self.shared = SharedBases() if share_bases else None
         self.max_adapters = max(1, max_adapters)
+        self.max_lora_bytes = max_lora_bytes
+        self.resident = None  # a ResidentCollection, when one was preloaded
         self.local_root = local_root.resolve() if local_root else None
         self.accepted_bases = {model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
         self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self._meta = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._counter = 0
-        self._memory: dict = {"resident_lora_params": 0, "shared_bases": {}}
+        self._memory: dict = {"resident_lora_params": 0, "resident_lora_bytes": 0, "shared_bases": {}}
 
     # --- resolving -------------------------------------------------------------------------------
     def _folder(self, adapter_id: str, source: str, api_token: str | None) -> Path:
@@ -88,6 +94,8 @@ class AdapterStore:
         """Load if needed and pin; returns (PEFT adapter name, unpin)."""
         if adapter_id is None or adapter_id in BASE_ALIASES:
             return BASE, lambda: None
+        if self.resident is not None and adapter_id in self.resident.ids:  # always loaded, never evicted
+            return self.resident.ids[adapter_id], lambda: None
         source = source or "hub"
         if source not in SOURCES:
             raise ValidationFailed(f"adapter_source {source!r} is not supported here; use one of {', '.join(SOURCES)}")
@@ -116,6 +124,7 @@ class AdapterStore:
                 with self._meta:
                     entry = self.loaded[key] = Loaded(name, pins=1)
                 self._evict()
+                self._refuse_if_alone_too_big(key, adapter_id)
         released = False
 
         def unpin() -> None:
@@ -136,6 +145,8 @@ class AdapterStore:
             self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
             self.peft.load_adapter(path, adapter_name=name)
+            if self.peft.active_adapter not in self.peft.peft_config:  # every earlier adapter was unloaded
+                self.peft.set_adapter(name)
         install(self.peft)  # mixed batches in a few gathered matmuls, not PEFT's loop over adapters
         return self.peft
 
@@ -148,23 +159,60 @@ class AdapterStore:
         else:
             self._load_peft(str(folder), name)
 
+    def _over(self) -> bool:
+        too_many = len(self.loaded) > self.max_adapters
+        return too_many or (self.max_lora_bytes is not None and self._memory["resident_lora_bytes"] > self.max_lora_bytes)
+
     def _evict(self) -> None:
-        """Drop least-recently-used unpinned adapters until at most max_adapters stay loaded."""
-        with self._meta:
-            over = len(self.loaded) - self.max_adapters
-            victims = [key for key, entry in self.loaded.items() if entry.pins == 0][: max(0, over)]
-            names = [self.loaded.pop(key).name for key in victims]
-        if names:
+        """Drop least-recently-used unpinned adapters while more than max_adapters are loaded or their LoRA
+        weights take more than max_lora_bytes (measured again after each one: shared bases free only with
+        their last user)."""
+        while True:
+            with self._meta:
+                victim = next((k for k, e in self.loaded.items() if e.pins == 0), None) if self._over() else None
+                if victim is None:
+                    return
+                name = self.loaded.pop(victim).name
             with self.lock:
-                for name in names:
-                    self.peft.delete_adapter(name)
-                    if self.shared is not None:
-                        self.shared.release(name)
+                self.peft.delete_adapter(name)
+                if self.shared is not None:
+                    self.shared.release(name)
                 self._measure()
+
+    def _refuse_if_alone_too_big(self, key: tuple[str, str], adapter_id: str) -> None:
+        """An adapter that alone exceeds --max-lora-memory is unloaded again and refused in one line."""
+        with self._meta:
+            alone = len(self.loaded) == 1 and self.max_lora_bytes is not None
+            size = self._memory["resident_lora_bytes"]
+            if not (alone and size > self.max_lora_bytes):
+                return
+            name = self.loaded.pop(key).name
+        with self.lock:
+            self.peft.delete_adapter(name)
+            if self.shared is not None:
+                self.shared.release(name)
+            self._measure()
+        raise AdapterLoadFailed(f"adapter {adapter_id} holds {size:,} bytes of LoRA weights, more than "
+                                f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
+
+    def preload(self, source: str, *, token: str | None = None, log=lambda m: None) -> dict:
+        """Make every member of a collection (folder or Hub repo) resident: its clusters' bases once, its cores
+        stacked; the first member also loads through PEFT, which puts LoRA layers on the collection's modules."""
+        from .resident import attach, load_resident
+
+        resident = load_resident(source, token=token, log=log)
+        folder = Path(resident.first) if resident.local else self._folder(resident.first, "hub", token)
+        self._check(resident.first, folder)
+        with self.lock:
+            self._load(folder, "resident_layers", token)  # outside the LRU: never evicted
+            attach(self.peft, resident)
+            self.resident = resident
+            self._measure()
+        return resident.summary()
 
     def model_for(self, names: list[str]):
         """(model, each row's adapter name), or (base model, None) while no adapter is loaded."""
-        if self.peft is None:
+        if self.peft is None or not self.peft.peft_config:  # none loaded (or all unloaded again): the base model
             return self.base, None
         return self.peft, names
 
@@ -174,10 +222,12 @@ class AdapterStore:
 
     def _measure(self) -> None:
         """Recount resident LoRA memory; called with the engine lock held, right after a load or an eviction."""
-        from .shared_bases import resident_lora_params
+        from .shared_bases import resident_lora
 
-        self._memory = {"resident_lora_params": resident_lora_params(self.peft),
-                        "shared_bases": self.shared.summary() if self.shared is not None else {}}
+        params, nbytes = resident_lora(self.peft)
+        self._memory = {"resident_lora_params": params, "resident_lora_bytes": nbytes,
+                        "shared_bases": self.shared.summary() if self.shared is not None else {},
+                        "resident_collection": self.resident.summary() if self.resident is not None else None}
 
     def memory(self) -> dict:
         """Resident LoRA parameters (shared tensors once) and the shared bases in use, as of the last load or

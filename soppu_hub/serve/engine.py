@@ -61,7 +61,7 @@ class Engine:
 
     def __init__(self, model_dir: Path, model_id: str, *, max_adapters: int = 8, max_batch: int = 16,
                  max_total_tokens: int | None = None, max_concurrent_requests: int = 128, local_root: Path | None = None,
-                 device: str = "cpu", share_bases: bool = True) -> None:
+                 device: str = "cpu", share_bases: bool = True, max_lora_bytes: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = model_id
@@ -74,7 +74,7 @@ class Engine:
         self.max_batch, self.max_concurrent_requests = max_batch, max_concurrent_requests
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
         self.adapters = AdapterStore(base, model_dir, model_id=model_id, lock=self.lock, max_adapters=max_adapters,
-                                     local_root=local_root, share_bases=share_bases)
+                                     local_root=local_root, share_bases=share_bases, max_lora_bytes=max_lora_bytes)
         self.pending: queue.Queue[Generation] = queue.Queue()
         self.active = 0  # admitted requests not yet closed
         self.cancelled = 0  # requests stopped early because their client went away

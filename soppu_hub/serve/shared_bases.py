@@ -132,14 +132,19 @@ class SharedBases:
 
 def resident_lora_params(peft_model) -> int:
     """LoRA parameters actually held in memory: shared tensors counted once, cores included."""
+    return resident_lora(peft_model)[0]
+
+
+def resident_lora(peft_model) -> tuple[int, int]:
+    """(parameters, bytes) of the LoRA weights held in memory, shared tensors counted once."""
     if peft_model is None:
-        return 0
+        return 0, 0
     from peft.tuners.lora import LoraLayer
 
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
             for holder in (*module.lora_A.values(), *module.lora_B.values()):
                 for p in holder.parameters():
-                    seen[p.data_ptr()] = p.numel()
-    return sum(seen.values())
+                    seen[p.data_ptr()] = (p.numel(), p.numel() * p.element_size())
+    return sum(n for n, _ in seen.values()), sum(b for _, b in seen.values())

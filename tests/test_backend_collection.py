@@ -1,0 +1,118 @@
+"""A collection resident at once (issue 22): bases once, cores stacked, members by name; and --max-lora-memory.
+
+Real backends (`soppu-hub serve`) over loopback, driven by the official lorax-client.
+"""
+
+import argparse
+import asyncio
+import json
+import urllib.request
+
+import pytest
+from lorax import AsyncClient, Client
+from lorax.errors import GenerationError
+from safetensors.torch import load_file
+
+from soppu_hub.cli import main
+from soppu_hub.devtools.launch import start_backend
+from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+
+pytestmark = pytest.mark.e2e
+PROMPT = "Hello! How are you today?"
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, tiny_base):
+    """8 adapters of 2 families for the tiny base, compressed as a local collection (2 clusters, rank 8)."""
+    root = tmp_path_factory.mktemp("resident")
+    facs, _ = family_factors(llama_module_shapes(), 8, 4, families=2, noise=0.02, seed=3)
+    folders = [write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32) for i, f in enumerate(facs)]
+    assert main(["compress", *map(str, folders), "--out", str(root / "out"), "--no-push", "--quiet", "--device", "cpu",
+                 "--rank", "8", "--clusters", "2", "--collection", "acme/resident"]) == 0
+    return root
+
+
+def info(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{url}/info").read())
+
+
+def greedy(client: Client, adapter: str | None, source: str = "local") -> list[int]:
+    r = client.generate(PROMPT, max_new_tokens=12, adapter_id=adapter, adapter_source=source, details=True,
+                        ignore_eos_token=True)
+    return [t.id for t in r.details.tokens]
+
+
+def test_a_resident_collection_serves_every_member_as_its_own_export(collection, tiny_base):
+    child = start_backend(str(tiny_base), extra=["--collection", str(collection / "out" / "collection"), "--adapter-dir",
+                                                 str(collection), "--max-adapters", "2"])
+    try:
+        client = Client(child.url)
+        got = info(child.url)
+        res = got["resident_collection"]
+        assert res["members"] == 8 and res["clusters"] == 2 and res["collection"].endswith("collection")
+        plain = sum(t.numel() for i in range(8) for t in load_file(str(collection / "out" / f"m{i}" / "adapter_model.safetensors")).values())
+        assert res["params"] < plain  # bases once per cluster + 8 x cores, against 8 full exports
+        base = greedy(client, None)
+        for i in (0, 5):
+            resident = greedy(client, f"m{i}")  # by name: the resident stack
+            exported = greedy(client, f"out/m{i}")  # its PEFT export, loaded the usual way
+            assert resident == exported and resident != base
+        # a mixed batch: resident members of both clusters, a PEFT-loaded adapter and the base model together
+        alone = {a: greedy(client, a) for a in ("m1", "m6", "out/m2")}
+
+        async def together():
+            c = AsyncClient(child.url)
+            rs = await asyncio.gather(*[c.generate(PROMPT, max_new_tokens=12, adapter_id=a, adapter_source="local",
+                                                   details=True, ignore_eos_token=True) for a in ("m1", "m6", "out/m2", None)])
+            return [[t.id for t in r.details.tokens] for r in rs]
+
+        assert asyncio.run(together()) == [alone["m1"], alone["m6"], alone["out/m2"], base]
+        assert info(child.url)["resident_collection"]["members"] == 8  # no LRU touches them
+    finally:
+        child.stop()
+
+
+def test_max_lora_memory_evicts_by_bytes_and_refuses_an_adapter_that_alone_is_too_big(sample_adapters, tiny_base):
+    one = sum(t.numel() * 4 for t in load_file(str(sample_adapters[0] / "adapter_model.safetensors")).values())  # float32
+    root = str(sample_adapters[0].parent)
+    child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--max-adapters", "8",
+                                                 "--max-lora-memory", str(int(1.5 * one))])
+    try:
+        client = Client(child.url)
+        for folder in sample_adapters[:2]:
+            greedy(client, folder.name)
+        got = info(child.url)
+        assert got["loaded_adapters"] == [f"local:{sample_adapters[1].name}"]  # the older one left to make room
+        assert 0 < got["resident_lora_bytes"] <= 1.5 * one
+    finally:
+        child.stop()
+    child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--max-lora-memory", "1KB"])
+    try:
+        with pytest.raises(GenerationError, match="more than --max-lora-memory 1,000"):
+            greedy(Client(child.url), sample_adapters[0].name)
+        assert info(child.url)["loaded_adapters"] == [] and greedy(Client(child.url), None)  # still serving
+    finally:
+        child.stop()
+
+
+def test_bad_sizes_and_damaged_collections_are_one_line_at_start(collection, tiny_base, capsys, tmp_path):
+    import shutil
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(tiny_base), "--max-lora-memory", "lots"])
+    assert exit_.value.code == 2
+    assert "not a positive size" in capsys.readouterr().err
+    shutil.copytree(collection / "out", tmp_path / "out")
+    (tmp_path / "out" / "collection" / "members.json").write_text("{not json")
+    assert main(["serve", "--model", str(tiny_base), "--collection", str(tmp_path / "out" / "collection"), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--collection" in err and "members.json" in err, err
+
+
+def test_byte_sizes():
+    from soppu_hub.cli.flags import byte_size
+
+    assert byte_size("64MB") == 64_000_000 and byte_size("1.5GiB") == 3 * 2**29 and byte_size("4096") == 4096
+    for bad in ("0", "-5MB", "12 parsecs", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            byte_size(bad)
