@@ -136,3 +136,33 @@ def test_join_bench_end_to_end_at_a_small_size():
     assert not out["unseen"].startswith("JOINED") and "--new-cluster" in out["unseen"]
     table = format_join(out, 48)
     assert "48 adapters, 8 clusters" in table and "refused: " in table
+    assert out["resident"]["cached"]["members"] == 48 + 3  # the library joiners too (the CLI joins come after)
+
+
+def test_serve_curve_arrivals_are_poisson_and_zipf_skews_popularity():
+    from soppu_hub.devtools.bench.serve_load import arrivals
+
+    uniform = arrivals(4000, 40.0, 16, zipf=None, seed=1)
+    assert uniform == arrivals(4000, 40.0, 16, zipf=None, seed=1)  # a fixed seed: the same stream
+    times = [t for t, _ in uniform]
+    assert all(b > a for a, b in zip(times, times[1:])) and abs(times[-1] / 4000 - 1 / 40) < 0.1 / 40
+    counts = [sum(1 for _, i in uniform if i == k) for k in range(16)]
+    assert min(counts) > 150 and max(counts) < 350  # about 250 each
+    skewed = arrivals(4000, 40.0, 16, zipf=1.2, seed=1)
+    top = sum(1 for _, i in skewed if i == 0)
+    assert top > 4 * sum(1 for _, i in skewed if i == 15) and top > 800
+
+
+def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
+    """Both servers, the reference, two adapter counts: every request answered, the table and the plot written."""
+    from soppu_hub.devtools.bench.serve_load import format_load, measure_load, plot_load
+
+    m = measure_load([1, 12], 10, new_tokens=4, rate=50.0, hidden=64, layers=2, lora_rank=4, rank=8)
+    assert [(r["method"][:5], r["adapters"]) for r in m["rows"]] == [("one p", 1), ("JD co", 1), ("plain", 1),
+                                                                     ("JD co", 12), ("plain", 12)]
+    assert all(r["tokens"] == 10 * 4 and r["tokens_per_s"] > 0 and r["latency_p99"] >= r["latency_p50"] for r in m["rows"])
+    assert m["jd"]["members"] == 12 and m["plain_bound_bytes"] == m["jd"]["resident_bytes"] > 0
+    table = format_load(m)
+    assert "12 members resident" in table and "12: JD" in table
+    plot_load(m, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

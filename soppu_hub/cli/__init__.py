@@ -80,13 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
                    "JD's shared ranks (default 16,32,48)")
     p.add_argument("--svd-ranks", help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")
-    p.add_argument("--plot", help="samples, quality, peers: also save the plot here (PNG)")
-    p.add_argument("--adapters", type=int, default=None, help="serve: distinct adapters (default 16); scale: adapters in the "
+    p.add_argument("--plot", help="samples, quality, peers, serve (curve): also save the plot here (PNG)")
+    p.add_argument("--adapters", default=None, help="serve: distinct adapters (default 16), or comma-separated counts for the "
+                   "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
                    "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900)")
+    p.add_argument("--requests", type=int, default=None, help="serve: requests per case of the throughput curve (default 200)")
+    p.add_argument("--rate", type=float, default=200.0, help="serve: Poisson arrival rate of the curve's requests per second; "
+                   "above what the backend serves, so tokens/s is its capacity (default 200)")
+    p.add_argument("--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
     p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
     p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
-    p.add_argument("--new-tokens", type=int, default=32, help="serve: new tokens per request (default 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)")
     p.add_argument("--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table")
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
     p.add_argument("--ref-layers", type=int, default=2,

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import SoppuError
+from ..errors import ConfigError, SoppuError
 from ..peft_format.layout import BASE_MODEL_ID
 from ..progress import ProgressBar, log_above_bars
 from .flags import command_line, job_spec
@@ -81,6 +81,13 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(args: argparse.Namespace, default: int) -> int:
+    try:
+        return int(args.adapters) if args.adapters else default
+    except ValueError:
+        raise ConfigError(f"--adapters {args.adapters!r}: give one number of adapters for bench {args.what}") from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "samples":
         from ..devtools.bench.samples import RANKS, run_samples_bench
@@ -99,25 +106,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "join":
         from ..devtools.bench.join import run_join_bench
 
-        print(run_join_bench(args.adapters or 900, args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
+        print(run_join_bench(_count(args, 900), args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
                              log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "peers":
         from ..devtools.bench.peers import run_peers_bench
 
-        print(run_peers_bench(args.adapters or 32, as_json=args.json, plot=args.plot,
+        print(run_peers_bench(_count(args, 32), as_json=args.json, plot=args.plot,
                               log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "scale":
         from ..devtools.bench.scale import run_scale_bench
 
-        print(run_scale_bench(n_adapters=args.adapters or 20, rank=args.rank, clusters=args.clusters, device=args.device,
+        print(run_scale_bench(n_adapters=_count(args, 20), rank=args.rank, clusters=args.clusters, device=args.device,
                               per_family=not args.no_per_family))
+        return 0
+    if args.what == "serve" and (args.requests or "," in (args.adapters or "")):
+        from ..devtools.bench.serve_load import run_load_bench
+
+        try:
+            counts = sorted({int(n) for n in args.adapters.split(",")}) if args.adapters else [1, 16, 64, 256, 1000]
+        except ValueError:
+            raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
+        print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
+                             new_tokens=args.new_tokens or 16, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "serve":
         from ..devtools.bench.serve import run_serve_bench
 
-        print(run_serve_bench(n_adapters=args.adapters or 16, new_tokens=args.new_tokens, as_json=args.json))
+        print(run_serve_bench(n_adapters=_count(args, 16), new_tokens=args.new_tokens or 32, as_json=args.json))
         return 0
     from ..devtools.bench.kernel import run_kernel_bench
 

@@ -60,14 +60,17 @@ def upload_routes(hub: Hub) -> APIRouter:
 
     @router.put("/lfs-upload/{ticket}")
     async def lfs_upload(ticket: str, request: Request):
-        # huggingface_hub sends no auth header here: the one-time ticket in the URL is the authorisation.
+        # huggingface_hub sends no auth header here: the ticket in the URL is the authorisation. Like a presigned
+        # URL it stays valid for its object: a client that retries a PUT (its first attempt timed out on a busy
+        # server) must not be refused for the retry.
         if ticket not in tickets:
-            return error(403, "Forbidden", "unknown or used upload ticket")
-        oid, size = tickets.pop(ticket)
+            return error(403, "Forbidden", "unknown upload ticket")
+        oid, size = tickets[ticket]
         data = await read_limited(request, size)
         if len(data) != size:
             return error(400, "BadRequest", f"expected {size} bytes, got {len(data)}")
-        store.put_object(data, expected_sha256=oid)
+        if not store.has_object(oid):
+            store.put_object(data, expected_sha256=oid)
         return Response(status_code=200)
 
     @router.post("/api/{kinds}/{ns}/{name}/commit/{revision:path}")

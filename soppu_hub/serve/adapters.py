@@ -173,11 +173,14 @@ class AdapterStore:
                 if victim is None:
                     return
                 name = self.loaded.pop(victim).name
-            with self.lock:
-                self.peft.delete_adapter(name)
-                if self.shared is not None:
-                    self.shared.release(name)
-                self._measure()
+            self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        with self.lock:
+            self.peft.delete_adapter(name)
+            if self.shared is not None:
+                self.shared.release(name)
+            self._measure()
 
     def _refuse_if_alone_too_big(self, key: tuple[str, str], adapter_id: str) -> None:
         """An adapter that alone exceeds --max-lora-memory is unloaded again and refused in one line."""
@@ -187,11 +190,7 @@ class AdapterStore:
             if not (alone and size > self.max_lora_bytes):
                 return
             name = self.loaded.pop(key).name
-        with self.lock:
-            self.peft.delete_adapter(name)
-            if self.shared is not None:
-                self.shared.release(name)
-            self._measure()
+        self._unload(name)
         raise AdapterLoadFailed(f"adapter {adapter_id} holds {size:,} bytes of LoRA weights, more than "
                                 f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
 

@@ -1,0 +1,187 @@
+"""`soppu-hub bench serve --adapters 1,16,64,256,1000 --requests R`: throughput as distinct adapters grow.
+
+The Compress-then-Serve paper's figure, on CPU: a Poisson stream of R requests (fixed seed), each naming one of
+the first N adapters (uniform, or Zipf with exponent --zipf), served by
+  (a) the JD collection of all the adapters, every member resident (`serve --collection`);
+  (b) the same adapters as plain PEFT folders, loaded from disk on demand under `--max-lora-memory` equal to
+      (a)'s resident LoRA bytes (LRU), as a server with that memory budget would;
+  (c) one plain adapter for every request (the reference).
+Each case reports tokens/s (all generated tokens over the time from the first arrival to the last token), time
+to first token and p50/p99 latency (from each request's arrival), and the table, JSON and a PNG of tokens/s
+against N follow. Both servers run side by side in one run, on the same base and adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+PROMPT = "Hello! How are you today?"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+COLLECTION = "bench/serve"
+
+
+def arrivals(n_requests: int, rate: float, n_adapters: int, *, zipf: float | None, seed: int) -> list[tuple[float, int]]:
+    """(arrival time in s, adapter index) per request: Poisson arrivals at `rate` per second; adapters uniform, or
+    Zipf-distributed popularity (index 0 the most popular) when `zipf` is given."""
+    g = torch.Generator().manual_seed(seed)
+    gaps = torch.empty(n_requests, dtype=torch.float64).exponential_(rate, generator=g)
+    if zipf:
+        weights = 1.0 / torch.arange(1, n_adapters + 1, dtype=torch.float64) ** zipf
+        picks = torch.multinomial(weights, n_requests, replacement=True, generator=g)
+    else:
+        picks = torch.randint(n_adapters, (n_requests,), generator=g)
+    return list(zip(torch.cumsum(gaps, 0).tolist(), picks.tolist()))
+
+
+async def _run(url: str, plan: list[tuple[float, str | None]], new_tokens: int) -> dict:
+    from lorax import AsyncClient
+
+    client = AsyncClient(url, timeout=3600)
+    start = time.perf_counter()
+
+    async def one(at: float, adapter: str | None) -> tuple[float, float, float, int]:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        sent = time.perf_counter()
+        first, tokens = None, 0
+        async for r in client.generate_stream(PROMPT, max_new_tokens=new_tokens, adapter_id=adapter,
+                                              adapter_source="local", ignore_eos_token=True):
+            if not r.token.special:
+                tokens += 1
+            first = first or time.perf_counter()
+        done = time.perf_counter()
+        return first - sent, done - sent, done - start, tokens
+
+    rows = await asyncio.gather(*[one(at, a) for at, a in plan])
+    ttft, latency = sorted(r[0] for r in rows), sorted(r[1] for r in rows)
+    wall = max(r[2] for r in rows) - plan[0][0]
+    tokens = sum(r[3] for r in rows)
+
+    def pct(xs: list[float], p: float) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+    return {"requests": len(plan), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": statistics.median(ttft), "latency_p50": statistics.median(latency), "latency_p99": pct(latency, 0.99)}
+
+
+def _info(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(f"{url}/info").read())
+
+
+def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log) -> tuple[Path, list[str]]:
+    """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
+    from ...compression.plan import CompressConfig
+    from ...pipeline.job import JobSpec, run_job
+    from ..samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
+
+    base = build_tiny_llama(tmp / "base", hidden=hidden, layers=layers)
+    shapes = llama_module_shapes(hidden=hidden, layers=layers, targets=TARGETS)
+    names = [f"lora-{i:04d}" for i in range(n)]
+    log(f"writing {n} adapters")
+    for start in range(0, n, 100):  # in batches: all factors of 1000 adapters at once would be gigabytes
+        facs, _ = family_factors(shapes, min(100, n - start), lora_rank, families=8, noise=0.05, seed=1, offset=start)
+        for name, f in zip(names[start:], facs):
+            write_adapter(tmp / "adapters" / name, f, base_model=str(base), rank=lora_rank, alpha=2 * lora_rank,
+                          dtype=torch.bfloat16)
+    log(f"compressing them as a collection (rank {rank}, clusters auto)")
+    run_job(JobSpec(sources=[str(tmp / "adapters" / m) for m in names], config=CompressConfig(rank=rank, clusters="auto"),
+                    out=tmp / "jd", push=False, collection=COLLECTION))
+    return base, names
+
+
+def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, rate: float = 200.0, zipf: float | None = None,
+                 hidden: int = 256, layers: int = 4, lora_rank: int = 16, rank: int = 16, seed: int = 0,
+                 log=lambda m: None) -> dict:
+    from ..launch import start_backend
+
+    common = ["--max-batch-size", "16", "--max-total-tokens", "512", "--max-concurrent-requests", "1000000"]
+    with tempfile.TemporaryDirectory(prefix="soppu-bench-serve-") as tmp:
+        tmp = Path(tmp)
+        base, names = build_workload(tmp, max(counts), hidden=hidden, layers=layers, lora_rank=lora_rank, rank=rank, log=log)
+        t0 = time.perf_counter()
+        jd = start_backend(str(base), extra=["--collection", str(tmp / "jd" / "collection"), *common], timeout=900)
+        jd_start_s = time.perf_counter() - t0
+        plain = None
+        try:
+            info = _info(jd.url)
+            jd_bytes = info["resident_collection"]["bytes"] + info["resident_lora_bytes"]
+            plain = start_backend(str(base), extra=["--adapter-dir", str(tmp / "adapters"), "--max-adapters", "1000000",
+                                                    "--max-lora-memory", str(jd_bytes), *common])
+            rows = []
+            ref_plan = [(at, names[0]) for at, _ in arrivals(n_requests, rate, 1, zipf=None, seed=seed)]
+            asyncio.run(_run(plain.url, ref_plan[:4], new_tokens))  # warm both servers up
+            asyncio.run(_run(jd.url, ref_plan[:4], new_tokens))
+            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **asyncio.run(_run(plain.url, ref_plan, new_tokens))})
+            log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
+            for n in counts:
+                plan = arrivals(n_requests, rate, n, zipf=zipf, seed=seed + n)
+                for method, url in (("JD collection, all resident", jd.url), ("plain PEFT, --max-lora-memory = JD's", plain.url)):
+                    row = {"method": method, "adapters": n, **asyncio.run(_run(url, [(at, names[i]) for at, i in plan], new_tokens))}
+                    rows.append(row)
+                    log(f"{method}, {n} adapters: {row['tokens_per_s']:.1f} tokens/s")
+            plain_info = _info(plain.url)
+        finally:
+            jd.stop()
+            if plain is not None:
+                plain.stop()
+    return {"workload": {"hidden": hidden, "layers": layers, "targets": list(TARGETS), "lora_rank": lora_rank, "jd_rank": rank,
+                         "requests": n_requests, "rate": rate, "zipf": zipf, "new_tokens": new_tokens, "seed": seed,
+                         "device": "cpu", "adapters_written": max(counts)},
+            "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s},
+            "plain_bound_bytes": jd_bytes, "plain_loaded_at_end": len(plain_info["loaded_adapters"]), "rows": rows}
+
+
+def format_load(m: dict) -> str:
+    w, ref = m["workload"], m["rows"][0]["tokens_per_s"]
+    header = ("method", "adapters", "tokens/s", "x ref", "TTFT p50", "p50", "p99")
+    rows = [(r["method"], str(r["adapters"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / ref:.2f}",
+             f"{r['ttft_p50']:.2f} s", f"{r['latency_p50']:.2f} s", f"{r['latency_p99']:.2f} s") for r in m["rows"]]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    by = {(r["method"][:5], r["adapters"]): r["tokens_per_s"] for r in m["rows"]}
+    ratios = [f"{n}: JD {by[('JD co', n)] / ref:.2f}x ref, {by[('JD co', n)] / by[('plain', n)]:.2f}x plain"
+              for n in sorted({r["adapters"] for r in m["rows"][1:]})]
+    return "\n".join([
+        f"embedded backend (CPU), Llama hidden {w['hidden']}, {w['layers']} layers, LoRA r={w['lora_rank']} on q/k/v/o, JD rank "
+        f"{w['jd_rank']}; {w['requests']} requests per case, Poisson at {w['rate']}/s, "
+        f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each",
+        f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB (server up in "
+        f"{m['jd']['start_s']:.1f} s); plain: --max-lora-memory {m['plain_bound_bytes']:,} bytes",
+        *("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [header, *rows]),
+        "per number of adapters: " + "; ".join(ratios),
+    ])
+
+
+def plot_load(m: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for prefix, label, style in (("JD", "JD collection, all resident", "o-"), ("plain", "plain PEFT at JD's memory", "s--")):
+        pts = sorted((r["adapters"], r["tokens_per_s"]) for r in m["rows"][1:] if r["method"].startswith(prefix))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.axhline(m["rows"][0]["tokens_per_s"], color="grey", linestyle=":", label="one adapter (reference)")
+    ax.set_xscale("log")
+    ax.set_xlabel("distinct adapters in the request stream")
+    ax.set_ylabel("tokens / s (CPU, 2 cores)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("Throughput as the number of adapters grows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_load_bench(counts: list[int], n_requests: int, *, as_json: bool = False, plot: str | None = None, **kw) -> str:
+    m = measure_load(counts, n_requests, **kw)
+    if plot:
+        plot_load(m, plot)
+    return json.dumps(m, indent=1) if as_json else format_load(m)
