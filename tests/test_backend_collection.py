@@ -116,3 +116,20 @@ def test_byte_sizes():
     for bad in ("0", "-5MB", "12 parsecs", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             byte_size(bad)
+
+
+def test_row_factors_fold_each_core_into_its_own_cluster_s_basis():
+    import torch
+
+    from soppu_hub.serve.resident import ModuleStack
+
+    g = torch.Generator().manual_seed(0)
+    U, Vt = torch.randn(3, 10, 4, generator=g), torch.randn(3, 4, 7, generator=g)
+    cluster, cores = torch.tensor([0, 2, 1, 2]), torch.randn(4, 4, 4, generator=g)
+    P, Q = torch.randn(4, 4, 2, generator=g), torch.randn(4, 2, 4, generator=g)
+    slots = torch.tensor([3, 0, 3, 2])
+    for st, S in ((ModuleStack(U, Vt, cluster, cores=cores), cores), (ModuleStack(U, Vt, cluster, P=P, Q=Q), P @ Q)):
+        A, B = st.row_factors(slots)
+        for row, k in enumerate(slots.tolist()):
+            c = int(cluster[k])
+            torch.testing.assert_close(B[row] @ A[row], U[c] @ S[k] @ Vt[c])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +177,8 @@ class AdapterStore:
             self._unload(name)
 
     def _unload(self, name: str) -> None:
-        with self.lock:
+        with self.lock, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted")  # PEFT picks another: fine
             self.peft.delete_adapter(name)
             if self.shared is not None:
                 self.shared.release(name)

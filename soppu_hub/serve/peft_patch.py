@@ -2,7 +2,7 @@
 
 `install` replaces PEFT's mixed-batch forward (a Python loop over the batch's adapters, one sub-batch each) on
 every LoRA Linear with gathered matmuls; `rows_use` names each row's adapter for the layers without PEFT's
-per-call hooks. Rows of a resident collection's members (resident.py) use their cluster's stacks of cores.
+per-call hooks. Rows of a resident collection's members (resident.py) get their cores folded into their bases.
 """
 
 from __future__ import annotations
@@ -94,12 +94,11 @@ def _plan(layer, adapter_names: list[str], device) -> list:
 
     plain: dict[str, list[int]] = {}
     shared: dict[tuple[int, int], dict[str, list[int]]] = {}
-    slots_of, stacks = getattr(layer, "_soppu_resident", None) or ({}, {})
-    resident: dict[int, list[tuple[int, int]]] = {}  # cluster -> [(row, slot)] for a resident collection's members
+    slots_of, stack = getattr(layer, "_soppu_resident", None) or ({}, None)
+    resident: list[tuple[int, int]] = []  # (row, slot) of a resident collection's members
     for i, name in enumerate(adapter_names):
         if name in slots_of:
-            c, slot = slots_of[name]
-            resident.setdefault(c, []).append((i, slot))
+            resident.append((i, slots_of[name]))
             continue
         if name not in layer.lora_A:
             continue
@@ -130,14 +129,10 @@ def _plan(layer, adapter_names: list[str], device) -> list:
         dense = torch.stack([c.dense_core() * layer.scaling[n] for c, n in zip(cores, names)])
         steps.append((rows, lambda xr, u=u, v=vt.T, cores=dense, slots=slots:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
-    for c, pairs in resident.items():
-        st = stacks[c]
-        rows = torch.tensor([i for i, _ in pairs], device=device)
-        slots = torch.tensor([k for _, k in pairs], device=device)
-        if st.cores is None:
-            steps.append((rows, lambda xr, st=st, slots=slots: shared_factored_lora(xr.to(st.U.dtype), st.U, st.V, st.Q, st.P, slots)))
-        else:
-            steps.append((rows, lambda xr, st=st, slots=slots: shared_basis_lora(xr.to(st.U.dtype), st.U, st.V, st.cores, slots)))
+    if resident:  # every resident row, whatever its cluster: its core folded into its basis, two batched matmuls
+        rows = torch.tensor([i for i, _ in resident], device=device)
+        A, B = stack.row_factors(torch.tensor([k for _, k in resident], device=device))
+        steps.append((rows, lambda xr, A=A, B=B: torch.bmm(torch.bmm(xr.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))))
     n = len(adapter_names)
     return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order
 

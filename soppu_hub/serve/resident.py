@@ -23,26 +23,38 @@ PREFIX = "resident:"  # the adapter name a resident member's rows carry through 
 
 
 @dataclass
-class ClusterStack:
-    """One module position of one cluster: U (m, R), V (d, R), and the members' cores in slot order."""
+class ModuleStack:
+    """One module position, every cluster and member: U (C, m, R), V^T (C, R, d), each member's cluster, and the
+    members' cores in slot order (r x r, or P (N, R, k) and Q (N, k, R) when all were stored factored).
+
+    A batch folds each row's core into its basis (S_i V^T, U) and runs them as gathered plain LoRA factors: two
+    batched matmuls for all resident rows whatever their clusters, instead of a group of small matmuls per cluster."""
 
     U: torch.Tensor
-    V: torch.Tensor
-    cores: torch.Tensor | None = None  # (N, R, R)
-    P: torch.Tensor | None = None  # factored: S_i = P_i Q_i, P (N, R, k), Q (N, k, R), zero-padded to the largest k
+    Vt: torch.Tensor
+    cluster: torch.Tensor  # (N,) long
+    cores: torch.Tensor | None = None
+    P: torch.Tensor | None = None
     Q: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.U, self.V, self.cores, self.P, self.Q) if t is not None]
+        return [t for t in (self.U, self.Vt, self.cores, self.P, self.Q) if t is not None]
+
+    def row_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (b, R, d), B (b, m, R)) for rows using members `slots`: delta y = B A x = U S_i V^T x."""
+        S = self.cores[slots] if self.cores is not None else torch.bmm(self.P[slots], self.Q[slots])
+        c = self.cluster[slots]
+        return torch.bmm(S, self.Vt[c]), self.U[c]
 
 
 @dataclass
 class ResidentCollection:
     name: str
     revision: str | None
-    slots: dict[str, tuple[int, int]] = field(default_factory=dict)  # engine name -> (cluster, slot)
+    slots: dict[str, int] = field(default_factory=dict)  # engine name -> the member's slot in every ModuleStack
     ids: dict[str, str] = field(default_factory=dict)  # what a request may send (repo id, name) -> engine name
-    modules: dict[str, dict[int, ClusterStack]] = field(default_factory=dict)  # module key -> cluster -> stack
+    modules: dict[str, ModuleStack] = field(default_factory=dict)  # module key -> every cluster's bases and cores
+    clusters: int = 0
     first: str = ""  # the first member's folder (local) or repo id: loaded through PEFT for its LoRA layers
     local: bool = True
 
@@ -51,15 +63,14 @@ class ResidentCollection:
         return len(self.slots)
 
     def params(self) -> int:
-        return sum(t.numel() for stacks in self.modules.values() for s in stacks.values() for t in s.tensors())
+        return sum(t.numel() for st in self.modules.values() for t in st.tensors())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for stacks in self.modules.values() for s in stacks.values()
-                   for t in s.tensors())
+        return sum(t.numel() * t.element_size() for st in self.modules.values() for t in st.tensors())
 
     def summary(self) -> dict:
         return {"collection": self.name, "revision": self.revision, "members": self.members,
-                "clusters": len({c for c, _ in self.slots.values()}), "params": self.params(), "bytes": self.nbytes()}
+                "clusters": self.clusters, "params": self.params(), "bytes": self.nbytes()}
 
 
 def _member_folders(coll, token, log: Callable[[str], None]) -> list[Path]:
@@ -91,28 +102,40 @@ def load_resident(source: str | Path, *, revision: str | None = None, token: str
         raise ValueError(f"collection {coll.name} has no members")
     res = ResidentCollection(coll.name, coll.revision, local=coll.folder is not None)
     res.first = str(folders[0]) if res.local else coll.members[0].repo_id
-    per: dict[int, list] = {}
+    bundles = []
     for m, folder in zip(coll.members, folders):
-        bundle = load_bundle(folder / BUNDLE_DIR, bases=bases[m.cluster])
-        slot = len(per.setdefault(m.cluster, []))
-        per[m.cluster].append(bundle)
+        bundles.append(load_bundle(folder / BUNDLE_DIR, bases=bases[m.cluster]))
         engine_name = f"{PREFIX}{coll.name}:{m.name}"
-        res.slots[engine_name] = (m.cluster, slot)
+        res.slots[engine_name] = len(bundles) - 1
         for alias in filter(None, (m.name, m.repo_id)):
             res.ids[alias] = engine_name
-    for c, bundles in per.items():
-        for key, mb in bundles[0].modules.items():
-            cores = [b.modules[key].cores[0] for b in bundles]
-            stack = ClusterStack(U=mb.U.to(dtype).contiguous(), V=mb.V.to(dtype).contiguous())
-            if all(isinstance(core, FactoredCore) for core in cores):
-                k = max(core.P.shape[1] for core in cores)
-                stack.P = torch.stack([torch.nn.functional.pad(core.P, (0, k - core.P.shape[1])) for core in cores]).to(dtype)
-                stack.Q = torch.stack([torch.nn.functional.pad(core.Q, (0, 0, 0, k - core.Q.shape[0])) for core in cores]).to(dtype)
-            else:
-                stack.cores = torch.stack([b.modules[key].core_matrix(0) for b in bundles]).to(dtype)
-            res.modules.setdefault(key, {})[c] = stack
+    res.clusters = len(bases)
+    cluster = torch.tensor([m.cluster for m in coll.members])
+    for key in bundles[0].modules:
+        res.modules[key] = _stack(key, bases, bundles, cluster, dtype)
     log(f"{res.members} members of {coll.name} resident: {res.nbytes() / 1e6:.1f} MB")
     return res
+
+
+def _stack(key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, cluster: torch.Tensor,
+           dtype: torch.dtype) -> ModuleStack:
+    """One module's ModuleStack; clusters of different ranks are zero-padded to the largest (zero directions add
+    nothing)."""
+    pad = torch.nn.functional.pad
+    Us = [bases[c][f"{key}.U"] for c in sorted(bases)]
+    Vs = [bases[c][f"{key}.V"] for c in sorted(bases)]
+    R = max(u.shape[1] for u in Us)
+    st = ModuleStack(U=torch.stack([pad(u, (0, R - u.shape[1])) for u in Us]).to(dtype),
+                     Vt=torch.stack([pad(v, (0, R - v.shape[1])).T for v in Vs]).to(dtype).contiguous(), cluster=cluster)
+    cores = [b.modules[key].cores[0] for b in bundles]
+    if all(isinstance(core, FactoredCore) for core in cores):
+        k = max(core.P.shape[1] for core in cores)
+        st.P = torch.stack([pad(core.P, (0, k - core.P.shape[1], 0, R - core.P.shape[0])) for core in cores]).to(dtype)
+        st.Q = torch.stack([pad(core.Q, (0, R - core.Q.shape[1], 0, k - core.Q.shape[0])) for core in cores]).to(dtype)
+    else:
+        mats = [b.modules[key].core_matrix(0) for b in bundles]
+        st.cores = torch.stack([pad(m, (0, R - m.shape[1], 0, R - m.shape[0])) for m in mats]).to(dtype)
+    return st
 
 
 def attach(peft_model, resident: ResidentCollection) -> int:
@@ -123,9 +146,9 @@ def attach(peft_model, resident: ResidentCollection) -> int:
     for module_name, module in peft_model.named_modules():
         if not isinstance(module, LoraLinear):
             continue
-        stacks = resident.modules.get(module_name.removeprefix(KEY_PREFIX))
-        if stacks is not None:
-            module._soppu_resident = (resident.slots, stacks)
+        stack = resident.modules.get(module_name.removeprefix(KEY_PREFIX))
+        if stack is not None:
+            module._soppu_resident = (resident.slots, stack)
             module._soppu_plan = None  # a plan made before may name these rows as base rows
             n += 1
     return n

@@ -116,8 +116,8 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
                                                     "--max-lora-memory", str(jd_bytes), *common])
             rows = []
             ref_plan = [(at, names[0]) for at, _ in arrivals(n_requests, rate, 1, zipf=None, seed=seed)]
-            asyncio.run(_run(plain.url, ref_plan[:4], new_tokens))  # warm both servers up
-            asyncio.run(_run(jd.url, ref_plan[:4], new_tokens))
+            for url in (plain.url, jd.url):  # warm both up with a whole run (discarded): the first is slower
+                asyncio.run(_run(url, ref_plan, new_tokens))
             rows.append({"method": "one plain adapter (reference)", "adapters": 1, **asyncio.run(_run(plain.url, ref_plan, new_tokens))})
             log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
             for n in counts:
