@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="serve: Poisson arrival rate of the curve's requests per second; "
                    "above what the backend serves, so tokens/s is its capacity (default 200)")
     p.add_argument("--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")
+    p.add_argument("--model", choices=["tiny", "real"], default="tiny", help="serve (curve): the tiny Llama with synthetic "
+                   "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)")
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
     p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
     p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")

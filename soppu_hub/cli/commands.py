@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(run_scale_bench(n_adapters=_count(args, 20), rank=args.rank, clusters=args.clusters, device=args.device,
                               per_family=not args.no_per_family))
         return 0
-    if args.what == "serve" and (args.requests or "," in (args.adapters or "")):
+    if args.what == "serve" and (args.requests or "," in (args.adapters or "") or args.model == "real"):
         from ..devtools.bench.serve_load import run_load_bench
 
         try:
@@ -129,7 +129,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
         print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
-                             new_tokens=args.new_tokens or 16, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True)))
+                             new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real",
+                             log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "serve":
         from ..devtools.bench.serve import run_serve_bench

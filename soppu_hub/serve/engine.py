@@ -83,6 +83,12 @@ class Engine:
         eos = base.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} | ({self.tokenizer.eos_token_id} - {None})
         self.special_ids = set(self.tokenizer.all_special_ids)
+        # transformers builds a decoding step's mask from the 2D padding mask with vmap, slower than the step itself
+        # once rows of different lengths share a batch; for SDPA with full attention we hand it the 4D mask instead
+        cfg = base.config
+        self.padding_mask_is_enough = (getattr(cfg, "_attn_implementation", None) == "sdpa"
+                                       and (getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False)
+                                       and "sliding_attention" not in (getattr(cfg, "layer_types", None) or []))
         self.worker = threading.Thread(target=self._run, name="soppu-engine", daemon=True)
         self.worker.start()
 
@@ -184,9 +190,11 @@ class Engine:
         ids = torch.tensor([[row.next_id] for row in batch.rows])
         positions = batch.mask.sum(1, keepdim=True)
         batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=batch.mask.dtype)], 1)
-        logits = self._forward([row.adapter for row in batch.rows], input_ids=ids.to(self.device),
-                               attention_mask=batch.mask.to(self.device), position_ids=positions.to(self.device),
-                               past_key_values=batch.cache)
+        mask = batch.mask.to(self.device)
+        if self.padding_mask_is_enough:  # one new token per row: the padding mask is the whole 4D mask
+            mask = mask.bool()[:, None, None, :]
+        logits = self._forward([row.adapter for row in batch.rows], input_ids=ids.to(self.device), attention_mask=mask,
+                               position_ids=positions.to(self.device), past_key_values=batch.cache)
         for row, picked in zip(batch.rows, pick_all(batch.rows, logits)):
             if row.cancelled:
                 row.done, row.finish_reason = True, "cancelled"
