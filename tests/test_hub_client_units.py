@@ -61,3 +61,18 @@ def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch)
     not_pushed = not_pushed.split(" (")[0]
     named = [x for x in pushed.split(", ") if x != "none"] + not_pushed.split(", ")
     assert sorted(named) == sorted(f"u/{n}" for n in names) and "u/r1" in not_pushed
+
+
+def test_a_failed_push_names_its_root_cause_without_query_strings():
+    from soppu_hub.hub.push import failure_reason
+
+    try:
+        try:
+            raise ValueError("403 Client Error: Forbidden for url: https://s3.example/obj?X-Amz-Signature=secret")
+        except ValueError as e:
+            raise RuntimeError("Error while uploading 'plots/a.png' to the Hub.") from e
+    except RuntimeError as e:
+        reason = failure_reason(e)
+    assert reason.startswith("Error while uploading 'plots/a.png'") and "ValueError: 403 Client Error" in reason
+    assert "secret" not in reason and "obj?..." in reason
+    assert failure_reason(KeyError()) == "KeyError"

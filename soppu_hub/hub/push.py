@@ -91,3 +91,18 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
     ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
     info = api.create_commit(repo_id, ops, commit_message=commit_message)
     return info.commit_url
+
+
+def failure_reason(e: BaseException) -> str:
+    """A failed push's first line and, when it wraps another ("Error while uploading ..."), the root cause's, with
+    query strings cut (presigned upload URLs carry credentials)."""
+    import re
+
+    def line(x: BaseException) -> str:
+        return re.sub(r"\?\S*", "?...", str(x).splitlines()[0]) if str(x) else type(x).__name__
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return line(e) if root is e else f"{line(e)}: {type(root).__name__}: {line(root)[:300]}"
+

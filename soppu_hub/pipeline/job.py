@@ -17,7 +17,7 @@ from ..compression.report import Output, build_report
 from ..errors import SoppuError
 from ..hub.common import TOKEN_HELP, PushError, is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
-from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
+from ..hub.push import check_write_access, failure_reason, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter, widest_dtype
 
@@ -365,7 +365,7 @@ def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, 
             url = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
                               skip_unchanged=True)
         except Exception as e:  # noqa: BLE001 - any failure of one push is reported with all the others
-            failed[repo_id] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            failed[repo_id] = failure_reason(e)
             return
         pushed[repo_id] = url or "unchanged"
         log(f"pushed {repo_id}" if url else f"unchanged {repo_id} (already on the Hub, skipped)")

@@ -45,9 +45,10 @@ def _child_main(job_file: str) -> None:
     tmp, folders, n = Path(job["tmp"]), [Path(f) for f in job["folders"]], job["n_collection"]
     config = dict(rank=job["rank"], clusters=job["clusters"], device="cpu")
     t0 = time.perf_counter()
-    # compressed and pushed as `compress --collection` does it: the collection, then every member's repo
+    # compressed and pushed as `compress --collection` does it: the collection, then every member's repo (one at a
+    # time: concurrent LFS pushes to the offline Hub fail now and then with "Error while uploading", not yet found)
     built = run_job(JobSpec(sources=[str(f) for f in folders[:n]], config=CompressConfig(**config), out=tmp / "built",
-                            push=True, namespace=USER, token=TOKEN, collection=COLL)).report
+                            push=True, namespace=USER, token=TOKEN, collection=COLL, workers=1)).report
     build_s = time.perf_counter() - t0
     bases_bytes = [p.stat().st_size for p in sorted((tmp / "built" / "collection" / "clusters").glob("cluster-*"))]
     joins, refused = [], []
