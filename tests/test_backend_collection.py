@@ -6,6 +6,7 @@ Real backends (`soppu-hub serve`) over loopback, driven by the official lorax-cl
 import argparse
 import asyncio
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -133,3 +134,73 @@ def test_row_factors_fold_each_core_into_its_own_cluster_s_basis():
         for row, k in enumerate(slots.tolist()):
             c = int(cluster[k])
             torch.testing.assert_close(B[row] @ A[row], U[c] @ S[k] @ Vt[c])
+
+
+def post(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST")) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_is_damaged(collection, tiny_base, tmp_path):
+    """A member that joined after start becomes servable by a reload; a damaged file is one line (422) and every
+    member keeps answering exactly as before."""
+    import shutil
+
+    shutil.copytree(collection / "out", tmp_path / "out")
+    coll = tmp_path / "out" / "collection"
+    child = start_backend(str(tiny_base), extra=["--collection", str(coll), "--adapter-dir", str(tmp_path)])
+    try:
+        client = Client(child.url)
+        before = {a: greedy(client, a) for a in ("m0", "m5")}
+        with pytest.raises(GenerationError):
+            greedy(client, "m8", source="hub")  # not a member yet, not on any Hub
+        facs, _ = family_factors(llama_module_shapes(), 1, 4, families=2, noise=0.02, seed=3, offset=8)
+        write_adapter(tmp_path / "in" / "m8", facs[0], base_model=str(tiny_base), rank=4, alpha=32)
+        assert main(["join", str(tmp_path / "in" / "m8"), "--collection", str(coll), "--no-push", "--out",
+                     str(tmp_path / "out" / "m8"), "--quiet"]) == 0
+        status, body = post(f"{child.url}/collection/reload")
+        assert status == 200 and body["members"] == 9 and body["members_before"] == 8, body
+        assert info(child.url)["resident_collection"]["members"] == 9
+        assert greedy(client, "m8", source="hub") == greedy(client, "out/m8")  # resident == its own PEFT export
+        assert {a: greedy(client, a) for a in before} == before
+
+        kept = (coll / "members.json").read_text()
+        listed = json.loads(kept)
+        (coll / "members.json").write_text(json.dumps({"members": [m for m in listed["members"] if m["name"] != "m3"]}))
+        status, body = post(f"{child.url}/collection/reload")  # in-flight requests may name a member: never dropped
+        assert status == 422 and "drops members m3" in body["error"], body
+        (coll / "members.json").write_text(kept)
+        (coll / "clusters" / "cluster-1.safetensors").write_bytes(b"not a safetensors file")
+        status, body = post(f"{child.url}/collection/reload")
+        assert status == 422 and body["error_type"] == "validation" and "\n" not in body["error"], body
+        assert "not reloaded" in body["error"] and "still serving" in body["error"] and "cluster-1" in body["error"]
+        assert info(child.url)["resident_collection"]["members"] == 9
+        assert {a: greedy(client, a) for a in before} == before
+    finally:
+        child.stop()
+
+
+def test_max_lora_memory_is_checked_at_start_against_any_lora_and_the_preloaded_adapters(sample_adapters, tiny_base, capsys):
+    root = str(sample_adapters[0].parent)
+    base = ["serve", "--model", str(tiny_base), "--port", "1", "--adapter-dir", root]
+    assert main([*base, "--max-lora-memory", "100"]) == 2  # below a rank-1 LoRA on the smallest module
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--max-lora-memory 100 bytes cannot hold any LoRA" in err, err
+    one = sum(t.numel() * 4 for t in load_file(str(sample_adapters[0] / "adapter_model.safetensors")).values())
+    assert main([*base, "--max-lora-memory", str(one // 2), "--preload", sample_adapters[0].name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and sample_adapters[0].name in err and "more than --max-lora-memory" in err, err
+    assert main([*base, "--max-adapters", "1", "--preload", sample_adapters[0].name, sample_adapters[1].name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "do not fit together" in err and f"local:{sample_adapters[0].name}" in err, err
+
+    child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--preloaded-adapter-ids", sample_adapters[0].name])
+    try:
+        got = info(child.url)
+        assert got["preloaded_adapters"] == got["loaded_adapters"] == [f"local:{sample_adapters[0].name}"]
+        assert got["resident_lora_bytes"] > 0
+    finally:
+        child.stop()

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", default=None, metavar="SOURCE",
                    help="a collection (folder written by compress --collection, or its repo id) whose members all stay "
                    "resident: each cluster's bases once plus one core per member, addressed by repo id or name")
+    p.add_argument("--preload", "--preloaded-adapter-ids", action="extend", nargs="+", default=[], metavar="ADAPTER",
+                   help="adapters loaded at start, as LoRAX's --preloaded-adapter-ids (a folder under --adapter-dir, "
+                   "else a Hub repo id); one that does not load or fit the bounds stops the start in one line")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens per request (default: model limit)")
     p.add_argument("--max-concurrent-requests", type=int, default=128, help="requests in flight before 429 (default 128)")

@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args.model, max_adapters=args.max_adapters, max_batch=args.max_batch_size,
                           max_total_tokens=args.max_total_tokens, max_concurrent_requests=args.max_concurrent_requests,
                           adapter_dir=args.adapter_dir, share_bases=not args.no_shared_bases,
-                          max_lora_bytes=args.max_lora_memory, collection=args.collection)
+                          max_lora_bytes=args.max_lora_memory, collection=args.collection, preload=args.preload)
     print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port)
     return 0

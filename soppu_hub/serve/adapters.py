@@ -50,6 +50,9 @@ class AdapterStore:
         self.max_adapters = max(1, max_adapters)
         self.max_lora_bytes = max_lora_bytes
         self.resident = None  # a ResidentCollection, when one was preloaded
+        self.resident_source: str | None = None  # where it came from: a reload reads it again (with the same token)
+        self._resident_token: str | None = None
+        self.preloaded: list[str] = []  # "source:id" of the adapters loaded at start (LoRAX's preloaded_adapters)
         self.local_root = local_root.resolve() if local_root else None
         self.accepted_bases = {model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
         self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
@@ -212,6 +215,32 @@ class AdapterStore:
         raise AdapterLoadFailed(f"adapter {adapter_id} holds {size:,} bytes of LoRA weights, more than "
                                 f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
 
+    # --- at start ----------------------------------------------------------------------------------
+    def check_budget(self) -> None:
+        """A --max-lora-memory below the smallest LoRA this base can take (rank 1 on its smallest weight matrix)
+        can never hold an adapter: refused at start rather than at every first request."""
+        if self.max_lora_bytes is None:
+            return
+        smallest = min(sum(p.shape) * 4 for n, p in self.base.named_parameters() if p.ndim == 2)  # float32 once loaded
+        if self.max_lora_bytes < smallest:
+            raise ValidationFailed(f"--max-lora-memory {self.max_lora_bytes:,} bytes cannot hold any LoRA on {self.model_id} "
+                                   f"(the smallest, rank 1 on one module, takes {smallest:,}); give a larger size, e.g. 64MB")
+
+    def preload_adapters(self, adapter_ids: list[str], *, token: str | None = None) -> None:
+        """Load these now, as LoRAX's --preloaded-adapter-ids does (a folder under --adapter-dir, else a Hub repo);
+        one that alone exceeds --max-lora-memory, or a set the bounds cannot hold together, is refused."""
+        for adapter_id in adapter_ids:
+            local = self.local_root is not None and (self.local_root / adapter_id / CONFIG_NAME).is_file()
+            source = "local" if local else "hub"
+            _, unpin = self.acquire(adapter_id, source, token)
+            unpin()
+            self.preloaded.append(f"{source}:{adapter_id}")
+        evicted = [p for p in self.preloaded if p not in self.loaded_ids()]
+        if evicted:
+            raise ValidationFailed(f"the preloaded adapters do not fit together (--max-adapters {self.max_adapters}, "
+                                   f"--max-lora-memory {self.max_lora_bytes or 'unbounded'}): {', '.join(evicted)} "
+                                   "evicted again; preload fewer or raise the bound")
+
     def preload(self, source: str, *, token: str | None = None, log=lambda m: None) -> dict:
         """Make every member of a collection (folder or Hub repo) resident: its clusters' bases once, its cores
         stacked; the first member also loads through PEFT, which puts LoRA layers on the collection's modules."""
@@ -225,11 +254,40 @@ class AdapterStore:
             with self.lock:
                 self._load(folder, "resident_layers", token)  # outside the LRU: never evicted
                 attach(self.peft, resident)
-                self.resident = resident
+                self.resident, self.resident_source, self._resident_token = resident, source, token
                 self._measure()
 
         in_own_thread(install)
         return resident.summary()
+
+    def reload_collection(self) -> dict:
+        """Read the resident collection again (its newest revision: members that joined since start become
+        servable) and swap it in between two decoding steps. Anything wrong (a damaged file, a member or module
+        gone) raises before the swap, so the server keeps serving the collection it had."""
+        from .resident import PREFIX, attach, load_resident
+
+        if self.resident is None:
+            raise ValidationFailed("this server has no resident collection to reload (start it with --collection)")
+        old = self.resident
+        try:
+            new = in_own_thread(load_resident, self.resident_source, token=self._resident_token)
+        except Exception as e:
+            raise ValidationFailed(f"collection {self.resident_source} not reloaded, still serving revision "
+                                   f"{old.revision or 'as loaded'}: {str(e).splitlines()[0]}") from None
+        gone = sorted(m.removeprefix(f"{PREFIX}{old.name}:") for m in set(old.slots) - set(new.slots))
+        if gone or set(old.modules) != set(new.modules):
+            change = f"drops members {', '.join(gone[:5])}" if gone else "adapts other modules"
+            raise ValidationFailed(f"collection {self.resident_source} not reloaded: its new revision {change}; "
+                                   "restart the server to serve it")
+
+        def swap() -> None:
+            with self.lock:
+                attach(self.peft, new)
+                self.resident = new
+                self._measure()
+
+        in_own_thread(swap)
+        return {**new.summary(), "members_before": old.members}
 
     def model_for(self, names: list[str]):
         """(model, each row's adapter name), or (base model, None) while no adapter is loaded."""
@@ -238,6 +296,7 @@ class AdapterStore:
         return self.peft, names
 
     def loaded_ids(self) -> list[str]:
+        """'source:id' of each adapter loaded through PEFT, least recently used first."""
         with self._meta:
             return [f"{s}:{a}" for s, a in self.loaded]
 

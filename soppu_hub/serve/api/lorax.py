@@ -79,11 +79,17 @@ def lorax_routes(engine: Engine) -> APIRouter:
             "max_concurrent_requests": engine.max_concurrent_requests, "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
             "max_input_length": engine.max_total_tokens - 1, "max_total_tokens": engine.max_total_tokens,
             "max_batch_size": engine.max_batch, "version": f"soppu-hub {__version__}", "sha": None, "docker_label": None,
-            "request_logger_url": None, "eager_prefill": False, "preloaded_adapters": [],
+            "request_logger_url": None, "eager_prefill": False, "preloaded_adapters": list(engine.adapters.preloaded),
             "loaded_adapters": engine.adapters.loaded_ids(), **engine.adapters.memory(),
             "requests_in_flight": engine.active, "requests_cancelled": engine.cancelled,
             "chat_template": getattr(engine.tokenizer, "chat_template", None),
         }
+
+    @router.post("/collection/reload")
+    def reload_collection():
+        """Not LoRAX's: read the resident collection's newest revision (members that joined since start); a
+        damaged one is refused in one line and the server keeps serving what it had."""
+        return engine.adapters.reload_collection()
 
     @router.post("/tokenize")
     async def tokenize(request: Request):
