@@ -204,3 +204,31 @@ def test_max_lora_memory_is_checked_at_start_against_any_lora_and_the_preloaded_
         assert got["resident_lora_bytes"] > 0
     finally:
         child.stop()
+
+
+@pytest.mark.parametrize("bound", ["bytes", "count"])
+def test_the_bounds_hold_under_a_burst_a_load_waits_for_a_release(collection, tiny_base, bound):
+    """Adapters in use are never evicted; a request that needs room while every loaded adapter is in use waits
+    for one to be released instead of loading past --max-lora-memory / --max-adapters."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.serve.adapters import AdapterStore
+
+    one = sum(t.numel() * 4 for t in load_file(str(collection / "in" / "m0" / "adapter_model.safetensors")).values())
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    store = AdapterStore(base, tiny_base, model_id=str(tiny_base), lock=threading.RLock(), local_root=collection / "in",
+                         max_adapters=8 if bound == "bytes" else 1, max_lora_bytes=int(1.5 * one) if bound == "bytes" else None)
+    _, release_m0 = store.acquire("m0", "local", None)
+    got = {}
+    waiting = threading.Thread(target=lambda: got.update(m1=store.acquire("m1", "local", None)))
+    waiting.start()
+    waiting.join(timeout=3)
+    assert waiting.is_alive() and store.loaded_ids() == ["local:m0"]  # m0 is in use: m1 waits, nothing loads past it
+    release_m0()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and store.loaded_ids() == ["local:m1"]
+    assert store.memory()["resident_lora_bytes"] == one
+    got["m1"][1]()

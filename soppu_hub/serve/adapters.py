@@ -1,19 +1,22 @@
 """Adapters by name for the embedded backend: resolve (Hub or allowed local folder), check, load, LRU-evict.
 
 Two bounds on what stays loaded, as servers budget: a number of adapters (--max-adapters) and bytes of resident
-LoRA weights (--max-lora-memory). A preloaded collection (resident.py) is outside both: all its members stay.
+LoRA weights (--max-lora-memory). Adapters in use are never evicted, so a load that needs room while every loaded
+adapter is in use waits for one to be released: the bounds hold under any burst. A preloaded collection
+(resident.py) is outside both: all its members stay.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..peft_format.layout import BASE_MODEL_ID, CONFIG_NAME
+from ..peft_format.layout import BASE_MODEL_ID, CONFIG_NAME, SAFETENSORS_NAME
 from .errors import AdapterLoadFailed, ValidationFailed
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -57,6 +60,8 @@ class AdapterStore:
         self.accepted_bases = {model_id, str(model_dir), model_dir.name, str(model_dir.resolve())}
         self.loaded: OrderedDict[tuple[str, str], Loaded] = OrderedDict()
         self._meta = threading.Lock()
+        self._room = threading.Condition(self._meta)  # notified when an adapter is released or a load ends
+        self._loading = (0, 0)  # (adapters, estimated bytes) being loaded now: room already taken
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._counter = 0
         self._memory: dict = {"resident_lora_params": 0, "resident_lora_bytes": 0, "shared_bases": {}}
@@ -125,6 +130,7 @@ class AdapterStore:
             if entry is None:
                 folder = self._folder(adapter_id, source, api_token)
                 self._check(adapter_id, folder)
+                need = self._make_room(adapter_id, folder)
                 with self._meta:
                     self._counter += 1
                     name = f"adapter_{self._counter}"
@@ -133,6 +139,10 @@ class AdapterStore:
                 except Exception as e:
                     raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.model_id}: "
                                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                finally:
+                    with self._meta:
+                        self._loading = (self._loading[0] - 1, self._loading[1] - need)
+                        self._room.notify_all()
                 with self._meta:
                     entry = self.loaded[key] = Loaded(name, pins=1)
                 self._evict()
@@ -145,6 +155,8 @@ class AdapterStore:
                 released = True
                 with self._meta:
                     entry.pins -= 1
+                    if entry.pins == 0:
+                        self._room.notify_all()
 
         return entry.name, unpin
 
@@ -169,12 +181,50 @@ class AdapterStore:
 
     def _load(self, folder: Path, name: str, token: str | None = None) -> None:
         """Through the bundle (shared basis) when the repo has one, else as the plain PEFT adapter."""
-        from .shared_bases import has_bundle
-
-        if self.shared is not None and has_bundle(folder):
+        if self._via_bundle(folder):
             self.shared.load(self._load_peft, folder, name, token=token or None)
         else:
             self._load_peft(str(folder), name)
+
+    def _make_room(self, adapter_id: str, folder: Path) -> int:
+        """Before a load: evict least-recently-used idle adapters until this one fits both bounds beside what is
+        loaded or loading; while every loaded adapter is in use, wait for one to be released (as LoRAX queues a
+        request until an adapter slot frees), so the bounds hold under any burst. Returns the bytes reserved."""
+        need = self._estimate(folder)
+        if self.max_lora_bytes is not None and need > self.max_lora_bytes and not self._via_bundle(folder):
+            raise AdapterLoadFailed(f"adapter {adapter_id} holds {need:,} bytes of LoRA weights, more than "
+                                    f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
+        while True:
+            with self._meta:
+                count, nbytes = self._loading
+                full = len(self.loaded) + count + 1 > self.max_adapters or (
+                    self.max_lora_bytes is not None
+                    and self._memory["resident_lora_bytes"] + nbytes + need > self.max_lora_bytes)
+                if not full or not (self.loaded or count):  # fits, or nothing else to make room from: load it
+                    self._loading = (count + 1, nbytes + need)
+                    return need
+                victim = next((k for k, e in self.loaded.items() if e.pins == 0), None)
+                if victim is None:
+                    self._room.wait()
+                    continue
+                name = self.loaded.pop(victim).name
+            self._unload(name)
+
+    def _estimate(self, folder: Path) -> int:
+        """Bytes of this adapter's LoRA weights once loaded (float32), read from its safetensors header; an upper
+        bound for one loaded through a shared basis, whose bases may be resident already."""
+        from safetensors import safe_open
+
+        try:  # LoRA factors only, as resident_lora measures them (a saved head or embedding is not LoRA memory)
+            with safe_open(str(folder / SAFETENSORS_NAME), "pt") as f:
+                return sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
+        except Exception:  # unreadable: the load itself says why
+            return 0
+
+    def _via_bundle(self, folder: Path) -> bool:
+        from .shared_bases import has_bundle
+
+        return self.shared is not None and has_bundle(folder)
 
     def _over(self) -> bool:
         too_many = len(self.loaded) > self.max_adapters
