@@ -136,6 +136,25 @@ def test_row_factors_fold_each_core_into_its_own_cluster_s_basis():
             torch.testing.assert_close(B[row] @ A[row], U[c] @ S[k] @ Vt[c])
 
 
+@pytest.mark.parametrize("n_rows", [2, 4, 6])  # fewer rows than clusters (folded), as many, more (through every V^T)
+def test_a_resident_rows_delta_is_its_own_members_u_s_vt_x_on_both_paths(n_rows):
+    import torch
+
+    from soppu_hub.serve.resident import ModuleStack
+
+    g = torch.Generator().manual_seed(1)
+    U, Vt = torch.randn(4, 10, 3, generator=g), torch.randn(4, 3, 7, generator=g)
+    cluster, cores = torch.tensor([0, 3, 1, 3, 2]), torch.randn(5, 3, 3, generator=g)
+    P, Q = torch.randn(5, 3, 1, generator=g), torch.randn(5, 1, 3, generator=g)
+    slots = torch.randint(0, 5, (n_rows,), generator=g)
+    x = torch.randn(n_rows, 2, 7, generator=g)
+    for st, S in ((ModuleStack(U, Vt, cluster, cores=cores), cores), (ModuleStack(U, Vt, cluster, P=P, Q=Q), P @ Q)):
+        got = st.applier(slots)(x)
+        for row, k in enumerate(slots.tolist()):
+            c = int(cluster[k])
+            torch.testing.assert_close(got[row], x[row] @ (U[c] @ S[k] @ Vt[c]).T)
+
+
 def post(url: str) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="POST")) as r:

@@ -131,8 +131,7 @@ def _plan(layer, adapter_names: list[str], device) -> list:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
     if resident:  # every resident row, whatever its cluster: its core folded into its basis, two batched matmuls
         rows = torch.tensor([i for i, _ in resident], device=device)
-        A, B = stack.row_factors(torch.tensor([k for _, k in resident], device=device))
-        steps.append((rows, lambda xr, A=A, B=B: torch.bmm(torch.bmm(xr.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))))
+        steps.append((rows, stack.applier(torch.tensor([k for _, k in resident], device=device))))
     n = len(adapter_names)
     return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order
 

@@ -40,6 +40,24 @@ class ModuleStack:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.U, self.Vt, self.cores, self.P, self.Q) if t is not None]
 
+    def applier(self, slots: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x (b, s, d) -> delta (b, s, m) for rows using members `slots`, built once per batch composition (which
+        changes at nearly every step under a stream). Rows outnumbering clusters: x goes through every cluster's
+        V^T at once (one matmul), each row keeps its own cluster's block, then its core and its U; so a new
+        composition gathers only cores and U. Fewer rows than clusters: each row's core folded into its basis."""
+        if len(slots) < self.U.shape[0]:
+            A, B = self.row_factors(slots)
+            return lambda x: torch.bmm(torch.bmm(x.to(A.dtype), A.transpose(1, 2)), B.transpose(1, 2))
+        C, R = self.U.shape[0], self.U.shape[2]
+        S = self.cores[slots] if self.cores is not None else torch.bmm(self.P[slots], self.Q[slots])
+        c = self.cluster[slots]
+        V, St, Ut, rows = self.Vt.reshape(C * R, -1), S.transpose(1, 2), self.U[c].transpose(1, 2), torch.arange(len(slots))
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            h = (x.to(V.dtype) @ V.T).view(x.shape[0], x.shape[1], C, R)[rows, :, c]  # (b, s, R): own cluster's block
+            return torch.bmm(torch.bmm(h, St), Ut)
+        return apply
+
     def row_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (b, R, d), B (b, m, R)) for rows using members `slots`: delta y = B A x = U S_i V^T x."""
         S = self.cores[slots] if self.cores is not None else torch.bmm(self.P[slots], self.Q[slots])
