@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=200.0, help="serve: Poisson arrival rate of the curve's requests per second; "
                    "above what the backend serves, so tokens/s is its capacity (default 200)")
     p.add_argument("--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")
+    p.add_argument("--repeats", type=int, default=1, help="serve: measured passes per case of the curve, the median "
+                   "reported (default 1)")
     p.add_argument("--model", choices=["tiny", "real"], default="tiny", help="serve (curve): the tiny Llama with synthetic "
                    "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)")
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")

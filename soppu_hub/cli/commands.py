@@ -129,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
         print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
-                             new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real",
+                             new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real", repeats=max(1, args.repeats),
                              log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "serve":

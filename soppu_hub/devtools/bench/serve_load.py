@@ -6,7 +6,7 @@ the first N adapters (uniform, or Zipf with exponent --zipf), served by
   (b) the same adapters as plain PEFT folders, loaded from disk on demand under `--max-lora-memory` equal to
       (a)'s resident LoRA bytes (LRU), as a server with that memory budget would;
   (c) one plain adapter for every request (the reference).
-Each case runs its stream twice and reports the second (steady state: what fits the bound is loaded, as on a
+Each case runs its stream once unmeasured, then `repeats` times, and reports the median pass (steady state: what fits the bound is loaded, as on a
 server that has run a while; what does not fit keeps loading and evicting). It reports tokens/s (all generated tokens over the time from the first arrival to the last token), time
 to first token and p50/p99 latency (from each request's arrival), and the table, JSON and a PNG of tokens/s
 against N follow. Both servers run side by side in one run, on the same base and adapters: the tiny Llama and
@@ -125,7 +125,7 @@ def real_workload(tmp: Path, *, rank: int, log) -> tuple[Path, list[str]]:
 
 def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, rate: float = 200.0, zipf: float | None = None,
                  hidden: int = 256, layers: int = 4, lora_rank: int = 16, rank: int = 16, seed: int = 0, real: bool = False,
-                 log=lambda m: None) -> dict:
+                 repeats: int = 1, log=lambda m: None) -> dict:
     """Every case against two servers started side by side. `real`: the real base and its real collection, the
     counts cut to the adapters it has."""
     from ..launch import start_backend
@@ -151,19 +151,23 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
             ref_plan = [(at, names[0]) for at, _ in arrivals(n_requests, rate, 1, zipf=None, seed=seed)]
             for url in (plain.url, jd.url):  # warm both up with a whole run (discarded): the first is slower
                 asyncio.run(_run(url, ref_plan, new_tokens))
-            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **asyncio.run(_run(plain.url, ref_plan, new_tokens))})
+            def measured(url: str, plan: list) -> dict:  # the median of `repeats` passes (this machine drifts)
+                runs = sorted((asyncio.run(_run(url, plan, new_tokens)) for _ in range(repeats)), key=lambda r: r["tokens_per_s"])
+                return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **measured(plain.url, ref_plan)})
             log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
             for n in counts:
                 plan = arrivals(n_requests, rate, n, zipf=zipf, seed=seed + n)
                 for method, url in (("JD collection, all resident", jd.url), ("plain PEFT, --max-lora-memory = JD's", plain.url)):
                     case = [(at, names[i]) for at, i in plan]
                     asyncio.run(_run(url, case, new_tokens))  # steady state: what fits is loaded by a first pass, discarded
-                    row = {"method": method, "adapters": n, **asyncio.run(_run(url, case, new_tokens))}
+                    row = {"method": method, "adapters": n, **measured(url, case)}
                     rows.append(row)
                     log(f"{method}, {n} adapters: {row['tokens_per_s']:.1f} tokens/s")
             # the reference again at the end: the same case twice shows this machine's drift; ratios use the better
             rows.append({"method": "one plain adapter (reference, again)", "adapters": 1,
-                         **asyncio.run(_run(plain.url, ref_plan, new_tokens))})
+                         **measured(plain.url, ref_plan)})
             plain_info = _info(plain.url)
         finally:
             jd.stop()
@@ -172,7 +176,7 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
     return {"workload": {"model": "SmolLM2-135M-Instruct (real collection)" if real else f"Llama hidden {hidden}, {layers} layers",
                          "hidden": hidden, "layers": layers, "targets": list(TARGETS), "lora_rank": lora_rank, "jd_rank": rank,
                          "requests": n_requests, "rate": rate, "zipf": zipf, "new_tokens": new_tokens, "seed": seed,
-                         "device": "cpu", "adapters_written": max(counts)},
+                         "repeats": repeats, "device": "cpu", "adapters_written": max(counts)},
             "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s},
             "plain_bound_bytes": jd_bytes, "plain_loaded_at_end": len(plain_info["loaded_adapters"]), "rows": rows}
 
@@ -194,7 +198,7 @@ def format_load(m: dict) -> str:
     return "\n".join([
         f"embedded backend (CPU), {w.get('model') or 'Llama hidden %d, %d layers' % (w['hidden'], w['layers'])}, "
         f"{'the real adapters' if 'real' in (w.get('model') or '') else 'LoRA r=%d on q/k/v/o' % w['lora_rank']}, JD rank "
-        f"{w['jd_rank']}; {w['requests']} requests per case, Poisson at {w['rate']}/s, "
+        f"{w['jd_rank']}; {w['requests']} requests per case (median of {w.get('repeats', 1)} passes), Poisson at {w['rate']}/s, "
         f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each",
         f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB (server up in "
         f"{m['jd']['start_s']:.1f} s); plain: --max-lora-memory {m['plain_bound_bytes']:,} bytes",
