@@ -74,7 +74,10 @@ def test_a_resident_collection_serves_every_member_as_its_own_export(collection,
 
 
 def test_max_lora_memory_evicts_by_bytes_and_refuses_an_adapter_that_alone_is_too_big(sample_adapters, tiny_base):
+    from soppu_hub.serve.adapters import lora_bytes
+
     one = sum(t.numel() * 4 for t in load_file(str(sample_adapters[0] / "adapter_model.safetensors")).values())  # float32
+    assert lora_bytes(sample_adapters[0]) == one and lora_bytes(sample_adapters[0].parent) == 0  # no file: 0, load says why
     root = str(sample_adapters[0].parent)
     child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--max-adapters", "8",
                                                  "--max-lora-memory", str(int(1.5 * one))])

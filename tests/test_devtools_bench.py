@@ -161,8 +161,10 @@ def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
     assert [(r["method"][:5], r["adapters"]) for r in m["rows"]] == [("one p", 1), ("JD co", 1), ("plain", 1),
                                                                      ("JD co", 12), ("plain", 12), ("one p", 1)]
     assert all(r["tokens"] == 10 * 4 and r["tokens_per_s"] > 0 and r["latency_p99"] >= r["latency_p50"] for r in m["rows"])
-    assert m["jd"]["members"] == 12 and m["plain_bound_bytes"] == m["jd"]["resident_bytes"] > 0
+    assert m["jd"]["members"] == 12 and m["plain_bound_bytes"] == m["jd"]["resident_bytes"] > m["largest_adapter_bytes"] > 0
     table = format_load(m)
-    assert "12 members resident" in table and "12: JD" in table
+    assert "12 members resident" in table and "12: JD" in table and "raised" not in table
+    # where one adapter alone needs more than JD's whole collection (the real one), the bound is raised and said so
+    assert "raised from JD's" in format_load({**m, "plain_bound_bytes": m["jd"]["resident_bytes"] + 1})
     plot_load(m, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,19 @@ BASE_ALIASES = {"", BASE_MODEL_ID, BASE}
 SOURCES = ("hub", "local")
 
 
+def lora_bytes(folder: Path) -> int:
+    """Bytes of an adapter folder's LoRA weights once loaded (float32), read from its safetensors header; an upper
+    bound for one loaded through a shared basis, whose bases may be resident already. 0 when unreadable (the load
+    itself says why)."""
+    from safetensors import safe_open
+
+    try:  # LoRA factors only, as resident_lora measures them (a saved head or embedding is not LoRA memory)
+        with safe_open(str(folder / SAFETENSORS_NAME), "pt") as f:
+            return sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
+    except Exception:
+        return 0
+
+
 def in_own_thread(fn, *args, **kwargs):
     """fn(*args, **kwargs) in a thread that ends with it. OpenMP keeps a thread team for every thread that ever ran a
     parallel torch op; loads run from request threads (or building a thousand members' stacks in the main thread)
@@ -190,7 +203,7 @@ class AdapterStore:
         """Before a load: evict least-recently-used idle adapters until this one fits both bounds beside what is
         loaded or loading; while every loaded adapter is in use, wait for one to be released (as LoRAX queues a
         request until an adapter slot frees), so the bounds hold under any burst. Returns the bytes reserved."""
-        need = self._estimate(folder)
+        need = lora_bytes(folder)
         if self.max_lora_bytes is not None and need > self.max_lora_bytes and not self._via_bundle(folder):
             raise AdapterLoadFailed(f"adapter {adapter_id} holds {need:,} bytes of LoRA weights, more than "
                                     f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
@@ -209,17 +222,6 @@ class AdapterStore:
                     continue
                 name = self.loaded.pop(victim).name
             self._unload(name)
-
-    def _estimate(self, folder: Path) -> int:
-        """Bytes of this adapter's LoRA weights once loaded (float32), read from its safetensors header; an upper
-        bound for one loaded through a shared basis, whose bases may be resident already."""
-        from safetensors import safe_open
-
-        try:  # LoRA factors only, as resident_lora measures them (a saved head or embedding is not LoRA memory)
-            with safe_open(str(folder / SAFETENSORS_NAME), "pt") as f:
-                return sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
-        except Exception:  # unreadable: the load itself says why
-            return 0
 
     def _via_bundle(self, folder: Path) -> bool:
         from .shared_bases import has_bundle
