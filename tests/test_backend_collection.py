@@ -122,28 +122,11 @@ def test_byte_sizes():
             byte_size(bad)
 
 
-def test_row_factors_fold_each_core_into_its_own_cluster_s_basis():
+@pytest.mark.parametrize("n_rows", [2, 4, 6])  # fewer rows than clusters, as many, more
+def test_a_resident_rows_delta_is_its_own_members_u_s_vt_x(n_rows):
     import torch
 
-    from soppu_hub.serve.resident import ModuleStack
-
-    g = torch.Generator().manual_seed(0)
-    U, Vt = torch.randn(3, 10, 4, generator=g), torch.randn(3, 4, 7, generator=g)
-    cluster, cores = torch.tensor([0, 2, 1, 2]), torch.randn(4, 4, 4, generator=g)
-    P, Q = torch.randn(4, 4, 2, generator=g), torch.randn(4, 2, 4, generator=g)
-    slots = torch.tensor([3, 0, 3, 2])
-    for st, S in ((ModuleStack(U, Vt, cluster, cores=cores), cores), (ModuleStack(U, Vt, cluster, P=P, Q=Q), P @ Q)):
-        A, B = st.row_factors(slots)
-        for row, k in enumerate(slots.tolist()):
-            c = int(cluster[k])
-            torch.testing.assert_close(B[row] @ A[row], U[c] @ S[k] @ Vt[c])
-
-
-@pytest.mark.parametrize("n_rows", [2, 4, 6])  # fewer rows than clusters (folded), as many, more (through every V^T)
-def test_a_resident_rows_delta_is_its_own_members_u_s_vt_x_on_both_paths(n_rows):
-    import torch
-
-    from soppu_hub.serve.resident import ModuleStack
+    from soppu_hub.serve.resident import ModuleStack, ResidentRows
 
     g = torch.Generator().manual_seed(1)
     U, Vt = torch.randn(4, 10, 3, generator=g), torch.randn(4, 3, 7, generator=g)
@@ -151,8 +134,9 @@ def test_a_resident_rows_delta_is_its_own_members_u_s_vt_x_on_both_paths(n_rows)
     P, Q = torch.randn(5, 3, 1, generator=g), torch.randn(5, 1, 3, generator=g)
     slots = torch.randint(0, 5, (n_rows,), generator=g)
     x = torch.randn(n_rows, 2, 7, generator=g)
-    for st, S in ((ModuleStack(U, Vt, cluster, cores=cores), cores), (ModuleStack(U, Vt, cluster, P=P, Q=Q), P @ Q)):
-        got = st.applier(slots)(x)
+    for st, S in ((ModuleStack(U, Vt, cores=cores), cores), (ModuleStack(U, Vt, P=P, Q=Q), P @ Q)):
+        rows = ResidentRows(None, slots, cluster[slots])
+        got = st.applier(rows)(x)
         for row, k in enumerate(slots.tolist()):
             c = int(cluster[k])
             torch.testing.assert_close(got[row], x[row] @ (U[c] @ S[k] @ Vt[c]).T)

@@ -156,3 +156,36 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     assert len({tuple(v) for v in expected.values()}) == 3  # the two adapters and the base really differ
     for name, j in zip(order, jobs):
         assert j.tokens == expected[name], name
+
+
+def test_an_adapter_loaded_again_under_its_name_is_not_served_from_an_old_plan(tmp_path):
+    """Plans are kept per batch composition and adapter generation: an adapter deleted and loaded again under the
+    same name with other weights (a Hub repo's new revision), then `install` as after every load, must be served
+    with the new weights, not the tensors an old plan held."""
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.devtools.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.serve.peft_patch import install, rows_use
+
+    base_dir = build_tiny_llama(tmp_path / "base")
+    folders = [write_adapter(tmp_path / f"a{i}", synthetic_factors(llama_module_shapes(), 1, 4, shared=2, seed=i,
+                                                                   scales=[3.0])[0], base_model=str(base_dir), rank=4, alpha=8)
+               for i in range(2)]
+    load = peft_loader(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval())
+    ids = torch.randint(5, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def logits(peft_model):
+        with torch.no_grad(), rows_use(["x", "x"]):
+            return peft_model(input_ids=ids).logits
+
+    load(str(folders[1]), "y")
+    peft_model = load(str(folders[0]), "x")
+    install(peft_model)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=["y", "y"]).logits
+    first = logits(peft_model)  # the last plan each layer keeps: x's
+    peft_model.delete_adapter("x")
+    load(str(folders[1]), "x")  # x's new revision: the weights y has
+    install(peft_model)
+    assert not torch.allclose(first, want)
+    torch.testing.assert_close(logits(peft_model), want)

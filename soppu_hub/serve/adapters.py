@@ -248,9 +248,12 @@ class AdapterStore:
         in_own_thread(self._locked_unload, name)
 
     def _locked_unload(self, name: str) -> None:
+        from .peft_patch import adapters_changed
+
         with self.lock, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was active which is now deleted")  # PEFT picks another: fine
             self.peft.delete_adapter(name)
+            adapters_changed()
             if self.shared is not None:
                 self.shared.release(name)
             self._measure()

@@ -2,7 +2,7 @@
 
 `install` replaces PEFT's mixed-batch forward (a Python loop over the batch's adapters, one sub-batch each) on
 every LoRA Linear with gathered matmuls; `rows_use` names each row's adapter for the layers without PEFT's
-per-call hooks. Rows of a resident collection's members (resident.py) get their cores folded into their bases.
+per-call hooks. Rows of a resident collection's members run on its stacked bases and cores (resident.py).
 """
 
 from __future__ import annotations
@@ -36,10 +36,18 @@ def install(peft_model) -> int:
             module.forward = types.MethodType(_forward_rows, module)
             module._soppu_gathered = True
             new += 1
+    adapters_changed()
     return new
 
 
-_ROWS: ContextVar[list[str] | None] = ContextVar("soppu_rows", default=None)
+_ROWS: ContextVar[tuple[str, ...] | None] = ContextVar("soppu_rows", default=None)
+_GENERATION = [0]  # bumped whenever an adapter is loaded, unloaded or made resident
+
+
+def adapters_changed() -> None:
+    """Plans are kept per batch composition and this generation: after a load, an unload or a new resident
+    collection, a name may stand for other tensors (or a layer may gain or lose it), so every plan is made anew."""
+    _GENERATION[0] += 1
 
 
 @contextmanager
@@ -47,7 +55,7 @@ def rows_use(adapter_names: list[str] | None) -> Iterator[None]:
     """While inside, installed LoRA layers give row i adapter_names[i] (None: PEFT's usual behaviour). PEFT's own
     `adapter_names=` argument does the same by adding a hook to every LoRA layer on each call, which costs more
     than a decoding step of a small model."""
-    token = _ROWS.set(adapter_names)
+    token = _ROWS.set(None if adapter_names is None else tuple(adapter_names))
     try:
         yield
     finally:
@@ -66,7 +74,8 @@ def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
     """PEFT's `_mixed_batch_forward` contract (row i uses adapter_names[i]; "__base__" none) in a few batched
     matmuls: plain LoRAs gathered per row, adapters sharing a JD basis grouped on it. The gathered tensors are
-    built once per batch composition (every decoding step of a batch reuses them) and kept for the last one only."""
+    built once per batch composition and adapter generation (every decoding step of a batch reuses them) and kept
+    for the last one only."""
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -75,10 +84,10 @@ def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: l
     for k in VARIANT_KWARG_KEYS:
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    key = tuple((n, id(self.lora_A[n]) if n in self.lora_A else 0) for n in adapter_names)
-    cached = getattr(self, "_soppu_plan", None)
-    if cached is None or cached[0] != key:
-        cached = self._soppu_plan = (key, _plan(self, adapter_names, x.device))
+    key = (adapter_names if isinstance(adapter_names, tuple) else tuple(adapter_names), _GENERATION[0])
+    cached = self.__dict__.get("_soppu_plan")
+    if cached is None or cached[0] != key:  # (kept in __dict__: nn.Module's __setattr__ costs more than the check)
+        cached = self.__dict__["_soppu_plan"] = (key, _plan(self, key, x.device))
     for rows, apply in cached[1]:
         if rows is None:  # the group is the whole batch, in order: no gather, no scatter
             result += apply(x.reshape(x.shape[0], -1, x.shape[-1])).reshape(*x.shape[:-1], -1).to(result.dtype)
@@ -88,17 +97,20 @@ def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: l
     return result
 
 
-def _plan(layer, adapter_names: list[str], device) -> list:
-    """[(rows, x_rows -> delta)] for one batch composition: one entry per group of rows computed together."""
+def _plan(layer, key: tuple, device) -> list:
+    """[(rows, x_rows -> delta)] for one batch composition `key` (names, generation): one entry per group of rows
+    computed together."""
     from .shared_bases import CoreLinear
 
+    adapter_names = key[0]
     plain: dict[str, list[int]] = {}
     shared: dict[tuple[int, int], dict[str, list[int]]] = {}
-    slots_of, stack = getattr(layer, "_soppu_resident", None) or ({}, None)
-    resident: list[tuple[int, int]] = []  # (row, slot) of a resident collection's members
+    resident, stack = layer.__dict__.get("_soppu_resident") or (None, None)
+    rr = resident.rows_for(key, adapter_names, device) if resident is not None else None
+    if rr is not None and rr.rows is None:  # every row a resident member (worked out once for all layers)
+        return [(None, stack.applier(rr))]
     for i, name in enumerate(adapter_names):
-        if name in slots_of:
-            resident.append((i, slots_of[name]))
+        if rr is not None and name in resident.slots:
             continue
         if name not in layer.lora_A:
             continue
@@ -129,9 +141,8 @@ def _plan(layer, adapter_names: list[str], device) -> list:
         dense = torch.stack([c.dense_core() * layer.scaling[n] for c, n in zip(cores, names)])
         steps.append((rows, lambda xr, u=u, v=vt.T, cores=dense, slots=slots:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
-    if resident:  # every resident row, whatever its cluster: its core folded into its basis, two batched matmuls
-        rows = torch.tensor([i for i, _ in resident], device=device)
-        steps.append((rows, stack.applier(torch.tensor([k for _, k in resident], device=device))))
+    if rr is not None:  # every resident row, whatever its cluster, in a few batched matmuls
+        steps.append((rr.rows, stack.applier(rr)))
     n = len(adapter_names)
     return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order
 

@@ -163,7 +163,7 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
             log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
             for n in counts:
                 plan = arrivals(n_requests, rate, n, zipf=zipf, seed=seed + n)
-                for method, url in (("JD collection, all resident", jd.url), ("plain PEFT, --max-lora-memory = JD's", plain.url)):
+                for method, url in (("JD collection, all resident", jd.url), ("plain PEFT under --max-lora-memory", plain.url)):
                     case = [(at, names[i]) for at, i in plan]
                     asyncio.run(_run(url, case, new_tokens))  # steady state: what fits is loaded by a first pass, discarded
                     row = {"method": method, "adapters": n, **measured(url, case)}
@@ -220,7 +220,7 @@ def plot_load(m: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for prefix, label, style in (("JD", "JD collection, all resident", "o-"), ("plain", "plain PEFT at JD's memory", "s--")):
+    for prefix, label, style in (("JD", "JD collection, all resident", "o-"), ("plain", "plain PEFT at JD's memory (or one adapter's)", "s--")):
         pts = sorted((r["adapters"], r["tokens_per_s"]) for r in m["rows"][1:] if r["method"].startswith(prefix))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
     ax.axhline(reference(m), color="grey", linestyle=":", label="one adapter (reference)")
