@@ -10,12 +10,12 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .lora_ops import gathered_lora, shared_basis_lora, shared_factored_lora, stack_slots
+from .lora_ops import shared_basis_lora, shared_factored_lora, stack_slots
 
 
 def install(peft_model) -> int:
@@ -97,54 +97,82 @@ def _gathered_mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: l
     return result
 
 
+class _Entry(NamedTuple):
+    module: torch.nn.Module  # PEFT's lora_A module (a CoreLinear for an adapter on a shared basis)
+    A: torch.Tensor  # (r, d); a bundle's V^T for a CoreLinear
+    B: torch.Tensor  # (m, r); a bundle's U
+    scale: float
+    basis: tuple[int, int] | None  # the shared basis it sits on (ids of V^T and U), None for a plain LoRA
+
+
+def _table(layer) -> dict[str, _Entry]:
+    """The layer's adapters, read off its PEFT modules once per adapter generation: a new batch composition then
+    costs dict lookups, not nn.Module attribute walks (which cost more than the matmuls of a small model)."""
+    from .shared_bases import CoreLinear
+
+    cached = layer.__dict__.get("_soppu_table")
+    if cached is None or cached[0] != _GENERATION[0]:
+        entries = {}
+        for name, a in layer.lora_A.items():
+            b = layer.lora_B[name].weight
+            basis = (id(a.weight), id(b)) if isinstance(a, CoreLinear) else None
+            entries[name] = _Entry(a, a.weight, b, layer.scaling[name], basis)
+        cached = layer.__dict__["_soppu_table"] = (_GENERATION[0], entries)
+    return cached[1]
+
+
 def _plan(layer, key: tuple, device) -> list:
     """[(rows, x_rows -> delta)] for one batch composition `key` (names, generation): one entry per group of rows
     computed together."""
-    from .shared_bases import CoreLinear
-
     adapter_names = key[0]
-    plain: dict[str, list[int]] = {}
-    shared: dict[tuple[int, int], dict[str, list[int]]] = {}
     resident, stack = layer.__dict__.get("_soppu_resident") or (None, None)
     rr = resident.rows_for(key, adapter_names, device) if resident is not None else None
     if rr is not None and rr.rows is None:  # every row a resident member (worked out once for all layers)
         return [(None, stack.applier(rr))]
+    table = _table(layer)  # resident members and "__base__" are not in it
+    plain: dict[str, list[int]] = {}
+    shared: dict[tuple[int, int], dict[str, list[int]]] = {}
     for i, name in enumerate(adapter_names):
-        if rr is not None and name in resident.slots:
-            continue
-        if name not in layer.lora_A:
-            continue
-        a = layer.lora_A[name]
-        if isinstance(a, CoreLinear):
-            shared.setdefault((id(a.weight), id(layer.lora_B[name].weight)), {}).setdefault(name, []).append(i)
-        else:
-            plain.setdefault(name, []).append(i)
+        e = table.get(name)
+        if e is not None:
+            (plain if e.basis is None else shared.setdefault(e.basis, {})).setdefault(name, []).append(i)
     steps = []
     if len(plain) == 1:  # one adapter: one sub-batch, as PEFT does it
         (name, idx), = plain.items()
-        a, b, scale = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+        a, b, scale = table[name].A, table[name].B, table[name].scale
         steps.append((torch.tensor(idx, device=device), lambda xr: F.linear(F.linear(xr.to(a.dtype), a), b) * scale))
-    elif plain:
-        A, B = stack_slots([(layer.lora_B[n].weight * layer.scaling[n], layer.lora_A[n].weight) for n in plain])
+    elif plain:  # each row's own factors stacked once per composition (zero-padded to the largest rank when they
+        # differ), its scaling applied after: no per-adapter copies of B scaled, no gather at every step
         rows, slots = _rows_and_slots(plain, device)
-        steps.append((rows, lambda xr, A=A, B=B, slots=slots: gathered_lora(xr.to(A.dtype), A, B, slots)))
+        entries = [table[n] for n in plain]
+        r = max(e.A.shape[0] for e in entries)
+        per_row = [entries[k] for k in slots.tolist()]
+        A = torch.stack([_padded(e.A, r, 0) for e in per_row]).transpose(1, 2)
+        B = torch.stack([_padded(e.B, r, 1) for e in per_row]).transpose(1, 2)
+        scale = torch.tensor([e.scale for e in per_row], dtype=A.dtype, device=device).view(-1, 1, 1)
+        steps.append((rows, lambda xr, A=A, B=B, scale=scale: torch.bmm(torch.bmm(xr.to(A.dtype), A), B) * scale))
     for group in shared.values():
         names = list(group)
-        vt, u = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight  # the bundle's V^T and U, held once
+        vt, u = table[names[0]].A, table[names[0]].B  # the bundle's V^T and U, held once
         rows, slots = _rows_and_slots(group, device)
-        cores = [layer.lora_A[n] for n in names]
-        if all(c.factored for c in cores):  # S_i = P_i Q_i: two thin matmuls per row
-            Q, P = stack_slots([(c.core_p * layer.scaling[n], c.core_q) for c, n in zip(cores, names)])
+        cores = [(table[n].module, table[n].scale) for n in names]
+        if all(c.factored for c, _ in cores):  # S_i = P_i Q_i: two thin matmuls per row
+            Q, P = stack_slots([(c.core_p * scale, c.core_q) for c, scale in cores])
             steps.append((rows, lambda xr, u=u, v=vt.T, Q=Q, P=P, slots=slots:
                           shared_factored_lora(xr.to(u.dtype), u, v, Q, P, slots)))
             continue
-        dense = torch.stack([c.dense_core() * layer.scaling[n] for c, n in zip(cores, names)])
+        dense = torch.stack([c.dense_core() * scale for c, scale in cores])
         steps.append((rows, lambda xr, u=u, v=vt.T, cores=dense, slots=slots:
                       shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
     if rr is not None:  # every resident row, whatever its cluster, in a few batched matmuls
         steps.append((rr.rows, stack.applier(rr)))
     n = len(adapter_names)
     return [(None if len(rows) == n else rows, apply) for rows, apply in steps]  # rows are in batch order
+
+
+def _padded(w: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """w zero-padded to rank r along dim (0: an A factor, 1: a B factor); w itself when it has rank r."""
+    return w if w.shape[dim] == r else F.pad(w, (0, r - w.shape[1]) if dim else (0, 0, 0, r - w.shape[0]))
 
 
 def _rows_and_slots(by_name: dict[str, list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
