@@ -161,9 +161,12 @@ def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
     assert [(r["method"][:5], r["adapters"]) for r in m["rows"]] == [("one p", 1), ("JD co", 1), ("plain", 1),
                                                                      ("JD co", 12), ("plain", 12), ("one p", 1)]
     assert all(r["tokens"] == 10 * 4 and r["tokens_per_s"] > 0 and r["latency_p99"] >= r["latency_p50"] for r in m["rows"])
+    # every case against the reference's pass run just before it; the reference rows themselves stand alone
+    assert [("ref_tokens_per_s" in r) for r in m["rows"]] == [False, True, True, True, True, False]
+    assert all(r["ref_tokens_per_s"] > 0 and len(r["ref_runs_tokens_per_s"]) == 1 for r in m["rows"][1:-1])
     assert m["jd"]["members"] == 12 and m["plain_bound_bytes"] == m["jd"]["resident_bytes"] > m["largest_adapter_bytes"] > 0
     table = format_load(m)
-    assert "12 members resident" in table and "12: JD" in table and "raised" not in table
+    assert "12 members resident" in table and "12: JD" in table and "raised" not in table and "ref beside" in table
     # where one adapter alone needs more than JD's whole collection (the real one), the bound is raised and said so
     assert "raised from JD's" in format_load({**m, "plain_bound_bytes": m["jd"]["resident_bytes"] + 1})
     plot_load(m, tmp_path / "curve.png")

@@ -7,10 +7,12 @@ the first N adapters (uniform, or Zipf with exponent --zipf), served by
       (a)'s resident LoRA bytes (LRU), as a server with that memory budget would; raised to the largest adapter's
       LoRA bytes where one alone needs more (the real collection's can), and the table says so;
   (c) one plain adapter for every request (the reference).
-Each case runs its stream once unmeasured, then `repeats` times, and reports the median pass (steady state: what fits the bound is loaded, as on a
-server that has run a while; what does not fit keeps loading and evicting). It reports tokens/s (all generated tokens over the time from the first arrival to the last token), time
-to first token and p50/p99 latency (from each request's arrival), and the table, JSON and a PNG of tokens/s
-against N follow. Both servers run side by side in one run, on the same base and adapters: the tiny Llama and
+Each case runs its stream once unmeasured, then `repeats` times, each pass right after a pass of the reference, and
+reports the median pass and the median reference beside it (steady state: what fits the bound is loaded, as on a
+server that has run a while; what does not fit keeps loading and evicting; the reference beside each pass cancels
+most of this machine's drift). It reports tokens/s (all generated tokens over the time from the first arrival to
+the last token), time to first token and p50/p99 latency (from each request's arrival), and the table, JSON and a
+PNG of tokens/s against N follow. Both servers run side by side in one run, on the same base and adapters: the tiny Llama and
 synthetic adapters of 8 task families by default, or with `--model real` the real base (SmolLM2-135M-Instruct,
 from its wheel) and the real collection's adapters.
 """
@@ -155,11 +157,19 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
             ref_plan = [(at, names[0]) for at, _ in arrivals(n_requests, rate, 1, zipf=None, seed=seed)]
             for url in (plain.url, jd.url):  # warm both up with a whole run (discarded): the first is slower
                 asyncio.run(_run(url, ref_plan, new_tokens))
-            def measured(url: str, plan: list) -> dict:  # the median of `repeats` passes (this machine drifts)
-                runs = sorted((asyncio.run(_run(url, plan, new_tokens)) for _ in range(repeats)), key=lambda r: r["tokens_per_s"])
-                return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+            def measured(url: str, plan: list, *, beside_ref: bool = True) -> dict:
+                """The median of `repeats` passes, each right after a pass of the reference (this machine drifts by
+                +-20 % within minutes: a ratio against the reference measured beside it cancels most of that)."""
+                runs, refs = [], []
+                for _ in range(repeats):
+                    if beside_ref:
+                        refs.append(asyncio.run(_run(plain.url, ref_plan, new_tokens))["tokens_per_s"])
+                    runs.append(asyncio.run(_run(url, plan, new_tokens)))
+                runs.sort(key=lambda r: r["tokens_per_s"])
+                return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+                        **({"ref_tokens_per_s": statistics.median(refs), "ref_runs_tokens_per_s": refs} if refs else {})}
 
-            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **measured(plain.url, ref_plan)})
+            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **measured(plain.url, ref_plan, beside_ref=False)})
             log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
             for n in counts:
                 plan = arrivals(n_requests, rate, n, zipf=zipf, seed=seed + n)
@@ -171,7 +181,7 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
                     log(f"{method}, {n} adapters: {row['tokens_per_s']:.1f} tokens/s")
             # the reference again at the end: the same case twice shows this machine's drift; ratios use the better
             rows.append({"method": "one plain adapter (reference, again)", "adapters": 1,
-                         **measured(plain.url, ref_plan)})
+                         **measured(plain.url, ref_plan, beside_ref=False)})
             plain_info = _info(plain.url)
         finally:
             jd.stop()
@@ -190,20 +200,28 @@ def reference(m: dict) -> float:
     return max(r["tokens_per_s"] for r in m["rows"] if r["method"].startswith("one plain"))
 
 
+def ratio(row: dict, m: dict) -> float:
+    """A case's tokens/s over the reference measured beside it (its interleaved passes), else the better one."""
+    return row["tokens_per_s"] / row.get("ref_tokens_per_s", reference(m))
+
+
 def format_load(m: dict) -> str:
-    w, ref = m["workload"], reference(m)
-    header = ("method", "adapters", "tokens/s", "x ref", "TTFT p50", "p50", "p99")
-    rows = [(r["method"], str(r["adapters"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / ref:.2f}",
+    w = m["workload"]
+    header = ("method", "adapters", "tokens/s", "ref beside", "x ref", "TTFT p50", "p50", "p99")
+    rows = [(r["method"], str(r["adapters"]), f"{r['tokens_per_s']:.1f}",
+             f"{r['ref_tokens_per_s']:.1f}" if "ref_tokens_per_s" in r else "-", f"{ratio(r, m):.2f}",
              f"{r['ttft_p50']:.2f} s", f"{r['latency_p50']:.2f} s", f"{r['latency_p99']:.2f} s") for r in m["rows"]]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    by = {(r["method"][:5], r["adapters"]): r["tokens_per_s"] for r in m["rows"]}
-    ratios = [f"{n}: JD {by[('JD co', n)] / ref:.2f}x ref, {by[('JD co', n)] / by[('plain', n)]:.2f}x plain"
+    by = {(r["method"][:5], r["adapters"]): r for r in m["rows"]}
+    ratios = [f"{n}: JD {ratio(by[('JD co', n)], m):.2f}x ref, "
+              f"{by[('JD co', n)]['tokens_per_s'] / by[('plain', n)]['tokens_per_s']:.2f}x plain"
               for n in sorted({r["adapters"] for r in m["rows"] if not r["method"].startswith("one plain")})]
     return "\n".join([
         f"embedded backend (CPU), {w.get('model') or 'Llama hidden %d, %d layers' % (w['hidden'], w['layers'])}, "
         f"{'the real adapters' if 'real' in (w.get('model') or '') else 'LoRA r=%d on q/k/v/o' % w['lora_rank']}, JD rank "
         f"{w['jd_rank']}; {w['requests']} requests per case (median of {w.get('repeats', 1)} passes), Poisson at {w['rate']}/s, "
-        f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each",
+        f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each; "
+        "x ref: against the reference's passes run just before each pass of the case (else the better of first and last)",
         f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB (server up in "
         f"{m['jd']['start_s']:.1f} s); plain: --max-lora-memory {m['plain_bound_bytes']:,} bytes"
         + (" (raised from JD's to the largest adapter's LoRA bytes: one adapter alone needs more than JD's all)"
