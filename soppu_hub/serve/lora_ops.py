@@ -1,8 +1,9 @@
 """The math of one forward for a batch whose rows use different adapters: pure torch, no PEFT.
 
-Plain LoRAs: every adapter's factors (B, A) of one module position sit in a slot of two stacked tensors (zero-padded
-to the largest rank); a batch gathers its rows' slots and applies them with two batched matmuls (what BGMV
-kernels do on GPUs). JD bundles: rows whose adapters share a basis pay x V and (.) U^T once for all of them
+Factor pairs in slots: each adapter's (B, A) of one module position in a slot of two stacked tensors (zero-padded
+to the largest rank); rows gather their slots and apply them with two batched matmuls (what BGMV kernels do on
+GPUs); the factored cores of a shared basis use it (plain LoRA rows stack their own factors once per batch
+composition in peft_patch). JD bundles: rows whose adapters share a basis pay x V and (.) U^T once for all of them
 and only their cores per row: r x r, or two thin factors when the core was stored factored.
 """
 
