@@ -99,6 +99,27 @@ def test_max_lora_memory_evicts_by_bytes_and_refuses_an_adapter_that_alone_is_to
         child.stop()
 
 
+def test_an_adapter_is_measured_alone_not_with_what_others_are_loading(sample_adapters, tiny_base):
+    """In-process: while another request's adapter sits in PEFT mid-load (not yet in the LRU), an adapter that fits
+    the bound alone is served, not refused as too big (the total of both was once taken as its size)."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.serve.adapters import AdapterStore, lora_bytes
+
+    one = lora_bytes(sample_adapters[1])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    store = AdapterStore(model, tiny_base, model_id=str(tiny_base), lock=threading.RLock(), max_adapters=8,
+                         local_root=sample_adapters[0].parent, max_lora_bytes=int(1.5 * one))
+    store._locked_load(sample_adapters[0], "mid_load", None)  # another request's load, not yet registered
+    assert store.memory()["resident_lora_bytes"] == lora_bytes(sample_adapters[0]) > 0.5 * one
+    name, release = store.acquire(sample_adapters[1].name, "local", None)
+    release()
+    assert store.loaded_ids() == [f"local:{sample_adapters[1].name}"] and name in store.peft.peft_config
+    assert store.memory()["resident_lora_bytes"] > 1.5 * one  # the total is over the bound; the adapter alone is not
+
+
 def test_bad_sizes_and_damaged_collections_are_one_line_at_start(collection, tiny_base, capsys, tmp_path):
     import shutil
 

@@ -259,11 +259,19 @@ class AdapterStore:
             self._measure()
 
     def _refuse_if_alone_too_big(self, key: tuple[str, str], adapter_id: str) -> None:
-        """An adapter that alone exceeds --max-lora-memory is unloaded again and refused in one line."""
+        """An adapter whose own loaded LoRA weights exceed --max-lora-memory (its file's estimate said otherwise) is
+        unloaded again and refused in one line. Its own layers are measured, not the total: under a burst the total
+        also holds adapters that other requests are loading (a 1.8 MB adapter was once refused as 11 MB)."""
+        from .shared_bases import resident_lora
+
+        if self.max_lora_bytes is None:
+            return
         with self._meta:
-            alone = len(self.loaded) == 1 and self.max_lora_bytes is not None
-            size = self._memory["resident_lora_bytes"]
-            if not (alone and size > self.max_lora_bytes):
+            own = self.loaded[key].name  # pinned: no eviction takes it meanwhile
+        with self.lock:  # PEFT's layers change while another thread loads
+            size = resident_lora(self.peft, adapter=own)[1]
+        with self._meta:
+            if size <= self.max_lora_bytes:
                 return
             name = self.loaded.pop(key).name
         self._unload(name)

@@ -135,8 +135,9 @@ def resident_lora_params(peft_model) -> int:
     return resident_lora(peft_model)[0]
 
 
-def resident_lora(peft_model) -> tuple[int, int]:
-    """(parameters, bytes) of the LoRA weights held in memory, shared tensors counted once."""
+def resident_lora(peft_model, adapter: str | None = None) -> tuple[int, int]:
+    """(parameters, bytes) of the LoRA weights held in memory, shared tensors counted once; of one adapter's
+    layers only when `adapter` is given (its shared bases included)."""
     if peft_model is None:
         return 0, 0
     from peft.tuners.lora import LoraLayer
@@ -144,7 +145,9 @@ def resident_lora(peft_model) -> tuple[int, int]:
     seen: dict[int, tuple[int, int]] = {}
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            for holder in (*module.lora_A.values(), *module.lora_B.values()):
+            holders = [d[adapter] for d in (module.lora_A, module.lora_B) if adapter in d] if adapter is not None else [
+                *module.lora_A.values(), *module.lora_B.values()]
+            for holder in holders:
                 for p in holder.parameters():
                     seen[p.data_ptr()] = (p.numel(), p.numel() * p.element_size())
     return sum(n for n, _ in seen.values()), sum(b for _, b in seen.values())
