@@ -153,6 +153,19 @@ def test_serve_curve_arrivals_are_poisson_and_zipf_skews_popularity():
     assert top > 4 * sum(1 for _, i in skewed if i == 15) and top > 800
 
 
+def test_serve_curve_workload_is_described_from_its_files(tmp_path):
+    """The real collection mixes ranks and target modules: the bench's JSON says so, not the tiny defaults."""
+    from soppu_hub.devtools.bench.serve_load import _shapes
+    from soppu_hub.devtools.collection.build import COLLECTION
+    from soppu_hub.devtools.samples import build_tiny_llama
+
+    base = build_tiny_llama(tmp_path / "base", hidden=32, layers=3)
+    adapters = sorted(p for p in (COLLECTION / "adapters").iterdir() if (p / "adapter_config.json").is_file())
+    got = _shapes(base, adapters)
+    assert got["hidden"] == 32 and got["layers"] == 3
+    assert got["lora_ranks"] == [8, 16] and {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(got["targets"])
+
+
 def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
     """Both servers, the reference, two adapter counts: every request answered, the table and the plot written."""
     from soppu_hub.devtools.bench.serve_load import format_load, measure_load, plot_load
@@ -165,8 +178,11 @@ def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
     assert [("ref_tokens_per_s" in r) for r in m["rows"]] == [False, True, True, True, True, False]
     assert all(r["ref_tokens_per_s"] > 0 and len(r["ref_runs_tokens_per_s"]) == 1 for r in m["rows"][1:-1])
     assert m["jd"]["members"] == 12 and m["plain_bound_bytes"] == m["jd"]["resident_bytes"] > m["largest_adapter_bytes"] > 0
+    assert {k: m["workload"][k] for k in ("hidden", "layers", "lora_ranks", "targets")} == {
+        "hidden": 64, "layers": 2, "lora_ranks": [4], "targets": ["k_proj", "o_proj", "q_proj", "v_proj"]}
     table = format_load(m)
     assert "12 members resident" in table and "12: JD" in table and "raised" not in table and "ref beside" in table
+    assert "hidden 64, 2 layers, LoRA r=4 on k/o/q/v" in table
     # where one adapter alone needs more than JD's whole collection (the real one), the bound is raised and said so
     assert "raised from JD's" in format_load({**m, "plain_bound_bytes": m["jd"]["resident_bytes"] + 1})
     plot_load(m, tmp_path / "curve.png")

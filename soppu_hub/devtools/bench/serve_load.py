@@ -81,6 +81,18 @@ def _info(url: str) -> dict:
     return json.loads(urllib.request.urlopen(f"{url}/info").read())
 
 
+def _shapes(base: Path, adapters: list[Path]) -> dict:
+    """What the workload is, read off its files: the real base and adapters are not the tiny defaults (the real
+    adapters mix ranks and target modules)."""
+    from ...peft_format.layout import CONFIG_NAME
+
+    cfg = json.loads((base / "config.json").read_text())
+    confs = [json.loads((a / CONFIG_NAME).read_text()) for a in adapters]
+    targets = {t for c in confs for t in ([c["target_modules"]] if isinstance(c["target_modules"], str) else c["target_modules"])}
+    return {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "targets": sorted(targets),
+            "lora_ranks": sorted({c["r"] for c in confs})}
+
+
 def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log) -> tuple[Path, list[str]]:
     """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
     from ...compression.plan import CompressConfig
@@ -187,8 +199,9 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
             jd.stop()
             if plain is not None:
                 plain.stop()
-    return {"workload": {"model": "SmolLM2-135M-Instruct (real collection)" if real else f"Llama hidden {hidden}, {layers} layers",
-                         "hidden": hidden, "layers": layers, "targets": list(TARGETS), "lora_rank": lora_rank, "jd_rank": rank,
+        shapes = _shapes(base, [tmp / "adapters" / name for name in names[:max(counts)]])
+    return {"workload": {"model": "SmolLM2-135M-Instruct (real collection)" if real else "Llama (tiny, built offline)",
+                         **shapes, "jd_rank": rank,
                          "requests": n_requests, "rate": rate, "zipf": zipf, "new_tokens": new_tokens, "seed": seed,
                          "repeats": repeats, "device": "cpu", "adapters_written": max(counts)},
             "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s},
@@ -217,8 +230,8 @@ def format_load(m: dict) -> str:
               f"{by[('JD co', n)]['tokens_per_s'] / by[('plain', n)]['tokens_per_s']:.2f}x plain"
               for n in sorted({r["adapters"] for r in m["rows"] if not r["method"].startswith("one plain")})]
     return "\n".join([
-        f"embedded backend (CPU), {w.get('model') or 'Llama hidden %d, %d layers' % (w['hidden'], w['layers'])}, "
-        f"{'the real adapters' if 'real' in (w.get('model') or '') else 'LoRA r=%d on q/k/v/o' % w['lora_rank']}, JD rank "
+        f"embedded backend (CPU), {w['model']} hidden {w['hidden']}, {w['layers']} layers, LoRA "
+        f"r={'/'.join(map(str, w['lora_ranks']))} on {'/'.join(t.removesuffix('_proj') for t in w['targets'])}, JD rank "
         f"{w['jd_rank']}; {w['requests']} requests per case (median of {w.get('repeats', 1)} passes), Poisson at {w['rate']}/s, "
         f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each; "
         "x ref: against the reference's passes run just before each pass of the case (else the better of first and last)",
