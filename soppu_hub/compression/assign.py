@@ -39,16 +39,18 @@ def signatures(adapters: list[LoraAdapter], modules: list[str], probes: list[str
     return torch.cat(parts, dim=1)
 
 
-def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, device: torch.device, *, rank: int,
-           method: str, weighting: str, target_error: float | None) -> int:
-    """--clusters auto: for K = 1 .. min(16, n // 2) (n: adapters scanned), k-means on the signatures, then JD of each cluster on two probe
-    modules, scored by mean relative error and stored parameters (truncated to --target-error when given);
-    cluster.choose_k weighs the two.
+def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, device: torch.device, config,
+           *, budget: float | None = None) -> dict:
+    """--clusters auto: K clusters by k-means on the signatures for every K of k_candidates, each cluster fitted by
+    JD on two probe modules and priced there. With --target-error or --budget (full cores) each K is priced as the
+    compression will be (refine: shared rank per module, private directions): the smallest store meeting the
+    target, or the lowest error within the probes' share of the budget. Otherwise by mean error and stored
+    parameters at --rank (cluster.choose_k). Returns {"clusters": K, "scan": [{K, stored, mean_error}], "runner_up"}.
 
-    Past AUTO_K_SAMPLE adapters the scan runs on a fixed-seed uniform sample of that many, the cores' parameters
+    Past AUTO_K_SAMPLE adapters the scan runs on a fixed-seed uniform sample of that many, the members' parameters
     scaled up to all n: the choice of K depends on the collection's structure, not its size, and the one-cluster fit
     of a thousand adapters alone cost more than the rest of the scan."""
-    from .cluster import MAX_AUTO_K, choose_k, kmeans
+    from .cluster import choose_k, kmeans
 
     n = len(adapters)
     picked = list(range(n))
@@ -61,29 +63,98 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
         kmax = max(a.modules[name].rank for a in sample)
         ranks = torch.tensor([a.modules[name].rank for a in sample])
         stacks[name] = (*stack_factors(sample, [name], tuple(range(len(sample))), kmax, device), ranks)
-    errors: dict[int, float] = {}
-    params: dict[int, float] = {}
-    meets: dict[int, bool] = {}
-    for k in range(1, max(1, min(MAX_AUTO_K, len(sample) // 2)) + 1):
+    priced = config.method == "full" and (config.target_error is not None or budget is not None)
+    share = None
+    if budget is not None:  # the probes' part of the budget, for the sample
+        total = sum(a.lora_params for a in adapters)
+        probe = sum(a.modules[name].rank * sum(a.modules[name].shape) for a in adapters for name in probes)
+        share = budget * probe / total / scale
+    rows = []
+    for k in k_candidates(len(sample), priced):
         labels = kmeans(sig, k)
-        total, stored, met = 0.0, 0.0, True
-        for B, A, ranks in stacks.values():
-            for c in range(k):
-                idx = (labels == c).nonzero().flatten()
-                if idx.numel() == 0:
-                    continue
-                on = idx.to(B.device)
-                res = joint_diagonalize(B[:, on], A[:, on], rank, method=method, weights=weighting, tol=1e-4, max_iter=30)
-                rel = res.rel_errors[0].cpu().double()
-                r = res.rank
-                if target_error is not None:
-                    r, rel = leading_rank(res.dense_cores()[0].cpu().double(), res.sq_norms[0].cpu(), target_error)
-                    met = met and bool((rel <= target_error).all())
-                m, d = B.shape[-2], A.shape[-1]
-                stored += r * (m + d) + scale * sum(core_size(r, int(ranks[i]), method) for i in idx.tolist())
-                total += float(rel.sum())
-        errors[k], params[k], meets[k] = total / (len(sample) * len(stacks)), stored, met
-    return choose_k(errors, params, meets=meets if target_error is not None else None)
+        row = _price(stacks, labels, k, config, scale, share) if priced else _score(stacks, labels, k, config, scale)
+        if row is not None:
+            rows.append(row)
+    if priced:
+        key = (lambda r: (r["stored"], r["mean_error"], r["K"])) if budget is None else (
+            lambda r: (r["mean_error"], r["stored"], r["K"]))
+        ranked = sorted(rows, key=key)
+    else:
+        k = choose_k({r["K"]: r["mean_error"] for r in rows}, {r["K"]: r["stored"] for r in rows},
+                     meets={r["K"]: r["meets"] for r in rows} if config.target_error is not None else None)
+        ranked = sorted(rows, key=lambda r: r["K"] != k)
+    return {"clusters": ranked[0]["K"], "scan": rows, "runner_up": ranked[1] if len(ranked) > 1 else None,
+            "priced_by": "store at --target-error" if priced and budget is None else
+            "error within --budget" if priced else "mean error x stored parameters at --rank"}
+
+
+def k_candidates(n: int, priced: bool) -> list[int]:
+    """K to try: 1 .. min(MAX_AUTO_K, n // 2), then (priced) doubling steps up to n, singletons included. Priced
+    choices store nothing for a direction no cluster shares, so a split is only chosen when it pays."""
+    from .cluster import MAX_AUTO_K
+
+    ks = list(range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1))
+    if priced:
+        k = ks[-1]
+        while k * 2 < n:
+            k *= 2
+            ks.append(k)
+        ks.append(n)
+    return sorted(set(ks))
+
+
+def _fits(stacks: dict, labels: torch.Tensor, k: int, config) -> list[tuple]:
+    """JD of each cluster on each probe module: (name, cluster, member indices, result, B, A, ranks)."""
+    out = []
+    for name, (B, A, ranks) in stacks.items():
+        for c in range(k):
+            idx = (labels == c).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            on = idx.to(B.device)
+            res = joint_diagonalize(B[:, on], A[:, on], config.rank, method=config.method, weights=config.weighting,
+                                    tol=1e-4, max_iter=30)
+            out.append((name, c, idx.tolist(), res, B[0, on], A[0, on], ranks[idx]))
+    return out
+
+
+def _score(stacks: dict, labels: torch.Tensor, k: int, config, scale: float) -> dict:
+    """Mean relative error and stored parameters at --rank (cut to --target-error when given) on the probes."""
+    total, stored, met, count = 0.0, 0.0, True, 0
+    for name, c, idx, res, B, A, ranks in _fits(stacks, labels, k, config):
+        rel = res.rel_errors[0].cpu().double()
+        r = res.rank
+        if config.target_error is not None:
+            r, rel = leading_rank(res.dense_cores()[0].cpu().double(), res.sq_norms[0].cpu(), config.target_error)
+            met = met and bool((rel <= config.target_error).all())
+        stored += r * (B.shape[-2] + A.shape[-1]) + scale * sum(core_size(r, int(ranks[q]), config.method)
+                                                              for q in range(len(idx)))
+        total += float(rel.sum())
+        count += len(idx)
+    return {"K": k, "stored": stored, "mean_error": total / max(count, 1), "meets": met}
+
+
+def _price(stacks: dict, labels: torch.Tensor, k: int, config, scale: float, share: float | None) -> dict | None:
+    """The probes compressed as refine will: each (cluster, module) table chosen by --target-error, or all of them
+    within `share` of --budget (None when K cannot fit it). Members' stores scaled to all n."""
+    from .allocate import by_budget, by_target
+    from .refine import table_of
+
+    tables = [table_of(B, A, ranks, res.U[0], res.V[0], c, name, idx, config.shared_only)[0]
+              for name, c, idx, res, B, A, ranks in _fits(stacks, labels, k, config)]
+    if share is None:
+        choices = [by_target(t, config.target_error) for t in tables]
+    else:
+        try:
+            choices = by_budget(tables, share, int(labels.numel()), cap=config.max_adapter_error)[0]
+        except ValueError:
+            return None
+    stored, errors = 0.0, []
+    for t, ch in zip(tables, choices):
+        shared = ch.rank * t.width
+        stored += shared + scale * (ch.stored - shared)
+        errors += [(e / nrm) ** 0.5 if nrm > 0 else 0.0 for e, nrm in zip(ch.sq_errors, t.sq_norms.tolist())]
+    return {"K": k, "stored": stored, "mean_error": sum(errors) / max(len(errors), 1)}
 
 
 def reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str],

@@ -20,7 +20,9 @@ from ..peft_format.read import LINEAR, module_scaling
 FORMAT = "soppu-bundle"
 VERSION = 2  # 2: JD-Full cores of rank k < r / 2 stored as their factors (2 r k numbers); 1: every core dense
 SHARED_VERSION = 3  # 3: cores only; the bases live in a published collection, named by the header's "bases"
-READS = (1, 2, 3)
+PRIVATE_VERSION = 4  # 4: adapters may keep private directions (X, Y) beside the shared part; bases inside or not
+READS = (1, 2, 3, 4)
+Private = tuple[torch.Tensor, torch.Tensor]  # X (out, p), Y (p, in): an adapter's own directions, delta += X @ Y
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ModuleBasis:
     V: torch.Tensor  # (in, r)
     cores: dict[int, Core]  # adapter index -> (r, r), (r,) for diag, or a FactoredCore
     kind: str = LINEAR  # or "embedding": exported as lora_embedding_A / _B
+    private: dict[int, Private] = field(default_factory=dict)  # adapter index -> its own directions (private.py)
 
     @property
     def rank(self) -> int:
@@ -82,17 +85,31 @@ class ModuleBasis:
             return c.matrix()
         return torch.diag(c) if c.dim() == 1 else c
 
+    def private_rank(self, i: int) -> int:
+        return self.private[i][0].shape[1] if i in self.private else 0
+
+    def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter i's delta as B @ A = U S_i V^T + X_i Y_i (B: (out, r + p), A: (r + p, in))."""
+        B, A = self.U @ self.core_matrix(i), self.V.T
+        if i in self.private:
+            X, Y = self.private[i]
+            B, A = torch.cat([B, X.to(B.dtype)], dim=1), torch.cat([A, Y.to(A.dtype)], dim=0)
+        return B, A.contiguous()
+
     @property
     def num_params(self) -> int:
-        """What is stored: both bases and every core in its stored form."""
-        return self.U.numel() + self.V.numel() + sum(c.numel() for c in self.cores.values())
+        """What is stored: both bases, every core in its stored form, every private direction."""
+        return (self.U.numel() + self.V.numel() + sum(c.numel() for c in self.cores.values())
+                + sum(X.numel() + Y.numel() for X, Y in self.private.values()))
 
     def leading(self, j: int) -> "ModuleBasis":
-        """The first j basis directions and the matching block of every core (JD orders them by weight)."""
+        """The first j basis directions and the matching block of every core (JD orders them by weight); private
+        directions stay as they are (fitted to the residual of the full rank: still exact additions, no longer
+        the best ones)."""
         if j >= self.rank:
             return self
         return ModuleBasis(self.U[:, :j].contiguous(), self.V[:, :j].contiguous(),
-                           {p: _leading_core(c, j) for p, c in self.cores.items()}, self.kind)
+                           {p: _leading_core(c, j) for p, c in self.cores.items()}, self.kind, self.private)
 
 
 @dataclass
@@ -131,26 +148,24 @@ class Bundle:
     def factors(self, adapter: int | str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Reconstruction of one adapter as (B, A) per module, delta = B @ A = U S_i V^T."""
         i = self.index(adapter) if isinstance(adapter, str) else adapter
-        return {
-            name: (mb.U @ mb.core_matrix(i), mb.V.T.contiguous())
-            for name, mb in self.modules.items()
-            if i in mb.cores
-        }
+        return {name: mb.delta_factors(i) for name, mb in self.modules.items() if i in mb.cores}
 
     def subset(self, adapter: int | str) -> "Bundle":
         """The shared bases plus one adapter's cores: what one pushed repo carries."""
         i = self.index(adapter) if isinstance(adapter, str) else adapter
-        mods = {n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}, mb.kind) for n, mb in self.modules.items() if i in mb.cores}
+        mods = {n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}, mb.kind, {0: mb.private[i]} if i in mb.private else {})
+                for n, mb in self.modules.items() if i in mb.cores}
         return Bundle(self.method, [self.adapters[i]], [self.configs[i]], mods)
 
     def export_rank(self, adapter: int) -> int:
         """Uniform LoRA rank that holds adapter i's reconstruction exactly in every module.
 
         JD-Full: rank(U S_i V^T) <= min(k_i, r), with k_i the module's original LoRA rank.
-        JD-Diag: up to r.
+        JD-Diag: up to r. Private directions add their number p_i.
         """
         ranks = [
-            mb.rank if self.method == "diag" else min(mb.rank, module_scaling(self.configs[adapter], name)[0])
+            (mb.rank if self.method == "diag" else min(mb.rank, module_scaling(self.configs[adapter], name)[0]))
+            + mb.private_rank(adapter)
             for name, mb in self.modules.items()
             if adapter in mb.cores
         ]
@@ -158,7 +173,8 @@ class Bundle:
 
     def to(self, dtype: torch.dtype) -> "Bundle":
         """The same bundle with every tensor in `dtype` (what gets written)."""
-        mods = {n: ModuleBasis(mb.U.to(dtype), mb.V.to(dtype), {i: c.to(dtype) for i, c in mb.cores.items()}, mb.kind)
+        mods = {n: ModuleBasis(mb.U.to(dtype), mb.V.to(dtype), {i: c.to(dtype) for i, c in mb.cores.items()}, mb.kind,
+                               {i: (X.to(dtype), Y.to(dtype)) for i, (X, Y) in mb.private.items()})
                 for n, mb in self.modules.items()}
         return Bundle(self.method, self.adapters, self.configs, mods)
 
@@ -185,9 +201,18 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
             tensors[f"{name}.cores_Q.{k}"] = torch.stack([mb.cores[i].Q for i in members]).contiguous()
         modules[name] = {"rank": mb.rank, "adapters": dense, "factored": {str(k): m for k, m in by_rank.items()},
                          "kind": mb.kind}
+        by_p: dict[int, list[int]] = {}
+        for i in sorted(mb.private):
+            by_p.setdefault(mb.private_rank(i), []).append(i)
+        for p, members in by_p.items():
+            tensors[f"{name}.private_X.{p}"] = torch.stack([mb.private[i][0] for i in members]).contiguous()
+            tensors[f"{name}.private_Y.{p}"] = torch.stack([mb.private[i][1] for i in members]).contiguous()
+        if by_p:
+            modules[name]["private"] = {str(p): m for p, m in by_p.items()}
+    private = any("private" in meta for meta in modules.values())
     header = {
         "format": FORMAT,
-        "version": VERSION if bases_ref is None else SHARED_VERSION,
+        "version": PRIVATE_VERSION if private else VERSION if bases_ref is None else SHARED_VERSION,
         "method": bundle.method,
         "basis_id": basis_id or bundle.basis_id(),
         **({} if bases_ref is None else {"bases": bases_ref}),
@@ -239,11 +264,13 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
         tensors = {**bases, **tensors}
     for name, meta in modules:
         try:
-            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], _read_cores(tensors, name, meta), meta.get("kind", LINEAR))
+            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], _read_cores(tensors, name, meta), meta.get("kind", LINEAR),
+                             _read_private(tensors, name, meta))
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise BundleError(f"{folder}: tensors for module {name} are missing; the bundle is incomplete") from None
         r = mb.rank
-        if mb.V.shape[1] != r or not all(_fits(c, r) for c in mb.cores.values()):
+        if mb.V.shape[1] != r or not all(_fits(c, r) for c in mb.cores.values()) or not all(
+                X.shape[0] == mb.U.shape[0] and Y.shape[1] == mb.V.shape[0] for X, Y in mb.private.values()):
             raise BundleError(f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of other "
                               "shapes; the bundle is corrupt, write it again")
         bundle.modules[name] = mb
@@ -260,6 +287,15 @@ def _read_cores(tensors: dict[str, torch.Tensor], name: str, meta: dict) -> dict
         P, Q = tensors[f"{name}.cores_P.{int(k)}"], tensors[f"{name}.cores_Q.{int(k)}"]
         cores.update({i: FactoredCore(P[j], Q[j]) for j, i in enumerate(members)})
     return cores
+
+
+def _read_private(tensors: dict[str, torch.Tensor], name: str, meta: dict) -> dict[int, Private]:
+    """One module's private directions (version 4): one X and one Y stack per number of directions."""
+    out: dict[int, Private] = {}
+    for p, members in meta.get("private", {}).items():
+        X, Y = tensors[f"{name}.private_X.{int(p)}"], tensors[f"{name}.private_Y.{int(p)}"]
+        out.update({i: (X[j], Y[j]) for j, i in enumerate(members)})
+    return out
 
 
 def _fits(c: Core, r: int) -> bool:

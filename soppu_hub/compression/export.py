@@ -18,13 +18,17 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Adapter i as float64 LoRA factors of one uniform rank: SVD of each core, split evenly between B and A.
+    """Adapter i as float64 LoRA factors of one uniform rank: SVD of each core (with its private directions, of
+    the whole delta), split evenly between B and A.
 
     Exact whenever `rank` >= rank(S_i) (see export_rank); the columns / rows beyond are zeros.
     """
     out = {}
     for name, mb in bundle.modules.items():
         if adapter not in mb.cores:
+            continue
+        if adapter in mb.private:
+            out[name] = _split(*mb.delta_factors(adapter), rank)
             continue
         S = mb.core_matrix(adapter).double()
         P, sig, Qh = torch.linalg.svd(S)
@@ -36,6 +40,21 @@ def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[tor
         A[:e] = (root[:, None] * Qh[:e]) @ mb.V.double().T
         out[name] = (B, A)
     return out
+
+
+def _split(L: torch.Tensor, R: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L @ R (shared part and private directions side by side) as `rank` float64 LoRA factors: the SVD of the
+    product through the QR of each side, split evenly; exact whenever rank >= rank(L @ R)."""
+    Q1, R1 = torch.linalg.qr(L.double())
+    Q2, R2 = torch.linalg.qr(R.double().T)
+    P, sig, Qh = torch.linalg.svd(R1 @ R2.T)
+    e = min(rank, sig.numel())
+    root = sig[:e].sqrt()
+    B = torch.zeros(L.shape[0], rank, dtype=torch.float64)
+    A = torch.zeros(rank, R.shape[1], dtype=torch.float64)
+    B[:, :e] = Q1 @ (P[:, :e] * root)
+    A[:e] = (root[:, None] * Qh[:e]) @ Q2.T
+    return B, A
 
 
 @dataclass

@@ -11,10 +11,11 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError, IncompatibleAdaptersError
-from ..peft_format.read import LoraAdapter
+from ..peft_format.read import LoraAdapter, widest_dtype
 from .assign import auto_k, reassign, signatures, stack_factors
 from .bundle import Bundle, Core, ModuleBasis, compact_core
 from .jd import METHODS, WEIGHTINGS, joint_diagonalize, leading_rank
+from .refine import Refined, refine
 from .scoring import factored_rel_error
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
@@ -41,6 +42,13 @@ class CompressConfig:
     target_error: float | None = field(default=None, metadata={
         "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
                                "relative error is <= this; in (0, 1)"})
+    budget: str | None = field(default=None, metadata={
+        "help": "the most the compressed adapters may store, carried tensors included: parameters (1200000, 3.5M), "
+                "bytes of the written dtype (12MB, 8MiB) or a ratio to the originals (6x); the lowest error within it, "
+                "with each cluster's rank per module and each adapter's private directions chosen to fit"})
+    shared_only: bool = field(default=False, metadata={
+        "help": "no private directions: with --target-error or --budget every adapter is kept only through its "
+                "cluster's shared bases (JD as in the paper)"})
     max_adapter_error: float = field(default=0.9, metadata={
         "help": "an adapter whose mean relative error is above this is named in the report and the terminal with "
                 "the ways on (a cluster of its own, a larger rank): its directions are not in the shared bases"})
@@ -55,12 +63,48 @@ class CompressConfig:
                              f"use at most {n_adapters} or auto")
         if self.target_error is not None and not 0 < self.target_error < 1:
             raise ConfigError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
+        if self.budget is not None:
+            parse_budget(self.budget)
+            if self.target_error is not None:
+                raise ConfigError("--budget and --target-error contradict each other (the lowest error within a store, or "
+                                  "the smallest store meeting an error); give one of them")
+            if self.method != "full":
+                raise ConfigError("--budget needs --method full (it chooses ranks and private directions of full cores)")
         if not self.max_adapter_error > 0:
             raise ConfigError(f"--max-adapter-error must be positive (a relative error), got {self.max_adapter_error}")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+
+
+_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """--budget as ("params" | "bytes" | "ratio", value): '1200000', '3.5M' (parameters), '12MB', '8MiB' (bytes),
+    '6x' (fewer stored parameters than the originals by this factor)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?)?\s*([Bx])?\s*", str(text), flags=re.IGNORECASE)
+    bad = ConfigError(f"--budget {text!r} is not a store: give parameters (1200000, 3.5M), bytes (12MB, 8MiB) or a "
+                      "ratio to the originals (6x)")
+    if m is None or float(m.group(1)) <= 0:
+        raise bad
+    value, scale, unit = float(m.group(1)), (m.group(2) or "").upper(), (m.group(3) or "").lower()
+    if unit == "x":
+        if scale or value < 1:
+            raise bad
+        return "ratio", value
+    return ("bytes" if unit == "b" else "params"), value * _SCALE[scale]
+
+
+def budget_numbers(text: str, params_before: int, bytes_per_number: int) -> float:
+    """--budget as the numbers (parameters) the compressed adapters may store, carried tensors included."""
+    kind, value = parse_budget(text)
+    if kind == "ratio":
+        return params_before / value
+    return value / bytes_per_number if kind == "bytes" else value
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,6 +136,8 @@ class Compression:
     stats: dict[str, ModuleStats]  # rel_errors keyed by global adapter index
     device: str
     seconds: float
+    refined: Refined | None = None  # what --target-error / --budget chose (full cores)
+    choice: dict | None = None  # --clusters auto: the K chosen, every K priced, the runner-up
 
     def local_indices(self) -> list[int]:
         """Each adapter's index inside its cluster's bundle (members keep their input order)."""
@@ -167,13 +213,16 @@ def compress(
     modules = sorted({m for a in adapters for m in a.modules}, key=order)
 
     labels = [0] * len(adapters)
+    choice = None
     if config.clusters != "1":
         from .cluster import kmeans, normalise
 
         sig = normalise(signatures(adapters, modules))
-        k = int(config.clusters) if config.clusters != "auto" else auto_k(
-            adapters, modules, sig, device, rank=config.rank, method=config.method, weighting=config.weighting,
-            target_error=config.target_error)
+        if config.clusters == "auto":
+            choice = auto_k(adapters, modules, sig, device, config, budget=_budget(adapters, config))
+            k = choice["clusters"]
+        else:
+            k = int(config.clusters)
         labels = kmeans(sig, k).tolist()
     tracker = _Progress(progress, len(modules))
     bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
@@ -184,7 +233,10 @@ def compress(
         labels = new
         tracker.extra(len(modules))
         bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
-    if config.target_error is not None:
+    refined = None
+    if config.method == "full" and (config.target_error is not None or config.budget is not None):
+        refined = _refine(adapters, bundles, labels, stats, config)
+    elif config.target_error is not None:
         for c, bundle in enumerate(bundles):
             _truncate_to_target(bundle, [i for i, lc in enumerate(labels) if lc == c], adapters, stats, config)
     for b in bundles:
@@ -194,7 +246,7 @@ def compress(
     if progress:
         progress(tracker.total, tracker.total)  # shares of a module add up in floats: the bar ends at 100% exactly
     seconds = time.perf_counter() - start
-    return Compression(config, adapters, bundles, labels, stats, _device_label(device), seconds)
+    return Compression(config, adapters, bundles, labels, stats, _device_label(device), seconds, refined, choice)
 
 
 REASSIGN_ROUNDS = 2  # "each adapter to the cluster that reconstructs it best", then refit; rarely needs more
@@ -290,6 +342,42 @@ def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraA
         bundle.modules[name] = mb.leading(j)
         for q, p in enumerate(local):
             stats[name].rel_errors[members[p]] = float(rel[q])
+
+
+def _budget(adapters: list[LoraAdapter], config: CompressConfig) -> float | None:
+    """--budget as numbers the bundles may store (the carried tensors' share taken off)."""
+    if config.budget is None:
+        return None
+    carried = sum(a.carried_params for a in adapters)
+    return budget_numbers(config.budget, sum(a.num_params for a in adapters), _bytes_per_number(adapters)) - carried
+
+
+def _bytes_per_number(adapters: list[LoraAdapter]) -> int:
+    """Bytes of one written number: the inputs' widest dtype (float64 inputs are written as float32)."""
+    width = widest_dtype(a.dtype for a in adapters)
+    return 4 if width == torch.float64 else width.itemsize
+
+
+def _refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], stats: dict[str, ModuleStats],
+            config: CompressConfig) -> Refined:
+    """refine.refine with the run's settings; a budget below the smallest store possible is one line saying it."""
+    budget = _budget(adapters, config)
+    rel = {name: ms.rel_errors for name, ms in stats.items()}
+    try:
+        return refine(adapters, bundles, labels, target=config.target_error, budget=budget, rel_errors=rel,
+                      shared_only=config.shared_only, cap=config.max_adapter_error)
+    except ValueError as e:
+        raise _unmeetable(config, adapters, float(str(e))) from None
+
+
+def _unmeetable(config: CompressConfig, adapters: list[LoraAdapter], smallest: float) -> ConfigError:
+    """The one line for a --budget no choice fits: the smallest store possible in parameters, bytes and ratio."""
+    total = smallest + sum(a.carried_params for a in adapters)
+    size = _bytes_per_number(adapters)
+    before = sum(a.num_params for a in adapters)
+    return ConfigError(f"--budget {config.budget} is below the smallest store possible here: {int(total):,} parameters "
+                       f"({total * size / 1e6:.2f} MB, {before / total:.2f}x), every adapter kept at one direction per "
+                       "module; raise --budget")
 
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

@@ -46,6 +46,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "max_rel_error": max(errs.values()),
                 "modules": {name: {"rel_error": e} for name, e in errs.items()},
                 "cluster": comp.cluster_of[len(adapters)],
+                "private_directions": comp.refined.private.get(len(adapters), 0) if comp.refined else 0,
             }
         )
     before, after = comp.params_before, comp.params_after
@@ -66,9 +67,22 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
             for c, b in enumerate(comp.bundles)
         ],
         "target_error": comp.config.target_error,
+        "budget": comp.config.budget,
+        "choice": choice_summary(comp),
         "adapters": adapters,
         "poorly_kept": poorly_kept(adapters, comp),
     }
+
+
+def choice_summary(comp: Compression) -> dict:
+    """What was chosen and why: clusters (and how K was priced, every K tried, the runner-up), the shared rank per
+    cluster and module, the private directions per adapter."""
+    out = {"clusters": len(comp.bundles), "shared_only": comp.config.shared_only,
+           "private_directions": sum(comp.refined.private.values()) if comp.refined else 0,
+           "adapters_with_private": sum(1 for p in comp.refined.private.values() if p) if comp.refined else 0}
+    if comp.choice is not None:
+        out.update(priced_by=comp.choice["priced_by"], scan=comp.choice["scan"], runner_up=comp.choice["runner_up"])
+    return out
 
 
 def poorly_kept(adapters: list[dict], comp: Compression) -> list[dict]:

@@ -4,7 +4,8 @@ Loading a thousand members one by one through PEFT builds a thousand sets of mod
 folder `compress --collection` writes, or its Hub repo) becomes, per module position and cluster, U, V and one
 stack of cores (r x r, or the two thin factors when every core of the cluster was stored factored); a request
 names a member by its repo id or its name, and the gathered forward (peft_patch) applies that member's rows as
-U S_i V^T x with its slot of the stack. Memory: the bases once plus one core per member and module.
+U S_i V^T x with its slot of the stack, plus X_i Y_i x where the member keeps private directions (gathered per row
+like a plain adapter's factors). Memory: the bases once plus one core (and its private factors) per member and module.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class ModuleStack:
     cores: torch.Tensor | None = None
     P: torch.Tensor | None = None
     Q: torch.Tensor | None = None
+    Xt: torch.Tensor | None = None  # (N, p, m): members' private directions X_i^T, zero-padded to the most any has
+    Yt: torch.Tensor | None = None  # (N, d, p): Y_i^T
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.U, self.Vt, self.cores, self.P, self.Q) if t is not None]
+        return [t for t in (self.U, self.Vt, self.cores, self.P, self.Q, self.Xt, self.Yt) if t is not None]
 
     def applier(self, rows: "ResidentRows") -> Callable[[torch.Tensor], torch.Tensor]:
         """x (b, s, d) -> delta (b, s, m) = U_c S_i V_c^T x per row, built once per batch composition (which changes
@@ -46,7 +49,11 @@ class ModuleStack:
         for x through every cluster's V^T and a gather of each row's block, and 160 for folding S_i into V^T."""
         S = self.row_cores(rows.slots).transpose(1, 2)
         V, Ut = self.Vt.index_select(0, rows.cluster).transpose(1, 2), self.U.index_select(0, rows.cluster).transpose(1, 2)
-        return lambda x: torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)
+        if self.Xt is None:
+            return lambda x: torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)
+        Y, Xt = self.Yt.index_select(0, rows.slots), self.Xt.index_select(0, rows.slots)  # private: gathered like
+        return lambda x: (torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)  # a plain adapter's factors
+                          + torch.bmm(torch.bmm(x.to(V.dtype), Y), Xt))
 
     def row_cores(self, slots: torch.Tensor) -> torch.Tensor:
         """(b, R, R): each row's member's core."""
@@ -165,6 +172,16 @@ def _stack(key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, d
     else:
         mats = [b.modules[key].core_matrix(0) for b in bundles]
         st.cores = torch.stack([pad(m, (0, R - m.shape[1], 0, R - m.shape[0])) for m in mats]).to(dtype)
+    private = [b.modules[key].private.get(0) for b in bundles]
+    p = max((X.shape[1] for X, _ in filter(None, private)), default=0)
+    if p:
+        m, d = st.U.shape[1], st.Vt.shape[2]
+        st.Xt = torch.zeros(len(bundles), p, m, dtype=dtype)
+        st.Yt = torch.zeros(len(bundles), d, p, dtype=dtype)
+        for i, xy in enumerate(private):
+            if xy is not None:
+                st.Xt[i, : xy[0].shape[1]] = xy[0].T.to(dtype)
+                st.Yt[i, :, : xy[1].shape[0]] = xy[1].T.to(dtype)
     return st
 
 

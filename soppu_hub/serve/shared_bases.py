@@ -3,7 +3,8 @@
 An adapter from a bundle is delta = U S_i V^T. PEFT computes lora_B(lora_A(x)); we make lora_A a
 `CoreLinear` (x -> S_i (V^T x), with V^T the one Parameter shared by every adapter of the bundle and S_i
 the adapter's own core: r x r, or its two thin factors when the bundle stored it factored) and give lora_B the shared U. N adapters of one bundle then hold U and V
-once plus N small cores, instead of N full LoRA factor pairs.
+once plus N small cores, instead of N full LoRA factor pairs. A module where the adapter keeps private directions
+stays as its PEFT export loaded it (exact: the export holds the shared part and the private one together).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class SharedBases:
                 continue
             key = module_name.removeprefix(KEY_PREFIX)
             mb = bundle.modules.get(key)
-            if mb is None:
+            if mb is None or 0 in mb.private:  # private directions: the export's own factors hold U S V^T + X Y
                 continue
             b = module.lora_B[name]
             like = b.weight

@@ -1,0 +1,184 @@
+"""How much each cluster shares and each adapter keeps of its own, chosen by what it stores.
+
+Pure torch, no I/O. For every cluster and module position a `Table` lists the options: the shared rank j (the
+leading j directions of the cluster's bases, j = 0 included) and, per member, p private directions, with the
+squared error each leaves (private.py) and the numbers each stores. Two ways to choose:
+
+- `by_target(t)`: per table, the smallest store at which every member's relative error is <= t. j = 0 with every
+  direction private is exact, so a choice always exists: the result is never larger than per-adapter SVD at the
+  same error, and never larger than plain JD either (p = 0 is an option).
+- `by_budget(tables, budget)`: the lowest mean squared relative error over whole adapters
+  within a store, by a Lagrange multiplier: each table minimises error + lam * stored on its own, and lam is
+  bisected until the total fits. Every table's choice is optimal for its lam, so the error-store trade is the
+  same everywhere (the classic rate allocation). With a worst-adapter cap, adapters above it are weighted up and
+  the allocation runs again until none is (or the budget cannot do it).
+
+Every member keeps at least one direction (j >= 1 or p_i >= 1) where its delta is not zero: a budget is never
+met by dropping a module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+EXACT = 1e-10  # relative squared error counted as zero (float64 round-off of an exact fit)
+
+
+@dataclass
+class Table:
+    """One cluster at one module position: errors and stores of every (j, p) option."""
+
+    cluster: int
+    module: str
+    members: list[int]  # global adapter indices, in the cluster's local order
+    ranks: list[int]  # candidate shared ranks j
+    width: int  # m + d: numbers per basis column pair and per private direction
+    core_sizes: Tensor  # (J, n) numbers stored for each member's core at j
+    errors: Tensor  # (J, n, P + 1) float64 squared error with p = 0 .. P private directions (inf: not allowed)
+    sq_norms: Tensor  # (n,) float64 ||W_i||^2 at this module
+
+    def stored(self, j: int, p: Tensor) -> int:
+        """Numbers stored at option (ranks[j], p): bases, cores, private factors."""
+        return int(self.ranks[j] * self.width + self.core_sizes[j].sum() + p.sum() * self.width)
+
+
+@dataclass
+class Choice:
+    rank: int  # shared rank j
+    private: list[int]  # p_i per member
+    sq_errors: list[float]  # per member
+    stored: int
+
+
+def make_table(cluster: int, module: str, members: list[int], ranks: list[int], width: int, core_sizes: Tensor,
+               left: Tensor, sigma: Tensor, sq_norms: Tensor, caps: Tensor) -> Table:
+    """left (J, n): ||R_i||^2 with no private direction; sigma (J, n, P): the residual's squared singular values;
+    caps (n,): most private directions a member may keep (its LoRA rank)."""
+    J, n, P = sigma.shape
+    err = torch.cat([left.unsqueeze(-1), left.unsqueeze(-1) - sigma.cumsum(-1)], dim=-1).clamp_min(0)
+    p = torch.arange(P + 1)
+    err = torch.where(p.view(1, 1, -1) <= caps.view(1, -1, 1), err, torch.full_like(err, math.inf))
+    if ranks[0] == 0:  # j = 0 keeps nothing shared: a member with a delta keeps at least one private direction
+        err[0, :, 0] = torch.where(sq_norms > 0, torch.full_like(sq_norms, math.inf), err[0, :, 0])
+    return Table(cluster, module, members, ranks, width, core_sizes, err, sq_norms.double())
+
+
+def _fixed(table: Table) -> Tensor:
+    """(J,) float64 numbers stored at each rank whatever the private directions: bases and cores."""
+    return torch.tensor(table.ranks, dtype=torch.float64) * table.width + table.core_sizes.sum(-1)
+
+
+def _choice(table: Table, j: int, p: Tensor) -> Choice:
+    err = table.errors[j].gather(1, p[:, None]).squeeze(1)
+    return Choice(table.ranks[j], p.tolist(), err.tolist(), table.stored(j, p))
+
+
+def by_target(table: Table, target: float) -> Choice:
+    """The smallest store where every member's relative error <= target (ties: the smaller total error)."""
+    ok = table.errors <= ((target**2 + EXACT) * table.sq_norms)[None, :, None]  # (J, n, P + 1)
+    p = ok.to(torch.int8).argmax(-1)  # per rank, each member's first p that meets it
+    feasible = ok.any(-1).all(-1)  # (J,)
+    if not bool(feasible.any()):  # only without j = 0 (--shared-only): the least error there is
+        return _choice(table, len(table.ranks) - 1, table.errors[-1].min(-1).indices)
+    stored = _fixed(table) + p.sum(-1).double() * table.width
+    total = table.errors.gather(2, p.unsqueeze(-1)).squeeze(-1).sum(-1)
+    stored = torch.where(feasible, stored, torch.full_like(stored, math.inf))
+    j = min(range(len(table.ranks)), key=lambda q: (float(stored[q]), float(total[q])))
+    return _choice(table, j, p[j])
+
+
+def by_lagrange(table: Table, lam: float, weights: Tensor) -> Choice:
+    """The option minimising sum_i w_i err_i + lam * stored. weights (n,): 1 / ||W_i||^2 of each whole adapter."""
+    steps = torch.arange(table.errors.shape[-1], dtype=torch.float64) * table.width
+    per, p = (weights[None, :, None] * table.errors + lam * steps).min(-1)  # (J, n): each member's best p
+    total = per.sum(-1) + lam * _fixed(table)
+    j = int(total.argmin())
+    return _choice(table, j, p[j])
+
+
+def adapter_norms(tables: list[Table], n: int) -> Tensor:
+    """(n,) ||W_i||^2 over all of an adapter's modules."""
+    total = torch.zeros(n, dtype=torch.float64)
+    for t in tables:
+        total[t.members] += t.sq_norms
+    return total
+
+
+def adapter_errors(tables: list[Table], choices: list[Choice], norms: Tensor) -> Tensor:
+    """(n,) whole-adapter relative errors of the choices."""
+    err = torch.zeros_like(norms)
+    for t, c in zip(tables, choices):
+        err[t.members] += torch.tensor(c.sq_errors, dtype=torch.float64)
+    return torch.where(norms > 0, err / norms.clamp_min(1e-300), torch.zeros_like(err)).sqrt()
+
+
+def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None = None,
+              rounds: int = 12) -> tuple[list[Choice], float]:
+    """The choices with the lowest mean squared relative error whose stores add up to <= budget; and the lam used.
+
+    `cap`: no adapter's whole relative error above it where the budget allows (a worst-adapter floor): adapters
+    above it get more weight (their error over the cap, squared) and the allocation runs again, up to `rounds`
+    times; the first round within the cap wins, else the round with the lowest worst error.
+    Raises ValueError (with the smallest store possible) when even the cheapest choice everywhere is larger."""
+    smallest = sum(min(_cheapest(t)) for t in tables)
+    if smallest > budget:
+        raise ValueError(f"{smallest}")
+    norms = adapter_norms(tables, n)
+    base = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    boost = torch.ones(n, dtype=torch.float64)
+    best: tuple | None = None
+    for _ in range(rounds if cap is not None else 1):
+        choices, lam = _fit_budget(tables, budget, base * boost)
+        err = adapter_errors(tables, choices, norms)
+        worst, mean = float(err.max()), float(err.mean())
+        key = (0, mean) if cap is None or worst <= cap else (1, worst)
+        if best is None or key < best[0]:
+            best = (key, choices, lam)
+        if cap is None or worst <= cap:
+            break
+        boost = torch.maximum(boost, boost * (err / cap).pow(2))
+    return best[1], best[2]
+
+
+def _fit_budget(tables: list[Table], budget: float, weights: Tensor, iters: int = 40) -> tuple[list[Choice], float]:
+    """Bisect lam (log scale) for the largest store <= budget with these weights."""
+
+    def run(lam: float) -> tuple[list[Choice], int]:
+        ch = [by_lagrange(t, lam, weights[t.members]) for t in tables]
+        return ch, sum(c.stored for c in ch)
+
+    lo, hi = -30.0, 5.0  # log10 lam: at 1e5 per number stored every table takes its cheapest option
+    best, total = run(10**hi)
+    if total > budget:  # the cheapest by cost is not the cheapest by store (ties); take the store minimum
+        return [_choice(t, *_cheapest_option(t)) for t in tables], 10**hi
+    low, low_total = run(10**lo)
+    if low_total <= budget:
+        return low, 10**lo
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ch, total = run(10**mid)
+        if total <= budget:
+            hi, best = mid, ch
+        else:
+            lo = mid
+    return best, 10**hi
+
+
+def _cheapest(table: Table) -> list[float]:
+    """The store of every rank's cheapest allowed option (inf where some member has none)."""
+    out = []
+    for j in range(len(table.ranks)):
+        allowed = torch.isfinite(table.errors[j])
+        p = allowed.to(torch.int8).argmax(-1)
+        out.append(table.stored(j, p) if bool(allowed.any(-1).all()) else math.inf)
+    return out
+
+
+def _cheapest_option(table: Table) -> tuple[int, Tensor]:
+    stores = _cheapest(table)
+    j = min(range(len(stores)), key=stores.__getitem__)
+    return j, torch.isfinite(table.errors[j]).to(torch.int8).argmax(-1)
