@@ -12,7 +12,8 @@ import torch
 
 from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter, widest_dtype
-from .assign import auto_k, reassign, signatures, stack_factors
+from .assign import auto_k, reassign, signatures
+from .stacks import stack_factors
 from .bundle import Bundle, Core, ModuleBasis, compact_core
 from .jd import METHODS, WEIGHTINGS, joint_diagonalize, leading_rank
 from .refine import Refined, refine

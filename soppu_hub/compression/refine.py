@@ -16,6 +16,7 @@ import torch
 from ..peft_format.read import LoraAdapter
 from .allocate import Choice, Table, by_budget, by_target, make_table
 from .bundle import Bundle, ModuleBasis, compact_core, core_size
+from .stacks import stack_factors
 from .private import Coordinates, coordinates, private_factors, rank_grid, residual_spectra, shared_core
 
 
@@ -32,8 +33,6 @@ def module_table(adapters: list[LoraAdapter], glob: list[int], name: str, U: tor
                  cluster: int, shared_only: bool = False) -> tuple[Table, Coordinates]:
     """The options of one cluster at one module: members `glob` (global indices) on bases U (m, r), V (d, r);
     `shared_only`: no private direction and at least one shared one."""
-    from .assign import stack_factors
-
     kmax = max(adapters[g].modules[name].rank for g in glob)
     B, A = stack_factors(adapters, [name], tuple(glob), kmax, torch.device("cpu"))
     ranks = torch.tensor([adapters[g].modules[name].rank for g in glob])
