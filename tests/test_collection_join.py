@@ -203,3 +203,60 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids, adapter_names=["s4"]).logits,
                                    plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_resident(built, tmp_path, tiny_base):
+    """--private-error: the unseen task joins (instead of being refused) with its own directions beside the cluster's
+    bases; its member bundle (format 4) keeps only cores and those, and the resident collection serves it exactly as
+    its PEFT export."""
+    from soppu_hub.compression.bundle import load_bundle
+    from soppu_hub.peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER
+    from soppu_hub.peft_format.read import read_adapter
+
+    out, _, _, others = fresh(built, tmp_path)
+    assert main(["join", str(others[0]), "--collection", str(out / "collection"), "--no-push", "--out",
+                 str(out / "x0"), "--quiet", "--private-error", "0.05"]) == 0
+    got = json.loads((out / "x0" / "report.json").read_text())
+    assert got["how"] == "join" and got["max_rel_error"] <= 0.05 + 5e-3  # refused without --private-error (above)
+    header = json.loads((out / "x0" / BUNDLE_DIR / BUNDLE_HEADER).read_text())
+    assert header["version"] == 4 and "bases" in header and all("private" in m for m in header["modules"].values())
+    tensors = load_file(str(out / "x0" / BUNDLE_DIR / "bundle.safetensors"))
+    assert not any(k.endswith((".U", ".V")) for k in tensors)  # the bases stay in the collection
+    # the export holds the shared part plus the private directions exactly
+    from soppu_hub.collection.publish import member_bases
+
+    bundle = load_bundle(out / "x0" / BUNDLE_DIR, bases=member_bases(out / "x0"))
+    export = read_adapter(out / "x0")
+    for name, (B, A) in bundle.factors(0).items():
+        b, a = export.modules[name].factors()
+        torch.testing.assert_close(b.double() @ a.double(), B.double() @ A.double(), rtol=1e-4, atol=1e-5)
+
+    # resident: the collection's stacks gather the joiner's private rows (tiny_base shapes: a collection of its own)
+    from transformers import AutoModelForCausalLM
+
+    from soppu_hub.serve.peft_patch import install, rows_use
+    from soppu_hub.serve.resident import attach, load_resident
+
+    shapes = llama_module_shapes()
+    facs, _ = family_factors(shapes, 4, 4, families=1, noise=0.02, seed=7)
+    alien, _ = family_factors(shapes, 1, 4, families=1, noise=0.02, seed=77)
+    folders = [write_adapter(tmp_path / "r" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=8)
+               for i, f in enumerate(facs + alien)]
+    assert main(["compress", *map(str, folders[:4]), "--out", str(tmp_path / "rout"), "--no-push", "--quiet", "--device",
+                 "cpu", "--rank", "8", "--collection", "alice/res"]) == 0
+    assert main(["join", str(folders[4]), "--collection", str(tmp_path / "rout" / "collection"), "--no-push", "--out",
+                 str(tmp_path / "rout" / "m4"), "--quiet", "--private-error", "0.05"]) == 0
+    res = load_resident(tmp_path / "rout" / "collection")
+    assert res.members == 5 and any(st.Xt is not None for st in res.modules.values())
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    load = peft_loader(model)
+    peft_model = load(str(tmp_path / "rout" / "m4"), "plain")
+    ids = torch.randint(5, 300, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, adapter_names=["plain", "plain"]).logits
+        assert attach(peft_model, res) > 0 and install(peft_model) > 0
+        name = next(n for n, slot in res.slots.items() if slot == 4)
+        with rows_use([name, "__base__"]):  # as the engine runs a batch: the member's row beside a base row
+            got, base = peft_model(input_ids=ids).logits.unbind(0)
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
+    assert (want[1] - base).abs().max() > 1e-3

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_args(p)
     p.set_defaults(func=cmd_compress)
 
+    from ..collection.join import FLAGS as JOIN_FLAGS
     from ..collection.join import JoinSpec
 
     p = sub.add_parser("join", help="compress one adapter against a published collection's bases and add it to the "
@@ -63,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help=field_help(JoinSpec, "out"))
     p.add_argument("--no-push", action="store_true", help="keep the member repo local (needs --out); a collection folder "
                    "is then updated in place")
-    add_fields(p, JoinSpec, ["collection_revision", "max_error", "new_cluster", "push_to", "namespace", "private",
-                             "revision", "token", "overwrite"])
+    add_fields(p, JoinSpec, list(JOIN_FLAGS))
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_export_args(p)
     p.set_defaults(func=cmd_join)

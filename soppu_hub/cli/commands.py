@@ -63,12 +63,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    from ..collection.join import FLAGS as names
     from ..collection.join import JoinSpec
     from ..compression.export import ExportConfig
     from ..pipeline.join import run_join
 
-    names = ("collection_revision", "max_error", "new_cluster", "push_to", "namespace", "private", "revision", "token",
-             "overwrite")
     spec = JoinSpec(args.source, args.collection, out=Path(args.out) if args.out else None, push=not args.no_push,
                     export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
                     command=command_line(args.argv), **{n: getattr(args, n) for n in names})

@@ -18,7 +18,9 @@ import torch
 
 from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
 from ..compression.export import ExportConfig, export_peft
+from ..compression.allocate import by_target
 from ..compression.plan import CompressConfig, written_rel_errors
+from ..compression.refine import apply_choice, table_of
 from ..errors import CollectionError, SoppuError
 from ..hub.common import TOKEN_HELP
 from ..hub.pull import download_adapter, parse_source
@@ -48,6 +50,10 @@ class JoinSpec:
     max_error: float | None = field(default=None, metadata={
         "help": "join only at a mean relative error up to this (default: the collection's --target-error, else "
                 f"{JOIN_SLACK}x the worst error of a member of the cluster)", "type": float})
+    private_error: float | None = field(default=None, metadata={
+        "help": "a module the collection's bases hold worse than this relative error keeps the fewest private directions "
+                "of its own that bring it there (stored in the member repo): an adapter the bases miss joins at the cost "
+                "of its own directions instead of being refused", "type": float})
     new_cluster: bool = field(default=False, metadata={
         "help": "when no cluster holds the adapter well enough, add it to the collection as a cluster of its own"})
     out: Path | None = field(default=None, metadata={"help": "keep the member repo folder here"})
@@ -60,6 +66,11 @@ class JoinSpec:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out folder"})
     export: ExportConfig = field(default_factory=ExportConfig)
     command: str = "soppu-hub join"  # recorded in the card: how to reproduce the run
+
+
+# The JoinSpec fields `soppu-hub join` takes as flags of the same name (the CLI builds its parser and the spec from it)
+FLAGS = ("collection_revision", "max_error", "private_error", "new_cluster", "push_to", "namespace", "private",
+         "revision", "token", "overwrite")
 
 
 @dataclass
@@ -92,9 +103,11 @@ def check_fits(adapter: LoraAdapter, coll: Collection) -> None:
                                   f"collection {coll.name}; the base models differ")
 
 
-def project_adapter(adapter: LoraAdapter, bases: dict[str, torch.Tensor], method: str = "full"
-                    ) -> tuple[Bundle, dict[str, float]]:
-    """The adapter as a one-member bundle on these bases, and its relative error per module (float64 scoring)."""
+def project_adapter(adapter: LoraAdapter, bases: dict[str, torch.Tensor], method: str = "full",
+                    private_error: float | None = None) -> tuple[Bundle, dict[str, float]]:
+    """The adapter as a one-member bundle on these bases, and its relative error per module (float64 scoring).
+    `private_error`: a module the bases hold worse than this keeps the fewest private directions of its own that
+    bring it there (compression.refine, the bases kept whole: they are the collection's)."""
     bundle = Bundle(method, [adapter.name], [adapter.config])
     errors = {}
     for name, mod in adapter.modules.items():
@@ -102,6 +115,12 @@ def project_adapter(adapter: LoraAdapter, bases: dict[str, torch.Tensor], method
         B, A = mod.factors()
         P, Q, errors[name] = project_module(B, A, U, V)
         bundle.modules[name] = ModuleBasis(U, V, {0: compact_core(P, Q)}, mod.kind)
+        if private_error is not None and errors[name] > private_error:
+            table, co = table_of(B[None], A[None], torch.tensor([mod.rank]), U, V, 0, name, [0], grid=[U.shape[1]])
+            choice = by_target(table, private_error)
+            bundle.modules[name] = apply_choice(bundle.modules[name], co, choice, U.dtype)
+            norm = float(table.sq_norms[0])
+            errors[name] = (max(choice.sq_errors[0], 0.0) / norm) ** 0.5 if norm > 0 else 0.0
     return bundle, errors
 
 
@@ -142,14 +161,14 @@ def bar_for(coll: Collection, c: int, max_error: float | None) -> float:
     return min(max(JOIN_SLACK * coll.info.clusters[c].max_error, JOIN_FLOOR), ceiling)
 
 
-def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: Callable[[str], None]
-          ) -> tuple[int, Bundle, dict[str, float], float]:
+def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: Callable[[str], None],
+          private_error: float | None = None) -> tuple[int, Bundle, dict[str, float], float]:
     """(cluster, bundle, errors, bar) of the first of the TRIES nearest clusters whose bases keep the adapter within
     its bar; CollectionError with the best error and the two ways on when none does."""
     order = cluster_order(signature(adapter, coll.info.probes), coll.centroids())
     best = None
     for c in order[:TRIES]:
-        bundle, errors = project_adapter(adapter, coll.bases(c))
+        bundle, errors = project_adapter(adapter, coll.bases(c), private_error=private_error)
         mean, bar = statistics.fmean(errors.values()), bar_for(coll, c, max_error)
         log(f"cluster {c}: mean relative error {mean:.4f} (bar {bar:.4f})")
         if mean <= bar:
@@ -189,6 +208,8 @@ def check_spec(spec: JoinSpec) -> None:
         raise SoppuError("--no-push needs --out to keep the member repo somewhere")
     if spec.max_error is not None and not 0 < spec.max_error:
         raise SoppuError(f"--max-error must be a positive relative error, got {spec.max_error}")
+    if spec.private_error is not None and not 0 < spec.private_error < 1:
+        raise SoppuError(f"--private-error must be a relative error between 0 and 1, got {spec.private_error}")
     spec.export.validate()
 
 

@@ -40,12 +40,15 @@ def module_table(adapters: list[LoraAdapter], glob: list[int], name: str, U: tor
 
 
 def table_of(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cluster: int,
-             name: str, glob: list[int], shared_only: bool = False) -> tuple[Table, Coordinates]:
-    """module_table from factor stacks B (n, m, k), A (n, k, d) and each member's LoRA rank (n,)."""
+             name: str, glob: list[int], shared_only: bool = False, grid: list[int] | None = None
+             ) -> tuple[Table, Coordinates]:
+    """module_table from factor stacks B (n, m, k), A (n, k, d) and each member's LoRA rank (n,); `grid`: the shared
+    ranks allowed (default: rank_grid; a joiner keeps the collection's whole bases)."""
     co = coordinates(B[None].cpu(), A[None].cpu(), U[None].cpu(), V[None].cpu())
-    grid = [j for j in rank_grid(U.shape[1]) if j or not shared_only or U.shape[1] == 0]
-    left, sig = residual_spectra(co, grid, B.shape[-1])
-    caps = torch.zeros_like(ranks) if shared_only else ranks
+    grid = grid or [j for j in rank_grid(U.shape[1]) if j or not shared_only or U.shape[1] == 0]
+    left, sig = residual_spectra(co, grid, 2 * B.shape[-1])
+    # W_i - U U^T W_i V V^T has rank <= 2 k_i: on bases that miss W_i (a joiner's), k_i directions may not be enough
+    caps = torch.zeros_like(ranks) if shared_only else 2 * ranks
     sizes = torch.tensor([[core_size(j, int(k)) for k in ranks] for j in grid], dtype=torch.float64)
     m, d = U.shape[0], V.shape[0]
     return make_table(cluster, name, glob, grid, m + d, sizes, left[:, 0], sig[:, 0], co.sq_norms[0], caps), co

@@ -76,7 +76,7 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
     check_fits(adapter, coll)
     dtype = spec.export.torch_dtype(adapter.dtype)
     try:
-        c, bundle, errors, bar = place(adapter, coll, spec.max_error, log)
+        c, bundle, errors, bar = place(adapter, coll, spec.max_error, log, spec.private_error)
         how, basis_id, new = "join", coll.info.clusters[c].basis_id, None
     except CollectionError:
         if not spec.new_cluster:
@@ -116,8 +116,8 @@ def _write_card(folder: Path, entry: dict, adapter, bundle: Bundle, source_folde
 
     job = CardSpec(folder, 0, target, adapter.base_model, [adapter.source], spec.command, "", None if target else
                    str(Path(spec.out).resolve()), source_license(source_folder))
-    cores = sum(mb.cores[0].numel() for mb in bundle.modules.values())
-    (folder / CARD_NAME).write_text(render_join_card(entry, job, params_before=adapter.num_params, core_params=cores))
+    own = sum(mb.cores[0].numel() + sum(x.numel() + y.numel() for x, y in mb.private.values()) for mb in bundle.modules.values())
+    (folder / CARD_NAME).write_text(render_join_card(entry, job, params_before=adapter.num_params, core_params=own))
 
 
 def _with(members: list[Member], member: Member) -> list[Member]:
