@@ -59,7 +59,7 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.compression.plan import CompressConfig
+    from soppu_hub.compression.config import CompressConfig
     from soppu_hub.devtools.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
     from soppu_hub.pipeline.job import compress_folders
     from soppu_hub.serve.peft_patch import install, rows_use

@@ -6,7 +6,7 @@ import pytest
 
 from soppu_hub import cli
 from soppu_hub.compression.export import ExportConfig
-from soppu_hub.compression.plan import CompressConfig
+from soppu_hub.compression.config import CompressConfig
 from soppu_hub.errors import SoppuError
 from soppu_hub.pipeline.job import JobSpec
 

@@ -151,7 +151,8 @@ def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
 def test_auto_counts_what_clusters_store(tmp_path, families, n, expected):
     """One planted subspace: more clusters would only fit each adapter's noise at K times the bases, so auto keeps
     one. Eight planted families: eight clusters, the families found (adjusted Rand >= 0.95)."""
-    from soppu_hub.compression.plan import CompressConfig, compress
+    from soppu_hub.compression.config import CompressConfig
+    from soppu_hub.compression.plan import compress
     from soppu_hub.peft_format.read import read_adapter
 
     facs, fam = family_factors(SHAPES, n, 4, families=families, noise=0.05, seed=3)
@@ -167,7 +168,8 @@ def test_auto_scans_k_on_a_sample_of_a_large_collection(tmp_path, monkeypatch):
     """Past AUTO_K_SAMPLE adapters the K scan runs on a fixed sample (here 12 of 36): the same K and the same split
     of all 36 as a scan over every adapter."""
     from soppu_hub.compression import assign
-    from soppu_hub.compression.plan import CompressConfig, compress
+    from soppu_hub.compression.config import CompressConfig
+    from soppu_hub.compression.plan import compress
     from soppu_hub.peft_format.read import read_adapter
 
     facs, fam = family_factors(SHAPES, 36, 4, families=3, noise=0.05, seed=4)

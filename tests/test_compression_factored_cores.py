@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from soppu_hub.compression.bundle import FactoredCore, ModuleBasis, load_bundle
 from soppu_hub.compression.export import peft_factors
-from soppu_hub.compression.plan import CompressConfig
+from soppu_hub.compression.config import CompressConfig
 from soppu_hub.peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, BUNDLE_WEIGHTS
 from soppu_hub.peft_format.read import read_adapter
 from soppu_hub.pipeline.job import compress_folders

@@ -11,7 +11,8 @@ from helpers import peft_loader
 from soppu_hub.cli import main
 from soppu_hub.compression.allocate import adapter_errors, adapter_norms, by_budget, by_target
 from soppu_hub.compression.bundle import load_bundle
-from soppu_hub.compression.plan import CompressConfig, compress, parse_budget
+from soppu_hub.compression.config import CompressConfig, parse_budget
+from soppu_hub.compression.plan import compress
 from soppu_hub.compression.private import coordinates, private_factors, residual_spectra, shared_core
 from soppu_hub.compression.refine import table_of
 from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter

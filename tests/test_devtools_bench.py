@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from soppu_hub.compression.plan import CompressConfig, compress
+from soppu_hub.compression.config import CompressConfig
+from soppu_hub.compression.plan import compress
 from soppu_hub.devtools.bench.kernel import _errors
 from soppu_hub.devtools.bench.seed_reference import seed_jd, seed_pipeline
 from soppu_hub.devtools.samples import synthetic_factors, write_adapter
@@ -29,84 +30,93 @@ def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):
 
 def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_base):
     """Every method at each setting, scored on held-out examples; at a rank holding the adapters exactly, every
-    method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter."""
-    from soppu_hub.devtools.bench.quality import format_quality, matched_budgets, plot_quality, quality_rows
+    method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter; a soppu-hub
+    budget row follows each of the first SVD ranks; the families table groups adapters by task."""
+    from soppu_hub.devtools.bench.quality import JD, SOPPU, SVD, format_quality, matched_budgets, plot_quality, quality_rows
 
     sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
-    rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), target_errors=(0.5,), svd_ranks=(2, 16))
-    assert [r["method"] for r in rows] == ["JD, one cluster"] * 2 + ["JD, clusters auto"] + ["JD, target error"] + \
-        ["per-adapter SVD"] * 2
+    rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), adapter_errors=(0.5,), svd_ranks=(2, 16),
+                        budget_svd=(2,))
+    assert [r["method"] for r in rows] == [SVD] * 2 + [JD] * 2 + [SOPPU] * 3
+    budget = rows[-1]
+    assert budget["setting"]["budget"] == str(rows[0]["stored_params"]) and budget["stored_params"] <= rows[0]["stored_params"]
     for r in rows:
-        if r["setting"].get("rank") == 16 and "target_error" not in r["setting"]:
-            assert r["worst_rel_error"] < 1e-5 and r["mean_retention"] in (1.0, None)
+        if r["setting"].get("rank") == 16:
+            assert r["worst_error"] < 1e-5 and r["mean_retention"] in (1.0, None)
     names = {f.name for f in sample_adapters}
     for r in rows:  # every adapter's own retention, and the one that keeps least named
         assert set(r["retention"]) <= names and (r["worst_adapter"] is None or r["retention"][r["worst_adapter"]] == r["worst_retention"])
-    svd = [r for r in rows if r["method"] == "per-adapter SVD"]
-    assert all(r["clusters"] == len(sample_adapters) for r in svd)
-    assert rows[0]["stored_params"] < rows[1]["stored_params"] and rows[0]["ratio"] > rows[1]["ratio"]
+        assert sum(f["adapters"] for f in r["families"].values()) == len(r["retention"])
+    assert all(r["clusters"] == len(sample_adapters) for r in rows if r["method"] == SVD)
+    jd = [r for r in rows if r["method"] == JD]
+    assert jd[0]["stored_params"] < jd[1]["stored_params"] and jd[0]["ratio"] > jd[1]["ratio"]
     table = format_quality(rows)
-    assert "| per-adapter SVD | rank 16, clusters 2 |" in table
-    # matched budgets: JD at shared rank 16 stores less than two rank-16 SVDs and holds both exactly
-    exact = next(m for m in matched_budgets(rows) if m["svd"]["setting"]["rank"] == 16)
-    assert exact["jd"]["stored_params"] <= exact["svd"]["stored_params"] and exact["jd_keeps_more"]
-    assert "JD keeps at least as much" in table and table.count("\nAt ") == 2 and "\nGoal (4x fewer" in table
+    assert "| per-adapter SVD | rank 16, clusters 2 |" in table and "per task family" in table
+    # matched budgets: the budget row at SVD rank 2's store keeps at least as much, mean and worst
+    at2 = next(m for m in matched_budgets(rows) if m["svd"]["setting"]["rank"] == 2)
+    assert at2["jd"]["stored_params"] <= at2["svd"]["stored_params"]
+    assert table.count("\nAt ") == 2 and "\nGoal (6x fewer" in table
     assert plot_quality(rows, tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quality_verdicts_from_rows():
-    """The goal row is the most compressed one keeping the retention bar; each SVD row meets the best JD row storing
-    no more, which can keep less (said so) or not exist."""
-    from soppu_hub.devtools.bench.quality import format_quality, goal_row, matched_budgets
+    """The goal row is the most compressed one keeping the retention bar; each SVD row meets the best soppu-hub row
+    storing no more, which can keep less (said so) or not exist."""
+    from soppu_hub.devtools.bench.quality import SOPPU, SVD, format_quality, goal_row, matched_budgets
 
     def row(method, rank, stored, ratio, mean, worst):
         return {"method": method, "setting": {"rank": rank}, "stored_params": stored, "params_before": 1000,
-                "ratio": ratio, "clusters": 1, "mean_rel_error": 0.1, "worst_rel_error": 0.2, "mean_retention": mean,
+                "ratio": ratio, "clusters": 1, "mean_error": 0.1, "worst_error": 0.2, "mean_retention": mean,
                 "worst_retention": worst, "seconds": 1.0}
 
-    rows = [row("JD, one cluster", 16, 100, 10.0, 0.90, 0.80), row("JD, one cluster", 32, 200, 5.0, 0.97, 0.90),
-            row("per-adapter SVD", 1, 150, 6.7, 0.93, 0.70), row("per-adapter SVD", 2, 250, 4.0, 0.99, 0.95),
-            row("per-adapter SVD", 1, 50, 20.0, 0.50, 0.10)]
+    rows = [row(SOPPU, 16, 100, 10.0, 0.90, 0.80), row(SOPPU, 32, 200, 5.0, 0.97, 0.90),
+            row(SVD, 1, 150, 6.7, 0.93, 0.70), row(SVD, 2, 250, 4.0, 0.99, 0.95),
+            row(SVD, 1, 50, 20.0, 0.50, 0.10), row(SOPPU, 8, 140, 7.0, 0.94, 0.75)]
     assert goal_row(rows)["stored_params"] == 200 and goal_row(rows[:1]) is None
     m = {r["svd"]["stored_params"]: r for r in matched_budgets(rows)}
-    assert m[150]["jd"]["stored_params"] == 100 and not m[150]["jd_keeps_more"]  # 0.90 < 0.93 at <= 150
+    assert m[150]["jd"]["stored_params"] == 140 and m[150]["jd_keeps_more"]  # 0.94 >= 0.93 and 0.75 >= 0.70 at <= 150
     assert m[250]["jd"]["stored_params"] == 200 and not m[250]["jd_keeps_more"]
     assert m[50]["jd"] is None
     table = format_quality(rows)
-    assert "reached; the most compressed setting keeping that retention is JD, one cluster (rank 32), 5.00x" in table
-    assert "JD keeps LESS" in table and "no JD setting stores this little" in table
+    assert "not reached; the most compressed setting keeping that retention is soppu-hub (rank 32), 5.00x" in table
+    assert "LESS" in table and "no soppu-hub setting stores this little" in table and "at least as much" in table
     assert "not reached; no setting keeps" in format_quality(rows[:1])
 
 
 def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
     """soppu-hub, per-adapter SVD and the real lorashare on the same tiny family set, each in a child process: rows
     with stored parameters, errors read back from the written PEFT folders, time and RSS; an exact setting scores 0;
-    lorashare's stored count is its components plus loadings; mixed ranks make lorashare fail in one line."""
-    from soppu_hub.devtools.bench.peers import SHARE, SVD, adapter_errors, format_peers, peer_rows, plot_peers
+    lorashare's stored count is its components plus loadings; a soppu-hub --budget row at every baseline's store is
+    never behind it; mixed ranks make lorashare fail in one line."""
+    from soppu_hub.devtools.bench.peers import (DEFAULT, JD, SHARE, SOPPU, SVD, adapter_errors, format_peers, frontier,
+                                                peer_rows, plot_peers)
     from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 
     shapes = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
     facs, _ = family_factors(shapes, 6, 4, families=2, noise=0.05, seed=0)
     folders = [write_adapter(tmp_path / "in" / f"a{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
     assert adapter_errors(folders, tmp_path / "in") == [0.0] * 6  # each folder against itself
-    rows, failed = peer_rows("tiny", folders, have_share=True, ranks=(4, 24), svd_ranks=(2, 4), ks=(4, 8))
+    rows, failed = peer_rows("tiny", folders, have_share=True, ranks=(4, 24), svd_ranks=(1, 4), ks=(4, 8))
     assert failed == []
     methods = [r["method"] for r in rows]
-    assert methods.count(SHARE) == 2 and methods.count(SVD) == 2 and "soppu, clusters auto" in methods
+    assert methods.count(SHARE) == 2 and methods.count(SVD) == 2 and methods.count(JD) == 2
     for r in rows:
         assert r["stored_params"] > 0 and r["seconds"] > 0 and r["peak_rss_gb"] > 0.05 and 0 <= r["mean_error"] <= r["worst_error"]
     exact = [r for r in rows if r["method"] == SVD and r["setting"]["rank"] == 4] + \
-        [r for r in rows if r["method"] == "soppu, one cluster" and r["setting"]["rank"] == 24]
+        [r for r in rows if r["method"] == JD and r["setting"]["rank"] == 24]
     assert all(r["worst_error"] < 1e-2 for r in exact)  # rank 4 of rank-4 adapters; 24 >= 6 x 4: bf16 rounding only
     share4 = next(r for r in rows if r["method"] == SHARE and r["setting"]["k"] == 4)
     # SHARE per module: k components for B's columns (m) and for A's rows (d), and 2 k r loadings per adapter
     assert share4["stored_params"] == sum(4 * (m + d) + 6 * 2 * 4 * 4 for m, d in shapes.values())
-    for share in (r for r in rows if r["method"] == SHARE):  # a single-basis row sits at 0.7x of every lorashare budget
-        rank = int(0.7 * share["setting"]["k"])
-        margin = next(r for r in rows if r["method"] == "soppu, one cluster" and r["setting"]["rank"] == rank)
-        assert margin["stored_params"] <= 0.7 * share["stored_params"]
+    for base in (r for r in rows if r["method"] in (SVD, SHARE)):  # each baseline's own store gets a budget row
+        ours = next(r for r in rows if r["method"] == SOPPU and r["setting"].get("budget") == str(base["stored_params"]))
+        assert ours["stored_params"] <= base["stored_params"]
+        assert ours["mean_error"] <= base["mean_error"] + 5e-3 and ours["worst_error"] <= base["worst_error"] + 5e-3
+    assert any(r["setting"] == DEFAULT for r in rows)
     table = format_peers(rows, failed)
-    assert "| tiny | lorashare (SHARE) | k 4 |" in table and "tiny, lorashare k 4" in table
+    assert "| tiny | lorashare (SHARE) | k 4 |" in table and "tiny, lorashare (SHARE) k 4" in table
+    assert "never behind" in table and "the default (" in table
+    assert frontier([(1, 0.5), (2, 0.6), (3, 0.4), (4, 0.4)]) == [(1, 0.5), (3, 0.4)]
     assert plot_peers(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     mixed = folders[:2] + [write_adapter(tmp_path / "in" / "r8", family_factors(shapes, 1, 8, families=1, seed=9)[0][0],
                                          base_model="tiny", rank=8, alpha=8)]

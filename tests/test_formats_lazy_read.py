@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 
 from soppu_hub.cli import main
 from soppu_hub.compression import plan as compress_mod
-from soppu_hub.compression.plan import CompressConfig, compress
+from soppu_hub.compression.config import CompressConfig
+from soppu_hub.compression.plan import compress
 from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.errors import AdapterError
 from soppu_hub.peft_format.read import StreamedModule, read_adapter

@@ -31,7 +31,7 @@ __all__ = ["build_parser", "command_line", "job_spec", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..compression.plan import CompressConfig
+    from ..compression.config import CompressConfig
     from ..pipeline.job import JobSpec
 
     parser = Parser(prog="soppu-hub", description=__doc__.splitlines()[0])

@@ -100,7 +100,7 @@ def _ranks(text: str | None, verify: bool) -> list[int]:
 def job_spec(args: argparse.Namespace) -> "JobSpec":
     """The run the flags describe (sources from the command line and --sources-file; --author is listed later)."""
     from ..compression.export import ExportConfig
-    from ..compression.plan import CompressConfig
+    from ..compression.config import CompressConfig
     from ..pipeline.job import JobSpec
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})

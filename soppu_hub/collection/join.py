@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 
-from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
-from ..compression.export import ExportConfig, export_peft
 from ..compression.allocate import by_target
-from ..compression.plan import CompressConfig, written_rel_errors
+from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
+from ..compression.config import CompressConfig
+from ..compression.export import ExportConfig, export_peft
+from ..compression.plan import written_rel_errors
 from ..compression.refine import apply_choice, table_of
 from ..errors import CollectionError, SoppuError
 from ..hub.common import TOKEN_HELP

@@ -7,6 +7,8 @@ squared error each leaves (private.py) and the numbers each stores. Two ways to 
 - `by_target(t)`: per table, the smallest store at which every member's relative error is <= t. j = 0 with every
   direction private is exact, so a choice always exists: the result is never larger than per-adapter SVD at the
   same error, and never larger than plain JD either (p = 0 is an option).
+- `by_adapter_error(tables, t)`: about the smallest store at which every adapter's whole relative error is <= t,
+  and at that store the lowest mean error (the default's choice).
 - `by_budget(tables, budget)`: the lowest mean squared relative error over whole adapters
   within a store, by a Lagrange multiplier: each table minimises error + lam * stored on its own, and lam is
   bisected until the total fits. Every table's choice is optimal for its lam, so the error-store trade is the
@@ -142,6 +144,39 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
             break
         boost = torch.maximum(boost, boost * (err / cap).pow(2))
     return best[1], best[2]
+
+
+def by_adapter_error(tables: list[Table], target: float, n: int, *, rounds: int = 24) -> list[Choice]:
+    """About the smallest store at which every adapter's whole relative error is <= target, with the lowest mean
+    error at that store: each table minimises stored + sum_i mu_i err_i / ||W_i||^2. A common price mu is bisected
+    until the worst adapter meets the target; then each adapter's own price follows its error (down where it has
+    room, up where it has not) while the total shrinks; last, the store found is handed to by_budget with the target
+    as the cap, and the lower mean error of the two is kept."""
+    norms = adapter_norms(tables, n)
+    base = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+    def run(mu: Tensor) -> tuple[list[Choice], Tensor, int]:
+        ch = [by_lagrange(t, 1.0, (mu * base)[t.members]) for t in tables]
+        return ch, adapter_errors(tables, ch, norms), sum(c.stored for c in ch)
+
+    lo, hi = -8.0, 14.0  # log10 of the price of a unit of relative squared error, in numbers stored
+    for _ in range(44):
+        mid = (lo + hi) / 2
+        if float(run(torch.full((n,), 10**mid, dtype=torch.float64))[1].max()) <= target:
+            hi = mid
+        else:
+            lo = mid
+    mu = torch.full((n,), 10**hi, dtype=torch.float64)
+    best, err, stored = run(mu)
+    for _ in range(rounds):
+        mu = mu * (err / target).pow(2).clamp(0.5, 2.0)
+        ch, err, total = run(mu)
+        if float(err.max()) <= target and total < stored:
+            best, stored = ch, total
+    mean = float(adapter_errors(tables, best, norms).mean())
+    budgeted, _ = by_budget(tables, stored, n, cap=target)
+    err = adapter_errors(tables, budgeted, norms)
+    return budgeted if float(err.max()) <= target and float(err.mean()) < mean else best
 
 
 def _fit_budget(tables: list[Table], budget: float, weights: Tensor, iters: int = 40) -> tuple[list[Choice], float]:

@@ -43,9 +43,9 @@ def signatures(adapters: list[LoraAdapter], modules: list[str], probes: list[str
 def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, device: torch.device, config,
            *, budget: float | None = None) -> dict:
     """--clusters auto: K clusters by k-means on the signatures for every K of k_candidates, each cluster fitted by
-    JD on two probe modules and priced there. With --target-error or --budget (full cores) each K is priced as the
-    compression will be (refine: shared rank per module, private directions): the smallest store meeting the
-    target, or the lowest error within the probes' share of the budget. Otherwise by mean error and stored
+    JD on two probe modules and priced there. With --adapter-error, --target-error or --budget (full cores:
+    config.priced) each K is priced as the compression will be (refine: shared rank per module, private
+    directions): the smallest store meeting the target, or the lowest error within the probes' share of the budget. Otherwise by mean error and stored
     parameters at --rank (cluster.choose_k). Returns {"clusters": K, "scan": [{K, stored, mean_error}], "runner_up"}.
 
     Past AUTO_K_SAMPLE adapters the scan runs on a fixed-seed uniform sample of that many, the members' parameters
@@ -64,7 +64,7 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
         kmax = max(a.modules[name].rank for a in sample)
         ranks = torch.tensor([a.modules[name].rank for a in sample])
         stacks[name] = (*stack_factors(sample, [name], tuple(range(len(sample))), kmax, device), ranks)
-    priced = config.method == "full" and (config.target_error is not None or budget is not None)
+    priced = config.priced
     share = None
     if budget is not None:  # the probes' part of the budget, for the sample
         total = sum(a.lora_params for a in adapters)
@@ -76,8 +76,10 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
         row = _price(stacks, labels, k, config, scale, share) if priced else _score(stacks, labels, k, config, scale)
         if row is not None:
             rows.append(row)
+    if not rows:  # no K fits the budget on the probes: one cluster, whose refine says the smallest store there is
+        return {"clusters": 1, "scan": [], "runner_up": None, "priced_by": "error within --budget"}
     if priced:
-        key = (lambda r: (r["stored"], r["mean_error"], r["K"])) if budget is None else (
+        key = (lambda r: (r["stored"], r["mean_error"], r["K"])) if config.budget is None else (
             lambda r: (r["mean_error"], r["stored"], r["K"]))
         ranked = sorted(rows, key=key)
     else:
@@ -85,8 +87,9 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
                      meets={r["K"]: r["meets"] for r in rows} if config.target_error is not None else None)
         ranked = sorted(rows, key=lambda r: r["K"] != k)
     return {"clusters": ranked[0]["K"], "scan": rows, "runner_up": ranked[1] if len(ranked) > 1 else None,
-            "priced_by": "store at --target-error" if priced and budget is None else
-            "error within --budget" if priced else "mean error x stored parameters at --rank"}
+            "priced_by": "error within --budget" if priced and config.budget is not None else
+            "store at --adapter-error" if priced and config.adapter_error is not None else
+            "store at --target-error" if priced else "mean error x stored parameters at --rank"}
 
 
 def k_candidates(n: int, priced: bool) -> list[int]:
@@ -138,12 +141,14 @@ def _score(stacks: dict, labels: torch.Tensor, k: int, config, scale: float) -> 
 def _price(stacks: dict, labels: torch.Tensor, k: int, config, scale: float, share: float | None) -> dict | None:
     """The probes compressed as refine will: each (cluster, module) table chosen by --target-error, or all of them
     within `share` of --budget (None when K cannot fit it). Members' stores scaled to all n."""
-    from .allocate import by_budget, by_target
+    from .allocate import by_adapter_error, by_budget, by_target
     from .refine import table_of
 
     tables = [table_of(B, A, ranks, res.U[0], res.V[0], c, name, idx, config.shared_only)[0]
               for name, c, idx, res, B, A, ranks in _fits(stacks, labels, k, config)]
-    if share is None:
+    if config.adapter_error is not None:
+        choices = by_adapter_error(tables, config.adapter_error, int(labels.numel()))
+    elif share is None:
         choices = [by_target(t, config.target_error) for t in tables]
     else:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,108 +13,17 @@ import torch
 from ..errors import ConfigError, IncompatibleAdaptersError
 from ..peft_format.read import LoraAdapter, widest_dtype
 from .assign import auto_k, reassign, signatures
-from .stacks import stack_factors
 from .bundle import Bundle, Core, ModuleBasis, compact_core
-from .jd import METHODS, WEIGHTINGS, joint_diagonalize, leading_rank
+from .config import CompressConfig, budget_numbers, resolve_device
+from .jd import joint_diagonalize, leading_rank
 from .refine import Refined, refine
 from .scoring import factored_rel_error
+from .stacks import stack_factors
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 
 # Upper bound on factor elements per kernel call; larger groups are split along the layer axis.
 MAX_BATCH_ELEMENTS = 1 << 26
-
-
-@dataclass
-class CompressConfig:
-    """How to compress. Field metadata carries the help text the CLI shows."""
-
-    rank: int = field(default=16, metadata={"help": "shared rank r of the bases U, V (not clipped to the LoRA rank)"})
-    method: str = field(default="full", metadata={"help": "full: r x r core per adapter; diag: r values per adapter",
-                                                  "choices": METHODS})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
-    weighting: str = field(default="norm", metadata={
-        "help": "norm: w_i = 1/||W_i||^2 so small adapters are kept; none: unweighted", "choices": WEIGHTINGS})
-    tol: float = field(default=1e-6, metadata={"help": "stop when the objective changes by less than this, relatively"})
-    max_iter: int = field(default=200, metadata={"help": "iteration cap per batch of modules"})
-    clusters: str = field(default="1", metadata={
-        "help": "K: adapters split into K clusters, each with its own bases per module; auto: K with the smallest probe "
-                "error x stored parameters, or the smallest store meeting --target-error (see README)"})
-    target_error: float | None = field(default=None, metadata={
-        "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
-                               "relative error is <= this; in (0, 1)"})
-    budget: str | None = field(default=None, metadata={
-        "help": "the most the compressed adapters may store, carried tensors included: parameters (1200000, 3.5M), "
-                "bytes of the written dtype (12MB, 8MiB) or a ratio to the originals (6x); the lowest error within it, "
-                "with each cluster's rank per module and each adapter's private directions chosen to fit"})
-    shared_only: bool = field(default=False, metadata={
-        "help": "no private directions: with --target-error or --budget every adapter is kept only through its "
-                "cluster's shared bases (JD as in the paper)"})
-    max_adapter_error: float = field(default=0.9, metadata={
-        "help": "an adapter whose mean relative error is above this is named in the report and the terminal with "
-                "the ways on (a cluster of its own, a larger rank): its directions are not in the shared bases"})
-
-    def validate(self, n_adapters: int | None = None) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"--rank must be a positive integer, got {self.rank}")
-        if self.clusters != "auto" and not (str(self.clusters).isdigit() and int(self.clusters) >= 1):
-            raise ConfigError(f"--clusters must be a positive integer or auto, got {self.clusters!r}")
-        if n_adapters is not None and self.clusters != "auto" and int(self.clusters) > n_adapters:
-            raise ConfigError(f"--clusters {self.clusters} is more than the {n_adapters} adapters given; "
-                             f"use at most {n_adapters} or auto")
-        if self.target_error is not None and not 0 < self.target_error < 1:
-            raise ConfigError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
-        if self.budget is not None:
-            parse_budget(self.budget)
-            if self.target_error is not None:
-                raise ConfigError("--budget and --target-error contradict each other (the lowest error within a store, or "
-                                  "the smallest store meeting an error); give one of them")
-            if self.method != "full":
-                raise ConfigError("--budget needs --method full (it chooses ranks and private directions of full cores)")
-        if not self.max_adapter_error > 0:
-            raise ConfigError(f"--max-adapter-error must be positive (a relative error), got {self.max_adapter_error}")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-
-
-_SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
-
-
-def parse_budget(text: str) -> tuple[str, float]:
-    """--budget as ("params" | "bytes" | "ratio", value): '1200000', '3.5M' (parameters), '12MB', '8MiB' (bytes),
-    '6x' (fewer stored parameters than the originals by this factor)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?)?\s*([Bx])?\s*", str(text), flags=re.IGNORECASE)
-    bad = ConfigError(f"--budget {text!r} is not a store: give parameters (1200000, 3.5M), bytes (12MB, 8MiB) or a "
-                      "ratio to the originals (6x)")
-    if m is None or float(m.group(1)) <= 0:
-        raise bad
-    value, scale, unit = float(m.group(1)), (m.group(2) or "").upper(), (m.group(3) or "").lower()
-    if unit == "x":
-        if scale or value < 1:
-            raise bad
-        return "ratio", value
-    return ("bytes" if unit == "b" else "params"), value * _SCALE[scale]
-
-
-def budget_numbers(text: str, params_before: int, bytes_per_number: int) -> float:
-    """--budget as the numbers (parameters) the compressed adapters may store, carried tensors included."""
-    kind, value = parse_budget(text)
-    if kind == "ratio":
-        return params_before / value
-    return value / bytes_per_number if kind == "bytes" else value
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present; anything else is passed to torch."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -204,6 +113,7 @@ def compress(
 ) -> Compression:
     """Compress adapters jointly, in clusters when asked. Modules with the same (shape, adapters present, max
     rank) run as one kernel batch."""
+    config = config.for_inputs(len(adapters))
     config.validate(len(adapters))
     if not adapters:
         raise ValueError("no adapters to compress")
@@ -235,7 +145,7 @@ def compress(
         tracker.extra(len(modules))
         bundles, stats = _fit_all(adapters, labels, modules, config, device, tracker)
     refined = None
-    if config.method == "full" and (config.target_error is not None or config.budget is not None):
+    if config.priced:
         refined = _refine(adapters, bundles, labels, stats, config)
     elif config.target_error is not None:
         for c, bundle in enumerate(bundles):
@@ -366,7 +276,7 @@ def _refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int
     rel = {name: ms.rel_errors for name, ms in stats.items()}
     try:
         return refine(adapters, bundles, labels, target=config.target_error, budget=budget, rel_errors=rel,
-                      shared_only=config.shared_only, cap=config.max_adapter_error)
+                      shared_only=config.shared_only, cap=config.max_adapter_error, adapter_error=config.adapter_error)
     except ValueError as e:
         raise _unmeetable(config, adapters, float(str(e))) from None
 

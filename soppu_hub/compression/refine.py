@@ -1,8 +1,8 @@
 """After the fit: each cluster's shared rank per module and each adapter's private directions, chosen by store.
 
 Wiring only: reads the members' factors again module by module, asks private.py for the residual spectra at
-every candidate shared rank, allocate.py for the choice (--target-error: the smallest store meeting it;
---budget: the lowest error within it), and rewrites the bundles' modules with the leading bases, the exact
+every candidate shared rank, allocate.py for the choice (--target-error: the smallest store meeting it per module;
+--adapter-error: per whole adapter; --budget: the lowest error within it), and rewrites the bundles' modules with the leading bases, the exact
 cores and the private factors. Also used on probe modules by assign.auto_k to price every K the same way.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..peft_format.read import LoraAdapter
-from .allocate import Choice, Table, by_budget, by_target, make_table
+from .allocate import Choice, Table, by_adapter_error, by_budget, by_target, make_table
 from .bundle import Bundle, ModuleBasis, compact_core, core_size
-from .stacks import stack_factors
 from .private import Coordinates, coordinates, private_factors, rank_grid, residual_spectra, shared_core
+from .stacks import stack_factors
 
 
 @dataclass
@@ -69,10 +69,11 @@ def apply_choice(mb: ModuleBasis, co: Coordinates, choice: Choice, dtype: torch.
 
 def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], *, target: float | None,
            budget: float | None, rel_errors: dict[str, dict[int, float]], shared_only: bool = False,
-           cap: float | None = None) -> Refined:
+           cap: float | None = None, adapter_error: float | None = None) -> Refined:
     """Rewrite every bundle's modules as chosen (in place); `rel_errors[module][adapter]` gets the new errors.
     `budget`: numbers the bundles may store in all, `cap` the worst whole-adapter error wanted within it (allocate.
-    by_budget). ValueError(smallest store) when the budget is below the cheapest choice."""
+    by_budget); `adapter_error`: the whole-adapter error every adapter meets (allocate.by_adapter_error); else
+    `target`, per module. ValueError(smallest store) when the budget is below the cheapest choice."""
     members = {c: [i for i, lc in enumerate(labels) if lc == c] for c in range(len(bundles))}
 
     def each():
@@ -82,13 +83,16 @@ def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int]
                 yield c, name, mb, glob
 
     out = Refined()
-    if budget is None:
+    if budget is None and adapter_error is None:
         for c, name, mb, glob in each():
             table, co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)
             _store(bundles[c], name, mb, co, table, by_target(table, target), rel_errors, out)
         return out
     tables = [module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[0] for c, name, mb, glob in each()]
-    choices, out.lam = by_budget(tables, budget, len(adapters), cap=cap)
+    if adapter_error is not None:
+        choices = by_adapter_error(tables, adapter_error, len(adapters))
+    else:
+        choices, out.lam = by_budget(tables, budget, len(adapters), cap=cap)
     for (c, name, mb, glob), table, choice in zip(each(), tables, choices):
         co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[1]  # read again: a thousand adapters' coordinates
         _store(bundles[c], name, mb, co, table, choice, rel_errors, out)  # for every module would not fit

@@ -85,6 +85,21 @@ def choice_summary(comp: Compression) -> dict:
     return out
 
 
+def choice_lines(report: dict) -> list[str]:
+    """What the terminal says about the choice: K (and the runner-up), private directions."""
+    ch, out = report.get("choice") or {}, []
+    if ch.get("scan"):
+        runner = ch.get("runner_up")
+        out.append(f"--clusters auto: {ch['clusters']} cluster(s), priced by {ch['priced_by']} over K = "
+                   f"{', '.join(str(r['K']) for r in ch['scan'])}" + (
+                       f"; runner-up K = {runner['K']} (probe modules: {int(runner['stored']):,} parameters, mean error "
+                       f"{runner['mean_error']:.4f})" if runner else ""))
+    if ch.get("private_directions"):
+        out.append(f"private directions: {ch['private_directions']:,} over {ch['adapters_with_private']} of "
+                   f"{len(report['adapters'])} adapters (kept beside the shared bases where those miss them)")
+    return out
+
+
 def poorly_kept(adapters: list[dict], comp: Compression) -> list[dict]:
     """Adapters left above --max-adapter-error, each with the two ways on: a cluster of its own, or a larger rank."""
     limit, k = comp.config.max_adapter_error, len(comp.bundles)
@@ -106,6 +121,7 @@ def format_table(report: dict) -> str:
     clusters = report.get("clusters") or []
     if len(clusters) > 1:
         lines.append(f"{len(clusters)} clusters of sizes {', '.join(str(c['size']) for c in clusters)}")
+    lines += choice_lines(report)
     lines += [f"warning: {p['advice']}" for p in report.get("poorly_kept", [])]
     if "written" in report:
         w = report["written"]

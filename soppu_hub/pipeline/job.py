@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 from ..compression.bundle import save_bundle
 from ..compression.export import ExportConfig, ExportInfo, export_peft
-from ..compression.plan import CompressConfig, Compression, Progress, compress, written_rel_errors
+from ..compression.config import CompressConfig
+from ..compression.plan import Compression, Progress, compress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
 from ..hub.common import TOKEN_HELP, PushError, is_repo_id
@@ -238,6 +239,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             push_progress: Progress | None = None, verify_progress: Progress | None = None) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
+    spec.config = spec.config.for_inputs(len(spec.sources))  # --rank, --clusters defaults made concrete for the card
     spec.config.validate(len(spec.sources))
     spec.export.validate()
     if not spec.push and spec.out is None:

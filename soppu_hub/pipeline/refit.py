@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..collection.format import Member
 from ..collection.remote import open_collection
-from ..compression.plan import CompressConfig
+from ..compression.config import CompressConfig
 from ..errors import SoppuError
 from ..hub.common import is_repo_id
 from .job import JobSpec

@@ -35,7 +35,7 @@ def _child_main(job_file: str) -> None:
     from huggingface_hub import constants
 
     from ...collection.join import JoinSpec
-    from ...compression.plan import CompressConfig
+    from ...compression.config import CompressConfig
     from ...errors import CollectionError
     from ...pipeline.job import JobSpec, compress_folders, run_job
     from ...pipeline.join import run_join

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ...compression.plan import CompressConfig, compress, resolve_device
+from ...compression.config import CompressConfig, resolve_device
+from ...compression.plan import compress
 from ...compression.scoring import reconstruction_sq_errors
 from ...peft_format.read import read_adapter
 from ..samples import synthetic_factors, write_adapter

@@ -46,7 +46,8 @@ def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 
 
 def _per_family_error(folders: list[Path], fams: list[int], rank: int) -> float:
     """Mean relative error when each family is compressed on its own at the same rank."""
-    from ...compression.plan import CompressConfig, compress
+    from ...compression.config import CompressConfig
+    from ...compression.plan import compress
     from ...peft_format.read import read_adapter
 
     errs = []

@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ...compression.plan import CompressConfig
+from ...compression.config import CompressConfig
 from ...pipeline.job import compress_folders
 from ..launch import start_backend
 from ..samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter

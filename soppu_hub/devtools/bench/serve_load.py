@@ -95,7 +95,7 @@ def _shapes(base: Path, adapters: list[Path]) -> dict:
 
 def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log) -> tuple[Path, list[str]]:
     """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
-    from ...compression.plan import CompressConfig
+    from ...compression.config import CompressConfig
     from ...pipeline.job import JobSpec, run_job
     from ..samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
 
@@ -119,7 +119,7 @@ def real_workload(tmp: Path, *, rank: int, log) -> tuple[Path, list[str]]:
     collection. The copies name the converted base folder as their base model, which this server runs."""
     import shutil
 
-    from ...compression.plan import CompressConfig
+    from ...compression.config import CompressConfig
     from ...peft_format.layout import CONFIG_NAME
     from ...pipeline.job import JobSpec, run_job
     from ..collection.build import COLLECTION as REAL
