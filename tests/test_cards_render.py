@@ -67,3 +67,19 @@ def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
     width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
     assert width <= MAX_WIDTH * 110 and width / height < 3.5, (width, height)
     assert sorted(figures.kinds) == sorted(k.split(".")[-1] for k in kinds) and len(figures.layers) == 30
+
+
+def test_a_priced_run_names_what_was_chosen_and_the_runner_up():
+    """--budget / --clusters auto: the card says how the store was chosen, the K tried, the runner-up, and this
+    adapter's private directions; a plain JD run has no such rows."""
+    choice = {"clusters": 2, "shared_only": False, "private_directions": 7, "adapters_with_private": 1,
+              "priced_by": "error within --budget", "runner_up": {"K": 3, "stored": 1234.0, "mean_error": 0.2},
+              "scan": [{"K": k, "stored": 1000.0 * k, "mean_error": 0.1} for k in (1, 2, 3, 4)]}
+    report = _report(budget="6x", choice=choice)
+    report["adapters"][0] = {**report["adapters"][0], "private_directions": 7}
+    text = render_card(report, JOB, ranks_png=None, sweep_png=None)
+    assert "| chosen by | `--budget 6x`: the lowest error within that store" in text
+    assert "2 cluster(s) out of the 4 K tried (1 to 4), the runner-up K = 3 at mean probe error 0.2000" in text
+    assert "| private directions of this adapter | 7 (its own, beside the shared bases" in text
+    plain = render_card(_report(), JOB, ranks_png=None, sweep_png=None)
+    assert "chosen by" not in plain and "private directions of this adapter" not in plain

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["tiny", "real"], default="tiny", help="serve (curve): the tiny Llama with synthetic "
                    "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)")
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
-    p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto)")
+    p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto; \"default\": compress with no --rank or --clusters, its own default)")
     p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
     p.add_argument("--new-tokens", type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)")
     p.add_argument("--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table")

@@ -68,8 +68,9 @@ def run_scale_bench(n_adapters: int = 100, rank: int = 24, clusters: str = "auto
         sources = tmp / "sources.txt"
         sources.write_text("".join(f"{p}\n" for p in folders))
         out = tmp / "out"
-        cmd = [sys.executable, "-m", "soppu_hub", "compress", "--sources-file", str(sources), "--rank", str(rank),
-               "--clusters", clusters, "--device", device, "--no-push", "--out", str(out), "--quiet"]
+        chosen = [] if clusters == "default" else ["--rank", str(rank), "--clusters", clusters]  # default: no flags
+        cmd = [sys.executable, "-m", "soppu_hub", "compress", "--sources-file", str(sources), *chosen,
+               "--device", device, "--no-push", "--out", str(out), "--quiet"]
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -82,7 +83,7 @@ def run_scale_bench(n_adapters: int = 100, rank: int = 24, clusters: str = "auto
         fam_err = _per_family_error(folders, fams, rank) if per_family else None
     rows = [
         ("adapters (families)", f"{n_adapters} ({len(set(fams))})"),
-        ("command", f"compress --rank {rank} --clusters {clusters} --no-push (workload written in {made:.1f} s)"),
+        ("command", f"compress {' '.join(chosen) or '(the defaults)'} --no-push (workload written in {made:.1f} s)"),
         ("wall time, whole CLI", f"{wall:.1f} s (kernel {report['seconds']:.1f} s on {report['device']})"),
         ("peak RSS", f"{rss_gb:.2f} GB"),
         ("clusters found (sizes)", f"{len(report['clusters'])} ({', '.join(str(c['size']) for c in report['clusters'])})"),
