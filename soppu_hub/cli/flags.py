@@ -26,7 +26,7 @@ def field_help(cls, name: str) -> str:
     """A config field's help, as its dataclass states it (one text for the library and the CLI)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     default = f.default if f.default is not dataclasses.MISSING else None
-    return f"{f.metadata['help']} (default: {default})" if default not in (None, False, True) else f.metadata["help"]
+    return f"{f.metadata['help']} (default: {default})" if default not in (None, False, True, "default") else f.metadata["help"]
 
 
 def add_fields(p: argparse.ArgumentParser, cls, names: list[str] | None = None) -> None:

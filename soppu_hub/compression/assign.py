@@ -45,8 +45,9 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
     """--clusters auto: K clusters by k-means on the signatures for every K of k_candidates, each cluster fitted by
     JD on two probe modules and priced there. With --adapter-error, --target-error or --budget (full cores:
     config.priced) each K is priced as the compression will be (refine: shared rank per module, private
-    directions): the smallest store meeting the target, or the lowest error within the probes' share of the budget. Otherwise by mean error and stored
-    parameters at --rank (cluster.choose_k). Returns {"clusters": K, "scan": [{K, stored, mean_error}], "runner_up"}.
+    directions): the smallest store meeting the target, or the lowest error within the probes' share of the
+    budget. Otherwise by mean error and stored parameters at --rank (cluster.choose_k). Returns {"clusters": K,
+    "scan": [{K, stored, mean_error}], "runner_up", "priced_by"}.
 
     Past AUTO_K_SAMPLE adapters the scan runs on a fixed-seed uniform sample of that many, the members' parameters
     scaled up to all n: the choice of K depends on the collection's structure, not its size, and the one-cluster fit
@@ -107,8 +108,10 @@ def k_candidates(n: int, priced: bool) -> list[int]:
     return sorted(set(ks))
 
 
-def _fits(stacks: dict, labels: torch.Tensor, k: int, config) -> list[tuple]:
-    """JD of each cluster on each probe module: (name, cluster, member indices, result, B, A, ranks)."""
+def _fits(stacks: dict, labels: torch.Tensor, k: int, config, *, priced: bool = False) -> list[tuple]:
+    """JD of each cluster on each probe module: (name, cluster, member indices, (U, V) or the JDResult, B, A, ranks).
+    `priced`: bases only, and none for a cluster of one (its own directions are cheaper kept private: j shared
+    directions store j (m + d) + its core, j private ones j (m + d)), so singletons cost no JD at all."""
     out = []
     for name, (B, A, ranks) in stacks.items():
         for c in range(k):
@@ -116,9 +119,13 @@ def _fits(stacks: dict, labels: torch.Tensor, k: int, config) -> list[tuple]:
             if idx.numel() == 0:
                 continue
             on = idx.to(B.device)
-            res = joint_diagonalize(B[:, on], A[:, on], config.rank, method=config.method, weights=config.weighting,
-                                    tol=1e-4, max_iter=30)
-            out.append((name, c, idx.tolist(), res, B[0, on], A[0, on], ranks[idx]))
+            if priced and idx.numel() == 1 and not config.shared_only:
+                fit = (B.new_zeros(B.shape[-2], 0), A.new_zeros(A.shape[-1], 0))
+            else:
+                res = joint_diagonalize(B[:, on], A[:, on], config.rank, method=config.method,
+                                        weights=config.weighting, tol=1e-4, max_iter=30)
+                fit = (res.U[0], res.V[0]) if priced else res
+            out.append((name, c, idx.tolist(), fit, B[0, on], A[0, on], ranks[idx]))
     return out
 
 
@@ -144,8 +151,8 @@ def _price(stacks: dict, labels: torch.Tensor, k: int, config, scale: float, sha
     from .allocate import by_adapter_error, by_budget, by_target
     from .refine import table_of
 
-    tables = [table_of(B, A, ranks, res.U[0], res.V[0], c, name, idx, config.shared_only)[0]
-              for name, c, idx, res, B, A, ranks in _fits(stacks, labels, k, config)]
+    tables = [table_of(B, A, ranks, U, V, c, name, idx, config.shared_only)[0]
+              for name, c, idx, (U, V), B, A, ranks in _fits(stacks, labels, k, config, priced=True)]
     if config.adapter_error is not None:
         choices = by_adapter_error(tables, config.adapter_error, int(labels.numel()))
     elif share is None:

@@ -35,8 +35,9 @@ class CompressConfig:
                 "--budget), else by probe error x stored parameters; default: several adapters auto (at --adapter-error "
                 f"{DEFAULT_ADAPTER_ERROR} unless another target or a budget is given), but 1 when --rank is given"})
     target_error: float | None = field(default=None, metadata={
-        "type": float, "help": "per cluster and module, the smallest shared rank (<= --rank) at which every adapter's "
-                               "relative error is <= this; in (0, 1)"})
+        "type": float, "help": "the smallest store (shared rank per cluster and module, private directions per "
+                               "adapter) at which every module of every adapter has a relative error <= this "
+                               "(--method diag: the shared rank only); in (0, 1)"})
     adapter_error: float | None = field(default=None, metadata={
         "type": float, "help": "about the smallest store at which every adapter's whole relative error is <= this, "
                                "and the lowest mean error at that store; in (0, 1)"})
