@@ -203,6 +203,9 @@ def test_bad_budgets_are_one_line(mixed, tmp_path, capsys):
         (["--budget", "100"], "is below the smallest store possible here"),
         (["--budget", "6x", "--target-error", "0.2"], "--budget and --target-error contradict each other"),
         (["--budget", "6x", "--method", "diag"], "--budget needs --method full"),
+        (["--budget", "6x", "--adapter-error", "0.2"], "--budget and --adapter-error contradict each other"),
+        (["--budget", "3000", "--clusters", "12", "--shared-only"], "each of the 12 cluster(s) at shared rank 1"),
+        (["--adapter-error", "1.5"], "--adapter-error must be between 0 and 1"),
     ]
     for args, expected in cases:
         out = tmp_path / "x"

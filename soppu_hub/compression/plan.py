@@ -287,8 +287,10 @@ def _unmeetable(config: CompressConfig, adapters: list[LoraAdapter], smallest: f
     size = _bytes_per_number(adapters)
     before = sum(a.num_params for a in adapters)
     return ConfigError(f"--budget {config.budget} is below the smallest store possible here: {int(total):,} parameters "
-                       f"({total * size / 1e6:.2f} MB, {before / total:.2f}x), every adapter kept at one direction per "
-                       "module; raise --budget")
+                       f"({total * size / 1e6:.2f} MB, {before / total:.2f}x), " + (
+                           f"each of the {config.clusters} cluster(s) at shared rank 1 (--shared-only); raise --budget or "
+                           "use fewer clusters" if config.shared_only else
+                           "every adapter kept at one direction per module; raise --budget"))
 
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
