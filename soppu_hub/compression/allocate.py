@@ -93,13 +93,46 @@ def by_target(table: Table, target: float) -> Choice:
     return _choice(table, j, p[j])
 
 
-def by_lagrange(table: Table, lam: float, weights: Tensor) -> Choice:
-    """The option minimising sum_i w_i err_i + lam * stored. weights (n,): 1 / ||W_i||^2 of each whole adapter."""
-    steps = torch.arange(table.errors.shape[-1], dtype=torch.float64) * table.width
-    per, p = (weights[None, :, None] * table.errors + lam * steps).min(-1)  # (J, n): each member's best p
-    total = per.sum(-1) + lam * _fixed(table)
-    j = int(total.argmin())
-    return _choice(table, j, p[j])
+class Batch:
+    """Tables stacked by cluster and shape (same members, ranks and width), so choosing at a price costs a few
+    tensor ops per group instead of per table: the budget and error searches run hundreds of prices."""
+
+    def __init__(self, tables: list[Table], n: int) -> None:
+        self.tables, self.n = tables, n
+        groups: dict[tuple, list[int]] = {}
+        for q, t in enumerate(tables):
+            groups.setdefault((tuple(t.members), tuple(t.ranks), t.width, t.errors.shape[-1]), []).append(q)
+        self.groups = []
+        for (members, _, width, p1), idx in groups.items():
+            errors = torch.stack([tables[q].errors for q in idx])  # (T, J, n, P + 1)
+            fixed = torch.stack([_fixed(tables[q]) for q in idx])  # (T, J)
+            steps = torch.arange(p1, dtype=torch.float64) * width
+            self.groups.append((idx, torch.tensor(members), errors, fixed, steps, width))
+        self.norms = adapter_norms(tables, n)
+
+    def run(self, lam: float, weights: Tensor) -> tuple[float, Tensor, list]:
+        """At price lam per number stored and weights (n,) per unit of squared error: the total store, each
+        adapter's whole relative error, and the picks (for choices)."""
+        stored, sq, picks = 0.0, torch.zeros(self.n, dtype=torch.float64), []
+        for idx, members, errors, fixed, steps, width in self.groups:
+            w = weights[members]
+            per, p = (w[None, None, :, None] * errors + lam * steps).min(-1)  # (T, J, n): each member's best p
+            j = (per.sum(-1) + lam * fixed).argmin(-1)  # (T,)
+            rows = torch.arange(len(idx))
+            pj = p[rows, j]  # (T, n)
+            err = errors[rows, j].gather(-1, pj.unsqueeze(-1)).squeeze(-1)  # (T, n)
+            stored += float((fixed[rows, j] + pj.sum(-1) * width).sum())
+            sq.index_add_(0, members, err.sum(0))
+            picks.append((idx, j, pj))
+        rel = torch.where(self.norms > 0, sq / self.norms.clamp_min(1e-300), torch.zeros_like(sq)).sqrt()
+        return stored, rel, picks
+
+    def choices(self, picks: list) -> list[Choice]:
+        out: list[Choice | None] = [None] * len(self.tables)
+        for idx, j, pj in picks:
+            for t, q in enumerate(idx):
+                out[q] = _choice(self.tables[q], int(j[t]), pj[t])
+        return out
 
 
 def adapter_norms(tables: list[Table], n: int) -> Tensor:
@@ -129,21 +162,22 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
     smallest = sum(min(_cheapest(t)) for t in tables)
     if smallest > budget:
         raise ValueError(f"{smallest}")
-    norms = adapter_norms(tables, n)
-    base = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    batch = Batch(tables, n)
+    base = torch.where(batch.norms > 0, 1.0 / batch.norms.clamp_min(1e-300), torch.zeros_like(batch.norms))
     boost = torch.ones(n, dtype=torch.float64)
     best: tuple | None = None
     for _ in range(rounds if cap is not None else 1):
-        choices, lam = _fit_budget(tables, budget, base * boost)
-        err = adapter_errors(tables, choices, norms)
+        picks, err, lam = _fit_budget(batch, budget, base * boost)
         worst, mean = float(err.max()), float(err.mean())
         key = (0, mean) if cap is None or worst <= cap else (1, worst)
         if best is None or key < best[0]:
-            best = (key, choices, lam)
+            best = (key, picks, lam)
         if cap is None or worst <= cap:
             break
         boost = torch.maximum(boost, boost * (err / cap).pow(2))
-    return best[1], best[2]
+    if best[1] is None:  # the cheapest by cost is not the cheapest by store (ties): the store minimum
+        return [_choice(t, *_cheapest_option(t)) for t in tables], best[2]
+    return batch.choices(best[1]), best[2]
 
 
 def by_adapter_error(tables: list[Table], target: float, n: int, *, rounds: int = 24) -> list[Choice]:
@@ -152,55 +186,51 @@ def by_adapter_error(tables: list[Table], target: float, n: int, *, rounds: int 
     until the worst adapter meets the target; then each adapter's own price follows its error (down where it has
     room, up where it has not) while the total shrinks; last, the store found is handed to by_budget with the target
     as the cap, and the lower mean error of the two is kept."""
-    norms = adapter_norms(tables, n)
-    base = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    batch = Batch(tables, n)
+    base = torch.where(batch.norms > 0, 1.0 / batch.norms.clamp_min(1e-300), torch.zeros_like(batch.norms))
 
-    def run(mu: Tensor) -> tuple[list[Choice], Tensor, int]:
-        ch = [by_lagrange(t, 1.0, (mu * base)[t.members]) for t in tables]
-        return ch, adapter_errors(tables, ch, norms), sum(c.stored for c in ch)
+    def run(mu: Tensor) -> tuple[float, Tensor, list]:
+        return batch.run(1.0, mu * base)
 
     lo, hi = -8.0, 14.0  # log10 of the price of a unit of relative squared error, in numbers stored
-    for _ in range(44):
+    for _ in range(36):
         mid = (lo + hi) / 2
         if float(run(torch.full((n,), 10**mid, dtype=torch.float64))[1].max()) <= target:
             hi = mid
         else:
             lo = mid
     mu = torch.full((n,), 10**hi, dtype=torch.float64)
-    best, err, stored = run(mu)
+    stored, err, best = run(mu)
     for _ in range(rounds):
         mu = mu * (err / target).pow(2).clamp(0.5, 2.0)
-        ch, err, total = run(mu)
+        total, err, picks = run(mu)
         if float(err.max()) <= target and total < stored:
-            best, stored = ch, total
-    mean = float(adapter_errors(tables, best, norms).mean())
+            best, stored = picks, total
+    chosen = batch.choices(best)
+    mean = float(adapter_errors(tables, chosen, batch.norms).mean())
     budgeted, _ = by_budget(tables, stored, n, cap=target)
-    err = adapter_errors(tables, budgeted, norms)
-    return budgeted if float(err.max()) <= target and float(err.mean()) < mean else best
+    err = adapter_errors(tables, budgeted, batch.norms)
+    return budgeted if float(err.max()) <= target and float(err.mean()) < mean else chosen
 
 
-def _fit_budget(tables: list[Table], budget: float, weights: Tensor, iters: int = 40) -> tuple[list[Choice], float]:
-    """Bisect lam (log scale) for the largest store <= budget with these weights."""
-
-    def run(lam: float) -> tuple[list[Choice], int]:
-        ch = [by_lagrange(t, lam, weights[t.members]) for t in tables]
-        return ch, sum(c.stored for c in ch)
-
+def _fit_budget(batch: Batch, budget: float, weights: Tensor, iters: int = 32) -> tuple[list | None, Tensor, float]:
+    """Bisect lam (log scale) for the largest store <= budget with these weights: (picks, errors, lam); picks None
+    when even the highest price stores more (ties between options of equal cost)."""
     lo, hi = -30.0, 5.0  # log10 lam: at 1e5 per number stored every table takes its cheapest option
-    best, total = run(10**hi)
-    if total > budget:  # the cheapest by cost is not the cheapest by store (ties); take the store minimum
-        return [_choice(t, *_cheapest_option(t)) for t in tables], 10**hi
-    low, low_total = run(10**lo)
+    total, err, best = batch.run(10**hi, weights)
+    if total > budget:
+        return None, err, 10**hi
+    low_total, low_err, low = batch.run(10**lo, weights)
     if low_total <= budget:
-        return low, 10**lo
+        return low, low_err, 10**lo
     for _ in range(iters):
         mid = (lo + hi) / 2
-        ch, total = run(10**mid)
+        total, e, picks = batch.run(10**mid, weights)
         if total <= budget:
-            hi, best = mid, ch
+            hi, best, err = mid, picks, e
         else:
             lo = mid
-    return best, 10**hi
+    return best, err, 10**hi
 
 
 def _cheapest(table: Table) -> list[float]:

@@ -93,19 +93,18 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
             "store at --target-error" if priced else "mean error x stored parameters at --rank"}
 
 
+PRICED_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192)  # about x1.3 apart, then doubling
+
+
 def k_candidates(n: int, priced: bool) -> list[int]:
-    """K to try: 1 .. min(MAX_AUTO_K, n // 2), then (priced) doubling steps up to n, singletons included. Priced
-    choices store nothing for a direction no cluster shares, so a split is only chosen when it pays."""
+    """K to try: 1 .. min(MAX_AUTO_K, n // 2); priced, PRICED_K up to n // 2 and n itself (singletons, which cost
+    no fit). A priced choice stores nothing for a direction no cluster shares, so a split is only chosen when it
+    pays, and a K between grid points prices within a few percent of its neighbours."""
     from .cluster import MAX_AUTO_K
 
-    ks = list(range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1))
     if priced:
-        k = ks[-1]
-        while k * 2 < n:
-            k *= 2
-            ks.append(k)
-        ks.append(n)
-    return sorted(set(ks))
+        return sorted({k for k in PRICED_K if k <= max(1, n // 2)} | {n})
+    return list(range(1, max(1, min(MAX_AUTO_K, n // 2)) + 1))
 
 
 def _fits(stacks: dict, labels: torch.Tensor, k: int, config, *, priced: bool = False) -> list[tuple]:

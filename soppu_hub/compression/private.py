@@ -7,10 +7,11 @@ private), p_i = 0 is plain JD; `allocate.py` chooses j per cluster and module an
 store.
 
 Why it looks the way it does:
-- R_i is never formed. In the orthonormal basis [U, Q_i] of span(U, B_i) (Q_i from an SVD of B_i's part outside
-  U) and [V, P_i] of span(V, A_i^T), W_i has (r + k) x (r + k) coordinates G_i = [C; Rb] [Z^T; Ra]^T with C = U^T B_i,
-  Z = A_i V; cutting to j shared directions only zeroes the top-left j x j block of G_i. So one factorisation per adapter
-  serves every candidate j, and each candidate costs one small batched SVD.
+- R_i is never formed. In the orthonormal basis [U, Q_i] of span(U, B_i) (Q_i from B_i's part outside U,
+  orthonormalised through its k x k Gram) and [V, P_i] of span(V, A_i^T), W_i has (r + k) x (r + k) coordinates
+  G_i = [C; Rb] [Z^T; Ra]^T with C = U^T B_i, Z = A_i V; cutting to j shared directions only zeroes the top-left
+  j x j block of G_i. So one factorisation per adapter serves every candidate j, and each candidate costs one small
+  batched SVD.
 - Private factors are split evenly (X = u sqrt(s), Y = sqrt(s) v^T), so neither side is badly scaled in bf16.
 """
 
@@ -39,8 +40,8 @@ class Coordinates:
 
     U: Tensor  # (L, m, r)
     V: Tensor  # (L, d, r)
-    Ql: Tensor  # (L, n, m, k) orthonormal part of B_i outside U
-    Qr: Tensor  # (L, n, d, k) orthonormal part of A_i^T outside V
+    Ql: Tensor | None  # (L, n, m, k) orthonormal part of B_i outside U (None once dropped: cores need only Lc, Rc)
+    Qr: Tensor | None  # (L, n, d, k) orthonormal part of A_i^T outside V
     Lc: Tensor  # (L, n, r + k, k)
     Rc: Tensor  # (L, n, r + k, k)
     sq_norms: Tensor  # (L, n) float64 ||W_i||^2
@@ -59,11 +60,26 @@ def coordinates(B: Tensor, A: Tensor, U: Tensor, V: Tensor) -> Coordinates:
     return Coordinates(U, V, Ql, Qr, Lc, Rc, sq)
 
 
+ORTH_CUT = 1e-6  # directions of X weaker than this (relative to its strongest) are dropped by _orth
+
+
 def _orth(X: Tensor) -> tuple[Tensor, Tensor]:
-    """X = Q R with orthonormal Q by SVD, not QR: a direction X does not use gets an all-zero row of R. (QR of a
-    rank-deficient X may give it a column outside span(X), here possibly along U, with a non-zero coefficient.)"""
-    Q, s, Vh = torch.linalg.svd(X, full_matrices=False)
-    return Q, s.unsqueeze(-1) * Vh
+    """X = Q R with Q's columns orthonormal or zero, through the k x k Gram (eigh) twice: a batched SVD of tall
+    m x k matrices cost most of a refine. A direction X does not use gets a zero column of Q and a zero row of R
+    (QR of a rank-deficient X may give it a column outside span(X), here possibly along U, with a non-zero
+    coefficient). The second pass restores orthogonality to working precision (as CholeskyQR2 does)."""
+    Q, R = _orth_once(X)
+    Q2, R2 = _orth_once(Q)
+    return Q2, R2 @ R
+
+
+def _orth_once(X: Tensor) -> tuple[Tensor, Tensor]:
+    vals, vecs = torch.linalg.eigh(X.mT @ X)
+    s = vals.clamp_min(0).sqrt()
+    keep = s > ORTH_CUT * s.amax(-1, keepdim=True)
+    inv = torch.where(keep, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+    Q = X @ (vecs * inv.unsqueeze(-2))
+    return Q, (s * keep).unsqueeze(-1) * vecs.mT
 
 
 def _residual_core(co: Coordinates, j: int) -> Tensor:

@@ -8,6 +8,7 @@ cores and the private factors. Also used on probe modules by assign.auto_k to pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -88,14 +89,19 @@ def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int]
             table, co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)
             _store(bundles[c], name, mb, co, table, by_target(table, target), rel_errors, out)
         return out
-    tables = [module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[0] for c, name, mb, glob in each()]
-    if adapter_error is not None:
+    tables, small = [], []
+    for c, name, mb, glob in each():
+        table, co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)
+        tables.append(table)
+        small.append(dataclasses.replace(co, Ql=None, Qr=None))  # a thousand adapters' Q_i for every module would
+    if adapter_error is not None:  # not fit in memory; the cores need only the small coordinates
         choices = by_adapter_error(tables, adapter_error, len(adapters))
     else:
         choices, out.lam = by_budget(tables, budget, len(adapters), cap=cap)
-    for (c, name, mb, glob), table, choice in zip(each(), tables, choices):
-        co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[1]  # read again: a thousand adapters' coordinates
-        _store(bundles[c], name, mb, co, table, choice, rel_errors, out)  # for every module would not fit
+    for (c, name, mb, glob), table, choice, co in zip(each(), tables, choices, small):
+        if any(choice.private):  # private factors need the whole coordinates: read this module again
+            co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[1]
+        _store(bundles[c], name, mb, co, table, choice, rel_errors, out)
     return out
 
 
