@@ -91,8 +91,8 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
                  svd_ranks=SVD_RANKS, budget_svd=BUDGET_SVD, log: Callable[[str], None] = lambda m: None) -> list[dict]:
     """Every setting's row; the originals are scored once, every compressed export on its adapter's examples; a
     --budget row at the store of each SVD rank in `budget_svd`."""
-    from ...compression.export import ExportConfig
     from ...compression.config import CompressConfig
+    from ...compression.export import ExportConfig
     from ...compression.plan import compress
     from ...compression.task_eval import Scorer, retention
     from ...peft_format.read import read_adapter

@@ -20,8 +20,8 @@ AGREEMENT_BAR = 0.85  # the demo's promise: mean next-token agreement at least t
 
 def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dict]:
     """Compress the collection at each rank (a fit per rank), write the exports, verify them against the originals."""
-    from ...compression.export import ExportConfig
     from ...compression.config import CompressConfig
+    from ...compression.export import ExportConfig
     from ...compression.plan import compress
     from ...compression.verify import verify_adapters
     from ...peft_format.read import read_adapter
