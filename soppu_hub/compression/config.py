@@ -61,6 +61,12 @@ class CompressConfig:
         if n_adapters is not None and self.clusters not in ("auto", "default") and int(self.clusters) > n_adapters:
             raise ConfigError(f"--clusters {self.clusters} is more than the {n_adapters} adapters given; "
                              f"use at most {n_adapters} or auto")
+        if not self.max_adapter_error > 0:
+            raise ConfigError(f"--max-adapter-error must be positive (a relative error), got {self.max_adapter_error}")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.target_error is not None and not 0 < self.target_error < 1:
             raise ConfigError(f"--target-error must be between 0 and 1 (a relative error), got {self.target_error}")
         if self.adapter_error is not None and not 0 < self.adapter_error < 1:
@@ -94,12 +100,6 @@ class CompressConfig:
         none = self.target_error is None and self.budget is None and self.adapter_error is None
         return dataclasses.replace(self, clusters="auto", rank=rank,
                                    adapter_error=DEFAULT_ADAPTER_ERROR if none else self.adapter_error)
-        if not self.max_adapter_error > 0:
-            raise ConfigError(f"--max-adapter-error must be positive (a relative error), got {self.max_adapter_error}")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
 
 _SCALE = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
