@@ -26,7 +26,7 @@ from typing import Callable
 from .scale import LAYERS, LORA_RANK, write_workload
 
 SOPPU_RANKS = (16, 32, 64)
-SVD_RANKS = (2, 4, 8)
+SVD_RANKS = (1, 2, 4, 8)
 SHARE_KS = (16, 32, 64, 128)
 ADAPTER_ERRORS = (0.1, 0.3)
 DEFAULT_SLACK = 1.05  # issue 33: the default within 5% of the best error soppu-hub reaches at the default's store
