@@ -2,7 +2,7 @@
 
 Pure torch, no I/O. For every cluster and module position a `Table` lists the options: the shared rank j (the
 leading j directions of the cluster's bases, j = 0 included) and, per member, p private directions, with the
-squared error each leaves (private.py) and the numbers each stores. Two ways to choose:
+squared error each leaves (private.py) and the numbers each stores. Three ways to choose:
 
 - `by_target(t)`: per table, the smallest store at which every member's relative error is <= t. j = 0 with every
   direction private is exact, so a choice always exists: the result is never larger than per-adapter SVD at the
@@ -50,6 +50,8 @@ class Table:
 
 @dataclass
 class Choice:
+    """One table's pick: its shared rank, each member's private directions and squared error, the store."""
+
     rank: int  # shared rank j
     private: list[int]  # p_i per member
     sq_errors: list[float]  # per member
