@@ -159,7 +159,8 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
 
     `cap`: no adapter's whole relative error above it where the budget allows (a worst-adapter floor): adapters
     above it get more weight (their error over the cap, squared) and the allocation runs again, up to `rounds`
-    times; the first round within the cap wins, else the round with the lowest worst error.
+    times; once within the cap, the weakest power of that boost still within it is bisected for (its mean error
+    is the lowest); the lowest mean within the cap wins, else the round with the lowest worst error.
     Raises ValueError (with the smallest store possible) when even the cheapest choice everywhere is larger."""
     smallest = sum(min(_cheapest(t)) for t in tables)
     if smallest > budget:
@@ -168,15 +169,26 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
     base = torch.where(batch.norms > 0, 1.0 / batch.norms.clamp_min(1e-300), torch.zeros_like(batch.norms))
     boost = torch.ones(n, dtype=torch.float64)
     best: tuple | None = None
-    for _ in range(rounds if cap is not None else 1):
-        picks, err, lam = _fit_budget(batch, budget, base * boost)
-        worst, mean = float(err.max()), float(err.mean())
-        key = (0, mean) if cap is None or worst <= cap else (1, worst)
+
+    def attempt(weights: Tensor) -> tuple[bool, Tensor]:
+        nonlocal best
+        picks, err, lam = _fit_budget(batch, budget, weights)
+        ok = cap is None or float(err.max()) <= cap
+        key = (0, float(err.mean())) if ok else (1, float(err.max()))
         if best is None or key < best[0]:
             best = (key, picks, lam)
-        if cap is None or worst <= cap:
+        return ok, err
+
+    for r in range(rounds if cap is not None else 1):
+        ok, err = attempt(base * boost)
+        if ok:
             break
         boost = torch.maximum(boost, boost * (err / cap).pow(2))
+    if cap is not None and ok and r > 0:  # the weakest boost^t still within the cap costs the mean least
+        lo, hi = 0.0, 1.0
+        for _ in range(6):
+            t = (lo + hi) / 2
+            lo, hi = (lo, t) if attempt(base * boost.pow(t))[0] else (t, hi)
     if best[1] is None:  # the cheapest by cost is not the cheapest by store (ties): the store minimum
         return [_choice(t, *_cheapest_option(t)) for t in tables], best[2]
     return batch.choices(best[1]), best[2]
