@@ -1,4 +1,4 @@
-"""The layout the README draws: subpackages that stand alone, imports in one direction, files one can read."""
+"""The layout docs/architecture.md draws: subpackages that stand alone, imports in one direction, files one can read."""
 
 import ast
 import subprocess

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from .jd import METHODS, WEIGHTINGS
 
 # The CLI's default for several adapters: clusters auto and this whole-adapter relative error (issue 33: on the real
-# collection it stores less than per-adapter SVD at rank 2 with a lower mean and worst error; README, bench peers)
+# collection it stores less than per-adapter SVD at rank 2 with a lower mean and worst error; docs/never-behind.md)
 DEFAULT_ADAPTER_ERROR = 0.35
 DEFAULT_RANK = 16  # the shared rank at most, when --rank is not given
 

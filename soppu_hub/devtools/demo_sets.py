@@ -15,13 +15,13 @@ from typing import Callable
 
 from ..errors import SoppuError
 
-# The real demo's setting: what `soppu-hub bench quality` chose on the 24 adapters (README, "Evidence on a real
-# model"): JD with a target error of 0.4 under shared rank 48 keeps 99.1% of the originals' held-out chrF (worst
-# adapter 89.0%) at 4.27x fewer stored parameters, the most compressed JD setting that meets the goal (per-adapter
-# SVD at rank 2 meets it too, at 4.63x, without a shared basis to serve).
+# The real demo's setting, chosen before issue 33 by `soppu-hub bench quality` on the 24 adapters: JD with a target
+# error of 0.4 under shared rank 48 kept 99.1% of the originals' held-out chrF (worst adapter 89.0%) at 4.27x. Since
+# issue 33 the same flags also keep private directions and store less (5.42x); the default (docs/real-model.md:
+# 5.94x at 99.6% / 85.9%) is not yet what the demo runs.
 REAL_RANK, REAL_TARGET_ERROR = 48, 0.4
 REAL_VERIFY_RANKS = (8, 16)
-TINY_RANK = 32  # chosen from `soppu-hub bench samples` (README, "The demo"): agreement against rank
+TINY_RANK = 32  # chosen from `soppu-hub bench samples` (docs/demo.md): agreement against rank
 TINY_VERIFY_RANKS = (8, 16, 24)
 
 

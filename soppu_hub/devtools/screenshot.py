@@ -1,4 +1,4 @@
-"""The README's screenshot: a person on the demo's Space, in headless Chromium, one adapter beside its original.
+"""docs/space.png, the demo page's screenshot: a person on the demo's Space, in headless Chromium, one adapter beside its original.
 
 `make screenshot` (`python -m soppu_hub.devtools.screenshot [PNG]`) runs the real demo and keeps docs/space.png;
 the demo test drives the tiny demo through the same `look_at_the_space`.
