@@ -112,6 +112,27 @@ def test_a_worst_adapter_cap_is_kept_where_the_budget_allows():
     assert float(after.pow(2).mean()) >= float(before.pow(2).mean())  # the plain one's objective is the lowest there is
 
 
+def test_by_budget_is_never_behind_uniform_svd_even_where_its_multiplier_is():
+    """Three adapters of rank 2 beside two flat ones: per-adapter SVD at rank 2 keeps the three exact; the multiplier
+    alone (sum of squares) spreads the directions and loses on the mean, the reweighting and the baseline as a
+    candidate do not."""
+    tables = []
+    for l in range(8):
+        B, A, U, V = _random(seed=200 + l)
+        B[:3] = B[:3] * torch.tensor([1.0, 0.5, 0.0, 0.0])
+        tables.append(table_of(B, A, torch.full((5,), 4), U[:, :0], V[:, :0], 0, f"m{l}", list(range(5)))[0])
+    norms = adapter_norms(tables, 5)
+    svd = (sum(t.errors[0, :, 2] for t in tables) / norms).sqrt()  # j = 0, p = 2 everywhere
+    store = sum(t.stored(0, torch.full((5,), 2)) for t in tables)
+    for cap in (None, float(svd.max())):
+        ch, _ = by_budget(tables, store, 5, cap=cap)
+        err = adapter_errors(tables, ch, norms)
+        assert sum(c.stored for c in ch) <= store
+        assert float(err.mean()) <= float(svd.mean()) + 1e-12
+        assert cap is None or float(err.max()) <= cap + 1e-12
+    assert float(svd[:3].max()) == 0.0
+
+
 def test_budget_text():
     assert parse_budget("6x") == ("ratio", 6.0)
     assert parse_budget("3.5M") == ("params", 3.5e6) and parse_budget("1200000") == ("params", 1.2e6)

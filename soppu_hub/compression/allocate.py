@@ -9,11 +9,12 @@ squared error each leaves (private.py) and the numbers each stores. Three ways t
   same error, and never larger than plain JD either (p = 0 is an option).
 - `by_adapter_error(tables, t)`: about the smallest store at which every adapter's whole relative error is <= t,
   and at that store the lowest mean error (the default's choice).
-- `by_budget(tables, budget)`: the lowest mean squared relative error over whole adapters
-  within a store, by a Lagrange multiplier: each table minimises error + lam * stored on its own, and lam is
-  bisected until the total fits. Every table's choice is optimal for its lam, so the error-store trade is the
-  same everywhere (the classic rate allocation). With a worst-adapter cap, adapters above it are weighted up and
-  the allocation runs again until none is (or the budget cannot do it).
+- `by_budget(tables, budget)`: the lowest mean relative error over whole adapters within a store, by a Lagrange
+  multiplier: each table minimises weighted squared error + lam * stored on its own, and lam is bisected until the
+  total fits. Every table's choice is optimal for its lam, so the error-store trade is the same everywhere (the
+  classic rate allocation); reweighting each adapter by its last error turns the sum of squares into the mean.
+  With a worst-adapter cap, adapters above it are weighted up and the allocation runs again until none is (or the
+  budget cannot do it).
 
 Every member keeps at least one direction (j >= 1 or p_i >= 1) where its delta is not zero: a budget is never
 met by dropping a module.
@@ -111,6 +112,26 @@ class Batch:
             steps = torch.arange(p1, dtype=torch.float64) * width
             self.groups.append((idx, torch.tensor(members), errors, fixed, steps, width))
         self.norms = adapter_norms(tables, n)
+        self.no_shared = all(t.ranks[0] == 0 for t in tables)
+
+    def uniform(self, budget: float) -> tuple[list, Tensor] | None:
+        """Per-adapter truncated SVD as the user would run it: nothing shared (j = 0) and the same p private
+        directions everywhere (a member's own rank where that is less), the largest p whose store fits; (picks,
+        errors), None where nothing shared is not an option (--shared-only) or even p = 1 does not fit."""
+        if not self.no_shared:
+            return None
+        for p in range(max(g[2].shape[-1] for g in self.groups) - 1, 0, -1):
+            stored, sq, picks = 0.0, torch.zeros(self.n, dtype=torch.float64), []
+            for idx, members, errors, fixed, steps, width in self.groups:
+                allowed = torch.isfinite(errors[:, 0]) & (torch.arange(errors.shape[-1]) <= p)  # (T, n, P + 1)
+                pj = (allowed * torch.arange(errors.shape[-1])).amax(-1)  # (T, n): the most allowed, up to p
+                stored += float((fixed[:, 0] + pj.sum(-1) * width).sum())
+                sq.index_add_(0, members, errors[:, 0].gather(-1, pj.unsqueeze(-1)).squeeze(-1).sum(0))
+                picks.append((idx, torch.zeros(len(idx), dtype=torch.long), pj))
+            if stored <= budget:
+                rel = torch.where(self.norms > 0, sq / self.norms.clamp_min(1e-300), torch.zeros_like(sq)).sqrt()
+                return picks, rel
+        return None
 
     def run(self, lam: float, weights: Tensor) -> tuple[float, Tensor, list]:
         """At price lam per number stored and weights (n,) per unit of squared error: the total store, each
@@ -154,13 +175,19 @@ def adapter_errors(tables: list[Table], choices: list[Choice], norms: Tensor) ->
 
 
 def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None = None,
-              rounds: int = 12) -> tuple[list[Choice], float]:
-    """The choices with the lowest mean squared relative error whose stores add up to <= budget; and the lam used.
+              rounds: int = 12, mean_rounds: int = 3) -> tuple[list[Choice], float | None]:
+    """The choices with the lowest mean relative error whose stores add up to <= budget; and the lam used (None:
+    the uniform SVD won).
 
     `cap`: no adapter's whole relative error above it where the budget allows (a worst-adapter floor): adapters
     above it get more weight (their error over the cap, squared) and the allocation runs again, up to `rounds`
     times; once within the cap, the weakest power of that boost still within it is bisected for (its mean error
     is the lowest); the lowest mean within the cap wins, else the round with the lowest worst error.
+    The multiplier minimises the sum of squared relative errors, not the mean relative error that users compare
+    (an adapter the budget can keep exact counts for little there): `mean_rounds` reweighted runs (iteratively
+    reweighted least squares, each adapter's weight over its last error) close that gap, and only improve the pick;
+    they start from the multiplier's pick and from per-adapter truncated SVD at the largest uniform rank that fits,
+    which is itself a candidate: at any budget the result is never behind that baseline.
     Raises ValueError (with the smallest store possible) when even the cheapest choice everywhere is larger."""
     smallest = sum(min(_cheapest(t)) for t in tables)
     if smallest > budget:
@@ -170,25 +197,40 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
     boost = torch.ones(n, dtype=torch.float64)
     best: tuple | None = None
 
-    def attempt(weights: Tensor) -> tuple[bool, Tensor]:
+    def consider(picks: list | None, err: Tensor, lam: float | None) -> bool:
         nonlocal best
-        picks, err, lam = _fit_budget(batch, budget, weights)
         ok = cap is None or float(err.max()) <= cap
         key = (0, float(err.mean())) if ok else (1, float(err.max()))
         if best is None or key < best[0]:
             best = (key, picks, lam)
-        return ok, err
+        return ok
+
+    def attempt(weights: Tensor) -> tuple[bool, Tensor]:
+        picks, err, lam = _fit_budget(batch, budget, weights)
+        return consider(picks, err, lam), err
 
     for r in range(rounds if cap is not None else 1):
         ok, err = attempt(base * boost)
         if ok:
             break
         boost = torch.maximum(boost, boost * (err / cap).pow(2))
+    weights = base * boost
     if cap is not None and ok and r > 0:  # the weakest boost^t still within the cap costs the mean least
         lo, hi = 0.0, 1.0
         for _ in range(6):
             t = (lo + hi) / 2
             lo, hi = (lo, t) if attempt(base * boost.pow(t))[0] else (t, hi)
+        weights = base * boost.pow(hi)
+        err = attempt(weights)[1]
+    starts = [(weights, err)]
+    uniform = batch.uniform(budget)
+    if uniform is not None:  # the baseline itself is a candidate, and a start: the search never does worse than it
+        consider(uniform[0], uniform[1], None)
+        starts.append((base, uniform[1]))
+    for weights, err in starts:
+        for _ in range(mean_rounds):  # from the mean of squares to the mean: each adapter weighted by 1 / its error
+            floor = max(float(err.mean()) * 0.05, 1e-4)
+            err = attempt(weights / err.clamp_min(floor))[1]
     if best[1] is None:  # the cheapest by cost is not the cheapest by store (ties): the store minimum
         return [_choice(t, *_cheapest_option(t)) for t in tables], best[2]
     return batch.choices(best[1]), best[2]
