@@ -9,9 +9,11 @@ def _report(**over):
     adapter = {"name": "my-lora", "source": "alice/my-lora", "output": "alice/my-lora-soppu", "params_before": 1000,
                "lora_params": 1000, "carried_params": 0, "carried": [], "export_rank": 16, "unpadded_rank": 8,
                "lorax_exact_tp": [1, 2], "export_params": 2000, "padding_params": 1000, "mean_rel_error": 0.1234,
-               "max_rel_error": 0.2345, "modules": {"m": {"rel_error": 0.1234}}, "cluster": 0}
+               "max_rel_error": 0.2345, "modules": {"m": {"rel_error": 0.1234}}, "cluster": 0,
+               "export_dtype": "bfloat16", "bytes_before": 2_000_000, "export_bytes": 4_000_000, "repo_bytes": 5_600_000}
     report = {"method": "full", "rank": 16, "device": "cpu", "seconds": 1.5, "params_before": 4000, "params_after": 800,
-              "carried_params": 0, "compression_ratio": 5.0, "target_error": None,
+              "carried_params": 0, "compression_ratio": 5.0, "target_error": None, "bytes_before": 8_000_000,
+              "store_bytes": 1_600_000, "compression_ratio_bytes": 5.0,
               "export": {"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2},
               "clusters": [{"id": 0, "size": 4, "rank": 16, "params": 800, "ranks": {"m": 16}}],
               "adapters": [adapter] + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)]}
@@ -30,6 +32,18 @@ def test_card_states_the_numbers_and_where_the_export_runs_exactly():
     assert "| LoRAX tensor parallel | exact at `--num-shard` 1, 2 (padded for 2)" in text
     assert "--enable-lora --max-lora-rank 16 --lora-modules my-lora=alice/my-lora-soppu" in text
     assert "soppu-hub compress alice/my-lora" in text
+
+
+def test_card_sizes_are_bytes_and_add_up():
+    """The size paragraph counts bytes (issue 34): what this repo holds against its original, the export, the slice
+    of the store, the store once; a repo larger than its original says so in numbers."""
+    text = " ".join(render_card(_report(), JOB, ranks_png=None, sweep_png=None).split())
+    assert "this repo holds 5.60 MB of tensors, 2.80x the original adapter's 2.00 MB" in text
+    assert "its PEFT export, 4.00 MB (rank 16 in bfloat16)" in text and "(1.60 MB: its cores and a copy" in text
+    assert "takes 1.60 MB once; the whole store is 1.60 MB against 8.00 MB for the 4 originals (5.00x fewer bytes)" in text
+    shared = " ".join(render_card(_report(collection={"name": "alice/c", "revision": None}), JOB, ranks_png=None,
+                                  sweep_png=None).split())
+    assert "its cores; the bases are in the collection, once" in shared
 
 
 def test_card_and_repo_report_leave_out_run_timings():

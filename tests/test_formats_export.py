@@ -64,30 +64,38 @@ def test_lorax_serves_exports_at_full_strength(tmp_path, rank, tp):
     assert padded["params_after"] == bare["params_after"]
 
 
+B16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
 @pytest.mark.parametrize(
-    "dtypes, flag, want",
+    "dtypes, flag, want, store",
     [
-        ([torch.bfloat16] * 2, [], torch.bfloat16),
-        ([torch.float16] * 2, [], torch.float16),
-        ([torch.float32] * 2, [], torch.float32),
-        ([torch.bfloat16, torch.float16], [], torch.float32),
-        ([torch.bfloat16, torch.float32], [], torch.float32),
-        ([torch.bfloat16] * 2, ["--export-dtype", "float32"], torch.float32),
-        ([torch.float32] * 2, ["--export-dtype", "bf16"], torch.bfloat16),
+        ([B16] * 2, [], [B16] * 2, B16),
+        ([F16] * 2, [], [F16] * 2, F16),
+        ([F32] * 2, [], [F32] * 2, F32),
+        ([B16, F16], [], [B16, F16], F32),  # each export in its own input's dtype; the shared store the widest
+        ([B16, F32], [], [B16, F32], F32),
+        ([B16] * 2, ["--export-dtype", "float32"], [F32] * 2, F32),
+        ([F32] * 2, ["--export-dtype", "bf16"], [B16] * 2, B16),
     ],
     ids=["bf16", "fp16", "fp32", "bf16+fp16", "bf16+fp32", "bf16->fp32", "fp32->bf16"],
 )
-def test_export_dtype_and_errors_measured_on_what_was_written(tmp_path, dtypes, flag, want):
+def test_export_dtype_and_errors_measured_on_what_was_written(tmp_path, dtypes, flag, want, store):
     srcs = _adapters(tmp_path, dtypes=dtypes)
     out = tmp_path / "out"
     report = _compress(srcs, out, "--rank", "6", *flag)
-    assert report["export"]["dtype"] == str(want).removeprefix("torch.")
+    names = sorted({str(w).removeprefix("torch.") for w in want})
+    assert report["export"]["dtype"] == (names[0] if len(names) == 1 else "mixed") and report["export"]["dtypes"] == names
     with safe_open(str(out / "bundle" / "bundle.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {want}
-    for src, entry in zip(srcs, report["adapters"]):
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {store}
+    assert report["store_bytes"] == report["params_after"] * store.itemsize
+    for src, entry, w in zip(srcs, report["adapters"], want):
         written = load_file(str(out / entry["name"] / "adapter_model.safetensors"))
-        assert {t.dtype for t in written.values()} == {want}
+        assert {t.dtype for t in written.values()} == {w} and entry["export_dtype"] == str(w).removeprefix("torch.")
+        assert entry["export_bytes"] == sum(t.numel() * t.element_size() for t in written.values())
+        assert entry["repo_bytes"] == sum(p.stat().st_size for p in (out / entry["name"]).rglob("*.safetensors"))
         orig = read_adapter(src)
+        assert entry["bytes_before"] == orig.num_params * orig.dtype.itemsize
         for module, mod in orig.modules.items():
             W = mod.B.double() @ mod.A.double()
             B = written[f"base_model.model.{module}.lora_B.weight"].double()

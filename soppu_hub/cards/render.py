@@ -14,7 +14,6 @@ TEMPLATE = TEMPLATES / "adapter.md"
 TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
 TIMINGS = ("seconds",)  # report keys that differ from run to run with the same result
 MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @dataclass
@@ -112,14 +111,15 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
     )
     listed = peers(report, job.index)
     v = own.get("verify")
-    width = BYTES.get(report["export"]["dtype"], 4)
+    store_width = report["store_bytes"] / report["params_after"]
     return _template().render(
         verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement")) if v else None,
         task_verdict=task_verdict(own["task_eval"], report["compression_ratio"]) if own.get("task_eval") else None,
         task=own.get("task_eval"),
-        export_mb=own["export_params"] * width / 1e6,
-        original_mb=own["params_before"] * width / 1e6,
-        bundle_params=cluster["params"] if cluster else report["params_after"] - report["carried_params"],
+        export_mb=own["export_bytes"] / 1e6,
+        original_mb=own["bytes_before"] / 1e6,
+        repo_mb=own["repo_bytes"] / 1e6,
+        bundle_mb=(cluster["params"] if cluster else report["params_after"] - report["carried_params"]) * store_width / 1e6,
         card_data=data.to_yaml(),
         repo_id=repo_id or own["name"],
         adapter_id=repo_id or local_path,

@@ -65,7 +65,7 @@ class ExportConfig:
                                                       "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"})
     lorax_tp: int = field(default=DEFAULT_LORAX_TP, metadata={
         "help": "LoRAX tensor-parallel size (--num-shard) to pad for: the export is exact at N and below (rank >= 8 x N)"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of written tensors: auto (the inputs'; mixed -> the widest), "
+    dtype: str = field(default="auto", metadata={"help": "dtype of each export: auto (its own input's; the shared store takes the widest), "
                                                          "float32, bfloat16 or float16",
                                                  "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
 
@@ -80,7 +80,8 @@ class ExportConfig:
         return lorax_rank(rank, self.lorax_tp) if self.pad else rank
 
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
-        """`inputs`: the widest dtype of the input adapters (float64 inputs are written as float32)."""
+        """`inputs`: an input adapter's dtype, or the widest of several for the shared store (float64 is written as
+        float32)."""
         if self.dtype != "auto":
             return EXPORT_DTYPES[self.dtype]
         return torch.float32 if inputs == torch.float64 else inputs
@@ -96,6 +97,7 @@ class ExportInfo:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written; dropped once scored
     lora_params: int = 0
     padding_params: int = 0  # zeros written only so LoRAX runs the adapter unchanged
+    repo_bytes: int = 0  # tensor bytes of the whole output folder (export, carried tensors, its slice of the store)
 
     def __post_init__(self) -> None:
         self.lora_params = sum(B.numel() + A.numel() for B, A in self.factors.values())

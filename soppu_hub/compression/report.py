@@ -20,11 +20,13 @@ class Output:
 
 
 def build_report(comp: Compression, outputs: list[Output], exports: list[ExportInfo], errors: list[dict[str, float]],
-                 export: ExportConfig) -> dict:
+                 export: ExportConfig, *, store_itemsize: int = 4) -> dict:
     """The report dict. rel_error = ||W_i - B' A'||_F / ||W_i||_F for the exported factors as written (dtype
     and padding included), PEFT scaling included, not squared.
 
-    params_before / params_after count carried tensors on both sides; padding zeros are not parameters.
+    params_before / params_after count carried tensors on both sides; padding zeros are not parameters. Bytes are
+    what users pay for: bytes_before the originals' tensors in their own dtypes, store_bytes the shared store (bases
+    once, cores, carried tensors) at `store_itemsize`, export_bytes / repo_bytes per adapter as written.
     """
     adapters = []
     for adapter, out, info, errs in zip(comp.adapters, outputs, exports, errors):
@@ -42,6 +44,10 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "lorax_exact_tp": list(lorax_exact_tps(info.rank)),  # LoRAX --num-shard sizes that run it unchanged
                 "export_params": info.lora_params,
                 "padding_params": info.padding_params,
+                "export_dtype": _name(info.dtype),
+                "bytes_before": adapter.num_params * adapter.dtype.itemsize,
+                "export_bytes": (info.lora_params + adapter.carried_params) * info.dtype.itemsize,
+                "repo_bytes": info.repo_bytes,
                 "mean_rel_error": statistics.fmean(errs.values()),
                 "max_rel_error": max(errs.values()),
                 "modules": {name: {"rel_error": e} for name, e in errs.items()},
@@ -50,6 +56,8 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
             }
         )
     before, after = comp.params_before, comp.params_after
+    bytes_before = sum(a["bytes_before"] for a in adapters)
+    dtypes = sorted({a["export_dtype"] for a in adapters})
     return {
         "method": comp.config.method,
         "rank": comp.config.rank,
@@ -59,8 +67,11 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "params_after": after,
         "carried_params": comp.carried_params,
         "compression_ratio": before / after,
-        "export": {"dtype": str(exports[0].dtype).removeprefix("torch."), "pad": "lorax" if export.pad else "none",
-                   "lorax_tp": export.lorax_tp},
+        "bytes_before": bytes_before,
+        "store_bytes": after * store_itemsize,
+        "compression_ratio_bytes": bytes_before / (after * store_itemsize),
+        "export": {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
+                   "pad": "lorax" if export.pad else "none", "lorax_tp": export.lorax_tp},
         "clusters": [
             {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
              "params": b.num_params, "ranks": {name: mb.rank for name, mb in b.modules.items()}}
@@ -72,6 +83,10 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "adapters": adapters,
         "poorly_kept": poorly_kept(adapters, comp),
     }
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def choice_summary(comp: Compression) -> dict:
@@ -128,10 +143,12 @@ def format_table(report: dict) -> str:
         each = ("its cores and a PEFT export; the bases are in the collection once" if report.get("collection")
                 else "its cluster's bases and a PEFT export")
         lines.append(f"written: {w['tensor_bytes'] / 1e6:.1f} MB of tensors (the bundle {w['bundle_params']:,} parameters; "
-                     f"the {len(report['adapters'])} repos {w['repo_params']:,}: each carries {each})")
+                     f"the {len(report['adapters'])} repos {w['repo_bytes'] / 1e6:.1f} MB against the originals' "
+                     f"{report['bytes_before'] / 1e6:.1f} MB: each carries {each})")
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "
-        f"({report['compression_ratio']:.2f}x)"
+        f"({report['compression_ratio']:.2f}x); {report['bytes_before'] / 1e6:.2f} -> {report['store_bytes'] / 1e6:.2f} MB "
+        f"stored once ({report['compression_ratio_bytes']:.2f}x in bytes)"
     )
     return "\n".join(lines)

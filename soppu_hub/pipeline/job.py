@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from ..compression.bundle import save_bundle
-from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.config import CompressConfig
-from ..compression.plan import Compression, Progress, compress, written_rel_errors
-from ..compression.report import Output, build_report
+from ..compression.export import ExportConfig, export_peft
+from ..compression.plan import Compression, Progress, compress
 from ..errors import SoppuError
 from ..hub.common import TOKEN_HELP, PushError, is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import check_write_access, failure_reason, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
-from ..peft_format.read import read_adapter, widest_dtype
+from ..peft_format.read import read_adapter
+from .outputs import staged_output, write_outputs
 
 
 @dataclass
@@ -92,89 +89,16 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-@contextmanager
-def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder; it becomes `out` only if the block finishes, so a failure leaves nothing.
-
-    With out=None the folder is temporary and removed afterwards.
-    """
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SoppuError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
-    parent = out.parent if out is not None else Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'soppu'}.partial-", dir=parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: list[str],
-                  export: ExportConfig | None = None, *, collection: str | None = None, command: str = "",
-                  repo_ids: list[str | None] | None = None) -> dict:
-    """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
-
-    Everything is written in the export dtype, and the report's errors are those of the factors as written.
-    With `collection`, the bases go once into out/collection (collection.build) and each slice names it instead;
-    `repo_ids`: where each adapter will be pushed (None: kept local), for the members list.
-    """
-    export = export or ExportConfig()
-    dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
-    written = [b.to(dtype) for b in comp.bundles]
-    ids = [wb.basis_id() for wb in written]
-    for c, wb in enumerate(written if collection is None else []):  # one cluster: out/bundle; several: .../cluster-<c>
-        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""), basis_id=ids[c])
-    exports: list[ExportInfo] = []
-    local = comp.local_indices()
-    errors = []
-    repo_params = 0
-    for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
-        c, j = comp.cluster_of[i], local[i]
-        info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=dtype, extras=adapter.extras(dtype))
-        own = written[c].subset(j)
-        ref = None if collection is None else {"collection": collection, "revision": None, "cluster": c}
-        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c], bases_ref=ref)
-        kept = own.num_params if ref is None else own.num_params - sum(mb.U.numel() + mb.V.numel() for mb in own.modules.values())
-        repo_params += kept + info.lora_params + adapter.carried_params  # lora_params: padding included
-        errors.append(written_rel_errors(adapter, info.factors))
-        info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
-        exports.append(info)
-    outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
-    report = build_report(comp, outs, exports, errors, export)
-    if collection is not None:
-        from ..collection.build import write_collection_folder
-
-        write_collection_folder(folder / COLLECTION_DIR, comp, written, ids, report, command=command,
-                                repo_ids=repo_ids or [None] * len(names))
-        report["collection"] = {"name": collection, "revision": None}
-    # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
-    report["written"] = {"bundle_params": sum(b.num_params for b in written), "repo_params": repo_params,
-                         "tensor_bytes": sum(p.stat().st_size for p in folder.rglob("*.safetensors"))}
-    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    return report
-
-
 def _rank_variants(comp: Compression, names: list[str], spec: JobSpec, scratch: Path
                    ) -> tuple[dict[int, list[Path]], dict[int, int]]:
     """Exports of the same fit cut to each smaller rank of --verify-ranks (not kept), and each cut's parameters."""
     variants, params = {}, {}
-    dtype = spec.export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
     local = comp.local_indices()
     for rank in sorted({r for r in spec.verify_ranks if 0 < r < spec.config.rank}):
         cut = [b.truncated(rank) for b in comp.bundles]
         variants[rank] = [scratch / str(rank) / n for n in names]
         for i, (folder, a) in enumerate(zip(variants[rank], comp.adapters)):
+            dtype = spec.export.torch_dtype(a.dtype)
             export_peft(cut[comp.cluster_of[i]], local[i], folder, export=spec.export, dtype=dtype, extras=a.extras(dtype))
         params[rank] = sum(b.num_params for b in cut) + comp.carried_params
     return variants, params
@@ -212,7 +136,11 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
         # snapshot_download's thread_map creates tqdm's class lock when missing and deletes it on the way out;
         # from several threads at once that races (AttributeError: _lock). With the lock made here, none deletes it.
         hf_tqdm.get_lock()
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        from huggingface_hub.utils import (
+            are_progress_bars_disabled,
+            disable_progress_bars,
+            enable_progress_bars,
+        )
 
         group = "huggingface_hub.http_get"  # per-file byte bars: one "downloading" bar per phase instead
         was_disabled = are_progress_bars_disabled(group)

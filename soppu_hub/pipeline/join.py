@@ -45,7 +45,7 @@ from ..errors import CollectionError, SoppuError
 from ..hub.collection import commit_on_head, download_file
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import CARD_NAME
-from .job import staged_output
+from .outputs import staged_output
 
 
 @dataclass

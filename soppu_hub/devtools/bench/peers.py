@@ -156,7 +156,8 @@ def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable
         rows.append({"set": name, "method": method, "setting": setting, "stored_params": got["stored_params"],
                      "ratio": before / got["stored_params"], "mean_error": statistics.fmean(errors),
                      "worst_error": max(errors), "seconds": got["seconds"], "peak_rss_gb": got["peak_rss_gb"]})
-        log(f"{name}: {method} {_label(setting)}: {rows[-1]['ratio']:.2f}x, mean error {rows[-1]['mean_error']:.4f}")
+        log(f"{name}: {method} {_label(setting)}: {got['stored_params']:,} stored ({rows[-1]['ratio']:.2f}x), mean / "
+            f"worst error {rows[-1]['mean_error']:.4f} / {rows[-1]['worst_error']:.4f}, {got['seconds']:.1f} s")
 
     for method, setting in settings(len(folders), **budgets):
         if method != SHARE or have_share:

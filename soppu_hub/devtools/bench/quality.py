@@ -96,7 +96,7 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
     from ...compression.plan import compress
     from ...compression.task_eval import Scorer, retention
     from ...peft_format.read import read_adapter
-    from ...pipeline.job import write_outputs
+    from ...pipeline.outputs import write_outputs
 
     names = [f.name for f in folders]
     family = families(folders)

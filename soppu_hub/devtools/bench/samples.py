@@ -25,7 +25,7 @@ def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dic
     from ...compression.plan import compress
     from ...compression.verify import verify_adapters
     from ...peft_format.read import read_adapter
-    from ...pipeline.job import write_outputs
+    from ...pipeline.outputs import write_outputs
 
     coll = load_collection(folder)
     names = [p.name for p in coll.adapters]
