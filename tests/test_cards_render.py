@@ -29,7 +29,12 @@ def test_card_states_the_numbers_and_where_the_export_runs_exactly():
     text = render_card(_report(), JOB, ranks_png=None, sweep_png=None)
     assert text.startswith("---\n") and "base_model: org/base" in text and "license: apache-2.0" in text
     assert "| compression ratio | 5.00x |" in text and "**my-lora** (this repo) | 0.1234 | 0.2345 |" in text
-    assert "| LoRAX tensor parallel | exact at `--num-shard` 1, 2 (padded for 2)" in text
+    assert ("| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it at "
+            "were not checked; this export is exact at 1, 2 (padded for 2) |") in text
+    known = render_card(_report(export={"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2, "lorax_sizes": [1, 2, 4]}),
+                        JOB, ranks_png=None, sweep_png=None)
+    assert ("| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 2, 4; this export is exact at 1, 2 (padded "
+            "for 2); at 4 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 4` |") in known
     assert "--enable-lora --max-lora-rank 16 --lora-modules my-lora=alice/my-lora-soppu" in text
     assert "soppu-hub compress alice/my-lora" in text
 

@@ -115,7 +115,7 @@ def test_bf16_export_is_half_the_size_of_fp32(tmp_path):
 @pytest.mark.parametrize("rank", [4, 8])
 def test_default_export_is_exact_in_lorax_at_tensor_parallel_1_and_2(tmp_path, rank):
     """A rank-8 export padded for tp 1 ran at half strength under LoRAX's --num-shard 2 on every module type after
-    the first: the default pads for 2, which is exact at both, and the card says where it is exact."""
+    the first: where the base's heads cannot be read, auto pads for 2, exact at both, and the card says so."""
     srcs = _adapters(tmp_path, rank=rank)
     report = _compress(srcs, tmp_path / "out", "--rank", str(rank))
     for entry in report["adapters"]:
@@ -125,10 +125,42 @@ def test_default_export_is_exact_in_lorax_at_tensor_parallel_1_and_2(tmp_path, r
             assert len(scales) == 6 and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values()), (tp, scales)
         assert lorax_effective_scales(tmp_path / "out" / entry["name"], 4) != {k: 1.0 for k in scales}  # 4: not exact
         text, _ = _card(tmp_path / "out", entry["name"])
-        assert "| LoRAX tensor parallel | exact at `--num-shard` 1, 2 (padded for 2); at other sizes" in text
-        assert "re-export with `--lorax-tp N`" in text
+        assert ("| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it "
+                "at were not checked; this export is exact at 1, 2 (padded for 2) |") in text
+    assert report["export"]["lorax_sizes"] is None and report["export"]["lorax_tp"] == 2
     bare = _compress(srcs, tmp_path / "bare", "--rank", str(rank), "--no-pad", "--method", "diag")
     assert bare["adapters"][0]["lorax_exact_tp"] == ([1] if rank == 8 else [])
+
+
+def test_lorax_tp_auto_reads_the_base_and_pads_only_for_sizes_lorax_runs(tmp_path, capsys):
+    """SmolLM2-135M has 9 attention heads and 3 KV heads: LoRAX refuses 2 and 4 shards and runs 1 and 3. Padding a
+    rank-8 export to 16 for 2 shards bought nothing there (issue 35): auto pads for 1; --lorax-tp 3 is exact at 3
+    (LoRAX's loader emulated); --lorax-tp 2 is refused in one line naming the sizes the base allows."""
+    base = tmp_path / "base-9-heads"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
+                                                  "num_key_value_heads": 3, "hidden_size": 576}))
+    srcs = _adapters(tmp_path, rank=8)
+    auto = _compress(srcs, tmp_path / "auto", "--rank", "8", "--base-model", str(base))
+    assert auto["export"]["lorax_sizes"] == [1, 3] and auto["export"]["lorax_tp"] == 1
+    for entry in auto["adapters"]:
+        assert entry["export_rank"] == 8 and entry["padding_params"] == 0 and entry["lorax_exact_tp"] == [1]
+        assert set(lorax_effective_scales(tmp_path / "auto" / entry["name"], 1).values()) == {1.0}
+        text, _ = _card(tmp_path / "auto", entry["name"])
+        assert ("| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 3; this export is exact at 1 (padded "
+                "for 1); at 3 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 3` |") in text
+    three = _compress(srcs, tmp_path / "three", "--rank", "8", "--base-model", str(base), "--lorax-tp", "3")
+    for entry in three["adapters"]:
+        assert entry["export_rank"] == 24 and entry["lorax_exact_tp"] == [3]
+        scales = lorax_effective_scales(tmp_path / "three" / entry["name"], 3)
+        assert all(v == pytest.approx(1.0, abs=1e-12) for v in scales.values())
+        assert any(v != pytest.approx(1.0) for v in lorax_effective_scales(tmp_path / "three" / entry["name"], 1).values())
+    capsys.readouterr()
+    assert main(["compress", *map(str, srcs), "--out", str(tmp_path / "two"), "--quiet", "--no-push", "--rank", "8",
+                 "--base-model", str(base), "--lorax-tp", "2"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lorax-tp 2: LoRAX cannot shard" in err[0] and "the sizes it allows: 1, 3" in err[0]
+    assert not (tmp_path / "two").exists()
 
 
 def _card(out, name):

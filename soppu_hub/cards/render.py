@@ -87,6 +87,24 @@ def task_verdict(t: dict, ratio: float) -> str:
             f"{t['base']['exact_match']:.3f}), at {ratio:.2f}x fewer parameters for the whole collection.")
 
 
+def lorax_row(exact: list[int], sizes: list[int] | None, *, padded_for: int | None) -> str:
+    """The card's "LoRAX tensor parallel" cell, the same for compressed, joined and refit members: the --num-shard
+    sizes LoRAX can run the base at (from its config; said when it could not be read), where this export runs
+    exactly, and the re-export that makes another size exact. `padded_for`: the size padded for (None: --no-pad)."""
+    head = (f"LoRAX runs the base at `--num-shard` {', '.join(map(str, sizes))}" if sizes is not None else
+            "the base model's head counts could not be read, so the sizes LoRAX runs it at were not checked")
+    pad = f" (padded for {padded_for})" if padded_for else ""
+    weak = [t for t in (sizes or []) if t not in exact]
+    fix = f"re-export with `--lorax-tp {weak[0]}`" if weak else "re-export without `--no-pad`"
+    if weak and padded_for is None:
+        fix += " (and without `--no-pad`)"
+    if not exact:
+        every = "every one of them" if sizes is not None else "every size"
+        return f"{head}; LoRAX pads this rank at {every} and serves the adapter too weak: {fix}"
+    text = f"{head}; this export is exact at {', '.join(map(str, exact))}{pad}"
+    return text + (f"; at {', '.join(map(str, weak))} LoRAX pads the rank and serves it too weak: {fix}" if weak else "")
+
+
 def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
     """README.md for adapter `job.index` of `report`: YAML metadata, then templates/adapter.md. `ranks_png` /
     `sweep_png`: the optional plots' paths when they were drawn."""
@@ -127,7 +145,8 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         local_dir=str(Path(local_path).parent) if local_path else None,
         license=license,
         vllm_rank=vllm_max_lora_rank(own["export_rank"]),
-        exact_tps=own["lorax_exact_tp"],
+        lorax_row=lorax_row(own["lorax_exact_tp"], report["export"].get("lorax_sizes"),
+                            padded_for=report["export"]["lorax_tp"] if report["export"]["pad"] == "lorax" else None),
         name=own["name"],
         own=own,
         report=report,

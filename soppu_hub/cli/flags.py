@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SoppuError
-from ..peft_format.layout import DEFAULT_LORAX_TP
+from ..peft_format.layout import LORAX_AUTO
 
 if TYPE_CHECKING:
     from ..pipeline.job import JobSpec
@@ -74,11 +74,21 @@ def _sources_from_file(path: str | None) -> list[str]:
     return sources
 
 
+def _tp(text: str) -> int | str:
+    """--lorax-tp: auto or an integer (its range is ExportConfig.validate's to say)."""
+    if text == LORAX_AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes auto or a tensor-parallel size (an integer), not {text!r}") from None
+
+
 def add_export_args(p: argparse.ArgumentParser) -> None:
     from ..compression.export import ExportConfig
 
     p.add_argument("--no-pad", dest="pad", action="store_false", help=ExportConfig.__dataclass_fields__["pad"].metadata["help"])
-    p.add_argument("--lorax-tp", type=int, default=DEFAULT_LORAX_TP, metavar="N", help=field_help(ExportConfig, "lorax_tp"))
+    p.add_argument("--lorax-tp", type=_tp, default=LORAX_AUTO, metavar="auto|N", help=field_help(ExportConfig, "lorax_tp"))
     add_fields(p, ExportConfig, ["dtype"])
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
 from ..peft_format.config import clean_config
-from ..peft_format.layout import DEFAULT_LORAX_TP, lorax_rank
+from ..peft_format.layout import DEFAULT_LORAX_TP, LORAX_AUTO, LORAX_MAX_TP, lorax_rank
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
 
@@ -63,21 +63,45 @@ class ExportConfig:
 
     pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
                                                       "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"})
-    lorax_tp: int = field(default=DEFAULT_LORAX_TP, metadata={
-        "help": "LoRAX tensor-parallel size (--num-shard) to pad for: the export is exact at N and below (rank >= 8 x N)"})
+    lorax_tp: int | str = field(default=LORAX_AUTO, metadata={
+        "help": "LoRAX tensor-parallel size (--num-shard) to pad for, so LoRAX serves the export at full strength "
+                "there (its rank >= 8 x N): auto (default) pads for 2 where the base model's heads allow 2 shards, "
+                "else for 1 (nothing padded for a size LoRAX refuses); N must be a size the base allows"})
     dtype: str = field(default="auto", metadata={"help": "dtype of each export: auto (its own input's; the shared store takes the widest), "
                                                          "float32, bfloat16 or float16",
                                                  "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
 
+    lorax_sizes: tuple[int, ...] | None = None  # --num-shard sizes the base allows (for_base); None: not known
+
     def validate(self) -> None:
-        if not isinstance(self.lorax_tp, int) or self.lorax_tp < 1:
-            raise ConfigError(f"--lorax-tp must be a positive integer (LoRAX's tensor-parallel size), got {self.lorax_tp}")
+        if self.lorax_tp != LORAX_AUTO and (not isinstance(self.lorax_tp, int) or not 1 <= self.lorax_tp <= LORAX_MAX_TP):
+            raise ConfigError(f"--lorax-tp must be auto or a tensor-parallel size from 1 to {LORAX_MAX_TP}, "
+                              f"got {self.lorax_tp}")
         if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
             raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
+    def for_base(self, sizes: tuple[int, ...] | None, base: str | None = None) -> ExportConfig:
+        """This config with the size to pad for made concrete, given the --num-shard sizes LoRAX can run the base
+        at (None: its config could not be read, and auto falls back to DEFAULT_LORAX_TP). Raises ConfigError for
+        an explicit size the base cannot be sharded to."""
+        if self.lorax_tp == LORAX_AUTO:
+            tp = DEFAULT_LORAX_TP if sizes is None else max(s for s in sizes if s <= DEFAULT_LORAX_TP)
+        else:
+            tp = self.lorax_tp
+            if sizes is not None and tp not in sizes:
+                raise ConfigError(f"--lorax-tp {tp}: LoRAX cannot shard {base or 'the base model'} to {tp} (its "
+                                  f"attention and KV heads do not divide by {tp}); the sizes it allows: "
+                                  f"{', '.join(map(str, sizes))} (or leave --lorax-tp auto)")
+        return replace(self, lorax_tp=tp, lorax_sizes=sizes)
+
+    @property
+    def pad_tp(self) -> int:
+        """The size padded for: lorax_tp, or DEFAULT_LORAX_TP while auto is not resolved against a base."""
+        return DEFAULT_LORAX_TP if self.lorax_tp == LORAX_AUTO else int(self.lorax_tp)
+
     def rank_for(self, rank: int) -> int:
         """The rank written for an adapter whose reconstruction needs `rank`."""
-        return lorax_rank(rank, self.lorax_tp) if self.pad else rank
+        return lorax_rank(rank, self.pad_tp) if self.pad else rank
 
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
         """`inputs`: an input adapter's dtype, or the widest of several for the shared store (float64 is written as

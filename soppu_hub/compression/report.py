@@ -41,7 +41,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "carried": adapter.carried_names,
                 "export_rank": info.rank,
                 "unpadded_rank": info.unpadded_rank,
-                "lorax_exact_tp": list(lorax_exact_tps(info.rank)),  # LoRAX --num-shard sizes that run it unchanged
+                "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes)),  # --num-shard sizes: unchanged
                 "export_params": info.lora_params,
                 "padding_params": info.padding_params,
                 "export_dtype": _name(info.dtype),
@@ -71,7 +71,8 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "store_bytes": after * store_itemsize,
         "compression_ratio_bytes": bytes_before / (after * store_itemsize),
         "export": {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
-                   "pad": "lorax" if export.pad else "none", "lorax_tp": export.lorax_tp},
+                   "pad": "lorax" if export.pad else "none", "lorax_tp": export.pad_tp,
+                   "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None},
         "clusters": [
             {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
              "params": b.num_params, "ranks": {name: mb.rank for name, mb in b.modules.items()}}

@@ -42,6 +42,18 @@ def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, toke
         return None
 
 
+def model_config(model_id: str, *, revision: str | None = None, token: str | bool | None = None) -> dict | None:
+    """A model's config.json, from a local folder or the Hub; None when it cannot be read (then callers say so)."""
+    import json
+
+    local = Path(model_id) / "config.json"
+    path = local if local.is_file() else fetch_file(model_id, "config.json", revision=revision, token=token)
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def chat_template(model_id: str, *, token: str | bool | None = None) -> tuple[str | None, dict[str, str]]:
     """A base model's chat template from its tokenizer_config.json (or chat_template.jinja beside it), with the
     bos / eos token texts templates refer to; (None, {}) when it has none."""

@@ -32,9 +32,13 @@ AGREEMENT_PNG = f"{PLOTS_DIR}/agreement_by_rank.png"
 # the next multiple of 16, then overwrites config.r with the padded rank while scaling by lora_alpha / r.
 LORAX_MIN_RANK = 8
 LORAX_BLOCK = 16
-# Tensor-parallel sizes a LoRAX deployment runs (--num-shard); an export padded for 2 is exact at 1 and 2.
-LORAX_TP_SIZES = (1, 2, 4, 8)
+# Tensor-parallel sizes (--num-shard) considered: LoRAX shards a base only where its attention heads and KV heads
+# divide evenly, so which sizes run depends on the base (SmolLM2-135M's 9 heads / 3 KV heads: 1 and 3).
+LORAX_MAX_TP = 8
+# --lorax-tp auto pads for the largest size up to this one the base allows (2 where it shards to 2: exact at 1 and
+# 2 as before; 1 where it does not, so nothing is padded for a size LoRAX refuses); unknown base: this one.
 DEFAULT_LORAX_TP = 2
+LORAX_AUTO = "auto"
 # vLLM accepts only these values for --max-lora-rank (default 16).
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -45,9 +49,22 @@ def lorax_rank(rank: int, tensor_parallel: int = 1) -> int:
     return floor if rank <= floor else -(-rank // LORAX_BLOCK) * LORAX_BLOCK
 
 
-def lorax_exact_tps(rank: int) -> tuple[int, ...]:
-    """The tensor-parallel sizes at which LoRAX runs a rank-`rank` adapter unchanged (so at its full strength)."""
-    return tuple(tp for tp in LORAX_TP_SIZES if lorax_rank(rank, tp) == rank)
+def lorax_exact_tps(rank: int, sizes: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The tensor-parallel sizes (of `sizes`, default 1 .. LORAX_MAX_TP) at which LoRAX runs a rank-`rank` adapter
+    unchanged (so at its full strength)."""
+    return tuple(tp for tp in sizes or range(1, LORAX_MAX_TP + 1) if lorax_rank(rank, tp) == rank)
+
+
+def lorax_shard_sizes(model_config: dict | None) -> tuple[int, ...] | None:
+    """The --num-shard sizes LoRAX can start a base with (its attention heads and KV heads divisible, up to
+    LORAX_MAX_TP), from the base's config.json; None when the config names no head count (not checked)."""
+    cfg = model_config or {}
+    cfg = cfg.get("text_config") or cfg  # multimodal configs keep the language model's heads there
+    heads = next((cfg[k] for k in ("num_attention_heads", "n_head", "num_heads") if isinstance(cfg.get(k), int)), None)
+    if not heads:
+        return None
+    kv = cfg.get("num_key_value_heads") or (1 if cfg.get("multi_query") else heads)
+    return tuple(tp for tp in range(1, LORAX_MAX_TP + 1) if heads % tp == 0 and kv % tp == 0)
 
 
 def vllm_max_lora_rank(rank: int) -> int | None:

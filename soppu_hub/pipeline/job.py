@@ -162,6 +162,14 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
     return [s.path if s.path else got[id(s)] for s in sources]
 
 
+def lorax_sizes(base: str | None, token: str | bool | None = None) -> tuple[int, ...] | None:
+    """The --num-shard sizes LoRAX can run `base` at, from its config.json (None: no base, or no head counts)."""
+    from ..hub.info import model_config
+    from ..peft_format.layout import lorax_shard_sizes
+
+    return lorax_shard_sizes(model_config(base, token=token)) if base else None
+
+
 def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
             cards_progress: Progress | None = None, download_progress: Progress | None = None,
             push_progress: Progress | None = None, verify_progress: Progress | None = None) -> JobResult:
@@ -210,6 +218,7 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     if (spec.verify or sets) and not base:
         raise SoppuError(f"{'--verify' if spec.verify else '--eval-file'} needs the base model: the adapter config names "
                          "none, pass --base-model")
+    spec.export = spec.export.for_base(lorax_sizes(base, spec.token), base)
     out = Path(spec.out) if spec.out is not None else None
     result = JobResult(report={}, out=out)
     with staged_output(out, overwrite=spec.overwrite) as tmp:
