@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from soppu_hub.cli import main
 from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from soppu_hub.peft_format.layout import lorax_rank
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 COLL = "alice/tiny-coll"
@@ -92,6 +93,17 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
         card = (tmp_path / f"j{i}" / "README.md").read_text()
         assert f"cluster {got['cluster']}" in card and "**Its bases are shared.**" in card and str(out / "collection") in card
         assert f"{got['mean_rel_error']:.4f}" in card and "soppu-hub join" in card
+        # the same LoRAX fields and card row as a compressed member (issue 35): base unknown here, padded for 2
+        assert got["lorax_exact_tp"] == [t for t in range(1, 9) if lorax_rank(got["export_rank"], t) == got["export_rank"]]
+        assert got["unpadded_rank"] <= got["export_rank"] and got["export"]["lorax_tp"] == 2
+        assert got["export"]["lorax_sizes"] is None and "| LoRAX tensor parallel | the base model's head counts" in card
+        assert f"this export is exact at {', '.join(map(str, got['lorax_exact_tp']))} (padded for 2)" in card
+        nopad = tmp_path / f"j{i}-nopad"
+        assert main(["join", str(folders[i]), "--collection", str(out / "collection"), "--no-push", "--out", str(nopad),
+                     "--quiet", "--no-pad"]) == 0
+        bare = json.loads((nopad / "report.json").read_text())
+        assert bare["export"]["pad"] == "none" and bare["padding_params"] == 0
+        assert bare["lorax_exact_tp"] == [t for t in range(1, 9) if lorax_rank(bare["export_rank"], t) == bare["export_rank"]]
     members = read_members(out / "collection", 2)
     assert [m.name for m in members[-2:]] == ["a12", "a13"] and {m.how for m in members[-2:]} == {"join"}
     bundle = load_bundle(tmp_path / "j12" / "soppu", bases=member_bases(tmp_path / "j12"))

@@ -191,4 +191,6 @@ def render_join_card(entry: dict, job: CardSpec, *, params_before: int, core_par
         collection_url=_hub_url(entry["collection"]), sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
         base_model=job.base_model or "unknown", base_url=_hub_url(job.base_model or ""), version=__version__,
         vllm_rank=vllm_max_lora_rank(entry["export_rank"]), export_rank=entry["export_rank"], license=license,
-        params_before=params_before, core_params=core_params, command=job.command)
+        params_before=params_before, core_params=core_params, command=job.command,
+        lorax_row=lorax_row(entry["lorax_exact_tp"], entry["export"]["lorax_sizes"],
+                            padded_for=entry["export"]["lorax_tp"] if entry["export"]["pad"] == "lorax" else None))

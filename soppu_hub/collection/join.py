@@ -22,6 +22,7 @@ from ..compression.config import CompressConfig
 from ..compression.export import ExportConfig, export_peft
 from ..compression.plan import written_rel_errors
 from ..compression.refine import apply_choice, table_of
+from ..compression.report import export_fields, lorax_fields
 from ..errors import CollectionError, SoppuError
 from ..hub.common import TOKEN_HELP
 from ..hub.pull import download_adapter, parse_source
@@ -191,7 +192,8 @@ def write_member(folder: Path, adapter: LoraAdapter, bundle: Bundle, ref: dict, 
     save_bundle(bundle.to(dtype), folder / BUNDLE_DIR, basis_id=basis_id, bases_ref=ref)
     errors = written_rel_errors(adapter, info.factors)
     entry.update(mean_rel_error=statistics.fmean(errors.values()), max_rel_error=max(errors.values()),
-                 export_rank=info.rank, export_dtype=str(dtype).removeprefix("torch."),
+                 **lorax_fields(info, export), export_dtype=str(dtype).removeprefix("torch."),
+                 export=export_fields(export, [str(dtype).removeprefix("torch.")]),
                  modules={n: {"rel_error": e} for n, e in errors.items()})
     (folder / REPORT_NAME).write_text(json.dumps(entry, indent=2))
     return errors

@@ -39,11 +39,8 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "lora_params": adapter.lora_params,
                 "carried_params": adapter.carried_params,
                 "carried": adapter.carried_names,
-                "export_rank": info.rank,
-                "unpadded_rank": info.unpadded_rank,
-                "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes)),  # --num-shard sizes: unchanged
+                **lorax_fields(info, export),
                 "export_params": info.lora_params,
-                "padding_params": info.padding_params,
                 "export_dtype": _name(info.dtype),
                 "bytes_before": adapter.num_params * adapter.dtype.itemsize,
                 "export_bytes": (info.lora_params + adapter.carried_params) * info.dtype.itemsize,
@@ -70,9 +67,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "bytes_before": bytes_before,
         "store_bytes": after * store_itemsize,
         "compression_ratio_bytes": bytes_before / (after * store_itemsize),
-        "export": {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
-                   "pad": "lorax" if export.pad else "none", "lorax_tp": export.pad_tp,
-                   "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None},
+        "export": export_fields(export, dtypes),
         "clusters": [
             {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
              "params": b.num_params, "ranks": {name: mb.rank for name, mb in b.modules.items()}}
@@ -84,6 +79,20 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "adapters": adapters,
         "poorly_kept": poorly_kept(adapters, comp),
     }
+
+
+def lorax_fields(info: ExportInfo, export: ExportConfig) -> dict:
+    """What one export means to LoRAX, the same keys for compressed, joined and refit members: the rank written and
+    the rank it needs, the zeros written, the --num-shard sizes (of those the base allows) that run it unchanged."""
+    return {"export_rank": info.rank, "unpadded_rank": info.unpadded_rank, "padding_params": info.padding_params,
+            "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes))}
+
+
+def export_fields(export: ExportConfig, dtypes: list[str]) -> dict:
+    """How the exports were written: dtype(s), padding and for which size, the sizes LoRAX runs the base at."""
+    return {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
+            "pad": "lorax" if export.pad else "none", "lorax_tp": export.pad_tp,
+            "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None}
 
 
 def _name(dtype) -> str:

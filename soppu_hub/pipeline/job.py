@@ -17,7 +17,7 @@ from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import check_write_access, failure_reason, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter
-from .outputs import staged_output, write_outputs
+from .outputs import lorax_sizes, staged_output, write_outputs
 
 
 @dataclass
@@ -160,14 +160,6 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
             if not was_disabled:
                 enable_progress_bars(group)
     return [s.path if s.path else got[id(s)] for s in sources]
-
-
-def lorax_sizes(base: str | None, token: str | bool | None = None) -> tuple[int, ...] | None:
-    """The --num-shard sizes LoRAX can run `base` at, from its config.json (None: no base, or no head counts)."""
-    from ..hub.info import model_config
-    from ..peft_format.layout import lorax_shard_sizes
-
-    return lorax_shard_sizes(model_config(base, token=token)) if base else None
 
 
 def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,

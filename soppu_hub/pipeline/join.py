@@ -45,7 +45,7 @@ from ..errors import CollectionError, SoppuError
 from ..hub.collection import commit_on_head, download_file
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import CARD_NAME
-from .outputs import staged_output
+from .outputs import lorax_sizes, staged_output
 
 
 @dataclass
@@ -74,6 +74,8 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         check_write_access([target, coll.repo_id], writable, user)
     adapter, source_folder = fetch_adapter(spec)
     check_fits(adapter, coll)
+    base = adapter.base_model or coll.info.base_model
+    spec.export = spec.export.for_base(lorax_sizes(base, spec.token), base)
     dtype = spec.export.torch_dtype(adapter.dtype)
     try:
         c, bundle, errors, bar = place(adapter, coll, spec.max_error, log, spec.private_error)

@@ -101,3 +101,11 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
 def tensor_bytes(folder: Path) -> int:
     """Bytes of every safetensors file under folder: what a push uploads (the card and JSON are a few kB)."""
     return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def lorax_sizes(base: str | None, token: str | bool | None = None) -> tuple[int, ...] | None:
+    """The --num-shard sizes LoRAX can run `base` at, from its config.json (None: no base, or no head counts)."""
+    from ..hub.info import model_config
+    from ..peft_format.layout import lorax_shard_sizes
+
+    return lorax_shard_sizes(model_config(base, token=token)) if base else None
