@@ -198,3 +198,46 @@ def test_captured_energy_matches_the_dense_projection():
     torch.testing.assert_close(captured(B, A, U, V), dense, rtol=1e-5, atol=1e-6)
     B[2] = 0  # an all-zero delta counts as held entirely
     assert captured(B, A, U, V)[2] == 1.0
+
+
+def test_priced_ties_choose_the_fewest_clusters_whatever_the_float_noise():
+    """Stores equal and errors equal to float noise: the fewest clusters, however the noise falls (one thread and
+    two chose K = 1 and K = 3 on the sample collection before); a real difference in error still decides."""
+    from soppu_hub.compression.assign import TIE, _rank
+
+    rows = [{"K": 3, "stored": 100.0, "mean_error": 0.25}, {"K": 1, "stored": 100.0, "mean_error": 0.25 * (1 + TIE / 10)},
+            {"K": 2, "stored": 90.0, "mean_error": 0.4}]
+    assert [r["K"] for r in _rank(rows, by_error=False)] == [2, 1, 3]  # the smallest store first, then K 1 over 3
+    rows[1]["mean_error"] = 0.25 * (1 + 10 * TIE)  # K = 1 is really worse now
+    assert [r["K"] for r in _rank(rows, by_error=False)] == [2, 3, 1]
+    budget = [{"K": 4, "stored": 80.0, "mean_error": 0.2}, {"K": 1, "stored": 95.0, "mean_error": 0.2 * (1 + TIE / 10)},
+              {"K": 2, "stored": 80.0, "mean_error": 0.2 * (1 - TIE / 10)}]
+    assert [r["K"] for r in _rank(budget, by_error=True)] == [2, 4, 1]  # equal errors: the smaller store, then fewer K
+
+
+def test_one_thread_or_two_choose_the_same_and_export_the_same_deltas(tmp_path):
+    """The same command with 1 and 2 torch threads: the same clusters and choice, and every export's delta B A the
+    same to float32 round-off (the factors themselves may differ by signs and rotations: the bytes are not
+    identical, the adapters are)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from soppu_hub.devtools.samples.collection import COLLECTION
+
+    srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:8]
+    for t in (1, 2):
+        code = (f"import sys, torch; torch.set_num_threads({t}); from soppu_hub.cli import main; "
+                f"sys.exit(main(['compress', *{srcs!r}, '--no-push', '--quiet', '--out', {str(tmp_path / str(t))!r}]))")
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    one, two = (json.loads((tmp_path / t / "report.json").read_text()) for t in ("1", "2"))
+    assert [c["size"] for c in one["clusters"]] == [c["size"] for c in two["clusters"]]
+    assert one["params_after"] == two["params_after"] and one["choice"]["clusters"] == two["choice"]["clusters"]
+    for a in one["adapters"]:
+        x, y = (load_file(str(tmp_path / t / a["name"] / "adapter_model.safetensors")) for t in ("1", "2"))
+        for k in (k for k in x if k.endswith("lora_A.weight")):
+            b = k.replace("lora_A", "lora_B")
+            wx, wy = x[b].double() @ x[k].double(), y[b].double() @ y[k].double()
+            tol = 1e-5 if x[k].dtype == torch.float32 else 2e-2
+            assert float((wx - wy).norm() / wy.norm().clamp_min(1e-30)) < tol, (a["name"], k)

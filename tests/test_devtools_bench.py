@@ -30,16 +30,17 @@ def test_seed_reference_clips_rank_and_our_kernel_is_no_worse(tmp_path):
 
 def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_base):
     """Every method at each setting, scored on held-out examples; at a rank holding the adapters exactly, every
-    method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter; a soppu-hub
-    budget row follows each of the first SVD ranks; the families table groups adapters by task."""
+    method keeps the original's score (retention 1) and per-adapter SVD stores one basis per adapter; two soppu-hub
+    budget rows follow each of the first SVD ranks; the families table groups adapters by task."""
     from soppu_hub.devtools.bench.quality import JD, SOPPU, SVD, format_quality, matched_budgets, plot_quality, quality_rows
 
     sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
     rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), adapter_errors=(0.5,), svd_ranks=(2, 16),
                         budget_svd=(2,))
-    assert [r["method"] for r in rows] == [SVD] * 2 + [JD] * 2 + [SOPPU] * 3
-    budget = rows[-1]
-    assert budget["setting"]["budget"] == str(rows[0]["stored_params"]) and budget["stored_params"] <= rows[0]["stored_params"]
+    assert [r["method"] for r in rows] == [SVD] * 2 + [JD] * 2 + [SOPPU] * 4
+    for budget in rows[-2:]:  # the lowest error at SVD rank 2's store, and the same with its worst error as the cap
+        assert budget["setting"]["budget"] == str(rows[0]["stored_params"]) and budget["stored_params"] <= rows[0]["stored_params"]
+    assert "max_adapter_error" not in rows[-2]["setting"] and rows[-1]["setting"]["max_adapter_error"] > 0
     for r in rows:
         if r["setting"].get("rank") == 16:
             assert r["worst_error"] < 1e-5 and r["mean_retention"] in (1.0, None)

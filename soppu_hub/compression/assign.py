@@ -80,9 +80,7 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
     if not rows:  # no K fits the budget on the probes: one cluster, whose refine says the smallest store there is
         return {"clusters": 1, "scan": [], "runner_up": None, "priced_by": "error within --budget"}
     if priced:
-        key = (lambda r: (r["stored"], r["mean_error"], r["K"])) if config.budget is None else (
-            lambda r: (r["mean_error"], r["stored"], r["K"]))
-        ranked = sorted(rows, key=key)
+        ranked = _rank(rows, by_error=config.budget is not None)
     else:
         k = choose_k({r["K"]: r["mean_error"] for r in rows}, {r["K"]: r["stored"] for r in rows},
                      meets={r["K"]: r["meets"] for r in rows} if config.target_error is not None else None)
@@ -91,6 +89,28 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
             "priced_by": "error within --budget" if priced and config.budget is not None else
             "store at --adapter-error" if priced and config.adapter_error is not None else
             "store at --target-error" if priced else "mean error x stored parameters at --rank"}
+
+
+TIE = 1e-3  # relative: mean errors this close are float noise (thread counts change the last bits), not a choice
+
+
+def _rank(rows: list[dict], *, by_error: bool) -> list[dict]:
+    """Priced rows best first: the smallest store (the lowest error within a --budget), and among rows equal on that,
+    errors within TIE of the best count as equal and the fewest clusters wins. The same inputs then choose the same
+    K on any machine: an exact comparison of float errors let one thread or two decide between K = 1 and K = 3."""
+    def first(r: dict) -> float:
+        return r["mean_error"] if by_error else r["stored"]
+
+    out, left = [], list(rows)
+    while left:
+        lead = min(first(r) for r in left)
+        tied = [r for r in left if (first(r) <= lead * (1 + TIE) + 1e-12 if by_error else first(r) == lead)]
+        best = min(r["stored"] if by_error else r["mean_error"] for r in tied)
+        near = [r for r in tied if (r["stored"] == best if by_error else r["mean_error"] <= best * (1 + TIE) + 1e-12)]
+        pick = min(near, key=lambda r: r["K"])
+        out.append(pick)
+        left.remove(pick)
+    return out
 
 
 PRICED_K = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192)  # about x1.3 apart, then doubling
