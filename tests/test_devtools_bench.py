@@ -198,3 +198,16 @@ def test_serve_curve_end_to_end_at_a_small_size(tmp_path):
     assert "raised from JD's" in format_load({**m, "plain_bound_bytes": m["jd"]["resident_bytes"] + 1})
     plot_load(m, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peers_verdicts_allow_round_off_and_nothing_more():
+    """The same reconstruction by two code paths (per-adapter SVD through JD singletons, and soppu-hub's j = 0)
+    differs in the last bits: never behind; one percent more error is behind."""
+    from soppu_hub.devtools.bench.peers import SOPPU, SVD, verdicts
+
+    svd = {"set": "s", "method": SVD, "setting": {"rank": 1}, "stored_params": 100, "mean_error": 0.8243428960771293,
+           "worst_error": 0.8337851779671808}
+    ours = {"set": "s", "method": SOPPU, "setting": {"budget": "100"}, "stored_params": 99,
+            "mean_error": 0.824342896086574, "worst_error": 0.8337851779782399}
+    assert verdicts([svd, ours])[0].endswith(": never behind")
+    assert verdicts([svd, {**ours, "mean_error": svd["mean_error"] * 1.01}])[0].endswith(": BEHIND")
