@@ -95,3 +95,45 @@ def test_rerun_with_verify_added_pushes_one_commit_and_then_none(bobs_repos):
     res = cli(*sources, "--rank", "4", "--verify")
     assert res.returncode == 0 and all(f"unchanged {t}" in res.stdout for t in targets), res.stdout + res.stderr
     assert {t: len(api.list_repo_commits(t)) for t in targets} == {t: n + 1 for t, n in commits.items()}
+
+
+def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, tmp_path):
+    """One torch thread and two write other bytes for the same adapters (factor signs, last bits); pushed once, the
+    two-thread rerun finds every repo holding the same adapter and commits nothing; a delta changed by 1% is
+    pushed (issue 35)."""
+    from safetensors.torch import load_file, save_file
+
+    from soppu_hub.devtools.samples.collection import COLLECTION
+    from soppu_hub.hub.push import changed_files, push_folder
+    from soppu_hub.pipeline.unchanged import same_adapter
+
+    srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:6]
+    names = [Path(s).name for s in srcs]
+    api = HfApi(token=BOB)
+    out = tmp_path / "out"  # the same command twice: the same folder (cards name it), one thread then two
+
+    def run(threads: int) -> None:
+        code = (f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
+                f"['compress', *{srcs!r}, '--no-push', '--quiet', '--overwrite', '--out', {str(out)!r}]))")
+        assert subprocess.run([sys.executable, "-c", code], env=os.environ).returncode == 0
+
+    run(1)
+    for n in names:
+        assert push_folder(out / n, f"bob/rerun-{n}", token=BOB)
+    commits = {n: len(api.list_repo_commits(f"bob/rerun-{n}")) for n in names}
+    run(2)
+    differ = 0
+    for n in names:
+        changed = changed_files(out / n, f"bob/rerun-{n}", token=BOB)
+        differ += bool(changed)
+        same = lambda c, n=n: same_adapter(out / n, f"bob/rerun-{n}", c, token=BOB)  # noqa: E731
+        assert push_folder(out / n, f"bob/rerun-{n}", token=BOB, skip_unchanged=True, same=same) is None, (n, changed)
+    assert differ > 0  # the bytes did differ: the check compared adapters, not files
+    assert {n: len(api.list_repo_commits(f"bob/rerun-{n}")) for n in names} == commits
+    weights = out / names[0] / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if ".lora_B." in k)
+    tensors[key] = tensors[key] * 1.01
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    changed = changed_files(out / names[0], f"bob/rerun-{names[0]}", token=BOB)
+    assert not same_adapter(out / names[0], f"bob/rerun-{names[0]}", changed, token=BOB)

@@ -1,4 +1,4 @@
-"""What the Hub says about repos: listings by tag, card metadata, single files, a base model's chat template."""
+"""What the Hub says about repos: listings by tag, card metadata, single files, a model's config, a base model's chat template."""
 
 from __future__ import annotations
 
@@ -42,15 +42,27 @@ def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, toke
         return None
 
 
-def model_config(model_id: str, *, revision: str | None = None, token: str | bool | None = None) -> dict | None:
-    """A model's config.json, from a local folder or the Hub; None when it cannot be read (then callers say so)."""
+def model_config(model_id: str, *, revision: str | None = None, token: str | bool | None = None,
+                 timeout: float = 10.0) -> dict | None:
+    """A model's config.json, from a local folder, the cache or one request to the Hub; None when it cannot be
+    read. One request with a short timeout, no retries: it only refines a default (LoRAX's shard sizes), and an
+    offline machine must not wait half a minute of backoff for it."""
     import json
 
+    from huggingface_hub import hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers, get_session
+
     local = Path(model_id) / "config.json"
-    path = local if local.is_file() else fetch_file(model_id, "config.json", revision=revision, token=token)
     try:
-        return json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
+        if local.is_file():
+            return json.loads(local.read_text())
+        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+        r = get_session().get(hf_hub_url(model_id, "config.json", revision=revision),
+                              headers=build_hf_headers(token=token), timeout=timeout)
+        return r.json() if r.status_code == 200 else None
+    except Exception:  # noqa: BLE001 - an invalid id, no network, not JSON: the caller says it could not check
         return None
 
 

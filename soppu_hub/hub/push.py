@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ..errors import SoppuError
 from .common import HubError, is_repo_id, retry
@@ -57,32 +58,36 @@ def _local_ids(path: Path) -> tuple[str, str]:
     return git_hash(data), hashlib.sha256(data).hexdigest()
 
 
-def unchanged_on_hub(folder: Path, repo_id: str, *, token: str | bool | None = None) -> bool:
-    """True when the repo already holds every file of `folder` byte for byte (card, report and plots included;
-    run timings are kept out of them) and no other file: a rerun then has nothing to push for it."""
+def changed_files(folder: Path, repo_id: str, *, token: str | bool | None = None) -> list[str] | None:
+    """The files of `folder` whose bytes the repo does not hold ([]: a rerun has nothing to push; card, report and
+    plots keep run timings out); None when the repo does not exist or holds another set of file names."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         tree = retry(lambda: list(HfApi(token=token).list_repo_tree(repo_id, recursive=True)), f"list {repo_id}")
     except RepositoryNotFoundError:
-        return False
+        return None
     remote = {f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id) for f in tree
               if hasattr(f, "blob_id") and f.path != ".gitattributes"}
     local = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
     if set(remote) != set(local):
-        return False
-    return all(remote[k] in _local_ids(path) for k, path in local.items())
+        return None
+    return sorted(k for k, path in local.items() if remote[k] not in _local_ids(path))
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-                commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False) -> str | None:
+                commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False,
+                same: Callable[[list[str]], bool] | None = None) -> str | None:
     """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too).
-    With `skip_unchanged`, a repo that already holds this adapter is left alone (returns None)."""
+    With `skip_unchanged`, a repo that already holds this adapter is left alone (returns None): byte for byte, or
+    where `same(changed files)` says the differing files hold the same content (the caller's notion of noise)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    if skip_unchanged and unchanged_on_hub(folder, repo_id, token=token):
-        return None
+    if skip_unchanged:
+        changed = changed_files(folder, repo_id, token=token)
+        if changed == [] or (changed and same is not None and same(changed)):
+            return None
     api = HfApi(token=token)
     retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -18,6 +18,7 @@ from ..hub.push import check_write_access, failure_reason, push_folder, target_r
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter
 from .outputs import lorax_sizes, staged_output, write_outputs
+from .unchanged import same_adapter
 
 
 @dataclass
@@ -281,7 +282,8 @@ def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str
 def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
              progress: Progress | None = None) -> dict[str, str]:
     """One commit per repo, `spec.workers` repos at a time; a repo whose adapter is already on the Hub unchanged
-    is skipped (so a rerun after a failure pushes only what is missing or changed). On a failure the message
+    is skipped (so a rerun after a failure pushes only what is missing or changed; without --collection,
+    "unchanged" includes the float noise of another machine's thread count: pipeline/unchanged.py). On a failure the message
     says exactly which repos got their commit and which did not."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -294,7 +296,8 @@ def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, 
             return  # after a failure, start nothing new
         try:
             url = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
-                              skip_unchanged=True)
+                              skip_unchanged=True, same=None if spec.collection else
+                              lambda changed: same_adapter(folder / name, repo_id, changed, token=spec.token))
         except Exception as e:  # noqa: BLE001 - any failure of one push is reported with all the others
             failed[repo_id] = failure_reason(e)
             return

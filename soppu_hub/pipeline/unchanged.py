@@ -1,0 +1,109 @@
+"""Whether a rerun changes what a repo holds, beyond float noise.
+
+The same command on a machine with another core count fits the same adapters, but BLAS reductions split
+differently, so the factors come out with other signs and last bits: byte for byte every tensor file differs while
+every adapter is the same. A rerun compares what it would push with what the repo holds and pushes nothing when
+the difference is that noise: every module's delta (B A of the PEFT export, U S V^T + X Y of the bundle) within
+DELTA_TOL relative, other tensors within it elementwise, text files equal once their numbers (within
+NUMBER_TOL) and content hashes are set aside, plots drawn from those numbers. A collection member's slice names
+bases held elsewhere, so it is compared byte for byte only.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..compression.bundle import load_bundle
+from ..peft_format.layout import BUNDLE_DIR
+
+DELTA_TOL = 1e-4  # relative Frobenius difference of a module's delta that is float noise (thread counts: ~1e-7 fp32)
+NUMBER_TOL = 1e-3  # relative difference of a number in a card or report that is the same number
+NUMBER_FLOOR = 1e-6  # absolute: errors of an exact fit (1e-8 and such) are round-off whatever their ratio
+TOKEN = re.compile(r"\b[0-9a-f]{12,64}\b|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str | bool | None = None) -> bool:
+    """True when every file of `changed` (those whose bytes differ from the repo's) differs only by float noise."""
+    from huggingface_hub import snapshot_download
+
+    if not changed or any(not p.endswith((".safetensors", ".json", ".md", ".png")) for p in changed):
+        return False
+    patterns = [*changed, f"{BUNDLE_DIR}/*"]
+    with tempfile.TemporaryDirectory(prefix="soppu-rerun-") as tmp:
+        try:
+            remote = Path(snapshot_download(repo_id, allow_patterns=patterns, local_dir=tmp, token=token))
+        except Exception:  # noqa: BLE001 - cannot compare: push, as without this check
+            return False
+        for path in changed:
+            if path.endswith(".png"):
+                continue  # drawn from the numbers the texts and tensors hold
+            ours, theirs = folder / path, remote / path
+            if path.endswith(".safetensors"):
+                ok = _same_bundle(ours.parent, theirs.parent) if ours.parent.name == BUNDLE_DIR else _same_tensors(ours, theirs)
+            else:
+                ok = _same_text(ours.read_text(), theirs.read_text())
+            if not ok:
+                return False
+    return True
+
+
+def _relative(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float((x - y).norm() / y.norm().clamp_min(1e-300)) if y.norm() > 0 else float(x.norm())
+
+
+def _same_tensors(ours: Path, theirs: Path) -> bool:
+    """A PEFT file: the same keys, shapes and dtypes; each module's B A within DELTA_TOL, other tensors likewise."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
+        return False
+    for k in a:
+        if ".lora_A." in k and k.replace(".lora_A.", ".lora_B.") in a:
+            kb = k.replace(".lora_A.", ".lora_B.")
+            if _relative(a[kb].double() @ a[k].double(), b[kb].double() @ b[k].double()) > DELTA_TOL:
+                return False
+        elif ".lora_B." not in k and _relative(a[k], b[k]) > DELTA_TOL:
+            return False
+    return True
+
+
+def _same_bundle(ours: Path, theirs: Path) -> bool:
+    """A repo's bundle slice with its bases: every adapter's delta per module within DELTA_TOL."""
+    try:
+        x, y = load_bundle(ours), load_bundle(theirs)
+    except Exception:  # noqa: BLE001 - a member slice (bases elsewhere) or anything unreadable: not the same
+        return False
+    if x.adapters != y.adapters or x.modules.keys() != y.modules.keys():
+        return False
+    for i in range(len(x.adapters)):
+        fx, fy = x.factors(i), y.factors(i)
+        if fx.keys() != fy.keys():
+            return False
+        for name, (B, A) in fx.items():
+            if _relative(B.double() @ A.double(), fy[name][0].double() @ fy[name][1].double()) > DELTA_TOL:
+                return False
+    return True
+
+
+def _same_text(ours: str, theirs: str) -> bool:
+    """Equal once numbers and hex ids are set aside, and every number within NUMBER_TOL (or NUMBER_FLOOR) of its
+    counterpart."""
+    if TOKEN.sub("#", ours) != TOKEN.sub("#", theirs):
+        return False
+    for p, q in zip(TOKEN.findall(ours), TOKEN.findall(theirs)):
+        if p == q:
+            continue
+        try:
+            u, v = float(p), float(q)
+        except ValueError:
+            continue  # a content hash (basis id): the tensors it names are compared above
+        if abs(u - v) > NUMBER_TOL * max(abs(u), abs(v)) + NUMBER_FLOOR:
+            return False
+    return True
