@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory import trim_heap
 from ..peft_format.read import LoraAdapter
 from .allocate import Choice, Table, by_adapter_error, by_budget, by_target, make_table
 from .bundle import Bundle, ModuleBasis, compact_core, core_size
@@ -93,6 +94,7 @@ def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int]
     for c, name, mb, glob in each():
         table, co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)
         tables.append(table)
+        trim_heap()
         small.append(dataclasses.replace(co, Ql=None, Qr=None))  # a thousand adapters' Q_i for every module would
     if adapter_error is not None:  # not fit in memory; the cores need only the small coordinates
         choices = by_adapter_error(tables, adapter_error, len(adapters))
@@ -102,6 +104,7 @@ def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int]
         if any(choice.private):  # private factors need the whole coordinates: read this module again
             co = module_table(adapters, glob, name, mb.U, mb.V, c, shared_only)[1]
         _store(bundles[c], name, mb, co, table, choice, rel_errors, out)
+        trim_heap()
     return out
 
 

@@ -15,6 +15,7 @@ from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import Compression, written_rel_errors
 from ..compression.report import Output, build_report
 from ..errors import SoppuError
+from ..memory import trim_heap
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import widest_dtype
 
@@ -80,6 +81,8 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
         repo_params += kept + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
         info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
+        if i % TRIM_EVERY == TRIM_EVERY - 1:
+            trim_heap()
         info.repo_bytes = tensor_bytes(folder / name)
         exports.append(info)
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
@@ -96,6 +99,9 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
                          "repo_bytes": sum(e.repo_bytes for e in exports)}
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
+
+
+TRIM_EVERY = 16  # adapters written between heap trims
 
 
 def tensor_bytes(folder: Path) -> int:
