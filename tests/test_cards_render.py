@@ -13,7 +13,7 @@ def _report(**over):
                "export_dtype": "bfloat16", "bytes_before": 2_000_000, "export_bytes": 4_000_000, "repo_bytes": 5_600_000}
     report = {"method": "full", "rank": 16, "device": "cpu", "seconds": 1.5, "params_before": 4000, "params_after": 800,
               "carried_params": 0, "compression_ratio": 5.0, "target_error": None, "bytes_before": 8_000_000,
-              "store_bytes": 1_600_000, "compression_ratio_bytes": 5.0,
+              "store_bytes": 1_600_000, "compression_ratio_bytes": 5.0, "store": {"dtype": "bfloat16", "bytes_per_number": 2},
               "export": {"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2},
               "clusters": [{"id": 0, "size": 4, "rank": 16, "params": 800, "ranks": {"m": 16}}],
               "adapters": [adapter] + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)]}
@@ -45,7 +45,13 @@ def test_card_sizes_are_bytes_and_add_up():
     text = " ".join(render_card(_report(), JOB, ranks_png=None, sweep_png=None).split())
     assert "this repo holds 5.60 MB of tensors, 2.80x the original adapter's 2.00 MB" in text
     assert "its PEFT export, 4.00 MB (rank 16 in bfloat16)" in text and "(1.60 MB: its cores and a copy" in text
-    assert "takes 1.60 MB once; the whole store is 1.60 MB against 8.00 MB for the 4 originals (5.00x fewer bytes)" in text
+    assert ("takes 1.60 MB once, kept as bfloat16; the whole store is 1.60 MB against 8.00 MB for the 4 originals "
+            "(5.00x fewer bytes)") in text
+    q = _report(store={"dtype": "nf4", "group": 64, "bytes_per_number": 4.25 / 8}, store_bytes=425_000)
+    q["adapters"][0]["fit_mean_rel_error"] = 0.1200
+    text = " ".join(render_card(q, JOB, ranks_png=None, sweep_png=None).split())
+    assert ("kept as nf4 (group-wise codes, 4.25 bits a number; the export is written from them, and they cost this "
+            "adapter +0.0034 in mean relative error over the fit)") in text
     shared = " ".join(render_card(_report(collection={"name": "alice/c", "revision": None}), JOB, ranks_png=None,
                                   sweep_png=None).split())
     assert "its cores; the bases are in the collection, once" in shared

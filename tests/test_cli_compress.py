@@ -16,10 +16,10 @@ from soppu_hub.peft_format.read import read_adapter
 
 REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
                "clusters", "target_error", "budget", "choice", "bytes_before", "store_bytes", "compression_ratio_bytes",
-               "export", "adapters", "poorly_kept", "written"}
+               "export", "adapters", "poorly_kept", "written", "store"}
 ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank", "cluster",
                 "unpadded_rank", "lorax_exact_tp", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules",
-                "private_directions", "export_dtype", "bytes_before", "export_bytes", "repo_bytes"}
+                "private_directions", "export_dtype", "bytes_before", "export_bytes", "repo_bytes", "fit_mean_rel_error"}
 
 
 @pytest.fixture(scope="module")

@@ -286,3 +286,24 @@ def test_a_resident_row_adds_its_members_private_directions():
         c = int(cluster[k])
         delta = U[c] @ cores[k] @ Vt[c] + Xt[k].T @ Yt[k].T
         torch.testing.assert_close(got[row], x[row] @ delta.T)
+
+
+def test_private_directions_never_push_an_export_past_the_original_rank(tmp_path):
+    """rank(W_i) <= k: shared rank 4 plus 2 private directions would make a rank-4 adapter's export rank 6 (and LoRAX
+    pad it to 8: twice the bytes); it is written at rank 4, the best rank-4 approximation of what is stored."""
+    from soppu_hub.compression.bundle import Bundle, ModuleBasis
+    from soppu_hub.compression.export import ExportConfig, export_peft
+
+    g = torch.Generator().manual_seed(0)
+    U, V = torch.linalg.qr(torch.randn(32, 4, generator=g))[0], torch.linalg.qr(torch.randn(24, 4, generator=g))[0]
+    mb = ModuleBasis(U, V, {0: torch.randn(4, 4, generator=g)},
+                     private={0: (torch.randn(32, 2, generator=g) * 0.1, torch.randn(2, 24, generator=g))})
+    bundle = Bundle("full", ["a"], [{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}], {"model.layers.0.self_attn.q_proj": mb})
+    assert bundle.export_rank(0) == 4
+    info = export_peft(bundle, 0, tmp_path / "e", export=ExportConfig(pad=False))
+    B, A = info.factors["model.layers.0.self_attn.q_proj"]
+    L, R = mb.delta_factors(0)
+    P, s, Qh = torch.linalg.svd((L @ R).double())
+    best = (P[:, :4] * s[:4]) @ Qh[:4]
+    assert info.rank == 4 and B.shape == (32, 4)
+    torch.testing.assert_close((B @ A).double(), best, rtol=1e-5, atol=1e-6)

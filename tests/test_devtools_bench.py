@@ -36,8 +36,13 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
 
     sets = [[("Hello!", "I am fine, thank you."), ("What is the capital of France?", "Paris.")]] * len(sample_adapters)
     rows = quality_rows(tiny_base, list(sample_adapters), sets, ranks=(2, 16), adapter_errors=(0.5,), svd_ranks=(2, 16),
-                        budget_svd=(2,))
-    assert [r["method"] for r in rows] == [SVD] * 2 + [JD] * 2 + [SOPPU] * 4
+                        budget_svd=(2,), stores=("float32", "nf4"))
+    assert [r["method"] for r in rows] == [SVD] * 2 + [JD] * 2 + [SOPPU] * 6
+    f32, nf4 = rows[-2:]  # the demo's setting kept in float32 and in NF4 codes: the same fit, 7x fewer bytes
+    rows = rows[:-2]
+    assert (f32["store"], nf4["store"]) == ("float32", "nf4") and f32["stored_params"] == nf4["stored_params"]
+    assert nf4["store_bytes"] < f32["store_bytes"] / 6 and nf4["ratio_bytes"] > 6 * f32["ratio_bytes"]
+    assert f32["exported_mean_error"] <= nf4["exported_mean_error"] < f32["exported_mean_error"] + 0.2
     for budget in rows[-2:]:  # the lowest error at SVD rank 2's store, and the same with its worst error as the cap
         assert budget["setting"]["budget"] == str(rows[0]["stored_params"]) and budget["stored_params"] <= rows[0]["stored_params"]
     assert "max_adapter_error" not in rows[-2]["setting"] and rows[-1]["setting"]["max_adapter_error"] > 0

@@ -73,12 +73,13 @@ B16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
         ([B16] * 2, [], [B16] * 2, B16),
         ([F16] * 2, [], [F16] * 2, F16),
         ([F32] * 2, [], [F32] * 2, F32),
-        ([B16, F16], [], [B16, F16], F32),  # each export in its own input's dtype; the shared store the widest
-        ([B16, F32], [], [B16, F32], F32),
-        ([B16] * 2, ["--export-dtype", "float32"], [F32] * 2, F32),
-        ([F32] * 2, ["--export-dtype", "bf16"], [B16] * 2, B16),
+        ([B16, F16], [], [B16, F16], B16),  # each export in its own input's dtype; a mixed set's store bf16
+        ([B16, F32], [], [B16, F32], B16),
+        ([B16] * 2, ["--export-dtype", "float32"], [F32] * 2, B16),  # the store follows the inputs, not the export
+        ([F32] * 2, ["--export-dtype", "bf16"], [B16] * 2, F32),
+        ([F32] * 2, ["--store-dtype", "fp16"], [F32] * 2, F16),
     ],
-    ids=["bf16", "fp16", "fp32", "bf16+fp16", "bf16+fp32", "bf16->fp32", "fp32->bf16"],
+    ids=["bf16", "fp16", "fp32", "bf16+fp16", "bf16+fp32", "bf16->fp32", "fp32->bf16", "store-fp16"],
 )
 def test_export_dtype_and_errors_measured_on_what_was_written(tmp_path, dtypes, flag, want, store):
     srcs = _adapters(tmp_path, dtypes=dtypes)

@@ -32,6 +32,7 @@ __all__ = ["build_parser", "command_line", "job_spec", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     from ..compression.config import CompressConfig
+    from ..compression.quantize import STORE_DTYPES
     from ..pipeline.job import JobSpec
 
     parser = Parser(prog="soppu-hub", description=__doc__.splitlines()[0])
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     add_fields(p, JobSpec, ["workers", "collection", "refit"])
     add_fields(p, CompressConfig)
-    add_export_args(p)
+    add_export_args(p, store=True)
     p.set_defaults(func=cmd_compress)
 
     from ..collection.join import FLAGS as JOIN_FLAGS
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")
     p.add_argument("--repeats", type=int, default=1, help="serve: measured passes per case of the curve, the median "
                    "reported (default 1)")
+    p.add_argument("--store-dtype", default="auto", choices=STORE_DTYPES, help="serve (curve), join: how the collection "
+                   "is kept (compress --store-dtype; a quantized one stays its codes in the server's memory; default auto)")
     p.add_argument("--model", choices=["tiny", "real"], default="tiny", help="serve (curve): the tiny Llama with synthetic "
                    "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)")
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")

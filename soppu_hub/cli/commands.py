@@ -106,6 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..devtools.bench.join import run_join_bench
 
         print(run_join_bench(_count(args, 900), args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
+                             store=args.store_dtype,
                              log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "peers":
@@ -129,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
         print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
                              new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real", repeats=max(1, args.repeats),
+                             store=args.store_dtype,
                              log=lambda m: print(m, file=sys.stderr, flush=True)))
         return 0
     if args.what == "serve":

@@ -84,12 +84,14 @@ def _tp(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"takes auto or a tensor-parallel size (an integer), not {text!r}") from None
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
+def add_export_args(p: argparse.ArgumentParser, *, store: bool = False) -> None:
+    """--no-pad, --lorax-tp, --export-dtype; with `store` (compress) --store-dtype too (a joiner's store is its
+    collection's)."""
     from ..compression.export import ExportConfig
 
     p.add_argument("--no-pad", dest="pad", action="store_false", help=ExportConfig.__dataclass_fields__["pad"].metadata["help"])
     p.add_argument("--lorax-tp", type=_tp, default=LORAX_AUTO, metavar="auto|N", help=field_help(ExportConfig, "lorax_tp"))
-    add_fields(p, ExportConfig, ["dtype"])
+    add_fields(p, ExportConfig, ["dtype", *(["store"] if store else [])])
 
 
 def _ranks(text: str | None, verify: bool) -> list[int]:
@@ -114,7 +116,7 @@ def job_spec(args: argparse.Namespace) -> "JobSpec":
     from ..pipeline.job import JobSpec
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
-    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype)
+    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype, store=args.store)
     simple = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobSpec)
               if f.name not in ("sources", "config", "export", "out", "push", "verify_ranks", "command", "repo_ids")}
     return JobSpec(sources=[*args.sources, *_sources_from_file(args.sources_file)], config=config, export=export,

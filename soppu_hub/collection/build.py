@@ -14,6 +14,7 @@ from ..compression.assign import probe_modules, signatures
 from ..compression.bundle import Bundle
 from ..compression.cluster import normalise
 from ..compression.plan import Compression
+from ..compression.quantize import Store
 from .format import CENTROIDS_FILE, ClusterInfo, CollectionInfo, Member, save_bases, write_collection, write_members
 
 
@@ -31,8 +32,8 @@ def save_centroids(path: Path, centroids: torch.Tensor) -> None:
 
 
 def write_collection_folder(folder: Path, comp: Compression, written: list[Bundle], ids: list[str], report: dict,
-                            *, repo_ids: list[str | None], command: str) -> CollectionInfo:
-    """Everything a joiner needs, nothing of any member's adapter: bases per cluster (as written: the export dtype),
+                            *, repo_ids: list[str | None], command: str, store: Store | None = None) -> CollectionInfo:
+    """Everything a joiner needs, nothing of any member's adapter: bases per cluster (as the `store` keeps them),
     centroids of the members' signatures over probe modules, the settings, and the members (how = compress)."""
     adapters = comp.adapters
     modules = list(dict.fromkeys(m for a in adapters for m in a.modules))
@@ -43,12 +44,12 @@ def write_collection_folder(folder: Path, comp: Compression, written: list[Bundl
     clusters = []
     for c, wb in enumerate(written):
         info = ClusterInfo(c, ids[c], max(e["mean_rel_error"] for e in entries if e["cluster"] == c))
-        save_bases(folder / info.file, {n: (mb.U, mb.V) for n, mb in wb.modules.items()}, ids[c])
+        save_bases(folder / info.file, {n: (mb.U, mb.V) for n, mb in wb.modules.items()}, ids[c], store)
         clusters.append(info)
     shapes = {m: list(next(a.modules[m].shape for a in adapters if m in a.modules)) for m in modules}
     info = CollectionInfo(adapters[0].base_model, comp.config.method, comp.config.rank, comp.config.target_error, shapes,
                           probes, clusters, settings=dataclasses.asdict(comp.config), sources=[a.source for a in adapters],
-                          command=command)
+                          command=command, store=store.header() if store is not None else None)
     write_collection(folder, info)
     write_members(folder, [Member(e["name"], e["cluster"], e["mean_rel_error"], e["max_rel_error"], e["source"], "compress",
                                   repo_id=r) for e, r in zip(entries, repo_ids)])

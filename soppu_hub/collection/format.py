@@ -14,10 +14,14 @@ from pathlib import Path
 
 import torch
 
+from ..compression.bundle import load_tensors, save_tensors
+from ..compression.quantize import Store
 from ..errors import CollectionError
 
 FORMAT = "soppu-collection"
 VERSION = 1
+QUANTIZED_VERSION = 2  # 2: the bases files hold group-wise codes (collection.json "store"); a float store stays 1
+READS = (1, 2)
 COLLECTION_FILE = "collection.json"
 MEMBERS_FILE = "members.json"
 CLUSTERS_DIR = "clusters"
@@ -64,11 +68,19 @@ class CollectionInfo:
     settings: dict = field(default_factory=dict)  # the CompressConfig fields the fit ran with
     sources: list[str] = field(default_factory=list)  # what the fit compressed, in order
     command: str = "soppu-hub compress"
+    store: dict | None = None  # Store.header() of a quantized store: how the bases files and members' cores are kept
+
+    @property
+    def stored(self) -> Store:
+        """The store of the bases files and of members' cores (a float store: as the files' dtype says)."""
+        return Store.from_header(self.store) or Store("float32")
 
 
 def write_collection(folder: Path, info: CollectionInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"format": FORMAT, "version": VERSION, **asdict(info)}
+    body = {"format": FORMAT, "version": VERSION if info.store is None else QUANTIZED_VERSION, **asdict(info)}
+    if info.store is None:
+        del body["store"]  # a float store writes what version 1 wrote
     (folder / COLLECTION_FILE).write_text(json.dumps(body, indent=1))
 
 
@@ -81,15 +93,16 @@ def parse_collection(text: str, where: str) -> CollectionInfo:
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CollectionError(f"{where} is not a soppu collection ({COLLECTION_FILE} lacks format {FORMAT!r}); "
                               "name a repo written by soppu-hub compress --collection")
-    if body.get("version") != VERSION:
-        raise CollectionError(f"{where}: collection format version {body.get('version')!r} is not the {VERSION} this "
-                              "soppu-hub reads; upgrade soppu-hub (pip install -U soppu-hub)")
+    if body.get("version") not in READS:
+        raise CollectionError(f"{where}: collection format version {body.get('version')!r} is not one this soppu-hub "
+                              f"reads ({', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)")
     try:
         info = CollectionInfo(**{f.name: body[f.name] for f in fields(CollectionInfo) if f.name in body})
         info.clusters = [ClusterInfo(**c) for c in info.clusters]
         ok = [c.index for c in info.clusters] == list(range(len(info.clusters))) and len(info.clusters) > 0 and all(
             isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in info.modules.values())
-    except (TypeError, AttributeError):
+        Store.from_header(info.store)  # a store record this version cannot read raises ValueError
+    except (TypeError, AttributeError, ValueError):
         ok = False
     if not ok:
         raise CollectionError(f"{where}: {COLLECTION_FILE} is incomplete or edited by hand; publish the collection "
@@ -136,21 +149,22 @@ def read_members(folder: Path, clusters: int) -> list[Member]:
     return parse_members(path.read_text(), str(folder), clusters)
 
 
-def save_bases(path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], basis_id: str) -> None:
-    """One cluster's bases: "<module>.U" (out x r) and "<module>.V" (in x r)."""
-    from safetensors.torch import save_file
-
+def save_bases(path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], basis_id: str,
+               store: Store | None = None) -> None:
+    """One cluster's bases: "<module>.U" (out x r) and "<module>.V" (in x r); a quantized `store` writes their codes
+    (the bases hold what store.stored_bases returned, so the codes come back as written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{n}.{side}": t.contiguous() for n, (U, V) in bases.items() for side, t in (("U", U), ("V", V))}
-    save_file(tensors, str(path), metadata={"format": f"{FORMAT} bases {basis_id}"})  # one key: safetensors writes a
-    # metadata map in no fixed order, and a rerun must write the same bytes to be seen as unchanged
+    save_tensors(path, tensors, f"{FORMAT} bases {basis_id}", store)
 
 
-def load_bases(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def load_bases(path: Path, store: Store | None = None) -> dict[str, torch.Tensor]:
+    """One cluster's bases (de-quantized for a quantized `store`: float32); damage is one CollectionError naming the
+    file and, for a bad scale or code, the tensor."""
     try:
-        return load_file(str(path))
+        return load_tensors(path, store)
+    except ValueError as e:
+        raise CollectionError(f"{path.name}: {e}; nothing is served from it, download the collection again") from None
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CollectionError(f"{path.name}: the cluster's bases cannot be read ({type(e).__name__}); "
                               "download the collection again") from None

@@ -22,13 +22,15 @@ from ..compression.config import CompressConfig
 from ..compression.export import ExportConfig, export_peft
 from ..compression.plan import written_rel_errors
 from ..compression.refine import apply_choice, table_of
+from ..compression.quantize import Store
 from ..compression.report import export_fields, lorax_fields
+from ..compression.store import stored_bundle
 from ..errors import CollectionError, SoppuError
 from ..hub.common import TOKEN_HELP
 from ..hub.pull import download_adapter, parse_source
 from ..peft_format.layout import BUNDLE_DIR, REPORT_NAME
 from ..peft_format.read import LoraAdapter, read_adapter
-from .format import Member
+from .format import CollectionInfo, Member
 from .project import cluster_order, project_module
 from .remote import Collection, open_collection
 
@@ -183,13 +185,22 @@ def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: 
                           f"or refit the collection with it (soppu-hub compress --collection {coll.name} --refit)")
 
 
+def member_store(info: CollectionInfo, dtype: torch.dtype) -> Store:
+    """How a joining member's cores (and --new-cluster's bases) are kept: the collection's quantized store, or for a
+    float collection the member's export dtype."""
+    return info.stored if info.stored.quantized else Store(str(dtype).removeprefix("torch."))
+
+
 def write_member(folder: Path, adapter: LoraAdapter, bundle: Bundle, ref: dict, basis_id: str, export: ExportConfig,
-                 entry: dict) -> dict[str, float]:
-    """The member repo folder: PEFT export, cores naming the collection's bases, report.json. Returns the errors of
-    the factors as written."""
+                 entry: dict, coll_info: CollectionInfo) -> dict[str, float]:
+    """The member repo folder: PEFT export, cores naming the collection's bases (kept as the collection keeps its
+    store), report.json. Returns the errors of the factors as written."""
     dtype = export.torch_dtype(adapter.dtype)
-    info = export_peft(bundle, 0, folder, export=export, dtype=dtype, extras=adapter.extras(dtype))
-    save_bundle(bundle.to(dtype), folder / BUNDLE_DIR, basis_id=basis_id, bases_ref=ref)
+    store = member_store(coll_info, dtype)
+    kept = stored_bundle(bundle, store)
+    info = export_peft(kept if store.quantized else bundle, 0, folder, export=export, dtype=dtype,
+                       extras=adapter.extras(dtype))
+    save_bundle(kept, folder / BUNDLE_DIR, basis_id=basis_id, bases_ref=ref, store=store)
     errors = written_rel_errors(adapter, info.factors)
     entry.update(mean_rel_error=statistics.fmean(errors.values()), max_rel_error=max(errors.values()),
                  **lorax_fields(info, export), export_dtype=str(dtype).removeprefix("torch."),

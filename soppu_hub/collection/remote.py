@@ -54,7 +54,7 @@ class Collection:
 
     def bases(self, cluster: int) -> dict[str, torch.Tensor]:
         """"<module>.U" / ".V" of one cluster."""
-        return load_bases(self.file(self.info.clusters[cluster].file))
+        return load_bases(self.file(self.info.clusters[cluster].file), self.info.stored)
 
 
 def open_collection(source: str | Path, *, revision: str | None = None, token: str | bool | None = None) -> Collection:

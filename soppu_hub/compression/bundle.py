@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import BundleError
@@ -16,12 +17,14 @@ from ..peft_format.layout import (
     BUNDLE_WEIGHTS,
 )
 from ..peft_format.read import LINEAR, module_scaling
+from .quantize import Store, pack, unpack
 
 FORMAT = "soppu-bundle"
 VERSION = 2  # 2: JD-Full cores of rank k < r / 2 stored as their factors (2 r k numbers); 1: every core dense
 SHARED_VERSION = 3  # 3: cores only; the bases live in a published collection, named by the header's "bases"
 PRIVATE_VERSION = 4  # 4: adapters may keep private directions (X, Y) beside the shared part; bases inside or not
-READS = (1, 2, 3, 4)
+QUANTIZED_VERSION = 5  # 5: tensors kept as group-wise codes (header "store"); a float store keeps versions 2-4
+READS = (1, 2, 3, 4, 5)
 Private = tuple[torch.Tensor, torch.Tensor]  # X (out, p), Y (p, in): an adapter's own directions, delta += X @ Y
 
 
@@ -160,12 +163,15 @@ class Bundle:
     def export_rank(self, adapter: int) -> int:
         """Uniform LoRA rank that holds adapter i's reconstruction exactly in every module.
 
-        JD-Full: rank(U S_i V^T) <= min(k_i, r), with k_i the module's original LoRA rank.
-        JD-Diag: up to r. Private directions add their number p_i.
+        JD-Full: rank(U S_i V^T) <= min(k_i, r), with k_i the module's original LoRA rank; private directions add
+        their number p_i, but never past k_i: the original has rank k_i, and one direction over it would make LoRAX
+        pad a rank-8 adapter to 16 (twice its bytes), so such a module is exported as its reconstruction's best
+        rank-k_i approximation (errors are measured on what is written; the backend serves those modules from the
+        export's own factors). JD-Diag: up to r, plus p_i.
         """
         ranks = [
-            (mb.rank if self.method == "diag" else min(mb.rank, module_scaling(self.configs[adapter], name)[0]))
-            + mb.private_rank(adapter)
+            mb.rank + mb.private_rank(adapter) if self.method == "diag"
+            else min(module_scaling(self.configs[adapter], name)[0], mb.rank + mb.private_rank(adapter))
             for name, mb in self.modules.items()
             if adapter in mb.cores
         ]
@@ -179,9 +185,12 @@ class Bundle:
         return Bundle(self.method, self.adapters, self.configs, mods)
 
 
-def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None, bases_ref: dict | None = None) -> None:
+def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None, bases_ref: dict | None = None,
+                store: Store | None = None) -> None:
     """`basis_id`: bundle.basis_id() when the caller has it already (a cluster's thousand subsets share one).
-    `bases_ref` ({"collection", "revision", "cluster"}): the bases are kept there, not written (version 3)."""
+    `bases_ref` ({"collection", "revision", "cluster"}): the bases are kept there, not written (version 3).
+    `store`: a quantized store writes every tensor as its codes (version 5); the bundle holds what
+    store.stored_bundle returned, so the codes come back as written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -210,18 +219,46 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
         if by_p:
             modules[name]["private"] = {str(p): m for p, m in by_p.items()}
     private = any("private" in meta for meta in modules.values())
+    quantized = store is not None and store.quantized
     header = {
         "format": FORMAT,
-        "version": PRIVATE_VERSION if private else VERSION if bases_ref is None else SHARED_VERSION,
+        "version": QUANTIZED_VERSION if quantized else PRIVATE_VERSION if private else VERSION if bases_ref is None
+        else SHARED_VERSION,
+        **({"store": store.header()} if quantized else {}),
         "method": bundle.method,
         "basis_id": basis_id or bundle.basis_id(),
         **({} if bases_ref is None else {"bases": bases_ref}),
         "adapters": [{"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))],
         "modules": modules,
     }
-    save_file(tensors, str(folder / BUNDLE_WEIGHTS), metadata={"format": FORMAT})  # one key: safetensors writes a map in
-    # no fixed order, and byte-identical files are how a rerun knows a repo is unchanged (version: bundle.json)
+    save_tensors(folder / BUNDLE_WEIGHTS, tensors, FORMAT, store)
     (folder / BUNDLE_HEADER).write_text(json.dumps(header, indent=2))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], label: str, store: Store | None = None) -> None:
+    """A safetensors file of the store: as they are, or (a quantized store) as pack's blobs with its index as the
+    metadata. One metadata key either way: safetensors writes a map in no fixed order, and byte-identical files are
+    how a rerun knows a repo is unchanged."""
+    if store is not None and store.quantized:
+        blobs, index = pack(tensors, store.kind, group=store.group, whole=(".U", ".V"))
+        save_file(blobs, str(path), metadata={QUANTIZED_KEY: index})
+    else:
+        save_file(tensors, str(path), metadata={"format": label})
+
+
+def load_tensors(path: Path, store: Store | None) -> dict[str, torch.Tensor]:
+    """save_tensors' tensors back (de-quantized for a quantized store); ValueError names a damaged tensor."""
+    if store is None or not store.quantized:
+        return load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        index = (f.metadata() or {}).get(QUANTIZED_KEY)
+        blobs = {k: f.get_tensor(k) for k in f.keys()}
+    if index is None:
+        raise ValueError("it holds no quantization index")
+    return unpack(blobs, index)
+
+
+QUANTIZED_KEY = "soppu-quantized"
 
 
 def bases_ref(folder: str | Path) -> dict | None:
@@ -239,7 +276,7 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
     folder = Path(folder)
     try:
         header = json.loads((folder / BUNDLE_HEADER).read_text())
-        tensors = load_file(str(folder / BUNDLE_WEIGHTS))
+        tensors = None if isinstance(header, dict) and "store" in header else load_file(str(folder / BUNDLE_WEIGHTS))
     except FileNotFoundError:
         missing = next(n for n in (BUNDLE_HEADER, BUNDLE_WEIGHTS) if not (folder / n).is_file())
         raise BundleError(f"{folder} is not a soppu bundle (missing {missing}); point at the bundle folder") from None
@@ -250,6 +287,15 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
     if header.get("version") not in READS:
         raise BundleError(f"{folder}: {FORMAT} version {header.get('version')!r} is newer than this soppu-hub reads "
                           f"(versions {', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)")
+    try:
+        store = Store.from_header(header.get("store"))
+        tensors = tensors if tensors is not None else load_tensors(folder / BUNDLE_WEIGHTS, store)
+    except ValueError as e:
+        raise BundleError(f"{folder / BUNDLE_WEIGHTS}: {e}; nothing is loaded from it, download or write it again") from None
+    except FileNotFoundError:
+        raise BundleError(f"{folder} is not a soppu bundle (missing {BUNDLE_WEIGHTS}); point at the bundle folder") from None
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise BundleError(f"{folder}: bundle cannot be read ({type(e).__name__}: {e}); download it again") from None
     try:
         adapters = sorted(header["adapters"], key=lambda a: a["index"])
         bundle = Bundle(header["method"], [a["name"] for a in adapters], [a["peft_config"] for a in adapters])

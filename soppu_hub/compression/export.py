@@ -12,6 +12,7 @@ from ..peft_format.config import clean_config
 from ..peft_format.layout import DEFAULT_LORAX_TP, LORAX_AUTO, LORAX_MAX_TP, lorax_rank
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
+from .quantize import STORE_DTYPES
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,9 +68,14 @@ class ExportConfig:
         "help": "LoRAX tensor-parallel size (--num-shard) to pad for, so LoRAX serves the export at full strength "
                 "there (its rank >= 8 x N): auto (default) pads for 2 where the base model's heads allow 2 shards, "
                 "else for 1 (nothing padded for a size LoRAX refuses); N must be a size the base allows"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of each export: auto (its own input's; the shared store takes the widest), "
+    dtype: str = field(default="auto", metadata={"help": "dtype of each export: auto (its own input's), "
                                                          "float32, bfloat16 or float16",
                                                  "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
+    store: str = field(default="auto", metadata={
+        "help": "how the shared-basis store (the bundle, a collection's bases, members' cores) is kept: auto (the "
+                "inputs' dtype when they agree, else bfloat16), a float dtype, or group-wise codes: int8 (about 2x "
+                "smaller than bfloat16), int4 or nf4 (about 3.8x); the cores are refit to quantized bases, and every "
+                "export is written from what is stored", "choices": STORE_DTYPES, "flag": "--store-dtype"})
 
     lorax_sizes: tuple[int, ...] | None = None  # --num-shard sizes the base allows (for_base); None: not known
 
@@ -79,6 +85,8 @@ class ExportConfig:
                               f"got {self.lorax_tp}")
         if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
             raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.store not in STORE_DTYPES:
+            raise ConfigError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store!r}")
 
     def for_base(self, sizes: tuple[int, ...] | None, base: str | None = None) -> ExportConfig:
         """This config with the size to pad for made concrete, given the --num-shard sizes LoRAX can run the base
@@ -104,8 +112,7 @@ class ExportConfig:
         return lorax_rank(rank, self.pad_tp) if self.pad else rank
 
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
-        """`inputs`: an input adapter's dtype, or the widest of several for the shared store (float64 is written as
-        float32)."""
+        """`inputs`: an input adapter's dtype (float64 is written as float32)."""
         if self.dtype != "auto":
             return EXPORT_DTYPES[self.dtype]
         return torch.float32 if inputs == torch.float64 else inputs

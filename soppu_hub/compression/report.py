@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..peft_format.layout import lorax_exact_tps
 from .export import ExportConfig, ExportInfo
 from .plan import Compression
+from .quantize import Store
 
 
 @dataclass
@@ -20,14 +21,17 @@ class Output:
 
 
 def build_report(comp: Compression, outputs: list[Output], exports: list[ExportInfo], errors: list[dict[str, float]],
-                 export: ExportConfig, *, store_itemsize: int = 4) -> dict:
+                 export: ExportConfig, *, store: Store | None = None) -> dict:
     """The report dict. rel_error = ||W_i - B' A'||_F / ||W_i||_F for the exported factors as written (dtype
     and padding included), PEFT scaling included, not squared.
 
     params_before / params_after count carried tensors on both sides; padding zeros are not parameters. Bytes are
     what users pay for: bytes_before the originals' tensors in their own dtypes, store_bytes the shared store (bases
-    once, cores, carried tensors) at `store_itemsize`, export_bytes / repo_bytes per adapter as written.
+    once and cores at the `store`'s bytes per number, carried tensors in their own dtypes), export_bytes / repo_bytes
+    per adapter as written. fit_mean_rel_error is the fit's error before the store rounded or quantized it: the
+    difference is what the store cost on its own.
     """
+    store = store or Store()
     adapters = []
     for adapter, out, info, errs in zip(comp.adapters, outputs, exports, errors):
         adapters.append(
@@ -47,6 +51,7 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
                 "repo_bytes": info.repo_bytes,
                 "mean_rel_error": statistics.fmean(errs.values()),
                 "max_rel_error": max(errs.values()),
+                "fit_mean_rel_error": _fit_error(comp, len(adapters)),
                 "modules": {name: {"rel_error": e} for name, e in errs.items()},
                 "cluster": comp.cluster_of[len(adapters)],
                 "private_directions": comp.refined.private.get(len(adapters), 0) if comp.refined else 0,
@@ -54,6 +59,8 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         )
     before, after = comp.params_before, comp.params_after
     bytes_before = sum(a["bytes_before"] for a in adapters)
+    carried = sum(a.carried_params * a.dtype.itemsize for a in comp.adapters)
+    store_bytes = round((after - comp.carried_params) * store.bytes_per_number) + carried
     dtypes = sorted({a["export_dtype"] for a in adapters})
     return {
         "method": comp.config.method,
@@ -65,8 +72,10 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "carried_params": comp.carried_params,
         "compression_ratio": before / after,
         "bytes_before": bytes_before,
-        "store_bytes": after * store_itemsize,
-        "compression_ratio_bytes": bytes_before / (after * store_itemsize),
+        "store": {"dtype": store.name, **({"group": store.group} if store.quantized else {}),
+                  "bytes_per_number": store.bytes_per_number},
+        "store_bytes": store_bytes,
+        "compression_ratio_bytes": bytes_before / store_bytes,
         "export": export_fields(export, dtypes),
         "clusters": [
             {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
@@ -79,6 +88,12 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "adapters": adapters,
         "poorly_kept": poorly_kept(adapters, comp),
     }
+
+
+def _fit_error(comp: Compression, i: int) -> float:
+    """Adapter i's mean relative error as fitted, before the store: the kernel's per-module errors."""
+    errs = [ms.rel_errors[i] for ms in comp.stats.values() if i in ms.rel_errors]
+    return statistics.fmean(errs) if errs else float("nan")
 
 
 def lorax_fields(info: ExportInfo, export: ExportConfig) -> dict:
@@ -159,6 +174,6 @@ def format_table(report: dict) -> str:
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "
         f"({report['compression_ratio']:.2f}x); {report['bytes_before'] / 1e6:.2f} -> {report['store_bytes'] / 1e6:.2f} MB "
-        f"stored once ({report['compression_ratio_bytes']:.2f}x in bytes)"
+        f"stored once as {report['store']['dtype']} ({report['compression_ratio_bytes']:.2f}x in bytes)"
     )
     return "\n".join(lines)

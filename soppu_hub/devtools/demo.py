@@ -88,6 +88,8 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
     """`soppu-hub compress` of the seeded repos; with checks, --verify (and the set's probes and held-out
     examples), which rewrites the cards and pushes them again (the weights are the same: JD is deterministic)."""
     cmd = [sys.executable, "-m", "soppu_hub", "compress", *ids, "--rank", str(demo_set.rank), "--out", str(workdir / out)]
+    if len(ids) > 1:  # the bases once, in a collection repo; each member repo holds its export and its cores
+        cmd += ["--collection", demo_collection(ids, demo_set)]
     if demo_set.target_error is not None:
         cmd += ["--target-error", str(demo_set.target_error)]
     if not checks:
@@ -103,6 +105,11 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
             shutil.copyfile(path, evals / f"{name}.jsonl")
         cmd += ["--eval-file", str(evals)]
     return cmd
+
+
+def demo_collection(ids: list[str], demo_set: DemoSet) -> str:
+    """The collection repo the demo publishes its set's shared bases in, in the adapters' namespace."""
+    return f"{ids[0].split('/')[0]}/{demo_set.name}-collection"
 
 
 def _card_pages(ids: list[str], folder: Path, workdir: Path) -> list[Path]:

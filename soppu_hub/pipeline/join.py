@@ -32,6 +32,7 @@ from ..collection.join import (
     check_fits,
     check_spec,
     fetch_adapter,
+    member_store,
     new_member,
     open_for_join,
     own_cluster,
@@ -41,6 +42,7 @@ from ..collection.join import (
 )
 from ..collection.remote import Collection, update_members
 from ..compression.bundle import Bundle
+from ..compression.store import stored_bundle
 from ..errors import CollectionError, SoppuError
 from ..hub.collection import commit_on_head, download_file
 from ..hub.push import check_write_access, push_folder, target_repo_ids, whoami
@@ -84,8 +86,9 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         if not spec.new_cluster:
             raise
         bundle, errors = own_cluster(adapter, coll.info.rank)
-        how, basis_id, bar = "new-cluster", bundle.to(dtype).basis_id(), float("nan")
-        new = _NewCluster(bundle.to(dtype), signature(adapter, coll.info.probes), statistics.fmean(errors.values()))
+        bundle = stored_bundle(bundle, member_store(coll.info, dtype))  # its bases kept as the collection keeps bases
+        how, basis_id, bar = "new-cluster", bundle.basis_id(), float("nan")
+        new = _NewCluster(bundle, signature(adapter, coll.info.probes), statistics.fmean(errors.values()))
     result = JoinResult(adapter.name, -1, how, 0.0, 0.0, bar, repo_id=target, out=spec.out)
     with staged_output(spec.out, overwrite=spec.overwrite) as tmp:
         revision = coll.revision
@@ -95,7 +98,7 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         ref = {"collection": coll.name, "revision": revision, "cluster": c}
         entry = {"name": adapter.name, "source": adapter.source, "collection": coll.name, "collection_revision": revision,
                  "cluster": c, "how": how, "bar": bar, "shared_bases": True}
-        errors = write_member(tmp, adapter, bundle, ref, basis_id, spec.export, entry)
+        errors = write_member(tmp, adapter, bundle, ref, basis_id, spec.export, entry, coll.info)
         _write_card(tmp, entry, adapter, bundle, source_folder, spec, target)
         member = new_member(adapter, c, how, errors, target)
         if target is not None:
@@ -149,7 +152,7 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
     def files(info: CollectionInfo, centroids: torch.Tensor) -> tuple[int, dict[str, Path]]:
         k = len(info.clusters)
         info.clusters.append(ClusterInfo(k, basis_id, new.mean_error))
-        save_bases(scratch / cluster_file(k), bases, basis_id)
+        save_bases(scratch / cluster_file(k), bases, basis_id, info.stored)
         save_centroids(scratch / CENTROIDS_FILE, torch.cat([centroids.double(), (new.centroid / new.centroid.norm())[None]]))
         write_collection(scratch, info)
         return k, {p: scratch / p for p in (cluster_file(k), CENTROIDS_FILE, COLLECTION_FILE)}

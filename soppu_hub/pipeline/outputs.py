@@ -14,10 +14,10 @@ from ..compression.bundle import save_bundle
 from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import Compression, written_rel_errors
 from ..compression.report import Output, build_report
+from ..compression.store import choose_store, stored_bundle
 from ..errors import SoppuError
 from ..memory import trim_heap
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
-from ..peft_format.read import widest_dtype
 
 
 @contextmanager
@@ -53,18 +53,20 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
                   repo_ids: list[str | None] | None = None) -> dict:
     """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
 
-    Each PEFT export is written in its own input's dtype (--export-dtype auto: a bf16 adapter stays bf16 beside an
-    fp32 one, so no repo holds more bytes per number than its original), the shared store in the widest of them;
-    the report's errors are those of the factors as written, and its byte counts those of the files.
+    The shared store is kept as --store-dtype says (store.stored_bundle: cast, or quantized with the cores refit);
+    each PEFT export is written from the quantized store's values (from the fit when the store only rounds to a
+    float dtype: rounding twice would add noise and gain nothing) in its own input's dtype (--export-dtype auto: a bf16 adapter stays bf16
+    beside an fp32 one, so no repo holds more bytes per number than its original); the report's errors are those
+    of the factors as written, and its byte counts those of the files.
     With `collection`, the bases go once into out/collection (collection.build) and each slice names it instead;
     `repo_ids`: where each adapter will be pushed (None: kept local), for the members list.
     """
     export = export or ExportConfig()
-    dtype = export.torch_dtype(widest_dtype(a.dtype for a in comp.adapters))
-    written = [b.to(dtype) for b in comp.bundles]
+    store = choose_store(export.store, [a.dtype for a in comp.adapters])
+    written = [stored_bundle(b, store) for b in comp.bundles]
     ids = [wb.basis_id() for wb in written]
     for c, wb in enumerate(written if collection is None else []):  # one cluster: out/bundle; several: .../cluster-<c>
-        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""), basis_id=ids[c])
+        save_bundle(wb, folder / "bundle" / (f"cluster-{c}" if len(written) > 1 else ""), basis_id=ids[c], store=store)
     exports: list[ExportInfo] = []
     local = comp.local_indices()
     errors = []
@@ -72,11 +74,11 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     for i, (name, adapter) in enumerate(zip(names, comp.adapters)):
         c, j = comp.cluster_of[i], local[i]
         own_dtype = export.torch_dtype(adapter.dtype)
-        info = export_peft(comp.bundles[c], j, folder / name, export=export, dtype=own_dtype,
-                           extras=adapter.extras(own_dtype))
+        source = written[c] if store.quantized else comp.bundles[c]  # a float store only rounds: export the fit
+        info = export_peft(source, j, folder / name, export=export, dtype=own_dtype, extras=adapter.extras(own_dtype))
         own = written[c].subset(j)
         ref = None if collection is None else {"collection": collection, "revision": None, "cluster": c}
-        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c], bases_ref=ref)
+        save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c], bases_ref=ref, store=store)
         kept = own.num_params if ref is None else own.num_params - sum(mb.U.numel() + mb.V.numel() for mb in own.modules.values())
         repo_params += kept + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
@@ -86,12 +88,12 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
         info.repo_bytes = tensor_bytes(folder / name)
         exports.append(info)
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
-    report = build_report(comp, outs, exports, errors, export, store_itemsize=dtype.itemsize)
+    report = build_report(comp, outs, exports, errors, export, store=store)
     if collection is not None:
         from ..collection.build import write_collection_folder
 
         write_collection_folder(folder / COLLECTION_DIR, comp, written, ids, report, command=command,
-                                repo_ids=repo_ids or [None] * len(names))
+                                repo_ids=repo_ids or [None] * len(names), store=store)
         report["collection"] = {"name": collection, "revision": None}
     # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
     report["written"] = {"bundle_params": sum(b.num_params for b in written), "repo_params": repo_params,

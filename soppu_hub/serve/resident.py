@@ -18,8 +18,11 @@ from typing import Callable
 import torch
 
 from ..compression.bundle import FactoredCore, load_bundle
+from ..compression.quantize import Store
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, BUNDLE_WEIGHTS, KEY_PREFIX
+from .quantized import QuantizedItems
 
+Held = torch.Tensor | QuantizedItems  # a stack of members' parts: values, or a quantized store's codes
 PREFIX = "resident:"  # the adapter name a resident member's rows carry through the engine
 
 
@@ -33,14 +36,24 @@ class ModuleStack:
 
     U: torch.Tensor
     Vt: torch.Tensor
-    cores: torch.Tensor | None = None
-    P: torch.Tensor | None = None
-    Q: torch.Tensor | None = None
-    Xt: torch.Tensor | None = None  # (N, p, m): members' private directions X_i^T, zero-padded to the most any has
-    Yt: torch.Tensor | None = None  # (N, d, p): Y_i^T
+    cores: Held | None = None
+    P: Held | None = None
+    Q: Held | None = None
+    Xt: Held | None = None  # (N, p, m): members' private directions X_i^T, zero-padded to the most any has
+    Yt: Held | None = None  # (N, d, p): Y_i^T
 
-    def tensors(self) -> list[torch.Tensor]:
+    def parts(self) -> list[Held]:
         return [t for t in (self.U, self.Vt, self.cores, self.P, self.Q, self.Xt, self.Yt) if t is not None]
+
+    def params(self) -> int:
+        return sum(t.numbers if isinstance(t, QuantizedItems) else t.numel() for t in self.parts())
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() if isinstance(t, QuantizedItems) else t.numel() * t.element_size() for t in self.parts())
+
+    def _rows(self, held: Held, slots: torch.Tensor) -> torch.Tensor:
+        """Each slot's item: gathered, or de-quantized from the store's codes (a quantized collection)."""
+        return held.gather(slots, self.U.dtype) if isinstance(held, QuantizedItems) else held.index_select(0, slots)
 
     def applier(self, rows: "ResidentRows") -> Callable[[torch.Tensor], torch.Tensor]:
         """x (b, s, d) -> delta (b, s, m) = U_c S_i V_c^T x per row, built once per batch composition (which changes
@@ -51,14 +64,14 @@ class ModuleStack:
         V, Ut = self.Vt.index_select(0, rows.cluster).transpose(1, 2), self.U.index_select(0, rows.cluster).transpose(1, 2)
         if self.Xt is None:
             return lambda x: torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)
-        Y, Xt = self.Yt.index_select(0, rows.slots), self.Xt.index_select(0, rows.slots)  # private: gathered like
+        Y, Xt = self._rows(self.Yt, rows.slots), self._rows(self.Xt, rows.slots)  # private: gathered like
         return lambda x: (torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)  # a plain adapter's factors
                           + torch.bmm(torch.bmm(x.to(V.dtype), Y), Xt))
 
     def row_cores(self, slots: torch.Tensor) -> torch.Tensor:
         """(b, R, R): each row's member's core."""
-        return self.cores.index_select(0, slots) if self.cores is not None else torch.bmm(
-            self.P.index_select(0, slots), self.Q.index_select(0, slots))
+        return self._rows(self.cores, slots) if self.cores is not None else torch.bmm(
+            self._rows(self.P, slots), self._rows(self.Q, slots))
 
 
 @dataclass
@@ -101,10 +114,11 @@ class ResidentCollection:
         return len(self.slots)
 
     def params(self) -> int:
-        return sum(t.numel() for st in self.modules.values() for t in st.tensors())
+        return sum(st.params() for st in self.modules.values())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.modules.values() for t in st.tensors())
+        """Resident bytes: the bases once, every member's part as held (a quantized store: its codes)."""
+        return sum(st.nbytes() for st in self.modules.values())
 
     def summary(self) -> dict:
         return {"collection": self.name, "revision": self.revision, "members": self.members,
@@ -149,39 +163,48 @@ def load_resident(source: str | Path, *, revision: str | None = None, token: str
             res.ids[alias] = engine_name
     res.clusters = len(bases)
     res.cluster = torch.tensor([m.cluster for m in coll.members])
+    store = coll.info.stored
     for key in bundles[0].modules:
-        res.modules[key] = _stack(key, bases, bundles, dtype)
+        res.modules[key] = _stack(key, bases, bundles, dtype, store if store.quantized else None)
     log(f"{res.members} members of {coll.name} resident: {res.nbytes() / 1e6:.1f} MB")
     return res
 
 
-def _stack(key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, dtype: torch.dtype) -> ModuleStack:
+def _stack(key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, dtype: torch.dtype,
+           store: Store | None = None) -> ModuleStack:
     """One module's ModuleStack; clusters of different ranks are zero-padded to the largest (zero directions add
-    nothing)."""
+    nothing). With a quantized `store` the members' parts stay its codes (QuantizedItems); the bases are values."""
     pad = torch.nn.functional.pad
     Us = [bases[c][f"{key}.U"] for c in sorted(bases)]
     Vs = [bases[c][f"{key}.V"] for c in sorted(bases)]
     R = max(u.shape[1] for u in Us)
     st = ModuleStack(U=torch.stack([pad(u, (0, R - u.shape[1])) for u in Us]).to(dtype),
                      Vt=torch.stack([pad(v, (0, R - v.shape[1])).T for v in Vs]).to(dtype).contiguous())
+
+    def held(items: list[torch.Tensor | None], shape: tuple[int, int], transpose: bool = False,
+             codes: bool = True) -> Held:
+        if store is not None and codes:
+            return QuantizedItems.build(items, shape, store, transpose=transpose)
+        out = torch.zeros(len(items), *shape, dtype=dtype)
+        for i, t in enumerate(items):
+            if t is not None:
+                t = t.T if transpose else t
+                out[i, : t.shape[0], : t.shape[1]] = t.to(dtype)
+        return out
+
     cores = [b.modules[key].cores[0] for b in bundles]
     if all(isinstance(core, FactoredCore) for core in cores):
         k = max(core.P.shape[1] for core in cores)
-        st.P = torch.stack([pad(core.P, (0, k - core.P.shape[1], 0, R - core.P.shape[0])) for core in cores]).to(dtype)
-        st.Q = torch.stack([pad(core.Q, (0, R - core.Q.shape[1], 0, k - core.Q.shape[0])) for core in cores]).to(dtype)
-    else:
-        mats = [b.modules[key].core_matrix(0) for b in bundles]
-        st.cores = torch.stack([pad(m, (0, R - m.shape[1], 0, R - m.shape[0])) for m in mats]).to(dtype)
+        st.P, st.Q = held([c.P for c in cores], (R, k)), held([c.Q for c in cores], (k, R))
+    else:  # codes only where every core is held as its file holds it (dense); a mix, or diagonal cores: values
+        dense = all(isinstance(c, torch.Tensor) and c.dim() == 2 for c in cores)
+        st.cores = held([b.modules[key].core_matrix(0) for b in bundles], (R, R), codes=dense)
     private = [b.modules[key].private.get(0) for b in bundles]
     p = max((X.shape[1] for X, _ in filter(None, private)), default=0)
     if p:
         m, d = st.U.shape[1], st.Vt.shape[2]
-        st.Xt = torch.zeros(len(bundles), p, m, dtype=dtype)
-        st.Yt = torch.zeros(len(bundles), d, p, dtype=dtype)
-        for i, xy in enumerate(private):
-            if xy is not None:
-                st.Xt[i, : xy[0].shape[1]] = xy[0].T.to(dtype)
-                st.Yt[i, :, : xy[1].shape[0]] = xy[1].T.to(dtype)
+        st.Xt = held([xy[0] if xy else None for xy in private], (p, m), transpose=True)
+        st.Yt = held([xy[1] if xy else None for xy in private], (d, p), transpose=True)
     return st
 
 

@@ -36,19 +36,21 @@ def _child_main(job_file: str) -> None:
 
     from ...collection.join import JoinSpec
     from ...compression.config import CompressConfig
+    from ...compression.export import ExportConfig
     from ...errors import CollectionError
-    from ...pipeline.job import JobSpec, compress_folders, run_job
+    from ...pipeline.job import JobSpec, run_job
     from ...pipeline.join import run_join
 
     job = json.loads(Path(job_file).read_text())
     torch.set_num_threads(job["threads"])
     tmp, folders, n = Path(job["tmp"]), [Path(f) for f in job["folders"]], job["n_collection"]
     config = dict(rank=job["rank"], clusters=job["clusters"], device="cpu")
+    store = ExportConfig(store=job["store"])  # the collection's store: a join downloads one cluster's bases in it
     t0 = time.perf_counter()
     # compressed and pushed as `compress --collection` does it: the collection, then every member's repo (one at a
     # time: concurrent LFS pushes to the offline Hub fail now and then with "Error while uploading", not yet found)
     built = run_job(JobSpec(sources=[str(f) for f in folders[:n]], config=CompressConfig(**config), out=tmp / "built",
-                            push=True, namespace=USER, token=TOKEN, collection=COLL, workers=1)).report
+                            push=True, namespace=USER, token=TOKEN, collection=COLL, workers=1, export=store)).report
     build_s = time.perf_counter() - t0
     bases_bytes = [p.stat().st_size for p in sorted((tmp / "built" / "collection" / "clusters").glob("cluster-*"))]
     joins, refused = [], []
@@ -78,7 +80,8 @@ def _child_main(job_file: str) -> None:
         res = load_resident(COLL, token=TOKEN)
         resident[label] = {"seconds": time.perf_counter() - t0, "members": res.members, "bytes": res.nbytes()}
     t0 = time.perf_counter()
-    refit = compress_folders(folders, tmp / "refit", CompressConfig(**config))
+    refit = run_job(JobSpec(sources=[str(f) for f in folders], config=CompressConfig(**config), out=tmp / "refit",
+                            push=False, export=store)).report  # the same store: joined against refit, like for like
     refit_s = time.perf_counter() - t0
     refit_err = {a["name"]: a["mean_rel_error"] for a in refit["adapters"]}
     print(json.dumps({"build_s": build_s, "clusters": len(built["clusters"]),
@@ -88,7 +91,7 @@ def _child_main(job_file: str) -> None:
 
 
 def run_join_bench(n_collection: int = 900, n_join: int = 100, *, rank: int = 24, clusters: str = "auto",
-                   cli_joins: int = 3, as_json: bool = False, log=lambda m: None) -> str:
+                   cli_joins: int = 3, as_json: bool = False, store: str = "auto", log=lambda m: None) -> str:
     import torch
 
     from ..launch import start_hub
@@ -108,7 +111,7 @@ def run_join_bench(n_collection: int = 900, n_join: int = 100, *, rank: int = 24
         try:
             # the library joins (and the refit) cover folders[n : n + n_join]; the CLI joins come after them
             job = {"tmp": str(tmp), "folders": [str(f) for f in folders[: n_collection + n_join]], "unseen": str(unseen),
-                   "n_collection": n_collection, "rank": rank, "clusters": clusters, "threads": 2}
+                   "n_collection": n_collection, "rank": rank, "clusters": clusters, "threads": 2, "store": store}
             (tmp / "job.json").write_text(json.dumps(job))
             log(f"building a collection of {n_collection}, then {n_join} joins and the refit (child process)")
             res = subprocess.run([sys.executable, "-m", "soppu_hub.devtools.bench.join", str(tmp / "job.json")],
@@ -126,6 +129,7 @@ def run_join_bench(n_collection: int = 900, n_join: int = 100, *, rank: int = 24
         finally:
             hub.stop()
     out["cli"] = cli
+    out["store"] = store
     if as_json:
         return json.dumps(out, indent=1)
     return format_join(out, n_collection)
@@ -140,7 +144,8 @@ def format_join(out: dict, n_collection: int) -> str:
     budget = [max(out["bases_bytes"]) + j["adapter_bytes"] for j in joins]
     rows = [
         ("collection", f"{n_collection} adapters, {out['clusters']} clusters, built and pushed (collection + member repos) in "
-                       f"{out['build_s']:.1f} s; one cluster's bases {max(out['bases_bytes']) / 1e6:.1f} MB"),
+                       f"{out['build_s']:.1f} s; one cluster's bases {max(out['bases_bytes']) / 1e6:.2f} MB "
+                       f"(store {out.get('store', 'auto')})"),
         ("joins (library call)", f"{len(joins)} landed, {len(refused)} refused; median {statistics.median(secs):.2f} s, "
                                  f"p90 {secs[int(0.9 * (len(secs) - 1))]:.2f} s, max {secs[-1]:.2f} s (goal <= 5 s)"),
         ("joins (CLI, interpreter and imports included)",

@@ -30,6 +30,13 @@ SVD = "per-adapter SVD"
 JD = "JD (paper: shared bases only)"
 SOPPU = "soppu-hub"
 BUDGET_SVD = (1, 2)  # the SVD ranks whose stores get a soppu-hub --budget row
+STORE_SETTING = {"rank": 48, "target_error": 0.4}  # make demo's setting, scored with each --store-dtype (issue 34)
+STORES = ("bfloat16", "int8", "nf4", "int4")
+
+
+def store_settings(stores=STORES) -> list[tuple[str, dict]]:
+    """The demo's setting once per store dtype: the same fit, kept in fewer bytes ("store" goes to ExportConfig)."""
+    return [(SOPPU, {**STORE_SETTING, "store": s}) for s in stores]
 
 
 def settings(n_adapters: int, ranks=RANKS, adapter_errors=ADAPTER_ERRORS, svd_ranks=SVD_RANKS) -> list[tuple[str, dict]]:
@@ -89,10 +96,12 @@ def whole_errors(comp) -> list[float]:
 
 
 def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ranks=RANKS, adapter_errors=ADAPTER_ERRORS,
-                 svd_ranks=SVD_RANKS, budget_svd=BUDGET_SVD, log: Callable[[str], None] = lambda m: None) -> list[dict]:
+                 svd_ranks=SVD_RANKS, budget_svd=BUDGET_SVD, stores=STORES, fixed: bool = True,
+                 log: Callable[[str], None] = lambda m: None) -> list[dict]:
     """Every setting's row; the originals are scored once, every compressed export on its adapter's examples;
     two --budget rows (with and without the SVD row's worst error as the cap) at the store of each SVD rank in
-    `budget_svd`."""
+    `budget_svd`; the demo's setting with each store dtype in `stores` (fixed=False: those rows only). Bytes beside
+    parameters: the originals' files against the store as kept."""
     from ...compression.config import CompressConfig
     from ...compression.export import ExportConfig
     from ...compression.plan import compress
@@ -108,10 +117,11 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
     def row(method: str, fields: dict) -> dict:
         started = time.perf_counter()
         adapters = [read_adapter(f, name=n, stream=True) for f, n in zip(folders, names)]
-        comp = compress(adapters, CompressConfig(device="cpu", **fields))
+        fit = {k: v for k, v in fields.items() if k != "store"}
+        comp = compress(adapters, CompressConfig(device="cpu", **fit))
         whole = whole_errors(comp)
         with tempfile.TemporaryDirectory(prefix="soppu-quality-") as tmp:
-            report = write_outputs(comp, Path(tmp), names, names, ExportConfig())
+            report = write_outputs(comp, Path(tmp), names, names, ExportConfig(store=fields.get("store", "auto")))
             seconds = time.perf_counter() - started
             scores = [scorer(Path(tmp) / n, s) for n, s in zip(names, sets)]
         by_name = {n: k for n, k in zip(names, (retention(c, o) for c, o in zip(scores, originals))) if k is not None}
@@ -122,6 +132,9 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
         out = {"method": method, "setting": fields, "stored_params": report["params_after"],
                "params_before": report["params_before"], "ratio": report["compression_ratio"],
                "clusters": len(report["clusters"]), "private_directions": report["choice"]["private_directions"],
+               "store": report["store"]["dtype"], "bytes_before": report["bytes_before"],
+               "store_bytes": report["store_bytes"], "ratio_bytes": report["compression_ratio_bytes"],
+               "exported_mean_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"]),
                "mean_error": statistics.fmean(whole), "worst_error": max(whole),
                "mean_retention": statistics.fmean(kept) if kept else None, "worst_retention": min(kept, default=None),
                "worst_adapter": min(by_name, key=by_name.get, default=None), "retention": by_name,
@@ -131,21 +144,22 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
             f"retention {out['mean_retention']} / {out['worst_retention']}")
         return out
 
-    rows = [row(m, f) for m, f in settings(len(folders), ranks, adapter_errors, svd_ranks)]
+    rows = [row(m, f) for m, f in settings(len(folders), ranks, adapter_errors, svd_ranks)] if fixed else []
     rows += [row(*b) for r in list(rows) if r["method"] == SVD and r["setting"]["rank"] in budget_svd
              for b in budget_settings(r)]
-    return rows
+    return rows + [row(m, f) for m, f in store_settings(stores)]
 
 
 def format_quality(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    out = ["| method | setting | stored parameters | fewer parameters | mean / worst rel. error | mean / worst retention "
-           "| worst adapter | seconds |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| method | setting | stored parameters | fewer parameters | store (MB, dtype) | fewer bytes | mean / worst rel. "
+           "error | mean / worst retention | worst adapter | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['method']} | {_setting(r)} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
-                   f"{r['mean_error']:.3f} / {r['worst_error']:.3f} | "
+                   + (f"{r['store_bytes'] / 1e6:.2f} {r['store']} | {r['ratio_bytes']:.2f}x | " if "store_bytes" in r else "- | - | ")
+                   + f"{r['mean_error']:.3f} / {r['worst_error']:.3f} | "
                    f"{f(r['mean_retention'], '.3f')} / {f(r['worst_retention'], '.3f')} | "
                    f"{r.get('worst_adapter') or '-'} | {r['seconds']:.1f} |")
     fams = list(dict.fromkeys(f for r in rows for f in r.get("families", {})))

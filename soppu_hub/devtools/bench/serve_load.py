@@ -93,9 +93,11 @@ def _shapes(base: Path, adapters: list[Path]) -> dict:
             "lora_ranks": sorted({c["r"] for c in confs})}
 
 
-def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log) -> tuple[Path, list[str]]:
+def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log,
+                   store: str = "auto") -> tuple[Path, list[str]]:
     """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
     from ...compression.config import CompressConfig
+    from ...compression.export import ExportConfig
     from ...pipeline.job import JobSpec, run_job
     from ..samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
 
@@ -108,18 +110,19 @@ def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: in
         for name, f in zip(names[start:], facs):
             write_adapter(tmp / "adapters" / name, f, base_model=str(base), rank=lora_rank, alpha=2 * lora_rank,
                           dtype=torch.bfloat16)
-    log(f"compressing them as a collection (rank {rank}, clusters auto)")
+    log(f"compressing them as a collection (rank {rank}, clusters auto, store {store})")
     run_job(JobSpec(sources=[str(tmp / "adapters" / m) for m in names], config=CompressConfig(rank=rank, clusters="auto"),
-                    out=tmp / "jd", push=False, collection=COLLECTION))
+                    out=tmp / "jd", push=False, collection=COLLECTION, export=ExportConfig(store=store)))
     return base, names
 
 
-def real_workload(tmp: Path, *, rank: int, log) -> tuple[Path, list[str]]:
+def real_workload(tmp: Path, *, rank: int, log, store: str = "auto") -> tuple[Path, list[str]]:
     """The real base (SmolLM2-135M-Instruct from its wheel) and the real collection's adapters, compressed as a
     collection. The copies name the converted base folder as their base model, which this server runs."""
     import shutil
 
     from ...compression.config import CompressConfig
+    from ...compression.export import ExportConfig
     from ...peft_format.layout import CONFIG_NAME
     from ...pipeline.job import JobSpec, run_job
     from ..collection.build import COLLECTION as REAL
@@ -132,17 +135,18 @@ def real_workload(tmp: Path, *, rank: int, log) -> tuple[Path, list[str]]:
         shutil.copytree(REAL / "adapters" / name, dst, ignore=shutil.ignore_patterns("README.md", "*.png"))
         config = json.loads((dst / CONFIG_NAME).read_text())
         (dst / CONFIG_NAME).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
-    log(f"compressing the real collection's {len(names)} adapters as a collection (rank {rank}, clusters auto)")
+    log(f"compressing the real collection's {len(names)} adapters as a collection (rank {rank}, clusters auto, store {store})")
     run_job(JobSpec(sources=[str(tmp / "adapters" / m) for m in names], config=CompressConfig(rank=rank, clusters="auto"),
-                    out=tmp / "jd", push=False, collection=COLLECTION))
+                    out=tmp / "jd", push=False, collection=COLLECTION, export=ExportConfig(store=store)))
     return base, names
 
 
 def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, rate: float = 200.0, zipf: float | None = None,
                  hidden: int = 256, layers: int = 4, lora_rank: int = 16, rank: int = 16, seed: int = 0, real: bool = False,
-                 repeats: int = 1, log=lambda m: None) -> dict:
+                 repeats: int = 1, store: str = "auto", log=lambda m: None) -> dict:
     """Every case against two servers started side by side. `real`: the real base and its real collection, the
-    counts cut to the adapters it has."""
+    counts cut to the adapters it has. `store`: how the collection is kept (--store-dtype; a quantized one stays its
+    codes in the server's memory)."""
     from ...serve.adapters import lora_bytes
     from ..launch import start_backend
 
@@ -150,10 +154,11 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
     with tempfile.TemporaryDirectory(prefix="soppu-bench-serve-") as tmp:
         tmp = Path(tmp)
         if real:
-            base, names = real_workload(tmp, rank=rank, log=log)
+            base, names = real_workload(tmp, rank=rank, log=log, store=store)
             counts = sorted({min(n, len(names)) for n in counts})
         else:
-            base, names = build_workload(tmp, max(counts), hidden=hidden, layers=layers, lora_rank=lora_rank, rank=rank, log=log)
+            base, names = build_workload(tmp, max(counts), hidden=hidden, layers=layers, lora_rank=lora_rank, rank=rank,
+                                         log=log, store=store)
         t0 = time.perf_counter()
         jd = start_backend(str(base), extra=["--collection", str(tmp / "jd" / "collection"), *common], timeout=900)
         jd_start_s = time.perf_counter() - t0
@@ -204,7 +209,8 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
                          **shapes, "jd_rank": rank,
                          "requests": n_requests, "rate": rate, "zipf": zipf, "new_tokens": new_tokens, "seed": seed,
                          "repeats": repeats, "device": "cpu", "adapters_written": max(counts)},
-            "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s},
+            "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s,
+                   "store": store, "collection_bytes": info["resident_collection"]["bytes"]},
             "plain_bound_bytes": bound, "largest_adapter_bytes": largest, "plain_loaded_at_end": len(plain_info["loaded_adapters"]), "rows": rows}
 
 
@@ -235,7 +241,8 @@ def format_load(m: dict) -> str:
         f"{w['jd_rank']}; {w['requests']} requests per case (median of {w.get('repeats', 1)} passes), Poisson at {w['rate']}/s, "
         f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each; "
         "x ref: against the reference's passes run just before each pass of the case (else the better of first and last)",
-        f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB (server up in "
+        f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB, store "
+        f"{m['jd'].get('store', 'auto')} (server up in "
         f"{m['jd']['start_s']:.1f} s); plain: --max-lora-memory {m['plain_bound_bytes']:,} bytes"
         + (" (raised from JD's to the largest adapter's LoRA bytes: one adapter alone needs more than JD's all)"
            if m["plain_bound_bytes"] > m["jd"]["resident_bytes"] else ""),
