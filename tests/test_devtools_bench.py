@@ -1,6 +1,7 @@
 """The seeds' Algorithm 1 reference used by `soppu-hub bench`: faithful, and scored against our kernel."""
 
 import numpy as np
+import pytest
 
 from soppu_hub.compression.config import CompressConfig
 from soppu_hub.compression.plan import compress
@@ -114,6 +115,9 @@ def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
     share4 = next(r for r in rows if r["method"] == SHARE and r["setting"]["k"] == 4)
     # SHARE per module: k components for B's columns (m) and for A's rows (d), and 2 k r loadings per adapter
     assert share4["stored_params"] == sum(4 * (m + d) + 6 * 2 * 4 * 4 for m, d in shapes.values())
+    assert share4["stored_bytes"] == 4 * share4["stored_params"]  # lorashare keeps float32
+    for r in rows:  # bytes beside parameters: soppu-hub's store as kept (these fp32 inputs: float32)
+        assert r["stored_bytes"] == 4 * r["stored_params"] and r["ratio_bytes"] == pytest.approx(r["ratio"])
     for base in (r for r in rows if r["method"] in (SVD, SHARE)):  # each baseline's own store gets a budget row
         ours = next(r for r in rows if r["method"] == SOPPU and r["setting"].get("budget") == str(base["stored_params"]))
         assert ours["stored_params"] <= base["stored_params"]
@@ -124,6 +128,8 @@ def test_peers_bench_scores_every_method_with_one_formula(tmp_path):
     assert "never behind" in table and "the default (" in table
     assert frontier([(1, 0.5), (2, 0.6), (3, 0.4), (4, 0.4)]) == [(1, 0.5), (3, 0.4)]
     assert plot_peers(rows, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_peers(rows, tmp_path / "b.png", unit="bytes").read_bytes()[:4] == b"\x89PNG"
+    assert "| stored MB | fewer bytes |" in table
     mixed = folders[:2] + [write_adapter(tmp_path / "in" / "r8", family_factors(shapes, 1, 8, families=1, seed=9)[0][0],
                                          base_model="tiny", rank=8, alpha=8)]
     rows, failed = peer_rows("mixed", mixed, have_share=True, ranks=(4,), svd_ranks=(2,), ks=(4,))

@@ -37,10 +37,16 @@ def test_pushed_repos_load_by_name_in_peft(hub, pushed):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from soppu_hub.collection.publish import member_bases
     from soppu_hub.compression.bundle import load_bundle
 
-    bundle = load_bundle(pushed / "bundle")
+    # several adapters pushed: their bases go once into a collection repo by default, each repo holds its cores
+    coll = json.loads((pushed / "report.json").read_text())["collection"]["name"]
+    assert coll.startswith("alice/soppu-bases-") and "collection.json" in HfApi().list_repo_files(coll)
     for repo_id, name in [("alice/support-bot-soppu", "support-bot"), ("alice/pirate-talk-soppu", "pirate-talk")]:
+        header = json.loads((pushed / name / "soppu" / "bundle.json").read_text())
+        assert header["bases"]["collection"] == coll and header["bases"]["revision"]  # the collection's commit
+        bundle = load_bundle(pushed / name / "soppu", bases=member_bases(pushed / name))
         files = HfApi().list_repo_files(repo_id)
         assert [f for f in files if f.endswith(".safetensors") and "/" not in f] == ["adapter_model.safetensors"]
         assert {"adapter_config.json", "README.md", "report.json", "soppu/bundle.safetensors", "soppu/bundle.json"} <= set(files)
@@ -50,6 +56,20 @@ def test_pushed_repos_load_by_name_in_peft(hub, pushed):
         deltas = peft_deltas(hub.base_model, repo_id)
         for module, (B, A) in bundle.factors(name).items():
             torch.testing.assert_close(deltas[module], B @ A, atol=1e-5, rtol=1e-4)
+
+
+def test_own_bases_keeps_every_repo_self_contained(hub, tmp_path):
+    """--own-bases: no collection repo, each repo's soppu/ holds its cluster's bases (the layout before issue 34)."""
+    from soppu_hub.pipeline.job import default_collection
+
+    res = cli(*hub.adapters[:2], "--rank", "4", "--own-bases", "--namespace", "acme", "--quiet")
+    assert res.returncode == 0, res.stderr
+    targets = [f"acme/{a.split('/')[1]}-soppu" for a in hub.adapters[:2]]
+    for repo_id in targets:
+        header = json.loads(open(hf_hub_download(repo_id, "soppu/bundle.json")).read())
+        assert "bases" not in header and header["version"] in (2, 4)
+    assert not HfApi().repo_exists(default_collection(targets))
+    assert default_collection(["b/x", "b/y"]) == default_collection(["b/y", "b/x"]) != default_collection(["b/x", "b/z"])
 
 
 def test_card_metadata_images_and_one_commit(hub, pushed):

@@ -20,6 +20,15 @@ def _layer_and_type(module: str) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1), module.rsplit(".", 1)[-1]
 
 
+def _save_png(canvas, out) -> None:
+    """A drawn canvas as a 256-colour PNG: plots hold a few colours, and the palette makes each file 2.5x smaller
+    than RGBA (errors plot: 44 -> 18 kB) for 24 ms more; a thousand repos carry three each."""
+    from PIL import Image
+
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    image.convert("RGB").quantize(colors=256).save(out, format="png", compress_level=6)
+
+
 def _pyplot():
     import matplotlib
 
@@ -101,11 +110,8 @@ class ClusterFigures:
         canvas.restore_region(self._background)
         for artist in self._moving:
             self.ax.draw_artist(artist)
-        from PIL import Image
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(
-            path, format="png", compress_level=3)
+        _save_png(canvas, path)
         return path
 
     def params(self, index: int, path: Path) -> Path:
@@ -139,7 +145,8 @@ def _params_figure(report: dict, own: dict, out) -> None:
     ax.set_ylim(0, max(values) * 1.18)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, format="png")
+    fig.canvas.draw()
+    _save_png(fig.canvas, out)
     plt.close(fig)
 
 
@@ -161,7 +168,8 @@ def plot_ranks(cluster: dict, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.canvas.draw()
+    _save_png(fig.canvas, path)
     plt.close(fig)
     return path
 
@@ -192,6 +200,7 @@ def plot_rank_sweep(rows: list[dict], path: Path, *, own: dict | None = None, ti
     ax.set_title(title or "agreement against shared rank", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.canvas.draw()
+    _save_png(fig.canvas, path)
     plt.close(fig)
     return path

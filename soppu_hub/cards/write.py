@@ -55,7 +55,7 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
                         title=f"{own['name']}: agreement against shared rank (all {len(report['adapters'])} adapters)")
     path = folder / CARD_NAME
     path.write_text(render_card(report, job, ranks_png=ranks_png, sweep_png=sweep_png))
-    (folder / REPORT_NAME).write_text(json.dumps(repo_report(report, index), indent=2))
+    (folder / REPORT_NAME).write_text(json.dumps(repo_report(report, index)))  # one line: a thousand repos carry one
     return path
 
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-ranks", metavar="R1,R2,..", help=field_help(JobSpec, "verify_ranks"))
     add_fields(p, JobSpec, ["eval_file", "probe_file"])
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
-    add_fields(p, JobSpec, ["workers", "collection", "refit"])
+    add_fields(p, JobSpec, ["workers", "collection", "refit", "own_bases"])
     add_fields(p, CompressConfig)
     add_export_args(p, store=True)
     p.set_defaults(func=cmd_compress)

@@ -55,7 +55,11 @@ class JobSpec:
         "help": "with --verify, these prompts (one a line, or JSONL with \"prompt\") instead of the built-in probes"})
     collection: str | None = field(default=None, metadata={
         "help": "also publish the clusters' bases once as this collection repo (owner/name) that others can join "
-                "(soppu-hub join); each adapter's repo then carries its cores and a reference, not the bases"})
+                "(soppu-hub join); each adapter's repo then carries its cores and a reference, not the bases. Pushing "
+                "several adapters does this by default, as <namespace>/soppu-bases-<id of the target repos>"})
+    own_bases: bool = field(default=False, metadata={
+        "help": "push several adapters without the default collection: every repo carries its own copy of its "
+                "cluster's bases in soppu/ (self-contained repos, the bases' bytes once per repo)"})
     refit: bool = field(default=False, metadata={
         "help": "with --collection: compress every member of that collection again, together, from the sources its "
                 "members list records (none skipped), and publish a new revision of it and of every member"})
@@ -190,6 +194,8 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     if spec.push:
         user, writable = whoami(spec.token)
         targets = spec.repo_ids or target_repo_ids(names, user=user, push_to=spec.push_to, namespace=spec.namespace)
+        if spec.collection is None and len(targets) > 1 and not spec.own_bases:
+            spec.collection = default_collection(targets)
         check_write_access(targets + ([spec.collection] if spec.collection else []), writable, user)
     if spec.collection and not is_repo_id(spec.collection):
         raise SoppuError(f"--collection {spec.collection!r} is not a repo id; name it owner/name")
@@ -249,6 +255,15 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     if out is not None and spec.push:
         result.pushed = _push(out, names, targets, spec, log, push_progress)
     return result
+
+
+def default_collection(targets: list[str]) -> str:
+    """Where several pushed adapters keep their bases once: in the first target's namespace, named by the set of
+    target repos, so the same command finds its own collection again and another set never overwrites it."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(sorted(targets)).encode()).hexdigest()[:10]
+    return f"{targets[0].split('/')[0]}/soppu-bases-{digest}"
 
 
 def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],

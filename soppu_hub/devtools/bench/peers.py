@@ -113,8 +113,9 @@ def run_child(method: str, setting: dict, folders: list[Path], out: Path) -> dic
         share = SHAREModel.from_adapters({f.name: str(f) for f in folders}, num_components=setting["k"], device="cpu")
         for f in folders:
             share.reconstruct(f.name, output_dir=str(out / f.name))
-        stored = sum(t.numel() for t in share.components.values())
-        stored += sum(t.numel() for loads in share.all_loadings.values() for t in loads.values())
+        tensors = [*share.components.values(), *(t for loads in share.all_loadings.values() for t in loads.values())]
+        stored = sum(t.numel() for t in tensors)
+        stored_bytes = sum(t.numel() * t.element_size() for t in tensors)
     else:
         from ...compression.config import CompressConfig
         from ...pipeline.job import compress_folders
@@ -124,7 +125,8 @@ def run_child(method: str, setting: dict, folders: list[Path], out: Path) -> dic
         stored = report["params_after"] - report["carried_params"]
         if config.budget is not None:
             stored = report["params_after"]  # a budget counts carried tensors too: the rows compare like with like
-    return {"stored_params": stored, "seconds": round(time.perf_counter() - start, 2)}
+        stored_bytes = round(stored * report["store"]["bytes_per_number"])  # the store as kept (--store-dtype)
+    return {"stored_params": stored, "stored_bytes": stored_bytes, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _run(method: str, setting: dict, folders: list[Path], out: Path) -> dict:
@@ -143,7 +145,9 @@ def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable
     lines of settings that failed (lorashare refuses mixed ranks or targets)."""
     from ...peft_format.read import read_adapter
 
-    before = sum(read_adapter(f).lora_params for f in folders)
+    read = [read_adapter(f) for f in folders]
+    before = sum(a.lora_params for a in read)
+    before_bytes = sum(a.lora_params * a.dtype.itemsize for a in read)
     rows, failed = [], []
 
     def one(method: str, setting: dict) -> None:
@@ -155,7 +159,8 @@ def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable
                 return
             errors = adapter_errors(folders, Path(tmp) / "out")
         rows.append({"set": name, "method": method, "setting": setting, "stored_params": got["stored_params"],
-                     "ratio": before / got["stored_params"], "mean_error": statistics.fmean(errors),
+                     "ratio": before / got["stored_params"], "stored_bytes": got["stored_bytes"],
+                     "ratio_bytes": before_bytes / got["stored_bytes"], "mean_error": statistics.fmean(errors),
                      "worst_error": max(errors), "seconds": got["seconds"], "peak_rss_gb": got["peak_rss_gb"]})
         log(f"{name}: {method} {_label(setting)}: {got['stored_params']:,} stored ({rows[-1]['ratio']:.2f}x), mean / "
             f"worst error {rows[-1]['mean_error']:.4f} / {rows[-1]['worst_error']:.4f}, {got['seconds']:.1f} s")
@@ -202,17 +207,18 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def format_peers(rows: list[dict], failed: list[str]) -> str:
-    out = ["| set | method | setting | stored parameters | fewer parameters | mean / worst rel. error | seconds | peak RSS |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| set | method | setting | stored parameters | fewer parameters | stored MB | fewer bytes | mean / worst rel. error "
+           "| seconds | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['set']} | {r['method']} | {_label(r['setting'])} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
-                   f"{r['mean_error']:.4f} / {r['worst_error']:.4f} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} GB |")
+                   + (f"{r['stored_bytes'] / 1e6:.2f} | {r['ratio_bytes']:.2f}x | " if "stored_bytes" in r else "- | - | ")
+                   + f"{r['mean_error']:.4f} / {r['worst_error']:.4f} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} GB |")
     return "\n".join(out + [""] + verdicts(rows) + failed)
 
 
-def plot_peers(rows: list[dict], path: Path) -> Path:
-    """Mean (top) and worst (bottom) relative error against stored parameters, one column per set, one line per
-    method: the frontier each method draws."""
+def plot_peers(rows: list[dict], path: Path, *, unit: str = "params") -> Path:
+    """Mean (top) and worst (bottom) relative error against stored parameters (unit="bytes": stored bytes, each
+    store as kept), one column per set, one line per method: the frontier each method draws."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,13 +234,13 @@ def plot_peers(rows: list[dict], path: Path) -> Path:
         mine = [r for r in rows if r["set"] == name]
         for ax, key in ((axes[0, c], "mean_error"), (axes[1, c], "worst_error")):
             for method in dict.fromkeys(r["method"] for r in mine):
-                pts = sorted((r["stored_params"], r[key]) for r in mine if r["method"] == method)
+                pts = sorted((r[f"stored_{unit}"], r[key]) for r in mine if r["method"] == method)
                 ax.plot(*zip(*pts), marker="o", ls="none", color=colour[method], alpha=0.5)
                 ax.plot(*zip(*frontier(pts)), label=method, color=colour[method])
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(name, fontsize=9)
-            ax.set_xlabel("stored parameters")
+            ax.set_xlabel(f"stored {'parameters' if unit == 'params' else 'bytes'}")
             ax.set_ylabel(key.replace("_", " ").replace("error", "relative error"))
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colour[m], marker="o", label=m) for m in methods]
@@ -301,6 +307,7 @@ def run_peers_bench(n_adapters: int = 32, *, as_json: bool = False, plot: str | 
             failed += f
     if plot:
         plot_peers(rows, Path(plot))
+        plot_peers(rows, Path(plot).with_name(f"{Path(plot).stem}-bytes{Path(plot).suffix}"), unit="bytes")
     if as_json:
         return json.dumps({"rows": rows, "failed": failed, "notes": notes}, indent=1)
     return "\n".join(notes + [format_peers(rows, failed)])
