@@ -194,3 +194,18 @@ def test_network_failure_stops_cleanly(tmp_path):
     assert "cannot reach the Hub at http://127.0.0.1:9" in err and not (tmp_path / "out").exists()
     err = one_line_error(run("alice/support-bot"))
     assert "cannot reach the Hub at http://127.0.0.1:9" in err and "3 tries" in err
+
+
+def test_model_config_asks_the_hub_before_a_stale_cache(hub, tmp_path):
+    """A cache keyed by "main" can hold another model once published under the same id (the demo's shared cache held
+    a 4-head test model as SmolLM2's id, and exports were padded for a shard count the real base refuses)."""
+    from soppu_hub.hub.info import model_config
+
+    api = HfApi(token=USERS["alice"])
+    api.create_repo("alice/cfg-model", exist_ok=True)
+    for heads in (4, 9):
+        (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": 3}))
+        api.upload_file(path_or_fileobj=str(tmp_path / "config.json"), path_in_repo="config.json", repo_id="alice/cfg-model")
+        if heads == 4:
+            hf_hub_download("alice/cfg-model", "config.json")  # cached as "main"
+    assert model_config("alice/cfg-model")["num_attention_heads"] == 9

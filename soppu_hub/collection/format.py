@@ -81,7 +81,7 @@ def write_collection(folder: Path, info: CollectionInfo) -> None:
     body = {"format": FORMAT, "version": VERSION if info.store is None else QUANTIZED_VERSION, **asdict(info)}
     if info.store is None:
         del body["store"]  # a float store writes what version 1 wrote
-    (folder / COLLECTION_FILE).write_text(json.dumps(body, indent=1))
+    (folder / COLLECTION_FILE).write_text(json.dumps(body, separators=(",", ":")))  # every joiner downloads it
 
 
 def parse_collection(text: str, where: str) -> CollectionInfo:
@@ -123,7 +123,7 @@ def write_members(folder: Path, members: list[Member]) -> None:
 
 
 def members_text(members: list[Member]) -> str:
-    return json.dumps({"members": [asdict(m) for m in members]}, indent=1)
+    return json.dumps({"members": [asdict(m) for m in members]}, separators=(",", ":"))  # a joiner downloads it: compact
 
 
 def parse_members(text: str, where: str, clusters: int) -> list[Member]:

@@ -44,8 +44,8 @@ def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, toke
 
 def model_config(model_id: str, *, revision: str | None = None, token: str | bool | None = None,
                  timeout: float = 10.0) -> dict | None:
-    """A model's config.json, from a local folder, the cache or one request to the Hub; None when it cannot be
-    read. One request with a short timeout, no retries: it only refines a default (LoRAX's shard sizes), and an
+    """A model's config.json, from a local folder, one request to the Hub, or the cache when the Hub cannot be
+    reached; None when it cannot be read. One request with a short timeout, no retries: it only refines a default (LoRAX's shard sizes), and an
     offline machine must not wait half a minute of backoff for it."""
     import json
 
@@ -56,13 +56,19 @@ def model_config(model_id: str, *, revision: str | None = None, token: str | boo
     try:
         if local.is_file():
             return json.loads(local.read_text())
-        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
-        if isinstance(cached, str):
-            return json.loads(Path(cached).read_text())
+    except (OSError, ValueError):
+        return None
+    try:  # the Hub first: a cache keyed by "main" can hold another model published under the same id since
         r = get_session().get(hf_hub_url(model_id, "config.json", revision=revision),
                               headers=build_hf_headers(token=token), timeout=timeout)
-        return r.json() if r.status_code == 200 else None
-    except Exception:  # noqa: BLE001 - an invalid id, no network, not JSON: the caller says it could not check
+        if r.status_code == 200:
+            return r.json()
+    except Exception:  # noqa: BLE001 - no network, not JSON: the cache, if any, is what there is
+        pass
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    except Exception:  # noqa: BLE001 - an invalid id, a damaged file: the caller says it could not check
         return None
 
 
