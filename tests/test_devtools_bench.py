@@ -44,6 +44,7 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
     assert (f32["store"], nf4["store"]) == ("float32", "nf4") and f32["stored_params"] == nf4["stored_params"]
     assert nf4["store_bytes"] < f32["store_bytes"] / 6 and nf4["ratio_bytes"] > 6 * f32["ratio_bytes"]
     assert f32["exported_mean_error"] <= nf4["exported_mean_error"] < f32["exported_mean_error"] + 0.2
+    assert plot_quality([f32, nf4], tmp_path / "b.png", unit="bytes").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for budget in rows[-2:]:  # the lowest error at SVD rank 2's store, and the same with its worst error as the cap
         assert budget["setting"]["budget"] == str(rows[0]["stored_params"]) and budget["stored_params"] <= rows[0]["stored_params"]
     assert "max_adapter_error" not in rows[-2]["setting"] and rows[-1]["setting"]["max_adapter_error"] > 0

@@ -34,7 +34,14 @@ class QuantizedItems:
     shape: tuple[int, int]
     transpose: bool
     width: int  # the most groups any item has
+    layout: torch.Tensor  # (N,) long: each item's row of `place`
+    place: torch.Tensor  # (layouts, A * B) int32: per distinct item shape, the value each target position takes
     numbers: int = 0  # the items' own numbers (what params() counts)
+
+    def __post_init__(self) -> None:
+        per_byte = 1 if self.kind == "int8" else 2
+        self._groups = torch.arange(self.width)
+        self._bytes = torch.arange(self.width * self.group // per_byte)
 
     @classmethod
     def build(cls, items: list[torch.Tensor | None], shape: tuple[int, int], store: Store, *,
@@ -45,38 +52,49 @@ class QuantizedItems:
         codes = [q.codes[0].view(torch.uint8) for q in qs]
         scales = [q.scales[0] for q in qs]
         starts = lambda parts: torch.tensor([0] + [p.numel() for p in parts[:-1]]).cumsum(0)  # noqa: E731
+        width = max(s.numel() for s in scales)
+        zero = width * store.group  # one past the longest item's values: the padded zero
+        layouts = {shape_: i for i, shape_ in enumerate(dict.fromkeys(tuple(t.shape) for t in items))}
+        place = torch.stack([_place(rc, shape, transpose, zero) for rc in layouts])
+        layout = torch.tensor([layouts[tuple(t.shape)] for t in items])
         return cls(store.kind, store.group, torch.cat(codes), torch.cat(scales), starts(codes), starts(scales),
                    torch.stack([q.maxima[0] for q in qs]), torch.tensor([list(t.shape) for t in items], dtype=torch.int32),
-                   shape, transpose, max(s.numel() for s in scales), sum(t.numel() for t in items))
+                   shape, transpose, width, layout, place, sum(t.numel() for t in items))
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(b, A, B) in `dtype`: the items of `slots`, de-quantized and placed."""
+        """(b, A, B) in `dtype`: the items of `slots`, de-quantized and placed. Six indexing ops whatever the kind:
+        it runs per module position at nearly every step."""
         G, per_byte = self.group, 1 if self.kind == "int8" else 2
-        groups = torch.arange(self.width)
-        sidx = (self.scale_at.index_select(0, slots)[:, None] + groups).clamp(max=max(self.scales.numel() - 1, 0))
-        bidx = (self.code_at.index_select(0, slots)[:, None] + torch.arange(self.width * G // per_byte)).clamp(
-            max=max(self.codes.numel() - 1, 0))
-        c = self.codes[bidx] if self.codes.numel() else torch.zeros(bidx.shape, dtype=torch.uint8)
-        b = c.shape[0]
-        if self.kind == "int8":
-            values = c.view(torch.int8).float() / _QMAX["int8"]
-        else:
-            nib = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(b, -1).long()
-            values = NF4_LEVELS[nib] if self.kind == "nf4" else (nib - 8).float() / _QMAX["int4"]
-        scale = (self.scales[sidx].float() if self.scales.numel() else torch.zeros(sidx.shape)) * \
-            self.maxima.index_select(0, slots)[:, None]
-        values = (values.reshape(b, -1, G) * scale[..., None]).reshape(b, -1)
-        values = torch.nn.functional.pad(values, (0, 1))  # the last index: the zero outside every item
-        dims = self.dims.index_select(0, slots).long()
-        A, B = self.shape
-        a, bb = torch.arange(A)[:, None], torch.arange(B)[None, :]
-        src_r, src_c = (bb, a) if self.transpose else (a, bb)
-        r, cols = dims[:, 0, None, None], dims[:, 1, None, None]
-        # an item's own groups end where its numbers do; past them (another item's scales) the mask below is what holds
-        inside = (src_r < r) & (src_c < cols)
-        idx = torch.where(inside, src_r * cols + src_c, torch.full_like(inside, values.shape[1] - 1, dtype=torch.long))
-        return values.gather(1, idx.reshape(b, -1)).reshape(b, A, B).to(dtype)
+        sidx = (self.scale_at.index_select(0, slots)[:, None] + self._groups).clamp(max=max(self.scales.numel() - 1, 0))
+        bidx = (self.code_at.index_select(0, slots)[:, None] + self._bytes).clamp(max=max(self.codes.numel() - 1, 0))
+        b = slots.shape[0]
+        values = _LEVELS[self.kind][self.codes[bidx].long()].reshape(b, -1, G)  # a byte -> its 1 or 2 levels
+        scale = self.scales[sidx].float() * self.maxima.index_select(0, slots)[:, None]
+        values = torch.nn.functional.pad((values * scale[..., None]).reshape(b, -1), (0, 1))  # last: a zero
+        idx = self.place.index_select(0, self.layout.index_select(0, slots)).long()
+        return values.gather(1, idx).reshape(b, *self.shape).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.code_at, self.scale_at,
-                                                          self.maxima, self.dims))
+                                                          self.maxima, self.dims, self.layout, self.place))
+
+
+def _place(rc: tuple[int, int], shape: tuple[int, int], transpose: bool, zero: int) -> torch.Tensor:
+    """Target (A, B) position -> flat index into an item of shape rc (row-major, transposed or not), `zero` outside."""
+    A, B = shape
+    r, c = rc
+    a, b = torch.arange(A)[:, None].expand(A, B), torch.arange(B)[None, :].expand(A, B)
+    src_r, src_c = (b, a) if transpose else (a, b)
+    return torch.where((src_r < r) & (src_c < c), src_r * c + src_c, torch.full_like(a, zero)).reshape(-1).to(torch.int32)
+
+
+def _byte_levels(kind: str) -> torch.Tensor:
+    """(256, 1 or 2): the de-quantized levels (before scaling) a stored byte holds, low nibble first."""
+    byte = torch.arange(256)
+    if kind == "int8":
+        return (byte.to(torch.uint8).view(torch.int8).float() / _QMAX["int8"])[:, None]
+    nib = torch.stack([byte & 0xF, byte >> 4], dim=-1)
+    return NF4_LEVELS[nib] if kind == "nf4" else (nib - 8).float() / _QMAX["int4"]
+
+
+_LEVELS = {kind: _byte_levels(kind) for kind in ("int8", "int4", "nf4")}

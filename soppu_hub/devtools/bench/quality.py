@@ -191,8 +191,9 @@ def _setting(row: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in row["setting"].items())
 
 
-def plot_quality(rows: list[dict], path: Path, *, title: str = "") -> Path:
-    """Mean and worst held-out retention against compression ratio, one line per method, the goal drawn in."""
+def plot_quality(rows: list[dict], path: Path, *, title: str = "", unit: str = "params") -> Path:
+    """Mean and worst held-out retention against compression ratio (unit="bytes": fewer bytes, each store as kept),
+    one line per method, the goal drawn in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,12 +205,12 @@ def plot_quality(rows: list[dict], path: Path, *, title: str = "") -> Path:
     high = max([1.05] + [r["mean_retention"] + 0.02 for r in kept])
     for ax, key, goal, label in ((axes[0], "mean_retention", GOAL_MEAN, "mean"), (axes[1], "worst_retention", GOAL_WORST, "worst adapter's")):
         for method in dict.fromkeys(r["method"] for r in kept):
-            pts = sorted((r["ratio"], r[key]) for r in kept if r["method"] == method)
+            pts = sorted((r["ratio" if unit == "params" else "ratio_bytes"], r[key]) for r in kept if r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(goal, color="grey", ls="--", lw=1)
         ax.axvline(GOAL_RATIO, color="grey", ls=":", lw=1)
         ax.set_ylim(low, high)
-        ax.set_xlabel("fewer stored parameters than the originals (x)")
+        ax.set_xlabel(f"fewer stored {'parameters' if unit == 'params' else 'bytes'} than the originals (x)")
         ax.set_ylabel(f"{label} held-out chrF retention")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -237,5 +238,7 @@ def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, svd_ranks=
     rows = quality_rows(real_base(), folders, [read_eval_file(f / EVAL_FILE) for f in folders], ranks=ranks,
                         svd_ranks=svd_ranks, log=log)
     if plot:
-        plot_quality(rows, Path(plot), title=f"{len(folders)} adapters of the real collection on {REAL_BASE_ID}")
+        title = f"{len(folders)} adapters of the real collection on {REAL_BASE_ID}"
+        plot_quality(rows, Path(plot), title=title)
+        plot_quality(rows, Path(plot).with_name(f"{Path(plot).stem}-bytes{Path(plot).suffix}"), title=title, unit="bytes")
     return json.dumps(rows, indent=1) if as_json else format_quality(rows)
