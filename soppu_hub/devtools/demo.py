@@ -90,6 +90,8 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
     cmd = [sys.executable, "-m", "soppu_hub", "compress", *ids, "--rank", str(demo_set.rank), "--out", str(workdir / out)]
     if len(ids) > 1:  # the bases once, in a collection repo; each member repo holds its export and its cores
         cmd += ["--collection", demo_collection(ids, demo_set)]
+    if demo_set.store != "auto":
+        cmd += ["--store-dtype", demo_set.store]
     if demo_set.target_error is not None:
         cmd += ["--target-error", str(demo_set.target_error)]
     if not checks:

@@ -64,7 +64,7 @@ class QuantizedItems:
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(b, A, B) in `dtype`: the items of `slots`, de-quantized and placed. Six indexing ops whatever the kind:
         it runs per module position at nearly every step."""
-        G, per_byte = self.group, 1 if self.kind == "int8" else 2
+        G = self.group
         sidx = (self.scale_at.index_select(0, slots)[:, None] + self._groups).clamp(max=max(self.scales.numel() - 1, 0))
         bidx = (self.code_at.index_select(0, slots)[:, None] + self._bytes).clamp(max=max(self.codes.numel() - 1, 0))
         b = slots.shape[0]
