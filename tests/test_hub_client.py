@@ -62,9 +62,13 @@ def test_own_bases_keeps_every_repo_self_contained(hub, tmp_path):
     """--own-bases: no collection repo, each repo's soppu/ holds its cluster's bases (the layout before issue 34)."""
     from soppu_hub.pipeline.job import default_collection
 
-    res = cli(*hub.adapters[:2], "--rank", "4", "--own-bases", "--namespace", "acme", "--quiet")
+    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+
+    facs = synthetic_factors(llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj")), 2, 4, shared=2, seed=3)
+    folders = [write_adapter(tmp_path / f"ownbases-{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
+    res = cli(*map(str, folders), "--rank", "4", "--own-bases", "--namespace", "acme", "--quiet")
     assert res.returncode == 0, res.stderr
-    targets = [f"acme/{a.split('/')[1]}-soppu" for a in hub.adapters[:2]]
+    targets = [f"acme/ownbases-{i}-soppu" for i in range(2)]
     for repo_id in targets:
         header = json.loads(open(hf_hub_download(repo_id, "soppu/bundle.json")).read())
         assert "bases" not in header and header["version"] in (2, 4)

@@ -137,3 +137,28 @@ def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, t
     save_file(tensors, str(weights), metadata={"format": "pt"})
     changed = changed_files(out / names[0], f"bob/rerun-{names[0]}", token=BOB)
     assert not same_adapter(out / names[0], f"bob/rerun-{names[0]}", changed, token=BOB)
+
+
+def test_a_collection_rerun_on_another_thread_count_publishes_nothing(hub, tmp_path):
+    """The default for several pushed adapters is a collection (issue 34): a rerun with another thread count writes
+    other bytes for the bases and every member's cores, yet the collection and every member keep their commits."""
+    from soppu_hub.devtools.samples.collection import COLLECTION
+
+    srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:4]
+    api = HfApi(token=USERS["alice"])
+    env = dict(os.environ, HF_TOKEN=USERS["alice"])
+    out = tmp_path / "out"  # the same command twice (the cards record it), one thread then two
+
+    def run(threads: int) -> dict:
+        code = (f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
+                f"['compress', *{srcs!r}, '--namespace', 'acme', '--quiet', '--overwrite', '--out', {str(out)!r}]))")
+        assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+        return json.loads((out / "report.json").read_text())
+
+    first = run(1)
+    coll = first["collection"]["name"]
+    repos = [a["output"] for a in first["adapters"]]
+    commits = {r: len(api.list_repo_commits(r)) for r in [coll, *repos]}
+    second = run(2)
+    assert second["collection"]["name"] == coll and coll.startswith("acme/soppu-bases-")
+    assert {r: len(api.list_repo_commits(r)) for r in [coll, *repos]} == commits

@@ -74,7 +74,7 @@ def name_revision(bundle_folder: Path, revision: str) -> None:
     path = bundle_folder / BUNDLE_HEADER
     header = json.loads(path.read_text())
     header["bases"]["revision"] = revision
-    path.write_text(json.dumps(header, indent=2))
+    path.write_text(json.dumps(header))  # one line, as save_bundle writes it
 
 
 def record_revisions(repo_id: str, revisions: dict[str, str], *, token: str | bool | None = None) -> str | None:

@@ -18,7 +18,7 @@ from ..hub.push import check_write_access, failure_reason, push_folder, target_r
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter
 from .outputs import lorax_sizes, staged_output, write_outputs
-from .unchanged import same_adapter
+from .unchanged import collection_unchanged, same_adapter
 
 
 @dataclass
@@ -273,6 +273,9 @@ def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log
         return push_all(folder, names, targets, spec, log, progress)
     from ..collection.publish import name_revision, publish_collection, record_revisions
 
+    if not spec.refit and collection_unchanged(folder, names, targets, spec.collection, token=spec.token):
+        log(f"unchanged {spec.collection} and its {len(names)} members (already on the Hub up to float noise, skipped)")
+        return {t: "unchanged" for t in targets}
     sha = publish_collection(folder / COLLECTION_DIR, spec.collection, private=spec.private, token=spec.token)
     log(f"published collection {spec.collection} at {sha[:12]}")
     for name in names:
@@ -298,7 +301,8 @@ def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, 
              progress: Progress | None = None) -> dict[str, str]:
     """One commit per repo, `spec.workers` repos at a time; a repo whose adapter is already on the Hub unchanged
     is skipped (so a rerun after a failure pushes only what is missing or changed; without --collection,
-    "unchanged" includes the float noise of another machine's thread count: pipeline/unchanged.py). On a failure the message
+    "unchanged" includes the float noise of another machine's thread count: pipeline/unchanged.py; with it, _push
+    checks the whole collection that way first). On a failure the message
     says exactly which repos got their commit and which did not."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -6,7 +6,8 @@ every adapter is the same. A rerun compares what it would push with what the rep
 the difference is that noise: every module's delta (B A of the PEFT export, U S V^T + X Y of the bundle) within
 DELTA_TOL relative, other tensors within it elementwise, text files equal once their numbers (within
 NUMBER_TOL) and content hashes are set aside, plots drawn from those numbers. A collection member's slice names
-bases held elsewhere, so it is compared byte for byte only.
+bases held elsewhere: its export stands for it, and a collection whose members are all the same is not published
+again (`collection_unchanged`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ TOKEN = re.compile(r"\b[0-9a-f]{12,64}\b|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str | bool | None = None) -> bool:
-    """True when every file of `changed` (those whose bytes differ from the repo's) differs only by float noise."""
+def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str | bool | None = None,
+                 member: bool = False) -> bool:
+    """True when every file of `changed` (those whose bytes differ from the repo's) differs only by float noise.
+
+    `member`: a collection member, whose bundle slice holds cores for bases kept in the collection: its PEFT export
+    (the same bases times the same cores) stands for it."""
     from huggingface_hub import snapshot_download
 
     if not changed or any(not p.endswith((".safetensors", ".json", ".md", ".png")) for p in changed):
@@ -44,8 +49,10 @@ def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str |
             if path.endswith(".png"):
                 continue  # drawn from the numbers the texts and tensors hold
             ours, theirs = folder / path, remote / path
-            if path.endswith(".safetensors"):
-                ok = _same_bundle(ours.parent, theirs.parent) if ours.parent.name == BUNDLE_DIR else _same_tensors(ours, theirs)
+            if path.endswith(".safetensors") and ours.parent.name == BUNDLE_DIR:
+                ok = member and (folder / PEFT_WEIGHTS).is_file() or _same_bundle(ours.parent, theirs.parent)
+            elif path.endswith(".safetensors"):
+                ok = _same_tensors(ours, theirs)
             else:
                 ok = _same_text(ours.read_text(), theirs.read_text())
             if not ok:
@@ -106,5 +113,28 @@ def _same_text(ours: str, theirs: str) -> bool:
         except ValueError:
             continue  # a content hash (basis id): the tensors it names are compared above
         if abs(u - v) > NUMBER_TOL * max(abs(u), abs(v)) + NUMBER_FLOOR:
+            return False
+    return True
+
+
+def collection_unchanged(folder: Path, names: list[str], targets: list[str], collection: str, *,
+                         token: str | bool | None = None) -> bool:
+    """Whether a --collection rerun changes nothing but float noise: the collection on the Hub lists exactly these
+    member repos, and each holds the same adapter (its bundle then names the collection's last publish, as the
+    Hub's copy does). A collection is published again only when some member really changed."""
+    from huggingface_hub import HfApi
+
+    from ..collection.publish import existing_members, last_publish, name_revision
+    from ..hub.push import changed_files
+
+    if not HfApi(token=token).repo_exists(collection):
+        return False
+    if sorted(m.repo_id or "" for m in existing_members(collection, token=token)) != sorted(targets):
+        return False
+    sha = last_publish(collection, token=token)
+    for name, repo_id in zip(names, targets):
+        name_revision(folder / name / BUNDLE_DIR, sha)
+        changed = changed_files(folder / name, repo_id, token=token)  # None: no such repo, or other file names
+        if changed is None or changed and not same_adapter(folder / name, repo_id, changed, token=token, member=True):
             return False
     return True
