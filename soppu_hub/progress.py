@@ -24,6 +24,17 @@ class ProgressBar:
             self.bar.close()
 
 
+def hold_tqdm_lock() -> None:
+    """Call before running huggingface_hub from several threads. Its thread_map (uploads, snapshot downloads)
+    creates tqdm's class lock when missing and deletes it on the way out; from several threads at once that races
+    (AttributeError: type object 'tqdm' has no attribute '_lock'). With the lock made here first, none deletes it."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+    from tqdm import tqdm as std_tqdm
+
+    std_tqdm.get_lock()
+    hf_tqdm.set_lock(std_tqdm.get_lock())
+
+
 def log_above_bars(msg: str) -> None:
     """A log line printed over a live progress bar would be cut into it mid-word: tqdm.write moves the bar."""
     from huggingface_hub.utils import tqdm

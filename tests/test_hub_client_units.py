@@ -76,3 +76,25 @@ def test_a_failed_push_names_its_root_cause_without_query_strings():
     assert reason.startswith("Error while uploading 'plots/a.png'") and "ValueError: 403 Client Error" in reason
     assert "secret" not in reason and "obj?..." in reason
     assert failure_reason(KeyError()) == "KeyError"
+
+
+def test_parallel_pushes_keep_tqdms_lock():
+    """huggingface_hub's thread_map deletes tqdm's class lock when it made it; a second push thread then fails with
+    "type object 'tqdm' has no attribute '_lock'" (seen in CI). After hold_tqdm_lock nothing deletes it."""
+    import subprocess
+    import sys
+
+    probe = """
+import io
+from tqdm.contrib.concurrent import thread_map
+from huggingface_hub.utils import tqdm as hf_tqdm
+import sys
+if sys.argv[1] == "held":
+    from soppu_hub.progress import hold_tqdm_lock
+    hold_tqdm_lock()
+thread_map(lambda x: x, range(3), max_workers=2, tqdm_class=hf_tqdm, file=io.StringIO())
+print(hasattr(hf_tqdm, "_lock"))
+"""
+    out = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
+           .stdout.strip() for mode in ("bare", "held")}
+    assert out == {"bare": "False", "held": "True"}  # bare: the race the CI run met is there to be hit

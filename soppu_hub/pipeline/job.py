@@ -17,6 +17,7 @@ from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import check_write_access, failure_reason, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter
+from ..progress import hold_tqdm_lock
 from .outputs import lorax_sizes, staged_output, write_outputs
 from .unchanged import collection_unchanged, same_adapter
 
@@ -136,11 +137,7 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
 
     got: dict[int, Path] = {}
     if remote:
-        from huggingface_hub.utils import tqdm as hf_tqdm
-
-        # snapshot_download's thread_map creates tqdm's class lock when missing and deletes it on the way out;
-        # from several threads at once that races (AttributeError: _lock). With the lock made here, none deletes it.
-        hf_tqdm.get_lock()
+        hold_tqdm_lock()
         from huggingface_hub.utils import (
             are_progress_bars_disabled,
             disable_progress_bars,
@@ -325,6 +322,7 @@ def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, 
         if progress:
             progress(len(pushed), len(targets))
 
+    hold_tqdm_lock()
     with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
         list(pool.map(one, names, targets))
     if failed:
