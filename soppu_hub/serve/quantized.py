@@ -2,7 +2,8 @@
 
 A resident collection with a quantized store keeps, per module position, every member's part as the codes its
 file holds (quantizing the values a reader got back gives the same codes: tested), one item after another with no
-padding, so a thousand members cost 4.25 or 8.25 bits a number instead of 16 or 32. A step gathers the codes of its
+padding, so a thousand members cost 4.25 or 8.25 bits a number instead of 16 or 32 (plus, per item, its fp32
+maximum, a 4-byte offset and a 1-byte shape index: where its scales start follows from its offset). A step gathers the codes of its
 rows only, de-quantizes them and puts each item into the zero-padded (A, B) block the batched matmuls use through
 an index worked out from each row's own shape (transposed or not): one gather, whatever mix of clusters and ranks.
 """
@@ -27,21 +28,19 @@ class QuantizedItems:
     group: int
     codes: torch.Tensor  # (total bytes,) uint8
     scales: torch.Tensor  # (total groups,) float16
-    code_at: torch.Tensor  # (N,) long: where each item's codes start
-    scale_at: torch.Tensor  # (N,) long: where its scales start
+    code_at: torch.Tensor  # (N,) int32: where each item's codes start (its scales: at code_at * per_byte / group)
     maxima: torch.Tensor  # (N,) float32
-    dims: torch.Tensor  # (N, 2) int32: each item's own (rows, columns)
     shape: tuple[int, int]
     transpose: bool
     width: int  # the most groups any item has
-    layout: torch.Tensor  # (N,) long: each item's row of `place`
+    layout: torch.Tensor  # (N,) uint8: each item's row of `place` (an item's shape)
     place: torch.Tensor  # (layouts, A * B) int32: per distinct item shape, the value each target position takes
     numbers: int = 0  # the items' own numbers (what params() counts)
 
     def __post_init__(self) -> None:
-        per_byte = 1 if self.kind == "int8" else 2
+        self._per_byte = 1 if self.kind == "int8" else 2
         self._groups = torch.arange(self.width)
-        self._bytes = torch.arange(self.width * self.group // per_byte)
+        self._bytes = torch.arange(self.width * self.group // self._per_byte)
 
     @classmethod
     def build(cls, items: list[torch.Tensor | None], shape: tuple[int, int], store: Store, *,
@@ -51,32 +50,35 @@ class QuantizedItems:
         qs = [quantize(t, store.kind, group=store.group) for t in items]
         codes = [q.codes[0].view(torch.uint8) for q in qs]
         scales = [q.scales[0] for q in qs]
-        starts = lambda parts: torch.tensor([0] + [p.numel() for p in parts[:-1]]).cumsum(0)  # noqa: E731
-        width = max(s.numel() for s in scales)
+        code_at = torch.tensor([0] + [c.numel() for c in codes[:-1]]).cumsum(0)  # items are whole groups: scales
+        width = max(s.numel() for s in scales)  # start at code_at * per_byte / group
         zero = width * store.group  # one past the longest item's values: the padded zero
         layouts = {shape_: i for i, shape_ in enumerate(dict.fromkeys(tuple(t.shape) for t in items))}
+        if len(layouts) > 256 or code_at[-1] >= 2**31:
+            raise ValueError(f"{len(items)} items in {len(layouts)} shapes are more than one stack holds as codes")
         place = torch.stack([_place(rc, shape, transpose, zero) for rc in layouts])
-        layout = torch.tensor([layouts[tuple(t.shape)] for t in items])
-        return cls(store.kind, store.group, torch.cat(codes), torch.cat(scales), starts(codes), starts(scales),
-                   torch.stack([q.maxima[0] for q in qs]), torch.tensor([list(t.shape) for t in items], dtype=torch.int32),
-                   shape, transpose, width, layout, place, sum(t.numel() for t in items))
+        layout = torch.tensor([layouts[tuple(t.shape)] for t in items], dtype=torch.uint8)
+        return cls(store.kind, store.group, torch.cat(codes), torch.cat(scales), code_at.to(torch.int32),
+                   torch.stack([q.maxima[0] for q in qs]), shape, transpose, width, layout, place,
+                   sum(t.numel() for t in items))
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(b, A, B) in `dtype`: the items of `slots`, de-quantized and placed. Six indexing ops whatever the kind:
         it runs per module position at nearly every step."""
         G = self.group
-        sidx = (self.scale_at.index_select(0, slots)[:, None] + self._groups).clamp(max=max(self.scales.numel() - 1, 0))
-        bidx = (self.code_at.index_select(0, slots)[:, None] + self._bytes).clamp(max=max(self.codes.numel() - 1, 0))
+        at = self.code_at.index_select(0, slots).long()[:, None]
+        sidx = (at * self._per_byte // G + self._groups).clamp(max=max(self.scales.numel() - 1, 0))
+        bidx = (at + self._bytes).clamp(max=max(self.codes.numel() - 1, 0))
         b = slots.shape[0]
         values = _LEVELS[self.kind][self.codes[bidx].long()].reshape(b, -1, G)  # a byte -> its 1 or 2 levels
         scale = self.scales[sidx].float() * self.maxima.index_select(0, slots)[:, None]
         values = torch.nn.functional.pad((values * scale[..., None]).reshape(b, -1), (0, 1))  # last: a zero
-        idx = self.place.index_select(0, self.layout.index_select(0, slots)).long()
+        idx = self.place.index_select(0, self.layout.index_select(0, slots).int()).long()
         return values.gather(1, idx).reshape(b, *self.shape).to(dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.code_at, self.scale_at,
-                                                          self.maxima, self.dims, self.layout, self.place))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.code_at, self.maxima,
+                                                          self.layout, self.place))
 
 
 def _place(rc: tuple[int, int], shape: tuple[int, int], transpose: bool, zero: int) -> torch.Tensor:
