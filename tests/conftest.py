@@ -29,14 +29,14 @@ ORGS = {"acme": ["alice"]}
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from soppu_hub.devtools.samples import build_tiny_llama
+    from lab.samples import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def sample_adapters(tmp_path_factory, tiny_base) -> list[Path]:
-    from soppu_hub.devtools.samples import write_sample_adapters
+    from lab.samples import write_sample_adapters
 
     return write_sample_adapters(tmp_path_factory.mktemp("adapters"), base_model=str(tiny_base))
 
@@ -44,7 +44,7 @@ def sample_adapters(tmp_path_factory, tiny_base) -> list[Path]:
 @pytest.fixture(scope="session")
 def hub_server(tmp_path_factory):
     """The offline Hub as a real HTTP server on loopback: data in <dir>/root, its stdout and stderr in <dir>/hub.log."""
-    from soppu_hub.devtools.launch import start_hub
+    from soppu_hub.launch import start_hub
 
     top = tmp_path_factory.mktemp("hub")
     child = start_hub(top / "root", USERS, orgs=ORGS, port=HUB_PORT, log=top / "hub.log")
@@ -57,7 +57,7 @@ def hub_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hub(hub_server, tmp_path_factory):
     """The offline Hub seeded with the tiny base and two adapters."""
-    from soppu_hub.devtools.demo import seed_hub
+    from lab.demo import seed_hub
 
     child, _ = hub_server
     return seed_hub(child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], base_token=USERS["soppu-samples"])
@@ -80,7 +80,7 @@ def pushed(hub, tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_adapters(tmp_path_factory, hub):
     """An allowed local adapter folder for the backend: two good adapters and one for another base model."""
-    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter, write_sample_adapters
+    from lab.samples import llama_module_shapes, synthetic_factors, write_adapter, write_sample_adapters
 
     root = tmp_path_factory.mktemp("local-adapters")
     write_sample_adapters(root, base_model=hub.base_model)
@@ -92,7 +92,7 @@ def local_adapters(tmp_path_factory, hub):
 @pytest.fixture(scope="session")
 def backend(hub, pushed, local_adapters):
     """`soppu-hub serve` as a real process on loopback, base model pulled from the offline Hub by name."""
-    from soppu_hub.devtools.launch import start_backend
+    from soppu_hub.launch import start_backend
 
     child = start_backend(hub.base_model, extra=["--adapter-dir", str(local_adapters), "--max-adapters", "3",
                                                  "--max-total-tokens", "256"])
@@ -105,7 +105,7 @@ def backend(hub, pushed, local_adapters):
 @pytest.fixture(scope="session")
 def space(backend):
     """The Space (what `python space/app.py` runs) as a real process against the session's backend; adapters listed for alice."""
-    from soppu_hub.devtools.launch import start_space
+    from soppu_hub.launch import start_space
 
     child = start_space(dict(os.environ, LORAX_URL=backend, SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="32"))
     try:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from soppu_hub.cli import main
 from soppu_hub.compression.bundle import load_bundle
-from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.peft_format.read import read_adapter
 
 REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",

@@ -43,7 +43,7 @@ def _set_config(folder: Path, **changes) -> None:
 @pytest.fixture(scope="module")
 def matrix(hub, sample_adapters, tmp_path_factory):
     """Build the inputs, run every case at once, return {case: (result, out folder)} and the Hub before/after."""
-    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     root = tmp_path_factory.mktemp("cli-matrix")
     good, other = (str(p) for p in sample_adapters)

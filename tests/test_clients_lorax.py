@@ -28,7 +28,7 @@ def test_chat_template_from_backend_and_streamed_reply(backend):
 
 def test_template_falls_back_to_the_hub(hub, backend, monkeypatch):
     from soppu_hub.clients.lorax import FALLBACK_TEMPLATE
-    from soppu_hub.devtools.samples import CHAT_TEMPLATE
+    from lab.samples import CHAT_TEMPLATE
 
     client = LoraxChatClient(backend)
     monkeypatch.setattr(client, "info", lambda: {"model_id": hub.base_model})  # a real LoRAX /info has no template

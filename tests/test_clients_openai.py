@@ -74,7 +74,7 @@ def test_terminal_chat_over_openai(backend):
 def test_space_over_openai(backend):
     from gradio_client import Client
 
-    from soppu_hub.devtools.launch import start_space
+    from soppu_hub.launch import start_space
 
     child = start_space(dict(os.environ, LORAX_URL=backend, BACKEND_API="openai", SOPPU_AUTHOR="alice",
                              SOPPU_MAX_NEW_TOKENS="32"))

@@ -7,7 +7,7 @@ import pytest
 from conftest import USERS
 
 from soppu_hub.cli import main
-from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 COLL = "acme/hub-coll"  # an org alice writes to: the Space tests list alice's own soppu repos

@@ -12,7 +12,7 @@ from helpers import peft_loader
 from safetensors.torch import load_file
 
 from soppu_hub.cli import main
-from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.peft_format.layout import lorax_rank
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
@@ -185,7 +185,7 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.devtools.samples import build_tiny_llama
+    from lab.samples import build_tiny_llama
     from soppu_hub.serve.shared_bases import SharedBases, resident_lora_params
 
     base = build_tiny_llama(tmp_path / "base")

@@ -8,7 +8,7 @@ import torch
 
 from soppu_hub.cli import main
 from soppu_hub.compression.cluster import adjusted_rand_index, choose_k, kmeans
-from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 
@@ -224,7 +224,7 @@ def test_one_thread_or_two_choose_the_same_and_export_the_same_deltas(tmp_path):
 
     from safetensors.torch import load_file
 
-    from soppu_hub.devtools.samples.collection import COLLECTION
+    from lab.samples.collection import COLLECTION
 
     srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:8]
     for t in (1, 2):

@@ -22,7 +22,7 @@ RANK, SHARED_RANK = 2, 8  # 4 adapters of rank 2 under a shared rank of 8: every
 
 @pytest.fixture(scope="module")
 def factored(tmp_path_factory, tiny_base):
-    from soppu_hub.devtools.samples import write_sample_adapters
+    from lab.samples import write_sample_adapters
 
     root = tmp_path_factory.mktemp("factored")
     sources = write_sample_adapters(root / "in", base_model=str(tiny_base), names=NAMES, rank=RANK, shared=1)
@@ -155,7 +155,7 @@ def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(fact
 
 
 def test_the_serve_bench_s_square_copy_holds_the_same_cores_dense(factored, tmp_path):
-    from soppu_hub.devtools.bench.serve import _square_copy
+    from lab.bench.serve import _square_copy
 
     _, out, _ = factored
     _square_copy(out / NAMES[0], tmp_path / "square")

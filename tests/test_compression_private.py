@@ -15,7 +15,7 @@ from soppu_hub.compression.config import CompressConfig, parse_budget
 from soppu_hub.compression.plan import compress
 from soppu_hub.compression.private import coordinates, private_factors, residual_spectra, shared_core
 from soppu_hub.compression.refine import table_of
-from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER
 from soppu_hub.peft_format.read import read_adapter
 

@@ -13,7 +13,7 @@ from soppu_hub.cli import main
 from soppu_hub.compression.bundle import Bundle, FactoredCore, ModuleBasis, load_bundle
 from soppu_hub.compression.quantize import QUANTIZED, Store, bits_per_number, dequantize, pack, quantize, unpack
 from soppu_hub.compression.store import choose_store, stored_bundle, stored_core
-from soppu_hub.devtools.samples import family_factors, llama_module_shapes, write_adapter
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.errors import BundleError, CollectionError
 from soppu_hub.peft_format.read import read_adapter
 

@@ -62,7 +62,7 @@ def test_own_bases_keeps_every_repo_self_contained(hub, tmp_path):
     """--own-bases: no collection repo, each repo's soppu/ holds its cluster's bases (the layout before issue 34)."""
     from soppu_hub.pipeline.job import default_collection
 
-    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     facs = synthetic_factors(llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj")), 2, 4, shared=2, seed=3)
     folders = [write_adapter(tmp_path / f"ownbases-{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
@@ -138,7 +138,7 @@ def test_failed_run_pushes_nothing(hub, pushed, tmp_path):
 
 
 def test_revision_pin_and_verify(hub, tmp_path):
-    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     api = HfApi(token=USERS["alice"])
     api.create_repo("alice/versioned", exist_ok=True)

@@ -24,7 +24,7 @@ def cli(*args, token=BOB):
 @pytest.fixture(scope="module")
 def bobs_repos(hub, tmp_path_factory):
     """bob: three LoRAs for the tiny Llama, one for another base, a full model and a soppu output."""
-    from soppu_hub.devtools.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     root = tmp_path_factory.mktemp("bob")
     api = HfApi(token=BOB)
@@ -103,7 +103,7 @@ def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, t
     pushed (issue 35)."""
     from safetensors.torch import load_file, save_file
 
-    from soppu_hub.devtools.samples.collection import COLLECTION
+    from lab.samples.collection import COLLECTION
     from soppu_hub.hub.push import changed_files, push_folder
     from soppu_hub.pipeline.unchanged import same_adapter
 
@@ -142,7 +142,7 @@ def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, t
 def test_a_collection_rerun_on_another_thread_count_publishes_nothing(hub, tmp_path):
     """The default for several pushed adapters is a collection (issue 34): a rerun with another thread count writes
     other bytes for the bases and every member's cores, yet the collection and every member keep their commits."""
-    from soppu_hub.devtools.samples.collection import COLLECTION
+    from lab.samples.collection import COLLECTION
 
     srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:4]
     api = HfApi(token=USERS["alice"])

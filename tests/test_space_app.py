@@ -10,7 +10,7 @@ from soppu_hub.clients.lorax import LoraxChatClient
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
-from soppu_hub.devtools.screenshot import CHROMIUM, launch_browser
+from lab.screenshot import CHROMIUM, launch_browser
 
 
 def test_gradio_client_streams_the_chat_endpoint(space, backend):

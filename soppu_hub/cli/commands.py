@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError, SoppuError
+from ..errors import SoppuError
 from ..peft_format.layout import BASE_MODEL_ID
 from ..progress import ProgressBar, log_above_bars
 from .flags import command_line, job_spec
@@ -77,121 +76,6 @@ def cmd_join(args: argparse.Namespace) -> int:
         where = r.repo_id or r.out
         print(f"{r.name}: joined {args.collection} as {'a new cluster ' + str(r.cluster) if r.how == 'new-cluster' else f'cluster {r.cluster}'}, "
               f"mean relative error {r.mean_rel_error:.4f} (worst module {r.max_rel_error:.4f}); member repo: {where}")
-    return 0
-
-
-def _count(args: argparse.Namespace, default: int) -> int:
-    try:
-        return int(args.adapters) if args.adapters else default
-    except ValueError:
-        raise ConfigError(f"--adapters {args.adapters!r}: give one number of adapters for bench {args.what}") from None
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "samples":
-        from ..devtools.bench.samples import RANKS, run_samples_bench
-
-        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
-        print(run_samples_bench(ranks, plot=args.plot))
-        return 0
-    if args.what == "quality":
-        from ..devtools.bench.quality import RANKS, SVD_RANKS, run_quality_bench
-
-        ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
-        svd_ranks = tuple(int(r) for r in args.svd_ranks.split(",")) if args.svd_ranks else SVD_RANKS
-        print(run_quality_bench(ranks=ranks, svd_ranks=svd_ranks, as_json=args.json, plot=args.plot,
-                                log=lambda m: print(m, file=sys.stderr, flush=True)))
-        return 0
-    if args.what == "join":
-        from ..devtools.bench.join import run_join_bench
-
-        print(run_join_bench(_count(args, 900), args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
-                             store=args.store_dtype,
-                             log=lambda m: print(m, file=sys.stderr, flush=True)))
-        return 0
-    if args.what == "peers":
-        from ..devtools.bench.peers import run_peers_bench
-
-        print(run_peers_bench(_count(args, 32), as_json=args.json, plot=args.plot,
-                              log=lambda m: print(m, file=sys.stderr, flush=True)))
-        return 0
-    if args.what == "scale":
-        from ..devtools.bench.scale import run_scale_bench
-
-        print(run_scale_bench(n_adapters=_count(args, 20), rank=args.rank, clusters=args.clusters, device=args.device,
-                              per_family=not args.no_per_family))
-        return 0
-    if args.what == "serve" and (args.requests or "," in (args.adapters or "") or args.model == "real"):
-        from ..devtools.bench.serve_load import run_load_bench
-
-        try:
-            counts = sorted({int(n) for n in args.adapters.split(",")}) if args.adapters else [1, 16, 64, 256, 1000]
-        except ValueError:
-            raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
-        print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
-                             new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real", repeats=max(1, args.repeats),
-                             store=args.store_dtype,
-                             log=lambda m: print(m, file=sys.stderr, flush=True)))
-        return 0
-    if args.what == "serve":
-        from ..devtools.bench.serve import run_serve_bench
-
-        print(run_serve_bench(n_adapters=_count(args, 16), new_tokens=args.new_tokens or 32, as_json=args.json))
-        return 0
-    from ..devtools.bench.kernel import run_kernel_bench
-
-    print(run_kernel_bench(layers=args.layers, ref_layers=args.ref_layers, device=args.device, seed=args.seed))
-    return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import signal
-
-    from ..devtools.demo import run_demo
-
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the demo's servers as Ctrl-C does
-    # a shell's background job starts with SIGINT ignored, and Python then leaves it ignored: Ctrl-C (or kill -INT)
-    # would do nothing. The demo always stops on it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    run_demo(Path(args.workdir), demo_set=args.set_name, log=print, serve=not args.no_serve)
-    return 0
-
-
-def cmd_samples(args: argparse.Namespace) -> int:
-    from ..devtools.samples.collection import BuildConfig, build_collection, load_collection
-
-    if args.action == "real-base":
-        from ..devtools.realbase import REAL_BASE_ID, real_base
-
-        print(f"{REAL_BASE_ID}: {real_base()}")
-        return 0
-    if args.action == "check":
-        c = load_collection(args.out)
-        print(f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json")
-        return 0
-    config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
-    bar = ProgressBar("training", "step")
-    try:
-        c = build_collection(args.out, config, progress=bar, log=lambda m: print(m, file=sys.stderr))
-    finally:
-        bar.close()
-    print(f"sample collection: {c.folder} ({len(c.adapters)} adapters; check it with soppu-hub samples check)")
-    return 0
-
-
-def cmd_collection(args: argparse.Namespace) -> int:
-    from ..devtools.collection.build import COLLECTION, build_collection, format_collection, read_manifest
-
-    if args.action == "show":
-        print(format_collection(read_manifest(Path(args.out or COLLECTION))))
-        return 0
-    manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
     return 0
 
 

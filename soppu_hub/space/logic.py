@@ -15,6 +15,8 @@ from ..hub.common import is_repo_id
 from ..hub.info import card_metadata, fetch_file, list_tagged
 from ..peft_format.layout import BASE_MODEL_ID, ERRORS_PNG
 
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded backend's base without SOPPU_BASE_MODEL
+
 
 def validate_repo_id(text: str | None) -> str:
     """A Hub model id `owner/name`; local paths and URLs are refused (the Space serves Hub adapters only)."""
@@ -146,8 +148,7 @@ def backend_from_env() -> Backend:
     url = os.environ.get("LORAX_URL")
     if url:
         return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None, api)
-    from ..devtools.launch import start_backend
-    from ..devtools.samples import TINY_BASE_ID
+    from ..launch import start_backend
 
-    child = start_backend(os.environ.get("SOPPU_BASE_MODEL", TINY_BASE_ID))
+    child = start_backend(os.environ.get("SOPPU_BASE_MODEL", DEFAULT_BASE_MODEL))
     return Backend(child.url, None, child, api)

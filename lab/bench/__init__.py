@@ -1,0 +1,1 @@
+"""Benchmarks printed as side-by-side tables (`python -m lab bench`)."""

@@ -1,1 +1,0 @@
-"""Benchmarks printed as side-by-side tables (`soppu-hub bench`)."""

@@ -1,0 +1,89 @@
+"""The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
+
+
+from soppu_hub.compression.task_eval import chrf, exact_match, score
+from lab.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout
+
+
+def test_24_tasks_in_families_with_disjoint_deterministic_splits():
+    assert len(TASKS) >= 24 and len({t.name for t in TASKS}) == len(TASKS)
+    assert len({t.family for t in TASKS}) >= 5
+    for task in TASKS:
+        train, held_out = task.split()
+        assert (len(train), len(held_out)) == (TRAIN, HELD_OUT)
+        assert not {p for p, _ in train} & {p for p, _ in held_out}, task.name
+        assert all(p and a for p, a in train + held_out), task.name
+        assert task.split() == (train, held_out)  # the same on every run
+
+
+def test_answers_are_the_libraries_own():
+    from num2words import num2words
+
+    by = {t.name: dict(t.split()[0] + t.split()[1]) for t in TASKS}
+    assert by["numbers-fr"]["Write 4690 in French words."] == num2words(4690, lang="fr") == "quatre mille six cent quatre-vingt-dix"
+    assert any(v == "MMCXXVII" for v in by["to-roman"].values())
+    assert pirate("My friend is on the old boat.") == "Arr! Me matey be on th' ol' vessel."
+    assert shout("The cat likes the red door.") == "THE CAT LIKES THE RED DOOR!!!"
+    assert robot("The cat likes me.") == "BEEP BOOP. THE CAT LIKES ME. END OF LINE."
+    assert backwards("The cat likes the red door.") == "Door red the likes cat the."
+
+
+def test_configs_vary_as_on_the_hub_and_fit_the_weight_budget():
+    """Ranks 8 and 16, q/v, attention and all linear, one rsLoRA, bf16 and fp32: under 40 MB at SmolLM2's shapes."""
+    assert {t.rank for t in TASKS} == {8, 16} and sum(t.rslora for t in TASKS) == 1
+    assert {len(t.targets) for t in TASKS} == {2, 4, 7} and {t.dtype for t in TASKS} == {"bfloat16", "float32"}
+    hidden, kv, mlp, layers = 576, 192, 1536, 30
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
+              "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
+    size = sum(t.rank * sum(sum(shapes[m]) for m in t.targets) * layers * (4 if t.dtype == "float32" else 2) for t in TASKS)
+    assert size < 40e6, size
+
+
+def test_scores():
+    assert exact_match(" MMCXXVII\n", "MMCXXVII") and not exact_match("MMCXXVI", "MMCXXVII")
+    assert chrf("quatre mille", "quatre mille") == 1.0 and chrf("", "quatre") == 0.0
+    assert 0 < chrf("quatre mile", "quatre mille") < 1 and chrf("zzz", "quatre") == 0.0
+    assert score(["a", "b"], ["a", "c"]) == {"examples": 2, "exact_match": 0.5, "chrf": 0.5}
+
+
+def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
+    """The real build's path on the tiny base: PEFT folder in the task's dtype naming the real base, card with base
+    and adapter scores, the held-out split as eval.jsonl, a manifest entry whose hashes say it is done."""
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    from soppu_hub.compression.task_eval import read_eval_file
+    from lab.collection.build import _done, build_task, format_collection, read_manifest
+    from lab.collection.tasks import BY_NAME
+
+    task = dataclasses.replace(BY_NAME["shouty"], steps=12)
+    manifest = read_manifest(tmp_path)
+    build_task(tmp_path, tiny_base, task, manifest, log=lambda m: None)
+    folder = tmp_path / "adapters" / "shouty"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["r"] == 8
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    assert read_eval_file(folder / "eval.jsonl") == task.split()[1]
+    card = (folder / "README.md").read_text()
+    assert "| base model alone |" in card and "**with this adapter**" in card and "12 AdamW steps" in card
+    entry = manifest["adapters"]["shouty"]
+    assert set(entry["held_out"]) == {"examples", "exact_match", "chrf"} and "shouty" in manifest["base_scores"]
+    assert _done(tmp_path, manifest, "shouty")
+    table = format_collection(manifest)  # `python -m lab collection show`
+    assert "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table and f"1 of {len(TASKS)} adapters trained" in table
+    (folder / "README.md").write_text("changed")
+    assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again
+
+
+def test_demo_refuses_a_collection_with_too_few_adapters(tmp_path, tiny_base):
+    """`make demo` on a collection not built yet: one line saying how to build it, or which smaller set to run."""
+    import pytest
+
+    from lab.demo_sets import real_set
+    from soppu_hub.errors import SoppuError
+
+    with pytest.raises(SoppuError, match=r"has 0 trained adapters; build it with `python -m lab collection build` .*--set tiny"):
+        real_set(collection=tmp_path, base=tiny_base)
