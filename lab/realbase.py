@@ -131,9 +131,9 @@ def publish(folder: str | Path, token: str, *, repo_id: str = REAL_BASE_ID) -> s
     from soppu_hub.hub.push import push_folder
 
     folder = Path(folder)
-    return push_folder(folder, repo_id, token=token, skip_unchanged=True,
-                       commit_message=f"{repo_id} converted from {json.loads((folder / MARKER).read_text())['gguf']}") \
-        or "unchanged"
+    pushed = push_folder(folder, repo_id, token=token, skip_unchanged=True,
+                         commit_message=f"{repo_id} converted from {json.loads((folder / MARKER).read_text())['gguf']}")
+    return pushed.url or "unchanged"
 
 
 def real_base(cache_dir: str | Path | None = None) -> Path:

@@ -127,7 +127,7 @@ def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, t
         changed = changed_files(out / n, f"bob/rerun-{n}", token=BOB)
         differ += bool(changed)
         same = lambda c, n=n: same_adapter(out / n, f"bob/rerun-{n}", c, token=BOB)  # noqa: E731
-        assert push_folder(out / n, f"bob/rerun-{n}", token=BOB, skip_unchanged=True, same=same) is None, (n, changed)
+        assert push_folder(out / n, f"bob/rerun-{n}", token=BOB, skip_unchanged=True, same=same).skipped, (n, changed)
     assert differ > 0  # the bytes did differ: the check compared adapters, not files
     assert {n: len(api.list_repo_commits(f"bob/rerun-{n}")) for n in names} == commits
     weights = out / names[0] / "adapter_model.safetensors"

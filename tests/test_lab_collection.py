@@ -1,7 +1,7 @@
 """The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
 
 
-from soppu_hub.compression.task_eval import chrf, exact_match, score
+from soppu_hub.evaluate.task_eval import chrf, exact_match, score
 from lab.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout
 
 
@@ -54,7 +54,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
 
     from safetensors import safe_open
 
-    from soppu_hub.compression.task_eval import read_eval_file
+    from soppu_hub.evaluate.task_eval import read_eval_file
     from lab.collection.build import _done, build_task, format_collection, read_manifest
     from lab.collection.tasks import BY_NAME
 

@@ -134,3 +134,25 @@ def test_help_answers_without_torch(argv):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stderr.strip().splitlines()[-1] == "[]", res.stderr
     assert "usage: soppu-hub" in res.stdout
+
+
+HUB_DATA = {"ModelCard", "ModelCardData", "git_hash", "tqdm", "HFValidationError", "are_progress_bars_disabled",
+            "disable_progress_bars", "enable_progress_bars"}  # huggingface_hub names that make no request
+
+
+def test_only_hub_talks_to_the_hub():
+    """Outside hub/ (and the offline Hub server, which is the Hub) huggingface_hub is used for data types only."""
+    for module, path in MODULES.items():
+        if module.startswith(("soppu_hub.hub.", "soppu_hub.hubserver")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert not [a for a in node.names if a.name.startswith("huggingface_hub")], module
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("huggingface_hub"):
+                assert {a.name for a in node.names} <= HUB_DATA, (module, [a.name for a in node.names])
+
+
+def test_compression_takes_folders_never_repo_ids():
+    for module in MODULES:
+        if module.startswith("soppu_hub.compression"):
+            assert not {t for t in imports(module) if t.startswith(("soppu_hub.hub", "soppu_hub.pipeline"))}, module

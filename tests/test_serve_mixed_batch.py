@@ -116,6 +116,7 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lab.samples import build_tiny_llama
+    from soppu_hub.serve.config import ServeConfig
     from soppu_hub.serve.engine import Engine, Generation
     from soppu_hub.serve.params import GenerateRequest, Sampling
 
@@ -139,7 +140,7 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[0, len(prompt):].tolist()
 
-    engine = Engine(base_dir, str(base_dir), local_root=tmp_path / "adapters", max_batch=8)
+    engine = Engine(base_dir, ServeConfig(str(base_dir), adapter_dir=str(tmp_path / "adapters"), max_batch=8))
     order = ["plain", "embed", None, "embed", "plain"]
     done = threading.Semaphore(0)
     jobs = []

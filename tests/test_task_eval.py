@@ -6,7 +6,7 @@ import pytest
 
 from soppu_hub.cards.render import table_cell
 from soppu_hub.cli import main
-from soppu_hub.compression.task_eval import eval_sets, read_eval_file, read_probe_file
+from soppu_hub.evaluate.task_eval import eval_sets, read_eval_file, read_probe_file
 from soppu_hub.errors import EvalFileError
 
 

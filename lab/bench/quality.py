@@ -105,7 +105,7 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
     from soppu_hub.compression.config import CompressConfig
     from soppu_hub.compression.export import ExportConfig
     from soppu_hub.compression.plan import compress
-    from soppu_hub.compression.task_eval import Scorer, retention
+    from soppu_hub.evaluate.task_eval import Scorer, retention
     from soppu_hub.peft_format.read import read_adapter
     from soppu_hub.pipeline.outputs import write_outputs
 
@@ -224,7 +224,7 @@ def plot_quality(rows: list[dict], path: Path, *, title: str = "", unit: str = "
 def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, svd_ranks=SVD_RANKS, as_json: bool = False,
                       plot: str | None = None, log: Callable[[str], None] = lambda m: None) -> str:
     """The bench on the real collection (built by `python -m lab collection build`) and the real base."""
-    from soppu_hub.compression.task_eval import read_eval_file
+    from soppu_hub.evaluate.task_eval import read_eval_file
     from soppu_hub.errors import ConfigError
     from lab.collection.build import COLLECTION, EVAL_FILE, read_manifest
     from lab.realbase import REAL_BASE_ID, real_base

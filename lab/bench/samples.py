@@ -23,7 +23,7 @@ def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dic
     from soppu_hub.compression.config import CompressConfig
     from soppu_hub.compression.export import ExportConfig
     from soppu_hub.compression.plan import compress
-    from soppu_hub.compression.verify import verify_adapters
+    from soppu_hub.evaluate.verify import verify_adapters
     from soppu_hub.peft_format.read import read_adapter
     from soppu_hub.pipeline.outputs import write_outputs
 

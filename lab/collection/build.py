@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from soppu_hub.cards.render import table_cell
-from soppu_hub.compression.task_eval import greedy_replies, score
+from soppu_hub.evaluate.replies import greedy_replies
+from soppu_hub.evaluate.task_eval import score
 from soppu_hub.errors import ConfigError
 from lab.realbase import REAL_BASE_ID
 from lab.collection.tasks import BY_NAME, HELD_OUT, TASKS, Task

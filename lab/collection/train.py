@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from soppu_hub.compression.task_eval import chat_prompt_ids
+from soppu_hub.evaluate.replies import chat_prompt_ids
 from lab.samples.training import optimise, right_padded, save_lora
 from lab.collection.tasks import Pair, Task
 

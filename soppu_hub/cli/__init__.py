@@ -71,25 +71,17 @@ def _hub(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: Hub repo id or local folder")
+    from ..serve.config import ServeConfig
+
+    p.add_argument("--model", required=True, help=field_help(ServeConfig, "model"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--max-adapters", type=int, default=8, help="adapters kept loaded (LRU) (default 8)")
-    p.add_argument("--max-lora-memory", type=byte_size, default=None, metavar="SIZE",
-                   help="bytes of LoRA weights kept loaded (LRU), e.g. 64MB: the bound GPU servers budget by "
-                   "(default: only --max-adapters)")
-    p.add_argument("--collection", default=None, metavar="SOURCE",
-                   help="a collection (folder written by compress --collection, or its repo id) whose members all stay "
-                   "resident: each cluster's bases once plus one core per member, addressed by repo id or name")
     p.add_argument("--preload", "--preloaded-adapter-ids", action="extend", nargs="+", default=[], metavar="ADAPTER",
-                   help="adapters loaded at start, as LoRAX's --preloaded-adapter-ids (a folder under --adapter-dir, "
-                   "else a Hub repo id); one that does not load or fit the bounds stops the start in one line")
-    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
-    p.add_argument("--max-total-tokens", type=int, default=None, help="prompt + new tokens per request (default: model limit)")
-    p.add_argument("--max-concurrent-requests", type=int, default=128, help="requests in flight before 429 (default 128)")
-    p.add_argument("--adapter-dir", help="allow adapter_source=local for adapters under this folder only")
-    p.add_argument("--no-shared-bases", action="store_true",
-                   help="load soppu-compressed adapters as plain LoRA instead of through their shared basis")
+                   help=field_help(ServeConfig, "preload"))
+    add_fields(p, ServeConfig, ["max_adapters", "collection", "max_batch", "max_total_tokens", "max_concurrent_requests",
+                                "adapter_dir", "share_bases"])
+    p.add_argument("--max-lora-memory", dest="max_lora_bytes", type=byte_size, default=None, metavar="SIZE",
+                   help=field_help(ServeConfig, "max_lora_bytes"))
     p.set_defaults(func=cmd_serve)
 
 

@@ -52,8 +52,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(format_table(result.report))
         if result.out:
             print(f"results: {result.out} (cards: {result.out}/<name>/README.md)")
-        for repo_id, url in result.pushed.items():
-            print(f"unchanged {repo_id} (already on the Hub)" if url == "unchanged" else f"pushed {repo_id}: {url}")
+        for repo_id, pushed in result.pushed.items():
+            print(f"unchanged {repo_id} (already on the Hub)" if pushed.skipped else f"pushed {repo_id}: {pushed.url}")
     if members is not None and not args.quiet:
         from ..pipeline.refit import drift, format_drift
 
@@ -90,12 +90,13 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..serve import build_engine, serve
+    import dataclasses
 
-    engine = build_engine(args.model, max_adapters=args.max_adapters, max_batch=args.max_batch_size,
-                          max_total_tokens=args.max_total_tokens, max_concurrent_requests=args.max_concurrent_requests,
-                          adapter_dir=args.adapter_dir, share_bases=not args.no_shared_bases,
-                          max_lora_bytes=args.max_lora_memory, collection=args.collection, preload=args.preload)
+    from ..serve import build_engine, serve
+    from ..serve.config import ServeConfig
+
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)})
+    engine = build_engine(config)
     print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port)
     return 0

@@ -26,7 +26,7 @@ def field_help(cls, name: str) -> str:
     """A config field's help, as its dataclass states it (one text for the library and the CLI)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     default = f.default if f.default is not dataclasses.MISSING else None
-    return f"{f.metadata['help']} (default: {default})" if default not in (None, False, True, "default") else f.metadata["help"]
+    return f"{f.metadata['help']} (default: {default})" if default not in (None, False, True, "default", "") else f.metadata["help"]
 
 
 def add_fields(p: argparse.ArgumentParser, cls, names: list[str] | None = None) -> None:
@@ -35,11 +35,11 @@ def add_fields(p: argparse.ArgumentParser, cls, names: list[str] | None = None) 
         if names is not None and f.name not in names or "help" not in f.metadata:
             continue
         flag = f.metadata.get("flag", f"--{f.name.replace('_', '-')}")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        if isinstance(f.default, bool):  # a flag that turns the default around (--no-shared-bases: True -> False)
+            p.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=f.metadata["help"])
         else:
             kind = f.metadata.get("type", str if f.default is None else type(f.default))
-            p.add_argument(flag, dest=f.name, type=kind, default=f.default,
+            p.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=f.metadata.get("metavar"),
                            choices=f.metadata.get("choices"), help=field_help(cls, f.name))
 
 

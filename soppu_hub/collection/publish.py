@@ -13,6 +13,7 @@ import torch
 
 from ..compression.bundle import bases_ref
 from ..errors import CollectionError
+from ..hub.collection import commit_titled, repo_exists
 from ..hub.push import push_folder
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, COLLECTION_DIR
 from .format import COLLECTION_FILE, Member, read_collection, read_members, write_members
@@ -23,9 +24,7 @@ PUBLISH_MESSAGE = "soppu-hub: publish collection"
 
 def existing_members(repo_id: str, *, token: str | bool | None = None) -> list[Member]:
     """The members list of a collection already on the Hub ([] when the repo does not exist yet)."""
-    from huggingface_hub import HfApi
-
-    if not HfApi(token=token).repo_exists(repo_id):
+    if not repo_exists(repo_id, token=token):
         return []
     return open_collection(repo_id, token=token).members
 
@@ -54,19 +53,15 @@ def publish_collection(folder: Path, repo_id: str, *, private: bool = False, tok
     for m in members:
         m.revision = known.get((m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source), m.revision)
     write_members(folder, members)
-    url = push_folder(folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE, skip_unchanged=True)
-    if url is not None:
-        return url.rsplit("/", 1)[-1]
-    return last_publish(repo_id, token=token)
+    pushed = push_folder(folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE,
+                         skip_unchanged=True)
+    return pushed.commit or last_publish(repo_id, token=token)
 
 
 def last_publish(repo_id: str, *, token: str | bool | None = None) -> str:
     """The commit of the latest publish: the revision the members of an unchanged collection already name (later
     commits only record revisions or add joiners)."""
-    from huggingface_hub import HfApi
-
-    commits = HfApi(token=token).list_repo_commits(repo_id)
-    return next((c.commit_id for c in commits if c.title == PUBLISH_MESSAGE), commits[0].commit_id)
+    return commit_titled(repo_id, PUBLISH_MESSAGE, token=token)
 
 
 def name_revision(bundle_folder: Path, revision: str) -> None:

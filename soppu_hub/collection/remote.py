@@ -73,20 +73,13 @@ def open_collection(source: str | Path, *, revision: str | None = None, token: s
                       token=token)
 
 
-def update_members(coll: Collection, change: Callable[[list[Member]], list[Member]], *, message: str,
-                   extra: Callable[[CollectionInfo], dict[str, bytes | Path]] | None = None) -> str:
-    """Apply `change` to the members list as it is at the head and commit it in one commit, with `extra(info)`
-    (more files: path in repo -> bytes or local file, built from the head's collection.json). Returns the sha."""
-    from huggingface_hub import CommitOperationAdd
+def update_members(coll: Collection, change: Callable[[list[Member]], list[Member]], *, message: str) -> str:
+    """Apply `change` to the members list as it is at the head and commit it in one commit; returns the sha."""
 
-    def build(head: str) -> list:
+    def build(head: str) -> dict[str, bytes]:
         info = coll.info if head == coll.revision else parse_collection(
             download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text(), coll.repo_id)
-        files = extra(info) if extra else {}
-        clusters = len(info.clusters) + sum(1 for p in files if p.endswith(".safetensors") and "cluster-" in p)
         text = download_file(coll.repo_id, MEMBERS_FILE, revision=head, token=coll.token).read_text()
-        members = change(parse_members(text, coll.repo_id, clusters))
-        ops = [CommitOperationAdd(MEMBERS_FILE, members_text(members).encode())]
-        return ops + [CommitOperationAdd(p, data if isinstance(data, bytes) else str(data)) for p, data in files.items()]
+        return {MEMBERS_FILE: members_text(change(parse_members(text, coll.repo_id, len(info.clusters)))).encode()}
 
     return commit_on_head(coll.repo_id, build, message=message, token=coll.token)

@@ -1,4 +1,5 @@
-"""Hub traffic for a collection repo: one file at one commit, the head's sha, commits that must not race.
+"""Hub traffic for a collection repo: one file at one commit, the head's sha, whether it exists, the last publish,
+and commits that must not race.
 
 A members list is changed only by a commit whose parent is the head it was read at (the Hub refuses it with
 412 when someone else committed in between); `commit_on_head` then reads the head again and rebuilds the
@@ -50,17 +51,35 @@ def head_revision(repo_id: str, revision: str | None, token: str | bool | None) 
                        "log in (hf auth login or HF_TOKEN)", "not found on the Hub, or private") from None
 
 
-def commit_on_head(repo_id: str, build: Callable[[str], list], *, message: str, token: str | bool | None = None,
-                   attempts: int = COMMIT_ATTEMPTS) -> str:
-    """`build(head)` -> commit operations made from the repo as it is at `head`, committed with that head as
-    parent; on a concurrent commit (409 / 412) read the new head and build again. Returns the commit sha."""
+def repo_exists(repo_id: str, *, token: str | bool | None = None) -> bool:
     from huggingface_hub import HfApi
+
+    return retry(lambda: HfApi(token=token).repo_exists(repo_id), f"look up {repo_id}")
+
+
+def commit_titled(repo_id: str, title: str, *, token: str | bool | None = None) -> str:
+    """The sha of the latest commit with this title (the head's when none has it)."""
+    from huggingface_hub import HfApi
+
+    commits = retry(lambda: HfApi(token=token).list_repo_commits(repo_id), f"list the commits of {repo_id}")
+    return next((c.commit_id for c in commits if c.title == title), commits[0].commit_id)
+
+
+Files = dict[str, "bytes | Path"]  # path in the repo -> its new content, or a local file holding it
+
+
+def commit_on_head(repo_id: str, build: Callable[[str], Files], *, message: str, token: str | bool | None = None,
+                   attempts: int = COMMIT_ATTEMPTS) -> str:
+    """`build(head)` -> the files to write, made from the repo as it is at `head`, committed with that head as
+    parent; on a concurrent commit (409 / 412) read the new head and build again. Returns the commit sha."""
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
     for attempt in range(attempts):
         head = head_revision(repo_id, None, token)
-        ops = build(head)
+        ops = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
+               for path, data in build(head).items()]
         try:
             return retry(lambda: api.create_commit(repo_id, ops, commit_message=message, parent_commit=head),
                          f"commit to {repo_id}").oid

@@ -119,6 +119,15 @@ def download_adapter(repo_id: str, *, revision: str | None = None, token: str | 
                        f"the Hub answered HTTP {status}") from None
 
 
+def download_files(repo_id: str, patterns: list[str], local_dir: Path, *, revision: str | None = None,
+                   token: str | bool | None = None) -> Path:
+    """The repo's files matching `patterns` (fnmatch) into `local_dir`, as they are at `revision`; returns it."""
+    from huggingface_hub import snapshot_download
+
+    return Path(retry(lambda: snapshot_download(repo_id, allow_patterns=patterns, local_dir=local_dir, revision=revision,
+                                                token=token, tqdm_class=_silent_tqdm()), f"download {repo_id}"))
+
+
 def model_folder(name_or_path: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """A base model: a local folder as is, a Hub id snapshotted (config, weights, tokenizer) into the cache."""
     from huggingface_hub import snapshot_download

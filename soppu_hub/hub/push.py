@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import SoppuError
 from .common import HubError, is_repo_id, retry
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What one push did: the commit it made (`skipped`: none, the Hub already held this adapter)."""
+
+    repo_id: str
+    commit: str | None = None  # the new commit's sha
+    url: str | None = None  # its page on the Hub
+
+    @property
+    def skipped(self) -> bool:
+        return self.commit is None
 
 
 def whoami(token: str | bool | None) -> tuple[str, set[str]]:
@@ -78,16 +92,16 @@ def changed_files(folder: Path, repo_id: str, *, token: str | bool | None = None
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
                 commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False,
-                same: Callable[[list[str]], bool] | None = None) -> str | None:
+                same: Callable[[list[str]], bool] | None = None) -> PushResult:
     """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too).
-    With `skip_unchanged`, a repo that already holds this adapter is left alone (returns None): byte for byte, or
-    where `same(changed files)` says the differing files hold the same content (the caller's notion of noise)."""
+    With `skip_unchanged`, a repo that already holds this adapter is left alone (a skipped result): byte for byte,
+    or where `same(changed files)` says the differing files hold the same content (the caller's notion of noise)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     if skip_unchanged:
         changed = changed_files(folder, repo_id, token=token)
         if changed == [] or (changed and same is not None and same(changed)):
-            return None
+            return PushResult(repo_id)
     api = HfApi(token=token)
     retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -95,7 +109,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str
     ops: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p in local]
     ops += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in local and p != ".gitattributes"]
     info = api.create_commit(repo_id, ops, commit_message=commit_message)
-    return info.commit_url
+    return PushResult(repo_id, info.oid, info.commit_url)
 
 
 def failure_reason(e: BaseException) -> str:

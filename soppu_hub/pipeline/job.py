@@ -14,7 +14,7 @@ from ..compression.plan import Compression, Progress, compress
 from ..errors import SoppuError
 from ..hub.common import TOKEN_HELP, PushError, is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
-from ..hub.push import check_write_access, failure_reason, push_folder, target_repo_ids, whoami
+from ..hub.push import PushResult, check_write_access, failure_reason, push_folder, target_repo_ids, whoami
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
 from ..peft_format.read import read_adapter
 from ..progress import hold_tqdm_lock
@@ -73,7 +73,7 @@ class JobSpec:
 class JobResult:
     report: dict
     out: Path | None
-    pushed: dict[str, str] = field(default_factory=dict)  # repo id -> commit url
+    pushed: dict[str, PushResult] = field(default_factory=dict)  # repo id -> what its push did
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -178,13 +178,13 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
     names = unique_names([s.name for s in sources])
     sets, probes = None, None  # the user's files, checked before anything is downloaded
     if spec.eval_file:
-        from ..compression.task_eval import eval_sets
+        from ..evaluate.task_eval import eval_sets
 
         sets = eval_sets(spec.eval_file, names)
     if spec.probe_file:
         if not spec.verify:
             raise SoppuError("--probe-file needs --verify (its prompts replace the built-in probes)")
-        from ..compression.task_eval import read_probe_file
+        from ..evaluate.task_eval import read_probe_file
 
         probes = read_probe_file(spec.probe_file)
     targets: list[str] = names
@@ -222,24 +222,27 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         outputs = targets if spec.push else [str(out / n) for n in names]
         report = write_outputs(comp, tmp, names, outputs, spec.export, collection=spec.collection, command=spec.command,
                                repo_ids=targets if spec.push else None)
+        if spec.verify or sets:
+            from ..hub.pull import model_folder
+
+            base_folder = model_folder(str(base), token=spec.token)
         if spec.verify:
-            from ..compression.verify import verify_adapters
+            from ..evaluate.verify import verify_adapters
 
             log(f"verifying against {base}")
             with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch:
                 variants, sweep = _rank_variants(comp, names, spec, Path(scratch))
-                checks = verify_adapters(base, folders, [tmp / n for n in names], token=spec.token, variants=variants,
+                checks = verify_adapters(base_folder, folders, [tmp / n for n in names], variants=variants,
                                          prompts=probes, progress=verify_progress)
             for entry, v in zip(report["adapters"], checks):
                 entry["verify"] = v
             if sweep:
                 report["rank_sweep"] = _sweep_summary(sweep, report, checks)
         if sets:
-            from ..compression.task_eval import evaluate_adapters
-            from ..hub.pull import model_folder
+            from ..evaluate.task_eval import evaluate_adapters
 
             log(f"scoring the eval examples with {base}")
-            scores = evaluate_adapters(model_folder(base, token=spec.token), folders, [tmp / n for n in names], sets)
+            scores = evaluate_adapters(base_folder, folders, [tmp / n for n in names], sets)
             for entry, t in zip(report["adapters"], scores):
                 if t is not None:
                     entry["task_eval"] = t
@@ -264,7 +267,7 @@ def default_collection(targets: list[str]) -> str:
 
 
 def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
-          progress: Progress | None) -> dict[str, str]:
+          progress: Progress | None) -> dict[str, PushResult]:
     """push_all, with --collection: the collection first (members name its commit), the members' revisions last."""
     if not spec.collection:
         return push_all(folder, names, targets, spec, log, progress)
@@ -272,14 +275,13 @@ def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log
 
     if not spec.refit and collection_unchanged(folder, names, targets, spec.collection, token=spec.token):
         log(f"unchanged {spec.collection} and its {len(names)} members (already on the Hub up to float noise, skipped)")
-        return {t: "unchanged" for t in targets}
+        return {t: PushResult(t) for t in targets}
     sha = publish_collection(folder / COLLECTION_DIR, spec.collection, private=spec.private, token=spec.token)
     log(f"published collection {spec.collection} at {sha[:12]}")
     for name in names:
         name_revision(folder / name / BUNDLE_DIR, sha)
     pushed = push_all(folder, names, targets, spec, log, progress)
-    record_revisions(spec.collection, {r: u.rsplit("/", 1)[-1] for r, u in pushed.items() if u != "unchanged"},
-                     token=spec.token)
+    record_revisions(spec.collection, {r: p.commit for r, p in pushed.items() if not p.skipped}, token=spec.token)
     return pushed
 
 
@@ -304,21 +306,21 @@ def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, 
     from concurrent.futures import ThreadPoolExecutor
 
     message = f"soppu-hub: JD-{spec.config.method} rank {spec.config.rank}"
-    pushed: dict[str, str] = {}
+    pushed: dict[str, PushResult] = {}
     failed: dict[str, str] = {}
 
     def one(name: str, repo_id: str) -> None:
         if failed:
             return  # after a failure, start nothing new
         try:
-            url = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
+            result = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
                               skip_unchanged=True, same=None if spec.collection else
                               lambda changed: same_adapter(folder / name, repo_id, changed, token=spec.token))
         except Exception as e:  # noqa: BLE001 - any failure of one push is reported with all the others
             failed[repo_id] = failure_reason(e)
             return
-        pushed[repo_id] = url or "unchanged"
-        log(f"pushed {repo_id}" if url else f"unchanged {repo_id} (already on the Hub, skipped)")
+        pushed[repo_id] = result
+        log(f"unchanged {repo_id} (already on the Hub, skipped)" if result.skipped else f"pushed {repo_id}")
         if progress:
             progress(len(pushed), len(targets))
 

@@ -102,9 +102,8 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         _write_card(tmp, entry, adapter, bundle, source_folder, spec, target)
         member = new_member(adapter, c, how, errors, target)
         if target is not None:
-            url = push_folder(tmp, target, private=spec.private, token=spec.token,
-                              commit_message=f"soppu-hub: join {coll.name} (cluster {c})")
-            member.revision = url.rsplit("/", 1)[-1]
+            member.revision = push_folder(tmp, target, private=spec.private, token=spec.token,
+                                          commit_message=f"soppu-hub: join {coll.name} (cluster {c})").commit
             log(f"pushed {target}")
             result.collection_revision = update_members(coll, lambda ms: _with(ms, member),
                                                         message=f"soppu-hub: {target} joins cluster {c}")
@@ -142,7 +141,6 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
     import tempfile
 
     import torch
-    from huggingface_hub import CommitOperationAdd
 
     from ..collection.build import save_centroids
 
@@ -167,12 +165,12 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
 
     chosen: list[int] = []
 
-    def build(head: str) -> list:
+    def build(head: str) -> dict[str, Path]:
         text = download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text()
         cen = load_file(str(download_file(coll.repo_id, CENTROIDS_FILE, revision=head, token=coll.token)))["centroids"]
         k, made = files(parse_collection(text, coll.repo_id), cen)
         chosen[:] = [k]
-        return [CommitOperationAdd(p, str(local)) for p, local in made.items()]
+        return made
 
     sha = commit_on_head(coll.repo_id, build, message="soppu-hub: new cluster", token=coll.token)
     return chosen[0], sha

@@ -35,14 +35,14 @@ def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str |
 
     `member`: a collection member, whose bundle slice holds cores for bases kept in the collection: its PEFT export
     (the same bases times the same cores) stands for it."""
-    from huggingface_hub import snapshot_download
+    from ..hub.pull import download_files
 
     if not changed or any(not p.endswith((".safetensors", ".json", ".md", ".png")) for p in changed):
         return False
     patterns = [*changed, f"{BUNDLE_DIR}/*"]
     with tempfile.TemporaryDirectory(prefix="soppu-rerun-") as tmp:
         try:
-            remote = Path(snapshot_download(repo_id, allow_patterns=patterns, local_dir=tmp, token=token))
+            remote = download_files(repo_id, patterns, Path(tmp), token=token)
         except Exception:  # noqa: BLE001 - cannot compare: push, as without this check
             return False
         for path in changed:
@@ -122,12 +122,11 @@ def collection_unchanged(folder: Path, names: list[str], targets: list[str], col
     """Whether a --collection rerun changes nothing but float noise: the collection on the Hub lists exactly these
     member repos, and each holds the same adapter (its bundle then names the collection's last publish, as the
     Hub's copy does). A collection is published again only when some member really changed."""
-    from huggingface_hub import HfApi
-
     from ..collection.publish import existing_members, last_publish, name_revision
+    from ..hub.collection import repo_exists
     from ..hub.push import changed_files
 
-    if not HfApi(token=token).repo_exists(collection):
+    if not repo_exists(collection, token=token):
         return False
     if sorted(m.repo_id or "" for m in existing_members(collection, token=token)) != sorted(targets):
         return False

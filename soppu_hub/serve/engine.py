@@ -17,8 +17,10 @@ from typing import Callable
 
 import torch
 
+from ..evaluate.replies import pad_id
 from .adapters import AdapterStore
 from .batch import Batch, Sampler, pick_all
+from .config import ServeConfig
 from .errors import Overloaded, ServeError
 from .params import GenerateRequest
 
@@ -59,27 +61,27 @@ class Generation:
 class Engine:
     """Owns the model. `submit` is thread-safe; one worker thread runs the batches."""
 
-    def __init__(self, model_dir: Path, model_id: str, *, max_adapters: int = 8, max_batch: int = 16,
-                 max_total_tokens: int | None = None, max_concurrent_requests: int = 128, local_root: Path | None = None,
-                 device: str = "cpu", share_bases: bool = True, max_lora_bytes: int | None = None) -> None:
+    def __init__(self, model_dir: Path, config: ServeConfig) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_id = model_id
+        self.model_id = config.model or str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.tokenizer.padding_side = "left"
-        self.device = torch.device(device)
+        self.device = torch.device(config.device)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(self.device).eval()
         limit = getattr(base.config, "max_position_embeddings", 2048)
-        self.max_total_tokens = min(max_total_tokens or limit, limit)
-        self.max_batch, self.max_concurrent_requests = max_batch, max_concurrent_requests
+        self.max_total_tokens = min(config.max_total_tokens or limit, limit)
+        self.max_batch, self.max_concurrent_requests = config.max_batch, config.max_concurrent_requests
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
-        self.adapters = AdapterStore(base, model_dir, model_id=model_id, lock=self.lock, max_adapters=max_adapters,
-                                     local_root=local_root, share_bases=share_bases, max_lora_bytes=max_lora_bytes)
+        self.adapters = AdapterStore(base, model_dir, model_id=self.model_id, lock=self.lock,
+                                     max_adapters=config.max_adapters,
+                                     local_root=Path(config.adapter_dir) if config.adapter_dir else None,
+                                     share_bases=config.share_bases, max_lora_bytes=config.max_lora_bytes)
         self.pending: queue.Queue[Generation] = queue.Queue()
         self.active = 0  # admitted requests not yet closed
         self.cancelled = 0  # requests stopped early because their client went away
         self._count_lock = threading.Lock()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(self.tokenizer)
         eos = base.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None} | ({self.tokenizer.eos_token_id} - {None})
         self.special_ids = set(self.tokenizer.all_special_ids)

@@ -7,8 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..hub.pull import model_folder
-from .task_eval import chat_prompt_ids
+from .replies import greedy_tokens
 
 PROBE_PROMPTS = [
     "The capital of France is",
@@ -23,16 +22,10 @@ PROBE_PROMPTS = [
 REPLY_TOKENS = 24  # length of the original adapter's greedy reply the compressed one is checked along
 
 
-@torch.no_grad()
-def greedy_replies(model, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> list[tuple[torch.Tensor, int]]:
+def reply_sequences(model, tokenizer, prompts: list[str], new_tokens: int = REPLY_TOKENS) -> list[tuple[torch.Tensor, int]]:
     """(prompt + greedy reply ids, prompt length) per prompt, as `model` (the original adapter) writes them."""
-    out = []
-    for p in prompts:
-        ids = torch.tensor([chat_prompt_ids(tokenizer, p)])
-        reply = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        out.append((reply, ids.shape[1]))
-    return out
+    return [(torch.tensor([ids + reply]), len(ids))
+            for ids, reply in greedy_tokens(model, tokenizer, prompts, max_new_tokens=new_tokens)]
 
 
 @torch.no_grad()
@@ -52,8 +45,8 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Path], *,
-                    prompts: list[str] | None = None, token: str | bool | None = None,
+def verify_adapters(base_folder: Path, originals: list[Path], compressed: list[Path], *,
+                    prompts: list[str] | None = None,
                     variants: dict[int, list[Path]] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per adapter: next-token agreement and mean KL(original || compressed) over all probe prompt positions, and
@@ -65,16 +58,15 @@ def verify_adapters(base: str | Path, originals: list[Path], compressed: list[Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = prompts or PROBE_PROMPTS
-    folder = model_folder(str(base), token=token)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
+    model = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32).eval()
     base_lp = next_token_logprobs(model, tokenizer, prompts)
     variants = variants or {}
     results = []
     for i, (orig, comp) in enumerate(zip(originals, compressed)):
         peft_model = PeftModel.from_pretrained(model, str(orig), adapter_name="original").eval()
         lp_o = next_token_logprobs(peft_model, tokenizer, prompts)
-        replies = greedy_replies(peft_model, tokenizer, prompts)
+        replies = reply_sequences(peft_model, tokenizer, prompts)
         want = reply_choices(peft_model, replies)
 
         def score(name: str, path: Path) -> tuple[torch.Tensor, float]:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import EvalFileError
+from .replies import greedy_replies
 
 CHRF_ORDER, CHRF_BETA = 6, 2.0
 SAMPLES = 4  # examples whose replies (original and compressed) the report and the card show
@@ -52,32 +53,6 @@ def score(replies: list[str], answers: list[str]) -> dict:
     n = len(answers)
     return {"examples": n, "exact_match": sum(map(exact_match, replies, answers)) / n,
             "chrf": sum(map(chrf, replies, answers)) / n}
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt as the model meets it in use: the user's turn of a chat in the model's own template, or the
-    plain text (special tokens as the tokenizer adds them) when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
-    return tokenizer(prompt).input_ids
-
-
-@torch.no_grad()
-def greedy_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch: int = 64) -> list[str]:
-    """Each prompt's greedy reply, decoded without special tokens and trimmed; prompts run `batch` at a time
-    (left-padded)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    for i in range(0, len(prompts), batch):
-        rows = [chat_prompt_ids(tokenizer, p) for p in prompts[i:i + batch]]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
-        out += [t.strip() for t in tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)]
-    return out
 
 
 def read_eval_file(path: str | Path) -> list[Pair]:
