@@ -107,7 +107,7 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
               port: int | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
               log: Path | None = None) -> Child:
     """The offline Hub; users: name -> token, handed over in the environment (not on disk, not in `ps`)."""
-    from ..hubserver import USERS_ENV
+    from .hubserver import USERS_ENV
 
     port = port or free_port(host)
     root = Path(root)

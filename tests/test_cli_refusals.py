@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import USERS
 from huggingface_hub import HfApi
-from test_formats_read import REFUSALS
+from test_peft_format_read import REFUSALS
 
 pytestmark = pytest.mark.e2e  # the real CLI against the session's Hub
 

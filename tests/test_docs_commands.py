@@ -29,7 +29,7 @@ def documented() -> list[tuple[str, str, list[str]]]:
             text = line.strip()
             for prefix, cli in PREFIXES.items():
                 if fenced and text.startswith(prefix + " "):
-                    argv = shlex.split(text[len(prefix):].split("  #")[0])
+                    argv = shlex.split(text[len(prefix):], comments=True)
                     out.append((f"{page.relative_to(REPO)}:{n}", cli, argv))
     return out
 

@@ -37,6 +37,7 @@ def test_targets_default_to_the_user_and_push_to_names_one_repo():
 def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch):
     """Unit test with a fake push (in addition to the real HTTP tests above): the message lists both sides."""
     from soppu_hub.hub.common import PushError
+    from soppu_hub.hub.push import PushResult
     from soppu_hub.pipeline import job
 
     failing = {"u/b-soppu", "u/r1"}
@@ -44,7 +45,7 @@ def test_partial_push_failure_names_pushed_and_not_pushed(tmp_path, monkeypatch)
     def fake_push(folder, repo_id, **kw):
         if repo_id in failing:
             raise RuntimeError("HTTP 500 from the Hub")
-        return f"url/{repo_id}"
+        return PushResult(repo_id, "0" * 40, f"url/{repo_id}")
 
     monkeypatch.setattr(job, "push_folder", fake_push)
     spec = job.JobSpec(sources=["a", "b", "c"], workers=1)

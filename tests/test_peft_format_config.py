@@ -52,8 +52,8 @@ EXPORT = {"r": 24, "lora_alpha": 24, "use_rslora": False, "use_dora": False, "ra
 
 
 def shipped_configs() -> list[dict]:
-    """Every adapter_config.json the package ships (the sample and real collections), as users' files."""
-    root = Path(soppu_hub.__file__).parent
+    """Every adapter_config.json the lab holds (the sample and real collections), as users' files."""
+    root = Path(soppu_hub.__file__).parents[1] / "lab"
     return [json.loads(p.read_text()) for p in sorted(root.rglob("adapter_config.json"))]
 
 
