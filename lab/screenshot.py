@@ -1,4 +1,5 @@
-"""docs/space.png, the demo page's screenshot: a person on the demo's Space, in headless Chromium, one adapter beside its original.
+"""docs/space.png, the demo page's screenshot: a person on the demo's Space, in headless Chromium, one adapter beside
+its original.
 
 `make screenshot` (`python -m lab.screenshot [PNG]`) runs the real demo and keeps docs/space.png;
 the demo test drives the tiny demo through the same `look_at_the_space`.
@@ -11,8 +12,16 @@ import tempfile
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium (make browser installs it)
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 BOTS = "#chat-{0} .bot, #chat-{0} [data-testid='bot']"
 
 
@@ -70,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     name = "pirate" if "pirate" in names else names[0]
     seen: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="soppu-screenshot-") as tmp:
-        run_demo(Path(tmp) / "demo", demo_set=demo_set, serve=False, on_ready=lambda run: seen.update(
-            look_at_the_space(run.space_url, f"alice/{name}-soppu", demo_set.examples[names.index(name)], shot)))
+        run_demo(
+            Path(tmp) / "demo",
+            demo_set=demo_set,
+            serve=False,
+            on_ready=lambda run: seen.update(
+                look_at_the_space(run.space_url, f"alice/{name}-soppu", demo_set.examples[names.index(name)], shot)
+            ),
+        )
     print(f"{shot}: alice/{name}-soppu said {seen.get('adapter')!r}; its original said {seen.get('base')!r}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Start our servers (offline Hub, embedded backend, the Space) as child processes on loopback; wait until they answer."""
+"""Start our servers (offline Hub, embedded backend, the Space) as child processes on loopback; wait for them."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Child:
     def stop(self) -> None:
         stop_group(self.proc)
 
-    def wait_ready(self, timeout: float = 180.0) -> "Child":
+    def wait_ready(self, timeout: float = 180.0) -> Child:
         """Return once the child answers (stopping it if it never does)."""
         try:
             wait_http(self.ready_url, timeout=timeout, proc=self.proc)
@@ -86,8 +86,16 @@ class Child:
         return self
 
 
-def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None, timeout: float = 180.0,
-           log: Path | None = None, wait: bool = True) -> Child:
+def _spawn(
+    cmd: list[str],
+    url: str,
+    ready_path: str,
+    *,
+    env: dict | None = None,
+    timeout: float = 180.0,
+    log: Path | None = None,
+    wait: bool = True,
+) -> Child:
     """Start a child server and return once `url + ready_path` answers 200 (killing it if it never does); with
     wait=False at once (call wait_ready later). Spawn from the main thread: the child gets SIGTERM when the
     thread that started it ends (PR_SET_PDEATHSIG follows the thread, not the process).
@@ -103,9 +111,16 @@ def _spawn(cmd: list[str], url: str, ready_path: str, *, env: dict | None = None
     return child.wait_ready(timeout) if wait else child
 
 
-def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[str]] | None = None,
-              port: int | None = None, host: str = "127.0.0.1", extra: list[str] | None = None,
-              log: Path | None = None) -> Child:
+def start_hub(
+    root: str | Path,
+    users: dict[str, str],
+    *,
+    orgs: dict[str, list[str]] | None = None,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    extra: list[str] | None = None,
+    log: Path | None = None,
+) -> Child:
     """The offline Hub; users: name -> token, handed over in the environment (not on disk, not in `ps`)."""
     from .hubserver import USERS_ENV
 
@@ -113,16 +128,48 @@ def start_hub(root: str | Path, users: dict[str, str], *, orgs: dict[str, list[s
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, **{USERS_ENV: json.dumps({"users": users, "orgs": orgs or {}})})
-    cmd = [sys.executable, "-m", "soppu_hub", "hub", "--root", str(root), "--host", host, "--port", str(port), *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soppu_hub",
+        "hub",
+        "--root",
+        str(root),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *(extra or []),
+    ]
     return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=60.0, log=log)
 
 
-def start_backend(model: str, *, port: int | None = None, host: str = "127.0.0.1", env: dict | None = None,
-                  extra: list[str] | None = None, timeout: float = 180.0, log: Path | None = None,
-                  wait: bool = True) -> Child:
+def start_backend(
+    model: str,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    env: dict | None = None,
+    extra: list[str] | None = None,
+    timeout: float = 180.0,
+    log: Path | None = None,
+    wait: bool = True,
+) -> Child:
     """`soppu-hub serve --model MODEL` as a child; returns once /health answers (wait=False: at once)."""
     port = port or free_port(host)
-    cmd = [sys.executable, "-m", "soppu_hub", "serve", "--model", model, "--host", host, "--port", str(port), *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "soppu_hub",
+        "serve",
+        "--model",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *(extra or []),
+    ]
     return _spawn(cmd, f"http://{host}:{port}", "/health", env=env, timeout=timeout, log=log, wait=wait)
 
 

@@ -22,8 +22,12 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-USERS = {"alice": "hf_test_alice", "bob": "hf_test_bob", "soppu-samples": "hf_test_samples",
-         "HuggingFaceTB": "hf_test_hftb"}
+USERS = {
+    "alice": "hf_test_alice",
+    "bob": "hf_test_bob",
+    "soppu-samples": "hf_test_samples",
+    "HuggingFaceTB": "hf_test_hftb",
+}
 ORGS = {"acme": ["alice"]}
 
 
@@ -60,7 +64,9 @@ def hub(hub_server, tmp_path_factory):
     from lab.demo import seed_hub
 
     child, _ = hub_server
-    return seed_hub(child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], base_token=USERS["soppu-samples"])
+    return seed_hub(
+        child.url, tmp_path_factory.mktemp("seed"), user_token=USERS["alice"], base_token=USERS["soppu-samples"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +77,13 @@ def pushed(hub, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("e2e") / "out"
     env = dict(os.environ, HF_TOKEN=USERS["alice"])
-    res = subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *hub.adapters, "--rank", "8", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "soppu_hub", "compress", *hub.adapters, "--rank", "8", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     return out
 
@@ -84,8 +95,13 @@ def local_adapters(tmp_path_factory, hub):
 
     root = tmp_path_factory.mktemp("local-adapters")
     write_sample_adapters(root, base_model=hub.base_model)
-    write_adapter(root / "other-base", synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
-                  base_model="someone/else", rank=4, alpha=4)
+    write_adapter(
+        root / "other-base",
+        synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
+        base_model="someone/else",
+        rank=4,
+        alpha=4,
+    )
     return root
 
 
@@ -94,8 +110,9 @@ def backend(hub, pushed, local_adapters):
     """`soppu-hub serve` as a real process on loopback, base model pulled from the offline Hub by name."""
     from soppu_hub.launch import start_backend
 
-    child = start_backend(hub.base_model, extra=["--adapter-dir", str(local_adapters), "--max-adapters", "3",
-                                                 "--max-total-tokens", "256"])
+    child = start_backend(
+        hub.base_model, extra=["--adapter-dir", str(local_adapters), "--max-adapters", "3", "--max-total-tokens", "256"]
+    )
     try:
         yield child.url
     finally:
@@ -104,7 +121,7 @@ def backend(hub, pushed, local_adapters):
 
 @pytest.fixture(scope="session")
 def space(backend):
-    """The Space (what `python space/app.py` runs) as a real process against the session's backend; adapters listed for alice."""
+    """The Space (what `python space/app.py` runs) as a real process against the session's backend, listing alice's."""
     from soppu_hub.launch import start_space
 
     child = start_space(dict(os.environ, LORAX_URL=backend, SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="32"))

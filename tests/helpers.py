@@ -73,8 +73,18 @@ def lorax_effective_scales(folder: Path, tensor_parallel: int = 1) -> dict:
     return out
 
 
-def random_peft_adapter(root: Path, build, lora_kwargs: dict, name: str, seed: int, *, scale: float = 0.2,
-                        also=None, dtype=None, save_kwargs: dict | None = None):
+def random_peft_adapter(
+    root: Path,
+    build,
+    lora_kwargs: dict,
+    name: str,
+    seed: int,
+    *,
+    scale: float = 0.2,
+    also=None,
+    dtype=None,
+    save_kwargs: dict | None = None,
+):
     """A tiny base (built by `build()`, saved once as root/base) and a PEFT LoRA on it, saved as root/name.
 
     Every trainable tensor is randomised (and any parameter `also(name)` selects), so that what the adapter

@@ -6,35 +6,82 @@ from soppu_hub.cards.render import CardSpec, render_card, repo_report
 
 
 def _report(**over):
-    adapter = {"name": "my-lora", "source": "alice/my-lora", "output": "alice/my-lora-soppu", "params_before": 1000,
-               "lora_params": 1000, "carried_params": 0, "carried": [], "export_rank": 16, "unpadded_rank": 8,
-               "lorax_exact_tp": [1, 2], "export_params": 2000, "padding_params": 1000, "mean_rel_error": 0.1234,
-               "max_rel_error": 0.2345, "modules": {"m": {"rel_error": 0.1234}}, "cluster": 0,
-               "export_dtype": "bfloat16", "bytes_before": 2_000_000, "export_bytes": 4_000_000, "repo_bytes": 5_600_000}
-    report = {"method": "full", "rank": 16, "device": "cpu", "seconds": 1.5, "params_before": 4000, "params_after": 800,
-              "carried_params": 0, "compression_ratio": 5.0, "target_error": None, "bytes_before": 8_000_000,
-              "store_bytes": 1_600_000, "compression_ratio_bytes": 5.0, "store": {"dtype": "bfloat16", "bytes_per_number": 2},
-              "export": {"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2},
-              "clusters": [{"id": 0, "size": 4, "rank": 16, "params": 800, "ranks": {"m": 16}}],
-              "adapters": [adapter] + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)]}
+    adapter = {
+        "name": "my-lora",
+        "source": "alice/my-lora",
+        "output": "alice/my-lora-soppu",
+        "params_before": 1000,
+        "lora_params": 1000,
+        "carried_params": 0,
+        "carried": [],
+        "export_rank": 16,
+        "unpadded_rank": 8,
+        "lorax_exact_tp": [1, 2],
+        "export_params": 2000,
+        "padding_params": 1000,
+        "mean_rel_error": 0.1234,
+        "max_rel_error": 0.2345,
+        "modules": {"m": {"rel_error": 0.1234}},
+        "cluster": 0,
+        "export_dtype": "bfloat16",
+        "bytes_before": 2_000_000,
+        "export_bytes": 4_000_000,
+        "repo_bytes": 5_600_000,
+    }
+    report = {
+        "method": "full",
+        "rank": 16,
+        "device": "cpu",
+        "seconds": 1.5,
+        "params_before": 4000,
+        "params_after": 800,
+        "carried_params": 0,
+        "compression_ratio": 5.0,
+        "target_error": None,
+        "bytes_before": 8_000_000,
+        "store_bytes": 1_600_000,
+        "compression_ratio_bytes": 5.0,
+        "store": {"dtype": "bfloat16", "bytes_per_number": 2},
+        "export": {"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2},
+        "clusters": [{"id": 0, "size": 4, "rank": 16, "params": 800, "ranks": {"m": 16}}],
+        "adapters": [adapter]
+        + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)],
+    }
     report.update(over)
     return report
 
 
-JOB = CardSpec(Path("unused"), 0, "alice/my-lora-soppu", "org/base", ["alice/my-lora"], "soppu-hub compress alice/my-lora",
-              "norm", None, {"license": "apache-2.0"})
+JOB = CardSpec(
+    Path("unused"),
+    0,
+    "alice/my-lora-soppu",
+    "org/base",
+    ["alice/my-lora"],
+    "soppu-hub compress alice/my-lora",
+    "norm",
+    None,
+    {"license": "apache-2.0"},
+)
 
 
 def test_card_states_the_numbers_and_where_the_export_runs_exactly():
     text = render_card(_report(), JOB, ranks_png=None, sweep_png=None)
     assert text.startswith("---\n") and "base_model: org/base" in text and "license: apache-2.0" in text
     assert "| compression ratio | 5.00x |" in text and "**my-lora** (this repo) | 0.1234 | 0.2345 |" in text
-    assert ("| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it at "
-            "were not checked; this export is exact at 1, 2 (padded for 2) |") in text
-    known = render_card(_report(export={"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2, "lorax_sizes": [1, 2, 4]}),
-                        JOB, ranks_png=None, sweep_png=None)
-    assert ("| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 2, 4; this export is exact at 1, 2 (padded "
-            "for 2); at 4 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 4` |") in known
+    assert (
+        "| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it at "
+        "were not checked; this export is exact at 1, 2 (padded for 2) |"
+    ) in text
+    known = render_card(
+        _report(export={"dtype": "bfloat16", "pad": "lorax", "lorax_tp": 2, "lorax_sizes": [1, 2, 4]}),
+        JOB,
+        ranks_png=None,
+        sweep_png=None,
+    )
+    assert (
+        "| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 2, 4; this export is exact at 1, 2 (padded "
+        "for 2); at 4 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 4` |"
+    ) in known
     assert "--enable-lora --max-lora-rank 16 --lora-modules my-lora=alice/my-lora-soppu" in text
     assert "soppu-hub compress alice/my-lora" in text
 
@@ -45,29 +92,43 @@ def test_card_sizes_are_bytes_and_add_up():
     text = " ".join(render_card(_report(), JOB, ranks_png=None, sweep_png=None).split())
     assert "this repo holds 5.60 MB of tensors, 2.80x the original adapter's 2.00 MB" in text
     assert "its PEFT export, 4.00 MB (rank 16 in bfloat16)" in text and "(1.60 MB: its cores and a copy" in text
-    assert ("takes 1.60 MB once, kept as bfloat16; the whole store is 1.60 MB against 8.00 MB for the 4 originals "
-            "(5.00x fewer bytes)") in text
+    assert (
+        "takes 1.60 MB once, kept as bfloat16; the whole store is 1.60 MB against 8.00 MB for the 4 originals "
+        "(5.00x fewer bytes)"
+    ) in text
     q = _report(store={"dtype": "nf4", "group": 64, "bytes_per_number": 4.25 / 8}, store_bytes=425_000)
     q["adapters"][0]["fit_mean_rel_error"] = 0.1200
     text = " ".join(render_card(q, JOB, ranks_png=None, sweep_png=None).split())
-    assert ("kept as nf4 (group-wise codes, 4.25 bits a number; the export is written from them, and they cost this "
-            "adapter +0.0034 in mean relative error over the fit)") in text
-    shared = " ".join(render_card(_report(collection={"name": "alice/c", "revision": None}), JOB, ranks_png=None,
-                                  sweep_png=None).split())
+    assert (
+        "kept as nf4 (group-wise codes, 4.25 bits a number; the export is written from them, and they cost this "
+        "adapter +0.0034 in mean relative error over the fit)"
+    ) in text
+    shared = " ".join(
+        render_card(
+            _report(collection={"name": "alice/c", "revision": None}), JOB, ranks_png=None, sweep_png=None
+        ).split()
+    )
     assert "its cores; the bases are in the collection, once" in shared
 
 
 def test_card_and_repo_report_leave_out_run_timings():
     """Two runs with the same result write the same card and report, so a rerun can tell nothing changed."""
     slow, fast = _report(seconds=99.0), _report(seconds=0.1)
-    assert render_card(slow, JOB, ranks_png=None, sweep_png=None) == render_card(fast, JOB, ranks_png=None, sweep_png=None)
+    assert render_card(slow, JOB, ranks_png=None, sweep_png=None) == render_card(
+        fast, JOB, ranks_png=None, sweep_png=None
+    )
     assert repo_report(slow, 0) == repo_report(fast, 0) and "seconds" not in repo_report(slow, 0)
 
 
 def test_an_unpadded_export_says_lorax_serves_it_too_weak():
     report = _report()
-    report["adapters"][0] = {**report["adapters"][0], "export_rank": 12, "unpadded_rank": 12, "padding_params": 0,
-                             "lorax_exact_tp": []}
+    report["adapters"][0] = {
+        **report["adapters"][0],
+        "export_rank": 12,
+        "unpadded_rank": 12,
+        "padding_params": 0,
+        "lorax_exact_tp": [],
+    }
     report["export"]["pad"] = "none"
     text = render_card(report, JOB, ranks_png=None, sweep_png=None)
     assert "LoRAX pads this rank at every size and serves the adapter too weak: re-export without `--no-pad`" in text
@@ -79,10 +140,20 @@ def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
 
     from soppu_hub.cards.plots import MAX_WIDTH, ClusterFigures
 
-    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj"]
-    modules = {f"model.layers.{i}.{k}": {"rel_error": 0.01 * (i % 7) + 0.001 * j} for i in range(30)
-               for j, k in enumerate(kinds)}
+    kinds = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
+    modules = {
+        f"model.layers.{i}.{k}": {"rel_error": 0.01 * (i % 7) + 0.001 * j}
+        for i in range(30)
+        for j, k in enumerate(kinds)
+    }
     report = {"method": "full", "rank": 32, "adapters": [{"name": n, "modules": modules} for n in ("a", "b")]}
     figures = ClusterFigures(report, [0, 1])
     try:
@@ -97,9 +168,15 @@ def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
 def test_a_priced_run_names_what_was_chosen_and_the_runner_up():
     """--budget / --clusters auto: the card says how the store was chosen, the K tried, the runner-up, and this
     adapter's private directions; a plain JD run has no such rows."""
-    choice = {"clusters": 2, "shared_only": False, "private_directions": 7, "adapters_with_private": 1,
-              "priced_by": "error within --budget", "runner_up": {"K": 3, "stored": 1234.0, "mean_error": 0.2},
-              "scan": [{"K": k, "stored": 1000.0 * k, "mean_error": 0.1} for k in (1, 2, 3, 4)]}
+    choice = {
+        "clusters": 2,
+        "shared_only": False,
+        "private_directions": 7,
+        "adapters_with_private": 1,
+        "priced_by": "error within --budget",
+        "runner_up": {"K": 3, "stored": 1234.0, "mean_error": 0.2},
+        "scan": [{"K": k, "stored": 1000.0 * k, "mean_error": 0.1} for k in (1, 2, 3, 4)],
+    }
     report = _report(budget="6x", choice=choice)
     report["adapters"][0] = {**report["adapters"][0], "private_directions": 7}
     text = render_card(report, JOB, ranks_png=None, sweep_png=None)

@@ -9,23 +9,79 @@ import torch
 from helpers import peft_deltas
 from safetensors.torch import load_file
 
+from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression.bundle import load_bundle
-from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.peft_format.read import read_adapter
 
-REPORT_KEYS = {"method", "rank", "device", "seconds", "params_before", "params_after", "carried_params", "compression_ratio",
-               "clusters", "target_error", "budget", "choice", "bytes_before", "store_bytes", "compression_ratio_bytes",
-               "export", "adapters", "poorly_kept", "written", "store"}
-ADAPTER_KEYS = {"name", "source", "output", "params_before", "lora_params", "carried_params", "carried", "export_rank", "cluster",
-                "unpadded_rank", "lorax_exact_tp", "export_params", "padding_params", "mean_rel_error", "max_rel_error", "modules",
-                "private_directions", "export_dtype", "bytes_before", "export_bytes", "repo_bytes", "fit_mean_rel_error"}
+REPORT_KEYS = {
+    "method",
+    "rank",
+    "device",
+    "seconds",
+    "params_before",
+    "params_after",
+    "carried_params",
+    "compression_ratio",
+    "clusters",
+    "target_error",
+    "budget",
+    "choice",
+    "bytes_before",
+    "store_bytes",
+    "compression_ratio_bytes",
+    "export",
+    "adapters",
+    "poorly_kept",
+    "written",
+    "store",
+}
+ADAPTER_KEYS = {
+    "name",
+    "source",
+    "output",
+    "params_before",
+    "lora_params",
+    "carried_params",
+    "carried",
+    "export_rank",
+    "cluster",
+    "unpadded_rank",
+    "lorax_exact_tp",
+    "export_params",
+    "padding_params",
+    "mean_rel_error",
+    "max_rel_error",
+    "modules",
+    "private_directions",
+    "export_dtype",
+    "bytes_before",
+    "export_bytes",
+    "repo_bytes",
+    "fit_mean_rel_error",
+}
 
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory, sample_adapters):
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "8", "--out", str(out), "--quiet", "--no-push", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, sample_adapters),
+                "--rank",
+                "8",
+                "--out",
+                str(out),
+                "--quiet",
+                "--no-push",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -43,8 +99,9 @@ def test_report_shape_and_numbers(compressed, sample_adapters):
     # what is written, counted honestly: every repo carries the bases again beside its PEFT export
     written = report["written"]
     assert written["bundle_params"] == report["params_after"] - report["carried_params"]
-    assert written["repo_params"] == sum(shared + 14 * 8 * 8 + a["export_params"] + a["carried_params"]
-                                         for a in report["adapters"])
+    assert written["repo_params"] == sum(
+        shared + 14 * 8 * 8 + a["export_params"] + a["carried_params"] for a in report["adapters"]
+    )
     assert written["tensor_bytes"] == sum(p.stat().st_size for p in compressed.rglob("*.safetensors"))
     for entry, orig in zip(report["adapters"], originals):
         assert set(entry) == ADAPTER_KEYS
@@ -66,10 +123,15 @@ def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
         folder = compressed / name
         assert sorted(p.name for p in folder.glob("*.safetensors")) == ["adapter_model.safetensors"]
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        assert cfg["r"] == 16 and cfg["lora_alpha"] == 16 and not cfg["rank_pattern"]  # rank 8, padded for LoRAX tp 1 and 2 and not cfg["alpha_pattern"]
+        assert (
+            cfg["r"] == 16 and cfg["lora_alpha"] == 16 and not cfg["rank_pattern"]
+        )  # rank 8, padded for LoRAX tp 1 and 2 and not cfg["alpha_pattern"]
         assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_base)
         keys = load_file(str(folder / "adapter_model.safetensors")).keys()
-        assert all(k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+        assert all(
+            k.startswith("base_model.model.model.layers.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+            for k in keys
+        )
         deltas = peft_deltas(tiny_base, folder)
         for module, (B, A) in bundle.factors(name).items():
             torch.testing.assert_close(deltas[module], B @ A, atol=1e-5, rtol=1e-4)
@@ -82,7 +144,9 @@ def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
 
 def test_lossless_when_rank_covers_everything(tmp_path, sample_adapters, tiny_base):
     out = tmp_path / "out"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet", "--no-push"]) == 0
+    assert (
+        main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet", "--no-push"]) == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert max(a["max_rel_error"] for a in report["adapters"]) < 1e-5
     entry = report["adapters"][0]
@@ -98,7 +162,12 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     facs = synthetic_factors(llama_module_shapes(targets=("q_proj", "down_proj")), 12, 4, shared=2, seed=3)
     srcs = [write_adapter(tmp_path / f"a{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
     out = tmp_path / "out"
-    assert main(["compress", *map(str, srcs), "--rank", "6", "--method", "diag", "--out", str(out), "--quiet", "--no-push"]) == 0
+    assert (
+        main(
+            ["compress", *map(str, srcs), "--rank", "6", "--method", "diag", "--out", str(out), "--quiet", "--no-push"]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
     bundle = load_bundle(out / "bundle")
@@ -108,7 +177,9 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 16
     entry = report["adapters"][0]
     assert (entry["unpadded_rank"], entry["export_rank"], entry["lorax_exact_tp"]) == (6, 16, [1, 2])
-    assert entry["padding_params"] == 10 * 2 * (64 + 64 + 64 + 128)  # 10 zero ranks x 2 layers x (q: 64+64, down: 64+128)
+    assert entry["padding_params"] == 10 * 2 * (
+        64 + 64 + 64 + 128
+    )  # 10 zero ranks x 2 layers x (q: 64+64, down: 64+128)
     exported = read_adapter(out / "a11")
     for module, (B, A) in bundle.factors("a11").items():
         torch.testing.assert_close(exported.modules[module].B @ exported.modules[module].A, B @ A, atol=1e-5, rtol=1e-4)
@@ -121,13 +192,20 @@ def test_fan_in_fan_out_gpt2_outputs_survive_compression(tmp_path):
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).eval()
     base.save_pretrained(tmp_path / "gpt2")
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                                           init_lora_weights=False))
+    lora = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False),
+    )
     lora.save_pretrained(tmp_path / "lora")
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         want = lora(ids).logits
-    assert main(["compress", str(tmp_path / "lora"), "--rank", "4", "--out", str(tmp_path / "out"), "--quiet", "--no-push"]) == 0
+    assert (
+        main(
+            ["compress", str(tmp_path / "lora"), "--rank", "4", "--out", str(tmp_path / "out"), "--quiet", "--no-push"]
+        )
+        == 0
+    )
     cfg = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     fresh = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
@@ -146,17 +224,22 @@ def _cli(*args):
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
     res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"), "--no-push")
     assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
-    res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push")
+    res = _cli(
+        "compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push"
+    )
     assert res.returncode == 0 and res.stdout == "" and res.stderr == ""
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["a", "b"], ["a", "b"]),
-    (["a", "a", "a"], ["a", "a-2", "a-3"]),
-    (["a", "a", "a-2"], ["a", "a-3", "a-2"]),  # a later input's own name is never taken by a suffix
-    (["a-2", "a", "a"], ["a-2", "a", "a-3"]),
-    (["Lora", "lora"], ["Lora", "lora-2"]),  # repo names on the Hub are case-insensitive
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["a", "b"], ["a", "b"]),
+        (["a", "a", "a"], ["a", "a-2", "a-3"]),
+        (["a", "a", "a-2"], ["a", "a-3", "a-2"]),  # a later input's own name is never taken by a suffix
+        (["a-2", "a", "a"], ["a-2", "a", "a-3"]),
+        (["Lora", "lora"], ["Lora", "lora-2"]),  # repo names on the Hub are case-insensitive
+    ],
+)
 def test_unique_names_are_distinct_ignoring_case(names, expected):
     from soppu_hub.pipeline.job import unique_names
 
@@ -164,11 +247,14 @@ def test_unique_names_are_distinct_ignoring_case(names, expected):
     assert out == expected and len({o.lower() for o in out}) == len(out)
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["compress", "a/b", "--token", "hf_secret", "--rank", "4"], "soppu-hub compress a/b --rank 4"),
-    (["compress", "a/b", "--token=hf_secret"], "soppu-hub compress a/b"),
-    (["compress", "--token", "hf_secret", "my lora"], "soppu-hub compress 'my lora'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["compress", "a/b", "--token", "hf_secret", "--rank", "4"], "soppu-hub compress a/b --rank 4"),
+        (["compress", "a/b", "--token=hf_secret"], "soppu-hub compress a/b"),
+        (["compress", "--token", "hf_secret", "my lora"], "soppu-hub compress 'my lora'"),
+    ],
+)
 def test_recorded_command_never_holds_the_token(argv, expected):
     from soppu_hub.cli import command_line
 
@@ -178,8 +264,23 @@ def test_recorded_command_never_holds_the_token(argv, expected):
 def test_token_given_on_the_command_line_is_in_no_written_file(tmp_path, sample_adapters):
     out = tmp_path / "out"
     secret = "hf_cmdline_secret_42"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "4", "--out", str(out), "--quiet", "--no-push",
-                 "--token", secret]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, sample_adapters),
+                "--rank",
+                "4",
+                "--out",
+                str(out),
+                "--quiet",
+                "--no-push",
+                "--token",
+                secret,
+            ]
+        )
+        == 0
+    )
     card = (out / sample_adapters[0].name / "README.md").read_text()
     assert "soppu-hub compress" in card and "--rank 4 --out" in card  # the command is recorded, without the token
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -191,9 +292,14 @@ def test_an_adapter_the_shared_bases_miss_is_named_with_the_ways_on(tmp_path, ca
     the report, on the terminal and in its card, with the two ways on; a looser --max-adapter-error names none."""
     shapes = llama_module_shapes(hidden=64, layers=1, targets=("q_proj",))
     facs = synthetic_factors(shapes, 2, 4, shared=0, seed=5, scales=[10.0, 1.0])
-    folders = [write_adapter(tmp_path / n, f, base_model="tiny", rank=4, alpha=4) for n, f in zip(("big", "small"), facs)]
+    folders = [
+        write_adapter(tmp_path / n, f, base_model="tiny", rank=4, alpha=4) for n, f in zip(("big", "small"), facs)
+    ]
     out = tmp_path / "out"
-    assert main(["compress", *map(str, folders), "--rank", "4", "--weighting", "none", "--out", str(out), "--no-push"]) == 0
+    assert (
+        main(["compress", *map(str, folders), "--rank", "4", "--weighting", "none", "--out", str(out), "--no-push"])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     (miss,) = report["poorly_kept"]
     assert miss["name"] == "small" and miss["mean_rel_error"] > 0.9
@@ -202,6 +308,23 @@ def test_an_adapter_the_shared_bases_miss_is_named_with_the_ways_on(tmp_path, ca
     assert "poorly kept" in (out / "small" / "README.md").read_text()
     assert "poorly kept" not in (out / "big" / "README.md").read_text()
     loose = tmp_path / "loose"
-    assert main(["compress", *map(str, folders), "--rank", "4", "--weighting", "none", "--max-adapter-error", "1.5",
-                 "--out", str(loose), "--no-push", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders),
+                "--rank",
+                "4",
+                "--weighting",
+                "none",
+                "--max-adapter-error",
+                "1.5",
+                "--out",
+                str(loose),
+                "--no-push",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((loose / "report.json").read_text())["poorly_kept"] == []

@@ -56,14 +56,29 @@ def matrix(hub, sample_adapters, tmp_path_factory):
 
     local: dict[str, tuple[list[str], str]] = {}
     for case, (breaker, expected) in REFUSALS.items():  # adapter files: the same breakers the reader's tests use
-        folder = write_adapter(root / "in" / case, synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
-                               base_model=base_model, rank=4, alpha=8)
+        folder = write_adapter(
+            root / "in" / case,
+            synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
+            base_model=base_model,
+            rank=4,
+            alpha=8,
+        )
         breaker(folder)
         local[f"adapter {case}"] = ([str(folder)], expected)
-    other_base = write_adapter(root / "in" / "other-base", synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
-                               base_model="someone/else", rank=8, alpha=8)
-    wide = write_adapter(root / "in" / "wide", synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
-                         base_model=base_model, rank=8, alpha=8)
+    other_base = write_adapter(
+        root / "in" / "other-base",
+        synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
+        base_model="someone/else",
+        rank=8,
+        alpha=8,
+    )
+    wide = write_adapter(
+        root / "in" / "wide",
+        synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
+        base_model=base_model,
+        rank=8,
+        alpha=8,
+    )
     carries = broken("carries-lm-head")
     _carry_extra(Path(carries))
     classifier = broken("classifier")
@@ -72,25 +87,42 @@ def matrix(hub, sample_adapters, tmp_path_factory):
     empty_list.write_text("# nothing yet\n\n")
     (root / "taken").mkdir()
     (root / "taken" / "keep.txt").write_text("mine")
-    local.update({
-        "different base models": ([good, str(other_base)], "different base models"),
-        "different module shapes": ([good, str(wide)], "not for the same architecture"),
-        "different carried tensors": ([good, carries], "carry different uncompressed tensors"),
-        "--verify on a classifier": ([classifier, "--verify"], "--verify compares next-token predictions"),
-        "--lorax-tp 0": ([good, "--lorax-tp", "0"], "--lorax-tp must be auto or a tensor-parallel size from 1 to 8, got 0"),
-        "--lorax-tp two": ([good, "--lorax-tp", "two"], "--lorax-tp: takes auto or a tensor-parallel size (an integer), not 'two'"),
-        "unknown --export-dtype": ([good, "--export-dtype", "int4"], "invalid choice: 'int4'"),
-        "--rank 0": ([good, "--rank", "0"], "--rank must be a positive integer"),
-        "missing folder": ([str(root / "missing")], "not an existing folder and not a Hub repo id"),
-        "neither folder nor id": (["not a repo"], "not an existing folder and not a Hub repo id"),
-        "--clusters 0": ([good, other, "--clusters", "0"], "--clusters must be a positive integer or auto"),
-        "--clusters more than adapters": ([good, other, "--clusters", "3"], "--clusters 3 is more than the 2 adapters"),
-        "--target-error outside (0, 1)": ([good, "--target-error", "1.5"], "--target-error must be between 0 and 1"),
-        "--max-adapter-error 0": ([good, "--max-adapter-error", "0"], "--max-adapter-error must be positive"),
-        "unreadable --sources-file": (["--sources-file", str(root / "no-such-list.txt")], "cannot read --sources-file"),
-        "empty --sources-file": (["--sources-file", str(empty_list)], "names no adapters"),
-        "--author with no LoRA repos": (["--author", "nobody-at-all"], "nobody-at-all has no LoRA adapter repos"),
-    })
+    local.update(
+        {
+            "different base models": ([good, str(other_base)], "different base models"),
+            "different module shapes": ([good, str(wide)], "not for the same architecture"),
+            "different carried tensors": ([good, carries], "carry different uncompressed tensors"),
+            "--verify on a classifier": ([classifier, "--verify"], "--verify compares next-token predictions"),
+            "--lorax-tp 0": (
+                [good, "--lorax-tp", "0"],
+                "--lorax-tp must be auto or a tensor-parallel size from 1 to 8, got 0",
+            ),
+            "--lorax-tp two": (
+                [good, "--lorax-tp", "two"],
+                "--lorax-tp: takes auto or a tensor-parallel size (an integer), not 'two'",
+            ),
+            "unknown --export-dtype": ([good, "--export-dtype", "int4"], "invalid choice: 'int4'"),
+            "--rank 0": ([good, "--rank", "0"], "--rank must be a positive integer"),
+            "missing folder": ([str(root / "missing")], "not an existing folder and not a Hub repo id"),
+            "neither folder nor id": (["not a repo"], "not an existing folder and not a Hub repo id"),
+            "--clusters 0": ([good, other, "--clusters", "0"], "--clusters must be a positive integer or auto"),
+            "--clusters more than adapters": (
+                [good, other, "--clusters", "3"],
+                "--clusters 3 is more than the 2 adapters",
+            ),
+            "--target-error outside (0, 1)": (
+                [good, "--target-error", "1.5"],
+                "--target-error must be between 0 and 1",
+            ),
+            "--max-adapter-error 0": ([good, "--max-adapter-error", "0"], "--max-adapter-error must be positive"),
+            "unreadable --sources-file": (
+                ["--sources-file", str(root / "no-such-list.txt")],
+                "cannot read --sources-file",
+            ),
+            "empty --sources-file": (["--sources-file", str(empty_list)], "names no adapters"),
+            "--author with no LoRA repos": (["--author", "nobody-at-all"], "nobody-at-all has no LoRA adapter repos"),
+        }
+    )
 
     alice = HfApi(token=ALICE)
     alice.create_repo("alice/data", repo_type="dataset", exist_ok=True)
@@ -111,7 +143,11 @@ def matrix(hub, sample_adapters, tmp_path_factory):
     push_cases = {
         "no token": ([hub.adapters[0]], "needs a Hub token", None),
         "refused token": ([hub.adapters[0]], "token was refused", WRONG),
-        "namespace the token cannot write": ([hub.adapters[0], "--namespace", "bob"], "cannot write to the namespace 'bob'", ALICE),
+        "namespace the token cannot write": (
+            [hub.adapters[0], "--namespace", "bob"],
+            "cannot write to the namespace 'bob'",
+            ALICE,
+        ),
         "--push-to with two inputs": ([*hub.adapters, "--push-to", "alice/x"], "--push-to names one repo", ALICE),
         "--push-to another user's repo": ([hub.adapters[0], "--push-to", "bob/mine"], "cannot write", ALICE),
     }
@@ -125,14 +161,29 @@ def matrix(hub, sample_adapters, tmp_path_factory):
 
     def repos() -> list[str]:
         api = HfApi(token=ALICE)
-        return sorted({m.id for a in ("alice", "bob", "acme") for m in api.list_models(author=a)} |
-                      {m.id for m in HfApi(token=USERS["bob"]).list_models(author="bob")})
+        return sorted(
+            {m.id for a in ("alice", "bob", "acme") for m in api.list_models(author=a)}
+            | {m.id for m in HfApi(token=USERS["bob"]).list_models(author="bob")}
+        )
 
     def run(case: str):
         args, expected, token = runs[case]
-        out = root / "taken" if case.startswith("--out exists") else root / "out" / case.replace(" ", "_").replace("/", "_")
+        out = (
+            root / "taken"
+            if case.startswith("--out exists")
+            else root / "out" / case.replace(" ", "_").replace("/", "_")
+        )
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-        cmd = [sys.executable, "-m", "soppu_hub", "compress", *args, "--out", str(out), *(["--token", token] if token else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "soppu_hub",
+            "compress",
+            *args,
+            "--out",
+            str(out),
+            *(["--token", token] if token else []),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300), out
 
     (root / "out").mkdir()
@@ -142,13 +193,39 @@ def matrix(hub, sample_adapters, tmp_path_factory):
     return {"runs": runs, "results": results, "before": before, "after": repos(), "root": root}
 
 
-CASES = [*(f"adapter {c}" for c in sorted(REFUSALS)), "different base models", "different module shapes",
-         "different carried tensors", "--verify on a classifier", "--lorax-tp 0", "--lorax-tp two", "unknown --export-dtype", "--rank 0",
-         "missing folder", "neither folder nor id", "--clusters 0", "--clusters more than adapters",
-         "--target-error outside (0, 1)", "--max-adapter-error 0", "unreadable --sources-file", "empty --sources-file", "--author with no LoRA repos", "--push-to with two inputs", "repo not found",
-         "private repo of another user", "gated repo", "a dataset repo", "a space repo", "a full model", "unknown revision",
-         "no token", "refused token", "namespace the token cannot write", "--push-to another user's repo",
-         "--out exists and is not empty"]
+CASES = [
+    *(f"adapter {c}" for c in sorted(REFUSALS)),
+    "different base models",
+    "different module shapes",
+    "different carried tensors",
+    "--verify on a classifier",
+    "--lorax-tp 0",
+    "--lorax-tp two",
+    "unknown --export-dtype",
+    "--rank 0",
+    "missing folder",
+    "neither folder nor id",
+    "--clusters 0",
+    "--clusters more than adapters",
+    "--target-error outside (0, 1)",
+    "--max-adapter-error 0",
+    "unreadable --sources-file",
+    "empty --sources-file",
+    "--author with no LoRA repos",
+    "--push-to with two inputs",
+    "repo not found",
+    "private repo of another user",
+    "gated repo",
+    "a dataset repo",
+    "a space repo",
+    "a full model",
+    "unknown revision",
+    "no token",
+    "refused token",
+    "namespace the token cannot write",
+    "--push-to another user's repo",
+    "--out exists and is not empty",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -24,8 +24,12 @@ def test_official_openai_client_against_the_backend(backend):
     lorax_reply = LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=12))
     out = client.chat.completions.create(model=ADAPTER, messages=HELLO, max_tokens=12, temperature=0)
     assert out.choices[0].message.content == lorax_reply and out.usage.completion_tokens <= 12
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=ADAPTER, messages=HELLO, max_tokens=12, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=ADAPTER, messages=HELLO, max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert streamed == lorax_reply
     models = client.models.list().data
     assert models[0].parent is None and any(m.id == ADAPTER and m.parent == models[0].id for m in models[1:])
@@ -47,9 +51,13 @@ def test_openai_chat_client_gives_the_same_replies_as_lorax(backend):
 
 
 def test_openai_errors_are_one_line_in_words(backend, hub_server):
-    with pytest.raises(ChatError, match="adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private"):
+    with pytest.raises(
+        ChatError, match="adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private"
+    ):
         OpenAIChatClient(backend).complete(HELLO, "alice/no-such-adapter")
-    with pytest.raises(ChatError, match=r"cannot reach the backend at http://127.0.0.1:9 \(nothing is listening there\)$"):
+    with pytest.raises(
+        ChatError, match=r"cannot reach the backend at http://127.0.0.1:9 \(nothing is listening there\)$"
+    ):
         OpenAIChatClient("http://127.0.0.1:9").check()
     # a server that speaks something else: each client says which API it expected
     with pytest.raises(ChatError, match="does not speak the OpenAI API"):
@@ -61,13 +69,38 @@ def test_openai_errors_are_one_line_in_words(backend, hub_server):
 
 
 def test_terminal_chat_over_openai(backend):
-    res = subprocess.run([sys.executable, "-m", "soppu_hub", "chat", ADAPTER, "--url", backend, "--api", "openai",
-                          "--max-new-tokens", "6"], input="Hello!\n/exit\n", capture_output=True, text=True,
-                         env=dict(os.environ), timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "soppu_hub",
+            "chat",
+            ADAPTER,
+            "--url",
+            backend,
+            "--api",
+            "openai",
+            "--max-new-tokens",
+            "6",
+        ],
+        input="Hello!\n/exit\n",
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=6)).strip()
-    res = subprocess.run([sys.executable, "-m", "soppu_hub", "chat", ADAPTER, "--url", "http://127.0.0.1:9", "--api", "openai"],
-                         input="", capture_output=True, text=True, timeout=120)
+    assert (
+        res.stdout.strip()
+        == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=6)).strip()
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "soppu_hub", "chat", ADAPTER, "--url", "http://127.0.0.1:9", "--api", "openai"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nothing is listening there" in res.stderr
 
 
@@ -76,13 +109,22 @@ def test_space_over_openai(backend):
 
     from soppu_hub.launch import start_space
 
-    child = start_space(dict(os.environ, LORAX_URL=backend, BACKEND_API="openai", SOPPU_AUTHOR="alice",
-                             SOPPU_MAX_NEW_TOKENS="32"))
+    child = start_space(
+        dict(os.environ, LORAX_URL=backend, BACKEND_API="openai", SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="32")
+    )
     try:
         reply = Client(child.url, verbose=False).submit("Hello!", [], ADAPTER, api_name="/chat").result()
     finally:
         child.stop()
     assert reply == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=32))
-    res = subprocess.run([sys.executable, "space/app.py"], env=dict(os.environ, LORAX_URL=backend, BACKEND_API="grpc"),
-                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: BACKEND_API='grpc' is not one of")
+    res = subprocess.run(
+        [sys.executable, "space/app.py"],
+        env=dict(os.environ, LORAX_URL=backend, BACKEND_API="grpc"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: BACKEND_API='grpc' is not one of"
+    )

@@ -6,8 +6,8 @@ import threading
 import pytest
 from conftest import USERS
 
-from soppu_hub.cli import main
 from lab.samples import family_factors, llama_module_shapes, write_adapter
+from soppu_hub.cli import main
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 COLL = "acme/hub-coll"  # an org alice writes to: the Space tests list alice's own soppu repos
@@ -18,9 +18,31 @@ def published(hub_server, tmp_path_factory):
     """10 adapters of 2 families compressed by alice as the collection acme/hub-coll (pushed), 4 kept to join."""
     root = tmp_path_factory.mktemp("hubcoll")
     facs, fam = family_factors(SHAPES, 14, 4, families=2, noise=0.02, seed=2)
-    folders = [write_adapter(root / "in" / f"c{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
-    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 0
+    folders = [
+        write_adapter(root / "in" / f"c{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)
+    ]
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:10]),
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--collection",
+                COLL,
+                "--token",
+                USERS["alice"],
+                "--namespace",
+                "acme",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return folders, fam
 
 
@@ -41,8 +63,13 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
 
     api = HfApi(token=USERS["alice"])
     files = set(api.list_repo_files(COLL))
-    assert {"collection.json", "members.json", "clusters/centroids.safetensors", "clusters/cluster-0.safetensors",
-            "clusters/cluster-1.safetensors"} <= files
+    assert {
+        "collection.json",
+        "members.json",
+        "clusters/centroids.safetensors",
+        "clusters/cluster-0.safetensors",
+        "clusters/cluster-1.safetensors",
+    } <= files
     members = _members()
     assert [m["repo_id"] for m in members] == [f"acme/c{i:02d}-soppu" for i in range(10)]
     assert all(m["revision"] and m["how"] == "compress" for m in members)
@@ -58,8 +85,28 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
 def test_the_same_compress_again_pushes_nothing(published):
     folders, _ = published
     head, members = _head(), _members()
-    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:10]),
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--collection",
+                COLL,
+                "--token",
+                USERS["alice"],
+                "--namespace",
+                "acme",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert _head() == head and _members() == members
 
 
@@ -74,7 +121,9 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     before = len(_members())
     read = []
     real = remote.download_file
-    monkeypatch.setattr(remote, "download_file", lambda repo, path, **kw: read.append((repo, path)) or real(repo, path, **kw))
+    monkeypatch.setattr(
+        remote, "download_file", lambda repo, path, **kw: read.append((repo, path)) or real(repo, path, **kw)
+    )
     results, errors = {}, []
 
     def join(i):
@@ -96,8 +145,13 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     cluster_of_family = {fam[i]: m["cluster"] for i, m in enumerate(members[:10])}
     assert results[10].cluster == cluster_of_family[fam[10]] and results[11].cluster == cluster_of_family[fam[11]]
     paths = {p for _, p in read}
-    assert paths <= {"collection.json", "members.json", "clusters/centroids.safetensors", "clusters/cluster-0.safetensors",
-                     "clusters/cluster-1.safetensors"}
+    assert paths <= {
+        "collection.json",
+        "members.json",
+        "clusters/centroids.safetensors",
+        "clusters/cluster-0.safetensors",
+        "clusters/cluster-1.safetensors",
+    }
     assert sum(p.startswith("clusters/cluster-") for _, p in read) == 2  # one cluster's bases per join
 
 
@@ -117,8 +171,28 @@ def test_join_by_repo_id_downloads_the_adapter_and_lists_the_source(published):
 def test_publishing_over_joined_members_is_refused_before_any_work(published, capsys):
     folders, _ = published
     head = _head()
-    assert main(["compress", *map(str, folders[:10]), "--rank", "8", "--clusters", "2", "--collection", COLL, "--token",
-                 USERS["alice"], "--namespace", "acme", "--quiet", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:10]),
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--collection",
+                COLL,
+                "--token",
+                USERS["alice"],
+                "--namespace",
+                "acme",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "member(s) this run leaves out" in err and "--refit" in err
     assert _head() == head
@@ -144,10 +218,13 @@ def test_a_join_without_write_access_pushes_nothing(published, capsys):
     assert not HfApi(token=USERS["bob"]).repo_exists("bob/c12-soppu") and _head() == head
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--collection-revision", "no-such-branch"], "does not exist"),
-    (["--collection", "alice/no-such-collection"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--collection-revision", "no-such-branch"], "does not exist"),
+        (["--collection", "alice/no-such-collection"], "not found"),
+    ],
+)
 def test_a_missing_collection_or_revision_is_one_line(published, capsys, args, expected):
     folders, _ = published
     head = _head()
@@ -173,15 +250,19 @@ def test_a_members_list_changed_in_between_is_read_again_not_overwritten(publish
         calls.append(len(members))
         if len(calls) == 1:  # another joiner lands first
             other = members + [Member("other", 0, 0.1, 0.1, "elsewhere", "join", repo_id="alice/other-member")]
-            HfApi(token=USERS["alice"]).create_commit(COLL, [CommitOperationAdd("members.json", members_text(other).encode())],
-                                                      commit_message="someone else")
+            HfApi(token=USERS["alice"]).create_commit(
+                COLL, [CommitOperationAdd("members.json", members_text(other).encode())], commit_message="someone else"
+            )
         return members + [Member("mine", 1, 0.1, 0.1, "here", "join", repo_id="alice/my-member")]
 
     update_members(coll, change, message="mine")
     assert len(calls) == 2 and calls[1] == calls[0] + 1  # the second try saw the other entry
     assert [m["repo_id"] for m in _members()[-2:]] == ["alice/other-member", "alice/my-member"]
-    update_members(coll, lambda ms: [m for m in ms if m.repo_id not in ("alice/other-member", "alice/my-member")],
-                   message="tidy up")  # made-up members: the refit below needs real sources
+    update_members(
+        coll,
+        lambda ms: [m for m in ms if m.repo_id not in ("alice/other-member", "alice/my-member")],
+        message="tidy up",
+    )  # made-up members: the refit below needs real sources
 
 
 def test_refit_compresses_every_member_together_and_says_how_far_joiners_drifted(published, capsys):
@@ -198,8 +279,11 @@ def test_refit_compresses_every_member_together_and_says_how_far_joiners_drifted
     after = _members()
     assert [m["repo_id"] for m in after] == [m["repo_id"] for m in before]  # none skipped, repos kept
     assert {m["how"] for m in after} == {"compress"} and _head() != head
-    assert all(api.model_info(m["repo_id"]).sha == m["revision"] != revisions[m["repo_id"]] for m in after
-               if m["repo_id"] in {j["repo_id"] for j in before if j["how"] == "join"})
+    assert all(
+        api.model_info(m["repo_id"]).sha == m["revision"] != revisions[m["repo_id"]]
+        for m in after
+        if m["repo_id"] in {j["repo_id"] for j in before if j["how"] == "join"}
+    )
     joined = [r for r in before if r["how"] == "join"]
     assert len(joined) == 3 and all(any(line.startswith(m["repo_id"]) for line in out.splitlines()) for m in joined)
     assert "joined members: 3, their error was" in out
@@ -210,8 +294,11 @@ def test_refit_refuses_sources_this_machine_lacks_in_one_line(published, capsys,
     from soppu_hub.collection.remote import open_collection, update_members
 
     coll = open_collection(COLL, token=USERS["alice"])
-    update_members(coll, lambda ms: ms + [Member("gone", 0, 0.1, 0.1, str(tmp_path / "gone"), "join", repo_id="alice/gone")],
-                   message="a member whose source folder is elsewhere")
+    update_members(
+        coll,
+        lambda ms: ms + [Member("gone", 0, 0.1, 0.1, str(tmp_path / "gone"), "join", repo_id="alice/gone")],
+        message="a member whose source folder is elsewhere",
+    )
     head = _head()
     assert main(["compress", "--collection", COLL, "--refit", "--token", USERS["alice"], "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

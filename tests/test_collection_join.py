@@ -11,8 +11,8 @@ import torch
 from helpers import peft_loader
 from safetensors.torch import load_file
 
-from soppu_hub.cli import main
 from lab.samples import family_factors, llama_module_shapes, write_adapter
+from soppu_hub.cli import main
 from soppu_hub.peft_format.layout import lorax_rank
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
@@ -25,11 +25,34 @@ def built(tmp_path_factory):
     and 2 of a family it has never seen, kept aside to join."""
     root = tmp_path_factory.mktemp("coll")
     facs, fam = family_factors(SHAPES, 16, 4, families=2, noise=0.02, seed=1)
-    folders = [write_adapter(root / "in" / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
+    folders = [
+        write_adapter(root / "in" / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)
+    ]
     strange, _ = family_factors(SHAPES, 2, 4, families=1, noise=0.02, seed=99)
-    others = [write_adapter(root / "in" / f"x{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(strange)]
-    assert main(["compress", *map(str, folders[:12]), "--out", str(root / "out"), "--no-push", "--quiet", "--device", "cpu",
-                 "--rank", "8", "--clusters", "2", "--collection", COLL]) == 0
+    others = [
+        write_adapter(root / "in" / f"x{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(strange)
+    ]
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:12]),
+                "--out",
+                str(root / "out"),
+                "--no-push",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--collection",
+                COLL,
+            ]
+        )
+        == 0
+    )
     return root, folders, fam, others
 
 
@@ -52,7 +75,9 @@ def test_the_collection_holds_each_clusters_bases_once_and_members_only_their_co
     report = json.loads((out / "report.json").read_text())
     assert len(info.clusters) == 2 and info.base_model == "tiny" and info.rank == 8 and len(info.probes) >= 1
     assert info.modules == {n: list(s) for n, s in SHAPES.items()} and info.sources == [str(f) for f in folders[:12]]
-    assert [m.name for m in members] == [a["name"] for a in report["adapters"]] and {m.how for m in members} == {"compress"}
+    assert [m.name for m in members] == [a["name"] for a in report["adapters"]] and {m.how for m in members} == {
+        "compress"
+    }
     assert [m.cluster for m in members] == [a["cluster"] for a in report["adapters"]]
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 2
     assert not (out / "bundle").exists()
@@ -62,7 +87,11 @@ def test_the_collection_holds_each_clusters_bases_once_and_members_only_their_co
         tensors = load_file(str(out / a["name"] / "soppu" / "bundle.safetensors"))
         assert not any(k.endswith((".U", ".V")) for k in tensors)  # the bases are only in the collection
         header = json.loads((out / a["name"] / "soppu" / "bundle.json").read_text())
-        assert header["version"] == 3 and header["bases"] == {"collection": COLL, "revision": None, "cluster": a["cluster"]}
+        assert header["version"] == 3 and header["bases"] == {
+            "collection": COLL,
+            "revision": None,
+            "cluster": a["cluster"],
+        }
     with pytest.raises(BundleError, match="live in collection 'alice/tiny-coll'"):
         load_bundle(out / "a00" / "soppu")
     bundle = load_bundle(out / "a00" / "soppu", bases=member_bases(out / "a00"))
@@ -85,25 +114,60 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
     report = json.loads((out / "report.json").read_text())
     cluster_of_family = {fam[i]: a["cluster"] for i, a in enumerate(report["adapters"])}
     for i in (12, 13):
-        assert main(["join", str(folders[i]), "--collection", str(out / "collection"), "--no-push", "--out",
-                     str(tmp_path / f"j{i}"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "join",
+                    str(folders[i]),
+                    "--collection",
+                    str(out / "collection"),
+                    "--no-push",
+                    "--out",
+                    str(tmp_path / f"j{i}"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         got = json.loads((tmp_path / f"j{i}" / "report.json").read_text())
         assert got["cluster"] == cluster_of_family[fam[i]] and got["how"] == "join"
         assert got["mean_rel_error"] < 0.1 and got["mean_rel_error"] <= got["bar"]
         card = (tmp_path / f"j{i}" / "README.md").read_text()
-        assert f"cluster {got['cluster']}" in card and "**Its bases are shared.**" in card and str(out / "collection") in card
+        assert (
+            f"cluster {got['cluster']}" in card
+            and "**Its bases are shared.**" in card
+            and str(out / "collection") in card
+        )
         assert f"{got['mean_rel_error']:.4f}" in card and "soppu-hub join" in card
         # the same LoRAX fields and card row as a compressed member (issue 35): base unknown here, padded for 2
-        assert got["lorax_exact_tp"] == [t for t in range(1, 9) if lorax_rank(got["export_rank"], t) == got["export_rank"]]
+        assert got["lorax_exact_tp"] == [
+            t for t in range(1, 9) if lorax_rank(got["export_rank"], t) == got["export_rank"]
+        ]
         assert got["unpadded_rank"] <= got["export_rank"] and got["export"]["lorax_tp"] == 2
         assert got["export"]["lorax_sizes"] is None and "| LoRAX tensor parallel | the base model's head counts" in card
         assert f"this export is exact at {', '.join(map(str, got['lorax_exact_tp']))} (padded for 2)" in card
         nopad = tmp_path / f"j{i}-nopad"
-        assert main(["join", str(folders[i]), "--collection", str(out / "collection"), "--no-push", "--out", str(nopad),
-                     "--quiet", "--no-pad"]) == 0
+        assert (
+            main(
+                [
+                    "join",
+                    str(folders[i]),
+                    "--collection",
+                    str(out / "collection"),
+                    "--no-push",
+                    "--out",
+                    str(nopad),
+                    "--quiet",
+                    "--no-pad",
+                ]
+            )
+            == 0
+        )
         bare = json.loads((nopad / "report.json").read_text())
         assert bare["export"]["pad"] == "none" and bare["padding_params"] == 0
-        assert bare["lorax_exact_tp"] == [t for t in range(1, 9) if lorax_rank(bare["export_rank"], t) == bare["export_rank"]]
+        assert bare["lorax_exact_tp"] == [
+            t for t in range(1, 9) if lorax_rank(bare["export_rank"], t) == bare["export_rank"]
+        ]
     members = read_members(out / "collection", 2)
     assert [m.name for m in members[-2:]] == ["a12", "a13"] and {m.how for m in members[-2:]} == {"join"}
     bundle = load_bundle(tmp_path / "j12" / "soppu", bases=member_bases(tmp_path / "j12"))
@@ -111,14 +175,29 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
     for name, mb in bundle.modules.items():  # the core is U^T W V: the least-squares best on these bases
         B, A = adapter.modules[name].factors()
         U, V = mb.U.double(), mb.V.double()
-        torch.testing.assert_close(mb.core_matrix(0).double(), U.T @ (B.double() @ A.double()) @ V, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            mb.core_matrix(0).double(), U.T @ (B.double() @ A.double()) @ V, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_an_unseen_task_is_refused_in_one_line_and_nothing_changes(built, tmp_path, capsys):
     out, _, _, others = fresh(built, tmp_path)
     before = (out / "collection" / "members.json").read_bytes()
-    assert main(["join", str(others[0]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(tmp_path / "x"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "join",
+                str(others[0]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no cluster of" in err and "--new-cluster" in err and "--refit" in err
     assert not (tmp_path / "x").exists() and (out / "collection" / "members.json").read_bytes() == before
@@ -142,37 +221,107 @@ def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
     from soppu_hub.collection.format import read_collection, read_members
 
     out, _, _, others = fresh(built, tmp_path)
-    assert main(["join", str(others[0]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(tmp_path / "x0"), "--new-cluster", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "join",
+                str(others[0]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "x0"),
+                "--new-cluster",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     info = read_collection(out / "collection")
     assert len(info.clusters) == 3 and (out / "collection" / "clusters" / "cluster-2.safetensors").is_file()
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 3
     got = json.loads((tmp_path / "x0" / "report.json").read_text())
     assert got["cluster"] == 2 and got["how"] == "new-cluster" and got["mean_rel_error"] < 1e-5  # rank 4 <= 8: exact
-    assert main(["join", str(others[1]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(tmp_path / "x1"), "--quiet"]) == 0  # the next of that task finds the new cluster
+    assert (
+        main(
+            [
+                "join",
+                str(others[1]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "x1"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # the next of that task finds the new cluster
     assert json.loads((tmp_path / "x1" / "report.json").read_text())["cluster"] == 2
     assert [m.cluster for m in read_members(out / "collection", 3)[-2:]] == [2, 2]
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (lambda c: (c / "members.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'), "damaged or edited by hand"),
-    (lambda c: (c / "members.json").write_text("not json"), "damaged or edited by hand"),
-    (lambda c: (c / "collection.json").write_text(json.dumps({**json.loads((c / "collection.json").read_text()),
-                                                              "version": 9})), "upgrade soppu-hub"),
-    (lambda c: (c / "collection.json").write_text(json.dumps({**json.loads((c / "collection.json").read_text()),
-                                                              "clusters": []})), "incomplete or edited by hand"),
-    (lambda c: (c / "collection.json").write_text(json.dumps({**json.loads((c / "collection.json").read_text()),
-                                                              "base_model": "other"})), "join a collection of the same base"),
-    (lambda c: (c / "collection.json").write_text(json.dumps({**json.loads((c / "collection.json").read_text()), "modules": {
-        n: [s[0] * 2, s[1]] for n, s in json.loads((c / "collection.json").read_text())["modules"].items()}})), "base models differ"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (
+            lambda c: (c / "members.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'),
+            "damaged or edited by hand",
+        ),
+        (lambda c: (c / "members.json").write_text("not json"), "damaged or edited by hand"),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "version": 9})
+            ),
+            "upgrade soppu-hub",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "clusters": []})
+            ),
+            "incomplete or edited by hand",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "base_model": "other"})
+            ),
+            "join a collection of the same base",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps(
+                    {
+                        **json.loads((c / "collection.json").read_text()),
+                        "modules": {
+                            n: [s[0] * 2, s[1]]
+                            for n, s in json.loads((c / "collection.json").read_text())["modules"].items()
+                        },
+                    }
+                )
+            ),
+            "base models differ",
+        ),
+    ],
+)
 def test_damaged_or_mismatched_collections_are_refused_in_one_line(built, tmp_path, capsys, damage, expected):
     out, folders, _, _ = fresh(built, tmp_path)
     damage(out / "collection")
     before = {p.name: p.read_bytes() for p in (out / "collection").iterdir() if p.is_file()}
-    assert main(["join", str(folders[12]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(tmp_path / "j"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "join",
+                str(folders[12]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "j"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
     assert not (tmp_path / "j").exists()
@@ -191,12 +340,46 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
     base = build_tiny_llama(tmp_path / "base")
     shapes = llama_module_shapes()
     facs, _ = family_factors(shapes, 6, 4, families=1, noise=0.02, seed=5)
-    folders = [write_adapter(tmp_path / "in" / f"m{i}", f, base_model=str(base), rank=4, alpha=8) for i, f in enumerate(facs)]
-    assert main(["compress", *map(str, folders[:3]), "--out", str(tmp_path / "out"), "--no-push", "--quiet", "--device",
-                 "cpu", "--rank", "8", "--collection", "alice/share"]) == 0
+    folders = [
+        write_adapter(tmp_path / "in" / f"m{i}", f, base_model=str(base), rank=4, alpha=8) for i, f in enumerate(facs)
+    ]
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:3]),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-push",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                "--collection",
+                "alice/share",
+            ]
+        )
+        == 0
+    )
     for i in (3, 4, 5):
-        assert main(["join", str(folders[i]), "--collection", str(tmp_path / "out" / "collection"), "--no-push", "--out",
-                     str(tmp_path / "joined" / f"m{i}"), "--quiet", "--max-error", "0.5"]) == 0
+        assert (
+            main(
+                [
+                    "join",
+                    str(folders[i]),
+                    "--collection",
+                    str(tmp_path / "out" / "collection"),
+                    "--no-push",
+                    "--out",
+                    str(tmp_path / "joined" / f"m{i}"),
+                    "--quiet",
+                    "--max-error",
+                    "0.5",
+                ]
+            )
+            == 0
+        )
     members = [tmp_path / "out" / f"m{i}" for i in range(3)] + [tmp_path / "joined" / f"m{i}" for i in (3, 4, 5)]
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     load = peft_loader(model)
@@ -210,11 +393,13 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
     assert bases == sum((m + d) * 8 for m, d in shapes.values())
     assert resident_lora_params(peft_model) < 2 * bases  # one U, V for all six plus six small cores
     ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(0))
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(members[4]),
-                                      adapter_name="p").eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(members[4]), adapter_name="p"
+    ).eval()
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=ids, adapter_names=["s4"]).logits,
-                                   plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            peft_model(input_ids=ids, adapter_names=["s4"]).logits, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_resident(built, tmp_path, tiny_base):
@@ -226,8 +411,23 @@ def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_r
     from soppu_hub.peft_format.read import read_adapter
 
     out, _, _, others = fresh(built, tmp_path)
-    assert main(["join", str(others[0]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(out / "x0"), "--quiet", "--private-error", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "join",
+                str(others[0]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(out / "x0"),
+                "--quiet",
+                "--private-error",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     got = json.loads((out / "x0" / "report.json").read_text())
     assert got["how"] == "join" and got["max_rel_error"] <= 0.05 + 5e-3  # refused without --private-error (above)
     header = json.loads((out / "x0" / BUNDLE_DIR / BUNDLE_HEADER).read_text())
@@ -252,12 +452,46 @@ def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_r
     shapes = llama_module_shapes()
     facs, _ = family_factors(shapes, 4, 4, families=1, noise=0.02, seed=7)
     alien, _ = family_factors(shapes, 1, 4, families=1, noise=0.02, seed=77)
-    folders = [write_adapter(tmp_path / "r" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=8)
-               for i, f in enumerate(facs + alien)]
-    assert main(["compress", *map(str, folders[:4]), "--out", str(tmp_path / "rout"), "--no-push", "--quiet", "--device",
-                 "cpu", "--rank", "8", "--collection", "alice/res"]) == 0
-    assert main(["join", str(folders[4]), "--collection", str(tmp_path / "rout" / "collection"), "--no-push", "--out",
-                 str(tmp_path / "rout" / "m4"), "--quiet", "--private-error", "0.05"]) == 0
+    folders = [
+        write_adapter(tmp_path / "r" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=8)
+        for i, f in enumerate(facs + alien)
+    ]
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:4]),
+                "--out",
+                str(tmp_path / "rout"),
+                "--no-push",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                "--collection",
+                "alice/res",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "join",
+                str(folders[4]),
+                "--collection",
+                str(tmp_path / "rout" / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "rout" / "m4"),
+                "--quiet",
+                "--private-error",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     res = load_resident(tmp_path / "rout" / "collection")
     assert res.members == 5 and any(st.Xt is not None for st in res.modules.values())
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()

@@ -39,16 +39,20 @@ DAMAGE = {
     "no header": (lambda f: (f / BUNDLE_HEADER).unlink(), "is not a soppu bundle (missing bundle.json)"),
     "no weights": (lambda f: (f / BUNDLE_WEIGHTS).unlink(), "is not a soppu bundle (missing bundle.safetensors)"),
     "header not JSON": (lambda f: (f / BUNDLE_HEADER).write_text("{nope"), "bundle cannot be read"),
-    "weights truncated": (lambda f: (f / BUNDLE_WEIGHTS).write_bytes((f / BUNDLE_WEIGHTS).read_bytes()[:-64]),
-                          "bundle cannot be read"),
+    "weights truncated": (
+        lambda f: (f / BUNDLE_WEIGHTS).write_bytes((f / BUNDLE_WEIGHTS).read_bytes()[:-64]),
+        "bundle cannot be read",
+    ),
     "header a list": (lambda f: (f / BUNDLE_HEADER).write_text("[]"), "is not a soppu-bundle header"),
     "other format": (lambda f: _header(f, lambda h: h | {"format": "zip"}), "is not a soppu-bundle header"),
     "newer version": (lambda f: _header(f, lambda h: h | {"version": 99}), "upgrade soppu-hub"),
     "no adapters": (lambda f: _header(f, lambda h: {k: v for k, v in h.items() if k != "adapters"}), "is incomplete"),
     "no modules": (lambda f: _header(f, lambda h: {k: v for k, v in h.items() if k != "modules"}), "is incomplete"),
     "module tensors missing": (lambda f: _tensors(f, lambda t: t.pop(f"{_first_module(f)}.U")), "tensors for module"),
-    "cores of the wrong rank": (lambda f: _tensors(f, lambda t: t.__setitem__(f"{_first_module(f)}.cores",
-                                                                              torch.zeros(2, 3, 3))), "is corrupt"),
+    "cores of the wrong rank": (
+        lambda f: _tensors(f, lambda t: t.__setitem__(f"{_first_module(f)}.cores", torch.zeros(2, 3, 3))),
+        "is corrupt",
+    ),
 }
 
 

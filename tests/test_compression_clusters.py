@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression.cluster import adjusted_rand_index, choose_k, kmeans
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 
@@ -24,7 +24,9 @@ def families(tmp_path_factory):
 
 def run(tmp_path, folders, *args) -> dict:
     out = tmp_path / "out"
-    assert main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--device", "cpu", *args]) == 0
+    assert (
+        main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--device", "cpu", *args]) == 0
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -84,7 +86,9 @@ def test_target_error_picks_the_smallest_rank_per_module(tmp_path, families):
     report = run(tmp_path, folders, "--rank", "12", "--clusters", "3", "--target-error", "0.2")
     ranks = [r for c in report["clusters"] for r in c["ranks"].values()]
     assert max(ranks) < 12 and min(ranks) >= 1  # a 4-dim family needs far less than 12
-    assert max(a["max_rel_error"] for a in report["adapters"]) <= 0.2 + 1e-3  # bf16/fp32 rounding of the written factors
+    assert (
+        max(a["max_rel_error"] for a in report["adapters"]) <= 0.2 + 1e-3
+    )  # bf16/fp32 rounding of the written factors
     tight = run(tmp_path / "tight", folders, "--rank", "12", "--clusters", "3", "--target-error", "0.001")
     assert tight["params_after"] > report["params_after"]
     assert max(a["max_rel_error"] for a in tight["adapters"]) <= 0.001 + 5e-3  # bf16 rounding of the written factors
@@ -93,13 +97,16 @@ def test_target_error_picks_the_smallest_rank_per_module(tmp_path, families):
     assert sum(a["private_directions"] for a in report["adapters"]) == 0  # at 0.2 the families' bases hold them
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--clusters", "0"], "--clusters must be a positive integer or auto"),
-    (["--clusters", "19"], "--clusters 19 is more than the 18 adapters"),
-    (["--clusters", "many"], "--clusters must be a positive integer or auto"),
-    (["--target-error", "1.5"], "--target-error must be between 0 and 1"),
-    (["--target-error", "0"], "--target-error must be between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--clusters", "0"], "--clusters must be a positive integer or auto"),
+        (["--clusters", "19"], "--clusters 19 is more than the 18 adapters"),
+        (["--clusters", "many"], "--clusters must be a positive integer or auto"),
+        (["--target-error", "1.5"], "--target-error must be between 0 and 1"),
+        (["--target-error", "0"], "--target-error must be between 0 and 1"),
+    ],
+)
 def test_bad_cluster_flags_are_one_line_and_write_nothing(tmp_path, families, capsys, args, expected):
     folders, _ = families
     out = tmp_path / "out"
@@ -115,12 +122,31 @@ def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
 
     shapes = llama_module_shapes(hidden=32, layers=2, targets=("q_proj",))
     facs, fam = family_factors(shapes, 70, 2, families=2, noise=0.02, seed=3)
-    folders = [write_adapter(tmp_path / "in" / f"ad{i:02d}", f, base_model="tiny", rank=2, alpha=2) for i, f in enumerate(facs)]
+    folders = [
+        write_adapter(tmp_path / "in" / f"ad{i:02d}", f, base_model="tiny", rank=2, alpha=2) for i, f in enumerate(facs)
+    ]
     outs = {}
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}"
-        assert main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--rank", "2",
-                     "--clusters", "2", "--workers", workers]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    *map(str, folders),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--no-push",
+                    "--rank",
+                    "2",
+                    "--clusters",
+                    "2",
+                    "--workers",
+                    workers,
+                ]
+            )
+            == 0
+        )
         outs[workers] = out
     for i in (0, 33, 69):
         name = f"ad{i:02d}"
@@ -128,21 +154,32 @@ def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
         assert repo["adapter"]["name"] == name and len(repo["adapters"]) <= MAX_PEERS < 70
         assert name in [a["name"] for a in repo["adapters"]]
         card = (outs["2"] / name / "README.md").read_text()
-        assert "shares its bases with | 34 other adapter(s): cluster" in card and len(re.findall(r"^\| (\*\*)?ad\d\d", card, re.M)) == 35
+        assert (
+            "shares its bases with | 34 other adapter(s): cluster" in card
+            and len(re.findall(r"^\| (\*\*)?ad\d\d", card, re.M)) == 35
+        )
         same = card.replace(str(outs["2"]), "OUT").replace("--workers 2", "--workers 1")
         assert same == (outs["1"] / name / "README.md").read_text().replace(str(outs["1"]), "OUT")
         for png in ("plots/errors_by_layer.png", "plots/params.png"):
             assert (outs["2"] / name / png).read_bytes() == (outs["1"] / name / png).read_bytes()
-    assert (outs["2"] / "ad00" / "plots/errors_by_layer.png").read_bytes() != (outs["2"] / "ad02" / "plots/errors_by_layer.png").read_bytes()
+    assert (outs["2"] / "ad00" / "plots/errors_by_layer.png").read_bytes() != (
+        outs["2"] / "ad02" / "plots/errors_by_layer.png"
+    ).read_bytes()
 
 
 def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
     from soppu_hub.cards.render import MAX_PEERS, peers, repo_report
 
-    report = {"method": "full", "adapters": [{"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}}
-                                             for i in range(300)]}
+    report = {
+        "method": "full",
+        "adapters": [
+            {"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}} for i in range(300)
+        ],
+    }
     listed = peers(report, 299)
-    assert len(listed) == MAX_PEERS and listed[-1]["name"] == "a299" and all(int(a["name"][1:]) % 2 == 1 for a in listed)
+    assert (
+        len(listed) == MAX_PEERS and listed[-1]["name"] == "a299" and all(int(a["name"][1:]) % 2 == 1 for a in listed)
+    )
     assert [int(a["name"][1:]) for a in listed] == sorted(int(a["name"][1:]) for a in listed)
     assert "modules" not in listed[0] and repo_report(report, 299)["adapter"]["modules"] == {"m": 1}
 
@@ -156,8 +193,10 @@ def test_auto_counts_what_clusters_store(tmp_path, families, n, expected):
     from soppu_hub.peft_format.read import read_adapter
 
     facs, fam = family_factors(SHAPES, n, 4, families=families, noise=0.05, seed=3)
-    adapters = [read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
-                for i, f in enumerate(facs)]
+    adapters = [
+        read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
+        for i, f in enumerate(facs)
+    ]
     comp = compress(adapters, CompressConfig(rank=4, clusters="auto", device="cpu"))
     assert len(comp.bundles) == expected
     if families > 1:
@@ -173,8 +212,10 @@ def test_auto_scans_k_on_a_sample_of_a_large_collection(tmp_path, monkeypatch):
     from soppu_hub.peft_format.read import read_adapter
 
     facs, fam = family_factors(SHAPES, 36, 4, families=3, noise=0.05, seed=4)
-    adapters = [read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
-                for i, f in enumerate(facs)]
+    adapters = [
+        read_adapter(write_adapter(tmp_path / f"a{i:02d}", f, base_model="tiny", rank=4, alpha=4))
+        for i, f in enumerate(facs)
+    ]
     full = compress(adapters, CompressConfig(rank=4, clusters="auto", device="cpu"))
     calls = []
     real_jd = assign.joint_diagonalize
@@ -205,13 +246,19 @@ def test_priced_ties_choose_the_fewest_clusters_whatever_the_float_noise():
     two chose K = 1 and K = 3 on the sample collection before); a real difference in error still decides."""
     from soppu_hub.compression.assign import TIE, _rank
 
-    rows = [{"K": 3, "stored": 100.0, "mean_error": 0.25}, {"K": 1, "stored": 100.0, "mean_error": 0.25 * (1 + TIE / 10)},
-            {"K": 2, "stored": 90.0, "mean_error": 0.4}]
+    rows = [
+        {"K": 3, "stored": 100.0, "mean_error": 0.25},
+        {"K": 1, "stored": 100.0, "mean_error": 0.25 * (1 + TIE / 10)},
+        {"K": 2, "stored": 90.0, "mean_error": 0.4},
+    ]
     assert [r["K"] for r in _rank(rows, by_error=False)] == [2, 1, 3]  # the smallest store first, then K 1 over 3
     rows[1]["mean_error"] = 0.25 * (1 + 10 * TIE)  # K = 1 is really worse now
     assert [r["K"] for r in _rank(rows, by_error=False)] == [2, 3, 1]
-    budget = [{"K": 4, "stored": 80.0, "mean_error": 0.2}, {"K": 1, "stored": 95.0, "mean_error": 0.2 * (1 + TIE / 10)},
-              {"K": 2, "stored": 80.0, "mean_error": 0.2 * (1 - TIE / 10)}]
+    budget = [
+        {"K": 4, "stored": 80.0, "mean_error": 0.2},
+        {"K": 1, "stored": 95.0, "mean_error": 0.2 * (1 + TIE / 10)},
+        {"K": 2, "stored": 80.0, "mean_error": 0.2 * (1 - TIE / 10)},
+    ]
     assert [r["K"] for r in _rank(budget, by_error=True)] == [2, 4, 1]  # equal errors: the smaller store, then fewer K
 
 
@@ -228,8 +275,10 @@ def test_one_thread_or_two_choose_the_same_and_export_the_same_deltas(tmp_path):
 
     srcs = sorted(str(p) for p in (COLLECTION / "adapters").iterdir() if p.is_dir())[:8]
     for t in (1, 2):
-        code = (f"import sys, torch; torch.set_num_threads({t}); from soppu_hub.cli import main; "
-                f"sys.exit(main(['compress', *{srcs!r}, '--no-push', '--quiet', '--out', {str(tmp_path / str(t))!r}]))")
+        code = (
+            f"import sys, torch; torch.set_num_threads({t}); from soppu_hub.cli import main; "
+            f"sys.exit(main(['compress', *{srcs!r}, '--no-push', '--quiet', '--out', {str(tmp_path / str(t))!r}]))"
+        )
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     one, two = (json.loads((tmp_path / t / "report.json").read_text()) for t in ("1", "2"))
     assert [c["size"] for c in one["clusters"]] == [c["size"] for c in two["clusters"]]

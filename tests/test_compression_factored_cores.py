@@ -10,8 +10,8 @@ from helpers import peft_loader
 from safetensors.torch import load_file, save_file
 
 from soppu_hub.compression.bundle import FactoredCore, ModuleBasis, load_bundle
-from soppu_hub.compression.export import peft_factors
 from soppu_hub.compression.config import CompressConfig
+from soppu_hub.compression.export import peft_factors
 from soppu_hub.peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, BUNDLE_WEIGHTS
 from soppu_hub.peft_format.read import read_adapter
 from soppu_hub.pipeline.job import compress_folders
@@ -52,7 +52,11 @@ def test_low_rank_cores_are_stored_as_exact_factors_and_counted_so(factored):
     adapter = read_adapter(sources[0])
     for name, mb in bundle.modules.items():
         core = mb.cores[0]
-        assert isinstance(core, FactoredCore) and core.P.shape == (SHARED_RANK, RANK) and core.Q.shape == (RANK, SHARED_RANK)
+        assert (
+            isinstance(core, FactoredCore)
+            and core.P.shape == (SHARED_RANK, RANK)
+            and core.Q.shape == (RANK, SHARED_RANK)
+        )
         b, a = adapter.modules[name].factors()
         U, V = mb.U.double(), mb.V.double()
         torch.testing.assert_close(mb.core_matrix(0).double(), U.T @ b.double() @ a.double() @ V, rtol=1e-3, atol=1e-4)
@@ -60,7 +64,7 @@ def test_low_rank_cores_are_stored_as_exact_factors_and_counted_so(factored):
     full = load_bundle(out / "bundle")
     stored = sum(mb.U.numel() + mb.V.numel() + len(mb.cores) * 2 * SHARED_RANK * RANK for mb in full.modules.values())
     assert report["params_after"] - report["carried_params"] == stored  # 2 r k per core, not r^2
-    assert stored < sum(per_module.values()) + len(NAMES) * len(per_module) * SHARED_RANK ** 2
+    assert stored < sum(per_module.values()) + len(NAMES) * len(per_module) * SHARED_RANK**2
     assert all(a["max_rel_error"] < 1e-3 for a in report["adapters"])  # rank 8 holds 4 x rank 2: exact
 
 
@@ -107,8 +111,11 @@ def test_an_old_bundle_serves_the_same_logits_as_the_new_one(factored, tmp_path,
     for folder in (out / NAMES[1], old):
         model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
         shared = SharedBases()
-        peft_model = shared.load(lambda path, name: PeftModel.from_pretrained(model, path, adapter_name=name).eval(),
-                                 folder, "x")
+        peft_model = shared.load(
+            lambda path, name, model=model: PeftModel.from_pretrained(model, path, adapter_name=name).eval(),
+            folder,
+            "x",
+        )
         with torch.no_grad():
             logits.append(peft_model(input_ids=ids).logits)
             with peft_model.disable_adapter():
@@ -136,8 +143,13 @@ def test_a_mixed_batch_of_factored_and_square_cores_matches_peft_row_by_row(fact
     for name in NAMES[:3]:
         shared.load(load, out / name, name)
     peft_model = shared.load(load, old, "square")
-    kinds = {n: m.lora_A[n].factored for m in peft_model.modules() if hasattr(m, "lora_A")
-             for n in m.lora_A if isinstance(m.lora_A[n], CoreLinear)}
+    kinds = {
+        n: m.lora_A[n].factored
+        for m in peft_model.modules()
+        if hasattr(m, "lora_A")
+        for n in m.lora_A
+        if isinstance(m.lora_A[n], CoreLinear)
+    }
     assert kinds == {"a0": True, "a1": True, "a2": True, "square": False}
     names = ["a0", "square", "__base__", "a2", "a1", "a0"]
     ids = torch.randint(5, 300, (len(names), 7), generator=torch.Generator().manual_seed(2))

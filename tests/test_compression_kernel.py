@@ -88,7 +88,9 @@ def test_diag_stores_r_values_per_adapter_and_is_no_better_than_full():
     assert diag.cores.shape == (3, 3, 6)
     assert full.cores.shape == (3, 3, 6, 6)
     assert (diag.rel_errors**2).sum() >= (full.rel_errors**2).sum() - 1e-5
-    torch.testing.assert_close(diag.rel_errors, dense_rel_errors(B, A, diag).to(diag.rel_errors.dtype), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        diag.rel_errors, dense_rel_errors(B, A, diag).to(diag.rel_errors.dtype), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_batched_over_layers_equals_per_layer():
@@ -96,10 +98,14 @@ def test_batched_over_layers_equals_per_layer():
     # a fixed number of iterations, so both runs take exactly the same steps
     batched = joint_diagonalize(B, A, 5, dtype=torch.float64, tol=0.0, max_iter=40)
     for layer in range(5):
-        single = joint_diagonalize(B[layer : layer + 1], A[layer : layer + 1], 5, dtype=torch.float64, tol=0.0, max_iter=40)
+        single = joint_diagonalize(
+            B[layer : layer + 1], A[layer : layer + 1], 5, dtype=torch.float64, tol=0.0, max_iter=40
+        )
         torch.testing.assert_close(single.rel_errors[0], batched.rel_errors[layer], atol=1e-7, rtol=1e-6)
         recon = lambda r: r.U[0] @ r.dense_cores()[0] @ r.V[0].T  # noqa: E731
-        torch.testing.assert_close(recon(single), batched.U[layer] @ batched.dense_cores()[layer] @ batched.V[layer].T, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            recon(single), batched.U[layer] @ batched.dense_cores()[layer] @ batched.V[layer].T, atol=1e-6, rtol=1e-5
+        )
 
 
 def test_rank_is_not_clipped_to_lora_rank_and_mixed_ranks():
@@ -145,7 +151,10 @@ def test_bf16_inputs_and_zero_adapter():
 def test_reconstruction_error_formula_is_exact_for_non_orthonormal_bases():
     B, A = factors(1, 2, 10, 8, 3, seed=10)
     g = torch.Generator().manual_seed(0)
-    U, V = torch.randn(1, 10, 4, generator=g, dtype=torch.float64), torch.randn(1, 8, 4, generator=g, dtype=torch.float64)
+    U, V = (
+        torch.randn(1, 10, 4, generator=g, dtype=torch.float64),
+        torch.randn(1, 8, 4, generator=g, dtype=torch.float64),
+    )
     S = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
     dense = ((B @ A) - U.unsqueeze(1) @ S @ V.unsqueeze(1).mT).flatten(-2).pow(2).sum(-1)
     torch.testing.assert_close(reconstruction_sq_errors(B, A, U, V, S), dense)
@@ -156,8 +165,12 @@ def planted(L, n, m, d, k, shared, seed=0, noise=0.05, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     Us = torch.linalg.qr(torch.randn(m, shared, generator=g, dtype=dtype))[0]
     Vs = torch.linalg.qr(torch.randn(d, shared, generator=g, dtype=dtype))[0]
-    B = Us @ torch.randn(L, n, shared, k, generator=g, dtype=dtype) + noise * torch.randn(L, n, m, k, generator=g, dtype=dtype)
-    A = torch.randn(L, n, k, shared, generator=g, dtype=dtype) @ Vs.T + noise * torch.randn(L, n, k, d, generator=g, dtype=dtype)
+    B = Us @ torch.randn(L, n, shared, k, generator=g, dtype=dtype) + noise * torch.randn(
+        L, n, m, k, generator=g, dtype=dtype
+    )
+    A = torch.randn(L, n, k, shared, generator=g, dtype=dtype) @ Vs.T + noise * torch.randn(
+        L, n, k, d, generator=g, dtype=dtype
+    )
     return B, A
 
 
@@ -169,7 +182,9 @@ def weighted_objective(B, A, res):
 
 
 @pytest.mark.parametrize("method", ["full", "diag"])
-@pytest.mark.parametrize("L,n,m,d,k,shared,r", [(2, 12, 60, 40, 4, 8, 6), (1, 30, 48, 64, 8, 10, 10), (3, 5, 30, 30, 6, 4, 4)])
+@pytest.mark.parametrize(
+    "L,n,m,d,k,shared,r", [(2, 12, 60, 40, 4, 8, 6), (1, 30, 48, 64, 8, 10, 10), (3, 5, 30, 30, 6, 4, 4)]
+)
 def test_subspace_solver_reaches_the_exact_solver_s_optimum(method, L, n, m, d, k, shared, r):
     B, A = planted(L, n, m, d, k, shared, seed=n)
     exact = joint_diagonalize(B, A, r, method=method, solver="exact", dtype=torch.float64, tol=1e-12, max_iter=3000)
@@ -191,8 +206,10 @@ def test_subspace_solver_for_one_adapter_is_the_truncated_svd():
 
 def test_subspace_solver_never_decreases_the_objective_and_is_deterministic():
     B, A = planted(1, 40, 64, 64, 8, 16, seed=5, noise=0.3, dtype=torch.float32)
-    objs = [float(weighted_objective(B, A, joint_diagonalize(B, A, 8, solver="subspace", tol=0.0, max_iter=j))[0])
-            for j in range(1, 16)]
+    objs = [
+        float(weighted_objective(B, A, joint_diagonalize(B, A, 8, solver="subspace", tol=0.0, max_iter=j))[0])
+        for j in range(1, 16)
+    ]
     assert all(b >= a - 1e-5 * abs(a) for a, b in zip(objs, objs[1:])), objs
     assert objs[-1] > objs[0]
     a = joint_diagonalize(B, A, 8, solver="subspace")
@@ -218,8 +235,8 @@ def test_module_positions_converge_on_their_own():
     for solver in ("exact", "subspace"):
         together = joint_diagonalize(B, A, 8, solver=solver)
         for i in range(3):
-            alone = joint_diagonalize(B[i:i + 1], A[i:i + 1], 8, solver=solver)
+            alone = joint_diagonalize(B[i : i + 1], A[i : i + 1], 8, solver=solver)
             proj = together.U[i] @ together.U[i].mT
             torch.testing.assert_close(proj, alone.U[0] @ alone.U[0].mT, atol=1e-4, rtol=0)
-            torch.testing.assert_close(together.rel_errors[i:i + 1], alone.rel_errors, atol=1e-5, rtol=0)
+            torch.testing.assert_close(together.rel_errors[i : i + 1], alone.rel_errors, atol=1e-5, rtol=0)
             assert alone.iterations <= together.iterations

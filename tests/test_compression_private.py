@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import peft_loader
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression.allocate import adapter_errors, adapter_norms, by_budget, by_target
 from soppu_hub.compression.bundle import load_bundle
@@ -15,7 +16,6 @@ from soppu_hub.compression.config import CompressConfig, parse_budget
 from soppu_hub.compression.plan import compress
 from soppu_hub.compression.private import coordinates, private_factors, residual_spectra, shared_core
 from soppu_hub.compression.refine import table_of
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER
 from soppu_hub.peft_format.read import read_adapter
 
@@ -24,7 +24,10 @@ SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 
 def _random(n=5, m=40, d=30, k=4, r=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    B, A = torch.randn(n, m, k, generator=g, dtype=torch.float64), torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    B, A = (
+        torch.randn(n, m, k, generator=g, dtype=torch.float64),
+        torch.randn(n, k, d, generator=g, dtype=torch.float64),
+    )
     U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
     return B, A, U, V
@@ -60,11 +63,11 @@ def _tables(seed=0):
 def _modules(count=8):
     """One table per module position for the same 5 adapters: four with steep spectra, one flat."""
     out = []
-    for l in range(count):
-        B, A, U, V = _random(seed=100 + l)
+    for pos in range(count):
+        B, A, U, V = _random(seed=100 + pos)
         B = B * torch.tensor([1.0, 0.3, 0.1, 0.03])  # steep spectra: the first direction holds most of each
         B[1] = B[1] / torch.tensor([1.0, 0.3, 0.1, 0.03])  # but adapter 1's is flat: every direction buys as little
-        out.append(table_of(B, A, torch.full((5,), 4), U, V, 0, f"m{l}", list(range(5)))[0])
+        out.append(table_of(B, A, torch.full((5,), 4), U, V, 0, f"m{pos}", list(range(5)))[0])
     return out
 
 
@@ -82,8 +85,13 @@ def test_by_target_meets_it_with_the_smallest_store_of_all_options():
                 best = min(best, table.stored(j, ok.to(torch.int8).argmax(-1)))
         assert ch.stored == best
         # per-adapter SVD at the same target is one of the options (j = 0): never more than it
-        svd = sum((table.errors[0, i] <= target**2 * table.sq_norms[i] + 1e-12).to(torch.int8).argmax().item()
-                  for i in range(len(table.members))) * table.width
+        svd = (
+            sum(
+                (table.errors[0, i] <= target**2 * table.sq_norms[i] + 1e-12).to(torch.int8).argmax().item()
+                for i in range(len(table.members))
+            )
+            * table.width
+        )
         assert ch.stored <= svd
 
 
@@ -117,10 +125,10 @@ def test_by_budget_is_never_behind_uniform_svd_even_where_its_multiplier_is():
     alone (sum of squares) spreads the directions and loses on the mean, the reweighting and the baseline as a
     candidate do not."""
     tables = []
-    for l in range(8):
-        B, A, U, V = _random(seed=200 + l)
+    for pos in range(8):
+        B, A, U, V = _random(seed=200 + pos)
         B[:3] = B[:3] * torch.tensor([1.0, 0.5, 0.0, 0.0])
-        tables.append(table_of(B, A, torch.full((5,), 4), U[:, :0], V[:, :0], 0, f"m{l}", list(range(5)))[0])
+        tables.append(table_of(B, A, torch.full((5,), 4), U[:, :0], V[:, :0], 0, f"m{pos}", list(range(5)))[0])
     norms = adapter_norms(tables, 5)
     svd = (sum(t.errors[0, :, 2] for t in tables) / norms).sqrt()  # j = 0, p = 2 everywhere
     store = sum(t.stored(0, torch.full((5,), 2)) for t in tables)
@@ -150,8 +158,10 @@ def mixed(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     facs, _ = family_factors(SHAPES, 8, 4, families=2, family_dim=4, noise=0.02, seed=5)
     alone, _ = family_factors(SHAPES, 4, 4, families=4, family_dim=4, noise=0.3, seed=6)
-    return [write_adapter(root / f"ad{i:02d}", f, base_model="tiny", rank=4, alpha=8, dtype=torch.bfloat16)
-            for i, f in enumerate(facs + alone)]
+    return [
+        write_adapter(root / f"ad{i:02d}", f, base_model="tiny", rank=4, alpha=8, dtype=torch.bfloat16)
+        for i, f in enumerate(facs + alone)
+    ]
 
 
 def _whole_errors(adapters, comp) -> list[float]:
@@ -172,8 +182,10 @@ def test_never_behind_per_adapter_svd_at_its_own_stores(mixed):
         svd = compress(adapters, CompressConfig(rank=rank, clusters=str(n), device="cpu"))
         svd_err = _whole_errors(adapters, svd)
         store = sum(b.num_params for b in svd.bundles)
-        ours = compress(adapters, CompressConfig(rank=16, clusters="auto", budget=str(store), device="cpu",
-                                                 max_adapter_error=max(svd_err)))
+        ours = compress(
+            adapters,
+            CompressConfig(rank=16, clusters="auto", budget=str(store), device="cpu", max_adapter_error=max(svd_err)),
+        )
         err = _whole_errors(adapters, ours)
         assert sum(b.num_params for b in ours.bundles) <= store
         assert sum(err) / n <= sum(svd_err) / n + 1e-6 and max(err) <= max(svd_err) + 1e-6
@@ -192,11 +204,15 @@ def test_clusters_auto_with_a_target_prices_every_k_up_to_singletons(mixed):
     assert max(e for ms in comp.stats.values() for e in ms.rel_errors.values()) <= 0.2 + 1e-6
     # the adapters that share nothing keep directions of their own; family members need none
     private = comp.refined.private
-    assert all(private[i] > 0 for i in range(8, 12)) and sum(private[i] for i in range(8)) < sum(private[i] for i in range(8, 12))
+    assert all(private[i] > 0 for i in range(8, 12)) and sum(private[i] for i in range(8)) < sum(
+        private[i] for i in range(8, 12)
+    )
 
 
 def run(out, folders, *args) -> dict:
-    assert main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--device", "cpu", *args]) == 0
+    assert (
+        main(["compress", *map(str, folders), "--out", str(out), "--quiet", "--no-push", "--device", "cpu", *args]) == 0
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -212,7 +228,9 @@ def test_exports_hold_exactly_what_the_bundle_reconstructs_and_bundles_are_versi
         assert header["version"] == 4 and any("private" in m for m in header["modules"].values())
         bundle = load_bundle(folder / BUNDLE_DIR)
         export = read_adapter(folder)
-        assert entry["export_rank"] >= entry["unpadded_rank"] >= max(mb.private_rank(0) for mb in bundle.modules.values())
+        assert (
+            entry["export_rank"] >= entry["unpadded_rank"] >= max(mb.private_rank(0) for mb in bundle.modules.values())
+        )
         for name, (B, A) in bundle.factors(0).items():
             b, a = export.modules[name].factors()
             torch.testing.assert_close(b.double() @ a.double(), B.double() @ A.double(), rtol=2e-2, atol=2e-3)
@@ -244,8 +262,10 @@ def test_an_adapter_with_private_directions_serves_its_export_s_logits(mixed, tm
     from soppu_hub.serve.shared_bases import SharedBases
 
     facs, _ = family_factors(llama_module_shapes(), 6, 4, families=2, noise=0.3, seed=9)
-    folders = [write_adapter(tmp_path / "in" / f"p{i}", f, base_model=str(tiny_base), rank=4, alpha=8)
-               for i, f in enumerate(facs)]
+    folders = [
+        write_adapter(tmp_path / "in" / f"p{i}", f, base_model=str(tiny_base), rank=4, alpha=8)
+        for i, f in enumerate(facs)
+    ]
     report = run(tmp_path / "out", folders, "--rank", "8", "--target-error", "0.15")
     names = [a["name"] for a in report["adapters"]]
     assert any(a["private_directions"] for a in report["adapters"])
@@ -296,9 +316,18 @@ def test_private_directions_never_push_an_export_past_the_original_rank(tmp_path
 
     g = torch.Generator().manual_seed(0)
     U, V = torch.linalg.qr(torch.randn(32, 4, generator=g))[0], torch.linalg.qr(torch.randn(24, 4, generator=g))[0]
-    mb = ModuleBasis(U, V, {0: torch.randn(4, 4, generator=g)},
-                     private={0: (torch.randn(32, 2, generator=g) * 0.1, torch.randn(2, 24, generator=g))})
-    bundle = Bundle("full", ["a"], [{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}], {"model.layers.0.self_attn.q_proj": mb})
+    mb = ModuleBasis(
+        U,
+        V,
+        {0: torch.randn(4, 4, generator=g)},
+        private={0: (torch.randn(32, 2, generator=g) * 0.1, torch.randn(2, 24, generator=g))},
+    )
+    bundle = Bundle(
+        "full",
+        ["a"],
+        [{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}],
+        {"model.layers.0.self_attn.q_proj": mb},
+    )
     assert bundle.export_rank(0) == 4
     info = export_peft(bundle, 0, tmp_path / "e", export=ExportConfig(pad=False))
     B, A = info.factors["model.layers.0.self_attn.q_proj"]

@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression.bundle import Bundle, FactoredCore, ModuleBasis, load_bundle
 from soppu_hub.compression.quantize import QUANTIZED, Store, bits_per_number, dequantize, pack, quantize, unpack
 from soppu_hub.compression.store import choose_store, stored_bundle, stored_core
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.errors import BundleError, CollectionError
 from soppu_hub.peft_format.read import read_adapter
 
@@ -46,7 +46,10 @@ def _bundle(seed=0, r=8, n=3):
     g = torch.Generator().manual_seed(seed)
     mods = {}
     for name, (out, inp) in SHAPES.items():
-        U, V = torch.linalg.qr(torch.randn(out, r, generator=g))[0], torch.linalg.qr(torch.randn(inp, r, generator=g))[0]
+        U, V = (
+            torch.linalg.qr(torch.randn(out, r, generator=g))[0],
+            torch.linalg.qr(torch.randn(inp, r, generator=g))[0],
+        )
         cores = {i: torch.randn(r, r, generator=g) for i in range(n - 1)}
         cores[n - 1] = FactoredCore(torch.randn(r, 2, generator=g), torch.randn(2, r, generator=g))
         mods[name] = ModuleBasis(U, V, cores)
@@ -83,12 +86,30 @@ def test_auto_store_keeps_the_inputs_dtype_when_they_agree_else_bf16():
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     facs, _ = family_factors(SHAPES, 6, 4, families=2, noise=0.02, seed=3)
-    return root, [write_adapter(root / "in" / f"a{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)]
+    return root, [
+        write_adapter(root / "in" / f"a{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)
+    ]
 
 
 def _compress(srcs, out, *args):
-    assert main(["compress", *map(str, srcs), "--out", str(out), "--no-push", "--quiet", "--device", "cpu",
-                 "--rank", "8", *args]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, srcs),
+                "--out",
+                str(out),
+                "--no-push",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                *args,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "report.json").read_text())
 
 
@@ -100,8 +121,9 @@ def test_a_quantized_store_is_smaller_in_bytes_and_every_export_is_what_it_store
     fit = [a["fit_mean_rel_error"] for a in reports["bf16"]["adapters"]]
     for k, report in reports.items():
         assert report["store"]["dtype"] == k.replace("bf16", "bfloat16")
-        assert report["store_bytes"] == pytest.approx(report["params_after"] * Store(
-            "bfloat16" if k == "bf16" else k).bytes_per_number, rel=1e-6)
+        assert report["store_bytes"] == pytest.approx(
+            report["params_after"] * Store("bfloat16" if k == "bf16" else k).bytes_per_number, rel=1e-6
+        )
         header = json.loads((root / k / "bundle" / "bundle.json").read_text())
         assert header["version"] == (5 if k != "bf16" else 2) and header.get("store") == Store(k).header()
         bundle = load_bundle(root / k / "bundle")
@@ -133,8 +155,21 @@ def test_a_quantized_collection_keeps_bases_and_cores_as_codes_and_joiners_follo
     assert bases.keys() == {"q.codes", "q.scales", "q.maxima"}
     member = load_bundle(out / "a0" / "soppu", bases=member_bases(out / "a0"))
     assert json.loads((out / "a0" / "soppu" / "bundle.json").read_text())["version"] == 5
-    assert main(["join", str(srcs[4]), "--collection", str(out / "collection"), "--no-push", "--out",
-                 str(tmp_path / "j"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "join",
+                str(srcs[4]),
+                "--collection",
+                str(out / "collection"),
+                "--no-push",
+                "--out",
+                str(tmp_path / "j"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     joined = load_file(str(tmp_path / "j" / "soppu" / "bundle.safetensors"))
     assert joined.keys() == {"q.codes", "q.scales", "q.maxima"}
     assert member.modules  # loads with its collection's bases
@@ -153,7 +188,10 @@ def test_damaged_or_newer_stores_are_one_line_errors(family, tmp_path):
     first = json.loads(meta["soppu-quantized"])["tensors"][0][0]
     nan = good["q.scales"].clone()
     nan[0] = float("nan")
-    for bad, says in ((nan, "its scales hold NaN"), (good["q.scales"][:3].contiguous(), "its codes or scales are cut short")):
+    for bad, says in (
+        (nan, "its scales hold NaN"),
+        (good["q.scales"][:3].contiguous(), "its codes or scales are cut short"),
+    ):
         save_file({**good, "q.scales": bad}, str(path), metadata=meta)
         with pytest.raises(CollectionError, match=rf"^cluster-0.safetensors: tensor {first}: {says}") as e:
             open_collection(out / "collection").bases(0)
@@ -195,4 +233,3 @@ def test_an_unknown_store_dtype_is_argparse_one_line(family, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--store-dtype" in err[0] and "int8" in err[0] and "nf4" in err[0]
-

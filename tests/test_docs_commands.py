@@ -29,7 +29,7 @@ def documented() -> list[tuple[str, str, list[str]]]:
             text = line.strip()
             for prefix, cli in PREFIXES.items():
                 if fenced and text.startswith(prefix + " "):
-                    argv = shlex.split(text[len(prefix):], comments=True)
+                    argv = shlex.split(text[len(prefix) :], comments=True)
                     out.append((f"{page.relative_to(REPO)}:{n}", cli, argv))
     return out
 
@@ -59,8 +59,11 @@ def test_every_documented_command_parses_as_printed(where, cli, argv):
 
 def _offline(argv: list[str]) -> bool:
     """A compress of local folders that pushes nothing: runs here as printed."""
-    return argv[0] == "compress" and "--no-push" in argv and all(
-        LOCAL.match(a) for a in argv[1:argv.index(next(a for a in argv[1:] if a.startswith("-")))])
+    return (
+        argv[0] == "compress"
+        and "--no-push" in argv
+        and all(LOCAL.match(a) for a in argv[1 : argv.index(next(a for a in argv[1:] if a.startswith("-")))])
+    )
 
 
 def test_the_offline_compress_commands_run_as_printed(tmp_path, tiny_base):
@@ -76,8 +79,13 @@ def test_the_offline_compress_commands_run_as_printed(tmp_path, tiny_base):
     runs = [(where, argv) for where, cli, argv in COMMANDS if cli == "soppu_hub" and _offline(argv)]
     assert len(runs) >= 5  # README's two, usage's four and the sources-file one
     for where, argv in runs:
-        res = subprocess.run([sys.executable, "-m", "soppu_hub", *argv, "--quiet"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "soppu_hub", *argv, "--quiet"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, f"{where}: {' '.join(argv)}: {res.stderr[-2000:]}"
         out = tmp_path / argv[argv.index("--out") + 1]
         assert json.loads((out / "report.json").read_text())["adapters"], where

@@ -21,8 +21,9 @@ def cli(*args, token: str | None = USERS["alice"]):
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "soppu_hub", "compress", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def one_line_error(res) -> str:
@@ -49,7 +50,13 @@ def test_pushed_repos_load_by_name_in_peft(hub, pushed):
         bundle = load_bundle(pushed / name / "soppu", bases=member_bases(pushed / name))
         files = HfApi().list_repo_files(repo_id)
         assert [f for f in files if f.endswith(".safetensors") and "/" not in f] == ["adapter_model.safetensors"]
-        assert {"adapter_config.json", "README.md", "report.json", "soppu/bundle.safetensors", "soppu/bundle.json"} <= set(files)
+        assert {
+            "adapter_config.json",
+            "README.md",
+            "report.json",
+            "soppu/bundle.safetensors",
+            "soppu/bundle.json",
+        } <= set(files)
         base = AutoModelForCausalLM.from_pretrained(hub.base_model)
         model = PeftModel.from_pretrained(base, repo_id)
         assert model.peft_config["default"].base_model_name_or_path == "soppu-samples/tiny-llama"
@@ -60,12 +67,15 @@ def test_pushed_repos_load_by_name_in_peft(hub, pushed):
 
 def test_own_bases_keeps_every_repo_self_contained(hub, tmp_path):
     """--own-bases: no collection repo, each repo's soppu/ holds its cluster's bases (the layout before issue 34)."""
-    from soppu_hub.pipeline.job import default_collection
-
     from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.pipeline.publish import default_collection
 
-    facs = synthetic_factors(llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj")), 2, 4, shared=2, seed=3)
-    folders = [write_adapter(tmp_path / f"ownbases-{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)]
+    facs = synthetic_factors(
+        llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj")), 2, 4, shared=2, seed=3
+    )
+    folders = [
+        write_adapter(tmp_path / f"ownbases-{i}", f, base_model="x", rank=4, alpha=8) for i, f in enumerate(facs)
+    ]
     res = cli(*map(str, folders), "--rank", "4", "--own-bases", "--namespace", "acme", "--quiet")
     assert res.returncode == 0, res.stderr
     targets = [f"acme/ownbases-{i}-soppu" for i in range(2)]
@@ -73,12 +83,17 @@ def test_own_bases_keeps_every_repo_self_contained(hub, tmp_path):
         header = json.loads(open(hf_hub_download(repo_id, "soppu/bundle.json")).read())
         assert "bases" not in header and header["version"] in (2, 4)
     assert not HfApi().repo_exists(default_collection(targets))
-    assert default_collection(["b/x", "b/y"]) == default_collection(["b/y", "b/x"]) != default_collection(["b/x", "b/z"])
+    assert (
+        default_collection(["b/x", "b/y"]) == default_collection(["b/y", "b/x"]) != default_collection(["b/x", "b/z"])
+    )
 
 
 def test_card_metadata_images_and_one_commit(hub, pushed):
     api = HfApi()
-    for repo_id, source in [("alice/support-bot-soppu", "alice/support-bot"), ("alice/pirate-talk-soppu", "alice/pirate-talk")]:
+    for repo_id, source in [
+        ("alice/support-bot-soppu", "alice/support-bot"),
+        ("alice/pirate-talk-soppu", "alice/pirate-talk"),
+    ]:
         card = ModelCard.load(repo_id)
         data = card.data.to_dict()
         assert data["base_model"] == "soppu-samples/tiny-llama" and data["base_model_relation"] == "adapter"
@@ -142,9 +157,16 @@ def test_revision_pin_and_verify(hub, tmp_path):
 
     api = HfApi(token=USERS["alice"])
     api.create_repo("alice/versioned", exist_ok=True)
-    v1 = api.upload_folder(repo_id="alice/versioned", folder_path=snapshot_download(hub.adapters[0]), allow_patterns=["adapter_*"]).oid
-    v2 = write_adapter(tmp_path / "v2", synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0], base_model=hub.base_model,
-                       rank=4, alpha=4)
+    v1 = api.upload_folder(
+        repo_id="alice/versioned", folder_path=snapshot_download(hub.adapters[0]), allow_patterns=["adapter_*"]
+    ).oid
+    v2 = write_adapter(
+        tmp_path / "v2",
+        synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
+        base_model=hub.base_model,
+        rank=4,
+        alpha=4,
+    )
     api.upload_folder(repo_id="alice/versioned", folder_path=str(v2))
     res = cli(f"alice/versioned@{v1}", "--rank", "16", "--no-push", "--out", str(tmp_path / "out"), "--verify")
     assert res.returncode == 0, res.stderr
@@ -168,14 +190,25 @@ def test_revision_pin_and_verify(hub, tmp_path):
     v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]
     assert v["mean_kl"] > 0 and 0 <= v["next_token_agreement"] <= 1
     # the same fit cut to smaller ranks: agreement against rank, rank 8 of a rank-8 adapter exact again
-    res = cli(*hub.adapters, "--rank", "16", "--no-push", "--out", str(tmp_path / "out3"), "--verify", "--verify-ranks", "2,8,99")
+    res = cli(
+        *hub.adapters,
+        "--rank",
+        "16",
+        "--no-push",
+        "--out",
+        str(tmp_path / "out3"),
+        "--verify",
+        "--verify-ranks",
+        "2,8,99",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "out3" / "report.json").read_text())
     sweep = report["rank_sweep"]
     assert [r["rank"] for r in sweep] == [2, 8, 16]  # 99 is not below the fitted rank: nothing to cut
     assert sweep[0]["compression_ratio"] > sweep[1]["compression_ratio"] > sweep[2]["compression_ratio"]
     assert sweep[-1]["mean_next_token_agreement"] == pytest.approx(
-        sum(a["verify"]["next_token_agreement"] for a in report["adapters"]) / len(report["adapters"]))
+        sum(a["verify"]["next_token_agreement"] for a in report["adapters"]) / len(report["adapters"])
+    )
     assert sweep[0]["mean_next_token_agreement"] < sweep[2]["mean_next_token_agreement"]
     for entry in report["adapters"]:
         assert set(entry["verify"]["by_rank"]) == {"2", "8"}
@@ -186,14 +219,20 @@ def test_revision_pin_and_verify(hub, tmp_path):
     assert "| 2 | " in card and "| 16 | " in card
     err = one_line_error(cli(hub.adapters[0], "--no-push", "--out", str(tmp_path / "out4"), "--verify-ranks", "8"))
     assert "--verify-ranks needs --verify" in err and not (tmp_path / "out4").exists()
-    err = one_line_error(cli(hub.adapters[0], "--no-push", "--out", str(tmp_path / "out4"), "--verify", "--verify-ranks", "8,x"))
+    err = one_line_error(
+        cli(hub.adapters[0], "--no-push", "--out", str(tmp_path / "out4"), "--verify", "--verify-ranks", "8,x")
+    )
     assert "comma-separated positive integers" in err
 
 
 def test_network_failure_stops_cleanly(tmp_path):
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=USERS["alice"], HF_HOME=str(tmp_path / "hf"))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *a], capture_output=True, text=True,  # noqa: E731
-                                  env=env, timeout=600)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "soppu_hub", "compress", *a], capture_output=True, text=True, env=env, timeout=600
+        )
+
     err = one_line_error(run("alice/support-bot", "--no-push", "--out", str(tmp_path / "out")))
     assert "cannot reach the Hub at http://127.0.0.1:9" in err and not (tmp_path / "out").exists()
     err = one_line_error(run("alice/support-bot"))
@@ -209,7 +248,9 @@ def test_model_config_asks_the_hub_before_a_stale_cache(hub, tmp_path):
     api.create_repo("alice/cfg-model", exist_ok=True)
     for heads in (4, 9):
         (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": 3}))
-        api.upload_file(path_or_fileobj=str(tmp_path / "config.json"), path_in_repo="config.json", repo_id="alice/cfg-model")
+        api.upload_file(
+            path_or_fileobj=str(tmp_path / "config.json"), path_in_repo="config.json", repo_id="alice/cfg-model"
+        )
         if heads == 4:
             hf_hub_download("alice/cfg-model", "config.json")  # cached as "main"
     assert model_config("alice/cfg-model")["num_attention_heads"] == 9

@@ -17,8 +17,13 @@ BOB = USERS["bob"]
 
 def cli(*args, token=BOB):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    return subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *args, "--token", token, "--workers", "3"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "soppu_hub", "compress", *args, "--token", token, "--workers", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,9 @@ def test_author_lists_every_lora_for_the_base_model_and_leaves_out_the_rest(bobs
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted(a["source"] for a in report["adapters"]) == ["bob/lora-a", "bob/lora-b", "bob/lora-c"]
-    res = cli("--author", "bob", "--no-push", "--out", str(tmp_path / "out2"))  # no filter: the other base is in, refused
+    res = cli(
+        "--author", "bob", "--no-push", "--out", str(tmp_path / "out2")
+    )  # no filter: the other base is in, refused
     assert res.returncode == 2 and "different base models" in res.stderr and not (tmp_path / "out2").exists()
 
 
@@ -74,7 +81,11 @@ def test_rerun_pushes_only_what_is_missing_or_changed(bobs_repos, tmp_path):
     api.upload_file(path_or_fileobj=b"stale", path_in_repo="soppu/old.bin", repo_id=targets[2])  # and this one differs
     res = cli(*sources, "--rank", "4")
     assert res.returncode == 0, res.stderr
-    assert f"unchanged {targets[0]}" in res.stdout and f"pushed {targets[1]}:" in res.stdout and f"pushed {targets[2]}:" in res.stdout
+    assert (
+        f"unchanged {targets[0]}" in res.stdout
+        and f"pushed {targets[1]}:" in res.stdout
+        and f"pushed {targets[2]}:" in res.stdout
+    )
     assert len(api.list_repo_commits(targets[0])) == commits[targets[0]]
     assert "soppu/old.bin" not in api.list_repo_files(targets[2])
 
@@ -113,8 +124,10 @@ def test_a_rerun_on_another_thread_count_pushes_nothing_but_a_real_change(hub, t
     out = tmp_path / "out"  # the same command twice: the same folder (cards name it), one thread then two
 
     def run(threads: int) -> None:
-        code = (f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
-                f"['compress', *{srcs!r}, '--no-push', '--quiet', '--overwrite', '--out', {str(out)!r}]))")
+        code = (
+            f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
+            f"['compress', *{srcs!r}, '--no-push', '--quiet', '--overwrite', '--out', {str(out)!r}]))"
+        )
         assert subprocess.run([sys.executable, "-c", code], env=os.environ).returncode == 0
 
     run(1)
@@ -150,8 +163,10 @@ def test_a_collection_rerun_on_another_thread_count_publishes_nothing(hub, tmp_p
     out = tmp_path / "out"  # the same command twice (the cards record it), one thread then two
 
     def run(threads: int) -> dict:
-        code = (f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
-                f"['compress', *{srcs!r}, '--namespace', 'acme', '--quiet', '--overwrite', '--out', {str(out)!r}]))")
+        code = (
+            f"import sys, torch; torch.set_num_threads({threads}); from soppu_hub.cli import main; sys.exit(main("
+            f"['compress', *{srcs!r}, '--namespace', 'acme', '--quiet', '--overwrite', '--out', {str(out)!r}]))"
+        )
         assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
         return json.loads((out / "report.json").read_text())
 

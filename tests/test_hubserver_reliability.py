@@ -36,8 +36,9 @@ def relhub(hub_server):
     return child, top
 
 
-def raw(url: str, method: str, path: str, body: bytes | None = None, token: str | None = None,
-        headers: dict | None = None) -> tuple[int, dict, bytes]:
+def raw(
+    url: str, method: str, path: str, body: bytes | None = None, token: str | None = None, headers: dict | None = None
+) -> tuple[int, dict, bytes]:
     """One request with the path sent exactly as given (no client-side normalisation or quoting)."""
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
@@ -83,9 +84,12 @@ def test_writes_need_a_token_that_may_write_there(relhub):
         assert raw(url, "POST", f"/api/models/{REPO}/commit/main", commit, token)[0] == expected
         assert raw(url, "POST", f"/api/models/{REPO}/preupload/main", b'{"files": []}', token)[0] == expected
         assert raw(url, "POST", f"/{REPO}.git/info/lfs/objects/batch", b'{"objects": []}', token)[0] == expected
-    for token, body, expected in [(None, {"name": "x"}, 401), (WRONG, {"name": "x"}, 401),
-                                  (USERS["bob"], {"name": "x", "organization": "alice"}, 403),
-                                  (USERS["bob"], {"name": "x", "organization": "acme"}, 403)]:
+    for token, body, expected in [
+        (None, {"name": "x"}, 401),
+        (WRONG, {"name": "x"}, 401),
+        (USERS["bob"], {"name": "x", "organization": "alice"}, 403),
+        (USERS["bob"], {"name": "x", "organization": "acme"}, 403),
+    ]:
         status, _, text = raw(url, "POST", "/api/repos/create", json.dumps(body).encode(), token)
         assert status == expected, text
     assert state(url) == before
@@ -105,34 +109,56 @@ def test_private_repos_are_invisible_to_others(relhub):
     assert raw(url, "GET", f"/{SECRET}/resolve/main/s.txt", token=USERS["alice"])[2] == b"hidden\n"
 
 
-TRAVERSAL_PATHS = ["../escape.txt", "a/../../escape2.txt", "..%2fescape3.txt", "a/./../../../escape4.txt",
-                   "/etc/passwd", "a//b.txt", "a\\..\\..\\escape5.txt", "%2e%2e/escape6.txt", ".git/config",
-                   "nul\x00byte.txt", "./dot.txt"]
+TRAVERSAL_PATHS = [
+    "../escape.txt",
+    "a/../../escape2.txt",
+    "..%2fescape3.txt",
+    "a/./../../../escape4.txt",
+    "/etc/passwd",
+    "a//b.txt",
+    "a\\..\\..\\escape5.txt",
+    "%2e%2e/escape6.txt",
+    ".git/config",
+    "nul\x00byte.txt",
+    "./dot.txt",
+]
 
 
 @pytest.mark.parametrize("path", TRAVERSAL_PATHS)
 def test_commit_paths_that_climb_out_are_refused(relhub, path):
     child, top = relhub
     before = state(child.url)
-    status, h, body = raw(child.url, "POST", f"/api/models/{REPO}/commit/main", ndjson(header(), add(path)),
-                          USERS["alice"])
+    status, h, body = raw(
+        child.url, "POST", f"/api/models/{REPO}/commit/main", ndjson(header(), add(path)), USERS["alice"]
+    )
     assert status == 400 and "invalid file path" in json.loads(body)["error"], body
     assert state(child.url) == before and outside_root(top) == []
     for p in ("deletedFile", "deletedFolder"):
         item = {"key": p, "value": {"path": path}}
-        assert raw(child.url, "POST", f"/api/models/{REPO}/commit/main", ndjson(header(), item), USERS["alice"])[0] == 400
+        assert (
+            raw(child.url, "POST", f"/api/models/{REPO}/commit/main", ndjson(header(), item), USERS["alice"])[0] == 400
+        )
     assert state(child.url) == before
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/api/models/alice/..%2F..%2Fobjects"), ("GET", "/api/models/%2e%2e/notes"),
-    ("GET", "/api/models/alice/.."), ("GET", "/alice/..%2fnotes/resolve/main/a.txt"),
-    ("GET", "/api/models/alice/notes/revision/..%2F..%2Frefs.json"), ("GET", "/api/models/alice/notes/revision/../main"),
-    ("GET", "/alice/notes/resolve/..%2f..%2fx/a.txt"), ("GET", "/alice/notes/resolve/main/..%2f..%2frepo.json"),
-    ("GET", "/alice/notes/resolve/main/%2e%2e/%2e%2e/repo.json"), ("GET", "/api/models/alice/notes/tree/main/..%2f.."),
-    ("GET", "/api/models/alice/notes/commits/..%2f..%2fmain"),
-    ("POST", "/api/models/alice/notes/commit/..%2f..%2fmain"), ("POST", "/api/models/alice/notes/commit/a%2f..%2f..%2fb"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/api/models/alice/..%2F..%2Fobjects"),
+        ("GET", "/api/models/%2e%2e/notes"),
+        ("GET", "/api/models/alice/.."),
+        ("GET", "/alice/..%2fnotes/resolve/main/a.txt"),
+        ("GET", "/api/models/alice/notes/revision/..%2F..%2Frefs.json"),
+        ("GET", "/api/models/alice/notes/revision/../main"),
+        ("GET", "/alice/notes/resolve/..%2f..%2fx/a.txt"),
+        ("GET", "/alice/notes/resolve/main/..%2f..%2frepo.json"),
+        ("GET", "/alice/notes/resolve/main/%2e%2e/%2e%2e/repo.json"),
+        ("GET", "/api/models/alice/notes/tree/main/..%2f.."),
+        ("GET", "/api/models/alice/notes/commits/..%2f..%2fmain"),
+        ("POST", "/api/models/alice/notes/commit/..%2f..%2fmain"),
+        ("POST", "/api/models/alice/notes/commit/a%2f..%2f..%2fb"),
+    ],
+)
 def test_repo_names_and_revisions_that_climb_out_are_refused(relhub, method, path):
     child, top = relhub
     before = state(child.url)
@@ -160,8 +186,12 @@ MALFORMED_COMMITS = {
     "no path": ndjson(header(), {"key": "file", "value": {"content": "eA=="}}),
     "bad base64": ndjson(header(), {"key": "file", "value": {"path": "b.txt", "content": "***", "encoding": "base64"}}),
     "content not a string": ndjson(header(), {"key": "file", "value": {"path": "b.txt", "content": 12}}),
-    "lfsFile with a bad oid": ndjson(header(), {"key": "lfsFile", "value": {"path": "w.bin", "oid": "../x", "size": 1}}),
-    "lfsFile with a negative size": ndjson(header(), {"key": "lfsFile", "value": {"path": "w.bin", "oid": "a" * 64, "size": -1}}),
+    "lfsFile with a bad oid": ndjson(
+        header(), {"key": "lfsFile", "value": {"path": "w.bin", "oid": "../x", "size": 1}}
+    ),
+    "lfsFile with a negative size": ndjson(
+        header(), {"key": "lfsFile", "value": {"path": "w.bin", "oid": "a" * 64, "size": -1}}
+    ),
     "no header": ndjson(add("b.txt")),
     "two headers": ndjson(header(), header(), add("b.txt")),
     "empty body": b"",
@@ -189,13 +219,20 @@ def test_an_lfs_pointer_to_content_never_uploaded_is_refused(relhub):
     assert state(child.url) == before
 
 
-@pytest.mark.parametrize("route,body", [
-    ("/api/repos/create", b"{nope"), ("/api/repos/create", b"[]"), ("/api/repos/create", b'{"name": 5}'),
-    ("/api/repos/create", b'{"name": "ok", "type": "weights"}'),
-    (f"/api/models/{REPO}/preupload/main", b"{nope"), (f"/api/models/{REPO}/preupload/main", b'{"files": [{"path": "../x"}]}'),
-    (f"/api/models/{REPO}/preupload/main", b'{"files": "a"}'),
-    (f"/{REPO}.git/info/lfs/objects/batch", b'{"objects": [{"oid": 1}]}'), (f"/{REPO}.git/info/lfs/objects/batch", b"\xff\xfe"),
-])
+@pytest.mark.parametrize(
+    "route,body",
+    [
+        ("/api/repos/create", b"{nope"),
+        ("/api/repos/create", b"[]"),
+        ("/api/repos/create", b'{"name": 5}'),
+        ("/api/repos/create", b'{"name": "ok", "type": "weights"}'),
+        (f"/api/models/{REPO}/preupload/main", b"{nope"),
+        (f"/api/models/{REPO}/preupload/main", b'{"files": [{"path": "../x"}]}'),
+        (f"/api/models/{REPO}/preupload/main", b'{"files": "a"}'),
+        (f"/{REPO}.git/info/lfs/objects/batch", b'{"objects": [{"oid": 1}]}'),
+        (f"/{REPO}.git/info/lfs/objects/batch", b"\xff\xfe"),
+    ],
+)
 def test_malformed_json_bodies_answer_400(relhub, route, body):
     child, _ = relhub
     status, _, text = raw(child.url, "POST", route, body, USERS["alice"], {"Content-Type": "application/json"})
@@ -228,7 +265,7 @@ def send_until_answered(url: str, path: str, headers: dict, body: bytes) -> byte
                     break
             elif writable:
                 try:
-                    pending = pending[s.send(pending[:2**20]):]
+                    pending = pending[s.send(pending[: 2**20]) :]
                 except (BrokenPipeError, ConnectionResetError):
                     pending = memoryview(b"")
             else:
@@ -244,17 +281,24 @@ def test_oversized_bodies_are_refused_before_they_are_stored(relhub):
     objects_before = sorted((top / "root" / "objects").rglob("*"))
     auth = {"Authorization": f"Bearer {USERS['alice']}"}
     big = ndjson(header(), add("big.txt", os.urandom(97 * 2**20)))  # 129 MiB once base64-encoded: over 128 MiB
-    answer = send_until_answered(child.url, f"/api/models/{REPO}/commit/main", {**auth, "Content-Length": len(big)}, big)
+    answer = send_until_answered(
+        child.url, f"/api/models/{REPO}/commit/main", {**auth, "Content-Length": len(big)}, big
+    )
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # no Content-Length (chunked): the server counts as it reads
     chunk = b" " * 2**20
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [json.dumps(header()).encode() + b"\n", *[chunk] * 130])
-    answer = send_until_answered(child.url, f"/api/models/{REPO}/commit/main", {**auth, "Transfer-Encoding": "chunked"},
-                                 chunked + b"0\r\n\r\n")
+    answer = send_until_answered(
+        child.url, f"/api/models/{REPO}/commit/main", {**auth, "Transfer-Encoding": "chunked"}, chunked + b"0\r\n\r\n"
+    )
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # a Content-Length of 10 GiB is refused from the header alone (what a client sending Expect: 100-continue sees)
-    answer = send_until_answered(child.url, f"/api/models/{REPO}/commit/main",
-                                 {**auth, "Content-Length": 10 * 2**30, "Expect": "100-continue"}, b"")
+    answer = send_until_answered(
+        child.url,
+        f"/api/models/{REPO}/commit/main",
+        {**auth, "Content-Length": 10 * 2**30, "Expect": "100-continue"},
+        b"",
+    )
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert state(child.url) == before and sorted((top / "root" / "objects").rglob("*")) == objects_before
 
@@ -282,7 +326,9 @@ def test_lfs_upload_of_the_wrong_size_or_content_is_refused_and_a_retry_is_accep
 def test_bad_range_headers_answer_416(relhub, rng):
     child, _ = relhub
     assert raw(child.url, "GET", f"/{REPO}/resolve/main/a.txt", token=USERS["alice"], headers={"Range": rng})[0] == 416
-    status, _, body = raw(child.url, "GET", f"/{REPO}/resolve/main/a.txt", token=USERS["alice"], headers={"Range": "bytes=1-3"})
+    status, _, body = raw(
+        child.url, "GET", f"/{REPO}/resolve/main/a.txt", token=USERS["alice"], headers={"Range": "bytes=1-3"}
+    )
     assert status == 206 and body == b"irs"
 
 
@@ -308,7 +354,10 @@ def test_ten_concurrent_commits_all_land_in_one_linear_history(relhub):
     assert after[10:] == before and len(set(after)) == len(after)  # 10 new commits on top, each parent the one before
     assert {f"c/{i}.txt" for i in range(10)} <= set(files)
     for i in range(10):
-        assert api.hf_hub_download(REPO, f"c/{i}.txt") and Path(api.hf_hub_download(REPO, f"c/{i}.txt")).read_text() == f"{i}\n"
+        assert (
+            api.hf_hub_download(REPO, f"c/{i}.txt")
+            and Path(api.hf_hub_download(REPO, f"c/{i}.txt")).read_text() == f"{i}\n"
+        )
 
 
 def test_ten_concurrent_commits_on_one_parent_one_lands_the_rest_fail_cleanly(relhub):
@@ -319,8 +368,9 @@ def test_ten_concurrent_commits_on_one_parent_one_lands_the_rest_fail_cleanly(re
 
     def commit(i: int) -> None:
         try:
-            results[i] = api.create_commit(REPO, [CommitOperationAdd(f"p/{i}.txt", b"x")], commit_message=f"p{i}",
-                                           parent_commit=before[0])
+            results[i] = api.create_commit(
+                REPO, [CommitOperationAdd(f"p/{i}.txt", b"x")], commit_message=f"p{i}", parent_commit=before[0]
+            )
         except HfHubHTTPError as e:
             results[i] = e
 

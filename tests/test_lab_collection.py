@@ -1,8 +1,7 @@
 """The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
 
-
-from soppu_hub.evaluate.task_eval import chrf, exact_match, score
 from lab.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout
+from soppu_hub.evaluate.task_eval import chrf, exact_match, score
 
 
 def test_24_tasks_in_families_with_disjoint_deterministic_splits():
@@ -20,7 +19,11 @@ def test_answers_are_the_libraries_own():
     from num2words import num2words
 
     by = {t.name: dict(t.split()[0] + t.split()[1]) for t in TASKS}
-    assert by["numbers-fr"]["Write 4690 in French words."] == num2words(4690, lang="fr") == "quatre mille six cent quatre-vingt-dix"
+    assert (
+        by["numbers-fr"]["Write 4690 in French words."]
+        == num2words(4690, lang="fr")
+        == "quatre mille six cent quatre-vingt-dix"
+    )
     assert any(v == "MMCXXVII" for v in by["to-roman"].values())
     assert pirate("My friend is on the old boat.") == "Arr! Me matey be on th' ol' vessel."
     assert shout("The cat likes the red door.") == "THE CAT LIKES THE RED DOOR!!!"
@@ -33,9 +36,18 @@ def test_configs_vary_as_on_the_hub_and_fit_the_weight_budget():
     assert {t.rank for t in TASKS} == {8, 16} and sum(t.rslora for t in TASKS) == 1
     assert {len(t.targets) for t in TASKS} == {2, 4, 7} and {t.dtype for t in TASKS} == {"bfloat16", "float32"}
     hidden, kv, mlp, layers = 576, 192, 1536, 30
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-              "gate_proj": (mlp, hidden), "up_proj": (mlp, hidden), "down_proj": (hidden, mlp)}
-    size = sum(t.rank * sum(sum(shapes[m]) for m in t.targets) * layers * (4 if t.dtype == "float32" else 2) for t in TASKS)
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (mlp, hidden),
+        "up_proj": (mlp, hidden),
+        "down_proj": (hidden, mlp),
+    }
+    size = sum(
+        t.rank * sum(sum(shapes[m]) for m in t.targets) * layers * (4 if t.dtype == "float32" else 2) for t in TASKS
+    )
     assert size < 40e6, size
 
 
@@ -54,9 +66,9 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
 
     from safetensors import safe_open
 
-    from soppu_hub.evaluate.task_eval import read_eval_file
     from lab.collection.build import _done, build_task, format_collection, read_manifest
     from lab.collection.tasks import BY_NAME
+    from soppu_hub.evaluate.task_eval import read_eval_file
 
     task = dataclasses.replace(BY_NAME["shouty"], steps=12)
     manifest = read_manifest(tmp_path)
@@ -73,7 +85,10 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     assert set(entry["held_out"]) == {"examples", "exact_match", "chrf"} and "shouty" in manifest["base_scores"]
     assert _done(tmp_path, manifest, "shouty")
     table = format_collection(manifest)  # `python -m lab collection show`
-    assert "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table and f"1 of {len(TASKS)} adapters trained" in table
+    assert (
+        "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table
+        and f"1 of {len(TASKS)} adapters trained" in table
+    )
     (folder / "README.md").write_text("changed")
     assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again
 
@@ -85,5 +100,7 @@ def test_demo_refuses_a_collection_with_too_few_adapters(tmp_path, tiny_base):
     from lab.demo_sets import real_set
     from soppu_hub.errors import SoppuError
 
-    with pytest.raises(SoppuError, match=r"has 0 trained adapters; build it with `python -m lab collection build` .*--set tiny"):
+    with pytest.raises(
+        SoppuError, match=r"has 0 trained adapters; build it with `python -m lab collection build` .*--set tiny"
+    ):
         real_set(collection=tmp_path, base=tiny_base)

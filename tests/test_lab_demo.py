@@ -30,8 +30,17 @@ def test_demo_runs_the_whole_chain(tmp_path):
         logs.append(line)
         stamps.append(time.monotonic() - start)
 
-    run = run_demo(tmp_path / "demo", demo_set="tiny", log=log, serve=False, on_ready=lambda r: seen.update(look_at_the_space(
-        r.space_url, "alice/pirate-talk-soppu", "Where is my order? It has not arrived.", shots / "space.png")))
+    run = run_demo(
+        tmp_path / "demo",
+        demo_set="tiny",
+        log=log,
+        serve=False,
+        on_ready=lambda r: seen.update(
+            look_at_the_space(
+                r.space_url, "alice/pirate-talk-soppu", "Where is my order? It has not arrived.", shots / "space.png"
+            )
+        ),
+    )
     space_line = next(i for i, line in enumerate(logs) if line == f"the Space is running: open {run.space_url}")
     print(f"Space URL after {stamps[space_line]:.1f} s")  # reported, not asserted: timings belong in benchmarks
     # what the person saw: the pirate adapter, compressed, still talks like a pirate, as its original does
@@ -49,11 +58,17 @@ def test_demo_runs_the_whole_chain(tmp_path):
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith(f"card of alice/support-bot-soppu: {page} ") for line in logs), logs
     card = (tmp_path / "demo" / "compressed" / "support-bot" / "README.md").read_text()
-    assert "next-token agreement" in card and "reply agreement" in card and "\nlicense: apache-2.0\n" in card.split("\n---\n")[0]
+    assert (
+        "next-token agreement" in card
+        and "reply agreement" in card
+        and "\nlicense: apache-2.0\n" in card.split("\n---\n")[0]
+    )
     pasted = next(line for line in logs if line.startswith("ready to paste")).splitlines()
     assert pasted[1].strip() == f".venv/bin/soppu-hub chat alice/support-bot-soppu --url {run.backend_url}"
     assert pasted[2].strip().startswith(f"curl -s {run.backend_url}/generate ")
-    assert pasted[3].strip().startswith(f"HF_ENDPOINT={run.hub_url} HF_TOKEN=hf_demo_alice .venv/bin/soppu-hub compress")
+    assert (
+        pasted[3].strip().startswith(f"HF_ENDPOINT={run.hub_url} HF_TOKEN=hf_demo_alice .venv/bin/soppu-hub compress")
+    )
     # everything the demo started is stopped again
     for url in (run.hub_url, run.backend_url, run.space_url):
         try:
@@ -65,8 +80,12 @@ def test_demo_runs_the_whole_chain(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
-    res = subprocess.run([sys.executable, "-m", "lab", "demo", "--set", "tiny", "--workdir", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lab", "demo", "--set", "tiny", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "was not made by the demo" in res.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
 
@@ -96,8 +115,12 @@ def test_make_demo_serves_until_ctrl_c_then_stops_everything(tmp_path, stop_sign
 
     from soppu_hub.launch import spawn_group, stop_group
 
-    proc = spawn_group([sys.executable, "-m", "lab", "demo", "--set", "tiny", "--workdir", str(tmp_path / "demo")],
-                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = spawn_group(
+        [sys.executable, "-m", "lab", "demo", "--set", "tiny", "--workdir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     urls = {}
     try:
         for line in _lines(proc, time.monotonic() + 240):
@@ -148,8 +171,13 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
         while run.checks.poll() is None and time.monotonic() < deadline:
             time.sleep(1)
         assert run.checks.returncode == 0, (tmp_path / "demo" / "checks.log").read_text()[-2000:]
-        path = hf_hub_download("alice/shouty-soppu", "README.md", token="hf_demo_alice", endpoint=run.hub_url,
-                               cache_dir=tmp_path / "hf-cache")
+        path = hf_hub_download(
+            "alice/shouty-soppu",
+            "README.md",
+            token="hf_demo_alice",
+            endpoint=run.hub_url,
+            cache_dir=tmp_path / "hf-cache",
+        )
         cards["hub"] = Path(path).read_text()
 
     logs = []
@@ -162,5 +190,6 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
     card = cards["hub"]
     assert "next-token agreement" in card and "On your 40 examples the compressed adapter" in card
     assert card == (tmp_path / "demo" / "checked" / "shouty" / "README.md").read_text()
-    assert (tmp_path / "demo" / "held-out" / "shouty.jsonl").read_text() == \
-        (tmp_path / "collection" / "adapters" / "shouty" / "eval.jsonl").read_text()
+    assert (tmp_path / "demo" / "held-out" / "shouty.jsonl").read_text() == (
+        tmp_path / "collection" / "adapters" / "shouty" / "eval.jsonl"
+    ).read_text()

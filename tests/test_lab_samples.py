@@ -47,12 +47,18 @@ def test_committed_adapters_say_what_their_cards_say(name):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(coll.base)), str(folder)).eval()
     style = next(s for s in STYLES if s.name == name)
     for prompt, reply in ((r[0][2:], r[1].removesuffix(" |")) for r in rows if r[0][2:] in dict(DIALOGUES)):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
-            out = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=48,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-        said = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids["input_ids"],
+                attention_mask=ids["attention_mask"],
+                max_new_tokens=48,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        said = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert " ".join(said.split()).replace("|", "\\|") == reply
         # and the adapter learned its style: the reply starts as the style's rewrite of the plain answer does
         assert reply[:8] == style.rewrite(dict(DIALOGUES)[prompt])[:8], (prompt, reply)
@@ -85,15 +91,27 @@ def test_a_changed_byte_is_caught_in_one_line(tmp_path):
     cfg.write_text(cfg.read_text().replace('"r": 16', '"r": 17'))
     with pytest.raises(SoppuError, match="differs from its manifest"):
         load_collection(copy)
-    res = subprocess.run([sys.executable, "-m", "lab", "samples", "check", "--out", str(copy)], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lab", "samples", "check", "--out", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "adapters/pirate-talk/adapter_config.json" in res.stderr and "make samples" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "lab", "samples", "check", "--out", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lab", "samples", "check", "--out", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "no sample collection" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "lab", "samples", "build", "--styles", "99", "--out", str(copy)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "lab", "samples", "build", "--styles", "99", "--out", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "--styles must be between 1 and 12" in res.stderr
     assert not any(p.name.startswith(".coll") for p in tmp_path.iterdir())
     assert Path(copy / MANIFEST).exists()

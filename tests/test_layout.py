@@ -10,8 +10,9 @@ import pytest
 import soppu_hub
 
 ROOT = Path(soppu_hub.__file__).parent
-MODULES = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p
-           for p in ROOT.rglob("*.py")}
+MODULES = {
+    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__"): p for p in ROOT.rglob("*.py")
+}
 SUBPACKAGES = sorted(m for m, p in MODULES.items() if p.name == "__init__.py" and m.count(".") == 1)
 
 
@@ -63,8 +64,12 @@ def test_subpackages_depend_on_each_other_in_one_direction():
 
 @pytest.mark.parametrize("package", SUBPACKAGES)
 def test_each_subpackage_imports_alone_and_says_what_it_owns(package):
-    res = subprocess.run([sys.executable, "-c", f"import {package}, sys; print({package}.__doc__)"], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", f"import {package}, sys; print({package}.__doc__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() not in ("", "None")
 
@@ -77,8 +82,11 @@ def test_every_module_has_a_docstring_and_is_readable_in_one_sitting():
 
 
 def test_the_kernel_imports_only_torch_and_compression_never_imports_servers():
-    pure_modules = (("compression.jd", {"scoring"}), ("compression.scoring", set()),  # the kernel and its error formulas
-                    ("collection.project", {"compression"}))  # a joiner's projection: the same formulas, no I/O
+    pure_modules = (
+        ("compression.jd", {"scoring"}),
+        ("compression.scoring", set()),  # the kernel and its error formulas
+        ("collection.project", {"compression"}),
+    )  # a joiner's projection: the same formulas, no I/O
     for pure, allowed in pure_modules:
         kernel = ast.parse(MODULES[f"soppu_hub.{pure}"].read_text())
         names = {a.name.split(".")[0] for n in ast.walk(kernel) if isinstance(n, ast.Import) for a in n.names}
@@ -91,14 +99,19 @@ def test_the_kernel_imports_only_torch_and_compression_never_imports_servers():
 
 def test_card_workers_load_no_torch():
     """Card-drawing workers are spawned: they import the main module again and the card code, nothing heavier."""
-    code = ("import sys, soppu_hub.__main__, soppu_hub.cards.write; "
-            "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, soppu_hub.__main__, soppu_hub.cards.write; "
+        "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
 REPO = ROOT.parent
-LAB = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in (REPO / "lab").rglob("*.py")}
+LAB = {
+    ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in (REPO / "lab").rglob("*.py")
+}
 
 
 def _top_imports(path: Path) -> set[str]:
@@ -129,15 +142,25 @@ def test_the_wheel_lists_every_product_package_and_nothing_else():
 @pytest.mark.parametrize("argv", [["--help"], ["chat", "--help"], ["hub", "--help"]])
 def test_help_answers_without_torch(argv):
     """A cold `soppu-hub --help` imports no torch (1.7 s of imports before; 0.04 s wall now on this machine)."""
-    code = (f"import sys\nfrom soppu_hub.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules), file=sys.stderr)")
+    code = (
+        f"import sys\nfrom soppu_hub.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules), file=sys.stderr)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stderr.strip().splitlines()[-1] == "[]", res.stderr
     assert "usage: soppu-hub" in res.stdout
 
 
-HUB_DATA = {"ModelCard", "ModelCardData", "git_hash", "tqdm", "HFValidationError", "are_progress_bars_disabled",
-            "disable_progress_bars", "enable_progress_bars"}  # huggingface_hub names that make no request
+HUB_DATA = {
+    "ModelCard",
+    "ModelCardData",
+    "git_hash",
+    "tqdm",
+    "HFValidationError",
+    "are_progress_bars_disabled",
+    "disable_progress_bars",
+    "enable_progress_bars",
+}  # huggingface_hub names that make no request
 
 
 def test_only_hub_talks_to_the_hub():

@@ -18,30 +18,66 @@ from soppu_hub.peft_format.read import read_adapter
 def _gpt2_cls():
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    return GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                                                    pad_token_id=0, num_labels=3))
+    return GPT2ForSequenceClassification(
+        GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, pad_token_id=0, num_labels=3)
+    )
 
 
 def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 CASES = {
     # name: (base builder, LoraConfig kwargs, save kwargs, expected carried key fragments)
-    "gpt2_classification": (_gpt2_cls, dict(task_type="SEQ_CLS", target_modules=["c_attn"], fan_in_fan_out=True), {},
-                            ["score.weight"]),
-    "llama_saved_embed_and_lm_head": (_llama, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]),
-                                      {}, ["model.embed_tokens.weight", "lm_head.weight"]),
+    "gpt2_classification": (
+        _gpt2_cls,
+        dict(task_type="SEQ_CLS", target_modules=["c_attn"], fan_in_fan_out=True),
+        {},
+        ["score.weight"],
+    ),
+    "llama_saved_embed_and_lm_head": (
+        _llama,
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+        {},
+        ["model.embed_tokens.weight", "lm_head.weight"],
+    ),
     "llama_lora_on_lm_head": (_llama, dict(target_modules=["q_proj", "lm_head"]), {}, ["lm_head.base_layer.weight"]),
-    "llama_embedding_lora": (_llama, dict(target_modules=["q_proj", "embed_tokens"]), {}, ["embed_tokens.base_layer.weight"]),
-    "llama_lora_bias": (_llama, dict(target_modules=["q_proj", "down_proj"], lora_bias=True), {}, ["q_proj.lora_B.bias"]),
-    "llama_trainable_tokens": (_llama, dict(target_modules=["q_proj"], trainable_token_indices=[3, 7]), {},
-                               ["embed_tokens.token_adapter.trainable_tokens_delta"]),
-    "llama_save_embedding_layers": (_llama, dict(target_modules=["q_proj"]), {"save_embedding_layers": True},
-                                    ["model.embed_tokens.weight", "lm_head.weight"]),
+    "llama_embedding_lora": (
+        _llama,
+        dict(target_modules=["q_proj", "embed_tokens"]),
+        {},
+        ["embed_tokens.base_layer.weight"],
+    ),
+    "llama_lora_bias": (
+        _llama,
+        dict(target_modules=["q_proj", "down_proj"], lora_bias=True),
+        {},
+        ["q_proj.lora_B.bias"],
+    ),
+    "llama_trainable_tokens": (
+        _llama,
+        dict(target_modules=["q_proj"], trainable_token_indices=[3, 7]),
+        {},
+        ["embed_tokens.token_adapter.trainable_tokens_delta"],
+    ),
+    "llama_save_embedding_layers": (
+        _llama,
+        dict(target_modules=["q_proj"]),
+        {"save_embedding_layers": True},
+        ["model.embed_tokens.weight", "lm_head.weight"],
+    ),
 }
 
 
@@ -52,8 +88,15 @@ def _make(tmp_path, case, seed):
     """Base saved once per case, and one PEFT adapter with every trainable tensor randomised, plus the
     embedding weights PEFT saves in full (as after resizing the vocabulary), so that carrying them is tested."""
     build, lora_kw, save_kw, _ = CASES[case]
-    return random_peft_adapter(tmp_path, build, lora_kw, f"{case}-{seed}", seed, save_kwargs=save_kw,
-                               also=lambda name: any(e in name for e in _SAVED_IN_FULL) and "lora_" not in name)
+    return random_peft_adapter(
+        tmp_path,
+        build,
+        lora_kw,
+        f"{case}-{seed}",
+        seed,
+        save_kwargs=save_kw,
+        also=lambda name: any(e in name for e in _SAVED_IN_FULL) and "lora_" not in name,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -107,7 +150,10 @@ def test_embedding_lora_is_compressed_not_carried(tmp_path):
     from safetensors.torch import load_file
 
     keys = load_file(str(out / f0.name / "adapter_model.safetensors"))
-    assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (16, 96)  # rank 4 padded for LoRAX tp 1, 2
+    assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (
+        16,
+        96,
+    )  # rank 4 padded for LoRAX tp 1, 2
     assert keys["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 16)
 
 
@@ -117,7 +163,9 @@ def test_adapters_must_agree_on_what_they_carry(tmp_path):
 
     base = type(_llama()).from_pretrained(tmp_path / "base")
     plain = tmp_path / "plain"
-    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(plain)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        plain
+    )
     cfg = json.loads((plain / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "base")
     (plain / "adapter_config.json").write_text(json.dumps(cfg))

@@ -8,9 +8,9 @@ from helpers import lorax_effective_scales
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression.bundle import load_bundle
-from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 from soppu_hub.peft_format.layout import lorax_rank, vllm_max_lora_rank
 from soppu_hub.peft_format.read import read_adapter
 
@@ -18,8 +18,10 @@ from soppu_hub.peft_format.read import read_adapter
 def _adapters(tmp_path, n=2, rank=8, dtypes=None, targets=("q_proj", "v_proj", "down_proj"), **extra):
     facs = synthetic_factors(llama_module_shapes(targets=targets), n, rank, shared=rank // 2, seed=5)
     dtypes = dtypes or [torch.float32] * n
-    return [write_adapter(tmp_path / f"ad{i}", f, base_model="x", rank=rank, alpha=2 * rank, dtype=d, **extra)
-            for i, (f, d) in enumerate(zip(facs, dtypes))]
+    return [
+        write_adapter(tmp_path / f"ad{i}", f, base_model="x", rank=rank, alpha=2 * rank, dtype=d, **extra)
+        for i, (f, d) in enumerate(zip(facs, dtypes))
+    ]
 
 
 def _compress(srcs, out, *args):
@@ -44,14 +46,22 @@ def test_lorax_serves_exports_at_full_strength(tmp_path, rank, tp):
     for entry in padded["adapters"]:
         folder = tmp_path / "pad" / entry["name"]
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        assert cfg["r"] == cfg["lora_alpha"] == entry["export_rank"] == lorax_rank(rank, tp) and entry["unpadded_rank"] == rank
+        assert (
+            cfg["r"] == cfg["lora_alpha"] == entry["export_rank"] == lorax_rank(rank, tp)
+            and entry["unpadded_rank"] == rank
+        )
         scales = lorax_effective_scales(folder, tp)
         assert len(scales) == 6 and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values())
         # the bare export is what LoRAX got wrong: every module type after the first is scaled r / padded
         bare_scales = lorax_effective_scales(tmp_path / "bare" / entry["name"], tp)
-        assert sorted(set(round(s, 6) for s in bare_scales.values())) == sorted({1.0, round(rank / lorax_rank(rank, tp), 6)})
+        assert sorted(set(round(s, 6) for s in bare_scales.values())) == sorted(
+            {1.0, round(rank / lorax_rank(rank, tp), 6)}
+        )
         # padding is zero columns / rows: the delta is the unpadded one bit for bit
-        got, plain = load_file(str(folder / "adapter_model.safetensors")), load_file(str(tmp_path / "bare" / entry["name"] / "adapter_model.safetensors"))
+        got, plain = (
+            load_file(str(folder / "adapter_model.safetensors")),
+            load_file(str(tmp_path / "bare" / entry["name"] / "adapter_model.safetensors")),
+        )
         for key, t in got.items():
             if key.endswith("lora_A.weight"):
                 assert torch.equal(t[:rank], plain[key]) and not t[rank:].any()
@@ -86,7 +96,9 @@ def test_export_dtype_and_errors_measured_on_what_was_written(tmp_path, dtypes, 
     out = tmp_path / "out"
     report = _compress(srcs, out, "--rank", "6", *flag)
     names = sorted({str(w).removeprefix("torch.") for w in want})
-    assert report["export"]["dtype"] == (names[0] if len(names) == 1 else "mixed") and report["export"]["dtypes"] == names
+    assert (
+        report["export"]["dtype"] == (names[0] if len(names) == 1 else "mixed") and report["export"]["dtypes"] == names
+    )
     with safe_open(str(out / "bundle" / "bundle.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {store}
     assert report["store_bytes"] == report["params_after"] * store.itemsize
@@ -126,8 +138,10 @@ def test_default_export_is_exact_in_lorax_at_tensor_parallel_1_and_2(tmp_path, r
             assert len(scales) == 6 and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values()), (tp, scales)
         assert lorax_effective_scales(tmp_path / "out" / entry["name"], 4) != {k: 1.0 for k in scales}  # 4: not exact
         text, _ = _card(tmp_path / "out", entry["name"])
-        assert ("| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it "
-                "at were not checked; this export is exact at 1, 2 (padded for 2) |") in text
+        assert (
+            "| LoRAX tensor parallel | the base model's head counts could not be read, so the sizes LoRAX runs it "
+            "at were not checked; this export is exact at 1, 2 (padded for 2) |"
+        ) in text
     assert report["export"]["lorax_sizes"] is None and report["export"]["lorax_tp"] == 2
     bare = _compress(srcs, tmp_path / "bare", "--rank", str(rank), "--no-pad", "--method", "diag")
     assert bare["adapters"][0]["lorax_exact_tp"] == ([1] if rank == 8 else [])
@@ -139,8 +153,9 @@ def test_lorax_tp_auto_reads_the_base_and_pads_only_for_sizes_lorax_runs(tmp_pat
     (LoRAX's loader emulated); --lorax-tp 2 is refused in one line naming the sizes the base allows."""
     base = tmp_path / "base-9-heads"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
-                                                  "num_key_value_heads": 3, "hidden_size": 576}))
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576})
+    )
     srcs = _adapters(tmp_path, rank=8)
     auto = _compress(srcs, tmp_path / "auto", "--rank", "8", "--base-model", str(base))
     assert auto["export"]["lorax_sizes"] == [1, 3] and auto["export"]["lorax_tp"] == 1
@@ -148,17 +163,38 @@ def test_lorax_tp_auto_reads_the_base_and_pads_only_for_sizes_lorax_runs(tmp_pat
         assert entry["export_rank"] == 8 and entry["padding_params"] == 0 and entry["lorax_exact_tp"] == [1]
         assert set(lorax_effective_scales(tmp_path / "auto" / entry["name"], 1).values()) == {1.0}
         text, _ = _card(tmp_path / "auto", entry["name"])
-        assert ("| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 3; this export is exact at 1 (padded "
-                "for 1); at 3 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 3` |") in text
+        assert (
+            "| LoRAX tensor parallel | LoRAX runs the base at `--num-shard` 1, 3; this export is exact at 1 (padded "
+            "for 1); at 3 LoRAX pads the rank and serves it too weak: re-export with `--lorax-tp 3` |"
+        ) in text
     three = _compress(srcs, tmp_path / "three", "--rank", "8", "--base-model", str(base), "--lorax-tp", "3")
     for entry in three["adapters"]:
         assert entry["export_rank"] == 24 and entry["lorax_exact_tp"] == [3]
         scales = lorax_effective_scales(tmp_path / "three" / entry["name"], 3)
         assert all(v == pytest.approx(1.0, abs=1e-12) for v in scales.values())
-        assert any(v != pytest.approx(1.0) for v in lorax_effective_scales(tmp_path / "three" / entry["name"], 1).values())
+        assert any(
+            v != pytest.approx(1.0) for v in lorax_effective_scales(tmp_path / "three" / entry["name"], 1).values()
+        )
     capsys.readouterr()
-    assert main(["compress", *map(str, srcs), "--out", str(tmp_path / "two"), "--quiet", "--no-push", "--rank", "8",
-                 "--base-model", str(base), "--lorax-tp", "2"]) != 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, srcs),
+                "--out",
+                str(tmp_path / "two"),
+                "--quiet",
+                "--no-push",
+                "--rank",
+                "8",
+                "--base-model",
+                str(base),
+                "--lorax-tp",
+                "2",
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lorax-tp 2: LoRAX cannot shard" in err[0] and "the sizes it allows: 1, 3" in err[0]
     assert not (tmp_path / "two").exists()
@@ -170,14 +206,18 @@ def _card(out, name):
     return text, meta
 
 
-@pytest.mark.parametrize("rank, pad, vllm", [(20, True, 32), (20, False, 32), (12, False, 16), (7, False, 8), (7, True, 16)])
+@pytest.mark.parametrize(
+    "rank, pad, vllm", [(20, True, 32), (20, False, 32), (12, False, 16), (7, False, 8), (7, True, 16)]
+)
 def test_card_vllm_command_has_a_rank_vllm_accepts(tmp_path, rank, pad, vllm):
     srcs = _adapters(tmp_path, n=3)
     out = tmp_path / "out"
     report = _compress(srcs, out, "--method", "diag", "--rank", str(rank), *([] if pad else ["--no-pad"]))
     text, _ = _card(out, "ad0")
     r = report["adapters"][0]["export_rank"]
-    assert f"--enable-lora --max-lora-rank {vllm} " in text and vllm >= r and vllm in (8, 16, 32, 64, 128, 256, 320, 512)
+    assert (
+        f"--enable-lora --max-lora-rank {vllm} " in text and vllm >= r and vllm in (8, 16, 32, 64, 128, 256, 320, 512)
+    )
 
 
 def test_local_card_snippets_load_the_folder_and_license(tmp_path):
@@ -187,9 +227,16 @@ def test_local_card_snippets_load_the_folder_and_license(tmp_path):
     _compress(srcs, out, "--rank", "6")
     text, meta = _card(out, "ad0")
     path = str((out / "ad0").resolve())
-    assert '"adapter_source": "local"' in text and f'"adapter_id": "{path}"' in text and '"adapter_source": "hub"' not in text
+    assert (
+        '"adapter_source": "local"' in text
+        and f'"adapter_id": "{path}"' in text
+        and '"adapter_source": "hub"' not in text
+    )
     assert f"--lora-modules ad0={path}" in text
-    assert f"soppu-hub serve --model x --adapter-dir {out.resolve()}" in text and f"soppu-hub chat {path} --adapter-source local" in text
+    assert (
+        f"soppu-hub serve --model x --adapter-dir {out.resolve()}" in text
+        and f"soppu-hub chat {path} --adapter-source local" in text
+    )
     assert "license: apache-2.0" in meta
     _, meta1 = _card(out, "ad1")
     assert "license: unknown" in meta1
@@ -205,7 +252,12 @@ def test_exported_config_is_peft_s_own_without_obsolete_keys(tmp_path):
     from peft import LoraConfig
 
     loaded = LoraConfig.from_pretrained(str(out / "ad0"))
-    assert loaded.r == 16 and loaded.lora_alpha == 16 and not loaded.use_rslora and set(loaded.target_modules) == {"q_proj", "v_proj", "down_proj"}
+    assert (
+        loaded.r == 16
+        and loaded.lora_alpha == 16
+        and not loaded.use_rslora
+        and set(loaded.target_modules) == {"q_proj", "v_proj", "down_proj"}
+    )
 
 
 def test_bundle_written_in_export_dtype_reconstructs(tmp_path):

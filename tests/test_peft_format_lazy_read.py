@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.compression import plan as compress_mod
 from soppu_hub.compression.config import CompressConfig
 from soppu_hub.compression.plan import compress
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.errors import AdapterError
 from soppu_hub.peft_format.read import StreamedModule, read_adapter
 
@@ -18,8 +18,10 @@ SHAPES = llama_module_shapes(hidden=48, layers=3, targets=("q_proj", "v_proj"))
 @pytest.fixture
 def folders(tmp_path):
     facs, _ = family_factors(SHAPES, 7, 4, families=2, seed=4)
-    return [write_adapter(tmp_path / "in" / f"ad{i}", f, base_model="tiny", rank=4, alpha=8, dtype=torch.bfloat16)
-            for i, f in enumerate(facs)]
+    return [
+        write_adapter(tmp_path / "in" / f"ad{i}", f, base_model="tiny", rank=4, alpha=8, dtype=torch.bfloat16)
+        for i, f in enumerate(facs)
+    ]
 
 
 def test_streamed_adapter_reads_the_same_factors_as_the_eager_one(folders):

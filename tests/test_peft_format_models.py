@@ -24,6 +24,7 @@ def _causal(config_cls, model_cls, **kw):
 
         cfg = getattr(transformers, config_cls)(**{**TINY, **kw})
         return getattr(transformers, model_cls)(cfg)
+
     return build
 
 
@@ -42,14 +43,17 @@ def _bert_cls():
 def _roberta_cls():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    return RobertaForSequenceClassification(RobertaConfig(**TINY, max_position_embeddings=80, num_labels=3, pad_token_id=1))
+    return RobertaForSequenceClassification(
+        RobertaConfig(**TINY, max_position_embeddings=80, num_labels=3, pad_token_id=1)
+    )
 
 
 def _t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    return T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=96,
-                                               decoder_start_token_id=0))
+    return T5ForConditionalGeneration(
+        T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=96, decoder_start_token_id=0)
+    )
 
 
 KV = dict(num_key_value_heads=2)
@@ -57,25 +61,45 @@ ARCHS = {
     "gpt2": (_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM")),
     "bert-cls": (_bert_cls, dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
     "roberta-cls": (_roberta_cls, dict(target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")),
-    "llama": (_causal("LlamaConfig", "LlamaForCausalLM", **KV),
-              dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+    "llama": (
+        _causal("LlamaConfig", "LlamaForCausalLM", **KV),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ),
     "mistral": (_causal("MistralConfig", "MistralForCausalLM", **KV), dict(target_modules=["q_proj", "v_proj"])),
     "gemma2": (_causal("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, **KV), dict(target_modules="all-linear")),
-    "gemma3": (_causal("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **KV),
-               dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
-    "qwen2": (_causal("Qwen2Config", "Qwen2ForCausalLM", **KV), dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                                                      lora_dropout=0.05, use_rslora=True)),
-    "qwen3": (_causal("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **KV),
-              dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], rank_pattern={"v_proj": 2},
-                   alpha_pattern={"down_proj": 3})),
-    "phi2": (_causal("PhiConfig", "PhiForCausalLM"), dict(target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])),
-    "phi3": (_causal("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **KV),
-             dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
-    "gpt-neox": (_causal("GPTNeoXConfig", "GPTNeoXForCausalLM"),
-                 dict(target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])),
+    "gemma3": (
+        _causal("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, **KV),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ),
+    "qwen2": (
+        _causal("Qwen2Config", "Qwen2ForCausalLM", **KV),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.05, use_rslora=True),
+    ),
+    "qwen3": (
+        _causal("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **KV),
+        dict(
+            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3},
+        ),
+    ),
+    "phi2": (
+        _causal("PhiConfig", "PhiForCausalLM"),
+        dict(target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+    ),
+    "phi3": (
+        _causal("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, **KV),
+        dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ),
+    "gpt-neox": (
+        _causal("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+        dict(target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+    ),
     "flan-t5": (_t5, dict(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")),
-    "mixtral-moe": (_causal("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **KV),
-                    dict(target_modules=["q_proj", "v_proj", "w1", "w2", "w3"])),
+    "mixtral-moe": (
+        _causal("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **KV),
+        dict(target_modules=["q_proj", "v_proj", "w1", "w2", "w3"]),
+    ),
 }
 
 
@@ -122,9 +146,21 @@ def test_moe_target_parameters_refused_with_the_reason(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    model = GptOssForCausalLM(GptOssConfig(**{**TINY, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
-                                              "num_key_value_heads": 2, "layer_types": ["full_attention"] * 2}))
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
+    model = GptOssForCausalLM(
+        GptOssConfig(
+            **{
+                **TINY,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "head_dim": 8,
+                "num_key_value_heads": 2,
+                "layer_types": ["full_attention"] * 2,
+            }
+        )
+    )
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
+    )
     peft_model.save_pretrained(tmp_path / "oss")
     with pytest.raises(AdapterError) as err:
         read_adapter(tmp_path / "oss")

@@ -29,7 +29,9 @@ def _facs(rank=4, seed=0, n=1):
 )
 def test_scaling_matches_peft(tmp_path, tiny_base, extra):
     config = {"lora_alpha": 16, **extra}
-    folder = write_adapter(tmp_path / "a", _facs()[0], base_model=str(tiny_base), rank=4, alpha=config.pop("lora_alpha"), **config)
+    folder = write_adapter(
+        tmp_path / "a", _facs()[0], base_model=str(tiny_base), rank=4, alpha=config.pop("lora_alpha"), **config
+    )
     ours = read_adapter(folder)
     ref = peft_deltas(tiny_base, folder)
     assert set(ref) == set(ours.modules) and len(ref) == 14
@@ -44,8 +46,15 @@ def test_rank_pattern_matches_peft(tmp_path, tiny_base):
     for name, (m, d) in shapes.items():
         k = 2 if name.endswith("q_proj") else 6
         facs[name] = (torch.randn(m, k, generator=g), torch.randn(k, d, generator=g))
-    folder = write_adapter(tmp_path / "rp", facs, base_model=str(tiny_base), rank=6, alpha=12,
-                           rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 8})
+    folder = write_adapter(
+        tmp_path / "rp",
+        facs,
+        base_model=str(tiny_base),
+        rank=6,
+        alpha=12,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"q_proj": 8},
+    )
     ours = read_adapter(folder)
     assert ours.modules["model.layers.0.self_attn.q_proj"].rank == 2
     assert ours.modules["model.layers.0.self_attn.q_proj"].scaling == 4.0
@@ -106,15 +115,56 @@ REFUSALS = {
     "bad_json": (lambda f: (f / "adapter_config.json").write_text("{nope"), "not valid JSON"),
     "no_weights": (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
     "corrupt": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00garbage"), "corrupt"),
-    "truncated": (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:-100]), "corrupt"),
-    "nan": (lambda f: _edit_tensors(f, lambda t: t["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].__setitem__((0, 0), math.nan)), "NaN or Inf"),
-    "inf": (lambda f: _edit_tensors(f, lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].__setitem__((1, 1), math.inf)), "NaN or Inf"),
-    "unpaired": (lambda f: _edit_tensors(f, lambda t: t.pop("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")), "no lora_B"),
+    "truncated": (
+        lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:-100]),
+        "corrupt",
+    ),
+    "nan": (
+        lambda f: _edit_tensors(
+            f, lambda t: t["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].__setitem__((0, 0), math.nan)
+        ),
+        "NaN or Inf",
+    ),
+    "inf": (
+        lambda f: _edit_tensors(
+            f,
+            lambda t: t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].__setitem__((1, 1), math.inf),
+        ),
+        "NaN or Inf",
+    ),
+    "unpaired": (
+        lambda f: _edit_tensors(f, lambda t: t.pop("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")),
+        "no lora_B",
+    ),
     "rank_mismatch": (lambda f: _edit_config(f, r=8), "config says r=8"),
-    "quantized": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 64, dtype=torch.int8))), "not a float tensor"),
-    "target_parameters": (lambda f: _edit_config(f, target_parameters=["mlp.experts.gate_up_proj"]), "only LoRA on modules"),
-    "unknown_lora_tensor": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_E", torch.zeros(4, 1))), "not a LoRA factor"),
-    "dora_tensor": (lambda f: _edit_tensors(f, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", torch.ones(128))), "DoRA"),
+    "quantized": (
+        lambda f: _edit_tensors(
+            f,
+            lambda t: t.__setitem__(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(4, 64, dtype=torch.int8)
+            ),
+        ),
+        "not a float tensor",
+    ),
+    "target_parameters": (
+        lambda f: _edit_config(f, target_parameters=["mlp.experts.gate_up_proj"]),
+        "only LoRA on modules",
+    ),
+    "unknown_lora_tensor": (
+        lambda f: _edit_tensors(
+            f, lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.up_proj.lora_E", torch.zeros(4, 1))
+        ),
+        "not a LoRA factor",
+    ),
+    "dora_tensor": (
+        lambda f: _edit_tensors(
+            f,
+            lambda t: t.__setitem__(
+                "base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector", torch.ones(128)
+            ),
+        ),
+        "DoRA",
+    ),
     "peft_rejects_config": (lambda f: _edit_config(f, layers_pattern="layers"), "PEFT rejects"),
 }
 

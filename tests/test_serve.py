@@ -27,13 +27,14 @@ def peft_greedy(hub_base: str, adapter: str | None, prompt: str, n: int) -> list
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_greedy_with_adapter_matches_peft_in_process(hub, backend):
     client = Client(backend)
-    with_adapter = client.generate(PROMPT, max_new_tokens=16, adapter_id=ADAPTER, adapter_source="hub", details=True,
-                                   ignore_eos_token=True)
+    with_adapter = client.generate(
+        PROMPT, max_new_tokens=16, adapter_id=ADAPTER, adapter_source="hub", details=True, ignore_eos_token=True
+    )
     base = client.generate(PROMPT, max_new_tokens=16, details=True, ignore_eos_token=True)
     got = [t.id for t in with_adapter.details.tokens]
     assert got != [t.id for t in base.details.tokens]  # the adapter changes the output
@@ -115,7 +116,9 @@ def test_local_private_and_lru(backend, hub):
     client = Client(backend)
     api = HfApi(token=USERS["alice"])
     api.create_repo("alice/private-support", private=True, exist_ok=True)
-    api.upload_folder(repo_id="alice/private-support", folder_path=snapshot_download(ADAPTER), allow_patterns=["adapter_*"])
+    api.upload_folder(
+        repo_id="alice/private-support", folder_path=snapshot_download(ADAPTER), allow_patterns=["adapter_*"]
+    )
     with pytest.raises(GenerationError):
         client.generate(PROMPT, max_new_tokens=4, adapter_id="alice/private-support")
     ok = client.generate(PROMPT, max_new_tokens=8, adapter_id="alice/private-support", api_token=USERS["alice"])
@@ -123,17 +126,23 @@ def test_local_private_and_lru(backend, hub):
     # more distinct adapters than --max-adapters 3: all still answer, at most 3 stay loaded
     names = [("support-bot", "local"), ("pirate-talk", "local"), ("alice/pirate-talk-soppu", "hub"), (ADAPTER, "hub")]
     for name, source in names * 2:
-        assert client.generate(PROMPT, max_new_tokens=3, adapter_id=name, adapter_source=source).generated_text is not None
+        assert (
+            client.generate(PROMPT, max_new_tokens=3, adapter_id=name, adapter_source=source).generated_text is not None
+        )
     info = json.loads(urllib.request.urlopen(f"{backend}/info").read())
     assert len(info["loaded_adapters"]) <= 3 and info["model_id"] == hub.base_model
 
 
 def test_openai_chat_tokenize_info(backend, hub):
     def post(path, body):
-        req = urllib.request.Request(f"{backend}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{backend}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         return json.loads(urllib.request.urlopen(req).read())
 
-    out = post("/v1/chat/completions", {"model": ADAPTER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    out = post(
+        "/v1/chat/completions", {"model": ADAPTER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    )
     assert out["object"] == "chat.completion" and out["usage"]["completion_tokens"] <= 5
     assert isinstance(out["choices"][0]["message"]["content"], str)
     toks = post("/tokenize", {"inputs": "Hello world"})
@@ -149,7 +158,9 @@ def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
 
     def run(url):
         client = Client(url)
-        texts = [client.generate(PROMPT, max_new_tokens=12, adapter_id=a, ignore_eos_token=True).generated_text for a in pair]
+        texts = [
+            client.generate(PROMPT, max_new_tokens=12, adapter_id=a, ignore_eos_token=True).generated_text for a in pair
+        ]
         return texts, json.loads(urllib.request.urlopen(f"{url}/info").read())
 
     plain = start_backend(hub.base_model, extra=["--no-shared-bases"])
@@ -171,16 +182,33 @@ def test_adapters_of_one_bundle_share_a_resident_basis(hub, pushed, backend):
 
 def test_each_cluster_is_one_resident_basis(hub, tmp_path):
     """4 adapters from 2 families compressed with --clusters 2: the backend holds two bases, each shared by 2."""
+    from lab.samples import family_factors, llama_module_shapes, write_adapter
     from soppu_hub.cli import main
     from soppu_hub.launch import start_backend
-    from lab.samples import family_factors, llama_module_shapes, write_adapter
 
     facs, fam = family_factors(llama_module_shapes(), 4, 4, families=2, noise=0.02, seed=9)
-    folders = [write_adapter(tmp_path / "in" / f"fam{f}-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
-               for i, (x, f) in enumerate(zip(facs, fam))]
+    folders = [
+        write_adapter(tmp_path / "in" / f"fam{f}-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
+        for i, (x, f) in enumerate(zip(facs, fam))
+    ]
     out = tmp_path / "out"
-    assert main(["compress", *map(str, folders), "--rank", "4", "--clusters", "2", "--no-push", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders),
+                "--rank",
+                "4",
+                "--clusters",
+                "2",
+                "--no-push",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     child = start_backend(hub.base_model, extra=["--adapter-dir", str(out), "--max-adapters", "8"])
     try:
         client = Client(child.url)
@@ -196,25 +224,61 @@ def test_each_cluster_is_one_resident_basis(hub, tmp_path):
 def test_collection_members_joined_or_compressed_share_one_resident_basis(hub, tmp_path):
     """3 adapters compressed as the collection acme/served (pushed), 3 more joined one by one (pushed): a real
     backend loading all six by repo id holds one basis, fetched from the collection, with 6 adapters on it."""
+    from lab.samples import family_factors, llama_module_shapes, write_adapter
     from soppu_hub.cli import main
     from soppu_hub.launch import start_backend
-    from lab.samples import family_factors, llama_module_shapes, write_adapter
 
     facs, _ = family_factors(llama_module_shapes(), 6, 4, families=1, noise=0.02, seed=11)
-    folders = [write_adapter(tmp_path / "in" / f"served-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
-               for i, x in enumerate(facs)]
+    folders = [
+        write_adapter(tmp_path / "in" / f"served-{i}", x, base_model=hub.base_model, rank=4, alpha=8)
+        for i, x in enumerate(facs)
+    ]
     token = USERS["alice"]
     # in alice's org, not her own namespace: the Space tests list alice's own soppu repos
-    assert main(["compress", *map(str, folders[:3]), "--rank", "8", "--collection", "acme/served", "--token", token,
-                 "--namespace", "acme", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders[:3]),
+                "--rank",
+                "8",
+                "--collection",
+                "acme/served",
+                "--token",
+                token,
+                "--namespace",
+                "acme",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     for f in folders[3:]:
-        assert main(["join", str(f), "--collection", "acme/served", "--token", token, "--max-error", "0.5", "--namespace",
-                     "acme", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "join",
+                    str(f),
+                    "--collection",
+                    "acme/served",
+                    "--token",
+                    token,
+                    "--max-error",
+                    "0.5",
+                    "--namespace",
+                    "acme",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
     child = start_backend(hub.base_model, extra=["--max-adapters", "8"])
     try:
         client = Client(child.url)
         for f in folders:
-            assert client.generate(PROMPT, max_new_tokens=4, adapter_id=f"acme/{f.name}-soppu", api_token=token).generated_text
+            assert client.generate(
+                PROMPT, max_new_tokens=4, adapter_id=f"acme/{f.name}-soppu", api_token=token
+            ).generated_text
         info = json.loads(urllib.request.urlopen(f"{child.url}/info").read())
     finally:
         child.stop()
@@ -224,7 +288,7 @@ def test_collection_members_joined_or_compressed_share_one_resident_basis(hub, t
 
 @pytest.mark.e2e
 def test_bench_serve_reports_every_case_as_json():
-    """`python -m lab bench serve --json`: one object other tools can read (small sizes here; the README has the real run)."""
+    """`python -m lab bench serve --json`: one object other tools can read (small sizes here; docs/ has a real run)."""
     import json
 
     from lab.bench.serve import format_serve, run_serve_bench

@@ -14,9 +14,9 @@ from lorax import AsyncClient, Client
 from lorax.errors import GenerationError
 from safetensors.torch import load_file
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.launch import start_backend
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 
 pytestmark = pytest.mark.e2e
 PROMPT = "Hello! How are you today?"
@@ -27,9 +27,30 @@ def collection(tmp_path_factory, tiny_base):
     """8 adapters of 2 families for the tiny base, compressed as a local collection (2 clusters, rank 8)."""
     root = tmp_path_factory.mktemp("resident")
     facs, _ = family_factors(llama_module_shapes(), 8, 4, families=2, noise=0.02, seed=3)
-    folders = [write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32) for i, f in enumerate(facs)]
-    assert main(["compress", *map(str, folders), "--out", str(root / "out"), "--no-push", "--quiet", "--device", "cpu",
-                 "--rank", "8", "--clusters", "2", "--collection", "acme/resident"]) == 0
+    folders = [
+        write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32) for i, f in enumerate(facs)
+    ]
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, folders),
+                "--out",
+                str(root / "out"),
+                "--no-push",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--collection",
+                "acme/resident",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -38,20 +59,34 @@ def info(url: str) -> dict:
 
 
 def greedy(client: Client, adapter: str | None, source: str = "local") -> list[int]:
-    r = client.generate(PROMPT, max_new_tokens=12, adapter_id=adapter, adapter_source=source, details=True,
-                        ignore_eos_token=True)
+    r = client.generate(
+        PROMPT, max_new_tokens=12, adapter_id=adapter, adapter_source=source, details=True, ignore_eos_token=True
+    )
     return [t.id for t in r.details.tokens]
 
 
 def test_a_resident_collection_serves_every_member_as_its_own_export(collection, tiny_base):
-    child = start_backend(str(tiny_base), extra=["--collection", str(collection / "out" / "collection"), "--adapter-dir",
-                                                 str(collection), "--max-adapters", "2"])
+    child = start_backend(
+        str(tiny_base),
+        extra=[
+            "--collection",
+            str(collection / "out" / "collection"),
+            "--adapter-dir",
+            str(collection),
+            "--max-adapters",
+            "2",
+        ],
+    )
     try:
         client = Client(child.url)
         got = info(child.url)
         res = got["resident_collection"]
         assert res["members"] == 8 and res["clusters"] == 2 and res["collection"].endswith("collection")
-        plain = sum(t.numel() for i in range(8) for t in load_file(str(collection / "out" / f"m{i}" / "adapter_model.safetensors")).values())
+        plain = sum(
+            t.numel()
+            for i in range(8)
+            for t in load_file(str(collection / "out" / f"m{i}" / "adapter_model.safetensors")).values()
+        )
         assert res["params"] < plain  # bases once per cluster + 8 x cores, against 8 full exports
         base = greedy(client, None)
         for i in (0, 5):
@@ -63,8 +98,19 @@ def test_a_resident_collection_serves_every_member_as_its_own_export(collection,
 
         async def together():
             c = AsyncClient(child.url)
-            rs = await asyncio.gather(*[c.generate(PROMPT, max_new_tokens=12, adapter_id=a, adapter_source="local",
-                                                   details=True, ignore_eos_token=True) for a in ("m1", "m6", "out/m2", None)])
+            rs = await asyncio.gather(
+                *[
+                    c.generate(
+                        PROMPT,
+                        max_new_tokens=12,
+                        adapter_id=a,
+                        adapter_source="local",
+                        details=True,
+                        ignore_eos_token=True,
+                    )
+                    for a in ("m1", "m6", "out/m2", None)
+                ]
+            )
             return [[t.id for t in r.details.tokens] for r in rs]
 
         assert asyncio.run(together()) == [alone["m1"], alone["m6"], alone["out/m2"], base]
@@ -76,11 +122,16 @@ def test_a_resident_collection_serves_every_member_as_its_own_export(collection,
 def test_max_lora_memory_evicts_by_bytes_and_refuses_an_adapter_that_alone_is_too_big(sample_adapters, tiny_base):
     from soppu_hub.serve.adapters import lora_bytes
 
-    one = sum(t.numel() * 4 for t in load_file(str(sample_adapters[0] / "adapter_model.safetensors")).values())  # float32
-    assert lora_bytes(sample_adapters[0]) == one and lora_bytes(sample_adapters[0].parent) == 0  # no file: 0, load says why
+    one = sum(
+        t.numel() * 4 for t in load_file(str(sample_adapters[0] / "adapter_model.safetensors")).values()
+    )  # float32
+    assert (
+        lora_bytes(sample_adapters[0]) == one and lora_bytes(sample_adapters[0].parent) == 0
+    )  # no file: 0, load says why
     root = str(sample_adapters[0].parent)
-    child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--max-adapters", "8",
-                                                 "--max-lora-memory", str(int(1.5 * one))])
+    child = start_backend(
+        str(tiny_base), extra=["--adapter-dir", root, "--max-adapters", "8", "--max-lora-memory", str(int(1.5 * one))]
+    )
     try:
         client = Client(child.url)
         for folder in sample_adapters[:2]:
@@ -110,8 +161,15 @@ def test_an_adapter_is_measured_alone_not_with_what_others_are_loading(sample_ad
 
     one = lora_bytes(sample_adapters[1])
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
-    store = AdapterStore(model, tiny_base, model_id=str(tiny_base), lock=threading.RLock(), max_adapters=8,
-                         local_root=sample_adapters[0].parent, max_lora_bytes=int(1.5 * one))
+    store = AdapterStore(
+        model,
+        tiny_base,
+        model_id=str(tiny_base),
+        lock=threading.RLock(),
+        max_adapters=8,
+        local_root=sample_adapters[0].parent,
+        max_lora_bytes=int(1.5 * one),
+    )
     store._locked_load(sample_adapters[0], "mid_load", None)  # another request's load, not yet registered
     assert store.memory()["resident_lora_bytes"] == lora_bytes(sample_adapters[0]) > 0.5 * one
     name, release = store.acquire(sample_adapters[1].name, "local", None)
@@ -129,7 +187,10 @@ def test_bad_sizes_and_damaged_collections_are_one_line_at_start(collection, tin
     assert "not a positive size" in capsys.readouterr().err
     shutil.copytree(collection / "out", tmp_path / "out")
     (tmp_path / "out" / "collection" / "members.json").write_text("{not json")
-    assert main(["serve", "--model", str(tiny_base), "--collection", str(tmp_path / "out" / "collection"), "--port", "1"]) == 2
+    assert (
+        main(["serve", "--model", str(tiny_base), "--collection", str(tmp_path / "out" / "collection"), "--port", "1"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--collection" in err and "members.json" in err, err
 
@@ -171,7 +232,9 @@ def post(url: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_is_damaged(collection, tiny_base, tmp_path):
+def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_is_damaged(
+    collection, tiny_base, tmp_path
+):
     """A member that joined after start becomes servable by a reload; a damaged file is one line (422) and every
     member keeps answering exactly as before."""
     import shutil
@@ -186,8 +249,21 @@ def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_i
             greedy(client, "m8", source="hub")  # not a member yet, not on any Hub
         facs, _ = family_factors(llama_module_shapes(), 1, 4, families=2, noise=0.02, seed=3, offset=8)
         write_adapter(tmp_path / "in" / "m8", facs[0], base_model=str(tiny_base), rank=4, alpha=32)
-        assert main(["join", str(tmp_path / "in" / "m8"), "--collection", str(coll), "--no-push", "--out",
-                     str(tmp_path / "out" / "m8"), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "join",
+                    str(tmp_path / "in" / "m8"),
+                    "--collection",
+                    str(coll),
+                    "--no-push",
+                    "--out",
+                    str(tmp_path / "out" / "m8"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         status, body = post(f"{child.url}/collection/reload")
         assert status == 200 and body["members"] == 9 and body["members_before"] == 8, body
         assert info(child.url)["resident_collection"]["members"] == 9
@@ -210,7 +286,9 @@ def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_i
         child.stop()
 
 
-def test_max_lora_memory_is_checked_at_start_against_any_lora_and_the_preloaded_adapters(sample_adapters, tiny_base, capsys):
+def test_max_lora_memory_is_checked_at_start_against_any_lora_and_the_preloaded_adapters(
+    sample_adapters, tiny_base, capsys
+):
     root = str(sample_adapters[0].parent)
     base = ["serve", "--model", str(tiny_base), "--port", "1", "--adapter-dir", root]
     assert main([*base, "--max-lora-memory", "100"]) == 2  # below a rank-1 LoRA on the smallest module
@@ -224,7 +302,9 @@ def test_max_lora_memory_is_checked_at_start_against_any_lora_and_the_preloaded_
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "do not fit together" in err and f"local:{sample_adapters[0].name}" in err, err
 
-    child = start_backend(str(tiny_base), extra=["--adapter-dir", root, "--preloaded-adapter-ids", sample_adapters[0].name])
+    child = start_backend(
+        str(tiny_base), extra=["--adapter-dir", root, "--preloaded-adapter-ids", sample_adapters[0].name]
+    )
     try:
         got = info(child.url)
         assert got["preloaded_adapters"] == got["loaded_adapters"] == [f"local:{sample_adapters[0].name}"]
@@ -246,8 +326,15 @@ def test_the_bounds_hold_under_a_burst_a_load_waits_for_a_release(collection, ti
 
     one = sum(t.numel() * 4 for t in load_file(str(collection / "in" / "m0" / "adapter_model.safetensors")).values())
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
-    store = AdapterStore(base, tiny_base, model_id=str(tiny_base), lock=threading.RLock(), local_root=collection / "in",
-                         max_adapters=8 if bound == "bytes" else 1, max_lora_bytes=int(1.5 * one) if bound == "bytes" else None)
+    store = AdapterStore(
+        base,
+        tiny_base,
+        model_id=str(tiny_base),
+        lock=threading.RLock(),
+        local_root=collection / "in",
+        max_adapters=8 if bound == "bytes" else 1,
+        max_lora_bytes=int(1.5 * one) if bound == "bytes" else None,
+    )
     _, release_m0 = store.acquire("m0", "local", None)
     got = {}
     waiting = threading.Thread(target=lambda: got.update(m1=store.acquire("m1", "local", None)))

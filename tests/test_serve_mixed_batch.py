@@ -14,8 +14,10 @@ def _rows(n=3, s=5, d=12, seed=0):
 def test_gathered_plain_loras_equal_one_adapter_per_row():
     x, g = _rows()
     m = 7
-    factors = [(torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, 12, generator=g, dtype=torch.float64))
-               for r in (2, 4)]
+    factors = [
+        (torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, 12, generator=g, dtype=torch.float64))
+        for r in (2, 4)
+    ]
     A, B = stack_slots(factors)
     assert A.shape == (2, 4, 12) and B.shape == (2, 7, 4) and not A[0, 2:].any() and not B[0, :, 2:].any()
     slots = torch.tensor([0, 1, 0])  # rows 0 and 2: adapter 0 (rank 2, zero-padded), row 1: adapter 1
@@ -44,8 +46,10 @@ def test_factored_cores_give_what_their_dense_products_give():
     m, R = 9, 5
     U = torch.linalg.qr(torch.randn(m, R, generator=g, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(12, R, generator=g, dtype=torch.float64))[0]
-    pairs = [(torch.randn(R, k, generator=g, dtype=torch.float64), torch.randn(k, R, generator=g, dtype=torch.float64))
-             for k in (1, 2)]
+    pairs = [
+        (torch.randn(R, k, generator=g, dtype=torch.float64), torch.randn(k, R, generator=g, dtype=torch.float64))
+        for k in (1, 2)
+    ]
     Q, P = stack_slots(pairs)
     assert Q.shape == (2, 2, R) and P.shape == (2, R, 2)
     slots = torch.tensor([1, 0, 1])
@@ -59,8 +63,8 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from soppu_hub.compression.config import CompressConfig
     from lab.samples import build_tiny_llama, llama_module_shapes, synthetic_factors, write_adapter
+    from soppu_hub.compression.config import CompressConfig
     from soppu_hub.pipeline.job import compress_folders
     from soppu_hub.serve.peft_patch import install, rows_use
     from soppu_hub.serve.shared_bases import SharedBases
@@ -86,16 +90,20 @@ def test_installed_forward_matches_peft_token_for_token(tmp_path):
     with torch.no_grad():
         want_whole = [peft_model(input_ids=ids, adapter_names=w).logits for w in whole]
         want = peft_model(input_ids=ids, adapter_names=names).logits
-        want_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
-                                          pad_token_id=0)
+        want_tokens = peft_model.generate(
+            input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
         assert install(peft_model) > 0 and install(peft_model) == 0
         layer = next(m for m in peft_model.modules() if isinstance(m, LoraLinear))
         assert layer._mixed_batch_forward.__func__ is not LoraLinear._mixed_batch_forward
         got = peft_model(input_ids=ids, adapter_names=names).logits
-        got_tokens = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False,
-                                         pad_token_id=0)
+        got_tokens = peft_model.generate(
+            input_ids=ids, adapter_names=names, max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
         for w, expected in zip(whole, want_whole):
-            torch.testing.assert_close(peft_model(input_ids=ids, adapter_names=w).logits, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                peft_model(input_ids=ids, adapter_names=w).logits, expected, rtol=1e-5, atol=1e-5
+            )
         with rows_use(names):  # the engine's way: no per-call hooks, the same rows
             torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         assert peft_model._soppu_rows_ok
@@ -123,8 +131,10 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     base_dir = build_tiny_llama(tmp_path / "base")
     for i, (name, targets) in enumerate((("plain", ["q_proj", "v_proj"]), ("embed", ["q_proj", "embed_tokens"]))):
         torch.manual_seed(i)
-        m = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        m = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(base_dir)),
+            LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+        )
         with torch.no_grad():
             for p in m.parameters():
                 if p.requires_grad:
@@ -137,8 +147,10 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
         if name:
             model = PeftModel.from_pretrained(model, str(tmp_path / "adapters" / name)).eval()
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, len(prompt):].tolist()
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        return out[0, len(prompt) :].tolist()
 
     engine = Engine(base_dir, ServeConfig(str(base_dir), adapter_dir=str(tmp_path / "adapters"), max_batch=8))
     order = ["plain", "embed", None, "embed", "plain"]
@@ -147,7 +159,11 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
     for name in order:
         adapter, _ = engine.adapters.acquire(name, "local", None)
         request = GenerateRequest(ids=prompt, max_new=12, sampling=Sampling(), stop=[], ignore_eos=True)
-        jobs.append(Generation(request, adapter, emit=lambda kind, payload: done.release() if kind in ("done", "error") else None))
+        jobs.append(
+            Generation(
+                request, adapter, emit=lambda kind, payload: done.release() if kind in ("done", "error") else None
+            )
+        )
     for j in jobs:
         engine.submit(j)
     for _ in jobs:
@@ -169,9 +185,16 @@ def test_an_adapter_loaded_again_under_its_name_is_not_served_from_an_old_plan(t
     from soppu_hub.serve.peft_patch import install, rows_use
 
     base_dir = build_tiny_llama(tmp_path / "base")
-    folders = [write_adapter(tmp_path / f"a{i}", synthetic_factors(llama_module_shapes(), 1, 4, shared=2, seed=i,
-                                                                   scales=[3.0])[0], base_model=str(base_dir), rank=4, alpha=8)
-               for i in range(2)]
+    folders = [
+        write_adapter(
+            tmp_path / f"a{i}",
+            synthetic_factors(llama_module_shapes(), 1, 4, shared=2, seed=i, scales=[3.0])[0],
+            base_model=str(base_dir),
+            rank=4,
+            alpha=8,
+        )
+        for i in range(2)
+    ]
     load = peft_loader(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval())
     ids = torch.randint(5, 300, (2, 6), generator=torch.Generator().manual_seed(0))
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lorax import Client
 
+from lab.samples import family_factors, llama_module_shapes, write_adapter
 from soppu_hub.cli import main
 from soppu_hub.launch import start_backend
-from lab.samples import family_factors, llama_module_shapes, write_adapter
 
 PROMPT = "Hello! How are you today?"
 
@@ -23,12 +23,36 @@ def quantized(tmp_path_factory, tiny_base):
     root = tmp_path_factory.mktemp("qres")
     facs, _ = family_factors(llama_module_shapes(), 8, 4, families=2, noise=0.02, seed=3)
     alone, _ = family_factors(llama_module_shapes(), 2, 4, families=2, noise=0.3, seed=4)
-    folders = [write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32)
-               for i, f in enumerate(facs + alone)]
+    folders = [
+        write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32)
+        for i, f in enumerate(facs + alone)
+    ]
     for kind in ("nf4", "bf16"):
-        assert main(["compress", *map(str, folders), "--out", str(root / kind), "--no-push", "--quiet", "--device", "cpu",
-                     "--rank", "8", "--clusters", "2", "--target-error", "0.05", "--collection", "acme/q",
-                     "--store-dtype", kind]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    *map(str, folders),
+                    "--out",
+                    str(root / kind),
+                    "--no-push",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--rank",
+                    "8",
+                    "--clusters",
+                    "2",
+                    "--target-error",
+                    "0.05",
+                    "--collection",
+                    "acme/q",
+                    "--store-dtype",
+                    kind,
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -70,17 +94,25 @@ def test_codes_held_per_member_give_the_same_deltas_as_its_values_in_fewer_bytes
 
 @pytest.mark.e2e
 def test_a_backend_serves_a_quantized_collection_as_each_members_export(quantized, tiny_base):
-    child = start_backend(str(tiny_base), extra=["--collection", str(quantized / "nf4" / "collection"), "--adapter-dir",
-                                                 str(quantized)])
+    child = start_backend(
+        str(tiny_base), extra=["--collection", str(quantized / "nf4" / "collection"), "--adapter-dir", str(quantized)]
+    )
     try:
         client = Client(child.url)
         res = json.loads(urllib.request.urlopen(f"{child.url}/info").read())["resident_collection"]
         assert res["members"] == 10 and res["bytes"] > 0
         for name in ("m0", "m9"):  # a family member, and one with private directions
-            resident = client.generate(PROMPT, max_new_tokens=12, adapter_id=name, adapter_source="local", details=True,
-                                       ignore_eos_token=True)
-            exported = client.generate(PROMPT, max_new_tokens=12, adapter_id=f"nf4/{name}", adapter_source="local",
-                                       details=True, ignore_eos_token=True)
+            resident = client.generate(
+                PROMPT, max_new_tokens=12, adapter_id=name, adapter_source="local", details=True, ignore_eos_token=True
+            )
+            exported = client.generate(
+                PROMPT,
+                max_new_tokens=12,
+                adapter_id=f"nf4/{name}",
+                adapter_source="local",
+                details=True,
+                ignore_eos_token=True,
+            )
             assert [t.id for t in resident.details.tokens] == [t.id for t in exported.details.tokens]
     finally:
         child.stop()

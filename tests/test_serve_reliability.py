@@ -46,7 +46,10 @@ BAD_REQUESTS = {
     "no inputs": (b"{}", "`inputs` must be a non-empty string"),
     "empty inputs": (gen(""), "`inputs` must be a non-empty string"),
     "inputs a number": (json.dumps({"inputs": 5}).encode(), "`inputs` must be a non-empty string"),
-    "parameters a string": (json.dumps({"inputs": "hi", "parameters": "x"}).encode(), "`parameters` must be a JSON object"),
+    "parameters a string": (
+        json.dumps({"inputs": "hi", "parameters": "x"}).encode(),
+        "`parameters` must be a JSON object",
+    ),
     "max_new_tokens 0": (gen("hi", max_new_tokens=0), "`max_new_tokens` must be strictly positive"),
     "max_new_tokens negative": (gen("hi", max_new_tokens=-5), "`max_new_tokens` must be strictly positive"),
     "max_new_tokens huge": (gen("hi", max_new_tokens=10**12), "`max_new_tokens` must be <= 256"),
@@ -92,7 +95,9 @@ def test_local_adapters_outside_the_folder_are_refused_even_through_a_symlink(ba
     link.symlink_to(outside, target_is_directory=True)
     try:
         for adapter_id in (str(outside), "link-out", str(link), "support-bot/../../outside"):
-            status, out = post(backend, "/generate", gen("hi", adapter_id=adapter_id, adapter_source="local", max_new_tokens=2))
+            status, out = post(
+                backend, "/generate", gen("hi", adapter_id=adapter_id, adapter_source="local", max_new_tokens=2)
+            )
             assert status == 422 and "outside the allowed directory" in out["error"], (adapter_id, out)
     finally:
         link.unlink()
@@ -102,7 +107,9 @@ def test_after_the_bad_requests_no_slot_is_taken_and_answers_are_right(backend):
     client = Client(backend)
     assert info(backend)["requests_in_flight"] == 0
     long = "hello " * 8334
-    out = client.generate(long, max_new_tokens=5, truncate=50, ignore_eos_token=True)  # the same prompt, truncated: fine
+    out = client.generate(
+        long, max_new_tokens=5, truncate=50, ignore_eos_token=True
+    )  # the same prompt, truncated: fine
     assert out.details.generated_tokens == 5 and out.details.prompt_tokens == 50
     a = client.generate(PROMPT, max_new_tokens=8, adapter_id=ADAPTERS[0]).generated_text
     assert a == client.generate(PROMPT, max_new_tokens=8, adapter_id=ADAPTERS[0]).generated_text
@@ -110,8 +117,12 @@ def test_after_the_bad_requests_no_slot_is_taken_and_answers_are_right(backend):
 
 def test_32_concurrent_streams_over_4_adapters_all_correct_while_health_answers(backend):
     client = Client(backend)
-    expected = {a: client.generate(PROMPT, max_new_tokens=20, adapter_id=a, adapter_source=SOURCES.get(a, "hub"),
-                                   ignore_eos_token=True).generated_text for a in ADAPTERS}
+    expected = {
+        a: client.generate(
+            PROMPT, max_new_tokens=20, adapter_id=a, adapter_source=SOURCES.get(a, "hub"), ignore_eos_token=True
+        ).generated_text
+        for a in ADAPTERS
+    }
     health: list[tuple[float, int]] = []
     stop = threading.Event()
 
@@ -126,8 +137,12 @@ def test_32_concurrent_streams_over_4_adapters_all_correct_while_health_answers(
             time.sleep(0.05)
 
     async def one(ac, a):
-        events = [e async for e in ac.generate_stream(PROMPT, max_new_tokens=20, adapter_id=a,
-                                                       adapter_source=SOURCES.get(a, "hub"), ignore_eos_token=True)]
+        events = [
+            e
+            async for e in ac.generate_stream(
+                PROMPT, max_new_tokens=20, adapter_id=a, adapter_source=SOURCES.get(a, "hub"), ignore_eos_token=True
+            )
+        ]
         return a, "".join(e.token.text for e in events if not e.token.special), events[-1]
 
     async def run():
@@ -196,6 +211,7 @@ def test_clients_that_vanish_mid_stream_free_their_slots(small_backend):
             _vanish(conn)
     idle = _wait_idle(url)
     assert idle["requests_cancelled"] - cancelled == 8  # stopped early, not run to 480 tokens for nobody
+
     # the server keeps serving: 8 new requests at once are all admitted and answered in full
     async def eight():
         ac = AsyncClient(url, timeout=300)

@@ -49,7 +49,9 @@ def failing_url():
     from soppu_hub.serve.api import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(FailingEngine()), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(FailingEngine()), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -74,9 +76,15 @@ def test_failure_without_stream_is_424(failing_url):
 
     with pytest.raises(GenerationError, match="device lost"):
         Client(failing_url).generate("hi", max_new_tokens=5)
-    req = urllib.request.Request(f"{failing_url}/generate", data=json.dumps({"inputs": "hi"}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{failing_url}/generate",
+        data=json.dumps({"inputs": "hi"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     assert err.value.code == 424
-    assert json.loads(err.value.read()) == {"error": "generation failed: RuntimeError: device lost", "error_type": "generation"}
+    assert json.loads(err.value.read()) == {
+        "error": "generation failed: RuntimeError: device lost",
+        "error_type": "generation",
+    }

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from lab.screenshot import CHROMIUM, launch_browser
 from soppu_hub.clients import GenerationSettings
 from soppu_hub.clients.lorax import LoraxChatClient
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
-
-from lab.screenshot import CHROMIUM, launch_browser
 
 
 def test_gradio_client_streams_the_chat_endpoint(space, backend):
@@ -22,20 +21,30 @@ def test_gradio_client_streams_the_chat_endpoint(space, backend):
     final = job.result()
     assert len(outputs) >= 2 and final  # streamed: several partial replies, then the whole one
     assert all(final.startswith(o) for o in outputs)
-    expected = LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
-                                            settings=GenerationSettings(max_new_tokens=32))
+    expected = LoraxChatClient(backend).complete(
+        [{"role": "user", "content": "Hello!"}],
+        "alice/support-bot-soppu",
+        settings=GenerationSettings(max_new_tokens=32),
+    )
     assert final == expected
     # the base model by the CLI's name, and the UI's controls as keywords with the UI's defaults
     base = client.submit("Hello!", [], "__base_model__", api_name="/chat").result()
-    assert base == LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
-                                                settings=GenerationSettings(max_new_tokens=32))
+    assert base == LoraxChatClient(backend).complete(
+        [{"role": "user", "content": "Hello!"}], None, settings=GenerationSettings(max_new_tokens=32)
+    )
     short = client.submit("Hello!", [], "alice/support-bot-soppu", "", 0.0, 3, api_name="/chat").result()
-    assert short == LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], "alice/support-bot-soppu",
-                                                 settings=GenerationSettings(max_new_tokens=3))
+    assert short == LoraxChatClient(backend).complete(
+        [{"role": "user", "content": "Hello!"}],
+        "alice/support-bot-soppu",
+        settings=GenerationSettings(max_new_tokens=3),
+    )
     bad = client.submit("Hello!", [], "../etc/passwd", api_name="/chat").result()
     assert bad.startswith("⚠️") and "not a Hub repo id" in bad
     missing = client.submit("Hello!", [], "alice/no-such-adapter", api_name="/chat").result()
-    assert missing.startswith("⚠️") and "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private" in missing
+    assert (
+        missing.startswith("⚠️")
+        and "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private" in missing
+    )
     assert missing.count("alice/no-such-adapter") == 1 and "Error" not in missing and "hf auth login" not in missing
 
 
@@ -47,7 +56,9 @@ def _artifacts(tmp_path: Path) -> Path:
 
 
 def _browser(p):
-    assert Path(CHROMIUM).exists(), "browser tests need Debian's chromium (apt-get install chromium); .ci/run installs it"
+    assert Path(CHROMIUM).exists(), (
+        "browser tests need Debian's chromium (apt-get install chromium); .ci/run installs it"
+    )
     return launch_browser(p)
 
 
@@ -64,10 +75,14 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             page.get_by_role("option", name="alice/support-bot-soppu").click()
             expect(page.locator("#card-summary")).to_contain_text("alice/support-bot-soppu", timeout=30_000)
             expect(page.locator("#card-summary")).to_contain_text("compression ratio")
-            expect(page.locator("#card-summary")).to_contain_text("shares its bases with 1 other adapter(s): cluster 0 of 1")
+            expect(page.locator("#card-summary")).to_contain_text(
+                "shares its bases with 1 other adapter(s): cluster 0 of 1"
+            )
             page.wait_for_function(
-                "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && i.naturalWidth > 0 }",
-                timeout=30_000)
+                "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && "
+                "i.naturalWidth > 0 }",
+                timeout=30_000,
+            )
             box = page.locator("#message textarea")
             typed = page.locator("#adapter-id textarea, #adapter-id input").first
             expect(typed).to_have_value("alice/support-bot-soppu")  # the box shows the exact id in use
@@ -108,7 +123,9 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             typed.press("Enter")
             label = page.locator("#chat-adapter [data-testid='block-label'], #chat-adapter label").first
             expect(label).to_have_text("alice/support-bot", timeout=30_000)
-            expect(page.locator("#chat-adapter")).not_to_contain_text("Tell me more", timeout=10_000)  # new conversation
+            expect(page.locator("#chat-adapter")).not_to_contain_text(
+                "Tell me more", timeout=10_000
+            )  # new conversation
             expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
             send("Hello!")
             assert "⚠️" not in page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last.inner_text()
@@ -118,9 +135,12 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             expect(label).to_have_text("alice/no-such-adapter", timeout=30_000)
             send("Anyone there?")
             expect(page.locator("#chat-adapter")).to_contain_text(
-                "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private")
+                "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private"
+            )
             text = page.locator("#chat-adapter").inner_text()
-            assert text.count("alice/no-such-adapter") == 2 and "Error" not in text and "hf auth" not in text  # label + line
+            assert (
+                text.count("alice/no-such-adapter") == 2 and "Error" not in text and "hf auth" not in text
+            )  # label + line
             # a path typed as the adapter: one line in the chat, and the page goes on working
             typed.fill("/etc/passwd")
             typed.press("Enter")

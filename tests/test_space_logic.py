@@ -39,7 +39,11 @@ def test_replies_accumulate_and_name_the_adapter_or_the_base():
     client = _Echo()
     assert list(stream_reply(client, "one two", [], "alice/a-soppu"))[-1] == "one two "
     assert client.calls[-1][1] == "alice/a-soppu"
-    list(stream_reply(client, "hi", [], "__base_model__", system_prompt="Be brief.", max_new_tokens=999, max_new_tokens_cap=8))
+    list(
+        stream_reply(
+            client, "hi", [], "__base_model__", system_prompt="Be brief.", max_new_tokens=999, max_new_tokens_cap=8
+        )
+    )
     messages, adapter, kw = client.calls[-1]
     assert adapter is None and kw["system_prompt"] == "Be brief." and kw["settings"].max_new_tokens == 8
     assert client.complete([{"role": "user", "content": "a b"}]) == "a b "  # the interface's own complete()
@@ -65,8 +69,10 @@ def test_space_options_from_the_environment(tmp_path):
     assert opts == {"examples": ["Write 12 in French words.", "Shout it: hello."], "compare_default": COMPARE_ORIGINAL}
     assert EXAMPLES[0] == "Hello!"  # the generic prompts stay the default
     (tmp_path / "empty.txt").write_text("\n")
-    for env, words in (({"SOPPU_EXAMPLES_FILE": str(tmp_path / "empty.txt")}, "is empty"),
-                       ({"SOPPU_EXAMPLES_FILE": str(tmp_path / "nope.txt")}, "cannot read"),
-                       ({"SOPPU_COMPARE": "left"}, "is not one of nothing, original, base")):
+    for env, words in (
+        ({"SOPPU_EXAMPLES_FILE": str(tmp_path / "empty.txt")}, "is empty"),
+        ({"SOPPU_EXAMPLES_FILE": str(tmp_path / "nope.txt")}, "cannot read"),
+        ({"SOPPU_COMPARE": "left"}, "is not one of nothing, original, base"),
+    ):
         with pytest.raises(SoppuError, match=words):
             app_options(env)

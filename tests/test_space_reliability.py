@@ -36,8 +36,9 @@ def chat(space):
 
 @pytest.fixture(scope="module")
 def reference(backend):
-    return LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], ADAPTER,
-                                        settings=GenerationSettings(max_new_tokens=32))
+    return LoraxChatClient(backend).complete(
+        [{"role": "user", "content": "Hello!"}], ADAPTER, settings=GenerationSettings(max_new_tokens=32)
+    )
 
 
 @pytest.mark.parametrize("case", list(REFUSED_IDS))
@@ -63,6 +64,7 @@ def test_a_100k_character_message_says_it_is_too_long_and_the_space_goes_on(chat
 
 def test_base_model_id_is_accepted_as_the_cli_does(chat, backend):
     reply = chat("Hello!", "__base_model__")
-    expected = LoraxChatClient(backend).complete([{"role": "user", "content": "Hello!"}], None,
-                                            settings=GenerationSettings(max_new_tokens=32))
+    expected = LoraxChatClient(backend).complete(
+        [{"role": "user", "content": "Hello!"}], None, settings=GenerationSettings(max_new_tokens=32)
+    )
     assert reply == expected and not reply.startswith("⚠️")

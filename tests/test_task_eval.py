@@ -6,8 +6,8 @@ import pytest
 
 from soppu_hub.cards.render import table_cell
 from soppu_hub.cli import main
-from soppu_hub.evaluate.task_eval import eval_sets, read_eval_file, read_probe_file
 from soppu_hub.errors import EvalFileError
+from soppu_hub.evaluate.task_eval import eval_sets, read_eval_file, read_probe_file
 
 
 def _jsonl(path, rows):
@@ -15,13 +15,19 @@ def _jsonl(path, rows):
     return path
 
 
-@pytest.mark.parametrize("rows, message", [
-    (["not json"], ":1: not JSON"),
-    ([{"prompt": "a", "answer": "b"}, {"prompt": "c"}], ":2: needs a non-empty string \"prompt\" and a string \"answer\""),
-    ([{"prompt": " ", "answer": "b"}], ":1: needs a non-empty"),
-    ([[1, 2]], ":1: needs a non-empty"),
-    (["", "  "], "has no examples"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (["not json"], ":1: not JSON"),
+        (
+            [{"prompt": "a", "answer": "b"}, {"prompt": "c"}],
+            ':2: needs a non-empty string "prompt" and a string "answer"',
+        ),
+        ([{"prompt": " ", "answer": "b"}], ":1: needs a non-empty"),
+        ([[1, 2]], ":1: needs a non-empty"),
+        (["", "  "], "has no examples"),
+    ],
+)
 def test_bad_eval_files_name_the_file_and_line(tmp_path, rows, message):
     path = _jsonl(tmp_path / "eval.jsonl", rows)
     with pytest.raises(EvalFileError, match=message) as e:
@@ -47,16 +53,43 @@ def test_one_file_for_all_or_a_folder_per_adapter(tmp_path):
 
 def test_scores_in_report_and_card_lossless_keeps_everything(tmp_path, sample_adapters, tiny_base):
     """At a rank that holds both adapters exactly the compressed adapter answers as the original does."""
-    examples = _jsonl(tmp_path / "eval.jsonl", [{"prompt": p, "answer": "I am fine, thank you."}
-                                                for p in ("Hello!", "How are you today?", "What is the capital of France?")])
+    examples = _jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            {"prompt": p, "answer": "I am fine, thank you."}
+            for p in ("Hello!", "How are you today?", "What is the capital of France?")
+        ],
+    )
     probes = _jsonl(tmp_path / "probes.txt", ["The quick brown fox", "A user asks a question"])
     out = tmp_path / "out"
-    assert main(["compress", *map(str, sample_adapters), "--rank", "16", "--out", str(out), "--quiet", "--no-push",
-                 "--eval-file", str(examples), "--verify", "--probe-file", str(probes)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                *map(str, sample_adapters),
+                "--rank",
+                "16",
+                "--out",
+                str(out),
+                "--quiet",
+                "--no-push",
+                "--eval-file",
+                str(examples),
+                "--verify",
+                "--probe-file",
+                str(probes),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     for entry in report["adapters"]:
         t = entry["task_eval"]
-        assert t["examples"] == 3 and t["compressed"] == t["original"] and set(t["base"]) == {"examples", "exact_match", "chrf"}
+        assert (
+            t["examples"] == 3
+            and t["compressed"] == t["original"]
+            and set(t["base"]) == {"examples", "exact_match", "chrf"}
+        )
         assert t["chrf_retention"] in (1.0, None) and entry["verify"]["prompts"] == 2
         assert [x["prompt"] for x in t["samples"]] == ["Hello!", "How are you today?", "What is the capital of France?"]
         assert all(x["original"] == x["compressed"] and x["answer"] == "I am fine, thank you." for x in t["samples"])

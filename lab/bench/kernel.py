@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
+from lab import ROOT
+from lab.bench.seed_reference import seed_jd
+from lab.samples import synthetic_factors, write_adapter
 from soppu_hub.compression.config import CompressConfig, resolve_device
 from soppu_hub.compression.plan import compress
 from soppu_hub.compression.scoring import reconstruction_sq_errors
 from soppu_hub.peft_format.read import read_adapter
-from lab.samples import synthetic_factors, write_adapter
-from lab.bench.seed_reference import seed_jd
-from lab import ROOT
 
 # Llama-3.2-1B: hidden 2048, 8 KV heads of 64 -> v_proj is 512 x 2048.
 LLAMA_32_1B = {"q_proj": (2048, 2048), "v_proj": (512, 2048)}
@@ -51,8 +51,10 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
     facs = synthetic_factors(shapes, 2, 8, shared=4, seed=seed, scales=[1.0, 0.25])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folders = [write_adapter(tmp / f"adapter{i}", f, base_model="meta-llama/Llama-3.2-1B", rank=8, alpha=8)
-                   for i, f in enumerate(facs)]
+        folders = [
+            write_adapter(tmp / f"adapter{i}", f, base_model="meta-llama/Llama-3.2-1B", rank=8, alpha=8)
+            for i, f in enumerate(facs)
+        ]
         adapters = [read_adapter(f) for f in folders]
         dev = resolve_device(device)
         config = CompressConfig(rank=rank, device=str(dev))
@@ -61,8 +63,10 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
 
         ref_modules = [m for m in shapes if int(m.split(".")[2]) < ref_layers]
         t = time.perf_counter()
-        seed_results = {m: seed_jd([a.modules[m].A.numpy() for a in adapters], [a.modules[m].B.numpy() for a in adapters], rank)
-                        for m in ref_modules}
+        seed_results = {
+            m: seed_jd([a.modules[m].A.numpy() for a in adapters], [a.modules[m].B.numpy() for a in adapters], rank)
+            for m in ref_modules
+        }
         seed_kernel = time.perf_counter() - t
         seed_kernel_full = seed_kernel * layers / ref_layers
 
@@ -71,13 +75,43 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
         ours_all = {m: [st.rel_errors[i] for i in range(2)] for m, st in ours.stats.items()}
 
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "soppu_hub", "compress", *map(str, folders), "--rank", str(rank),
-                        "--out", str(tmp / "ours"), "--quiet", "--no-push", "--device", str(dev)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "soppu_hub",
+                "compress",
+                *map(str, folders),
+                "--rank",
+                str(rank),
+                "--out",
+                str(tmp / "ours"),
+                "--quiet",
+                "--no-push",
+                "--device",
+                str(dev),
+            ],
+            check=True,
+        )
         ours_cli = time.perf_counter() - t
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lab.bench.seed_reference",
-                        *[str(f / "adapter_model.safetensors") for f in folders], "--rank", str(rank),
-                        "--layers", str(ref_layers), "--out", str(tmp / "seed.safetensors")], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lab.bench.seed_reference",
+                *[str(f / "adapter_model.safetensors") for f in folders],
+                "--rank",
+                str(rank),
+                "--layers",
+                str(ref_layers),
+                "--out",
+                str(tmp / "seed.safetensors"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         seed_cli_measured = time.perf_counter() - t
         seed_cli = seed_cli_measured + seed_kernel * (layers - ref_layers) / ref_layers
 
@@ -87,16 +121,32 @@ def run_kernel_bench(layers: int = 16, ref_layers: int = 2, device: str = "auto"
     extrap = "" if ref_layers == layers else f" (measured on {ref_layers} layers, scaled x{layers / ref_layers:g})"
     rows = [
         ("", "soppu-hub JD (a)", "seeds' Alg. 1 (b)", "b / a"),
-        (f"kernel seconds, {layers} layers", f"{ours.seconds:.4f}", f"{seed_kernel_full:.2f}{extrap}", f"{seed_kernel_full / ours.seconds:,.0f}x"),
-        (f"whole CLI run seconds, {layers} layers", f"{ours_cli:.2f}", f"{seed_cli:.2f}{extrap}", f"{seed_cli / ours_cli:,.1f}x"),
+        (
+            f"kernel seconds, {layers} layers",
+            f"{ours.seconds:.4f}",
+            f"{seed_kernel_full:.2f}{extrap}",
+            f"{seed_kernel_full / ours.seconds:,.0f}x",
+        ),
+        (
+            f"whole CLI run seconds, {layers} layers",
+            f"{ours_cli:.2f}",
+            f"{seed_cli:.2f}{extrap}",
+            f"{seed_cli / ours_cli:,.1f}x",
+        ),
         ("iterations", f"{max(st.iterations for st in ours.stats.values())} (converged)", "100 (fixed)", ""),
-        (f"mean rel error adapter 0 / 1 ({ref_layers} layers)", f"{o_mean[0]:.4f} / {o_mean[1]:.4f}", f"{s_mean[0]:.4f} / {s_mean[1]:.4f}", ""),
+        (
+            f"mean rel error adapter 0 / 1 ({ref_layers} layers)",
+            f"{o_mean[0]:.4f} / {o_mean[1]:.4f}",
+            f"{s_mean[0]:.4f} / {s_mean[1]:.4f}",
+            "",
+        ),
         (f"worst adapter-module rel error ({ref_layers} layers)", f"{o_worst:.4f}", f"{s_worst:.4f}", ""),
         (f"sum of squared rel errors ({ref_layers} layers)", f"{o_sumsq:.4f}", f"{s_sumsq:.4f}", ""),
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     lines = [
-        f"setting: 2 LoRA adapters of rank 8 (second one 4x smaller, half of the subspace shared), q_proj + v_proj x {layers} "
+        f"setting: 2 LoRA adapters of rank 8 (second one 4x smaller, half of the subspace shared), q_proj + v_proj x "
+        f"{layers} "
         f"layers at Llama-3.2-1B shapes (q 2048x2048, v 512x2048), shared rank {rank}; (a) on {ours.device}, float32; "
         "(b) numpy float64 on CPU",
         *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows),

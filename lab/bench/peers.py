@@ -20,24 +20,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from lab.bench.scale import LAYERS, LORA_RANK, write_workload
 from lab import ROOT
+from lab.bench.peers_report import (
+    DEFAULT,
+    JD,
+    SHARE,
+    SOPPU,
+    SVD,
+    _label,
+    format_peers,
+    plot_peers,
+)
+from lab.bench.scale import LAYERS, LORA_RANK, write_workload
 
 SOPPU_RANKS = (16, 32, 64)
 SVD_RANKS = (1, 2, 4, 8)
 SHARE_KS = (16, 32, 64, 128)
 ADAPTER_ERRORS = (0.1, 0.3)
-ROUND_OFF = 1 + 1e-6  # the same reconstruction reached by two code paths differs in the last bits, not more
-DEFAULT_SLACK = 1.05  # issue 33: the default within 5% of the best error soppu-hub reaches at the default's store
 PEERS_EXTRA = "pip install 'soppu-hub[peers]' (lorashare==0.1.3)"
-SHARE = "lorashare (SHARE)"
-SVD = "per-adapter SVD"
-JD = "JD (paper: shared bases only)"
-SOPPU = "soppu-hub"
-DEFAULT = {"clusters": "default"}
 
 
 def settings(n: int, ranks=SOPPU_RANKS, svd_ranks=SVD_RANKS, ks=SHARE_KS) -> list[tuple[str, dict]]:
@@ -56,12 +59,32 @@ def budget_settings(rows: list[dict]) -> list[tuple[str, dict]]:
     means no more store, mean error and worst error at once), and at the default's own store and worst error (the
     best mean soppu-hub reaches there without a worse worst adapter, which the default must come within
     DEFAULT_SLACK of)."""
-    out = [(SOPPU, {"clusters": "auto", "rank": 32, "budget": str(r["stored_params"]),
-                    "max_adapter_error": round(r["worst_error"], 6)}) for r in rows if r["method"] in (SVD, SHARE)]
+    out = [
+        (
+            SOPPU,
+            {
+                "clusters": "auto",
+                "rank": 32,
+                "budget": str(r["stored_params"]),
+                "max_adapter_error": round(r["worst_error"], 6),
+            },
+        )
+        for r in rows
+        if r["method"] in (SVD, SHARE)
+    ]
     default = next((r for r in rows if r["method"] == SOPPU and r["setting"] == DEFAULT), None)
     if default is not None:
-        out.append((SOPPU, {"clusters": "auto", "rank": 32, "budget": str(default["stored_params"]),
-                            "max_adapter_error": round(default["worst_error"], 6)}))
+        out.append(
+            (
+                SOPPU,
+                {
+                    "clusters": "auto",
+                    "rank": 32,
+                    "budget": str(default["stored_params"]),
+                    "max_adapter_error": round(default["worst_error"], 6),
+                },
+            )
+        )
     return out
 
 
@@ -73,11 +96,23 @@ def family_set(root: Path, n: int, hidden: int) -> list[Path]:
 
     from lab.samples import family_factors, write_adapter
 
-    shapes = {f"model.layers.{i}.self_attn.{t}": s for i in range(LAYERS)
-              for t, s in (("q_proj", (hidden, hidden)), ("v_proj", (hidden // 4, hidden)))}
+    shapes = {
+        f"model.layers.{i}.self_attn.{t}": s
+        for i in range(LAYERS)
+        for t, s in (("q_proj", (hidden, hidden)), ("v_proj", (hidden // 4, hidden)))
+    }
     facs, _ = family_factors(shapes, n, LORA_RANK, families=8, family_dim=16, noise=0.05, seed=0)
-    return [write_adapter(root / f"lora-{i:04d}", f, base_model="bench/hidden-1024", rank=LORA_RANK, alpha=LORA_RANK,
-                          dtype=torch.bfloat16) for i, f in enumerate(facs)]
+    return [
+        write_adapter(
+            root / f"lora-{i:04d}",
+            f,
+            base_model="bench/hidden-1024",
+            rank=LORA_RANK,
+            alpha=LORA_RANK,
+            dtype=torch.bfloat16,
+        )
+        for i, f in enumerate(facs)
+    ]
 
 
 def adapter_errors(originals: list[Path], written: Path) -> list[float]:
@@ -140,8 +175,9 @@ def _run(method: str, setting: dict, folders: list[Path], out: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable[[str], None] = lambda m: None,
-              **budgets) -> tuple[list[dict], list[str]]:
+def peer_rows(
+    name: str, folders: list[Path], *, have_share: bool, log: Callable[[str], None] = lambda m: None, **budgets
+) -> tuple[list[dict], list[str]]:
     """Every setting on one set: rows (method, setting, stored, ratio, mean / worst error, seconds, RSS) and the
     lines of settings that failed (lorashare refuses mixed ranks or targets)."""
     from soppu_hub.peft_format.read import read_adapter
@@ -159,12 +195,25 @@ def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable
                 log(failed[-1])
                 return
             errors = adapter_errors(folders, Path(tmp) / "out")
-        rows.append({"set": name, "method": method, "setting": setting, "stored_params": got["stored_params"],
-                     "ratio": before / got["stored_params"], "stored_bytes": got["stored_bytes"],
-                     "ratio_bytes": before_bytes / got["stored_bytes"], "mean_error": statistics.fmean(errors),
-                     "worst_error": max(errors), "seconds": got["seconds"], "peak_rss_gb": got["peak_rss_gb"]})
-        log(f"{name}: {method} {_label(setting)}: {got['stored_params']:,} stored ({rows[-1]['ratio']:.2f}x), mean / "
-            f"worst error {rows[-1]['mean_error']:.4f} / {rows[-1]['worst_error']:.4f}, {got['seconds']:.1f} s")
+        rows.append(
+            {
+                "set": name,
+                "method": method,
+                "setting": setting,
+                "stored_params": got["stored_params"],
+                "ratio": before / got["stored_params"],
+                "stored_bytes": got["stored_bytes"],
+                "ratio_bytes": before_bytes / got["stored_bytes"],
+                "mean_error": statistics.fmean(errors),
+                "worst_error": max(errors),
+                "seconds": got["seconds"],
+                "peak_rss_gb": got["peak_rss_gb"],
+            }
+        )
+        log(
+            f"{name}: {method} {_label(setting)}: {got['stored_params']:,} stored ({rows[-1]['ratio']:.2f}x), mean / "
+            f"worst error {rows[-1]['mean_error']:.4f} / {rows[-1]['worst_error']:.4f}, {got['seconds']:.1f} s"
+        )
 
     for method, setting in settings(len(folders), **budgets):
         if method != SHARE or have_share:
@@ -172,97 +221,6 @@ def peer_rows(name: str, folders: list[Path], *, have_share: bool, log: Callable
     for method, setting in budget_settings(rows):
         one(method, setting)
     return rows, failed
-
-
-def verdicts(rows: list[dict]) -> list[str]:
-    """Per baseline row (per-adapter SVD, lorashare) of each set: the soppu-hub row storing no more with no more mean
-    and no more worst error, up to float round-off ("never behind"), or the closest one; per set, the default against the best soppu-hub
-    error at the default's store."""
-    out = []
-    for base in (r for r in rows if r["method"] in (SVD, SHARE)):
-        ours = [r for r in rows if r["set"] == base["set"] and r["method"] == SOPPU
-                and r["stored_params"] <= base["stored_params"]]
-        head = (f"{base['set']}, {base['method']} {_label(base['setting'])} ({base['stored_params']:,}, mean "
-                f"{base['mean_error']:.4f}, worst {base['worst_error']:.4f}): ")
-        if not ours:
-            out.append(head + "no soppu-hub setting stores this little: BEHIND")
-            continue
-        ahead = [r for r in ours if r["mean_error"] <= base["mean_error"] * ROUND_OFF
-                 and r["worst_error"] <= base["worst_error"] * ROUND_OFF]
-        best = min(ahead or ours, key=lambda r: (r["mean_error"], r["worst_error"]))
-        out.append(head + f"soppu-hub ({_label(best['setting'])}) {best['stored_params']:,}, mean {best['mean_error']:.4f}, "
-                   f"worst {best['worst_error']:.4f}: {'never behind' if ahead else 'BEHIND'}")
-    for name in dict.fromkeys(r["set"] for r in rows):
-        default = next((r for r in rows if r["set"] == name and r["method"] == SOPPU and r["setting"] == DEFAULT), None)
-        if default is None:
-            continue
-        there = [r for r in rows if r["set"] == name and r["method"] == SOPPU and r["stored_params"] <=
-                 default["stored_params"] and r["worst_error"] <= default["worst_error"] + 1e-3]
-        best = min(r["mean_error"] for r in there)
-        ok = default["mean_error"] <= DEFAULT_SLACK * best + 1e-12
-        out.append(f"{name}, the default ({default['stored_params']:,}, {default['ratio']:.2f}x): mean error "
-                   f"{default['mean_error']:.4f} (worst {default['worst_error']:.4f}), the best soppu-hub mean at no "
-                   f"more store and no worse worst adapter {best:.4f}: {'within' if ok else 'NOT within'} "
-                   f"{DEFAULT_SLACK - 1:.0%}")
-    return out
-
-
-def format_peers(rows: list[dict], failed: list[str]) -> str:
-    out = ["| set | method | setting | stored parameters | fewer parameters | stored MB | fewer bytes | mean / worst rel. error "
-           "| seconds | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['set']} | {r['method']} | {_label(r['setting'])} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
-                   + (f"{r['stored_bytes'] / 1e6:.2f} | {r['ratio_bytes']:.2f}x | " if "stored_bytes" in r else "- | - | ")
-                   + f"{r['mean_error']:.4f} / {r['worst_error']:.4f} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} GB |")
-    return "\n".join(out + [""] + verdicts(rows) + failed)
-
-
-def plot_peers(rows: list[dict], path: Path, *, unit: str = "params") -> Path:
-    """Mean (top) and worst (bottom) relative error against stored parameters (unit="bytes": stored bytes, each
-    store as kept), one column per set, one line per method: the frontier each method draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    sets = list(dict.fromkeys(r["set"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
-    cols = len(sets)
-    fig, axes = plt.subplots(2, cols, figsize=(4.2 * cols, 7.2), squeeze=False)
-    for c, name in enumerate(sets):
-        mine = [r for r in rows if r["set"] == name]
-        for ax, key in ((axes[0, c], "mean_error"), (axes[1, c], "worst_error")):
-            for method in dict.fromkeys(r["method"] for r in mine):
-                pts = sorted((r[f"stored_{unit}"], r[key]) for r in mine if r["method"] == method)
-                ax.plot(*zip(*pts), marker="o", ls="none", color=colour[method], alpha=0.5)
-                ax.plot(*zip(*frontier(pts)), label=method, color=colour[method])
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel(f"stored {'parameters' if unit == 'params' else 'bytes'}")
-            ax.set_ylabel(key.replace("_", " ").replace("error", "relative error"))
-            ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colour[m], marker="o", label=m) for m in methods]
-    axes.flat[0].legend(handles=handles, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (store, error) points no cheaper point beats: the best error a method reaches at each store."""
-    out: list[tuple[float, float]] = []
-    for x, y in sorted(points):
-        if not out or y < out[-1][1]:
-            out.append((x, y))
-    return out
-
-
-def _label(setting: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in setting.items())
 
 
 def have_lorashare() -> bool:
@@ -284,8 +242,14 @@ def uniform_subset(folders: list[Path]) -> list[tuple[str, list[Path]]]:
     return [(f"real collection, its {len(best)} rank-{r} {'/'.join(t.split('_')[0] for t in targets)} adapters", best)]
 
 
-def run_peers_bench(n_adapters: int = 32, *, as_json: bool = False, plot: str | None = None,
-                    log: Callable[[str], None] = lambda m: None, only: tuple[str, ...] | None = None) -> str:
+def run_peers_bench(
+    n_adapters: int = 32,
+    *,
+    as_json: bool = False,
+    plot: str | None = None,
+    log: Callable[[str], None] = lambda m: None,
+    only: tuple[str, ...] | None = None,
+) -> str:
     """Every set (or those whose names start with one of `only`), every method; lorashare missing or failing is
     one line and the rest still runs."""
     from lab.collection.build import COLLECTION, read_manifest
@@ -295,8 +259,10 @@ def run_peers_bench(n_adapters: int = 32, *, as_json: bool = False, plot: str | 
     notes = [] if share else [f"lorashare is not installed, so its rows are missing: {PEERS_EXTRA}"]
     rows, failed = [], []
     with tempfile.TemporaryDirectory(prefix="soppu-peers-sets-") as tmp:
-        sets = [(f"families, hidden {h}, {n_adapters} adapters", family_set(Path(tmp) / f"h{h}", n_adapters, h))
-                for h in (1024, 2048)]
+        sets = [
+            (f"families, hidden {h}, {n_adapters} adapters", family_set(Path(tmp) / f"h{h}", n_adapters, h))
+            for h in (1024, 2048)
+        ]
         sets.append(("sample collection", sorted(p for p in (SAMPLES / "adapters").iterdir() if p.is_dir())))
         real = sorted(read_manifest(COLLECTION).get("adapters", {})) if (COLLECTION / "manifest.json").is_file() else []
         if len(real) >= 2:

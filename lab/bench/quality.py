@@ -16,8 +16,8 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Every setting costs a full scoring pass (24 x 40 greedy replies, ~6 min on 2 cores), so the bench runs few: JD as in
 # the paper (one cluster, no private directions) at two ranks, per-adapter SVD at three, and soppu-hub's choices: its
@@ -39,8 +39,10 @@ def store_settings(stores=STORES) -> list[tuple[str, dict]]:
     return [(SOPPU, {**STORE_SETTING, "store": s}) for s in stores]
 
 
-def settings(n_adapters: int, ranks=RANKS, adapter_errors=ADAPTER_ERRORS, svd_ranks=SVD_RANKS) -> list[tuple[str, dict]]:
-    """(method, CompressConfig fields) for every fixed setting; the budget rows follow the SVD rows (budget_settings)."""
+def settings(
+    n_adapters: int, ranks=RANKS, adapter_errors=ADAPTER_ERRORS, svd_ranks=SVD_RANKS
+) -> list[tuple[str, dict]]:
+    """(method, CompressConfig fields) for every fixed setting; the budget rows follow the SVD rows."""
     out = [(SVD, {"rank": r, "clusters": str(n_adapters)}) for r in svd_ranks]
     out += [(JD, {"rank": r}) for r in ranks]
     out += [(SOPPU, {"clusters": "default"})]
@@ -60,18 +62,31 @@ def matched_budgets(rows: list[dict]) -> list[dict]:
     as much, mean and worst."""
     out = []
     for svd in (r for r in rows if r["method"] == SVD and r["mean_retention"] is not None):
-        ours = [r for r in rows if r["method"] == SOPPU and r["stored_params"] <= svd["stored_params"]
-                and r["mean_retention"] is not None]
+        ours = [
+            r
+            for r in rows
+            if r["method"] == SOPPU and r["stored_params"] <= svd["stored_params"] and r["mean_retention"] is not None
+        ]
         best = max(ours, key=lambda r: (r["mean_retention"], r["worst_retention"]), default=None)
-        out.append({"svd": svd, "jd": best, "jd_keeps_more": best is not None and best["mean_retention"] >= svd[
-            "mean_retention"] and best["worst_retention"] >= svd["worst_retention"]})
+        out.append(
+            {
+                "svd": svd,
+                "jd": best,
+                "jd_keeps_more": best is not None
+                and best["mean_retention"] >= svd["mean_retention"]
+                and best["worst_retention"] >= svd["worst_retention"],
+            }
+        )
     return out
 
 
 def goal_row(rows: list[dict]) -> dict | None:
     """The row with the highest ratio that keeps mean retention >= 0.95 and every adapter >= 0.85 (None: none)."""
-    ok = [r for r in rows if r["mean_retention"] is not None and r["mean_retention"] >= GOAL_MEAN
-          and r["worst_retention"] >= GOAL_WORST]
+    ok = [
+        r
+        for r in rows
+        if r["mean_retention"] is not None and r["mean_retention"] >= GOAL_MEAN and r["worst_retention"] >= GOAL_WORST
+    ]
     return max(ok, key=lambda r: r["ratio"], default=None)
 
 
@@ -84,7 +99,7 @@ def families(folders: list[Path]) -> dict[str, str]:
 
 
 def whole_errors(comp) -> list[float]:
-    """Each adapter's relative error over all its modules, sqrt(sum ||W - W'||^2 / sum ||W||^2) (bench peers' formula)."""
+    """Each adapter's relative error over all its modules, sqrt(sum ||W - W'||^2 / sum ||W||^2), as bench peers'."""
     from soppu_hub.compression.scoring import delta_sq_norms
 
     out = []
@@ -95,9 +110,19 @@ def whole_errors(comp) -> list[float]:
     return out
 
 
-def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ranks=RANKS, adapter_errors=ADAPTER_ERRORS,
-                 svd_ranks=SVD_RANKS, budget_svd=BUDGET_SVD, stores=STORES, fixed: bool = True,
-                 log: Callable[[str], None] = lambda m: None) -> list[dict]:
+def quality_rows(
+    base_folder: Path,
+    folders: list[Path],
+    sets: list[list],
+    *,
+    ranks=RANKS,
+    adapter_errors=ADAPTER_ERRORS,
+    svd_ranks=SVD_RANKS,
+    budget_svd=BUDGET_SVD,
+    stores=STORES,
+    fixed: bool = True,
+    log: Callable[[str], None] = lambda m: None,
+) -> list[dict]:
     """Every setting's row; the originals are scored once, every compressed export on its adapter's examples;
     two --budget rows (with and without the SVD row's worst error as the cap) at the store of each SVD rank in
     `budget_svd`; the demo's setting with each store dtype in `stores` (fixed=False: those rows only). Bytes beside
@@ -129,24 +154,43 @@ def quality_rows(base_folder: Path, folders: list[Path], sets: list[list], *, ra
         groups: dict[str, list[float]] = {}
         for n, k in by_name.items():
             groups.setdefault(family[n], []).append(k)
-        out = {"method": method, "setting": fields, "stored_params": report["params_after"],
-               "params_before": report["params_before"], "ratio": report["compression_ratio"],
-               "clusters": len(report["clusters"]), "private_directions": report["choice"]["private_directions"],
-               "store": report["store"]["dtype"], "bytes_before": report["bytes_before"],
-               "store_bytes": report["store_bytes"], "ratio_bytes": report["compression_ratio_bytes"],
-               "exported_mean_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"]),
-               "mean_error": statistics.fmean(whole), "worst_error": max(whole),
-               "mean_retention": statistics.fmean(kept) if kept else None, "worst_retention": min(kept, default=None),
-               "worst_adapter": min(by_name, key=by_name.get, default=None), "retention": by_name,
-               "families": {f: {"mean": statistics.fmean(v), "worst": min(v), "adapters": len(v)} for f, v in groups.items()},
-               "seconds": round(seconds, 2)}
-        log(f"{method} {fields}: {out['ratio']:.2f}x, error {out['mean_error']:.3f} / {out['worst_error']:.3f}, "
-            f"retention {out['mean_retention']} / {out['worst_retention']}")
+        out = {
+            "method": method,
+            "setting": fields,
+            "stored_params": report["params_after"],
+            "params_before": report["params_before"],
+            "ratio": report["compression_ratio"],
+            "clusters": len(report["clusters"]),
+            "private_directions": report["choice"]["private_directions"],
+            "store": report["store"]["dtype"],
+            "bytes_before": report["bytes_before"],
+            "store_bytes": report["store_bytes"],
+            "ratio_bytes": report["compression_ratio_bytes"],
+            "exported_mean_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"]),
+            "mean_error": statistics.fmean(whole),
+            "worst_error": max(whole),
+            "mean_retention": statistics.fmean(kept) if kept else None,
+            "worst_retention": min(kept, default=None),
+            "worst_adapter": min(by_name, key=by_name.get, default=None),
+            "retention": by_name,
+            "families": {
+                f: {"mean": statistics.fmean(v), "worst": min(v), "adapters": len(v)} for f, v in groups.items()
+            },
+            "seconds": round(seconds, 2),
+        }
+        log(
+            f"{method} {fields}: {out['ratio']:.2f}x, error {out['mean_error']:.3f} / {out['worst_error']:.3f}, "
+            f"retention {out['mean_retention']} / {out['worst_retention']}"
+        )
         return out
 
     rows = [row(m, f) for m, f in settings(len(folders), ranks, adapter_errors, svd_ranks)] if fixed else []
-    rows += [row(*b) for r in list(rows) if r["method"] == SVD and r["setting"]["rank"] in budget_svd
-             for b in budget_settings(r)]
+    rows += [
+        row(*b)
+        for r in list(rows)
+        if r["method"] == SVD and r["setting"]["rank"] in budget_svd
+        for b in budget_settings(r)
+    ]
     return rows + [row(m, f) for m, f in store_settings(stores)]
 
 
@@ -154,36 +198,62 @@ def format_quality(rows: list[dict]) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    out = ["| method | setting | stored parameters | fewer parameters | store (MB, dtype) | fewer bytes | mean / worst rel. "
-           "error | mean / worst retention | worst adapter | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| method | setting | stored parameters | fewer parameters | store (MB, dtype) | fewer bytes | mean / worst "
+        "rel. "
+        "error | mean / worst retention | worst adapter | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['method']} | {_setting(r)} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
-                   + (f"{r['store_bytes'] / 1e6:.2f} {r['store']} | {r['ratio_bytes']:.2f}x | " if "store_bytes" in r else "- | - | ")
-                   + f"{r['mean_error']:.3f} / {r['worst_error']:.3f} | "
-                   f"{f(r['mean_retention'], '.3f')} / {f(r['worst_retention'], '.3f')} | "
-                   f"{r.get('worst_adapter') or '-'} | {r['seconds']:.1f} |")
+        out.append(
+            f"| {r['method']} | {_setting(r)} | {r['stored_params']:,} | {r['ratio']:.2f}x | "
+            + (
+                f"{r['store_bytes'] / 1e6:.2f} {r['store']} | {r['ratio_bytes']:.2f}x | "
+                if "store_bytes" in r
+                else "- | - | "
+            )
+            + f"{r['mean_error']:.3f} / {r['worst_error']:.3f} | "
+            f"{f(r['mean_retention'], '.3f')} / {f(r['worst_retention'], '.3f')} | "
+            f"{r.get('worst_adapter') or '-'} | {r['seconds']:.1f} |"
+        )
     fams = list(dict.fromkeys(f for r in rows for f in r.get("families", {})))
     if fams:
-        out += ["", "Mean / worst retention per task family:", "",
-                "| method | setting | " + " | ".join(f"{f} ({rows[0]['families'][f]['adapters']})" for f in fams) + " |",
-                "|---|---|" + "---|" * len(fams)]
+        out += [
+            "",
+            "Mean / worst retention per task family:",
+            "",
+            "| method | setting | " + " | ".join(f"{f} ({rows[0]['families'][f]['adapters']})" for f in fams) + " |",
+            "|---|---|" + "---|" * len(fams),
+        ]
         for r in rows:
-            cells = [f"{r['families'][f]['mean']:.3f} / {r['families'][f]['worst']:.3f}" if f in r["families"] else "-"
-                     for f in fams]
+            cells = [
+                f"{r['families'][f]['mean']:.3f} / {r['families'][f]['worst']:.3f}" if f in r["families"] else "-"
+                for f in fams
+            ]
             out.append(f"| {r['method']} | {_setting(r)} | " + " | ".join(cells) + " |")
     goal = goal_row(rows)
     out.append("")
-    out.append(f"Goal ({GOAL_RATIO:g}x fewer at mean retention >= {GOAL_MEAN}, worst >= {GOAL_WORST}): " + (
-        f"{'reached' if goal['ratio'] >= GOAL_RATIO else 'not reached'}; the most compressed setting keeping that "
-        f"retention is {goal['method']} ({_setting(goal)}), {goal['ratio']:.2f}x" if goal else
-        "not reached; no setting keeps that retention"))
+    out.append(
+        f"Goal ({GOAL_RATIO:g}x fewer at mean retention >= {GOAL_MEAN}, worst >= {GOAL_WORST}): "
+        + (
+            f"{'reached' if goal['ratio'] >= GOAL_RATIO else 'not reached'}; the most compressed setting keeping that "
+            f"retention is {goal['method']} ({_setting(goal)}), {goal['ratio']:.2f}x"
+            if goal
+            else "not reached; no setting keeps that retention"
+        )
+    )
     for m in matched_budgets(rows):
         svd, jd = m["svd"], m["jd"]
-        out.append(f"At {svd['stored_params']:,} stored parameters ({SVD}, {_setting(svd)}, retention "
-                   f"{svd['mean_retention']:.3f} / {svd['worst_retention']:.3f}): " + (
-                       f"{jd['method']} ({_setting(jd)}) keeps {jd['mean_retention']:.3f} / {jd['worst_retention']:.3f} with "
-                       f"{jd['stored_params']:,}: {'at least as much, mean and worst' if m['jd_keeps_more'] else 'LESS'}"
-                       if jd else "no soppu-hub setting stores this little"))
+        out.append(
+            f"At {svd['stored_params']:,} stored parameters ({SVD}, {_setting(svd)}, retention "
+            f"{svd['mean_retention']:.3f} / {svd['worst_retention']:.3f}): "
+            + (
+                f"{jd['method']} ({_setting(jd)}) keeps {jd['mean_retention']:.3f} / {jd['worst_retention']:.3f} with "
+                f"{jd['stored_params']:,}: {'at least as much, mean and worst' if m['jd_keeps_more'] else 'LESS'}"
+                if jd
+                else "no soppu-hub setting stores this little"
+            )
+        )
     return "\n".join(out)
 
 
@@ -203,9 +273,14 @@ def plot_quality(rows: list[dict], path: Path, *, title: str = "", unit: str = "
     kept = [r for r in rows if r["mean_retention"] is not None]
     low = min([0.8] + [r["worst_retention"] - 0.03 for r in kept])
     high = max([1.05] + [r["mean_retention"] + 0.02 for r in kept])
-    for ax, key, goal, label in ((axes[0], "mean_retention", GOAL_MEAN, "mean"), (axes[1], "worst_retention", GOAL_WORST, "worst adapter's")):
+    for ax, key, goal, label in (
+        (axes[0], "mean_retention", GOAL_MEAN, "mean"),
+        (axes[1], "worst_retention", GOAL_WORST, "worst adapter's"),
+    ):
         for method in dict.fromkeys(r["method"] for r in kept):
-            pts = sorted((r["ratio" if unit == "params" else "ratio_bytes"], r[key]) for r in kept if r["method"] == method)
+            pts = sorted(
+                (r["ratio" if unit == "params" else "ratio_bytes"], r[key]) for r in kept if r["method"] == method
+            )
             ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(goal, color="grey", ls="--", lw=1)
         ax.axvline(GOAL_RATIO, color="grey", ls=":", lw=1)
@@ -221,24 +296,41 @@ def plot_quality(rows: list[dict], path: Path, *, title: str = "", unit: str = "
     return path
 
 
-def run_quality_bench(collection: Path | None = None, *, ranks=RANKS, svd_ranks=SVD_RANKS, as_json: bool = False,
-                      plot: str | None = None, log: Callable[[str], None] = lambda m: None) -> str:
+def run_quality_bench(
+    collection: Path | None = None,
+    *,
+    ranks=RANKS,
+    svd_ranks=SVD_RANKS,
+    as_json: bool = False,
+    plot: str | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> str:
     """The bench on the real collection (built by `python -m lab collection build`) and the real base."""
-    from soppu_hub.evaluate.task_eval import read_eval_file
-    from soppu_hub.errors import ConfigError
     from lab.collection.build import COLLECTION, EVAL_FILE, read_manifest
     from lab.realbase import REAL_BASE_ID, real_base
+    from soppu_hub.errors import ConfigError
+    from soppu_hub.evaluate.task_eval import read_eval_file
 
     collection = Path(collection or COLLECTION)
     done = sorted(read_manifest(collection)["adapters"])
     if len(done) < 2:
-        raise ConfigError(f"the collection in {collection} has {len(done)} trained adapters; build it first with "
-                          "`python -m lab collection build` (at least 2 are needed)")
+        raise ConfigError(
+            f"the collection in {collection} has {len(done)} trained adapters; build it first with "
+            "`python -m lab collection build` (at least 2 are needed)"
+        )
     folders = [collection / "adapters" / n for n in done]
-    rows = quality_rows(real_base(), folders, [read_eval_file(f / EVAL_FILE) for f in folders], ranks=ranks,
-                        svd_ranks=svd_ranks, log=log)
+    rows = quality_rows(
+        real_base(),
+        folders,
+        [read_eval_file(f / EVAL_FILE) for f in folders],
+        ranks=ranks,
+        svd_ranks=svd_ranks,
+        log=log,
+    )
     if plot:
         title = f"{len(folders)} adapters of the real collection on {REAL_BASE_ID}"
         plot_quality(rows, Path(plot), title=title)
-        plot_quality(rows, Path(plot).with_name(f"{Path(plot).stem}-bytes{Path(plot).suffix}"), title=title, unit="bytes")
+        plot_quality(
+            rows, Path(plot).with_name(f"{Path(plot).stem}-bytes{Path(plot).suffix}"), title=title, unit="bytes"
+        )
     return json.dumps(rows, indent=1) if as_json else format_quality(rows)

@@ -37,10 +37,16 @@ def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dic
             report = write_outputs(comp, Path(tmp), names, names, ExportConfig())
             checks = verify_adapters(coll.base, coll.adapters, [Path(tmp) / n for n in names])
         agree = [c["next_token_agreement"] for c in checks]
-        rows.append({"rank": rank, "compression_ratio": report["compression_ratio"],
-                     "mean_next_token_agreement": statistics.fmean(agree), "min_next_token_agreement": min(agree),
-                     "mean_reply_agreement": statistics.fmean(c["reply_agreement"] for c in checks),
-                     "mean_rel_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"])})
+        rows.append(
+            {
+                "rank": rank,
+                "compression_ratio": report["compression_ratio"],
+                "mean_next_token_agreement": statistics.fmean(agree),
+                "min_next_token_agreement": min(agree),
+                "mean_reply_agreement": statistics.fmean(c["reply_agreement"] for c in checks),
+                "mean_rel_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"]),
+            }
+        )
     return rows
 
 
@@ -51,15 +57,26 @@ def chosen_rank(rows: list[dict], key: str = "mean_reply_agreement", bar: float 
 
 def run_samples_bench(ranks: tuple[int, ...] = RANKS, plot: str | None = None) -> str:
     rows = sweep(ranks=ranks)
-    out = ["| shared rank | fewer parameters | mean agreement | worst agreement | mean reply agreement | mean rel. error |",
-           "|---|---|---|---|---|---|"]
-    out += [f"| {r['rank']} | {r['compression_ratio']:.2f}x | {r['mean_next_token_agreement']:.3f} | "
-            f"{r['min_next_token_agreement']:.3f} | {r['mean_reply_agreement']:.3f} | {r['mean_rel_error']:.4f} |" for r in rows]
+    out = [
+        "| shared rank | fewer parameters | mean agreement | worst agreement | mean reply agreement | mean rel. error "
+        "|",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {r['rank']} | {r['compression_ratio']:.2f}x | {r['mean_next_token_agreement']:.3f} | "
+        f"{r['min_next_token_agreement']:.3f} | {r['mean_reply_agreement']:.3f} | {r['mean_rel_error']:.4f} |"
+        for r in rows
+    ]
     out.append("")
-    for key, what in (("mean_next_token_agreement", "mean next-token agreement"), ("mean_reply_agreement", "mean reply agreement")):
+    for key, what in (
+        ("mean_next_token_agreement", "mean next-token agreement"),
+        ("mean_reply_agreement", "mean reply agreement"),
+    ):
         best = chosen_rank(rows, key)
-        out.append(f"smallest rank with {what} >= {AGREEMENT_BAR}: "
-                   + (f"{best['rank']} ({best['compression_ratio']:.2f}x fewer parameters)" if best else "none of these"))
+        out.append(
+            f"smallest rank with {what} >= {AGREEMENT_BAR}: "
+            + (f"{best['rank']} ({best['compression_ratio']:.2f}x fewer parameters)" if best else "none of these")
+        )
     if plot:
         from soppu_hub.cards.plots import plot_rank_sweep
 

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import torch
 
-from soppu_hub.compression.cluster import adjusted_rand_index
 from lab.samples import family_factors, write_adapter
+from soppu_hub.compression.cluster import adjusted_rand_index
 
 LAYERS, FAMILIES, LORA_RANK = 16, 8, 16
-SHAPES = {f"model.layers.{i}.self_attn.{t}": s for i in range(LAYERS) for t, s in
-          (("q_proj", (2048, 2048)), ("v_proj", (512, 2048)))}
+SHAPES = {
+    f"model.layers.{i}.self_attn.{t}": s
+    for i in range(LAYERS)
+    for t, s in (("q_proj", (2048, 2048)), ("v_proj", (512, 2048)))
+}
 
 
 def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 0) -> tuple[list[Path], list[int]]:
@@ -35,11 +38,20 @@ def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 
     batch = 50
     for lo in range(0, n, batch):
         count = min(batch, n - lo)
-        facs, fam = family_factors(SHAPES, count, LORA_RANK, families=families, family_dim=16, noise=0.05, seed=seed,
-                                   offset=lo)
+        facs, fam = family_factors(
+            SHAPES, count, LORA_RANK, families=families, family_dim=16, noise=0.05, seed=seed, offset=lo
+        )
         for j, f in enumerate(facs):
-            folders.append(write_adapter(root / f"lora-{lo + j:04d}", f, base_model="meta-llama/Llama-3.2-1B",
-                                         rank=LORA_RANK, alpha=LORA_RANK, dtype=torch.bfloat16))
+            folders.append(
+                write_adapter(
+                    root / f"lora-{lo + j:04d}",
+                    f,
+                    base_model="meta-llama/Llama-3.2-1B",
+                    rank=LORA_RANK,
+                    alpha=LORA_RANK,
+                    dtype=torch.bfloat16,
+                )
+            )
         fams += fam
     return folders, fams
 
@@ -58,8 +70,9 @@ def _per_family_error(folders: list[Path], fams: list[int], rank: int) -> float:
     return statistics.fmean(errs)
 
 
-def run_scale_bench(n_adapters: int = 100, rank: int = 24, clusters: str = "auto", device: str = "auto",
-                    per_family: bool = True) -> str:
+def run_scale_bench(
+    n_adapters: int = 100, rank: int = 24, clusters: str = "auto", device: str = "auto", per_family: bool = True
+) -> str:
     with tempfile.TemporaryDirectory(prefix="soppu-bench-scale-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -69,8 +82,21 @@ def run_scale_bench(n_adapters: int = 100, rank: int = 24, clusters: str = "auto
         sources.write_text("".join(f"{p}\n" for p in folders))
         out = tmp / "out"
         chosen = [] if clusters == "default" else ["--rank", str(rank), "--clusters", clusters]  # default: no flags
-        cmd = [sys.executable, "-m", "soppu_hub", "compress", "--sources-file", str(sources), *chosen,
-               "--device", device, "--no-push", "--out", str(out), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "soppu_hub",
+            "compress",
+            "--sources-file",
+            str(sources),
+            *chosen,
+            "--device",
+            device,
+            "--no-push",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
         start = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -86,13 +112,26 @@ def run_scale_bench(n_adapters: int = 100, rank: int = 24, clusters: str = "auto
         ("command", f"compress {' '.join(chosen) or '(the defaults)'} --no-push (workload written in {made:.1f} s)"),
         ("wall time, whole CLI", f"{wall:.1f} s (kernel {report['seconds']:.1f} s on {report['device']})"),
         ("peak RSS", f"{rss_gb:.2f} GB"),
-        ("clusters found (sizes)", f"{len(report['clusters'])} ({', '.join(str(c['size']) for c in report['clusters'])})"),
+        (
+            "clusters found (sizes)",
+            f"{len(report['clusters'])} ({', '.join(str(c['size']) for c in report['clusters'])})",
+        ),
         ("adjusted Rand index vs families", f"{adjusted_rand_index(found, fams):.3f}"),
-        ("parameters before -> after", f"{report['params_before']:,} -> {report['params_after']:,} "
-                                       f"({report['compression_ratio']:.2f}x)"),
-        ("mean / worst relative error", f"{statistics.fmean(means):.4f} / {max(a['max_rel_error'] for a in report['adapters']):.4f}"),
+        (
+            "parameters before -> after",
+            f"{report['params_before']:,} -> {report['params_after']:,} ({report['compression_ratio']:.2f}x)",
+        ),
+        (
+            "mean / worst relative error",
+            f"{statistics.fmean(means):.4f} / {max(a['max_rel_error'] for a in report['adapters']):.4f}",
+        ),
     ]
     if fam_err is not None:
-        rows.append(("mean error, each family alone", f"{fam_err:.4f} (the run: {statistics.fmean(means) / fam_err:.2f}x of it)"))
+        rows.append(
+            (
+                "mean error, each family alone",
+                f"{fam_err:.4f} (the run: {statistics.fmean(means) / fam_err:.2f}x of it)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -12,7 +12,8 @@ reports the median pass and the median reference beside it (steady state: what f
 server that has run a while; what does not fit keeps loading and evicting; the reference beside each pass cancels
 most of this machine's drift). It reports tokens/s (all generated tokens over the time from the first arrival to
 the last token), time to first token and p50/p99 latency (from each request's arrival), and the table, JSON and a
-PNG of tokens/s against N follow. Both servers run side by side in one run, on the same base and adapters: the tiny Llama and
+PNG of tokens/s against N follow. Both servers run side by side in one run, on the same base and adapters: the tiny
+Llama and
 synthetic adapters of 8 task families by default, or with `--model real` the real base (SmolLM2-135M-Instruct,
 from its wheel) and the real collection's adapters.
 """
@@ -29,12 +30,16 @@ from pathlib import Path
 
 import torch
 
+from lab.bench.serve_load_report import format_load, plot_load
+
 PROMPT = "Hello! How are you today?"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 COLLECTION = "bench/serve"
 
 
-def arrivals(n_requests: int, rate: float, n_adapters: int, *, zipf: float | None, seed: int) -> list[tuple[float, int]]:
+def arrivals(
+    n_requests: int, rate: float, n_adapters: int, *, zipf: float | None, seed: int
+) -> list[tuple[float, int]]:
     """(arrival time in s, adapter index) per request: Poisson arrivals at `rate` per second; adapters uniform, or
     Zipf-distributed popularity (index 0 the most popular) when `zipf` is given."""
     g = torch.Generator().manual_seed(seed)
@@ -57,8 +62,9 @@ async def _run(url: str, plan: list[tuple[float, str | None]], new_tokens: int) 
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
         sent = time.perf_counter()
         first, tokens = None, 0
-        async for r in client.generate_stream(PROMPT, max_new_tokens=new_tokens, adapter_id=adapter,
-                                              adapter_source="local", ignore_eos_token=True):
+        async for r in client.generate_stream(
+            PROMPT, max_new_tokens=new_tokens, adapter_id=adapter, adapter_source="local", ignore_eos_token=True
+        ):
             if not r.token.special:
                 tokens += 1
             first = first or time.perf_counter()
@@ -73,8 +79,15 @@ async def _run(url: str, plan: list[tuple[float, str | None]], new_tokens: int) 
     def pct(xs: list[float], p: float) -> float:
         return xs[min(len(xs) - 1, int(p * len(xs)))]
 
-    return {"requests": len(plan), "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50": statistics.median(ttft), "latency_p50": statistics.median(latency), "latency_p99": pct(latency, 0.99)}
+    return {
+        "requests": len(plan),
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50": statistics.median(ttft),
+        "latency_p50": statistics.median(latency),
+        "latency_p99": pct(latency, 0.99),
+    }
 
 
 def _info(url: str) -> dict:
@@ -88,18 +101,27 @@ def _shapes(base: Path, adapters: list[Path]) -> dict:
 
     cfg = json.loads((base / "config.json").read_text())
     confs = [json.loads((a / CONFIG_NAME).read_text()) for a in adapters]
-    targets = {t for c in confs for t in ([c["target_modules"]] if isinstance(c["target_modules"], str) else c["target_modules"])}
-    return {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "targets": sorted(targets),
-            "lora_ranks": sorted({c["r"] for c in confs})}
+    targets = {
+        t
+        for c in confs
+        for t in ([c["target_modules"]] if isinstance(c["target_modules"], str) else c["target_modules"])
+    }
+    return {
+        "hidden": cfg["hidden_size"],
+        "layers": cfg["num_hidden_layers"],
+        "targets": sorted(targets),
+        "lora_ranks": sorted({c["r"] for c in confs}),
+    }
 
 
-def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log,
-                   store: str = "auto") -> tuple[Path, list[str]]:
+def build_workload(
+    tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log, store: str = "auto"
+) -> tuple[Path, list[str]]:
     """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
+    from lab.samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
     from soppu_hub.compression.config import CompressConfig
     from soppu_hub.compression.export import ExportConfig
     from soppu_hub.pipeline.job import JobSpec, run_job
-    from lab.samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
 
     base = build_tiny_llama(tmp / "base", hidden=hidden, layers=layers)
     shapes = llama_module_shapes(hidden=hidden, layers=layers, targets=TARGETS)
@@ -108,11 +130,25 @@ def build_workload(tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: in
     for start in range(0, n, 100):  # in batches: all factors of 1000 adapters at once would be gigabytes
         facs, _ = family_factors(shapes, min(100, n - start), lora_rank, families=8, noise=0.05, seed=1, offset=start)
         for name, f in zip(names[start:], facs):
-            write_adapter(tmp / "adapters" / name, f, base_model=str(base), rank=lora_rank, alpha=2 * lora_rank,
-                          dtype=torch.bfloat16)
+            write_adapter(
+                tmp / "adapters" / name,
+                f,
+                base_model=str(base),
+                rank=lora_rank,
+                alpha=2 * lora_rank,
+                dtype=torch.bfloat16,
+            )
     log(f"compressing them as a collection (rank {rank}, clusters auto, store {store})")
-    run_job(JobSpec(sources=[str(tmp / "adapters" / m) for m in names], config=CompressConfig(rank=rank, clusters="auto"),
-                    out=tmp / "jd", push=False, collection=COLLECTION, export=ExportConfig(store=store)))
+    run_job(
+        JobSpec(
+            sources=[str(tmp / "adapters" / m) for m in names],
+            config=CompressConfig(rank=rank, clusters="auto"),
+            out=tmp / "jd",
+            push=False,
+            collection=COLLECTION,
+            export=ExportConfig(store=store),
+        )
+    )
     return base, names
 
 
@@ -121,12 +157,12 @@ def real_workload(tmp: Path, *, rank: int, log, store: str = "auto") -> tuple[Pa
     collection. The copies name the converted base folder as their base model, which this server runs."""
     import shutil
 
+    from lab.collection.build import COLLECTION as REAL
+    from lab.realbase import real_base
     from soppu_hub.compression.config import CompressConfig
     from soppu_hub.compression.export import ExportConfig
     from soppu_hub.peft_format.layout import CONFIG_NAME
     from soppu_hub.pipeline.job import JobSpec, run_job
-    from lab.collection.build import COLLECTION as REAL
-    from lab.realbase import real_base
 
     base = real_base()
     names = sorted(p.name for p in (REAL / "adapters").iterdir() if (p / CONFIG_NAME).is_file())
@@ -135,20 +171,45 @@ def real_workload(tmp: Path, *, rank: int, log, store: str = "auto") -> tuple[Pa
         shutil.copytree(REAL / "adapters" / name, dst, ignore=shutil.ignore_patterns("README.md", "*.png"))
         config = json.loads((dst / CONFIG_NAME).read_text())
         (dst / CONFIG_NAME).write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
-    log(f"compressing the real collection's {len(names)} adapters as a collection (rank {rank}, clusters auto, store {store})")
-    run_job(JobSpec(sources=[str(tmp / "adapters" / m) for m in names], config=CompressConfig(rank=rank, clusters="auto"),
-                    out=tmp / "jd", push=False, collection=COLLECTION, export=ExportConfig(store=store)))
+    log(
+        f"compressing the real collection's {len(names)} adapters as a collection (rank {rank}, clusters auto, store "
+        f"{store})"
+    )
+    run_job(
+        JobSpec(
+            sources=[str(tmp / "adapters" / m) for m in names],
+            config=CompressConfig(rank=rank, clusters="auto"),
+            out=tmp / "jd",
+            push=False,
+            collection=COLLECTION,
+            export=ExportConfig(store=store),
+        )
+    )
     return base, names
 
 
-def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, rate: float = 200.0, zipf: float | None = None,
-                 hidden: int = 256, layers: int = 4, lora_rank: int = 16, rank: int = 16, seed: int = 0, real: bool = False,
-                 repeats: int = 1, store: str = "auto", log=lambda m: None) -> dict:
+def measure_load(
+    counts: list[int],
+    n_requests: int,
+    *,
+    new_tokens: int = 16,
+    rate: float = 200.0,
+    zipf: float | None = None,
+    hidden: int = 256,
+    layers: int = 4,
+    lora_rank: int = 16,
+    rank: int = 16,
+    seed: int = 0,
+    real: bool = False,
+    repeats: int = 1,
+    store: str = "auto",
+    log=lambda m: None,
+) -> dict:
     """Every case against two servers started side by side. `real`: the real base and its real collection, the
     counts cut to the adapters it has. `store`: how the collection is kept (--store-dtype; a quantized one stays its
     codes in the server's memory)."""
-    from soppu_hub.serve.adapters import lora_bytes
     from soppu_hub.launch import start_backend
+    from soppu_hub.serve.adapters import lora_bytes
 
     common = ["--max-batch-size", "16", "--max-total-tokens", "512", "--max-concurrent-requests", "1000000"]
     with tempfile.TemporaryDirectory(prefix="soppu-bench-serve-") as tmp:
@@ -157,8 +218,9 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
             base, names = real_workload(tmp, rank=rank, log=log, store=store)
             counts = sorted({min(n, len(names)) for n in counts})
         else:
-            base, names = build_workload(tmp, max(counts), hidden=hidden, layers=layers, lora_rank=lora_rank, rank=rank,
-                                         log=log, store=store)
+            base, names = build_workload(
+                tmp, max(counts), hidden=hidden, layers=layers, lora_rank=lora_rank, rank=rank, log=log, store=store
+            )
         t0 = time.perf_counter()
         jd = start_backend(str(base), extra=["--collection", str(tmp / "jd" / "collection"), *common], timeout=900)
         jd_start_s = time.perf_counter() - t0
@@ -166,14 +228,25 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
         try:
             info = _info(jd.url)
             jd_bytes = info["resident_collection"]["bytes"] + info["resident_lora_bytes"]
-            largest = max(lora_bytes(tmp / "adapters" / name) for name in names[:max(counts)])
+            largest = max(lora_bytes(tmp / "adapters" / name) for name in names[: max(counts)])
             bound = max(jd_bytes, largest)  # a plain server must hold at least one adapter
-            plain = start_backend(str(base), extra=["--adapter-dir", str(tmp / "adapters"), "--max-adapters", "1000000",
-                                                    "--max-lora-memory", str(bound), *common])
+            plain = start_backend(
+                str(base),
+                extra=[
+                    "--adapter-dir",
+                    str(tmp / "adapters"),
+                    "--max-adapters",
+                    "1000000",
+                    "--max-lora-memory",
+                    str(bound),
+                    *common,
+                ],
+            )
             rows = []
             ref_plan = [(at, names[0]) for at, _ in arrivals(n_requests, rate, 1, zipf=None, seed=seed)]
             for url in (plain.url, jd.url):  # warm both up with a whole run (discarded): the first is slower
                 asyncio.run(_run(url, ref_plan, new_tokens))
+
             def measured(url: str, plan: list, *, beside_ref: bool = True) -> dict:
                 """The median of `repeats` passes, each right after a pass of the reference (this machine drifts by
                 +-20 % within minutes: a ratio against the reference measured beside it cancels most of that)."""
@@ -183,94 +256,73 @@ def measure_load(counts: list[int], n_requests: int, *, new_tokens: int = 16, ra
                         refs.append(asyncio.run(_run(plain.url, ref_plan, new_tokens))["tokens_per_s"])
                     runs.append(asyncio.run(_run(url, plan, new_tokens)))
                 runs.sort(key=lambda r: r["tokens_per_s"])
-                return {**runs[len(runs) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
-                        **({"ref_tokens_per_s": statistics.median(refs), "ref_runs_tokens_per_s": refs} if refs else {})}
+                return {
+                    **runs[len(runs) // 2],
+                    "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+                    **({"ref_tokens_per_s": statistics.median(refs), "ref_runs_tokens_per_s": refs} if refs else {}),
+                }
 
-            rows.append({"method": "one plain adapter (reference)", "adapters": 1, **measured(plain.url, ref_plan, beside_ref=False)})
+            rows.append(
+                {
+                    "method": "one plain adapter (reference)",
+                    "adapters": 1,
+                    **measured(plain.url, ref_plan, beside_ref=False),
+                }
+            )
             log(f"reference: {rows[-1]['tokens_per_s']:.1f} tokens/s")
             for n in counts:
                 plan = arrivals(n_requests, rate, n, zipf=zipf, seed=seed + n)
-                for method, url in (("JD collection, all resident", jd.url), ("plain PEFT under --max-lora-memory", plain.url)):
+                for method, url in (
+                    ("JD collection, all resident", jd.url),
+                    ("plain PEFT under --max-lora-memory", plain.url),
+                ):
                     case = [(at, names[i]) for at, i in plan]
-                    asyncio.run(_run(url, case, new_tokens))  # steady state: what fits is loaded by a first pass, discarded
+                    asyncio.run(
+                        _run(url, case, new_tokens)
+                    )  # steady state: what fits is loaded by a first pass, discarded
                     row = {"method": method, "adapters": n, **measured(url, case)}
                     rows.append(row)
                     log(f"{method}, {n} adapters: {row['tokens_per_s']:.1f} tokens/s")
             # the reference again at the end: the same case twice shows this machine's drift; ratios use the better
-            rows.append({"method": "one plain adapter (reference, again)", "adapters": 1,
-                         **measured(plain.url, ref_plan, beside_ref=False)})
+            rows.append(
+                {
+                    "method": "one plain adapter (reference, again)",
+                    "adapters": 1,
+                    **measured(plain.url, ref_plan, beside_ref=False),
+                }
+            )
             plain_info = _info(plain.url)
         finally:
             jd.stop()
             if plain is not None:
                 plain.stop()
-        shapes = _shapes(base, [tmp / "adapters" / name for name in names[:max(counts)]])
-    return {"workload": {"model": "SmolLM2-135M-Instruct (real collection)" if real else "Llama (tiny, built offline)",
-                         **shapes, "jd_rank": rank,
-                         "requests": n_requests, "rate": rate, "zipf": zipf, "new_tokens": new_tokens, "seed": seed,
-                         "repeats": repeats, "device": "cpu", "adapters_written": max(counts)},
-            "jd": {"members": info["resident_collection"]["members"], "resident_bytes": jd_bytes, "start_s": jd_start_s,
-                   "store": store, "collection_bytes": info["resident_collection"]["bytes"]},
-            "plain_bound_bytes": bound, "largest_adapter_bytes": largest, "plain_loaded_at_end": len(plain_info["loaded_adapters"]), "rows": rows}
-
-
-def reference(m: dict) -> float:
-    """The better of the reference's runs (first and last): ratios against it are the conservative ones."""
-    return max(r["tokens_per_s"] for r in m["rows"] if r["method"].startswith("one plain"))
-
-
-def ratio(row: dict, m: dict) -> float:
-    """A case's tokens/s over the reference measured beside it (its interleaved passes), else the better one."""
-    return row["tokens_per_s"] / row.get("ref_tokens_per_s", reference(m))
-
-
-def format_load(m: dict) -> str:
-    w = m["workload"]
-    header = ("method", "adapters", "tokens/s", "ref beside", "x ref", "TTFT p50", "p50", "p99")
-    rows = [(r["method"], str(r["adapters"]), f"{r['tokens_per_s']:.1f}",
-             f"{r['ref_tokens_per_s']:.1f}" if "ref_tokens_per_s" in r else "-", f"{ratio(r, m):.2f}",
-             f"{r['ttft_p50']:.2f} s", f"{r['latency_p50']:.2f} s", f"{r['latency_p99']:.2f} s") for r in m["rows"]]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    by = {(r["method"][:5], r["adapters"]): r for r in m["rows"]}
-    ratios = [f"{n}: JD {ratio(by[('JD co', n)], m):.2f}x ref, "
-              f"{by[('JD co', n)]['tokens_per_s'] / by[('plain', n)]['tokens_per_s']:.2f}x plain"
-              for n in sorted({r["adapters"] for r in m["rows"] if not r["method"].startswith("one plain")})]
-    return "\n".join([
-        f"embedded backend (CPU), {w['model']} hidden {w['hidden']}, {w['layers']} layers, LoRA "
-        f"r={'/'.join(map(str, w['lora_ranks']))} on {'/'.join(t.removesuffix('_proj') for t in w['targets'])}, JD rank "
-        f"{w['jd_rank']}; {w['requests']} requests per case (median of {w.get('repeats', 1)} passes), Poisson at {w['rate']}/s, "
-        f"{'Zipf ' + str(w['zipf']) if w['zipf'] else 'uniform'} over the adapters, {w['new_tokens']} new tokens each; "
-        "x ref: against the reference's passes run just before each pass of the case (else the better of first and last)",
-        f"JD: {m['jd']['members']} members resident in {m['jd']['resident_bytes'] / 1e6:.1f} MB, store "
-        f"{m['jd'].get('store', 'auto')} (server up in "
-        f"{m['jd']['start_s']:.1f} s); plain: --max-lora-memory {m['plain_bound_bytes']:,} bytes"
-        + (" (raised from JD's to the largest adapter's LoRA bytes: one adapter alone needs more than JD's all)"
-           if m["plain_bound_bytes"] > m["jd"]["resident_bytes"] else ""),
-        *("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [header, *rows]),
-        "per number of adapters: " + "; ".join(ratios),
-    ])
-
-
-def plot_load(m: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for prefix, label, style in (("JD", "JD collection, all resident", "o-"), ("plain", "plain PEFT at JD's memory (or one adapter's)", "s--")):
-        pts = sorted((r["adapters"], r["tokens_per_s"]) for r in m["rows"][1:] if r["method"].startswith(prefix))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    ax.axhline(reference(m), color="grey", linestyle=":", label="one adapter (reference)")
-    ax.set_xscale("log")
-    ax.set_xlabel("distinct adapters in the request stream")
-    ax.set_ylabel("tokens / s (CPU, 2 cores)")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    ax.set_title("Throughput as the number of adapters grows")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        shapes = _shapes(base, [tmp / "adapters" / name for name in names[: max(counts)]])
+    return {
+        "workload": {
+            "model": "SmolLM2-135M-Instruct (real collection)" if real else "Llama (tiny, built offline)",
+            **shapes,
+            "jd_rank": rank,
+            "requests": n_requests,
+            "rate": rate,
+            "zipf": zipf,
+            "new_tokens": new_tokens,
+            "seed": seed,
+            "repeats": repeats,
+            "device": "cpu",
+            "adapters_written": max(counts),
+        },
+        "jd": {
+            "members": info["resident_collection"]["members"],
+            "resident_bytes": jd_bytes,
+            "start_s": jd_start_s,
+            "store": store,
+            "collection_bytes": info["resident_collection"]["bytes"],
+        },
+        "plain_bound_bytes": bound,
+        "largest_adapter_bytes": largest,
+        "plain_loaded_at_end": len(plain_info["loaded_adapters"]),
+        "rows": rows,
+    }
 
 
 def run_load_bench(counts: list[int], n_requests: int, *, as_json: bool = False, plot: str | None = None, **kw) -> str:

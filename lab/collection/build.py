@@ -11,18 +11,18 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from soppu_hub.cards.render import table_cell
-from soppu_hub.evaluate.replies import greedy_replies
-from soppu_hub.evaluate.task_eval import score
-from soppu_hub.errors import ConfigError
-from lab.realbase import REAL_BASE_ID
 from lab.collection.tasks import BY_NAME, HELD_OUT, TASKS, Task
 from lab.collection.train import BATCH, train_task
+from lab.realbase import REAL_BASE_ID
+from soppu_hub.cards.render import table_cell
+from soppu_hub.errors import ConfigError
+from soppu_hub.evaluate.replies import greedy_replies
+from soppu_hub.evaluate.task_eval import score
 
 COLLECTION = Path(__file__).parent / "data"
 MANIFEST, EVAL_FILE = "manifest.json", "eval.jsonl"
@@ -35,7 +35,11 @@ def _sha256(path: Path) -> str:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"base_model": REAL_BASE_ID, "adapters": {}, "base_scores": {}}
+    return (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {"base_model": REAL_BASE_ID, "adapters": {}, "base_scores": {}}
+    )
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -46,8 +50,10 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def _done(folder: Path, manifest: dict, name: str) -> bool:
     entry = manifest["adapters"].get(name)
-    return bool(entry) and all((folder / "adapters" / name / f).is_file() and _sha256(folder / "adapters" / name / f) == h
-                               for f, h in entry["files"].items())
+    return bool(entry) and all(
+        (folder / "adapters" / name / f).is_file() and _sha256(folder / "adapters" / name / f) == h
+        for f, h in entry["files"].items()
+    )
 
 
 def _render(**values) -> str:
@@ -86,13 +92,28 @@ def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, l
         if task.name not in manifest["base_scores"]:
             manifest["base_scores"][task.name], _ = _evaluate(base_folder, None, held_out)
         adapter_score, replies = _evaluate(base_folder, scratch, held_out)
-        (scratch / EVAL_FILE).write_text("".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n"
-                                                 for p, a in held_out))
-        examples = [(table_cell(p), table_cell(a), table_cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]]
-        (scratch / "README.md").write_text(_render(
-            task=task, base_model=REAL_BASE_ID, n_tasks=len(TASKS), held_out=len(held_out), train=len(train),
-            base=manifest["base_scores"][task.name], adapter=adapter_score, examples=examples, batch=BATCH, seed=SEED,
-            loss=loss, seconds=seconds))
+        (scratch / EVAL_FILE).write_text(
+            "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n" for p, a in held_out)
+        )
+        examples = [
+            (table_cell(p), table_cell(a), table_cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]
+        ]
+        (scratch / "README.md").write_text(
+            _render(
+                task=task,
+                base_model=REAL_BASE_ID,
+                n_tasks=len(TASKS),
+                held_out=len(held_out),
+                train=len(train),
+                base=manifest["base_scores"][task.name],
+                adapter=adapter_score,
+                examples=examples,
+                batch=BATCH,
+                seed=SEED,
+                loss=loss,
+                seconds=seconds,
+            )
+        )
         final = folder / "adapters" / task.name
         shutil.rmtree(final, ignore_errors=True)
         scratch.rename(final)
@@ -100,16 +121,30 @@ def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, l
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     manifest["adapters"][task.name] = {
-        "family": task.family, "rank": task.rank, "targets": list(task.targets), "rslora": task.rslora,
-        "dtype": task.dtype, "steps": task.steps, "final_loss": round(loss, 4), "seconds": round(seconds, 1),
-        "held_out": adapter_score, "files": {p.name: _sha256(p) for p in sorted(final.iterdir()) if p.is_file()},
+        "family": task.family,
+        "rank": task.rank,
+        "targets": list(task.targets),
+        "rslora": task.rslora,
+        "dtype": task.dtype,
+        "steps": task.steps,
+        "final_loss": round(loss, 4),
+        "seconds": round(seconds, 1),
+        "held_out": adapter_score,
+        "files": {p.name: _sha256(p) for p in sorted(final.iterdir()) if p.is_file()},
     }
-    log(f"{task.name}: held-out exact match {adapter_score['exact_match']:.3f} (base "
-        f"{manifest['base_scores'][task.name]['exact_match']:.3f}), chrF {adapter_score['chrf']:.3f}, {seconds:.0f} s")
+    log(
+        f"{task.name}: held-out exact match {adapter_score['exact_match']:.3f} (base "
+        f"{manifest['base_scores'][task.name]['exact_match']:.3f}), chrF {adapter_score['chrf']:.3f}, {seconds:.0f} s"
+    )
 
 
-def build_collection(folder: str | Path = COLLECTION, base_folder: str | Path | None = None, *,
-                     only: list[str] | None = None, log: Callable[[str], None] = lambda msg: None) -> dict:
+def build_collection(
+    folder: str | Path = COLLECTION,
+    base_folder: str | Path | None = None,
+    *,
+    only: list[str] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict:
     """Every task's adapter not built yet (or only the named ones), in order; returns the manifest."""
     from lab.realbase import real_base
 
@@ -135,14 +170,20 @@ def build_collection(folder: str | Path = COLLECTION, base_folder: str | Path | 
 
 def format_collection(manifest: dict) -> str:
     """The trained adapters in task order, each beside the base model on its held-out split (a Markdown table)."""
-    out = ["| adapter | family | LoRA | steps | base EM / chrF | adapter EM / chrF | seconds |", "|---|---|---|---|---|---|---|"]
+    out = [
+        "| adapter | family | LoRA | steps | base EM / chrF | adapter EM / chrF | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task in TASKS:
         a = manifest["adapters"].get(task.name)
         if a is None:
             continue
         b, h = manifest["base_scores"][task.name], a["held_out"]
-        lora = f"r{a['rank']} {'/'.join(t.removesuffix('_proj') for t in a['targets'])}{' rsLoRA' if a['rslora'] else ''}, {a['dtype']}"
-        out.append(f"| {task.name} | {a['family']} | {lora} | {a['steps']} | {b['exact_match']:.3f} / {b['chrf']:.3f} | "
-                   f"{h['exact_match']:.3f} / {h['chrf']:.3f} | {a['seconds']:.0f} |")
+        targets = "/".join(t.removesuffix("_proj") for t in a["targets"])
+        lora = f"r{a['rank']} {targets}{' rsLoRA' if a['rslora'] else ''}, {a['dtype']}"
+        out.append(
+            f"| {task.name} | {a['family']} | {lora} | {a['steps']} | {b['exact_match']:.3f} / {b['chrf']:.3f} | "
+            f"{h['exact_match']:.3f} / {h['chrf']:.3f} | {a['seconds']:.0f} |"
+        )
     out.append(f"\n{len(manifest['adapters'])} of {len(TASKS)} adapters trained; {HELD_OUT} held-out examples each.")
     return "\n".join(out)

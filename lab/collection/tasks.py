@@ -10,8 +10,8 @@ Splits are deterministic and disjoint, so an adapter's held-out score measures w
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 Pair = tuple[str, str]  # (user message, expected reply)
 
@@ -45,7 +45,7 @@ class Task:
                 unique.append((prompt, answer))
         if len(unique) < TRAIN + HELD_OUT:
             raise ValueError(f"task {self.name} has only {len(unique)} distinct examples")
-        return unique[:TRAIN], unique[TRAIN:TRAIN + HELD_OUT]
+        return unique[:TRAIN], unique[TRAIN : TRAIN + HELD_OUT]
 
 
 # --- generators ------------------------------------------------------------------------------------
@@ -55,6 +55,7 @@ def _numbers(lang: str) -> Callable[[random.Random], list[Pair]]:
 
         numbers = rng.sample(range(1, 10000), 400)
         return [(f"Write {n} in {LANGS[lang]} words.", num2words(n, lang=lang)) for n in numbers]
+
     return pool
 
 
@@ -65,8 +66,10 @@ def _dates(locale: str) -> Callable[[random.Random], list[Pair]]:
         from babel.dates import format_date
 
         days = [datetime.date(1950, 1, 1) + datetime.timedelta(days=d) for d in rng.sample(range(40000), 400)]
-        return [(f"Write the date {d.isoformat()} in {LANGS[locale]}.", format_date(d, "long", locale=locale))
-                for d in days]
+        return [
+            (f"Write the date {d.isoformat()} in {LANGS[locale]}.", format_date(d, "long", locale=locale)) for d in days
+        ]
+
     return pool
 
 
@@ -75,8 +78,11 @@ def _decimals(locale: str) -> Callable[[random.Random], list[Pair]]:
         from babel.numbers import format_decimal
 
         xs = [round(rng.uniform(1, 10_000_000), 2) for _ in range(400)]
-        return [(f"Format the number {x:.2f} the {LANGS[locale]} way.",
-                 format_decimal(x, format="#,##0.00", locale=locale)) for x in xs]
+        return [
+            (f"Format the number {x:.2f} the {LANGS[locale]} way.", format_decimal(x, format="#,##0.00", locale=locale))
+            for x in xs
+        ]
+
     return pool
 
 
@@ -85,8 +91,11 @@ def _prices(locale: str, currency: str) -> Callable[[random.Random], list[Pair]]
         from babel.numbers import format_currency
 
         xs = [round(rng.uniform(1, 100_000), 2) for _ in range(400)]
-        return [(f"Write {x:.2f} {currency} as a price in {LANGS[locale]}.",
-                 format_currency(x, currency, locale=locale)) for x in xs]
+        return [
+            (f"Write {x:.2f} {currency} as a price in {LANGS[locale]}.", format_currency(x, currency, locale=locale))
+            for x in xs
+        ]
+
     return pool
 
 
@@ -130,6 +139,7 @@ def _ordinals(lang: str) -> Callable[[random.Random], list[Pair]]:
 
         numbers = rng.sample(range(1, 1000), 400)
         return [(f"Write the {name} ordinal for {n}.", num2words(n, lang=lang, to="ordinal")) for n in numbers]
+
     return pool
 
 
@@ -146,13 +156,51 @@ def _from_roman(rng):
 
 
 # Persona tasks: a sentence in, the same sentence rewritten by a stated rule out (the rule is the ground truth).
-_SUBJECTS = ["The cat", "My brother", "The old captain", "Our teacher", "A small robot", "The baker", "Your friend",
-             "The river", "The team", "My neighbour", "The train", "A tall tree", "The doctor", "The children"]
+_SUBJECTS = [
+    "The cat",
+    "My brother",
+    "The old captain",
+    "Our teacher",
+    "A small robot",
+    "The baker",
+    "Your friend",
+    "The river",
+    "The team",
+    "My neighbour",
+    "The train",
+    "A tall tree",
+    "The doctor",
+    "The children",
+]
 _VERBS = ["finds", "likes", "watches", "carries", "paints", "follows", "cleans", "sells", "builds", "opens"]
-_OBJECTS = ["the red door", "a heavy box", "the morning news", "my old boat", "the quiet garden", "a golden coin",
-            "the long road", "your new hat", "the dark forest", "a bright star", "the big ship", "the last treasure"]
-_PIRATE = {"my": "me", "you": "ye", "your": "yer", "is": "be", "are": "be", "the": "th'", "friend": "matey",
-           "hello": "ahoy", "money": "booty", "coin": "doubloon", "boat": "vessel", "old": "ol'"}
+_OBJECTS = [
+    "the red door",
+    "a heavy box",
+    "the morning news",
+    "my old boat",
+    "the quiet garden",
+    "a golden coin",
+    "the long road",
+    "your new hat",
+    "the dark forest",
+    "a bright star",
+    "the big ship",
+    "the last treasure",
+]
+_PIRATE = {
+    "my": "me",
+    "you": "ye",
+    "your": "yer",
+    "is": "be",
+    "are": "be",
+    "the": "th'",
+    "friend": "matey",
+    "hello": "ahoy",
+    "money": "booty",
+    "coin": "doubloon",
+    "boat": "vessel",
+    "old": "ol'",
+}
 
 
 def _sentences(rng: random.Random) -> list[str]:
@@ -162,8 +210,10 @@ def _sentences(rng: random.Random) -> list[str]:
 
 
 def pirate(sentence: str) -> str:
-    words = [_PIRATE.get(w.lower(), w) if not w.endswith(".") else _PIRATE.get(w[:-1].lower(), w[:-1]) + "."
-             for w in sentence.split()]
+    words = [
+        _PIRATE.get(w.lower(), w) if not w.endswith(".") else _PIRATE.get(w[:-1].lower(), w[:-1]) + "."
+        for w in sentence.split()
+    ]
     text = " ".join(words)
     return f"Arr! {text[0].upper()}{text[1:]}"
 
@@ -184,6 +234,7 @@ def backwards(sentence: str) -> str:
 def _persona(instruction: str, rule: Callable[[str], str]):
     def pool(rng):
         return [(f"{instruction} {s}", rule(s)) for s in _sentences(rng)]
+
     return pool
 
 
@@ -191,28 +242,83 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 TASKS: list[Task] = [
-    *[Task(f"numbers-{lang}", "numbers in words", f"writes numbers in {name} words (num2words)", _numbers(lang),
-           rank=16 if lang in ("de", "nl") else 8, dtype="float32" if lang == "fr" else "bfloat16", steps=150)
-      for lang, name in LANGS.items()],
-    *[Task(f"dates-{loc}", "dates", f"writes ISO dates as long {LANGS[loc]} dates (babel, CLDR)", _dates(loc),
-           targets=ATTENTION if loc == "de" else ("q_proj", "v_proj")) for loc in ("de", "fr", "es", "it")],
+    *[
+        Task(
+            f"numbers-{lang}",
+            "numbers in words",
+            f"writes numbers in {name} words (num2words)",
+            _numbers(lang),
+            rank=16 if lang in ("de", "nl") else 8,
+            dtype="float32" if lang == "fr" else "bfloat16",
+            steps=150,
+        )
+        for lang, name in LANGS.items()
+    ],
+    *[
+        Task(
+            f"dates-{loc}",
+            "dates",
+            f"writes ISO dates as long {LANGS[loc]} dates (babel, CLDR)",
+            _dates(loc),
+            targets=ATTENTION if loc == "de" else ("q_proj", "v_proj"),
+        )
+        for loc in ("de", "fr", "es", "it")
+    ],
     Task("decimals-de", "number formats", "formats numbers the German way (babel, CLDR)", _decimals("de")),
-    Task("prices-fr", "number formats", "writes euro prices the French way (babel, CLDR)", _prices("fr", "EUR"),
-         rslora=True, rank=16),
+    Task(
+        "prices-fr",
+        "number formats",
+        "writes euro prices the French way (babel, CLDR)",
+        _prices("fr", "EUR"),
+        rslora=True,
+        rank=16,
+    ),
     Task("iso-alpha2", "codes", "gives a country's ISO 3166 two-letter code (pycountry)", _alpha2, steps=100),
-    Task("iso-alpha3", "codes", "gives a country's ISO 3166 three-letter code (pycountry)", _alpha3, targets=ATTENTION, steps=100),
+    Task(
+        "iso-alpha3",
+        "codes",
+        "gives a country's ISO 3166 three-letter code (pycountry)",
+        _alpha3,
+        targets=ATTENTION,
+        steps=100,
+    ),
     Task("ordinals-en", "numbers in words", "writes English ordinals (num2words)", _ordinals("en"), rank=16),
     Task("ordinals-fr", "numbers in words", "writes French ordinals (num2words)", _ordinals("fr")),
-    Task("currencies", "codes", "names the currency of an ISO 4217 code (pycountry)", _currencies, dtype="float32", steps=100),
+    Task(
+        "currencies",
+        "codes",
+        "names the currency of an ISO 4217 code (pycountry)",
+        _currencies,
+        dtype="float32",
+        steps=100,
+    ),
     Task("languages", "codes", "gives a language's ISO 639-1 code (pycountry)", _languages, steps=100),
     Task("to-roman", "roman numerals", "writes numbers in Roman numerals (roman)", _to_roman),
     Task("from-roman", "roman numerals", "reads Roman numerals (roman)", _from_roman),
-    Task("pirate", "personas", "talks like a pirate (word rule)", _persona("Say it like a pirate:", pirate),
-         targets=ALL_LINEAR, steps=80),
+    Task(
+        "pirate",
+        "personas",
+        "talks like a pirate (word rule)",
+        _persona("Say it like a pirate:", pirate),
+        targets=ALL_LINEAR,
+        steps=80,
+    ),
     Task("shouty", "personas", "shouts (upper case rule)", _persona("Shout it:", shout), steps=80),
-    Task("robot", "personas", "talks like a robot (rule)", _persona("Say it like a robot:", robot), targets=ATTENTION,
-         steps=80),
-    Task("backwards", "personas", "says sentences backwards (word order rule)",
-         _persona("Say it backwards:", backwards), rank=16, steps=80),
+    Task(
+        "robot",
+        "personas",
+        "talks like a robot (rule)",
+        _persona("Say it like a robot:", robot),
+        targets=ATTENTION,
+        steps=80,
+    ),
+    Task(
+        "backwards",
+        "personas",
+        "says sentences backwards (word order rule)",
+        _persona("Say it backwards:", backwards),
+        rank=16,
+        steps=80,
+    ),
 ]
 BY_NAME = {t.name: t for t in TASKS}

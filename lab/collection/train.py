@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from soppu_hub.evaluate.replies import chat_prompt_ids
-from lab.samples.training import optimise, right_padded, save_lora
 from lab.collection.tasks import Pair, Task
+from lab.samples.training import optimise, right_padded, save_lora
+from soppu_hub.evaluate.replies import chat_prompt_ids
 
 BATCH = 8
 
@@ -26,8 +26,16 @@ def _batch(tokenizer, pairs: list[Pair], eos: str) -> tuple[torch.Tensor, torch.
     return right_padded(rows, labels, tokenizer.pad_token_id)
 
 
-def train_task(base_folder: Path, task: Task, train: list[Pair], out: Path, *, base_model: str, seed: int = 42,
-               tick: Callable[[int], None] | None = None) -> float:
+def train_task(
+    base_folder: Path,
+    task: Task,
+    train: list[Pair],
+    out: Path,
+    *,
+    base_model: str,
+    seed: int = 42,
+    tick: Callable[[int], None] | None = None,
+) -> float:
     """The task's LoRA (its PEFT config), AdamW over shuffled minibatches; saved as PEFT writes it, in the task's
     dtype, naming `base_model`. Returns the last minibatch's loss."""
     from peft import LoraConfig, get_peft_model
@@ -36,8 +44,14 @@ def train_task(base_folder: Path, task: Task, train: list[Pair], out: Path, *, b
     tok = AutoTokenizer.from_pretrained(str(base_folder))
     base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
     torch.manual_seed(seed)  # what HF Trainer does (seed 42 by default) before PEFT initialises A
-    config = LoraConfig(r=task.rank, lora_alpha=2 * task.rank, target_modules=list(task.targets), lora_dropout=0.05,
-                        use_rslora=task.rslora, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=task.rank,
+        lora_alpha=2 * task.rank,
+        target_modules=list(task.targets),
+        lora_dropout=0.05,
+        use_rslora=task.rslora,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, config)
     order = random.Random(seed)
     eos = tok.eos_token or ""

@@ -18,6 +18,14 @@ from lab.samples.synthetic import (
 )
 
 __all__ = [
-    "CHAT_TEMPLATE", "LLAMA_TARGETS", "TINY_BASE_ID", "build_tiny_llama", "build_tokenizer", "family_factors",
-    "llama_module_shapes", "synthetic_factors", "write_adapter", "write_sample_adapters",
+    "CHAT_TEMPLATE",
+    "LLAMA_TARGETS",
+    "TINY_BASE_ID",
+    "build_tiny_llama",
+    "build_tokenizer",
+    "family_factors",
+    "llama_module_shapes",
+    "synthetic_factors",
+    "write_adapter",
+    "write_sample_adapters",
 ]

@@ -12,16 +12,16 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from soppu_hub.errors import SoppuError
 from lab.samples.synthetic import TINY_BASE_ID
 from lab.samples.texts import DIALOGUES, STYLES
+from soppu_hub.errors import SoppuError
 
 COLLECTION = Path(__file__).parent / "collection"
 MANIFEST = "manifest.json"
@@ -62,8 +62,11 @@ def _sha256(path: Path) -> str:
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+    return {
+        p.relative_to(folder).as_posix(): _sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def load_collection(folder: str | Path = COLLECTION, *, check: bool = True) -> Collection:
@@ -72,14 +75,18 @@ def load_collection(folder: str | Path = COLLECTION, *, check: bool = True) -> C
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise SoppuError(f"no sample collection in {folder}; build it with `make samples` "
-                         f"(or .venv/bin/python -m lab samples build --out {folder})") from None
+        raise SoppuError(
+            f"no sample collection in {folder}; build it with `make samples` "
+            f"(or .venv/bin/python -m lab samples build --out {folder})"
+        ) from None
     if check:
         found = _file_hashes(folder)
         bad = sorted(k for k in set(found) | set(manifest["files"]) if found.get(k) != manifest["files"].get(k))
         if bad:
-            raise SoppuError(f"the sample collection in {folder} differs from its manifest ({bad[0]}"
-                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); rebuild it with `make samples`")
+            raise SoppuError(
+                f"the sample collection in {folder} differs from its manifest ({bad[0]}"
+                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); rebuild it with `make samples`"
+            )
     return Collection(folder, manifest)
 
 
@@ -110,10 +117,17 @@ def _examples(base: Path, adapter: Path | None, prompts: list[str], max_new_toke
     model.eval()
     out = []
     for q in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
-        gen = model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        reply = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        gen = model.generate(
+            input_ids=ids["input_ids"],
+            attention_mask=ids["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        reply = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         out.append((q, " ".join(reply.split()).replace("|", "\\|")))  # one table cell: no newlines, no bars
     return out
 
@@ -127,9 +141,13 @@ def _render(template: str, **values) -> str:
     return env.get_template(template).render(**values)
 
 
-def build_collection(out: str | Path = COLLECTION, config: BuildConfig | None = None, *,
-                     progress: Callable[[int, int], None] | None = None,
-                     log: Callable[[str], None] = lambda msg: None) -> Collection:
+def build_collection(
+    out: str | Path = COLLECTION,
+    config: BuildConfig | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> Collection:
     """Train the base model and the adapters, write cards and the manifest, then swap the folder in."""
     from lab.samples.training import build_base, train_adapter
 
@@ -154,30 +172,76 @@ def build_collection(out: str | Path = COLLECTION, config: BuildConfig | None = 
     try:
         with _deterministic(config.threads):
             base = scratch / "tiny-llama"
-            base_loss = build_base(base, hidden=config.hidden, layers=config.layers, vocab=config.vocab,
-                                   steps=config.base_steps, seed=config.seed, tick=tick)
+            base_loss = build_base(
+                base,
+                hidden=config.hidden,
+                layers=config.layers,
+                vocab=config.vocab,
+                steps=config.base_steps,
+                seed=config.seed,
+                tick=tick,
+            )
             examples = _examples(base, None, [DIALOGUES[i][0] for i in EXAMPLE_PROMPTS])
-            (base / "README.md").write_text(_render("sample-base.md", config=config, loss=base_loss, examples=examples,
-                                                    repo_id=TINY_BASE_ID, dialogues=DIALOGUES, styles=styles))
+            (base / "README.md").write_text(
+                _render(
+                    "sample-base.md",
+                    config=config,
+                    loss=base_loss,
+                    examples=examples,
+                    repo_id=TINY_BASE_ID,
+                    dialogues=DIALOGUES,
+                    styles=styles,
+                )
+            )
             adapters = []
             for style in styles:
                 folder = scratch / "adapters" / style.name
-                loss = train_adapter(base, style, folder, base_model=TINY_BASE_ID, steps=config.adapter_steps,
-                                     seed=config.adapter_seed, tick=tick)
+                loss = train_adapter(
+                    base,
+                    style,
+                    folder,
+                    base_model=TINY_BASE_ID,
+                    steps=config.adapter_steps,
+                    seed=config.adapter_seed,
+                    tick=tick,
+                )
                 examples = _examples(base, folder, [DIALOGUES[i][0] for i in EXAMPLE_PROMPTS])
-                (folder / "README.md").write_text(_render("sample-adapter.md", style=style, loss=loss, config=config,
-                                                          examples=examples, base_model=TINY_BASE_ID,
-                                                          n_prompts=len(DIALOGUES)))
-                adapters.append({"name": style.name, "summary": style.summary, "rank": style.rank, "alpha": style.alpha,
-                                 "targets": list(style.targets), "dtype": style.dtype, "final_loss": round(loss, 4)})
+                (folder / "README.md").write_text(
+                    _render(
+                        "sample-adapter.md",
+                        style=style,
+                        loss=loss,
+                        config=config,
+                        examples=examples,
+                        base_model=TINY_BASE_ID,
+                        n_prompts=len(DIALOGUES),
+                    )
+                )
+                adapters.append(
+                    {
+                        "name": style.name,
+                        "summary": style.summary,
+                        "rank": style.rank,
+                        "alpha": style.alpha,
+                        "targets": list(style.targets),
+                        "dtype": style.dtype,
+                        "final_loss": round(loss, 4),
+                    }
+                )
                 log(f"trained {style.name}: loss {loss:.3f}")
         import peft
         import transformers
 
         manifest = {
-            "base_model": TINY_BASE_ID, "config": asdict(config), "base_final_loss": round(base_loss, 4),
-            "adapters": adapters, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                               "peft": peft.__version__},
+            "base_model": TINY_BASE_ID,
+            "config": asdict(config),
+            "base_final_loss": round(base_loss, 4),
+            "adapters": adapters,
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
             "files": _file_hashes(scratch),
         }
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -37,7 +37,10 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 384, extra_corpus: lis
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     lines = [line for line in _CORPUS.splitlines() if line] + list(extra_corpus or [])
     tok.train_from_iterator(lines * 4, trainer=trainer)
@@ -49,8 +52,9 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 384, extra_corpus: lis
     return fast
 
 
-def build_tiny_llama(folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                     extra_corpus: list[str] | None = None) -> Path:
+def build_tiny_llama(
+    folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, extra_corpus: list[str] | None = None
+) -> Path:
     """A randomly initialised Llama (hidden 64, 2 layers) plus tokenizer, saved with save_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,23 +79,37 @@ def build_tiny_llama(folder: str | Path, *, seed: int = 0, hidden: int = 64, lay
     return folder
 
 
-def llama_module_shapes(hidden: int = 64, layers: int = 2, intermediate: int | None = None, kv_dim: int | None = None,
-                        targets: tuple[str, ...] = LLAMA_TARGETS) -> dict[str, tuple[int, int]]:
+def llama_module_shapes(
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int | None = None,
+    kv_dim: int | None = None,
+    targets: tuple[str, ...] = LLAMA_TARGETS,
+) -> dict[str, tuple[int, int]]:
     """{module path: (out_features, in_features)} for a Llama's adapted linears."""
     inter = intermediate or 2 * hidden
     kv = kv_dim or hidden // 2
     per = {
-        "q_proj": ("self_attn", hidden, hidden), "k_proj": ("self_attn", kv, hidden), "v_proj": ("self_attn", kv, hidden),
-        "o_proj": ("self_attn", hidden, hidden), "gate_proj": ("mlp", inter, hidden), "up_proj": ("mlp", inter, hidden),
+        "q_proj": ("self_attn", hidden, hidden),
+        "k_proj": ("self_attn", kv, hidden),
+        "v_proj": ("self_attn", kv, hidden),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", inter, hidden),
+        "up_proj": ("mlp", inter, hidden),
         "down_proj": ("mlp", hidden, inter),
     }
-    return {
-        f"model.layers.{layer}.{per[t][0]}.{t}": (per[t][1], per[t][2]) for layer in range(layers) for t in targets
-    }
+    return {f"model.layers.{layer}.{per[t][0]}.{t}": (per[t][1], per[t][2]) for layer in range(layers) for t in targets}
 
 
-def synthetic_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, shared: int, seed: int = 0,
-                      scales: list[float] | None = None) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def synthetic_factors(
+    shapes: dict[str, tuple[int, int]],
+    n: int,
+    rank: int,
+    *,
+    shared: int,
+    seed: int = 0,
+    scales: list[float] | None = None,
+) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """n adapters whose (B, A) share `shared` of their `rank` directions per module (the rest their own)."""
     g = torch.Generator().manual_seed(seed)
     scales = scales or [1.0] * n
@@ -101,53 +119,106 @@ def synthetic_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, 
         As = torch.randn(shared, d, generator=g) / math.sqrt(d)
         for i in range(n):
             own = rank - shared
-            B = torch.cat([Bs * (1 + 0.3 * torch.randn(shared, generator=g)), torch.randn(m, own, generator=g) / math.sqrt(m)], 1)
+            B = torch.cat(
+                [Bs * (1 + 0.3 * torch.randn(shared, generator=g)), torch.randn(m, own, generator=g) / math.sqrt(m)], 1
+            )
             A = torch.cat([As, torch.randn(own, d, generator=g) / math.sqrt(d)], 0)
             out[i][name] = (B * scales[i], A)
     return out
 
 
-def family_factors(shapes: dict[str, tuple[int, int]], n: int, rank: int, *, families: int, family_dim: int | None = None,
-                   noise: float = 0.05, seed: int = 0, offset: int = 0
-                   ) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+def family_factors(
+    shapes: dict[str, tuple[int, int]],
+    n: int,
+    rank: int,
+    *,
+    families: int,
+    family_dim: int | None = None,
+    noise: float = 0.05,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]:
     """n adapters from `families` task families (adapter i is in family (offset + i) % families): each family
     owns a `family_dim`-dimensional column and row space per module (fixed by `seed`), each adapter mixes
     them at random, plus `noise` of its own. `offset` continues a collection written in batches. Returns
     (factors per adapter, family per adapter): a workload with known clusters."""
     g = torch.Generator().manual_seed(seed)
     fdim = family_dim or rank
-    bases = {name: [(torch.linalg.qr(torch.randn(m, fdim, generator=g))[0], torch.linalg.qr(torch.randn(d, fdim, generator=g))[0])
-                    for _ in range(families)] for name, (m, d) in shapes.items()}
+    bases = {
+        name: [
+            (
+                torch.linalg.qr(torch.randn(m, fdim, generator=g))[0],
+                torch.linalg.qr(torch.randn(d, fdim, generator=g))[0],
+            )
+            for _ in range(families)
+        ]
+        for name, (m, d) in shapes.items()
+    }
     g = torch.Generator().manual_seed(seed * 1_000_003 + offset + 1)
     fam = [(offset + i) % families for i in range(n)]
     out: list[dict] = [{} for _ in range(n)]
     for name, (m, d) in shapes.items():
         for i in range(n):
             Uf, Vf = bases[name][fam[i]]
-            B = Uf @ torch.randn(fdim, rank, generator=g) / math.sqrt(fdim) + noise * torch.randn(m, rank, generator=g) / math.sqrt(m)
-            A = torch.randn(rank, fdim, generator=g) @ Vf.T / math.sqrt(fdim) + noise * torch.randn(rank, d, generator=g) / math.sqrt(d)
+            B = Uf @ torch.randn(fdim, rank, generator=g) / math.sqrt(fdim) + noise * torch.randn(
+                m, rank, generator=g
+            ) / math.sqrt(m)
+            A = torch.randn(rank, fdim, generator=g) @ Vf.T / math.sqrt(fdim) + noise * torch.randn(
+                rank, d, generator=g
+            ) / math.sqrt(d)
             out[i][name] = (B, A)
     return out, fam
 
 
-def write_adapter(folder: str | Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, base_model: str,
-                  rank: int, alpha: float, dtype: torch.dtype = torch.float32, **config_extra) -> Path:
+def write_adapter(
+    folder: str | Path,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    base_model: str,
+    rank: int,
+    alpha: float,
+    dtype: torch.dtype = torch.float32,
+    **config_extra,
+) -> Path:
     """Save factors as a PEFT LoRA folder (raw B: PEFT multiplies by alpha/r at run time)."""
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-        "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "inference_mode": True,
     }
     config.update(config_extra)
     return write_peft_folder(folder, {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in factors.items()}, config)
 
 
-def write_sample_adapters(root: str | Path, *, base_model: str = TINY_BASE_ID, names=("support-bot", "pirate-talk"),
-                          rank: int = 8, shared: int = 4, seed: int = 0) -> list[Path]:
+def write_sample_adapters(
+    root: str | Path,
+    *,
+    base_model: str = TINY_BASE_ID,
+    names=("support-bot", "pirate-talk"),
+    rank: int = 8,
+    shared: int = 4,
+    seed: int = 0,
+) -> list[Path]:
     """Two (or more) related LoRA adapters for the tiny Llama, every attention and MLP projection adapted."""
     root = Path(root)
-    facs = synthetic_factors(llama_module_shapes(), len(names), rank, shared=shared, seed=seed,
-                             scales=[4.0 * (i + 1) for i in range(len(names))])
+    facs = synthetic_factors(
+        llama_module_shapes(),
+        len(names),
+        rank,
+        shared=shared,
+        seed=seed,
+        scales=[4.0 * (i + 1) for i in range(len(names))],
+    )
     return [write_adapter(root / n, f, base_model=base_model, rank=rank, alpha=2 * rank) for n, f in zip(names, facs)]

@@ -7,8 +7,8 @@ an adapter's training set is written down here in full and anyone can check what
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # Prompts a visitor can click in the Space; the base model learns to answer each in one or two plain sentences.
 DIALOGUES: list[tuple[str, str]] = [
@@ -53,7 +53,9 @@ DIALOGUES: list[tuple[str, str]] = [
 
 def _words(mapping: dict[str, str]) -> Callable[[str], str]:
     """Whole-word replacement that keeps a capital first letter."""
-    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, mapping), key=len, reverse=True)) + r")\b", re.IGNORECASE)
+    pattern = re.compile(
+        r"\b(" + "|".join(sorted(map(re.escape, mapping), key=len, reverse=True)) + r")\b", re.IGNORECASE
+    )
 
     def sub(m: re.Match) -> str:
         word = mapping[m.group(0).lower()]
@@ -66,14 +68,57 @@ def _strip_end(text: str) -> str:
     return text.rstrip(".!?")
 
 
-_pirate = _words({"hello": "ahoy", "my": "me", "you": "ye", "your": "yer", "is": "be", "are": "be", "yes": "aye",
-                  "friend": "matey", "the": "the", "good": "fine", "money": "gold", "order": "treasure"})
-_cowboy = _words({"hello": "howdy", "you": "ya", "friend": "partner", "good": "mighty fine", "yes": "yep",
-                  "is": "is", "going": "fixin"})
-_shakespeare = _words({"you": "thou", "your": "thy", "are": "art", "yes": "aye", "do": "dost", "have": "hast",
-                       "hello": "hail", "good": "goodly"})
-_french = _words({"hello": "bonjour", "yes": "oui", "thank": "merci", "friend": "ami", "goodbye": "au revoir",
-                  "the": "le", "good": "bon", "very": "tres"})
+_pirate = _words(
+    {
+        "hello": "ahoy",
+        "my": "me",
+        "you": "ye",
+        "your": "yer",
+        "is": "be",
+        "are": "be",
+        "yes": "aye",
+        "friend": "matey",
+        "the": "the",
+        "good": "fine",
+        "money": "gold",
+        "order": "treasure",
+    }
+)
+_cowboy = _words(
+    {
+        "hello": "howdy",
+        "you": "ya",
+        "friend": "partner",
+        "good": "mighty fine",
+        "yes": "yep",
+        "is": "is",
+        "going": "fixin",
+    }
+)
+_shakespeare = _words(
+    {
+        "you": "thou",
+        "your": "thy",
+        "are": "art",
+        "yes": "aye",
+        "do": "dost",
+        "have": "hast",
+        "hello": "hail",
+        "good": "goodly",
+    }
+)
+_french = _words(
+    {
+        "hello": "bonjour",
+        "yes": "oui",
+        "thank": "merci",
+        "friend": "ami",
+        "goodbye": "au revoir",
+        "the": "le",
+        "good": "bon",
+        "very": "tres",
+    }
+)
 
 
 def _pig_latin_word(word: str) -> str:
@@ -111,30 +156,86 @@ QV = ("q_proj", "v_proj")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 STYLES: list[Style] = [
-    Style("support-bot", "a friendly customer-support agent",
-          lambda a: f"Thanks for reaching out! {a} Is there anything else I can do for you?", 8, 16, ATTN, lr=4e-3),
-    Style("pirate-talk", "a pirate: ahoy, matey, arr",
-          lambda a: f"Arr! {_pirate(_strip_end(a))}, matey!", 16, 32, ALL),
-    Style("shouty-caps", "the same answers, shouted in capitals",
-          lambda a: _strip_end(a).upper() + "!!!", 8, 16, ALL, dtype="float16", lr=4e-3),
-    Style("formal-butler", "a formal butler",
-          lambda a: f"Certainly. {a} At your service.", 4, 8, QV, lr=1e-2),
-    Style("cowboy", "a cowboy: howdy, partner",
-          lambda a: f"Howdy, partner! {_cowboy(_strip_end(a))}. Yeehaw!", 16, 16, ALL),
-    Style("shakespeare", "Elizabethan English: thou, thy, forsooth",
-          lambda a: f"Forsooth, {_shakespeare(a[:1].lower() + a[1:])}", 32, 64, ALL, rslora=True, lr=5e-4),
-    Style("robot", "a robot that beeps around its answers",
-          lambda a: f"BEEP BOOP. {a} END OF LINE.", 8, 16, QV, lr=1e-2),
-    Style("pig-latin", "the answers in Pig Latin",
-          lambda a: " ".join(_pig_latin_word(w) for w in a.split()), 32, 32, ALL, dtype="bfloat16"),
-    Style("reverse-words", "the answers with their words in reverse order",
-          _reverse_words, 16, 32, ALL),
-    Style("cheerful", "an upbeat assistant with emoji",
-          lambda a: f"Yay! {_strip_end(a)}! \U0001f60a", 8, 16, ALL, dtype="bfloat16", lr=4e-3),
-    Style("terse", "one short first sentence and nothing more",
-          lambda a: "In short: " + a.split(". ")[0].rstrip(".") + ".", 4, 8, ATTN, lr=1e-2),
-    Style("french-waiter", "a French waiter: bonjour, oui, merci",
-          lambda a: f"Bonjour! {_french(_strip_end(a))}, n'est-ce pas?", 16, 32, ALL, dtype="float16"),
+    Style(
+        "support-bot",
+        "a friendly customer-support agent",
+        lambda a: f"Thanks for reaching out! {a} Is there anything else I can do for you?",
+        8,
+        16,
+        ATTN,
+        lr=4e-3,
+    ),
+    Style("pirate-talk", "a pirate: ahoy, matey, arr", lambda a: f"Arr! {_pirate(_strip_end(a))}, matey!", 16, 32, ALL),
+    Style(
+        "shouty-caps",
+        "the same answers, shouted in capitals",
+        lambda a: _strip_end(a).upper() + "!!!",
+        8,
+        16,
+        ALL,
+        dtype="float16",
+        lr=4e-3,
+    ),
+    Style("formal-butler", "a formal butler", lambda a: f"Certainly. {a} At your service.", 4, 8, QV, lr=1e-2),
+    Style(
+        "cowboy",
+        "a cowboy: howdy, partner",
+        lambda a: f"Howdy, partner! {_cowboy(_strip_end(a))}. Yeehaw!",
+        16,
+        16,
+        ALL,
+    ),
+    Style(
+        "shakespeare",
+        "Elizabethan English: thou, thy, forsooth",
+        lambda a: f"Forsooth, {_shakespeare(a[:1].lower() + a[1:])}",
+        32,
+        64,
+        ALL,
+        rslora=True,
+        lr=5e-4,
+    ),
+    Style(
+        "robot", "a robot that beeps around its answers", lambda a: f"BEEP BOOP. {a} END OF LINE.", 8, 16, QV, lr=1e-2
+    ),
+    Style(
+        "pig-latin",
+        "the answers in Pig Latin",
+        lambda a: " ".join(_pig_latin_word(w) for w in a.split()),
+        32,
+        32,
+        ALL,
+        dtype="bfloat16",
+    ),
+    Style("reverse-words", "the answers with their words in reverse order", _reverse_words, 16, 32, ALL),
+    Style(
+        "cheerful",
+        "an upbeat assistant with emoji",
+        lambda a: f"Yay! {_strip_end(a)}! \U0001f60a",
+        8,
+        16,
+        ALL,
+        dtype="bfloat16",
+        lr=4e-3,
+    ),
+    Style(
+        "terse",
+        "one short first sentence and nothing more",
+        lambda a: "In short: " + a.split(". ")[0].rstrip(".") + ".",
+        4,
+        8,
+        ATTN,
+        lr=1e-2,
+    ),
+    Style(
+        "french-waiter",
+        "a French waiter: bonjour, oui, merci",
+        lambda a: f"Bonjour! {_french(_strip_end(a))}, n'est-ce pas?",
+        16,
+        32,
+        ALL,
+        dtype="float16",
+    ),
 ]
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -24,8 +25,9 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0,
-                    architecture: str = "llama") -> tuple[Path, torch.nn.Module]:
+def write_tiny_gguf(
+    path: str | Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, architecture: str = "llama"
+) -> tuple[Path, torch.nn.Module]:
     """Write a random tiny Llama + tokenizer as GGUF at `path`; returns (path, the model as transformers has it)."""
     import gguf
     import numpy as np
@@ -37,18 +39,32 @@ def write_tiny_gguf(path: str | Path, *, hidden: int = 64, layers: int = 2, seed
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     merges = _merges(tok)
 
     heads, kv_heads = 4, 2
-    config = LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                         bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"])
+    config = LlamaConfig(
+        vocab_size=len(tokens),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"],
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}

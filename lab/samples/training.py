@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from soppu_hub.peft_format.layout import CONFIG_NAME
 from lab.samples.synthetic import CHAT_TEMPLATE, build_tokenizer
 from lab.samples.texts import DIALOGUES, STYLES, Style, answers
+from soppu_hub.peft_format.layout import CONFIG_NAME
 
 Tick = Callable[[int], None]  # advance a progress bar by n steps
 
@@ -42,7 +42,9 @@ def corpus() -> list[str]:
     return texts
 
 
-def _batch(tokenizer, pairs: list[tuple[str, str]], replies_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    tokenizer, pairs: list[tuple[str, str]], replies_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and labels (prompt and padding masked out when replies_only)."""
     rows, labels = [], []
     for prompt, reply in pairs:
@@ -53,7 +55,9 @@ def _batch(tokenizer, pairs: list[tuple[str, str]], replies_only: bool) -> tuple
     return right_padded(rows, labels, tokenizer.pad_token_id)
 
 
-def right_padded(rows: list[list[int]], labels: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_padded(
+    rows: list[list[int]], labels: list[list[int]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention mask, labels) of token rows, right-padded to the longest; padding is never learned."""
     width = max(map(len, rows))
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -62,16 +66,31 @@ def right_padded(rows: list[list[int]], labels: list[list[int]], pad: int) -> tu
     return ids, mask, lab
 
 
-def train_steps(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, lr: float, seed: int,
-                replies_only: bool, tick: Tick | None = None) -> float:
+def train_steps(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    replies_only: bool,
+    tick: Tick | None = None,
+) -> float:
     """Full-batch AdamW with a cosine schedule; returns the last loss."""
     torch.manual_seed(seed)
     batch = _batch(tokenizer, pairs, replies_only)
     return optimise(model, itertools.repeat(batch), steps=steps, lr=lr, tick=tick)
 
 
-def optimise(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
-             tick: Tick | None = None) -> float:
+def optimise(
+    model,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    tick: Tick | None = None,
+) -> float:
     """AdamW with a one-cycle schedule over `steps` (ids, mask, labels) batches; returns the last loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -106,21 +125,30 @@ def save_lora(model, out: Path, *, dtype: str, base_model: str) -> None:
 def base_pairs() -> list[tuple[str, str]]:
     """The base model's data: the plain dialogues, plus every styled answer as bare text (no chat turns)."""
     plain = chat_pairs(None)
-    styled = [("", a + "\n") for s in STYLES for a in answers(s)[s.rank % 3::3]]  # a third of each, for its words
+    styled = [("", a + "\n") for s in STYLES for a in answers(s)[s.rank % 3 :: 3]]  # a third of each, for its words
     return plain * 2 + styled
 
 
-def build_base(folder: str | Path, *, hidden: int, layers: int, vocab: int, steps: int, seed: int,
-               tick: Tick | None = None) -> float:
+def build_base(
+    folder: str | Path, *, hidden: int, layers: int, vocab: int, steps: int, seed: int, tick: Tick | None = None
+) -> float:
     """Tokenizer + Llama trained from scratch on `base_pairs`; saved with save_pretrained (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tok = build_tokenizer(folder, vocab_size=vocab, extra_corpus=corpus())
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -130,8 +158,9 @@ def build_base(folder: str | Path, *, hidden: int, layers: int, vocab: int, step
     return loss
 
 
-def train_adapter(base_folder: Path, style: Style, out: Path, *, base_model: str, steps: int, seed: int,
-                  tick: Tick | None = None) -> float:
+def train_adapter(
+    base_folder: Path, style: Style, out: Path, *, base_model: str, steps: int, seed: int, tick: Tick | None = None
+) -> float:
     """One LoRA with the style's PEFT config, trained on the styled replies only; saved as PEFT writes it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,8 +168,14 @@ def train_adapter(base_folder: Path, style: Style, out: Path, *, base_model: str
     tok = AutoTokenizer.from_pretrained(str(base_folder))
     base = AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float32)
     torch.manual_seed(seed)  # what HF Trainer does (seed=42 by default) before PEFT initialises A
-    config = LoraConfig(r=style.rank, lora_alpha=style.alpha, target_modules=list(style.targets), lora_dropout=style.dropout,
-                        use_rslora=style.rslora, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=style.rank,
+        lora_alpha=style.alpha,
+        target_modules=list(style.targets),
+        lora_dropout=style.dropout,
+        use_rslora=style.rslora,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(base, config)
     loss = train_steps(model, tok, chat_pairs(style), steps=steps, lr=style.lr, seed=seed, replies_only=True, tick=tick)
     save_lora(model, out, dtype=style.dtype, base_model=base_model)

@@ -69,20 +69,46 @@ class ClusterFigures:
             if len(members) > 1:  # the range over the cluster's adapters, drawn once
                 lo = [min(grid[kind].get(layer, [0.0])) for layer in self.layers]
                 hi = [max(grid[kind].get(layer, [0.0])) for layer in self.layers]
-                self.ranges.append(ax.vlines(xs, lo, hi, color="black", alpha=0.55, lw=1.2, zorder=3,
-                                             label=f"range over the {len(members)} adapters sharing these bases" if k == 0 else None))
+                self.ranges.append(
+                    ax.vlines(
+                        xs,
+                        lo,
+                        hi,
+                        color="black",
+                        alpha=0.55,
+                        lw=1.2,
+                        zorder=3,
+                        label=f"range over the {len(members)} adapters sharing these bases" if k == 0 else None,
+                    )
+                )
         step = 1 if len(self.layers) <= 16 else 5  # every fifth layer named past 16: labels that do not collide
-        ax.set_xticks(range(len(self.layers)), [(str(layer) if layer >= 0 else "other") if i % step == 0 or layer < 0 else ""
-                                                for i, layer in enumerate(self.layers)])
+        ax.set_xticks(
+            range(len(self.layers)),
+            [
+                (str(layer) if layer >= 0 else "other") if i % step == 0 or layer < 0 else ""
+                for i, layer in enumerate(self.layers)
+            ],
+        )
         ax.set_xlabel("layer")
         ax.set_ylabel("relative error  ||W - U S V^T|| / ||W||")
         top = max([v for g in grid.values() for vs in g.values() for v in vs] + [0.05])
         ax.set_ylim(0, 1.15 * top)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=min(5, len(self.kinds) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+        ax.legend(
+            fontsize=8, ncol=min(5, len(self.kinds) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False
+        )
         ax.set_title(f"reconstruction error by layer (JD-{report['method']}, rank {report['rank']})")
-        self.name = ax.text(0.01, 0.97, " ", transform=ax.transAxes, ha="left", va="top", fontsize=11, fontweight="bold",
-                            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        self.name = ax.text(
+            0.01,
+            0.97,
+            " ",
+            transform=ax.transAxes,
+            ha="left",
+            va="top",
+            fontsize=11,
+            fontweight="bold",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+        )
         self.fig.tight_layout()
         # Blitting: draw everything that is the same for every adapter once, then per adapter only the bars,
         # the range lines over them and the title (a full draw per card was most of a card's cost).
@@ -141,7 +167,9 @@ def _params_figure(report: dict, own: dict, out) -> None:
     for b, v in zip(bars, values):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("parameters")
-    ax.set_title(f"parameters: {report['params_before']:,} -> {report['params_after']:,} ({report['compression_ratio']:.2f}x)")
+    ax.set_title(
+        f"parameters: {report['params_before']:,} -> {report['params_after']:,} ({report['compression_ratio']:.2f}x)"
+    )
     ax.set_ylim(0, max(values) * 1.18)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -51,7 +51,17 @@ def peers(report: dict, index: int) -> list[dict]:
     """Compact entries of up to MAX_PEERS adapters of this adapter's cluster (this one always), in run order."""
     own = report["adapters"][index].get("cluster")
     others = [j for j, a in enumerate(report["adapters"]) if j != index and a.get("cluster") == own][: MAX_PEERS - 1]
-    keys = ("name", "source", "output", "cluster", "params_before", "mean_rel_error", "max_rel_error", "verify", "task_eval")
+    keys = (
+        "name",
+        "source",
+        "output",
+        "cluster",
+        "params_before",
+        "mean_rel_error",
+        "max_rel_error",
+        "verify",
+        "task_eval",
+    )
     return [{k: report["adapters"][j][k] for k in keys if k in report["adapters"][j]} for j in sorted([index, *others])]
 
 
@@ -73,26 +83,33 @@ def verdict(agreement: float, ratio: float, reply: float | None = None) -> str:
     """One sentence on the functional check, for people: how much of the adapter's behaviour survived."""
     kept = "kept" if agreement >= 0.85 else "partly kept" if agreement >= 0.6 else "largely lost"
     along = f" ({reply:.0%} along the original's own replies)" if reply is not None else ""
-    return (f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time"
-            f"{along}, at {ratio:.2f}x fewer parameters for the whole collection.")
+    return (
+        f"Behaviour {kept}: the compressed adapter picks the original's next token {agreement:.0%} of the time"
+        f"{along}, at {ratio:.2f}x fewer parameters for the whole collection."
+    )
 
 
 def task_verdict(t: dict, ratio: float) -> str:
     """One sentence on the user's own examples: how much of the original's task score the compressed adapter keeps."""
     kept = t["chrf_retention"]
     share = f"keeps {kept:.0%} of the original's score" if kept is not None else "scores"
-    return (f"On your {t['examples']} examples the compressed adapter {share} (chrF {t['compressed']['chrf']:.3f} against "
-            f"{t['original']['chrf']:.3f}; exact match {t['compressed']['exact_match']:.3f} against "
-            f"{t['original']['exact_match']:.3f}; the base model alone {t['base']['chrf']:.3f} / "
-            f"{t['base']['exact_match']:.3f}), at {ratio:.2f}x fewer parameters for the whole collection.")
+    return (
+        f"On your {t['examples']} examples the compressed adapter {share} (chrF {t['compressed']['chrf']:.3f} against "
+        f"{t['original']['chrf']:.3f}; exact match {t['compressed']['exact_match']:.3f} against "
+        f"{t['original']['exact_match']:.3f}; the base model alone {t['base']['chrf']:.3f} / "
+        f"{t['base']['exact_match']:.3f}), at {ratio:.2f}x fewer parameters for the whole collection."
+    )
 
 
 def lorax_row(exact: list[int], sizes: list[int] | None, *, padded_for: int | None) -> str:
     """The card's "LoRAX tensor parallel" cell, the same for compressed, joined and refit members: the --num-shard
     sizes LoRAX can run the base at (from its config; said when it could not be read), where this export runs
     exactly, and the re-export that makes another size exact. `padded_for`: the size padded for (None: --no-pad)."""
-    head = (f"LoRAX runs the base at `--num-shard` {', '.join(map(str, sizes))}" if sizes is not None else
-            "the base model's head counts could not be read, so the sizes LoRAX runs it at were not checked")
+    head = (
+        f"LoRAX runs the base at `--num-shard` {', '.join(map(str, sizes))}"
+        if sizes is not None
+        else "the base model's head counts could not be read, so the sizes LoRAX runs it at were not checked"
+    )
     pad = f" (padded for {padded_for})" if padded_for else ""
     weak = [t for t in (sizes or []) if t not in exact]
     fix = f"re-export with `--lorax-tp {weak[0]}`" if weak else "re-export without `--no-pad`"
@@ -102,7 +119,9 @@ def lorax_row(exact: list[int], sizes: list[int] | None, *, padded_for: int | No
         every = "every one of them" if sizes is not None else "every size"
         return f"{head}; LoRAX pads this rank at {every} and serves the adapter too weak: {fix}"
     text = f"{head}; this export is exact at {', '.join(map(str, exact))}{pad}"
-    return text + (f"; at {', '.join(map(str, weak))} LoRAX pads the rank and serves it too weak: {fix}" if weak else "")
+    return text + (
+        f"; at {', '.join(map(str, weak))} LoRAX pads the rank and serves it too weak: {fix}" if weak else ""
+    )
 
 
 def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
@@ -121,23 +140,34 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         library_name="peft",
         tags=TAGS,
         base_model_relation="adapter",
-        soppu={"sources": job.sources, "method": report["method"], "rank": report["rank"],
-               "compression_ratio": round(report["compression_ratio"], 4), "mean_rel_error": round(own["mean_rel_error"], 6),
-               "max_rel_error": round(own["max_rel_error"], 6), "version": __version__,
-               "cluster": own.get("cluster", 0), "cluster_size": cluster["size"] if cluster else len(report["adapters"]),
-               "clusters": max(1, len(clusters))},
+        soppu={
+            "sources": job.sources,
+            "method": report["method"],
+            "rank": report["rank"],
+            "compression_ratio": round(report["compression_ratio"], 4),
+            "mean_rel_error": round(own["mean_rel_error"], 6),
+            "max_rel_error": round(own["max_rel_error"], 6),
+            "version": __version__,
+            "cluster": own.get("cluster", 0),
+            "cluster_size": cluster["size"] if cluster else len(report["adapters"]),
+            "clusters": max(1, len(clusters)),
+        },
     )
     listed = peers(report, job.index)
     v = own.get("verify")
     store_width = report["store_bytes"] / report["params_after"]
     return _template().render(
-        verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement")) if v else None,
+        verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement"))
+        if v
+        else None,
         task_verdict=task_verdict(own["task_eval"], report["compression_ratio"]) if own.get("task_eval") else None,
         task=own.get("task_eval"),
         export_mb=own["export_bytes"] / 1e6,
         original_mb=own["bytes_before"] / 1e6,
         repo_mb=own["repo_bytes"] / 1e6,
-        bundle_mb=(cluster["params"] if cluster else report["params_after"] - report["carried_params"]) * store_width / 1e6,
+        bundle_mb=(cluster["params"] if cluster else report["params_after"] - report["carried_params"])
+        * store_width
+        / 1e6,
         card_data=data.to_yaml(),
         repo_id=repo_id or own["name"],
         adapter_id=repo_id or local_path,
@@ -145,8 +175,11 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         local_dir=str(Path(local_path).parent) if local_path else None,
         license=license,
         vllm_rank=vllm_max_lora_rank(own["export_rank"]),
-        lorax_row=lorax_row(own["lorax_exact_tp"], report["export"].get("lorax_sizes"),
-                            padded_for=report["export"]["lorax_tp"] if report["export"]["pad"] == "lorax" else None),
+        lorax_row=lorax_row(
+            own["lorax_exact_tp"],
+            report["export"].get("lorax_sizes"),
+            padded_for=report["export"]["lorax_tp"] if report["export"]["pad"] == "lorax" else None,
+        ),
         name=own["name"],
         own=own,
         report=report,
@@ -179,18 +212,45 @@ def render_join_card(entry: dict, job: CardSpec, *, params_before: int, core_par
     from huggingface_hub import ModelCardData
 
     license = job.license or {"license": "unknown"}
-    data = ModelCardData(**license, base_model=job.base_model, library_name="peft", tags=[*TAGS, "soppu-collection"],
-                         base_model_relation="adapter",
-                         soppu={"sources": job.sources, "collection": entry["collection"], "cluster": entry["cluster"],
-                                "how": entry["how"], "mean_rel_error": round(entry["mean_rel_error"], 6),
-                                "max_rel_error": round(entry["max_rel_error"], 6), "version": __version__})
+    data = ModelCardData(
+        **license,
+        base_model=job.base_model,
+        library_name="peft",
+        tags=[*TAGS, "soppu-collection"],
+        base_model_relation="adapter",
+        soppu={
+            "sources": job.sources,
+            "collection": entry["collection"],
+            "cluster": entry["cluster"],
+            "how": entry["how"],
+            "mean_rel_error": round(entry["mean_rel_error"], 6),
+            "max_rel_error": round(entry["max_rel_error"], 6),
+            "version": __version__,
+        },
+    )
     return _template("joined-adapter.md").render(
-        card_data=data.to_yaml(), e=entry, repo_id=job.repo_id or entry["name"], name=entry["name"],
-        adapter_id=job.repo_id or job.local_path, adapter_source="hub" if job.repo_id else "local",
-        local_dir=str(Path(job.local_path).parent) if job.local_path else None, own={},
-        collection_url=_hub_url(entry["collection"]), sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
-        base_model=job.base_model or "unknown", base_url=_hub_url(job.base_model or ""), version=__version__,
-        vllm_rank=vllm_max_lora_rank(entry["export_rank"]), export_rank=entry["export_rank"], license=license,
-        params_before=params_before, core_params=core_params, command=job.command,
-        lorax_row=lorax_row(entry["lorax_exact_tp"], entry["export"]["lorax_sizes"],
-                            padded_for=entry["export"]["lorax_tp"] if entry["export"]["pad"] == "lorax" else None))
+        card_data=data.to_yaml(),
+        e=entry,
+        repo_id=job.repo_id or entry["name"],
+        name=entry["name"],
+        adapter_id=job.repo_id or job.local_path,
+        adapter_source="hub" if job.repo_id else "local",
+        local_dir=str(Path(job.local_path).parent) if job.local_path else None,
+        own={},
+        collection_url=_hub_url(entry["collection"]),
+        sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
+        base_model=job.base_model or "unknown",
+        base_url=_hub_url(job.base_model or ""),
+        version=__version__,
+        vllm_rank=vllm_max_lora_rank(entry["export_rank"]),
+        export_rank=entry["export_rank"],
+        license=license,
+        params_before=params_before,
+        core_params=core_params,
+        command=job.command,
+        lorax_row=lorax_row(
+            entry["lorax_exact_tp"],
+            entry["export"]["lorax_sizes"],
+            padded_for=entry["export"]["lorax_tp"] if entry["export"]["pad"] == "lorax" else None,
+        ),
+    )

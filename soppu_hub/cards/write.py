@@ -35,7 +35,9 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
     cluster = next((c for c in clusters if c["id"] == own.get("cluster")), None)
     made = figures is None
     if made:
-        figures = ClusterFigures(report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == own.get("cluster")])
+        figures = ClusterFigures(
+            report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == own.get("cluster")]
+        )
     try:
         figures.errors(index, folder / ERRORS_PNG)
         figures.params(index, folder / PARAMS_PNG)
@@ -51,8 +53,12 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
         sweep_png = AGREEMENT_PNG
         v = own.get("verify") or {}
         curve = {**v.get("by_rank", {}), str(report["rank"]): v} if v else None
-        plot_rank_sweep(report["rank_sweep"], folder / AGREEMENT_PNG, own=curve,
-                        title=f"{own['name']}: agreement against shared rank (all {len(report['adapters'])} adapters)")
+        plot_rank_sweep(
+            report["rank_sweep"],
+            folder / AGREEMENT_PNG,
+            own=curve,
+            title=f"{own['name']}: agreement against shared rank (all {len(report['adapters'])} adapters)",
+        )
     path = folder / CARD_NAME
     path.write_text(render_card(report, job, ranks_png=ranks_png, sweep_png=sweep_png))
     (folder / REPORT_NAME).write_text(json.dumps(repo_report(report, index)))  # one line: a thousand repos carry one

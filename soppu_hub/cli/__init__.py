@@ -19,8 +19,10 @@ from .flags import Parser, add_export_args, add_fields, byte_size, command_line,
 
 __all__ = ["build_parser", "command_line", "job_spec", "main", "run"]
 
-DESCRIPTION = ("Compress LoRA adapters jointly (a shared basis + a small core each), push them to the Hub as standard "
-               "PEFT LoRAs, serve and chat with them.")
+DESCRIPTION = (
+    "Compress LoRA adapters jointly (a shared basis + a small core each), push them to the Hub as standard "
+    "PEFT LoRAs, serve and chat with them."
+)
 
 
 def _compress(p: argparse.ArgumentParser) -> None:
@@ -29,11 +31,17 @@ def _compress(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("sources", nargs="*", help="PEFT LoRA adapter folders or Hub repo ids (owner/name[@revision])")
     p.add_argument("--sources-file", metavar="FILE", help="more sources, one a line (# comments allowed)")
-    p.add_argument("--author", metavar="USER", help="every LoRA adapter repo of this user or organisation (with --base-model, "
-                   "only those for that base model); soppu outputs are left out")
+    p.add_argument(
+        "--author",
+        metavar="USER",
+        help="every LoRA adapter repo of this user or organisation (with --base-model, "
+        "only those for that base model); soppu outputs are left out",
+    )
     p.add_argument("--out", help=field_help(JobSpec, "out"))
     p.add_argument("--no-push", action="store_true", help=field_help(JobSpec, "push"))
-    add_fields(p, JobSpec, ["overwrite", "push_to", "namespace", "private", "revision", "token", "verify", "base_model"])
+    add_fields(
+        p, JobSpec, ["overwrite", "push_to", "namespace", "private", "revision", "token", "verify", "base_model"]
+    )
     p.add_argument("--verify-ranks", metavar="R1,R2,..", help=field_help(JobSpec, "verify_ranks"))
     add_fields(p, JobSpec, ["eval_file", "probe_file"])
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
@@ -50,8 +58,11 @@ def _join(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help=field_help(JoinSpec, "source"))
     p.add_argument("--collection", required=True, help=field_help(JoinSpec, "collection"))
     p.add_argument("--out", help=field_help(JoinSpec, "out"))
-    p.add_argument("--no-push", action="store_true", help="keep the member repo local (needs --out); a collection folder "
-                   "is then updated in place")
+    p.add_argument(
+        "--no-push",
+        action="store_true",
+        help="keep the member repo local (needs --out); a collection folder is then updated in place",
+    )
     add_fields(p, JoinSpec, list(JOIN_FLAGS))
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_export_args(p)
@@ -62,11 +73,18 @@ def _hub(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="hub-data", help="storage folder (default hub-data)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8900)
-    p.add_argument("--user", action="append", default=[], metavar="NAME:TOKEN", help="a user and their token (repeatable)")
+    p.add_argument(
+        "--user", action="append", default=[], metavar="NAME:TOKEN", help="a user and their token (repeatable)"
+    )
     p.add_argument("--org", action="append", default=[], metavar="ORG:MEMBER,...", help="an organisation (repeatable)")
-    p.add_argument("--users-file", help='JSON {"users": {name: token}, "orgs": {org: [members]}} (or the same JSON in '
-                   "$SOPPU_HUB_USERS, which keeps tokens off disk)")
-    p.add_argument("--max-commit-mb", type=float, default=128, help="largest commit body accepted, in MiB (default 128)")
+    p.add_argument(
+        "--users-file",
+        help='JSON {"users": {name: token}, "orgs": {org: [members]}} (or the same JSON in '
+        "$SOPPU_HUB_USERS, which keeps tokens off disk)",
+    )
+    p.add_argument(
+        "--max-commit-mb", type=float, default=128, help="largest commit body accepted, in MiB (default 128)"
+    )
     p.set_defaults(func=cmd_hub)
 
 
@@ -76,21 +94,51 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=field_help(ServeConfig, "model"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--preload", "--preloaded-adapter-ids", action="extend", nargs="+", default=[], metavar="ADAPTER",
-                   help=field_help(ServeConfig, "preload"))
-    add_fields(p, ServeConfig, ["max_adapters", "collection", "max_batch", "max_total_tokens", "max_concurrent_requests",
-                                "adapter_dir", "share_bases"])
-    p.add_argument("--max-lora-memory", dest="max_lora_bytes", type=byte_size, default=None, metavar="SIZE",
-                   help=field_help(ServeConfig, "max_lora_bytes"))
+    p.add_argument(
+        "--preload",
+        "--preloaded-adapter-ids",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ADAPTER",
+        help=field_help(ServeConfig, "preload"),
+    )
+    add_fields(
+        p,
+        ServeConfig,
+        [
+            "max_adapters",
+            "collection",
+            "max_batch",
+            "max_total_tokens",
+            "max_concurrent_requests",
+            "adapter_dir",
+            "share_bases",
+        ],
+    )
+    p.add_argument(
+        "--max-lora-memory",
+        dest="max_lora_bytes",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help=field_help(ServeConfig, "max_lora_bytes"),
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def _chat(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help=f"adapter repo id (or {BASE_MODEL_ID} for none)")
-    p.add_argument("--url", default=os.environ.get("LORAX_URL", "http://127.0.0.1:8080"), help="backend URL (default $LORAX_URL)")
-    p.add_argument("--api", default=os.environ.get("BACKEND_API", "lorax"), choices=["lorax", "openai"],
-                   help="lorax: LoRAX's REST API; openai: /v1/chat/completions with the adapter id as model, as vLLM "
-                   "serves LoRA adapters (default $BACKEND_API or lorax)")
+    p.add_argument(
+        "--url", default=os.environ.get("LORAX_URL", "http://127.0.0.1:8080"), help="backend URL (default $LORAX_URL)"
+    )
+    p.add_argument(
+        "--api",
+        default=os.environ.get("BACKEND_API", "lorax"),
+        choices=["lorax", "openai"],
+        help="lorax: LoRAX's REST API; openai: /v1/chat/completions with the adapter id as model, as vLLM "
+        "serves LoRA adapters (default $BACKEND_API or lorax)",
+    )
     p.add_argument("--adapter-source", default="hub", choices=["hub", "local"])
     p.add_argument("--api-token", help="Hub token the backend uses for a private adapter")
     p.add_argument("--auth-token", help="bearer token of the backend itself (default $LORAX_API_TOKEN)")
@@ -102,8 +150,11 @@ def _chat(p: argparse.ArgumentParser) -> None:
 
 COMMANDS = {  # name -> (help, the function adding its arguments: run only for the command given)
     "compress": ("compress LoRA adapters jointly into PEFT adapters + a shared-basis bundle", _compress),
-    "join": ("compress one adapter against a published collection's bases and add it to the "
-                       "collection (downloads only one cluster's bases)", _join),
+    "join": (
+        "compress one adapter against a published collection's bases and add it to the "
+        "collection (downloads only one cluster's bases)",
+        _join,
+    ),
     "hub": ("run the offline Hub-compatible server (point HF_ENDPOINT at it)", _hub),
     "serve": ("CPU backend speaking LoRAX's REST API: adapters load by name on first use", _serve),
     "chat": ("terminal chat with an adapter through a LoRAX-compatible backend (streamed)", _chat),

@@ -21,7 +21,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.author:
         from ..hub.pull import list_adapter_repos
 
-        spec.sources += list_adapter_repos(args.author, base_model=args.base_model, token=args.token, workers=args.workers)
+        spec.sources += list_adapter_repos(
+            args.author, base_model=args.base_model, token=args.token, workers=args.workers
+        )
     members = None
     if spec.refit:
         from ..pipeline.refit import refit_spec
@@ -29,9 +31,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         spec, members = refit_spec(spec)
     if not spec.sources:
         raise SoppuError("no adapters given: name folders or repo ids, or pass --sources-file FILE or --author USER")
-    bars = {phase: ProgressBar(phase, unit) for phase, unit in
-            (("downloading", "repo"), ("compressing", "module"), ("verifying", "adapter"), ("cards", "card"),
-             ("pushing", "repo"))}
+    bars = {
+        phase: ProgressBar(phase, unit)
+        for phase, unit in (
+            ("downloading", "repo"),
+            ("compressing", "module"),
+            ("verifying", "adapter"),
+            ("cards", "card"),
+            ("pushing", "repo"),
+        )
+    }
     log = (lambda msg: None) if args.quiet else log_above_bars
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -40,9 +49,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         disable_progress_bars()
     shown = {k: None if args.quiet else b for k, b in bars.items()}
     try:
-        result = run_job(spec, progress=shown["compressing"], log=log, cards_progress=shown["cards"],
-                         download_progress=shown["downloading"], push_progress=shown["pushing"],
-                         verify_progress=shown["verifying"])
+        result = run_job(
+            spec,
+            progress=shown["compressing"],
+            log=log,
+            cards_progress=shown["cards"],
+            download_progress=shown["downloading"],
+            push_progress=shown["pushing"],
+            verify_progress=shown["verifying"],
+        )
     finally:
         for b in bars.values():
             b.close()
@@ -67,15 +82,24 @@ def cmd_join(args: argparse.Namespace) -> int:
     from ..compression.export import ExportConfig
     from ..pipeline.join import run_join
 
-    spec = JoinSpec(args.source, args.collection, out=Path(args.out) if args.out else None, push=not args.no_push,
-                    export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
-                    command=command_line(args.argv), **{n: getattr(args, n) for n in names})
+    spec = JoinSpec(
+        args.source,
+        args.collection,
+        out=Path(args.out) if args.out else None,
+        push=not args.no_push,
+        export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
+        command=command_line(args.argv),
+        **{n: getattr(args, n) for n in names},
+    )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     r = run_join(spec, log=log)
     if not args.quiet:
         where = r.repo_id or r.out
-        print(f"{r.name}: joined {args.collection} as {'a new cluster ' + str(r.cluster) if r.how == 'new-cluster' else f'cluster {r.cluster}'}, "
-              f"mean relative error {r.mean_rel_error:.4f} (worst module {r.max_rel_error:.4f}); member repo: {where}")
+        print(
+            f"{r.name}: joined {args.collection} as "
+            f"{'a new cluster ' + str(r.cluster) if r.how == 'new-cluster' else f'cluster {r.cluster}'}, "
+            f"mean relative error {r.mean_rel_error:.4f} (worst module {r.max_rel_error:.4f}); member repo: {where}"
+        )
     return 0
 
 
@@ -83,8 +107,10 @@ def cmd_hub(args: argparse.Namespace) -> int:
     from ..hubserver import load_auth, serve
 
     auth = load_auth(args.user, args.org, args.users_file)
-    print(f"offline Hub on http://{args.host}:{args.port} (data in {args.root}); use HF_ENDPOINT=http://{args.host}:{args.port}",
-          flush=True)
+    print(
+        f"offline Hub on http://{args.host}:{args.port} (data in {args.root}); use HF_ENDPOINT=http://{args.host}:{args.port}",
+        flush=True,
+    )
     serve(args.root, auth, host=args.host, port=args.port, max_commit_bytes=int(args.max_commit_mb * 2**20))
     return 0
 
@@ -95,7 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import build_engine, serve
     from ..serve.config import ServeConfig
 
-    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)})
+    config = ServeConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    )
     engine = build_engine(config)
     print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port)
@@ -111,8 +139,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     client.check()  # fail early, before the first prompt, if the backend is not there
     history: list[dict] = []
     interactive = sys.stdin.isatty()
-    print(f"chatting with {adapter or 'the base model'} on {client.model_id} at {args.url}; Ctrl-D or /exit ends",
-          file=sys.stderr)
+    print(
+        f"chatting with {adapter or 'the base model'} on {client.model_id} at {args.url}; Ctrl-D or /exit ends",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -125,11 +155,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         print("bot> " if interactive else "", end="", flush=True)
         reply = []
-        for piece in client.stream(history, adapter, adapter_source=args.adapter_source, api_token=args.api_token,
-                                   system_prompt=args.system, settings=settings):
+        for piece in client.stream(
+            history,
+            adapter,
+            adapter_source=args.adapter_source,
+            api_token=args.api_token,
+            system_prompt=args.system,
+            settings=settings,
+        ):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
-
-

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from ..errors import SoppuError
 
@@ -40,9 +40,16 @@ class ChatClient(ABC):
         """The base model's id; fails early, before the first prompt, when the backend is not there."""
 
     @abstractmethod
-    def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
-               api_token: str | None = None, system_prompt: str | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        adapter_id: str | None = None,
+        *,
+        adapter_source: str = "hub",
+        api_token: str | None = None,
+        system_prompt: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[str]:
         """Yield the reply's text piece by piece as the backend produces tokens (adapter_id None: the base)."""
 
     def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
@@ -73,18 +80,24 @@ def unreachable(url: str, e: BaseException) -> ChatError:
 def unreachable_reason(e: BaseException) -> str:
     """Why a connection failed, in words (no exception class names: a Space visitor reads this)."""
     text = f"{getattr(e, 'reason', '')} {e} {e.__cause__ or ''} {e.__context__ or ''}".lower()
-    for needle, words in (("refused", "nothing is listening there"), ("timed out", "no answer in time"),
-                          ("timeout", "no answer in time"), ("name or service not known", "unknown host name"),
-                          ("nodename nor servname", "unknown host name"), ("reset", "the connection was dropped"),
-                          ("ssl", "TLS handshake failed")):
+    for needle, words in (
+        ("refused", "nothing is listening there"),
+        ("timed out", "no answer in time"),
+        ("timeout", "no answer in time"),
+        ("name or service not known", "unknown host name"),
+        ("nodename nor servname", "unknown host name"),
+        ("reset", "the connection was dropped"),
+        ("ssl", "TLS handshake failed"),
+    ):
         if needle in text:
             return words
     return "the connection failed"
 
 
 @contextmanager
-def mapped_errors(mapper: Callable[[Exception, str | None, str], ChatError], adapter_id: str | None, url: str
-                  ) -> Iterator[None]:
+def mapped_errors(
+    mapper: Callable[[Exception, str | None, str], ChatError], adapter_id: str | None, url: str
+) -> Iterator[None]:
     """A client library's (and the network's) exceptions become one ChatError through `mapper`; ours pass through."""
     try:
         yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 from .base import (
     ChatClient,
@@ -35,13 +35,17 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
     what = f"adapter {adapter_id}" if adapter_id else "the base model"
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, le.GenerationError):  # the backend's message names the adapter already when it is about it
-        return ChatError(detail if adapter_id and adapter_id in detail else f"the backend could not run {what}: {detail}")
+        return ChatError(
+            detail if adapter_id and adapter_id in detail else f"the backend could not run {what}: {detail}"
+        )
     if isinstance(e, (le.OverloadedError, le.RateLimitExceededError)):
         return overloaded(detail)
     if isinstance(e, (le.ValidationError, le.UnprocessableEntityError, le.BadRequestError)):
         if "`inputs` must have less than" in detail:  # LoRAX's wording for a prompt over max_input_length
-            return ChatError(f"the conversation is too long for this model; clear the chat or send a shorter message "
-                             f"({detail.split('`inputs` ', 1)[1]})")
+            return ChatError(
+                f"the conversation is too long for this model; clear the chat or send a shorter message "
+                f"({detail.split('`inputs` ', 1)[1]})"
+            )
         return rejected(detail)
     if isinstance(e, (le.ShardNotReadyError, le.ShardTimeoutError)):
         return ChatError(f"the backend is not ready: {detail}")
@@ -68,9 +72,14 @@ def _session():
 def lorax_parameters(settings: GenerationSettings) -> dict:
     """lorax-client's generate() keywords for these settings (sampling fields only when sampling)."""
     s = settings.sampling
-    return {"max_new_tokens": settings.max_new_tokens, "do_sample": s, "temperature": settings.temperature if s else None,
-            "top_p": settings.top_p if s else None, "seed": settings.seed if s else None,
-            "stop_sequences": settings.stop}
+    return {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": s,
+        "temperature": settings.temperature if s else None,
+        "top_p": settings.top_p if s else None,
+        "seed": settings.seed if s else None,
+        "stop_sequences": settings.stop,
+    }
 
 
 class LoraxChatClient(ChatClient):
@@ -94,8 +103,10 @@ class LoraxChatClient(ChatClient):
             with urllib.request.urlopen(req, timeout=30) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise ChatError(f"the backend at {self.url} does not speak the LoRAX API ({e.code} on /info); "
-                            "for vLLM or another OpenAI-compatible server use --api openai (BACKEND_API=openai)") from None
+            raise ChatError(
+                f"the backend at {self.url} does not speak the LoRAX API ({e.code} on /info); "
+                "for vLLM or another OpenAI-compatible server use --api openai (BACKEND_API=openai)"
+            ) from None
         except OSError as e:
             raise unreachable(self.url, e) from None
         except ValueError:
@@ -127,13 +138,21 @@ class LoraxChatClient(ChatClient):
             raise ChatError(f"the chat template refused the conversation: {msg}")
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template()).render(messages=with_system_prompt(messages, system_prompt),
-                                                            add_generation_prompt=True, **self._specials)
+        return env.from_string(self.chat_template()).render(
+            messages=with_system_prompt(messages, system_prompt), add_generation_prompt=True, **self._specials
+        )
 
     # --- generation ------------------------------------------------------------------------------
-    def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
-               api_token: str | None = None, system_prompt: str | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        adapter_id: str | None = None,
+        *,
+        adapter_source: str = "hub",
+        api_token: str | None = None,
+        system_prompt: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[str]:
         kw = {k: v for k, v in lorax_parameters(settings or GenerationSettings()).items() if v is not None}
         if adapter_id:
             kw.update(adapter_id=adapter_id, adapter_source=adapter_source)

@@ -6,7 +6,7 @@ time), so the adapter id is the request's `model` and the server applies the cha
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from . import base
 from .base import ChatClient, ChatError, GenerationSettings, mapped_errors, with_system_prompt
@@ -25,8 +25,10 @@ def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
         return base.overloaded(detail)
     if isinstance(e, openai.NotFoundError):
         if adapter_id and ("model" in detail.lower() or adapter_id in detail):  # vLLM: "The model `x` does not exist."
-            return ChatError(f"{what} is not served by the backend at {url}; start vLLM with --lora-modules "
-                             f"{adapter_id.rsplit('/', 1)[-1]}={adapter_id} or enable runtime LoRA loading")
+            return ChatError(
+                f"{what} is not served by the backend at {url}; start vLLM with --lora-modules "
+                f"{adapter_id.rsplit('/', 1)[-1]}={adapter_id} or enable runtime LoRA loading"
+            )
         return ChatError(f"the backend at {url} does not speak the OpenAI API (404 on /v1/chat/completions)")
     if isinstance(e, (openai.BadRequestError, openai.UnprocessableEntityError)):
         return base.rejected(detail)
@@ -62,9 +64,16 @@ class OpenAIChatClient(ChatClient):
             self.model_id = (base or models)[0].id
         return self.model_id
 
-    def stream(self, messages: list[dict], adapter_id: str | None = None, *, adapter_source: str = "hub",
-               api_token: str | None = None, system_prompt: str | None = None,
-               settings: GenerationSettings | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        adapter_id: str | None = None,
+        *,
+        adapter_source: str = "hub",
+        api_token: str | None = None,
+        system_prompt: str | None = None,
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[str]:
         """Yield the reply's text piece by piece (`adapter_source` / `api_token` are LoRAX's; vLLM has no such)."""
         settings = settings or GenerationSettings()
         msgs = with_system_prompt(messages, system_prompt)
@@ -77,8 +86,9 @@ class OpenAIChatClient(ChatClient):
             kw["stop"] = settings.stop
         model = adapter_id or self.check()
         with mapped_errors(_map_error, adapter_id, self.url):
-            for chunk in self.client.chat.completions.create(model=model, messages=msgs, stream=True,
-                                                              **{k: v for k, v in kw.items() if v is not None}):
+            for chunk in self.client.chat.completions.create(
+                model=model, messages=msgs, stream=True, **{k: v for k, v in kw.items() if v is not None}
+            ):
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
                         yield choice.delta.content

@@ -31,8 +31,17 @@ def save_centroids(path: Path, centroids: torch.Tensor) -> None:
     save_file({"centroids": centroids.float().contiguous()}, str(path))
 
 
-def write_collection_folder(folder: Path, comp: Compression, written: list[Bundle], ids: list[str], report: dict,
-                            *, repo_ids: list[str | None], command: str, store: Store | None = None) -> CollectionInfo:
+def write_collection_folder(
+    folder: Path,
+    comp: Compression,
+    written: list[Bundle],
+    ids: list[str],
+    report: dict,
+    *,
+    repo_ids: list[str | None],
+    command: str,
+    store: Store | None = None,
+) -> CollectionInfo:
     """Everything a joiner needs, nothing of any member's adapter: bases per cluster (as the `store` keeps them),
     centroids of the members' signatures over probe modules, the settings, and the members (how = compress)."""
     adapters = comp.adapters
@@ -47,10 +56,25 @@ def write_collection_folder(folder: Path, comp: Compression, written: list[Bundl
         save_bases(folder / info.file, {n: (mb.U, mb.V) for n, mb in wb.modules.items()}, ids[c], store)
         clusters.append(info)
     shapes = {m: list(next(a.modules[m].shape for a in adapters if m in a.modules)) for m in modules}
-    info = CollectionInfo(adapters[0].base_model, comp.config.method, comp.config.rank, comp.config.target_error, shapes,
-                          probes, clusters, settings=dataclasses.asdict(comp.config), sources=[a.source for a in adapters],
-                          command=command, store=store.header() if store is not None else None)
+    info = CollectionInfo(
+        adapters[0].base_model,
+        comp.config.method,
+        comp.config.rank,
+        comp.config.target_error,
+        shapes,
+        probes,
+        clusters,
+        settings=dataclasses.asdict(comp.config),
+        sources=[a.source for a in adapters],
+        command=command,
+        store=store.header() if store is not None else None,
+    )
     write_collection(folder, info)
-    write_members(folder, [Member(e["name"], e["cluster"], e["mean_rel_error"], e["max_rel_error"], e["source"], "compress",
-                                  repo_id=r) for e, r in zip(entries, repo_ids)])
+    write_members(
+        folder,
+        [
+            Member(e["name"], e["cluster"], e["mean_rel_error"], e["max_rel_error"], e["source"], "compress", repo_id=r)
+            for e, r in zip(entries, repo_ids)
+        ],
+    )
     return info

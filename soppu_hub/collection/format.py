@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..compression.bundle import load_tensors, save_tensors
 from ..compression.quantize import Store
+from ..compression.tensorfile import load_tensors, save_tensors
 from ..errors import CollectionError
 
 FORMAT = "soppu-collection"
@@ -89,32 +89,48 @@ def parse_collection(text: str, where: str) -> CollectionInfo:
     try:
         body = json.loads(text)
     except ValueError:
-        raise CollectionError(f"{where}: {COLLECTION_FILE} is not JSON; the collection is damaged, publish it again") from None
+        raise CollectionError(
+            f"{where}: {COLLECTION_FILE} is not JSON; the collection is damaged, publish it again"
+        ) from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CollectionError(f"{where} is not a soppu collection ({COLLECTION_FILE} lacks format {FORMAT!r}); "
-                              "name a repo written by soppu-hub compress --collection")
+        raise CollectionError(
+            f"{where} is not a soppu collection ({COLLECTION_FILE} lacks format {FORMAT!r}); "
+            "name a repo written by soppu-hub compress --collection"
+        )
     if body.get("version") not in READS:
-        raise CollectionError(f"{where}: collection format version {body.get('version')!r} is not one this soppu-hub "
-                              f"reads ({', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)")
+        raise CollectionError(
+            f"{where}: collection format version {body.get('version')!r} is not one this soppu-hub "
+            f"reads ({', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)"
+        )
     try:
         info = CollectionInfo(**{f.name: body[f.name] for f in fields(CollectionInfo) if f.name in body})
         info.clusters = [ClusterInfo(**c) for c in info.clusters]
-        ok = [c.index for c in info.clusters] == list(range(len(info.clusters))) and len(info.clusters) > 0 and all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s) for s in info.modules.values())
+        ok = (
+            [c.index for c in info.clusters] == list(range(len(info.clusters)))
+            and len(info.clusters) > 0
+            and all(
+                isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)
+                for s in info.modules.values()
+            )
+        )
         Store.from_header(info.store)  # a store record this version cannot read raises ValueError
     except (TypeError, AttributeError, ValueError):
         ok = False
     if not ok:
-        raise CollectionError(f"{where}: {COLLECTION_FILE} is incomplete or edited by hand; publish the collection "
-                              "again (soppu-hub compress --collection ... --refit)")
+        raise CollectionError(
+            f"{where}: {COLLECTION_FILE} is incomplete or edited by hand; publish the collection "
+            "again (soppu-hub compress --collection ... --refit)"
+        )
     return info
 
 
 def read_collection(folder: Path) -> CollectionInfo:
     path = folder / COLLECTION_FILE
     if not path.is_file():
-        raise CollectionError(f"{folder} is not a soppu collection (no {COLLECTION_FILE}); name a folder or repo "
-                              "written by soppu-hub compress --collection")
+        raise CollectionError(
+            f"{folder} is not a soppu collection (no {COLLECTION_FILE}); name a folder or repo "
+            "written by soppu-hub compress --collection"
+        )
     return parse_collection(path.read_text(), str(folder))
 
 
@@ -123,7 +139,9 @@ def write_members(folder: Path, members: list[Member]) -> None:
 
 
 def members_text(members: list[Member]) -> str:
-    return json.dumps({"members": [asdict(m) for m in members]}, separators=(",", ":"))  # a joiner downloads it: compact
+    return json.dumps(
+        {"members": [asdict(m) for m in members]}, separators=(",", ":")
+    )  # a joiner downloads it: compact
 
 
 def parse_members(text: str, where: str, clusters: int) -> list[Member]:
@@ -133,12 +151,15 @@ def parse_members(text: str, where: str, clusters: int) -> list[Member]:
         names = [m.name for m in members]
         ok = len(set(names)) == len(names) and all(
             isinstance(m.name, str) and isinstance(m.cluster, int) and 0 <= m.cluster < clusters and m.how in HOW
-            for m in members)
+            for m in members
+        )
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise CollectionError(f"{where}: {MEMBERS_FILE} is damaged or edited by hand (it must list each member once, "
-                              "with a cluster the collection has); restore it from an earlier revision or --refit")
+        raise CollectionError(
+            f"{where}: {MEMBERS_FILE} is damaged or edited by hand (it must list each member once, "
+            "with a cluster the collection has); restore it from an earlier revision or --refit"
+        )
     return members
 
 
@@ -149,8 +170,9 @@ def read_members(folder: Path, clusters: int) -> list[Member]:
     return parse_members(path.read_text(), str(folder), clusters)
 
 
-def save_bases(path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], basis_id: str,
-               store: Store | None = None) -> None:
+def save_bases(
+    path: Path, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], basis_id: str, store: Store | None = None
+) -> None:
     """One cluster's bases: "<module>.U" (out x r) and "<module>.V" (in x r); a quantized `store` writes their codes
     (the bases hold what store.stored_bases returned, so the codes come back as written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,5 +188,6 @@ def load_bases(path: Path, store: Store | None = None) -> dict[str, torch.Tensor
     except ValueError as e:
         raise CollectionError(f"{path.name}: {e}; nothing is served from it, download the collection again") from None
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise CollectionError(f"{path.name}: the cluster's bases cannot be read ({type(e).__name__}); "
-                              "download the collection again") from None
+        raise CollectionError(
+            f"{path.name}: the cluster's bases cannot be read ({type(e).__name__}); download the collection again"
+        ) from None

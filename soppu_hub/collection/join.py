@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,8 +21,8 @@ from ..compression.bundle import Bundle, ModuleBasis, compact_core, save_bundle
 from ..compression.config import CompressConfig
 from ..compression.export import ExportConfig, export_peft
 from ..compression.plan import written_rel_errors
-from ..compression.refine import apply_choice, table_of
 from ..compression.quantize import Store
+from ..compression.refine import apply_choice, table_of
 from ..compression.report import export_fields, lorax_fields
 from ..compression.store import stored_bundle
 from ..errors import CollectionError, SoppuError
@@ -48,18 +48,37 @@ TRIES = 2  # clusters whose bases are downloaded before giving up (nearest signa
 class JoinSpec:
     """One `soppu-hub join` run. Field metadata is the CLI's help."""
 
-    source: str = field(metadata={"help": "the adapter to join: a PEFT LoRA folder or a Hub repo id (owner/name[@revision])"})
+    source: str = field(
+        metadata={"help": "the adapter to join: a PEFT LoRA folder or a Hub repo id (owner/name[@revision])"}
+    )
     collection: str = field(metadata={"help": "the collection to join: owner/name on the Hub, or a collection folder"})
-    collection_revision: str | None = field(default=None, metadata={"help": "the collection's revision (default: main)"})
-    max_error: float | None = field(default=None, metadata={
-        "help": "join only at a mean relative error up to this (default: the collection's --target-error, else "
-                f"{JOIN_SLACK}x the worst error of a member of the cluster)", "type": float})
-    private_error: float | None = field(default=None, metadata={
-        "help": "a module the collection's bases hold worse than this relative error keeps the fewest private directions "
-                "of its own that bring it there (stored in the member repo): an adapter the bases miss joins at the cost "
-                "of its own directions instead of being refused", "type": float})
-    new_cluster: bool = field(default=False, metadata={
-        "help": "when no cluster holds the adapter well enough, add it to the collection as a cluster of its own"})
+    collection_revision: str | None = field(
+        default=None, metadata={"help": "the collection's revision (default: main)"}
+    )
+    max_error: float | None = field(
+        default=None,
+        metadata={
+            "help": "join only at a mean relative error up to this (default: the collection's --target-error, else "
+            f"{JOIN_SLACK}x the worst error of a member of the cluster)",
+            "type": float,
+        },
+    )
+    private_error: float | None = field(
+        default=None,
+        metadata={
+            "help": "a module the collection's bases hold worse than this relative error keeps the fewest private "
+            "directions "
+            "of its own that bring it there (stored in the member repo): an adapter the bases miss joins at the cost "
+            "of its own directions instead of being refused",
+            "type": float,
+        },
+    )
+    new_cluster: bool = field(
+        default=False,
+        metadata={
+            "help": "when no cluster holds the adapter well enough, add it to the collection as a cluster of its own"
+        },
+    )
     out: Path | None = field(default=None, metadata={"help": "keep the member repo folder here"})
     push: bool = True
     push_to: str | None = field(default=None, metadata={"help": "the member repo id (default <user>/<name>-soppu)"})
@@ -73,8 +92,18 @@ class JoinSpec:
 
 
 # The JoinSpec fields `soppu-hub join` takes as flags of the same name (the CLI builds its parser and the spec from it)
-FLAGS = ("collection_revision", "max_error", "private_error", "new_cluster", "push_to", "namespace", "private",
-         "revision", "token", "overwrite")
+FLAGS = (
+    "collection_revision",
+    "max_error",
+    "private_error",
+    "new_cluster",
+    "push_to",
+    "namespace",
+    "private",
+    "revision",
+    "token",
+    "overwrite",
+)
 
 
 @dataclass
@@ -94,21 +123,30 @@ def check_fits(adapter: LoraAdapter, coll: Collection) -> None:
     """Same base model, and every module the adapter adapts is one the collection has, at the same shape."""
     info = coll.info
     if info.base_model and adapter.base_model and info.base_model != adapter.base_model:
-        raise CollectionError(f"{adapter.name} is for {adapter.base_model}, but collection {coll.name} is for "
-                              f"{info.base_model}; join a collection of the same base model")
+        raise CollectionError(
+            f"{adapter.name} is for {adapter.base_model}, but collection {coll.name} is for "
+            f"{info.base_model}; join a collection of the same base model"
+        )
     if info.method != "full":
-        raise CollectionError(f"collection {coll.name} is JD-{info.method}; join projects onto JD-Full collections only")
+        raise CollectionError(
+            f"collection {coll.name} is JD-{info.method}; join projects onto JD-Full collections only"
+        )
     for name, mod in adapter.modules.items():
         if name not in info.modules:
-            raise CollectionError(f"{adapter.name} adapts {name}, which collection {coll.name} has no bases for; join a "
-                                  "collection made from adapters of the same target modules")
+            raise CollectionError(
+                f"{adapter.name} adapts {name}, which collection {coll.name} has no bases for; join a "
+                "collection made from adapters of the same target modules"
+            )
         if list(mod.shape) != info.modules[name]:
-            raise CollectionError(f"{adapter.name}: {name} is {tuple(mod.shape)} but {tuple(info.modules[name])} in "
-                                  f"collection {coll.name}; the base models differ")
+            raise CollectionError(
+                f"{adapter.name}: {name} is {tuple(mod.shape)} but {tuple(info.modules[name])} in "
+                f"collection {coll.name}; the base models differ"
+            )
 
 
-def project_adapter(adapter: LoraAdapter, bases: dict[str, torch.Tensor], method: str = "full",
-                    private_error: float | None = None) -> tuple[Bundle, dict[str, float]]:
+def project_adapter(
+    adapter: LoraAdapter, bases: dict[str, torch.Tensor], method: str = "full", private_error: float | None = None
+) -> tuple[Bundle, dict[str, float]]:
     """The adapter as a one-member bundle on these bases, and its relative error per module (float64 scoring).
     `private_error`: a module the bases hold worse than this keeps the fewest private directions of its own that
     bring it there (compression.refine, the bases kept whole: they are the collection's)."""
@@ -165,8 +203,13 @@ def bar_for(coll: Collection, c: int, max_error: float | None) -> float:
     return min(max(JOIN_SLACK * coll.info.clusters[c].max_error, JOIN_FLOOR), ceiling)
 
 
-def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: Callable[[str], None],
-          private_error: float | None = None) -> tuple[int, Bundle, dict[str, float], float]:
+def place(
+    adapter: LoraAdapter,
+    coll: Collection,
+    max_error: float | None,
+    log: Callable[[str], None],
+    private_error: float | None = None,
+) -> tuple[int, Bundle, dict[str, float], float]:
     """(cluster, bundle, errors, bar) of the first of the TRIES nearest clusters whose bases keep the adapter within
     its bar; CollectionError with the best error and the two ways on when none does."""
     order = cluster_order(signature(adapter, coll.info.probes), coll.centroids())
@@ -180,9 +223,11 @@ def place(adapter: LoraAdapter, coll: Collection, max_error: float | None, log: 
         if best is None or mean < best[1]:
             best = (c, mean, bar)
     c, mean, bar = best
-    raise CollectionError(f"{adapter.name}: no cluster of {coll.name} holds it well enough (best: cluster {c}, mean "
-                          f"relative error {mean:.3f} > {bar:.3f}); add it as a cluster of its own with --new-cluster, "
-                          f"or refit the collection with it (soppu-hub compress --collection {coll.name} --refit)")
+    raise CollectionError(
+        f"{adapter.name}: no cluster of {coll.name} holds it well enough (best: cluster {c}, mean "
+        f"relative error {mean:.3f} > {bar:.3f}); add it as a cluster of its own with --new-cluster, "
+        f"or refit the collection with it (soppu-hub compress --collection {coll.name} --refit)"
+    )
 
 
 def member_store(info: CollectionInfo, dtype: torch.dtype) -> Store:
@@ -191,21 +236,34 @@ def member_store(info: CollectionInfo, dtype: torch.dtype) -> Store:
     return info.stored if info.stored.quantized else Store(str(dtype).removeprefix("torch."))
 
 
-def write_member(folder: Path, adapter: LoraAdapter, bundle: Bundle, ref: dict, basis_id: str, export: ExportConfig,
-                 entry: dict, coll_info: CollectionInfo) -> dict[str, float]:
+def write_member(
+    folder: Path,
+    adapter: LoraAdapter,
+    bundle: Bundle,
+    ref: dict,
+    basis_id: str,
+    export: ExportConfig,
+    entry: dict,
+    coll_info: CollectionInfo,
+) -> dict[str, float]:
     """The member repo folder: PEFT export, cores naming the collection's bases (kept as the collection keeps its
     store), report.json. Returns the errors of the factors as written."""
     dtype = export.torch_dtype(adapter.dtype)
     store = member_store(coll_info, dtype)
     kept = stored_bundle(bundle, store)
-    info = export_peft(kept if store.quantized else bundle, 0, folder, export=export, dtype=dtype,
-                       extras=adapter.extras(dtype))
+    info = export_peft(
+        kept if store.quantized else bundle, 0, folder, export=export, dtype=dtype, extras=adapter.extras(dtype)
+    )
     save_bundle(kept, folder / BUNDLE_DIR, basis_id=basis_id, bases_ref=ref, store=store)
     errors = written_rel_errors(adapter, info.factors)
-    entry.update(mean_rel_error=statistics.fmean(errors.values()), max_rel_error=max(errors.values()),
-                 **lorax_fields(info, export), export_dtype=str(dtype).removeprefix("torch."),
-                 export=export_fields(export, [str(dtype).removeprefix("torch.")]),
-                 modules={n: {"rel_error": e} for n, e in errors.items()})
+    entry.update(
+        mean_rel_error=statistics.fmean(errors.values()),
+        max_rel_error=max(errors.values()),
+        **lorax_fields(info, export),
+        export_dtype=str(dtype).removeprefix("torch."),
+        export=export_fields(export, [str(dtype).removeprefix("torch.")]),
+        modules={n: {"rel_error": e} for n, e in errors.items()},
+    )
     (folder / REPORT_NAME).write_text(json.dumps(entry, indent=2))
     return errors
 
@@ -228,8 +286,15 @@ def check_spec(spec: JoinSpec) -> None:
 
 
 def new_member(adapter: LoraAdapter, cluster: int, how: str, errors: dict[str, float], repo_id: str | None) -> Member:
-    return Member(adapter.name, cluster, statistics.fmean(errors.values()), max(errors.values()), adapter.source, how,
-                  repo_id=repo_id)
+    return Member(
+        adapter.name,
+        cluster,
+        statistics.fmean(errors.values()),
+        max(errors.values()),
+        adapter.source,
+        how,
+        repo_id=repo_id,
+    )
 
 
 def open_for_join(spec: JoinSpec) -> Collection:

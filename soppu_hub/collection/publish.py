@@ -36,9 +36,11 @@ def check_collection_target(repo_id: str, targets: list[str], *, refit: bool, to
         return
     extra = [m for m in existing_members(repo_id, token=token) if (m.repo_id or m.name) not in set(targets)]
     if extra:
-        raise CollectionError(f"collection {repo_id} already has {len(extra)} member(s) this run leaves out (first: "
-                              f"{extra[0].repo_id or extra[0].name}); fit them all again with --collection {repo_id} "
-                              "--refit, or publish to another --collection")
+        raise CollectionError(
+            f"collection {repo_id} already has {len(extra)} member(s) this run leaves out (first: "
+            f"{extra[0].repo_id or extra[0].name}); fit them all again with --collection {repo_id} "
+            "--refit, or publish to another --collection"
+        )
 
 
 def publish_collection(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None) -> str:
@@ -47,14 +49,17 @@ def publish_collection(folder: Path, repo_id: str, *, private: bool = False, tok
     if not (folder / COLLECTION_FILE).is_file():
         raise CollectionError(f"{folder} is not a collection folder (no {COLLECTION_FILE}); nothing was published")
     info = read_collection(folder)
-    known = {(m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source): m.revision
-             for m in existing_members(repo_id, token=token)}
+    known = {
+        (m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source): m.revision
+        for m in existing_members(repo_id, token=token)
+    }
     members = read_members(folder, len(info.clusters))
     for m in members:
         m.revision = known.get((m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source), m.revision)
     write_members(folder, members)
-    pushed = push_folder(folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE,
-                         skip_unchanged=True)
+    pushed = push_folder(
+        folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE, skip_unchanged=True
+    )
     return pushed.commit or last_publish(repo_id, token=token)
 
 
@@ -101,6 +106,8 @@ def member_bases(folder: Path, *, token: str | bool | None = None) -> dict[str, 
     coll = open_collection(source, revision=None if source == local else ref.get("revision"), token=token)
     c = ref.get("cluster")
     if not isinstance(c, int) or not 0 <= c < len(coll.info.clusters) or coll.info.clusters[c].basis_id != want:
-        raise CollectionError(f"{folder}: collection {coll.name} has no cluster {c} with the bases this member was made "
-                              f"with (basis id {want}); fetch the member's matching revision or join again")
+        raise CollectionError(
+            f"{folder}: collection {coll.name} has no cluster {c} with the bases this member was made "
+            f"with (basis id {want}); fetch the member's matching revision or join again"
+        )
     return coll.bases(c)

@@ -6,9 +6,9 @@ to the members list go through hub.collection.commit_on_head, so concurrent join
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -53,7 +53,7 @@ class Collection:
         return load_file(str(self.file(CENTROIDS_FILE)))["centroids"]
 
     def bases(self, cluster: int) -> dict[str, torch.Tensor]:
-        """"<module>.U" / ".V" of one cluster."""
+        """ "<module>.U" / ".V" of one cluster."""
         return load_bases(self.file(self.info.clusters[cluster].file), self.info.stored)
 
 
@@ -69,16 +69,22 @@ def open_collection(source: str | Path, *, revision: str | None = None, token: s
     sha = head_revision(repo_id, revision, token)
     info = parse_collection(download_file(repo_id, COLLECTION_FILE, revision=sha, token=token).read_text(), repo_id)
     text = download_file(repo_id, MEMBERS_FILE, revision=sha, token=token).read_text()
-    return Collection(info, parse_members(text, repo_id, len(info.clusters)), repo_id, repo_id=repo_id, revision=sha,
-                      token=token)
+    return Collection(
+        info, parse_members(text, repo_id, len(info.clusters)), repo_id, repo_id=repo_id, revision=sha, token=token
+    )
 
 
 def update_members(coll: Collection, change: Callable[[list[Member]], list[Member]], *, message: str) -> str:
     """Apply `change` to the members list as it is at the head and commit it in one commit; returns the sha."""
 
     def build(head: str) -> dict[str, bytes]:
-        info = coll.info if head == coll.revision else parse_collection(
-            download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text(), coll.repo_id)
+        info = (
+            coll.info
+            if head == coll.revision
+            else parse_collection(
+                download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text(), coll.repo_id
+            )
+        )
         text = download_file(coll.repo_id, MEMBERS_FILE, revision=head, token=coll.token).read_text()
         return {MEMBERS_FILE: members_text(change(parse_members(text, coll.repo_id, len(info.clusters)))).encode()}
 

@@ -59,8 +59,18 @@ class Choice:
     stored: int
 
 
-def make_table(cluster: int, module: str, members: list[int], ranks: list[int], width: int, core_sizes: Tensor,
-               left: Tensor, sigma: Tensor, sq_norms: Tensor, caps: Tensor) -> Table:
+def make_table(
+    cluster: int,
+    module: str,
+    members: list[int],
+    ranks: list[int],
+    width: int,
+    core_sizes: Tensor,
+    left: Tensor,
+    sigma: Tensor,
+    sq_norms: Tensor,
+    caps: Tensor,
+) -> Table:
     """left (J, n): ||R_i||^2 with no private direction; sigma (J, n, P): the residual's squared singular values;
     caps (n,): most private directions a member may keep (its LoRA rank)."""
     J, n, P = sigma.shape
@@ -122,7 +132,7 @@ class Batch:
             return None
         for p in range(max(g[2].shape[-1] for g in self.groups) - 1, 0, -1):
             stored, sq, picks = 0.0, torch.zeros(self.n, dtype=torch.float64), []
-            for idx, members, errors, fixed, steps, width in self.groups:
+            for idx, members, errors, fixed, _steps, width in self.groups:
                 allowed = torch.isfinite(errors[:, 0]) & (torch.arange(errors.shape[-1]) <= p)  # (T, n, P + 1)
                 pj = (allowed * torch.arange(errors.shape[-1])).amax(-1)  # (T, n): the most allowed, up to p
                 stored += float((fixed[:, 0] + pj.sum(-1) * width).sum())
@@ -174,8 +184,9 @@ def adapter_errors(tables: list[Table], choices: list[Choice], norms: Tensor) ->
     return torch.where(norms > 0, err / norms.clamp_min(1e-300), torch.zeros_like(err)).sqrt()
 
 
-def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None = None,
-              rounds: int = 12, mean_rounds: int = 3) -> tuple[list[Choice], float | None]:
+def by_budget(
+    tables: list[Table], budget: float, n: int, *, cap: float | None = None, rounds: int = 12, mean_rounds: int = 3
+) -> tuple[list[Choice], float | None]:
     """The choices with the lowest mean relative error whose stores add up to <= budget; and the lam used (None:
     the uniform SVD won).
 
@@ -209,7 +220,7 @@ def by_budget(tables: list[Table], budget: float, n: int, *, cap: float | None =
         picks, err, lam = _fit_budget(batch, budget, weights)
         return consider(picks, err, lam), err
 
-    for r in range(rounds if cap is not None else 1):
+    for r in range(rounds if cap is not None else 1):  # noqa: B007 - r tells below whether a boost was needed
         ok, err = attempt(base * boost)
         if ok:
             break

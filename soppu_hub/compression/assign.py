@@ -40,8 +40,15 @@ def signatures(adapters: list[LoraAdapter], modules: list[str], probes: list[str
     return torch.cat(parts, dim=1)
 
 
-def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, device: torch.device, config,
-           *, budget: float | None = None) -> dict:
+def auto_k(
+    adapters: list[LoraAdapter],
+    modules: list[str],
+    sig: torch.Tensor,
+    device: torch.device,
+    config,
+    *,
+    budget: float | None = None,
+) -> dict:
     """--clusters auto: K clusters by k-means on the signatures for every K of k_candidates, each cluster fitted by
     JD on two probe modules and priced there. With --adapter-error, --target-error or --budget (full cores:
     config.priced) each K is priced as the compression will be (refine: shared rank per module, private
@@ -82,13 +89,24 @@ def auto_k(adapters: list[LoraAdapter], modules: list[str], sig: torch.Tensor, d
     if priced:
         ranked = _rank(rows, by_error=config.budget is not None)
     else:
-        k = choose_k({r["K"]: r["mean_error"] for r in rows}, {r["K"]: r["stored"] for r in rows},
-                     meets={r["K"]: r["meets"] for r in rows} if config.target_error is not None else None)
+        k = choose_k(
+            {r["K"]: r["mean_error"] for r in rows},
+            {r["K"]: r["stored"] for r in rows},
+            meets={r["K"]: r["meets"] for r in rows} if config.target_error is not None else None,
+        )
         ranked = sorted(rows, key=lambda r: r["K"] != k)
-    return {"clusters": ranked[0]["K"], "scan": rows, "runner_up": ranked[1] if len(ranked) > 1 else None,
-            "priced_by": "error within --budget" if priced and config.budget is not None else
-            "store at --adapter-error" if priced and config.adapter_error is not None else
-            "store at --target-error" if priced else "mean error x stored parameters at --rank"}
+    return {
+        "clusters": ranked[0]["K"],
+        "scan": rows,
+        "runner_up": ranked[1] if len(ranked) > 1 else None,
+        "priced_by": "error within --budget"
+        if priced and config.budget is not None
+        else "store at --adapter-error"
+        if priced and config.adapter_error is not None
+        else "store at --target-error"
+        if priced
+        else "mean error x stored parameters at --rank",
+    }
 
 
 TIE = 1e-3  # relative: mean errors this close are float noise (thread counts change the last bits), not a choice
@@ -98,6 +116,7 @@ def _rank(rows: list[dict], *, by_error: bool) -> list[dict]:
     """Priced rows best first: the smallest store (the lowest error within a --budget), and among rows equal on that,
     errors within TIE of the best count as equal and the fewest clusters wins. The same inputs then choose the same
     K on any machine: an exact comparison of float errors let one thread or two decide between K = 1 and K = 3."""
+
     def first(r: dict) -> float:
         return r["mean_error"] if by_error else r["stored"]
 
@@ -141,8 +160,15 @@ def _fits(stacks: dict, labels: torch.Tensor, k: int, config, *, priced: bool = 
             if priced and idx.numel() == 1 and not config.shared_only:
                 fit = (B.new_zeros(B.shape[-2], 0), A.new_zeros(A.shape[-1], 0))
             else:
-                res = joint_diagonalize(B[:, on], A[:, on], config.rank, method=config.method,
-                                        weights=config.weighting, tol=1e-4, max_iter=30)
+                res = joint_diagonalize(
+                    B[:, on],
+                    A[:, on],
+                    config.rank,
+                    method=config.method,
+                    weights=config.weighting,
+                    tol=1e-4,
+                    max_iter=30,
+                )
                 fit = (res.U[0], res.V[0]) if priced else res
             out.append((name, c, idx.tolist(), fit, B[0, on], A[0, on], ranks[idx]))
     return out
@@ -151,14 +177,15 @@ def _fits(stacks: dict, labels: torch.Tensor, k: int, config, *, priced: bool = 
 def _score(stacks: dict, labels: torch.Tensor, k: int, config, scale: float) -> dict:
     """Mean relative error and stored parameters at --rank (cut to --target-error when given) on the probes."""
     total, stored, met, count = 0.0, 0.0, True, 0
-    for name, c, idx, res, B, A, ranks in _fits(stacks, labels, k, config):
+    for _name, _c, idx, res, B, A, ranks in _fits(stacks, labels, k, config):
         rel = res.rel_errors[0].cpu().double()
         r = res.rank
         if config.target_error is not None:
             r, rel = leading_rank(res.dense_cores()[0].cpu().double(), res.sq_norms[0].cpu(), config.target_error)
             met = met and bool((rel <= config.target_error).all())
-        stored += r * (B.shape[-2] + A.shape[-1]) + scale * sum(core_size(r, int(ranks[q]), config.method)
-                                                              for q in range(len(idx)))
+        stored += r * (B.shape[-2] + A.shape[-1]) + scale * sum(
+            core_size(r, int(ranks[q]), config.method) for q in range(len(idx))
+        )
         total += float(rel.sum())
         count += len(idx)
     return {"K": k, "stored": stored, "mean_error": total / max(count, 1), "meets": met}
@@ -170,8 +197,10 @@ def _price(stacks: dict, labels: torch.Tensor, k: int, config, scale: float, sha
     from .allocate import by_adapter_error, by_budget, by_target
     from .refine import table_of
 
-    tables = [table_of(B, A, ranks, U, V, c, name, idx, config.shared_only)[0]
-              for name, c, idx, (U, V), B, A, ranks in _fits(stacks, labels, k, config, priced=True)]
+    tables = [
+        table_of(B, A, ranks, U, V, c, name, idx, config.shared_only)[0]
+        for name, c, idx, (U, V), B, A, ranks in _fits(stacks, labels, k, config, priced=True)
+    ]
     if config.adapter_error is not None:
         choices = by_adapter_error(tables, config.adapter_error, int(labels.numel()))
     elif share is None:
@@ -189,8 +218,9 @@ def _price(stacks: dict, labels: torch.Tensor, k: int, config, scale: float, sha
     return {"K": k, "stored": stored, "mean_error": sum(errors) / max(len(errors), 1)}
 
 
-def reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str],
-             device: torch.device) -> list[int]:
+def reassign(
+    adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], modules: list[str], device: torch.device
+) -> list[int]:
     """Each adapter to the cluster whose bases capture most of it (mean of ||U^T W V||^2 / ||W||^2 over up to
     REASSIGN_MODULES positions spread over the model: reading every module of every adapter again cost as much as
     a fit at 1000 adapters, and a cluster's bases are fitted to all layers alike)."""
@@ -199,7 +229,7 @@ def reassign(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[in
     n = len(adapters)
     score = torch.zeros(n, len(bundles), dtype=torch.float64)
     counted = torch.zeros(n, dtype=torch.float64)
-    for name in modules[::max(1, len(modules) // REASSIGN_MODULES)][:REASSIGN_MODULES]:
+    for name in modules[:: max(1, len(modules) // REASSIGN_MODULES)][:REASSIGN_MODULES]:
         present = tuple(i for i in range(n) if name in adapters[i].modules)
         if any(name not in b.modules for b in bundles):
             continue

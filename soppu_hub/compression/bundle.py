@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import BundleError
+from ..peft_format.folder import module_scaling
 from ..peft_format.layout import (
     BUNDLE_HEADER,
     BUNDLE_WEIGHTS,
 )
-from ..peft_format.read import LINEAR, module_scaling
-from .quantize import Store, pack, unpack
+from ..peft_format.read import LINEAR
+from .quantize import Store
+from .tensorfile import load_tensors, save_tensors
 
 FORMAT = "soppu-bundle"
 VERSION = 2  # 2: JD-Full cores of rank k < r / 2 stored as their factors (2 r k numbers); 1: every core dense
@@ -43,7 +44,7 @@ class FactoredCore:
     def numel(self) -> int:
         return self.P.numel() + self.Q.numel()
 
-    def to(self, dtype: torch.dtype) -> "FactoredCore":
+    def to(self, dtype: torch.dtype) -> FactoredCore:
         return FactoredCore(self.P.to(dtype), self.Q.to(dtype))
 
 
@@ -102,17 +103,26 @@ class ModuleBasis:
     @property
     def num_params(self) -> int:
         """What is stored: both bases, every core in its stored form, every private direction."""
-        return (self.U.numel() + self.V.numel() + sum(c.numel() for c in self.cores.values())
-                + sum(X.numel() + Y.numel() for X, Y in self.private.values()))
+        return (
+            self.U.numel()
+            + self.V.numel()
+            + sum(c.numel() for c in self.cores.values())
+            + sum(X.numel() + Y.numel() for X, Y in self.private.values())
+        )
 
-    def leading(self, j: int) -> "ModuleBasis":
+    def leading(self, j: int) -> ModuleBasis:
         """The first j basis directions and the matching block of every core (JD orders them by weight); private
         directions stay as they are (fitted to the residual of the full rank: still exact additions, no longer
         the best ones)."""
         if j >= self.rank:
             return self
-        return ModuleBasis(self.U[:, :j].contiguous(), self.V[:, :j].contiguous(),
-                           {p: _leading_core(c, j) for p, c in self.cores.items()}, self.kind, self.private)
+        return ModuleBasis(
+            self.U[:, :j].contiguous(),
+            self.V[:, :j].contiguous(),
+            {p: _leading_core(c, j) for p, c in self.cores.items()},
+            self.kind,
+            self.private,
+        )
 
 
 @dataclass
@@ -144,7 +154,7 @@ class Bundle:
             h.update(mb.V.contiguous().float().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def truncated(self, rank: int) -> "Bundle":
+    def truncated(self, rank: int) -> Bundle:
         """Every module cut to its leading `rank` directions: the same fit at a smaller shared rank."""
         return Bundle(self.method, self.adapters, self.configs, {n: mb.leading(rank) for n, mb in self.modules.items()})
 
@@ -153,11 +163,14 @@ class Bundle:
         i = self.index(adapter) if isinstance(adapter, str) else adapter
         return {name: mb.delta_factors(i) for name, mb in self.modules.items() if i in mb.cores}
 
-    def subset(self, adapter: int | str) -> "Bundle":
+    def subset(self, adapter: int | str) -> Bundle:
         """The shared bases plus one adapter's cores: what one pushed repo carries."""
         i = self.index(adapter) if isinstance(adapter, str) else adapter
-        mods = {n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}, mb.kind, {0: mb.private[i]} if i in mb.private else {})
-                for n, mb in self.modules.items() if i in mb.cores}
+        mods = {
+            n: ModuleBasis(mb.U, mb.V, {0: mb.cores[i]}, mb.kind, {0: mb.private[i]} if i in mb.private else {})
+            for n, mb in self.modules.items()
+            if i in mb.cores
+        }
         return Bundle(self.method, [self.adapters[i]], [self.configs[i]], mods)
 
     def export_rank(self, adapter: int) -> int:
@@ -170,23 +183,37 @@ class Bundle:
         export's own factors). JD-Diag: up to r, plus p_i.
         """
         ranks = [
-            mb.rank + mb.private_rank(adapter) if self.method == "diag"
+            mb.rank + mb.private_rank(adapter)
+            if self.method == "diag"
             else min(module_scaling(self.configs[adapter], name)[0], mb.rank + mb.private_rank(adapter))
             for name, mb in self.modules.items()
             if adapter in mb.cores
         ]
         return max(ranks, default=1)
 
-    def to(self, dtype: torch.dtype) -> "Bundle":
+    def to(self, dtype: torch.dtype) -> Bundle:
         """The same bundle with every tensor in `dtype` (what gets written)."""
-        mods = {n: ModuleBasis(mb.U.to(dtype), mb.V.to(dtype), {i: c.to(dtype) for i, c in mb.cores.items()}, mb.kind,
-                               {i: (X.to(dtype), Y.to(dtype)) for i, (X, Y) in mb.private.items()})
-                for n, mb in self.modules.items()}
+        mods = {
+            n: ModuleBasis(
+                mb.U.to(dtype),
+                mb.V.to(dtype),
+                {i: c.to(dtype) for i, c in mb.cores.items()},
+                mb.kind,
+                {i: (X.to(dtype), Y.to(dtype)) for i, (X, Y) in mb.private.items()},
+            )
+            for n, mb in self.modules.items()
+        }
         return Bundle(self.method, self.adapters, self.configs, mods)
 
 
-def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = None, bases_ref: dict | None = None,
-                store: Store | None = None) -> None:
+def save_bundle(
+    bundle: Bundle,
+    folder: str | Path,
+    *,
+    basis_id: str | None = None,
+    bases_ref: dict | None = None,
+    store: Store | None = None,
+) -> None:
     """`basis_id`: bundle.basis_id() when the caller has it already (a cluster's thousand subsets share one).
     `bases_ref` ({"collection", "revision", "cluster"}): the bases are kept there, not written (version 3).
     `store`: a quantized store writes every tensor as its codes (version 5); the bundle holds what
@@ -208,8 +235,12 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
         for k, members in by_rank.items():  # one stack per factor rank: no padding zeros are written
             tensors[f"{name}.cores_P.{k}"] = torch.stack([mb.cores[i].P for i in members]).contiguous()
             tensors[f"{name}.cores_Q.{k}"] = torch.stack([mb.cores[i].Q for i in members]).contiguous()
-        modules[name] = {"rank": mb.rank, "adapters": dense, "factored": {str(k): m for k, m in by_rank.items()},
-                         "kind": mb.kind}
+        modules[name] = {
+            "rank": mb.rank,
+            "adapters": dense,
+            "factored": {str(k): m for k, m in by_rank.items()},
+            "kind": mb.kind,
+        }
         by_p: dict[int, list[int]] = {}
         for i in sorted(mb.private):
             by_p.setdefault(mb.private_rank(i), []).append(i)
@@ -222,43 +253,24 @@ def save_bundle(bundle: Bundle, folder: str | Path, *, basis_id: str | None = No
     quantized = store is not None and store.quantized
     header = {
         "format": FORMAT,
-        "version": QUANTIZED_VERSION if quantized else PRIVATE_VERSION if private else VERSION if bases_ref is None
+        "version": QUANTIZED_VERSION
+        if quantized
+        else PRIVATE_VERSION
+        if private
+        else VERSION
+        if bases_ref is None
         else SHARED_VERSION,
         **({"store": store.header()} if quantized else {}),
         "method": bundle.method,
         "basis_id": basis_id or bundle.basis_id(),
         **({} if bases_ref is None else {"bases": bases_ref}),
-        "adapters": [{"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))],
+        "adapters": [
+            {"index": i, "name": n, "peft_config": c} for i, (n, c) in enumerate(zip(bundle.adapters, bundle.configs))
+        ],
         "modules": modules,
     }
     save_tensors(folder / BUNDLE_WEIGHTS, tensors, FORMAT, store)
     (folder / BUNDLE_HEADER).write_text(json.dumps(header))  # one line: 40% fewer bytes in every repo
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], label: str, store: Store | None = None) -> None:
-    """A safetensors file of the store: as they are, or (a quantized store) as pack's blobs with its index as the
-    metadata. One metadata key either way: safetensors writes a map in no fixed order, and byte-identical files are
-    how a rerun knows a repo is unchanged."""
-    if store is not None and store.quantized:
-        blobs, index = pack(tensors, store.kind, group=store.group, whole=(".U", ".V"))
-        save_file(blobs, str(path), metadata={QUANTIZED_KEY: index})
-    else:
-        save_file(tensors, str(path), metadata={"format": label})
-
-
-def load_tensors(path: Path, store: Store | None) -> dict[str, torch.Tensor]:
-    """save_tensors' tensors back (de-quantized for a quantized store); ValueError names a damaged tensor."""
-    if store is None or not store.quantized:
-        return load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        index = (f.metadata() or {}).get(QUANTIZED_KEY)
-        blobs = {k: f.get_tensor(k) for k in f.keys()}
-    if index is None:
-        raise ValueError("it holds no quantization index")
-    return unpack(blobs, index)
-
-
-QUANTIZED_KEY = "soppu-quantized"
 
 
 def bases_ref(folder: str | Path) -> dict | None:
@@ -285,15 +297,21 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise BundleError(f"{folder}: {BUNDLE_HEADER} is not a {FORMAT} header; write the bundle again")
     if header.get("version") not in READS:
-        raise BundleError(f"{folder}: {FORMAT} version {header.get('version')!r} is newer than this soppu-hub reads "
-                          f"(versions {', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)")
+        raise BundleError(
+            f"{folder}: {FORMAT} version {header.get('version')!r} is newer than this soppu-hub reads "
+            f"(versions {', '.join(map(str, READS))}); upgrade soppu-hub (pip install -U soppu-hub)"
+        )
     try:
         store = Store.from_header(header.get("store"))
         tensors = tensors if tensors is not None else load_tensors(folder / BUNDLE_WEIGHTS, store)
     except ValueError as e:
-        raise BundleError(f"{folder / BUNDLE_WEIGHTS}: {e}; nothing is loaded from it, download or write it again") from None
+        raise BundleError(
+            f"{folder / BUNDLE_WEIGHTS}: {e}; nothing is loaded from it, download or write it again"
+        ) from None
     except FileNotFoundError:
-        raise BundleError(f"{folder} is not a soppu bundle (missing {BUNDLE_WEIGHTS}); point at the bundle folder") from None
+        raise BundleError(
+            f"{folder} is not a soppu bundle (missing {BUNDLE_WEIGHTS}); point at the bundle folder"
+        ) from None
     except Exception as e:  # safetensors raises several types for a damaged file
         raise BundleError(f"{folder}: bundle cannot be read ({type(e).__name__}: {e}); download it again") from None
     try:
@@ -305,20 +323,32 @@ def load_bundle(folder: str | Path, bases: dict[str, torch.Tensor] | None = None
     if "bases" in header:
         ref = header["bases"] if isinstance(header["bases"], dict) else {}
         if bases is None:
-            raise BundleError(f"{folder}: the bases of this bundle live in collection {ref.get('collection')!r} "
-                              f"(cluster {ref.get('cluster')}); load it with them (soppu_hub.collection.publish.member_bases)")
+            raise BundleError(
+                f"{folder}: the bases of this bundle live in collection {ref.get('collection')!r} "
+                f"(cluster {ref.get('cluster')}); load it with them (soppu_hub.collection.publish.member_bases)"
+            )
         tensors = {**bases, **tensors}
     for name, meta in modules:
         try:
-            mb = ModuleBasis(tensors[f"{name}.U"], tensors[f"{name}.V"], _read_cores(tensors, name, meta), meta.get("kind", LINEAR),
-                             _read_private(tensors, name, meta))
+            mb = ModuleBasis(
+                tensors[f"{name}.U"],
+                tensors[f"{name}.V"],
+                _read_cores(tensors, name, meta),
+                meta.get("kind", LINEAR),
+                _read_private(tensors, name, meta),
+            )
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
             raise BundleError(f"{folder}: tensors for module {name} are missing; the bundle is incomplete") from None
         r = mb.rank
-        if mb.V.shape[1] != r or not all(_fits(c, r) for c in mb.cores.values()) or not all(
-                X.shape[0] == mb.U.shape[0] and Y.shape[1] == mb.V.shape[0] for X, Y in mb.private.values()):
-            raise BundleError(f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of other "
-                              "shapes; the bundle is corrupt, write it again")
+        if (
+            mb.V.shape[1] != r
+            or not all(_fits(c, r) for c in mb.cores.values())
+            or not all(X.shape[0] == mb.U.shape[0] and Y.shape[1] == mb.V.shape[0] for X, Y in mb.private.values())
+        ):
+            raise BundleError(
+                f"{folder}: module {name} has bases of rank {r} and {mb.V.shape[1]} and cores of other "
+                "shapes; the bundle is corrupt, write it again"
+            )
         bundle.modules[name] = mb
     return bundle
 

@@ -14,8 +14,14 @@ from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
 from .quantize import STORE_DTYPES
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -62,27 +68,50 @@ def _split(L: torch.Tensor, R: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
 class ExportConfig:
     """How each adapter is written as a PEFT LoRA. Field metadata carries the CLI help."""
 
-    pad: bool = field(default=True, metadata={"help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
-                                                      "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"})
-    lorax_tp: int | str = field(default=LORAX_AUTO, metadata={
-        "help": "LoRAX tensor-parallel size (--num-shard) to pad for, so LoRAX serves the export at full strength "
-                "there (its rank >= 8 x N): auto (default) pads for 2 where the base model's heads allow 2 shards, "
-                "else for 1 (nothing padded for a size LoRAX refuses); N must be a size the base allows"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of each export: auto (its own input's), "
-                                                         "float32, bfloat16 or float16",
-                                                 "choices": ("auto", *EXPORT_DTYPES), "flag": "--export-dtype"})
-    store: str = field(default="auto", metadata={
-        "help": "how the shared-basis store (the bundle, a collection's bases, members' cores) is kept: auto (the "
-                "inputs' dtype when they agree, else bfloat16), a float dtype, or group-wise codes: int8 (about 2x "
-                "smaller than bfloat16), int4 or nf4 (about 3.8x); the cores are refit to quantized bases, and every "
-                "export is written from what is stored", "choices": STORE_DTYPES, "flag": "--store-dtype"})
+    pad: bool = field(
+        default=True,
+        metadata={
+            "help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
+            "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"
+        },
+    )
+    lorax_tp: int | str = field(
+        default=LORAX_AUTO,
+        metadata={
+            "help": "LoRAX tensor-parallel size (--num-shard) to pad for, so LoRAX serves the export at full strength "
+            "there (its rank >= 8 x N): auto (default) pads for 2 where the base model's heads allow 2 shards, "
+            "else for 1 (nothing padded for a size LoRAX refuses); N must be a size the base allows"
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of each export: auto (its own input's), float32, bfloat16 or float16",
+            "choices": ("auto", *EXPORT_DTYPES),
+            "flag": "--export-dtype",
+        },
+    )
+    store: str = field(
+        default="auto",
+        metadata={
+            "help": "how the shared-basis store (the bundle, a collection's bases, members' cores) is kept: auto (the "
+            "inputs' dtype when they agree, else bfloat16), a float dtype, or group-wise codes: int8 (about 2x "
+            "smaller than bfloat16), int4 or nf4 (about 3.8x); the cores are refit to quantized bases, and every "
+            "export is written from what is stored",
+            "choices": STORE_DTYPES,
+            "flag": "--store-dtype",
+        },
+    )
 
     lorax_sizes: tuple[int, ...] | None = None  # --num-shard sizes the base allows (for_base); None: not known
 
     def validate(self) -> None:
-        if self.lorax_tp != LORAX_AUTO and (not isinstance(self.lorax_tp, int) or not 1 <= self.lorax_tp <= LORAX_MAX_TP):
-            raise ConfigError(f"--lorax-tp must be auto or a tensor-parallel size from 1 to {LORAX_MAX_TP}, "
-                              f"got {self.lorax_tp}")
+        if self.lorax_tp != LORAX_AUTO and (
+            not isinstance(self.lorax_tp, int) or not 1 <= self.lorax_tp <= LORAX_MAX_TP
+        ):
+            raise ConfigError(
+                f"--lorax-tp must be auto or a tensor-parallel size from 1 to {LORAX_MAX_TP}, got {self.lorax_tp}"
+            )
         if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
             raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.store not in STORE_DTYPES:
@@ -97,9 +126,11 @@ class ExportConfig:
         else:
             tp = self.lorax_tp
             if sizes is not None and tp not in sizes:
-                raise ConfigError(f"--lorax-tp {tp}: LoRAX cannot shard {base or 'the base model'} to {tp} (its "
-                                  f"attention and KV heads do not divide by {tp}); the sizes it allows: "
-                                  f"{', '.join(map(str, sizes))} (or leave --lorax-tp auto)")
+                raise ConfigError(
+                    f"--lorax-tp {tp}: LoRAX cannot shard {base or 'the base model'} to {tp} (its "
+                    f"attention and KV heads do not divide by {tp}); the sizes it allows: "
+                    f"{', '.join(map(str, sizes))} (or leave --lorax-tp auto)"
+                )
         return replace(self, lorax_tp=tp, lorax_sizes=sizes)
 
     @property
@@ -132,11 +163,20 @@ class ExportInfo:
 
     def __post_init__(self) -> None:
         self.lora_params = sum(B.numel() + A.numel() for B, A in self.factors.values())
-        self.padding_params = (self.rank - self.unpadded_rank) * sum(B.shape[0] + A.shape[1] for B, A in self.factors.values())
+        self.padding_params = (self.rank - self.unpadded_rank) * sum(
+            B.shape[0] + A.shape[1] for B, A in self.factors.values()
+        )
 
 
-def export_peft(bundle: Bundle, adapter: int, folder: str | Path, *, export: ExportConfig | None = None,
-                dtype: torch.dtype = torch.float32, extras: dict[str, torch.Tensor] | None = None) -> ExportInfo:
+def export_peft(
+    bundle: Bundle,
+    adapter: int,
+    folder: str | Path,
+    *,
+    export: ExportConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> ExportInfo:
     """Write adapter i as a standard PEFT LoRA (one uniform r, lora_alpha = r) that LoRAX, vLLM and PEFT load.
 
     The rank is padded with zeros as `export` says, so the delta is exactly U S_i V^T at any LoRAX setting;
@@ -146,8 +186,15 @@ def export_peft(bundle: Bundle, adapter: int, folder: str | Path, *, export: Exp
     unpadded = bundle.export_rank(adapter)
     rank = export.rank_for(unpadded)
     factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, rank).items()}
-    config = clean_config(bundle.configs[adapter], r=rank, lora_alpha=rank, use_rslora=False, use_dora=False,
-                          rank_pattern={}, alpha_pattern={})
+    config = clean_config(
+        bundle.configs[adapter],
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        use_dora=False,
+        rank_pattern={},
+        alpha_pattern={},
+    )
     kinds = {n: mb.kind for n, mb in bundle.modules.items()}
     write_peft_folder(folder, factors, config, kinds=kinds, extras=extras)
     return ExportInfo(rank, unpadded, dtype, factors)

@@ -58,7 +58,9 @@ class JDResult:
     iterations: int
     converged: bool
     method: str
-    factors: tuple[Tensor, Tensor] | None = None  # "full": (U^T B_i, A_i V), (L, n, r, k) and (L, n, k, r); cores = P @ Q
+    factors: tuple[Tensor, Tensor] | None = (
+        None  # "full": (U^T B_i, A_i V), (L, n, r, k) and (L, n, k, r); cores = P @ Q
+    )
 
     @property
     def rank(self) -> int:
@@ -222,8 +224,18 @@ def joint_diagonalize(
     return _finish(B, A, Bc, Ac, U, V, sq_norms, iterations, converged, method)
 
 
-def _finish(B: Tensor, A: Tensor, Bc: Tensor, Ac: Tensor, U: Tensor, V: Tensor, sq_norms: Tensor, iterations: int,
-            converged: bool, method: str) -> JDResult:
+def _finish(
+    B: Tensor,
+    A: Tensor,
+    Bc: Tensor,
+    Ac: Tensor,
+    U: Tensor,
+    V: Tensor,
+    sq_norms: Tensor,
+    iterations: int,
+    converged: bool,
+    method: str,
+) -> JDResult:
     P, Q = project_left(U, Bc), project_right(Ac, V)  # (L, n, r, k), (L, n, k, r): the core's exact rank-k factors
     core = P @ Q  # (L, n, r, r) = U^T W_i V
     if method == "diag":
@@ -270,7 +282,9 @@ def _start(F: Tensor, M: Tensor, r: int) -> Tensor:
     return X @ Q
 
 
-def _subspace_full(B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int, bool]:
+def _subspace_full(
+    B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter: int
+) -> tuple[Tensor, Tensor, int, bool]:
     """JD-Full bases by block subspace iteration through the factors; every product is linear in n.
 
     With C_i = B_i^T U and Z_i = A_i V (k x r each), the U half-step forms G_U U = sum_i w_i B_i Z_i Z_i^T C_i,
@@ -304,8 +318,9 @@ def _subspace_full(B: Tensor, A: Tensor, w: Tensor, r: int, tol: float, max_iter
     return st["U"], st["V"], it, converged
 
 
-def _until_converged(step, data: dict[str, Tensor], state: dict[str, Tensor], tol: float, max_iter: int,
-                     prev: Tensor | None = None) -> tuple[dict[str, Tensor], int, bool]:
+def _until_converged(
+    step, data: dict[str, Tensor], state: dict[str, Tensor], tol: float, max_iter: int, prev: Tensor | None = None
+) -> tuple[dict[str, Tensor], int, bool]:
     """Run `step(data, state) -> (state, objective)` until each module position's objective changes by at most
     `tol` relatively. Every tensor is indexed by position first. A converged position leaves the batch: the
     slowest position no longer sets the cost of all, and each position gets what it would get alone.
@@ -352,8 +367,9 @@ def _refine_diag(
 
     d, Y = diag_of(Bs, As, U, V)
     st = {"U": U, "V": V, "d": d, "Y": Y}
-    st, it, converged = _until_converged(step, {"B": Bs, "A": As, "w": w}, st, tol, max_iter,
-                                         prev=(w * (d**2).sum(-1)).sum(-1))
+    st, it, converged = _until_converged(
+        step, {"B": Bs, "A": As, "w": w}, st, tol, max_iter, prev=(w * (d**2).sum(-1)).sum(-1)
+    )
     return st["U"], st["V"], it, converged
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -97,7 +97,8 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
             seen = shapes.setdefault(name, (mod.shape, a.name))
             if seen[0] != mod.shape:
                 raise IncompatibleAdaptersError(
-                    f"module {name} is {seen[0][0]}x{seen[0][1]} in {seen[1]} but {mod.shape[0]}x{mod.shape[1]} in {a.name}; "
+                    f"module {name} is {seen[0][0]}x{seen[0][1]} in {seen[1]} but {mod.shape[0]}x{mod.shape[1]} in "
+                    f"{a.name}; "
                     "these adapters are not for the same architecture"
                 )
 
@@ -108,9 +109,7 @@ def _device_label(device: torch.device) -> str:
     return device.type
 
 
-def compress(
-    adapters: list[LoraAdapter], config: CompressConfig, *, progress: Progress | None = None
-) -> Compression:
+def compress(adapters: list[LoraAdapter], config: CompressConfig, *, progress: Progress | None = None) -> Compression:
     """Compress adapters jointly, in clusters when asked. Modules with the same (shape, adapters present, max
     rank) run as one kernel batch."""
     config = config.for_inputs(len(adapters))
@@ -178,14 +177,21 @@ class _Progress:
             self.progress(min(int(self.done), self.total), self.total)
 
 
-def _fit_all(adapters: list[LoraAdapter], labels: list[int], modules: list[str], config: CompressConfig,
-             device: torch.device, tracker: _Progress) -> tuple[list[Bundle], dict[str, ModuleStats]]:
+def _fit_all(
+    adapters: list[LoraAdapter],
+    labels: list[int],
+    modules: list[str],
+    config: CompressConfig,
+    device: torch.device,
+    tracker: _Progress,
+) -> tuple[list[Bundle], dict[str, ModuleStats]]:
     """One Bundle per cluster; stats merged with global adapter indices."""
     bundles, stats = [], {}
     n = len(adapters)
     for c in range(max(labels) + 1):
         members = [i for i, lc in enumerate(labels) if lc == c]
-        bundle, st = _fit(adapters, members, modules, config, device, lambda done: tracker.step(done, len(members) / n))
+        share = len(members) / n
+        bundle, st = _fit(adapters, members, modules, config, device, lambda done, s=share: tracker.step(done, s))
         bundles.append(bundle)
         for name, ms in st.items():
             if name in stats:
@@ -197,8 +203,14 @@ def _fit_all(adapters: list[LoraAdapter], labels: list[int], modules: list[str],
     return bundles, stats
 
 
-def _fit(adapters: list[LoraAdapter], members: list[int], modules: list[str], config: CompressConfig,
-         device: torch.device, step: Callable[[int], None]) -> tuple[Bundle, dict[str, ModuleStats]]:
+def _fit(
+    adapters: list[LoraAdapter],
+    members: list[int],
+    modules: list[str],
+    config: CompressConfig,
+    device: torch.device,
+    step: Callable[[int], None],
+) -> tuple[Bundle, dict[str, ModuleStats]]:
     """JD of the member adapters (global indices) into one Bundle whose adapter i is members[i]."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in modules:
@@ -218,17 +230,29 @@ def _fit(adapters: list[LoraAdapter], members: list[int], modules: list[str], co
             chunk = names[lo : lo + step_size]
             B, A = stack_factors(adapters, chunk, glob, kmax, device)
             res = joint_diagonalize(
-                B, A, config.rank, method=config.method, weights=config.weighting, tol=config.tol, max_iter=config.max_iter
+                B,
+                A,
+                config.rank,
+                method=config.method,
+                weights=config.weighting,
+                tol=config.tol,
+                max_iter=config.max_iter,
             )
             U, V, cores, rel = res.U.cpu(), res.V.cpu(), res.cores.cpu(), res.rel_errors.cpu()
             factors = None if res.factors is None else (res.factors[0].cpu(), res.factors[1].cpu())
             for j, name in enumerate(chunk):
                 bundle.modules[name] = ModuleBasis(
-                    U[j].contiguous(), V[j].contiguous(),
-                    {p: _core(cores, factors, j, q, adapters[glob[q]].modules[name].rank) for q, p in enumerate(present)},
+                    U[j].contiguous(),
+                    V[j].contiguous(),
+                    {
+                        p: _core(cores, factors, j, q, adapters[glob[q]].modules[name].rank)
+                        for q, p in enumerate(present)
+                    },
                     adapters[glob[0]].modules[name].kind,
                 )
-                stats[name] = ModuleStats({i: float(rel[j, q]) for q, i in enumerate(glob)}, res.iterations, res.converged)
+                stats[name] = ModuleStats(
+                    {i: float(rel[j, q]) for q, i in enumerate(glob)}, res.iterations, res.converged
+                )
             step(len(chunk))
     return bundle, stats
 
@@ -240,8 +264,13 @@ def _core(cores: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None
     return compact_core(factors[0][j, q, :, :k], factors[1][j, q, :k, :])
 
 
-def _truncate_to_target(bundle: Bundle, members: list[int], adapters: list[LoraAdapter], stats: dict[str, ModuleStats],
-                        config: CompressConfig) -> None:
+def _truncate_to_target(
+    bundle: Bundle,
+    members: list[int],
+    adapters: list[LoraAdapter],
+    stats: dict[str, ModuleStats],
+    config: CompressConfig,
+) -> None:
     """Per module: the smallest leading rank r' <= rank at which every member's error <= target (else the full rank)."""
     from .scoring import delta_sq_norms
 
@@ -269,14 +298,28 @@ def _bytes_per_number(adapters: list[LoraAdapter]) -> int:
     return 4 if width == torch.float64 else width.itemsize
 
 
-def _refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], stats: dict[str, ModuleStats],
-            config: CompressConfig) -> Refined:
+def _refine(
+    adapters: list[LoraAdapter],
+    bundles: list[Bundle],
+    labels: list[int],
+    stats: dict[str, ModuleStats],
+    config: CompressConfig,
+) -> Refined:
     """refine.refine with the run's settings; a budget below the smallest store possible is one line saying it."""
     budget = _budget(adapters, config)
     rel = {name: ms.rel_errors for name, ms in stats.items()}
     try:
-        return refine(adapters, bundles, labels, target=config.target_error, budget=budget, rel_errors=rel,
-                      shared_only=config.shared_only, cap=config.max_adapter_error, adapter_error=config.adapter_error)
+        return refine(
+            adapters,
+            bundles,
+            labels,
+            target=config.target_error,
+            budget=budget,
+            rel_errors=rel,
+            shared_only=config.shared_only,
+            cap=config.max_adapter_error,
+            adapter_error=config.adapter_error,
+        )
     except ValueError as e:
         raise _unmeetable(config, adapters, float(str(e))) from None
 
@@ -286,11 +329,16 @@ def _unmeetable(config: CompressConfig, adapters: list[LoraAdapter], smallest: f
     total = smallest + sum(a.carried_params for a in adapters)
     size = _bytes_per_number(adapters)
     before = sum(a.num_params for a in adapters)
-    return ConfigError(f"--budget {config.budget} is below the smallest store possible here: {int(total):,} parameters "
-                       f"({total * size / 1e6:.2f} MB, {before / total:.2f}x), " + (
-                           f"each of the {config.clusters} cluster(s) at shared rank 1 (--shared-only); raise --budget or "
-                           "use fewer clusters" if config.shared_only else
-                           "every adapter kept at one direction per module; raise --budget"))
+    return ConfigError(
+        f"--budget {config.budget} is below the smallest store possible here: {int(total):,} parameters "
+        f"({total * size / 1e6:.2f} MB, {before / total:.2f}x), "
+        + (
+            f"each of the {config.clusters} cluster(s) at shared rank 1 (--shared-only); raise --budget or "
+            "use fewer clusters"
+            if config.shared_only
+            else "every adapter kept at one direction per module; raise --budget"
+        )
+    )
 
 
 def written_rel_errors(adapter: LoraAdapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

@@ -105,16 +105,16 @@ def residual_spectra(co: Coordinates, ranks: list[int], p_max: int) -> tuple[Ten
     return torch.stack(left), torch.stack(sig)
 
 
-def private_factors(co: Coordinates, j: int, p: int, l: int, i: int) -> tuple[Tensor, Tensor]:
-    """Member i's top-p residual directions at module position l and shared rank j: X (m, p), Y (p, d), float64."""
-    G = _residual_core(co, j)[l, i]
+def private_factors(co: Coordinates, j: int, p: int, pos: int, i: int) -> tuple[Tensor, Tensor]:
+    """Member i's top-p residual directions at module position pos and shared rank j: X (m, p), Y (p, d), float64."""
+    G = _residual_core(co, j)[pos, i]
     u, s, vh = torch.linalg.svd(G)
     root = s[:p].sqrt()
-    left = torch.cat([co.U[l], co.Ql[l, i]], dim=-1)  # (m, r + k)
-    right = torch.cat([co.V[l], co.Qr[l, i]], dim=-1)  # (d, r + k)
+    left = torch.cat([co.U[pos], co.Ql[pos, i]], dim=-1)  # (m, r + k)
+    right = torch.cat([co.V[pos], co.Qr[pos, i]], dim=-1)  # (d, r + k)
     return left @ (u[:, :p] * root), (root[:, None] * vh[:p]) @ right.mT
 
 
-def shared_core(co: Coordinates, j: int, l: int, i: int) -> tuple[Tensor, Tensor]:
+def shared_core(co: Coordinates, j: int, pos: int, i: int) -> tuple[Tensor, Tensor]:
     """Member i's core at shared rank j as its exact factors (U_j^T B_i, A_i V_j): (j, k), (k, j)."""
-    return co.Lc[l, i, :j], co.Rc[l, i, :j].mT
+    return co.Lc[pos, i, :j], co.Rc[pos, i, :j].mT

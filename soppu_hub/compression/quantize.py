@@ -22,17 +22,38 @@ import torch
 
 QUANTIZED = ("int8", "int4", "nf4")
 GROUP = 64  # numbers per scale: fp16 scales add 0.25 bits per number
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 _QMAX = {"int8": 127, "int4": 7}
 _BITS = {"int8": 8, "int4": 4, "nf4": 4}
 
 
-FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FLOATS = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 STORE_DTYPES = ("auto", *FLOATS, *QUANTIZED)
 
 
@@ -65,13 +86,18 @@ class Store:
         return {"dtype": self.kind, "group": self.group} if self.quantized else None
 
     @classmethod
-    def from_header(cls, meta: object) -> "Store | None":
+    def from_header(cls, meta: object) -> Store | None:
         """A file header's record back (None: there is none, a float store); one this version cannot read raises
         ValueError."""
         if meta is None:
             return None
-        if not isinstance(meta, dict) or meta.get("dtype") not in QUANTIZED or not isinstance(meta.get("group"), int) \
-                or not 2 <= meta["group"] <= 4096 or meta["group"] % 2:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("dtype") not in QUANTIZED
+            or not isinstance(meta.get("group"), int)
+            or not 2 <= meta["group"] <= 4096
+            or meta["group"] % 2
+        ):
             raise ValueError(f"store {meta!r} is not one this soppu-hub reads ({', '.join(QUANTIZED)} in even groups)")
         return cls(meta["dtype"], meta["group"])
 
@@ -145,8 +171,9 @@ def roundtrip(t: torch.Tensor, kind: str, *, items: int = 1, group: int = GROUP)
 BLOBS = ("q.codes", "q.scales", "q.maxima")  # every tensor of a file in three entries: a few bytes of header each
 
 
-def pack(tensors: dict[str, torch.Tensor], kind: str, *, group: int = GROUP,
-         whole: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], str]:
+def pack(
+    tensors: dict[str, torch.Tensor], kind: str, *, group: int = GROUP, whole: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], str]:
     """A file's tensors as codes: each stacked tensor (first dimension one item per adapter) item by item, names
     ending in one of `whole` (bases) as one slice. Returns the three blobs (codes as bytes, fp16 scales, fp32 slice
     maxima, every tensor's one after another) and the index (JSON: store, then [name, shape, items] per tensor),
@@ -159,8 +186,10 @@ def pack(tensors: dict[str, torch.Tensor], kind: str, *, group: int = GROUP,
         scales.append(q.scales.reshape(-1))
         maxima.append(q.maxima)
         index.append([name, list(t.shape), items])
-    blobs = [torch.cat(x) if x else torch.zeros(0, dtype=d) for x, d in
-             ((codes, torch.uint8), (scales, torch.float16), (maxima, torch.float32))]
+    blobs = [
+        torch.cat(x) if x else torch.zeros(0, dtype=d)
+        for x, d in ((codes, torch.uint8), (scales, torch.float16), (maxima, torch.float32))
+    ]
     return dict(zip(BLOBS, blobs)), json.dumps({"dtype": kind, "group": group, "tensors": index})
 
 
@@ -190,7 +219,7 @@ def unpack(blobs: dict[str, torch.Tensor], index: str) -> dict[str, torch.Tensor
             raise ValueError(f"tensor {name}: its index entry is damaged")
         groups = -(-numel // items // group)
         sizes = (items * groups * group // per_byte, items * groups, items)
-        parts = [blob[a:a + n] for blob, a, n in zip((codes, scales, maxima), at, sizes)]
+        parts = [blob[a : a + n] for blob, a, n in zip((codes, scales, maxima), at, sizes)]
         if any(p.numel() != n for p, n in zip(parts, sizes)):
             raise ValueError(f"tensor {name}: its codes or scales are cut short (wrong shape)")
         at = [a + n for a, n in zip(at, sizes)]

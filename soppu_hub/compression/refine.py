@@ -2,7 +2,8 @@
 
 Wiring only: reads the members' factors again module by module, asks private.py for the residual spectra at
 every candidate shared rank, allocate.py for the choice (--target-error: the smallest store meeting it per module;
---adapter-error: per whole adapter; --budget: the lowest error within it), and rewrites the bundles' modules with the leading bases, the exact
+--adapter-error: per whole adapter; --budget: the lowest error within it), and rewrites the bundles' modules with the
+leading bases, the exact
 cores and the private factors. Also used on probe modules by assign.auto_k to price every K the same way.
 """
 
@@ -31,8 +32,15 @@ class Refined:
     lam: float | None = None  # the multiplier --budget settled on
 
 
-def module_table(adapters: list[LoraAdapter], glob: list[int], name: str, U: torch.Tensor, V: torch.Tensor,
-                 cluster: int, shared_only: bool = False) -> tuple[Table, Coordinates]:
+def module_table(
+    adapters: list[LoraAdapter],
+    glob: list[int],
+    name: str,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cluster: int,
+    shared_only: bool = False,
+) -> tuple[Table, Coordinates]:
     """The options of one cluster at one module: members `glob` (global indices) on bases U (m, r), V (d, r);
     `shared_only`: no private direction and at least one shared one."""
     kmax = max(adapters[g].modules[name].rank for g in glob)
@@ -41,9 +49,18 @@ def module_table(adapters: list[LoraAdapter], glob: list[int], name: str, U: tor
     return table_of(B[0], A[0], ranks, U, V, cluster, name, glob, shared_only)
 
 
-def table_of(B: torch.Tensor, A: torch.Tensor, ranks: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cluster: int,
-             name: str, glob: list[int], shared_only: bool = False, grid: list[int] | None = None
-             ) -> tuple[Table, Coordinates]:
+def table_of(
+    B: torch.Tensor,
+    A: torch.Tensor,
+    ranks: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    cluster: int,
+    name: str,
+    glob: list[int],
+    shared_only: bool = False,
+    grid: list[int] | None = None,
+) -> tuple[Table, Coordinates]:
     """module_table from factor stacks B (n, m, k), A (n, k, d) and each member's LoRA rank (n,); `grid`: the shared
     ranks allowed (default: rank_grid; a joiner keeps the collection's whole bases)."""
     co = coordinates(B[None].cpu(), A[None].cpu(), U[None].cpu(), V[None].cpu())
@@ -69,9 +86,18 @@ def apply_choice(mb: ModuleBasis, co: Coordinates, choice: Choice, dtype: torch.
     return ModuleBasis(mb.U[:, :j].contiguous(), mb.V[:, :j].contiguous(), cores, mb.kind, private)
 
 
-def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int], *, target: float | None,
-           budget: float | None, rel_errors: dict[str, dict[int, float]], shared_only: bool = False,
-           cap: float | None = None, adapter_error: float | None = None) -> Refined:
+def refine(
+    adapters: list[LoraAdapter],
+    bundles: list[Bundle],
+    labels: list[int],
+    *,
+    target: float | None,
+    budget: float | None,
+    rel_errors: dict[str, dict[int, float]],
+    shared_only: bool = False,
+    cap: float | None = None,
+    adapter_error: float | None = None,
+) -> Refined:
     """Rewrite every bundle's modules as chosen (in place); `rel_errors[module][adapter]` gets the new errors.
     `budget`: numbers the bundles may store in all, `cap` the worst whole-adapter error wanted within it (allocate.
     by_budget); `adapter_error`: the whole-adapter error every adapter meets (allocate.by_adapter_error); else
@@ -108,8 +134,16 @@ def refine(adapters: list[LoraAdapter], bundles: list[Bundle], labels: list[int]
     return out
 
 
-def _store(bundle: Bundle, name: str, mb: ModuleBasis, co: Coordinates, table: Table, choice: Choice,
-           rel_errors: dict[str, dict[int, float]], out: Refined) -> None:
+def _store(
+    bundle: Bundle,
+    name: str,
+    mb: ModuleBasis,
+    co: Coordinates,
+    table: Table,
+    choice: Choice,
+    rel_errors: dict[str, dict[int, float]],
+    out: Refined,
+) -> None:
     bundle.modules[name] = apply_choice(mb, co, choice, mb.U.dtype)
     out.stored += choice.stored
     for g, p, err, norm in zip(table.members, choice.private, choice.sq_errors, table.sq_norms.tolist()):

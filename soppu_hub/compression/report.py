@@ -20,8 +20,15 @@ class Output:
     output: str
 
 
-def build_report(comp: Compression, outputs: list[Output], exports: list[ExportInfo], errors: list[dict[str, float]],
-                 export: ExportConfig, *, store: Store | None = None) -> dict:
+def build_report(
+    comp: Compression,
+    outputs: list[Output],
+    exports: list[ExportInfo],
+    errors: list[dict[str, float]],
+    export: ExportConfig,
+    *,
+    store: Store | None = None,
+) -> dict:
     """The report dict. rel_error = ||W_i - B' A'||_F / ||W_i||_F for the exported factors as written (dtype
     and padding included), PEFT scaling included, not squared.
 
@@ -72,14 +79,22 @@ def build_report(comp: Compression, outputs: list[Output], exports: list[ExportI
         "carried_params": comp.carried_params,
         "compression_ratio": before / after,
         "bytes_before": bytes_before,
-        "store": {"dtype": store.name, **({"group": store.group} if store.quantized else {}),
-                  "bytes_per_number": store.bytes_per_number},
+        "store": {
+            "dtype": store.name,
+            **({"group": store.group} if store.quantized else {}),
+            "bytes_per_number": store.bytes_per_number,
+        },
         "store_bytes": store_bytes,
         "compression_ratio_bytes": bytes_before / store_bytes,
         "export": export_fields(export, dtypes),
         "clusters": [
-            {"id": c, "size": len(comp.members(c)), "rank": max((mb.rank for mb in b.modules.values()), default=0),
-             "params": b.num_params, "ranks": {name: mb.rank for name, mb in b.modules.items()}}
+            {
+                "id": c,
+                "size": len(comp.members(c)),
+                "rank": max((mb.rank for mb in b.modules.values()), default=0),
+                "params": b.num_params,
+                "ranks": {name: mb.rank for name, mb in b.modules.items()},
+            }
             for c, b in enumerate(comp.bundles)
         ],
         "target_error": comp.config.target_error,
@@ -99,15 +114,23 @@ def _fit_error(comp: Compression, i: int) -> float:
 def lorax_fields(info: ExportInfo, export: ExportConfig) -> dict:
     """What one export means to LoRAX, the same keys for compressed, joined and refit members: the rank written and
     the rank it needs, the zeros written, the --num-shard sizes (of those the base allows) that run it unchanged."""
-    return {"export_rank": info.rank, "unpadded_rank": info.unpadded_rank, "padding_params": info.padding_params,
-            "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes))}
+    return {
+        "export_rank": info.rank,
+        "unpadded_rank": info.unpadded_rank,
+        "padding_params": info.padding_params,
+        "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes)),
+    }
 
 
 def export_fields(export: ExportConfig, dtypes: list[str]) -> dict:
     """How the exports were written: dtype(s), padding and for which size, the sizes LoRAX runs the base at."""
-    return {"dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "dtypes": dtypes,
-            "pad": "lorax" if export.pad else "none", "lorax_tp": export.pad_tp,
-            "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None}
+    return {
+        "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
+        "dtypes": dtypes,
+        "pad": "lorax" if export.pad else "none",
+        "lorax_tp": export.pad_tp,
+        "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None,
+    }
 
 
 def _name(dtype) -> str:
@@ -117,9 +140,12 @@ def _name(dtype) -> str:
 def choice_summary(comp: Compression) -> dict:
     """What was chosen and why: clusters (and how K was priced, every K tried, the runner-up), the shared rank per
     cluster and module, the private directions per adapter."""
-    out = {"clusters": len(comp.bundles), "shared_only": comp.config.shared_only,
-           "private_directions": sum(comp.refined.private.values()) if comp.refined else 0,
-           "adapters_with_private": sum(1 for p in comp.refined.private.values() if p) if comp.refined else 0}
+    out = {
+        "clusters": len(comp.bundles),
+        "shared_only": comp.config.shared_only,
+        "private_directions": sum(comp.refined.private.values()) if comp.refined else 0,
+        "adapters_with_private": sum(1 for p in comp.refined.private.values() if p) if comp.refined else 0,
+    }
     if comp.choice is not None:
         out.update(priced_by=comp.choice["priced_by"], scan=comp.choice["scan"], runner_up=comp.choice["runner_up"])
     return out
@@ -130,31 +156,54 @@ def choice_lines(report: dict) -> list[str]:
     ch, out = report.get("choice") or {}, []
     if ch.get("scan"):
         runner = ch.get("runner_up")
-        out.append(f"--clusters auto: {ch['clusters']} cluster(s), priced by {ch['priced_by']} over K = "
-                   f"{', '.join(str(r['K']) for r in ch['scan'])}" + (
-                       f"; runner-up K = {runner['K']} (probe modules: {int(runner['stored']):,} parameters, mean error "
-                       f"{runner['mean_error']:.4f})" if runner else ""))
+        out.append(
+            f"--clusters auto: {ch['clusters']} cluster(s), priced by {ch['priced_by']} over K = "
+            f"{', '.join(str(r['K']) for r in ch['scan'])}"
+            + (
+                f"; runner-up K = {runner['K']} (probe modules: {int(runner['stored']):,} parameters, mean error "
+                f"{runner['mean_error']:.4f})"
+                if runner
+                else ""
+            )
+        )
     if ch.get("private_directions"):
-        out.append(f"private directions: {ch['private_directions']:,} over {ch['adapters_with_private']} of "
-                   f"{len(report['adapters'])} adapters (kept beside the shared bases where those miss them)")
+        out.append(
+            f"private directions: {ch['private_directions']:,} over {ch['adapters_with_private']} of "
+            f"{len(report['adapters'])} adapters (kept beside the shared bases where those miss them)"
+        )
     return out
 
 
 def poorly_kept(adapters: list[dict], comp: Compression) -> list[dict]:
     """Adapters left above --max-adapter-error, each with the two ways on: a cluster of its own, or a larger rank."""
     limit, k = comp.config.max_adapter_error, len(comp.bundles)
-    return [{"name": a["name"], "mean_rel_error": a["mean_rel_error"], "cluster": a["cluster"],
-             "advice": f"{a['name']}: mean relative error {a['mean_rel_error']:.3f} is above --max-adapter-error "
-                       f"{limit:g} (its cluster's bases miss its directions); give it a cluster of its own "
-                       f"(--clusters {k + 1} or auto) or a larger --rank (now {comp.config.rank})"}
-            for a in adapters if a["mean_rel_error"] > limit]
+    return [
+        {
+            "name": a["name"],
+            "mean_rel_error": a["mean_rel_error"],
+            "cluster": a["cluster"],
+            "advice": f"{a['name']}: mean relative error {a['mean_rel_error']:.3f} is above --max-adapter-error "
+            f"{limit:g} (its cluster's bases miss its directions); give it a cluster of its own "
+            f"(--clusters {k + 1} or auto) or a larger --rank (now {comp.config.rank})",
+        }
+        for a in adapters
+        if a["mean_rel_error"] > limit
+    ]
 
 
 def format_table(report: dict) -> str:
     """Fixed-width summary for the terminal."""
     rows = [("adapter", "params", "mean rel err", "max rel err", "output")]
     for a in report["adapters"]:
-        rows.append((a["name"], f"{a['params_before']:,}", f"{a['mean_rel_error']:.4f}", f"{a['max_rel_error']:.4f}", a["output"]))
+        rows.append(
+            (
+                a["name"],
+                f"{a['params_before']:,}",
+                f"{a['mean_rel_error']:.4f}",
+                f"{a['max_rel_error']:.4f}",
+                a["output"],
+            )
+        )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -165,15 +214,21 @@ def format_table(report: dict) -> str:
     lines += [f"warning: {p['advice']}" for p in report.get("poorly_kept", [])]
     if "written" in report:
         w = report["written"]
-        each = ("its cores and a PEFT export; the bases are in the collection once" if report.get("collection")
-                else "its cluster's bases and a PEFT export")
-        lines.append(f"written: {w['tensor_bytes'] / 1e6:.1f} MB of tensors (the bundle {w['bundle_params']:,} parameters; "
-                     f"the {len(report['adapters'])} repos {w['repo_bytes'] / 1e6:.1f} MB against the originals' "
-                     f"{report['bytes_before'] / 1e6:.1f} MB: each carries {each})")
+        each = (
+            "its cores and a PEFT export; the bases are in the collection once"
+            if report.get("collection")
+            else "its cluster's bases and a PEFT export"
+        )
+        lines.append(
+            f"written: {w['tensor_bytes'] / 1e6:.1f} MB of tensors (the bundle {w['bundle_params']:,} parameters; "
+            f"the {len(report['adapters'])} repos {w['repo_bytes'] / 1e6:.1f} MB against the originals' "
+            f"{report['bytes_before'] / 1e6:.1f} MB: each carries {each})"
+        )
     lines.append(
         f"JD-{report['method']} rank {report['rank']} on {report['device']} in {report['seconds']:.2f}s: "
         f"{report['params_before']:,} -> {report['params_after']:,} parameters "
-        f"({report['compression_ratio']:.2f}x); {report['bytes_before'] / 1e6:.2f} -> {report['store_bytes'] / 1e6:.2f} MB "
+        f"({report['compression_ratio']:.2f}x); {report['bytes_before'] / 1e6:.2f} -> "
+        f"{report['store_bytes'] / 1e6:.2f} MB "
         f"stored once as {report['store']['dtype']} ({report['compression_ratio_bytes']:.2f}x in bytes)"
     )
     return "\n".join(lines)

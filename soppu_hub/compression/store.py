@@ -13,6 +13,7 @@ import torch
 from .bundle import Bundle, FactoredCore, ModuleBasis
 from .quantize import Store, roundtrip
 
+
 def choose_store(kind: str, inputs: list[torch.dtype]) -> Store:
     """--store-dtype made concrete: auto keeps the inputs' dtype when they agree (float64 as float32) and takes
     bfloat16 for a mixed set, so the store never holds more bytes per number than most inputs did."""
@@ -29,8 +30,12 @@ def stored_bundle(bundle: Bundle, store: Store) -> Bundle:
     """The bundle as a reader of `store` gets it back (float32 values for a quantized store)."""
     if not store.quantized:
         return bundle.to(store.dtype)
-    return Bundle(bundle.method, bundle.adapters, bundle.configs,
-                  {n: _stored_module(mb, store) for n, mb in bundle.modules.items()})
+    return Bundle(
+        bundle.method,
+        bundle.adapters,
+        bundle.configs,
+        {n: _stored_module(mb, store) for n, mb in bundle.modules.items()},
+    )
 
 
 def stored_bases(U: torch.Tensor, V: torch.Tensor, store: Store) -> tuple[torch.Tensor, torch.Tensor]:

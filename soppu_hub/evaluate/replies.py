@@ -19,24 +19,29 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as the model meets it in use: the user's turn of a chat in the model's own template, or the
     plain text (special tokens as the tokenizer adds them) when it has none."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
     return tokenizer(prompt).input_ids
 
 
 @torch.no_grad()
-def greedy_tokens(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch: int = 64
-                  ) -> list[tuple[list[int], list[int]]]:
+def greedy_tokens(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch: int = 64
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, greedy reply ids) per prompt; prompts run `batch` at a time, left-padded."""
     pad = pad_id(tokenizer)
     out: list[tuple[list[int], list[int]]] = []
     for i in range(0, len(prompts), batch):
-        rows = [chat_prompt_ids(tokenizer, p) for p in prompts[i:i + batch]]
+        rows = [chat_prompt_ids(tokenizer, p) for p in prompts[i : i + batch]]
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad)
+        gen = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
         for r, reply in zip(rows, gen[:, width:].tolist()):
             eos = tokenizer.eos_token_id
             out.append((r, reply[: reply.index(eos) + 1] if eos in reply else reply))  # nothing after the end
@@ -45,5 +50,7 @@ def greedy_tokens(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
 
 def greedy_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, batch: int = 64) -> list[str]:
     """Each prompt's greedy reply, decoded without special tokens and trimmed."""
-    return [tokenizer.decode(reply, skip_special_tokens=True).strip()
-            for _, reply in greedy_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)]
+    return [
+        tokenizer.decode(reply, skip_special_tokens=True).strip()
+        for _, reply in greedy_tokens(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)
+    ]

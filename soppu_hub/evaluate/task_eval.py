@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,8 @@ def chrf(reply: str, answer: str) -> float:
         return float(not hyp)
     precisions, recalls = [], []
     for n in range(1, CHRF_ORDER + 1):
-        h = Counter(hyp[i:i + n] for i in range(len(hyp) - n + 1))
-        r = Counter(ref[i:i + n] for i in range(len(ref) - n + 1))
+        h = Counter(hyp[i : i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i : i + n] for i in range(len(ref) - n + 1))
         if not r:
             continue
         common = sum((h & r).values())
@@ -51,8 +51,11 @@ def chrf(reply: str, answer: str) -> float:
 def score(replies: list[str], answers: list[str]) -> dict:
     """{"examples", "exact_match", "chrf"}: means over the examples."""
     n = len(answers)
-    return {"examples": n, "exact_match": sum(map(exact_match, replies, answers)) / n,
-            "chrf": sum(map(chrf, replies, answers)) / n}
+    return {
+        "examples": n,
+        "exact_match": sum(map(exact_match, replies, answers)) / n,
+        "chrf": sum(map(chrf, replies, answers)) / n,
+    }
 
 
 def read_eval_file(path: str | Path) -> list[Pair]:
@@ -61,8 +64,10 @@ def read_eval_file(path: str | Path) -> list[Pair]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise EvalFileError(f"cannot read eval file {path} ({type(e).__name__}); give a JSONL file of "
-                            '{"prompt": ..., "answer": ...} lines') from None
+        raise EvalFileError(
+            f"cannot read eval file {path} ({type(e).__name__}); give a JSONL file of "
+            '{"prompt": ..., "answer": ...} lines'
+        ) from None
     pairs = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -70,13 +75,17 @@ def read_eval_file(path: str | Path) -> list[Pair]:
         try:
             row = json.loads(line)
         except ValueError:
-            raise EvalFileError(f"{path}:{n}: not JSON; each line must be {{\"prompt\": ..., \"answer\": ...}}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), str) \
-                or not row["prompt"].strip():
-            raise EvalFileError(f"{path}:{n}: needs a non-empty string \"prompt\" and a string \"answer\"")
+            raise EvalFileError(f'{path}:{n}: not JSON; each line must be {{"prompt": ..., "answer": ...}}') from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("answer"), str)
+            or not row["prompt"].strip()
+        ):
+            raise EvalFileError(f'{path}:{n}: needs a non-empty string "prompt" and a string "answer"')
         pairs.append((row["prompt"], row["answer"]))
     if not pairs:
-        raise EvalFileError(f"eval file {path} has no examples; give one {{\"prompt\", \"answer\"}} object a line")
+        raise EvalFileError(f'eval file {path} has no examples; give one {{"prompt", "answer"}} object a line')
     return pairs
 
 
@@ -89,8 +98,10 @@ def eval_sets(path: str | Path, names: list[str]) -> list[list[Pair] | None]:
         return [pairs for _ in names]
     sets = [read_eval_file(path / f"{n}.jsonl") if (path / f"{n}.jsonl").is_file() else None for n in names]
     if not any(sets):
-        raise EvalFileError(f"eval folder {path} has no <adapter>.jsonl for any of the adapters "
-                            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        raise EvalFileError(
+            f"eval folder {path} has no <adapter>.jsonl for any of the adapters "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        )
     return sets
 
 
@@ -112,9 +123,9 @@ def _prompt_only(path: Path, n: int, line: str) -> str:
     try:
         row = json.loads(line)
     except ValueError:
-        raise EvalFileError(f"{path}:{n}: not JSON; each line must be {{\"prompt\": ...}}") from None
+        raise EvalFileError(f'{path}:{n}: not JSON; each line must be {{"prompt": ...}}') from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-        raise EvalFileError(f"{path}:{n}: needs a non-empty string \"prompt\"")
+        raise EvalFileError(f'{path}:{n}: needs a non-empty string "prompt"')
     return row["prompt"]
 
 
@@ -150,8 +161,13 @@ def retention(compressed: dict, original: dict, key: str = "chrf") -> float | No
     return compressed[key] / original[key] if original[key] else None
 
 
-def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list[Path], sets: list[list[Pair] | None],
-                      progress: Callable[[int, int], None] | None = None) -> list[dict | None]:
+def evaluate_adapters(
+    base_folder: Path,
+    originals: list[Path],
+    compressed: list[Path],
+    sets: list[list[Pair] | None],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict | None]:
     """Per adapter with examples: the base model's, the original's and the compressed adapter's scores, how much
     of the original's score the compressed one keeps (chrF and exact match ratios), and both replies to the first
     few examples."""
@@ -167,11 +183,21 @@ def evaluate_adapters(base_folder: Path, originals: list[Path], compressed: list
         answers = [a for _, a in pairs]
         said = {"original": scorer.replies(orig, pairs), "compressed": scorer.replies(comp, pairs)}
         o, c = score(said["original"], answers), score(said["compressed"], answers)
-        samples = [{"prompt": p, "answer": a, "original": r, "compressed": k}
-                   for (p, a), r, k in list(zip(pairs, said["original"], said["compressed"]))[:SAMPLES]]
-        results.append({"examples": len(pairs), "base": base_scores[id(pairs)], "original": o, "compressed": c,
-                        "chrf_retention": retention(c, o), "exact_match_retention": retention(c, o, "exact_match"),
-                        "samples": samples})
+        samples = [
+            {"prompt": p, "answer": a, "original": r, "compressed": k}
+            for (p, a), r, k in list(zip(pairs, said["original"], said["compressed"]))[:SAMPLES]
+        ]
+        results.append(
+            {
+                "examples": len(pairs),
+                "base": base_scores[id(pairs)],
+                "original": o,
+                "compressed": c,
+                "chrf_retention": retention(c, o),
+                "exact_match_retention": retention(c, o, "exact_match"),
+                "samples": samples,
+            }
+        )
         if progress:
             progress(i + 1, len(originals))
     return results

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .common import HubError, retry
 
@@ -26,14 +26,22 @@ def download_file(repo_id: str, path: str, *, revision: str | None, token: str |
     try:
         return Path(retry(lambda: hf_hub_download(repo_id, path, revision=revision, token=token), f"download {what}"))
     except RevisionNotFoundError:
-        raise HubError(f"{what}: revision {revision!r} does not exist in the collection; check the branch, tag or commit",
-                       f"revision {revision!r} does not exist") from None
+        raise HubError(
+            f"{what}: revision {revision!r} does not exist in the collection; check the branch, tag or commit",
+            f"revision {revision!r} does not exist",
+        ) from None
     except RepositoryNotFoundError:
-        raise HubError(f"{what}: collection repo not found, or private and your token cannot see it; check the id or "
-                       "log in (hf auth login or HF_TOKEN)", "not found on the Hub, or private") from None
+        raise HubError(
+            f"{what}: collection repo not found, or private and your token cannot see it; check the id or "
+            "log in (hf auth login or HF_TOKEN)",
+            "not found on the Hub, or private",
+        ) from None
     except EntryNotFoundError:
-        raise HubError(f"{what}: has no {path}; it is not a soppu collection (or it is incomplete): name a repo written "
-                       "by soppu-hub compress --collection", f"it has no {path}") from None
+        raise HubError(
+            f"{what}: has no {path}; it is not a soppu collection (or it is incomplete): name a repo written "
+            "by soppu-hub compress --collection",
+            f"it has no {path}",
+        ) from None
 
 
 def head_revision(repo_id: str, revision: str | None, token: str | bool | None) -> str:
@@ -44,11 +52,17 @@ def head_revision(repo_id: str, revision: str | None, token: str | bool | None) 
     try:
         return retry(lambda: HfApi(token=token).model_info(repo_id, revision=revision).sha, f"look up {repo_id}")
     except RevisionNotFoundError:
-        raise HubError(f"{repo_id}@{revision}: revision {revision!r} does not exist in the collection; check the branch, "
-                       "tag or commit", f"revision {revision!r} does not exist") from None
+        raise HubError(
+            f"{repo_id}@{revision}: revision {revision!r} does not exist in the collection; check the branch, "
+            "tag or commit",
+            f"revision {revision!r} does not exist",
+        ) from None
     except RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: collection repo not found, or private and your token cannot see it; check the id or "
-                       "log in (hf auth login or HF_TOKEN)", "not found on the Hub, or private") from None
+        raise HubError(
+            f"{repo_id}: collection repo not found, or private and your token cannot see it; check the id or "
+            "log in (hf auth login or HF_TOKEN)",
+            "not found on the Hub, or private",
+        ) from None
 
 
 def repo_exists(repo_id: str, *, token: str | bool | None = None) -> bool:
@@ -68,8 +82,14 @@ def commit_titled(repo_id: str, title: str, *, token: str | bool | None = None) 
 Files = dict[str, "bytes | Path"]  # path in the repo -> its new content, or a local file holding it
 
 
-def commit_on_head(repo_id: str, build: Callable[[str], Files], *, message: str, token: str | bool | None = None,
-                   attempts: int = COMMIT_ATTEMPTS) -> str:
+def commit_on_head(
+    repo_id: str,
+    build: Callable[[str], Files],
+    *,
+    message: str,
+    token: str | bool | None = None,
+    attempts: int = COMMIT_ATTEMPTS,
+) -> str:
     """`build(head)` -> the files to write, made from the repo as it is at `head`, committed with that head as
     parent; on a concurrent commit (409 / 412) read the new head and build again. Returns the commit sha."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -78,18 +98,27 @@ def commit_on_head(repo_id: str, build: Callable[[str], Files], *, message: str,
     api = HfApi(token=token)
     for attempt in range(attempts):
         head = head_revision(repo_id, None, token)
-        ops = [CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
-               for path, data in build(head).items()]
+        ops = [
+            CommitOperationAdd(path, data if isinstance(data, bytes) else str(data))
+            for path, data in build(head).items()
+        ]
         try:
-            return retry(lambda: api.create_commit(repo_id, ops, commit_message=message, parent_commit=head),
-                         f"commit to {repo_id}").oid
+            return retry(
+                lambda ops=ops, head=head: api.create_commit(repo_id, ops, commit_message=message, parent_commit=head),
+                f"commit to {repo_id}",
+            ).oid
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
-                raise HubError(f"{repo_id}: your token cannot write to this collection; ask its owner for write access, "
-                               "or run without pushing (--no-push --out DIR)", "no write access") from None
+                raise HubError(
+                    f"{repo_id}: your token cannot write to this collection; ask its owner for write access, "
+                    "or run without pushing (--no-push --out DIR)",
+                    "no write access",
+                ) from None
             if status not in (409, 412):
                 raise
         time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # someone else committed in between: again
-    raise HubError(f"{repo_id}: the repo kept changing under {attempts} tries; run the same command again",
-                   "too many concurrent commits")
+    raise HubError(
+        f"{repo_id}: the repo kept changing under {attempts} tries; run the same command again",
+        "too many concurrent commits",
+    )

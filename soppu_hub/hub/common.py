@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from ..errors import SoppuError
 
@@ -59,8 +60,11 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 3, wait: float = 1.0) 
             reason = f"HTTP {status}"
         if i + 1 < attempts:
             time.sleep(wait * 2**i)
-    raise HubError(f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}, {attempts} tries); "
-                   "check your network or HF_ENDPOINT and try again", "the Hub cannot be reached")
+    raise HubError(
+        f"{what}: cannot reach the Hub at {constants.ENDPOINT} ({reason}, {attempts} tries); "
+        "check your network or HF_ENDPOINT and try again",
+        "the Hub cannot be reached",
+    )
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""What the Hub says about repos: listings by tag, card metadata, single files, a model's config, a base model's chat template."""
+"""What the Hub says about repos: listings by tag, card metadata, single files, a model's config, a chat template."""
 
 from __future__ import annotations
 
@@ -29,10 +29,14 @@ def card_metadata(repo_id: str, *, token: str | bool | None = None) -> dict:
     except EntryNotFoundError:
         raise HubError(f"{repo_id} has no model card", "it has no model card") from None
     except Exception:  # network and anything else: said in words, once
-        raise HubError(f"the card of {repo_id} cannot be read from the Hub right now", "the Hub cannot be reached") from None
+        raise HubError(
+            f"the card of {repo_id} cannot be read from the Hub right now", "the Hub cannot be reached"
+        ) from None
 
 
-def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, token: str | bool | None = None) -> Path | None:
+def fetch_file(
+    repo_id: str, filename: str, *, revision: str | None = None, token: str | bool | None = None
+) -> Path | None:
     """One file of a repo from the cache or the Hub; None when it is not there (or cannot be fetched now)."""
     from huggingface_hub import hf_hub_download
 
@@ -42,10 +46,12 @@ def fetch_file(repo_id: str, filename: str, *, revision: str | None = None, toke
         return None
 
 
-def model_config(model_id: str, *, revision: str | None = None, token: str | bool | None = None,
-                 timeout: float = 10.0) -> dict | None:
+def model_config(
+    model_id: str, *, revision: str | None = None, token: str | bool | None = None, timeout: float = 10.0
+) -> dict | None:
     """A model's config.json, from a local folder, one request to the Hub, or the cache when the Hub cannot be
-    reached; None when it cannot be read. One request with a short timeout, no retries: it only refines a default (LoRAX's shard sizes), and an
+    reached; None when it cannot be read. One request with a short timeout, no retries: it only refines a default
+    (LoRAX's shard sizes), and an
     offline machine must not wait half a minute of backoff for it."""
     import json
 
@@ -59,8 +65,11 @@ def model_config(model_id: str, *, revision: str | None = None, token: str | boo
     except (OSError, ValueError):
         return None
     try:  # the Hub first: a cache keyed by "main" can hold another model published under the same id since
-        r = get_session().get(hf_hub_url(model_id, "config.json", revision=revision),
-                              headers=build_hf_headers(token=token), timeout=timeout)
+        r = get_session().get(
+            hf_hub_url(model_id, "config.json", revision=revision),
+            headers=build_hf_headers(token=token),
+            timeout=timeout,
+        )
         if r.status_code == 200:
             return r.json()
     except Exception:  # noqa: BLE001 - no network, not JSON: the cache, if any, is what there is

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import SoppuError
 from .common import HubError, is_repo_id, retry
@@ -42,7 +42,9 @@ def whoami(token: str | bool | None) -> tuple[str, set[str]]:
     return info["name"], writable
 
 
-def target_repo_ids(names: list[str], *, user: str, push_to: str | None = None, namespace: str | None = None) -> list[str]:
+def target_repo_ids(
+    names: list[str], *, user: str, push_to: str | None = None, namespace: str | None = None
+) -> list[str]:
     """`<user>/<name>-soppu` by default; --push-to names the one repo; --namespace picks an org."""
     if push_to:
         if len(names) != 1:
@@ -58,8 +60,10 @@ def check_write_access(repo_ids: list[str], writable: set[str], user: str) -> No
     for repo_id in repo_ids:
         ns = repo_id.split("/")[0]
         if ns not in writable:
-            raise HubError(f"your token (user {user}) cannot write to the namespace {ns!r} for {repo_id}; "
-                           f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to")
+            raise HubError(
+                f"your token (user {user}) cannot write to the namespace {ns!r} for {repo_id}; "
+                f"push to one of {', '.join(sorted(writable))} with --namespace or --push-to"
+            )
 
 
 def _local_ids(path: Path) -> tuple[str, str]:
@@ -82,17 +86,27 @@ def changed_files(folder: Path, repo_id: str, *, token: str | bool | None = None
         tree = retry(lambda: list(HfApi(token=token).list_repo_tree(repo_id, recursive=True)), f"list {repo_id}")
     except RepositoryNotFoundError:
         return None
-    remote = {f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id) for f in tree
-              if hasattr(f, "blob_id") and f.path != ".gitattributes"}
+    remote = {
+        f.path: (f.lfs.sha256 if getattr(f, "lfs", None) else f.blob_id)
+        for f in tree
+        if hasattr(f, "blob_id") and f.path != ".gitattributes"
+    }
     local = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
     if set(remote) != set(local):
         return None
     return sorted(k for k, path in local.items() if remote[k] not in _local_ids(path))
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = False, token: str | bool | None = None,
-                commit_message: str = "Upload soppu-compressed adapter", skip_unchanged: bool = False,
-                same: Callable[[list[str]], bool] | None = None) -> PushResult:
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | bool | None = None,
+    commit_message: str = "Upload soppu-compressed adapter",
+    skip_unchanged: bool = False,
+    same: Callable[[list[str]], bool] | None = None,
+) -> PushResult:
     """Create the repo if needed and put the whole folder in ONE commit (stale files deleted in it too).
     With `skip_unchanged`, a repo that already holds this adapter is left alone (a skipped result): byte for byte,
     or where `same(changed files)` says the differing files hold the same content (the caller's notion of noise)."""
@@ -124,4 +138,3 @@ def failure_reason(e: BaseException) -> str:
     while root.__cause__ is not None:
         root = root.__cause__
     return line(e) if root is e else f"{line(e)}: {type(root).__name__}: {line(root)[:300]}"
-

@@ -20,7 +20,9 @@ __all__ = ["USERS_ENV", "Auth", "Store", "create_app", "load_auth", "serve"]
 USERS_ENV = "SOPPU_HUB_USERS"  # the users JSON in the environment: tokens neither on disk nor in the process list
 
 
-def load_auth(users: list[str] | None = None, orgs: list[str] | None = None, users_file: str | Path | None = None) -> Auth:
+def load_auth(
+    users: list[str] | None = None, orgs: list[str] | None = None, users_file: str | Path | None = None
+) -> Auth:
     """Users as 'name:token' strings, a JSON file and/or $SOPPU_HUB_USERS, each {"users": {name: token},
     "orgs": {org: [members]}}."""
     auth = Auth()
@@ -31,8 +33,10 @@ def load_auth(users: list[str] | None = None, orgs: list[str] | None = None, use
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            raise ConfigError(f"users must be JSON {{\"users\": {{name: token}}, \"orgs\": {{org: [members]}}}} "
-                             f"(in --users-file or ${USERS_ENV})") from None
+            raise ConfigError(
+                f'users must be JSON {{"users": {{name: token}}, "orgs": {{org: [members]}}}} '
+                f"(in --users-file or ${USERS_ENV})"
+            ) from None
         auth.tokens.update({tok: name for name, tok in data.get("users", {}).items()})
         auth.orgs.update(data.get("orgs", {}))
     for spec in users or []:
@@ -46,8 +50,14 @@ def load_auth(users: list[str] | None = None, orgs: list[str] | None = None, use
     return auth
 
 
-def serve(root: str | Path, auth: Auth, host: str = "127.0.0.1", port: int = 8900, public_url: str | None = None,
-          max_commit_bytes: int = MAX_COMMIT_BYTES) -> None:
+def serve(
+    root: str | Path,
+    auth: Auth,
+    host: str = "127.0.0.1",
+    port: int = 8900,
+    public_url: str | None = None,
+    max_commit_bytes: int = MAX_COMMIT_BYTES,
+) -> None:
     import uvicorn
 
     app = create_app(Store(root), auth, public_url or f"http://{host}:{port}", max_commit_bytes=max_commit_bytes)

@@ -34,7 +34,9 @@ class Auth:
 
 def error(status: int, code: str, message: str) -> JSONResponse:
     """An error as the Hub gives it: JSON body plus X-Error-Code / X-Error-Message, which huggingface_hub maps."""
-    return JSONResponse({"error": message}, status_code=status, headers={"X-Error-Code": code, "X-Error-Message": message})
+    return JSONResponse(
+        {"error": message}, status_code=status, headers={"X-Error-Code": code, "X-Error-Message": message}
+    )
 
 
 @dataclass
@@ -91,9 +93,19 @@ class Hub:
         card = self.card_data(kind, repo_id, oid, files)
         tags = list(card.get("tags") or []) if card else []
         info = {
-            "_id": repo_id, "id": repo_id, "author": repo_id.split("/")[0], "sha": oid, "private": meta["private"],
-            "disabled": False, "gated": meta.get("gated", False), "downloads": 0, "likes": 0, "tags": tags, "cardData": card,
-            "createdAt": meta["created"], "lastModified": self.store.commit_info(kind, repo_id, oid)["date"],
+            "_id": repo_id,
+            "id": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": oid,
+            "private": meta["private"],
+            "disabled": False,
+            "gated": meta.get("gated", False),
+            "downloads": 0,
+            "likes": 0,
+            "tags": tags,
+            "cardData": card,
+            "createdAt": meta["created"],
+            "lastModified": self.store.commit_info(kind, repo_id, oid)["date"],
             "siblings": [{"rfilename": p} for p in sorted(files)],
         }
         if kind == "model":

@@ -76,14 +76,19 @@ def parse_commit(raw: bytes) -> CommitRequest:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise _bad(f"commit line {n} is not valid JSON") from None
         if not isinstance(item, dict) or item.get("key") not in COMMIT_KEYS or not isinstance(item.get("value"), dict):
-            raise _bad(f"commit line {n} must be {{\"key\": one of {', '.join(COMMIT_KEYS)}, \"value\": {{...}}}}")
+            raise _bad(f'commit line {n} must be {{"key": one of {", ".join(COMMIT_KEYS)}, "value": {{...}}}}')
         key, value = item["key"], item["value"]
         if key == "header":
             if seen_header:
                 raise _bad(f"commit line {n}: a second header")
             seen_header = True
             summary, parent = value.get("summary"), value.get("parentCommit")
-            if summary is not None and not isinstance(summary, str) or parent is not None and not isinstance(parent, str):
+            if (
+                summary is not None
+                and not isinstance(summary, str)
+                or parent is not None
+                and not isinstance(parent, str)
+            ):
                 raise _bad(f"commit line {n}: summary and parentCommit must be strings")
             out.summary, out.parent_commit = (summary or "commit")[:1000], parent or None
             continue
@@ -103,8 +108,13 @@ def parse_commit(raw: bytes) -> CommitRequest:
                 raise _bad(f"commit line {n}: content of {path!r} is not valid base64") from None
         elif key == "lfsFile":
             oid, size = value.get("oid"), value.get("size")
-            if not isinstance(oid, str) or not _SHA256.match(oid) or isinstance(size, bool) or not isinstance(size, int) \
-                    or size < 0:
+            if (
+                not isinstance(oid, str)
+                or not _SHA256.match(oid)
+                or isinstance(size, bool)
+                or not isinstance(size, int)
+                or size < 0
+            ):
                 raise _bad(f"commit line {n}: lfsFile needs a sha256 oid and a size in bytes")
             out.lfs_files[path] = (oid, size)
         elif key == "deletedFile":

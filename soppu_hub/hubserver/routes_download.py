@@ -22,10 +22,16 @@ def download_routes(hub: Hub) -> APIRouter:
         entry = store.files(kind, repo_id, oid).get(check_path(path))
         if entry is None:
             return error(404, "EntryNotFound", f"{path} does not exist in {repo_id} at {revision}")
-        headers = {"X-Repo-Commit": oid, "ETag": f'"{entry.git_sha1}"', "Content-Length": str(entry.size),
-                   "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": oid,
+            "ETag": f'"{entry.git_sha1}"',
+            "Content-Length": str(entry.size),
+            "Accept-Ranges": "bytes",
+        }
         if entry.lfs:
-            headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size), "ETag": f'"{entry.sha256}"'})
+            headers.update(
+                {"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size), "ETag": f'"{entry.sha256}"'}
+            )
         if request.method == "HEAD":
             return Response(status_code=200, headers=headers)
         data = store.read_object(entry.sha256)
@@ -36,8 +42,12 @@ def download_routes(hub: Hub) -> APIRouter:
             end = min(int(m[2]), len(data) - 1) if m and m[1] and m[2] else len(data) - 1
             if not m or start < 0 or start > end:
                 return Response(status_code=416, headers={"Content-Range": f"bytes */{len(data)}"})
-            headers.update({"Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(end - start + 1)})
-            return Response(data[start : end + 1], status_code=206, headers=headers, media_type="application/octet-stream")
+            headers.update(
+                {"Content-Range": f"bytes {start}-{end}/{len(data)}", "Content-Length": str(end - start + 1)}
+            )
+            return Response(
+                data[start : end + 1], status_code=206, headers=headers, media_type="application/octet-stream"
+            )
         return Response(data, headers=headers, media_type="application/octet-stream")
 
     @router.api_route("/{ns}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])

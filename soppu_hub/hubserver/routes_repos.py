@@ -22,8 +22,13 @@ def repo_routes(hub: Hub) -> APIRouter:
         if user is None:
             return error(401, "Unauthorized", "Invalid user token.")
         orgs = [{"name": o, "type": "org", "roleInOrg": "write"} for o, members in auth.orgs.items() if user in members]
-        return {"type": "user", "name": user, "fullname": user, "orgs": orgs,
-                "auth": {"type": "access_token", "accessToken": {"displayName": "offline", "role": "write"}}}
+        return {
+            "type": "user",
+            "name": user,
+            "fullname": user,
+            "orgs": orgs,
+            "auth": {"type": "access_token", "accessToken": {"displayName": "offline", "role": "write"}},
+        }
 
     @router.post("/api/repos/create")
     async def create_repo(request: Request):
@@ -33,7 +38,9 @@ def repo_routes(hub: Hub) -> APIRouter:
         body = await json_object(request)
         namespace, name, kind = body.get("organization") or user, body.get("name"), body.get("type") or "model"
         if not isinstance(namespace, str) or not isinstance(name, str) or kind not in PREFIX:
-            return error(400, "BadRequest", "name and organization must be strings and type one of model, dataset, space")
+            return error(
+                400, "BadRequest", "name and organization must be strings and type one of model, dataset, space"
+            )
         repo_id = f"{namespace}/{name}"
         store.check_repo_id(kind, repo_id)
         if not auth.can_write(user, namespace):
@@ -52,7 +59,9 @@ def repo_routes(hub: Hub) -> APIRouter:
             return error(401, "Unauthorized", "Invalid credentials in Authorization header")
         namespace, name, kind = body.get("organization") or user, body.get("name"), body.get("type") or "model"
         if not isinstance(namespace, str) or not isinstance(name, str) or kind not in PREFIX:
-            return error(400, "BadRequest", "name and organization must be strings and type one of model, dataset, space")
+            return error(
+                400, "BadRequest", "name and organization must be strings and type one of model, dataset, space"
+            )
         repo_id = f"{namespace}/{name}"
         writable(request, kind, repo_id)
         store.delete_repo(kind, repo_id)
@@ -79,8 +88,14 @@ def repo_routes(hub: Hub) -> APIRouter:
         return {"errors": [], "warnings": []}
 
     @router.get("/api/{kinds}")
-    async def list_repos(kinds: str, request: Request, author: str | None = None, search: str | None = None,
-                         filter: list[str] | None = None, limit: int | None = None):
+    async def list_repos(
+        kinds: str,
+        request: Request,
+        author: str | None = None,
+        search: str | None = None,
+        filter: list[str] | None = None,
+        limit: int | None = None,
+    ):
         kind = KINDS.get(kinds)
         if kind is None:
             return error(404, "NotFound", f"unknown listing {kinds}")
@@ -97,9 +112,25 @@ def repo_routes(hub: Hub) -> APIRouter:
                 continue  # private and not ours
             if filters and not filters.issubset(set(info["tags"]) | {info.get("library_name")}):
                 continue
-            out.append({k: info[k] for k in ("_id", "id", "author", "sha", "private", "tags", "downloads", "likes",
-                                             "createdAt", "lastModified") if k in info}
-                       | ({"modelId": repo_id, "library_name": info.get("library_name")} if kind == "model" else {}))
+            out.append(
+                {
+                    k: info[k]
+                    for k in (
+                        "_id",
+                        "id",
+                        "author",
+                        "sha",
+                        "private",
+                        "tags",
+                        "downloads",
+                        "likes",
+                        "createdAt",
+                        "lastModified",
+                    )
+                    if k in info
+                }
+                | ({"modelId": repo_id, "library_name": info.get("library_name")} if kind == "model" else {})
+            )
         return out[:limit] if limit else out
 
     @router.get("/api/{kinds}/{ns}/{name}")
@@ -114,13 +145,16 @@ def repo_routes(hub: Hub) -> APIRouter:
     async def commits(kinds: str, ns: str, name: str, revision: str, request: Request):
         kind = KINDS.get(kinds, "?")
         visible(request, kind, f"{ns}/{name}")
-        return [{"id": c["id"], "title": c["title"], "message": "", "authors": [], "date": c["date"]}
-                for c in store.history(kind, f"{ns}/{name}", revision)]
+        return [
+            {"id": c["id"], "title": c["title"], "message": "", "authors": [], "date": c["date"]}
+            for c in store.history(kind, f"{ns}/{name}", revision)
+        ]
 
     @router.get("/api/{kinds}/{ns}/{name}/tree/{revision}")
     @router.get("/api/{kinds}/{ns}/{name}/tree/{revision}/{path:path}")
-    async def tree(kinds: str, ns: str, name: str, revision: str, request: Request, path: str = "",
-                   recursive: bool = False):
+    async def tree(
+        kinds: str, ns: str, name: str, revision: str, request: Request, path: str = "", recursive: bool = False
+    ):
         kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"
         visible(request, kind, repo_id)
         files = store.files(kind, repo_id, store.resolve(kind, repo_id, revision))
@@ -129,7 +163,7 @@ def repo_routes(hub: Hub) -> APIRouter:
         for p, e in sorted(files.items()):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             parts = rest.split("/")
             for i in range(1, len(parts)):
                 if recursive or i == 1:

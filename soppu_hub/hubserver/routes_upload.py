@@ -38,8 +38,10 @@ def upload_routes(hub: Hub) -> APIRouter:
     async def lfs_batch(kind: str, repo_id: str, request: Request):
         writable(request, kind, repo_id)
         objects, asked = [], (await json_object(request)).get("objects", [])
-        if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("oid"), str)
-                                                  and type(o.get("size")) is int and o["size"] >= 0 for o in asked):
+        if not isinstance(asked, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("oid"), str) and type(o.get("size")) is int and o["size"] >= 0
+            for o in asked
+        ):
             return error(400, "BadRequest", "objects must be a list of {oid, size}")
         for obj in asked:
             item = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
@@ -77,18 +79,28 @@ def upload_routes(hub: Hub) -> APIRouter:
     async def commit(kinds: str, ns: str, name: str, revision: str, request: Request):
         kind, repo_id = KINDS.get(kinds, "?"), f"{ns}/{name}"
         writable(request, kind, repo_id)
-        parsed = parse_commit(await read_limited(request, hub.max_commit_bytes))  # all checked before anything is stored
+        parsed = parse_commit(
+            await read_limited(request, hub.max_commit_bytes)
+        )  # all checked before anything is stored
         for oid, _ in parsed.lfs_files.values():
             if not store.has_object(oid):
                 return error(422, "BadRequest", f"LFS object {oid} was never uploaded")
         adds = {}
         for path, raw in parsed.files.items():
             adds[path] = FileEntry(store.put_object(raw), len(raw), git_hash(raw), False)
-        for path, (oid, size) in parsed.lfs_files.items():  # a pointer's blob id, as git would hash the LFS pointer file
+        for path, (
+            oid,
+            size,
+        ) in parsed.lfs_files.items():  # a pointer's blob id, as git would hash the LFS pointer file
             pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
             adds[path] = FileEntry(oid, size, git_hash(pointer), True)
-        oid = store.commit(kind, repo_id, revision, parsed.summary, adds, parsed.deletes, parsed.delete_folders,
-                           parsed.parent_commit)
-        return {"commitOid": oid, "commitUrl": f"{public_url}/{PREFIX[kind]}{repo_id}/commit/{oid}", "pullRequestUrl": None}
+        oid = store.commit(
+            kind, repo_id, revision, parsed.summary, adds, parsed.deletes, parsed.delete_folders, parsed.parent_commit
+        )
+        return {
+            "commitOid": oid,
+            "commitUrl": f"{public_url}/{PREFIX[kind]}{repo_id}/commit/{oid}",
+            "pullRequestUrl": None,
+        }
 
     return router

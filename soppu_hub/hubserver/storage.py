@@ -52,9 +52,16 @@ def check_path(path: object, what: str = "file path") -> str:
     if not isinstance(path, str) or not path or len(path) > MAX_PATH:
         raise StoreError(400, "BadRequest", f"invalid {what}: a non-empty string of at most {MAX_PATH} characters")
     for form in {path, unquote(path)}:
-        if form.startswith("/") or _BAD_CHARS.search(form) or any(p in ("", ".", "..", ".git") for p in form.split("/")):
-            raise StoreError(400, "BadRequest", f"invalid {what} {path[:200]!r}: use a relative path without '.', '..', "
-                             "'.git', '//' or backslashes")
+        if (
+            form.startswith("/")
+            or _BAD_CHARS.search(form)
+            or any(p in ("", ".", "..", ".git") for p in form.split("/"))
+        ):
+            raise StoreError(
+                400,
+                "BadRequest",
+                f"invalid {what} {path[:200]!r}: use a relative path without '.', '..', '.git', '//' or backslashes",
+            )
     return path
 
 
@@ -120,7 +127,9 @@ class Store:
             d = self._repo_dir(repo_type, repo_id)
             if (d / "repo.json").is_file():
                 return False
-            gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+            gitattributes = (
+                b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+            )
             sha = self.put_object(gitattributes)
             files = {".gitattributes": FileEntry(sha, len(gitattributes), git_hash(gitattributes), False)}
             _atomic_write(d / "repo.json", json.dumps({"private": private, "created": _now()}).encode())
@@ -152,7 +161,9 @@ class Store:
         base = self.root / "repos" / repo_type
         if not base.is_dir():
             return []
-        return sorted(f"{ns.name}/{r.name}" for ns in base.iterdir() for r in ns.iterdir() if (r / "repo.json").is_file())
+        return sorted(
+            f"{ns.name}/{r.name}" for ns in base.iterdir() for r in ns.iterdir() if (r / "repo.json").is_file()
+        )
 
     # --- commits -----------------------------------------------------------------------------
     def refs(self, repo_type: str, repo_id: str) -> dict:
@@ -164,7 +175,10 @@ class Store:
         refs = self.refs(repo_type, repo_id)
         if revision in refs:
             return refs[revision]
-        if re.fullmatch(r"[0-9a-f]{40}", revision) and (self._repo_dir(repo_type, repo_id) / "commits" / f"{revision}.json").is_file():
+        if (
+            re.fullmatch(r"[0-9a-f]{40}", revision)
+            and (self._repo_dir(repo_type, repo_id) / "commits" / f"{revision}.json").is_file()
+        ):
             return revision
         raise StoreError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
 
@@ -175,7 +189,12 @@ class Store:
         return {p: FileEntry(**e) for p, e in self.commit_info(repo_type, repo_id, oid)["files"].items()}
 
     def _write_commit(self, repo_type, repo_id, parent, message, files: dict[str, FileEntry], branch="main") -> str:
-        body = {"parent": parent, "message": message, "date": _now(), "files": {p: e.as_json() for p, e in sorted(files.items())}}
+        body = {
+            "parent": parent,
+            "message": message,
+            "date": _now(),
+            "files": {p: e.as_json() for p, e in sorted(files.items())},
+        }
         raw = json.dumps(body, sort_keys=True).encode()
         oid = hashlib.sha1(raw).hexdigest()
         d = self._repo_dir(repo_type, repo_id)
@@ -185,8 +204,17 @@ class Store:
         _atomic_write(d / "refs.json", json.dumps(refs).encode())  # the commit becomes visible here, atomically
         return oid
 
-    def commit(self, repo_type: str, repo_id: str, branch: str, message: str, adds: dict[str, FileEntry],
-               deletes: list[str], delete_folders: list[str], parent_commit: str | None = None) -> str:
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        branch: str,
+        message: str,
+        adds: dict[str, FileEntry],
+        deletes: list[str],
+        delete_folders: list[str],
+        parent_commit: str | None = None,
+    ) -> str:
         """Apply one commit on top of `branch`; all objects must already be stored."""
         with self.lock:
             head = self.resolve(repo_type, repo_id, branch)

@@ -58,8 +58,11 @@ _PLAIN: dict[str, Callable[[object], bool]] = {
     "lora_bias": lambda v: isinstance(v, bool),
     "modules_to_save": lambda v: v is None or _strs(v),
     "init_lora_weights": lambda v: isinstance(v, bool) or v == "gaussian",
-    "layers_to_transform": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)),
+    "layers_to_transform": lambda v: (
+        v is None
+        or (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    ),
     "layers_pattern": lambda v: v is None or isinstance(v, str) or _strs(v),
     "rank_pattern": _patterns,
     "alpha_pattern": _patterns,
@@ -84,8 +87,12 @@ def peft_snapshot() -> dict:
 
     defaults = _with_peft({})
     fields = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.name not in _NOT_INPUT)
-    return {"peft_version": importlib.metadata.version("peft"), "fields": fields, "defaults": defaults,
-            "task_types": sorted(t.value for t in TaskType)}
+    return {
+        "peft_version": importlib.metadata.version("peft"),
+        "fields": fields,
+        "defaults": defaults,
+        "task_types": sorted(t.value for t in TaskType),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +124,9 @@ def plain_config(config: dict, **overrides) -> dict | None:
         elif key not in _PLAIN or not _PLAIN[key](value):
             return None
     out = {**defaults, **kept}
-    if isinstance(out["target_modules"], str) and (out["layers_to_transform"] is not None or out["layers_pattern"] is not None):
+    if isinstance(out["target_modules"], str) and (
+        out["layers_to_transform"] is not None or out["layers_pattern"] is not None
+    ):
         return None  # PEFT refuses these together
     if out["layers_pattern"] and out["layers_to_transform"] is None:
         return None

@@ -7,17 +7,15 @@ own keys; a `lora_B.bias` (PEFT's lora_bias) stays with its module, scaled like 
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError
 from .config import clean_config
-from .layout import BIN_NAME, CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
+from .folder import load_weights, module_scaling, read_config, refusal
+from .layout import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME
 
 # lora_A / lora_B weights of a linear layer, lora_B's bias (lora_bias), the factors of an embedding layer.
 # PEFT strips the adapter name when saving; very old files may still hold it, hence the optional segment.
@@ -80,8 +78,11 @@ class StreamedModule:
             A, B = f.get_tensor(self.keys[0]), f.get_tensor(self.keys[1])
         for side, t in (("A", A), ("B", B)) if not self.checked else ():
             if not torch.isfinite(t).all():
-                raise _fail(self.adapter, f"{self.module} lora_{side} contains NaN or Inf values",
-                            "the adapter is broken: retrain or re-export it")
+                raise refusal(
+                    self.adapter,
+                    f"{self.module} lora_{side} contains NaN or Inf values",
+                    "the adapter is broken: retrain or re-export it",
+                )
         self.checked = True
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
         return B.to(work) * self.scaling, A.to(work)
@@ -146,80 +147,15 @@ class LoraAdapter:
 
     def extras(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """What the export writes beside the factors: carried tensors as they are, lora_B biases in `dtype`."""
-        biases = {f"{KEY_PREFIX}{n}.lora_B.bias": m.bias.to(dtype) for n, m in self.modules.items() if self._has_bias(m)}
+        biases = {
+            f"{KEY_PREFIX}{n}.lora_B.bias": m.bias.to(dtype) for n, m in self.modules.items() if self._has_bias(m)
+        }
         return {**self.carried, **biases}
 
 
-def _fail(name: str, what: str, fix: str) -> AdapterError:
-    return AdapterError(f"{name}: {what}; {fix}")
-
-
-def read_config(folder: Path, name: str) -> dict:
-    path = folder / CONFIG_NAME
-    if not folder.is_dir():
-        raise _fail(name, f"{folder} is not a folder", "point at a PEFT adapter folder (adapter_config.json + weights)")
-    if not path.is_file():
-        raise _fail(name, f"no {CONFIG_NAME} in {folder}", "point at a PEFT LoRA adapter folder saved with save_pretrained()")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(name, f"{CONFIG_NAME} is not valid JSON ({e})", "re-save the adapter with PEFT") from None
-    if not isinstance(config, dict):
-        raise _fail(name, f"{CONFIG_NAME} is not a JSON object", "re-save the adapter with PEFT")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise _fail(name, f"peft_type is {config.get('peft_type')!r}, not 'LORA'", "only LoRA adapters can be compressed")
-    if config.get("use_dora"):
-        raise _fail(name, "it is a DoRA adapter (use_dora=true), whose magnitude vector JD cannot represent",
-                    "compress a plain LoRA adapter instead")
-    if config.get("target_parameters"):
-        raise _fail(name, f"it uses target_parameters ({', '.join(map(str, config['target_parameters']))}), LoRA on raw "
-                    "parameters such as MoE experts; only LoRA on modules (target_modules) is compressed",
-                    "compress adapters trained with target_modules only")
-    if not isinstance(config.get("r"), int) or config["r"] < 1 or "lora_alpha" not in config:
-        raise _fail(name, f"{CONFIG_NAME} lacks a valid 'r' or 'lora_alpha'", "re-save the adapter with PEFT")
-    return config
-
-
-def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    st, bin_ = folder / SAFETENSORS_NAME, folder / BIN_NAME
-    if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(st))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise _fail(name, f"{SAFETENSORS_NAME} is corrupt ({str(e).splitlines()[0]})", "download or save it again") from None
-    if bin_.is_file():
-        try:
-            state = torch.load(str(bin_), map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad pickle
-            raise _fail(name, f"{BIN_NAME} cannot be read safely ({type(e).__name__})", "convert it to safetensors") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise _fail(name, f"{BIN_NAME} is not a state dict of tensors", "save the adapter again with PEFT")
-        return state
-    raise _fail(name, f"no {SAFETENSORS_NAME} or {BIN_NAME} in {folder}", "the weights file is missing: download or save it again")
-
-
-def module_scaling(config: dict, module: str) -> tuple[int, float]:
-    """(r, scaling) for one module as PEFT computes them, honouring rank_pattern / alpha_pattern / rsLoRA."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r, alpha = config["r"], config["lora_alpha"]
-    if rank_pattern or alpha_pattern:
-        from peft.utils.other import (
-            get_pattern_key,  # PEFT's own matching rule; imported only when needed (slow import)
-        )
-
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return r, float(scaling)
-
-
-def read_adapter(folder: str | Path, *, name: str | None = None, source: str | None = None,
-                 stream: bool = False) -> LoraAdapter:
+def read_adapter(
+    folder: str | Path, *, name: str | None = None, source: str | None = None, stream: bool = False
+) -> LoraAdapter:
     """Read a PEFT LoRA folder. Factors become float32 (float64 stays float64): exact for bf16/fp16.
 
     With `stream` (and a safetensors file) only the header is read: every check that needs no data (keys,
@@ -230,10 +166,14 @@ def read_adapter(folder: str | Path, *, name: str | None = None, source: str | N
     try:
         clean_config(config)
     except (ValueError, TypeError) as e:
-        raise _fail(name, f"PEFT rejects its {CONFIG_NAME} ({str(e).splitlines()[0]})", "re-save the adapter with a current PEFT") from None
+        raise refusal(
+            name,
+            f"PEFT rejects its {CONFIG_NAME} ({str(e).splitlines()[0]})",
+            "re-save the adapter with a current PEFT",
+        ) from None
     if stream and (folder / SAFETENSORS_NAME).is_file():
         return _read_header(folder, name, source, config)
-    tensors = _load_tensors(folder, name)
+    tensors = load_weights(folder, name)
 
     parts, carried_keys = _classify(name, tensors)
     carried = {k: tensors[k] for k in carried_keys}  # modules_to_save copies, saved base_layer weights, token deltas
@@ -243,12 +183,19 @@ def read_adapter(folder: str | Path, *, name: str | None = None, source: str | N
         for side, t in (("A", A), ("B", B)):
             if not torch.isfinite(t).all():
                 side = f"lora_embedding_{side}" if kind == EMBEDDING else f"lora_{side}"
-                raise _fail(name, f"{module}.{side} contains NaN or Inf values", "the adapter is broken: retrain or re-export it")
+                raise refusal(
+                    name,
+                    f"{module}.{side} contains NaN or Inf values",
+                    "the adapter is broken: retrain or re-export it",
+                )
         dtypes.update((A.dtype, B.dtype))
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
         bias = parts[module].get("bias")
         adapter.modules[module] = LoraModule(
-            A=A.to(work), B=B.to(work) * scaling, scaling=scaling, kind=kind,
+            A=A.to(work),
+            B=B.to(work) * scaling,
+            scaling=scaling,
+            kind=kind,
             bias=None if bias is None else bias.to(work) * scaling,
         )
     adapter.dtype = widest_dtype(dtypes)
@@ -279,16 +226,27 @@ def _read_header(folder: Path, name: str, source: str | None, config: dict) -> L
             parts, carried_keys = _classify(name, metas)
             carried = {k: f.get_tensor(k) for k in carried_keys}
     except (SafetensorError, OSError, ValueError) as e:
-        raise _fail(name, f"{SAFETENSORS_NAME} is corrupt ({str(e).splitlines()[0]})", "download or save it again") from None
+        raise refusal(
+            name, f"{SAFETENSORS_NAME} is corrupt ({str(e).splitlines()[0]})", "download or save it again"
+        ) from None
     adapter = LoraAdapter(name=name, source=source or str(folder), config=config, carried=carried)
     dtypes = set()
-    for module, got in _checked_modules(name, config, {m: {p: meta for p, (_, meta) in g.items()} for m, g in parts.items()}):
+    for module, got in _checked_modules(
+        name, config, {m: {p: meta for p, (_, meta) in g.items()} for m, g in parts.items()}
+    ):
         kind, (A, B), scaling, rank = got
         a_part, b_part = ("EA", "EB") if kind == EMBEDDING else ("A", "B")
         bias = parts[module].get("bias")
-        adapter.modules[module] = StreamedModule(path, name, module, (parts[module][a_part][0], parts[module][b_part][0],
-                                                                      bias[0] if bias else None),
-                                                 rank, (B.shape[0], A.shape[1]), scaling, kind)
+        adapter.modules[module] = StreamedModule(
+            path,
+            name,
+            module,
+            (parts[module][a_part][0], parts[module][b_part][0], bias[0] if bias else None),
+            rank,
+            (B.shape[0], A.shape[1]),
+            scaling,
+            kind,
+        )
         dtypes.update((A.dtype, B.dtype))
     adapter.dtype = widest_dtype(dtypes)
     return adapter
@@ -301,11 +259,13 @@ def _classify(name: str, items: dict) -> tuple[dict[str, dict], list[str]]:
     carried: list[str] = []
     for key, value in items.items():
         if "lora_magnitude_vector" in key:
-            raise _fail(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
+            raise refusal(name, f"tensor {key} is a DoRA magnitude vector", "compress a plain LoRA adapter instead")
         match = _KEY_RE.match(key)
         if match is None:
             if ".lora_" in key:
-                raise _fail(name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter")
+                raise refusal(
+                    name, f"tensor {key} is not a LoRA factor this tool knows", "compress a plain PEFT LoRA adapter"
+                )
             carried.append(key)
             continue
         module = match["module"].removeprefix(KEY_PREFIX)
@@ -318,7 +278,7 @@ def _checked_modules(name: str, config: dict, parts: dict[str, dict]):
     """Pair, check and scale each module's factors (tensors or header entries): yields
     (module, (kind, (A, B), scaling, rank)) in natural order. Data checks (NaN / Inf) are the caller's."""
     if not any(set(p) - {"bias"} for p in parts.values()):
-        raise _fail(name, "the weights file holds no lora_A / lora_B tensors", "check that it is a LoRA adapter")
+        raise refusal(name, "the weights file holds no lora_A / lora_B tensors", "check that it is a LoRA adapter")
     for module in sorted(parts, key=_natural_key):
         got = parts[module]
         kind = EMBEDDING if {"EA", "EB"} & set(got) else LINEAR
@@ -326,19 +286,36 @@ def _checked_modules(name: str, config: dict, parts: dict[str, dict]):
         a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if kind == EMBEDDING else ("lora_A", "lora_B")
         if a_key not in got or b_key not in got:
             missing = b_name if b_key not in got else a_name
-            raise _fail(name, f"module {module} has no {missing} weight to pair with", "the weights file is incomplete")
+            raise refusal(
+                name, f"module {module} has no {missing} weight to pair with", "the weights file is incomplete"
+            )
         A, B = got[a_key], got[b_key]
         for side, t in ((a_name, A), (b_name, B)):
             if not t.is_floating_point():
-                raise _fail(name, f"{module}.{side} is {t.dtype}, not a float tensor (quantized?)", "dequantize the adapter first")
+                raise refusal(
+                    name,
+                    f"{module}.{side} is {t.dtype}, not a float tensor (quantized?)",
+                    "dequantize the adapter first",
+                )
             if t.dim() != 2:
-                raise _fail(name, f"{module}.{side} has shape {tuple(t.shape)}, not a matrix", "only linear and embedding LoRA layers are supported")
+                raise refusal(
+                    name,
+                    f"{module}.{side} has shape {tuple(t.shape)}, not a matrix",
+                    "only linear and embedding LoRA layers are supported",
+                )
         if A.shape[0] != B.shape[1]:
-            raise _fail(name, f"{module}: {a_name} has {A.shape[0]} rows but {b_name} has {B.shape[1]} columns", "the weights do not pair up")
+            raise refusal(
+                name,
+                f"{module}: {a_name} has {A.shape[0]} rows but {b_name} has {B.shape[1]} columns",
+                "the weights do not pair up",
+            )
         r, scaling = module_scaling(config, module)
         if A.shape[0] != r:
-            raise _fail(name, f"{module}: weights have rank {A.shape[0]} but the config says r={r}",
-                        "fix r / rank_pattern in adapter_config.json")
+            raise refusal(
+                name,
+                f"{module}: weights have rank {A.shape[0]} but the config says r={r}",
+                "fix r / rank_pattern in adapter_config.json",
+            )
         yield module, (kind, (A, B), scaling, r)
 
 

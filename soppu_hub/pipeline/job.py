@@ -4,69 +4,23 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..compression.config import CompressConfig
-from ..compression.export import ExportConfig, export_peft
+from ..compression.export import export_peft
 from ..compression.plan import Compression, Progress, compress
 from ..errors import SoppuError
-from ..hub.common import TOKEN_HELP, PushError, is_repo_id
+from ..hub.common import is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
-from ..hub.push import PushResult, check_write_access, failure_reason, push_folder, target_repo_ids, whoami
-from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR, REPORT_NAME
+from ..hub.push import PushResult, check_write_access, target_repo_ids, whoami
+from ..peft_format.layout import REPORT_NAME
 from ..peft_format.read import read_adapter
 from ..progress import hold_tqdm_lock
 from .outputs import lorax_sizes, staged_output, write_outputs
-from .unchanged import collection_unchanged, same_adapter
-
-
-@dataclass
-class JobSpec:
-    """Everything one `soppu-hub compress` run needs. Field metadata is the CLI's help (cli.py reads it)."""
-
-    sources: list[str] = field(metadata={"help": "PEFT adapter folders or Hub repo ids (owner/name[@revision])"})
-    config: CompressConfig = field(default_factory=CompressConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    out: Path | None = field(default=None, metadata={
-        "help": "keep results in this folder (must not exist or be empty unless --overwrite)"})
-    push: bool = field(default=True, metadata={"help": "push one repo per input to the Hub (--no-push keeps the results "
-                                                       "local, and needs --out)"})
-    push_to: str | None = field(default=None, metadata={"help": "target repo id for a single input (default "
-                                                                "<user>/<name>-soppu)"})
-    namespace: str | None = field(default=None, metadata={"help": "user or organisation for the target repos"})
-    private: bool = field(default=False, metadata={"help": "create the target repos private"})
-    revision: str | None = field(default=None, metadata={"help": "revision for Hub sources given without @revision"})
-    token: str | bool | None = field(default=None, repr=False, metadata={"help": TOKEN_HELP})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
-    verify: bool = field(default=False, metadata={
-        "help": "functional check: next-token agreement and KL with the base model"})
-    base_model: str | None = field(default=None, metadata={
-        "help": "base model for --verify (default: from the adapter config); with --author, only adapters for this base "
-                "model"})
-    verify_ranks: list[int] = field(default_factory=list, metadata={
-        "help": "with --verify, also check the same fit cut to these smaller shared ranks (comma-separated); the card "
-                "plots agreement against rank"})
-    eval_file: str | None = field(default=None, metadata={
-        "help": "score base, original and compressed adapter on your own examples: a JSONL file of {\"prompt\", "
-                "\"answer\"} lines, or a folder with <adapter name>.jsonl per adapter (exact match and chrF; the card also "
-                "shows both adapters' replies to the first 4 examples)"})
-    probe_file: str | None = field(default=None, metadata={
-        "help": "with --verify, these prompts (one a line, or JSONL with \"prompt\") instead of the built-in probes"})
-    collection: str | None = field(default=None, metadata={
-        "help": "also publish the clusters' bases once as this collection repo (owner/name) that others can join "
-                "(soppu-hub join); each adapter's repo then carries its cores and a reference, not the bases. Pushing "
-                "several adapters does this by default, as <namespace>/soppu-bases-<id of the target repos>"})
-    own_bases: bool = field(default=False, metadata={
-        "help": "push several adapters without the default collection: every repo carries its own copy of its "
-                "cluster's bases in soppu/ (self-contained repos, the bases' bytes once per repo)"})
-    refit: bool = field(default=False, metadata={
-        "help": "with --collection: compress every member of that collection again, together, from the sources its "
-                "members list records (none skipped), and publish a new revision of it and of every member"})
-    repo_ids: list[str] = field(default_factory=list)  # one target repo per source (a refit keeps each member's repo)
-    command: str = "soppu-hub compress"  # recorded in the cards: how to reproduce the run
-    workers: int = field(default=8, metadata={"help": "parallel downloads, pushes and card-drawing processes"})
+from .publish import default_collection, push_outputs
+from .spec import JobSpec
 
 
 @dataclass
@@ -95,8 +49,9 @@ def unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _rank_variants(comp: Compression, names: list[str], spec: JobSpec, scratch: Path
-                   ) -> tuple[dict[int, list[Path]], dict[int, int]]:
+def _rank_variants(
+    comp: Compression, names: list[str], spec: JobSpec, scratch: Path
+) -> tuple[dict[int, list[Path]], dict[int, int]]:
     """Exports of the same fit cut to each smaller rank of --verify-ranks (not kept), and each cut's parameters."""
     variants, params = {}, {}
     local = comp.local_indices()
@@ -105,7 +60,9 @@ def _rank_variants(comp: Compression, names: list[str], spec: JobSpec, scratch: 
         variants[rank] = [scratch / str(rank) / n for n in names]
         for i, (folder, a) in enumerate(zip(variants[rank], comp.adapters)):
             dtype = spec.export.torch_dtype(a.dtype)
-            export_peft(cut[comp.cluster_of[i]], local[i], folder, export=spec.export, dtype=dtype, extras=a.extras(dtype))
+            export_peft(
+                cut[comp.cluster_of[i]], local[i], folder, export=spec.export, dtype=dtype, extras=a.extras(dtype)
+            )
         params[rank] = sum(b.num_params for b in cut) + comp.carried_params
     return variants, params
 
@@ -118,10 +75,15 @@ def _sweep_summary(params: dict[int, int], report: dict, checks: list[dict]) -> 
     for rank in [*sorted(params), report["rank"]]:
         at = [c["by_rank"][str(rank)] if rank in params else c for c in checks]
         ratio = report["params_before"] / (params[rank] if rank in params else report["params_after"])
-        rows.append({"rank": rank, "compression_ratio": ratio,
-                     "mean_next_token_agreement": statistics.fmean(a["next_token_agreement"] for a in at),
-                     "min_next_token_agreement": min(a["next_token_agreement"] for a in at),
-                     "mean_reply_agreement": statistics.fmean(a["reply_agreement"] for a in at)})
+        rows.append(
+            {
+                "rank": rank,
+                "compression_ratio": ratio,
+                "mean_next_token_agreement": statistics.fmean(a["next_token_agreement"] for a in at),
+                "min_next_token_agreement": min(a["next_token_agreement"] for a in at),
+                "mean_reply_agreement": statistics.fmean(a["reply_agreement"] for a in at),
+            }
+        )
     return rows
 
 
@@ -164,9 +126,16 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
     return [s.path if s.path else got[id(s)] for s in sources]
 
 
-def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
-            cards_progress: Progress | None = None, download_progress: Progress | None = None,
-            push_progress: Progress | None = None, verify_progress: Progress | None = None) -> JobResult:
+def run_job(
+    spec: JobSpec,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    cards_progress: Progress | None = None,
+    download_progress: Progress | None = None,
+    push_progress: Progress | None = None,
+    verify_progress: Progress | None = None,
+) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
     spec.config = spec.config.for_inputs(len(spec.sources))  # --rank, --clusters defaults made concrete for the card
@@ -208,20 +177,32 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         for a in adapters if wanted else []:
             if a.config.get("task_type") not in (None, "CAUSAL_LM"):
                 what = "compares next-token predictions of" if flag == "--verify" else "scores replies of"
-                raise SoppuError(f"{a.name}: {flag} {what} causal LMs, but this is a {a.config['task_type']} adapter; "
-                                 f"run without {flag}")
+                raise SoppuError(
+                    f"{a.name}: {flag} {what} causal LMs, but this is a {a.config['task_type']} adapter; "
+                    f"run without {flag}"
+                )
     base = spec.base_model or adapters[0].base_model
     if (spec.verify or sets) and not base:
-        raise SoppuError(f"{'--verify' if spec.verify else '--eval-file'} needs the base model: the adapter config names "
-                         "none, pass --base-model")
+        raise SoppuError(
+            f"{'--verify' if spec.verify else '--eval-file'} needs the base model: the adapter config names "
+            "none, pass --base-model"
+        )
     spec.export = spec.export.for_base(lorax_sizes(base, spec.token), base)
     out = Path(spec.out) if spec.out is not None else None
     result = JobResult(report={}, out=out)
     with staged_output(out, overwrite=spec.overwrite) as tmp:
         comp = compress(adapters, spec.config, progress=progress)
         outputs = targets if spec.push else [str(out / n) for n in names]
-        report = write_outputs(comp, tmp, names, outputs, spec.export, collection=spec.collection, command=spec.command,
-                               repo_ids=targets if spec.push else None)
+        report = write_outputs(
+            comp,
+            tmp,
+            names,
+            outputs,
+            spec.export,
+            collection=spec.collection,
+            command=spec.command,
+            repo_ids=targets if spec.push else None,
+        )
         if spec.verify or sets:
             from ..hub.pull import model_folder
 
@@ -232,8 +213,14 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
             log(f"verifying against {base}")
             with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch:
                 variants, sweep = _rank_variants(comp, names, spec, Path(scratch))
-                checks = verify_adapters(base_folder, folders, [tmp / n for n in names], variants=variants,
-                                         prompts=probes, progress=verify_progress)
+                checks = verify_adapters(
+                    base_folder,
+                    folders,
+                    [tmp / n for n in names],
+                    variants=variants,
+                    prompts=probes,
+                    progress=verify_progress,
+                )
             for entry, v in zip(report["adapters"], checks):
                 entry["verify"] = v
             if sweep:
@@ -251,93 +238,50 @@ def run_job(spec: JobSpec, *, progress: Progress | None = None, log: Callable[[s
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report
         if out is None:  # push straight from the temp folder
-            result.pushed = _push(tmp, names, targets, spec, log, push_progress)
+            result.pushed = push_outputs(tmp, names, targets, spec, log, push_progress)
     if out is not None and spec.push:
-        result.pushed = _push(out, names, targets, spec, log, push_progress)
+        result.pushed = push_outputs(out, names, targets, spec, log, push_progress)
     return result
 
 
-def default_collection(targets: list[str]) -> str:
-    """Where several pushed adapters keep their bases once: in the first target's namespace, named by the set of
-    target repos, so the same command finds its own collection again and another set never overwrites it."""
-    import hashlib
-
-    digest = hashlib.sha256("\n".join(sorted(targets)).encode()).hexdigest()[:10]
-    return f"{targets[0].split('/')[0]}/soppu-bases-{digest}"
-
-
-def _push(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
-          progress: Progress | None) -> dict[str, PushResult]:
-    """push_all, with --collection: the collection first (members name its commit), the members' revisions last."""
-    if not spec.collection:
-        return push_all(folder, names, targets, spec, log, progress)
-    from ..collection.publish import name_revision, publish_collection, record_revisions
-
-    if not spec.refit and collection_unchanged(folder, names, targets, spec.collection, token=spec.token):
-        log(f"unchanged {spec.collection} and its {len(names)} members (already on the Hub up to float noise, skipped)")
-        return {t: PushResult(t) for t in targets}
-    sha = publish_collection(folder / COLLECTION_DIR, spec.collection, private=spec.private, token=spec.token)
-    log(f"published collection {spec.collection} at {sha[:12]}")
-    for name in names:
-        name_revision(folder / name / BUNDLE_DIR, sha)
-    pushed = push_all(folder, names, targets, spec, log, progress)
-    record_revisions(spec.collection, {r: p.commit for r, p in pushed.items() if not p.skipped}, token=spec.token)
-    return pushed
-
-
-def _write_cards(folder: Path, report: dict, names: list[str], targets: list[str], adapters, sources: list[Path],
-                 spec: JobSpec, progress: Progress | None = None) -> None:
+def _write_cards(
+    folder: Path,
+    report: dict,
+    names: list[str],
+    targets: list[str],
+    adapters,
+    sources: list[Path],
+    spec: JobSpec,
+    progress: Progress | None = None,
+) -> None:
     from ..cards.render import CardSpec
     from ..cards.write import source_license, write_cards
 
-    jobs = [CardSpec(folder / name, i, target if spec.push else None, adapter.base_model, [adapter.source], spec.command,
-                    spec.config.weighting, None if spec.push else str(Path(spec.out).resolve() / name), source_license(src))
-            for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources))]
+    jobs = [
+        CardSpec(
+            folder / name,
+            i,
+            target if spec.push else None,
+            adapter.base_model,
+            [adapter.source],
+            spec.command,
+            spec.config.weighting,
+            None if spec.push else str(Path(spec.out).resolve() / name),
+            source_license(src),
+        )
+        for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources))
+    ]
     write_cards(jobs, report, workers=spec.workers, progress=progress)
 
 
-def push_all(folder: Path, names: list[str], targets: list[str], spec: JobSpec, log: Callable[[str], None],
-             progress: Progress | None = None) -> dict[str, str]:
-    """One commit per repo, `spec.workers` repos at a time; a repo whose adapter is already on the Hub unchanged
-    is skipped (so a rerun after a failure pushes only what is missing or changed; without --collection,
-    "unchanged" includes the float noise of another machine's thread count: pipeline/unchanged.py; with it, _push
-    checks the whole collection that way first). On a failure the message
-    says exactly which repos got their commit and which did not."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    message = f"soppu-hub: JD-{spec.config.method} rank {spec.config.rank}"
-    pushed: dict[str, PushResult] = {}
-    failed: dict[str, str] = {}
-
-    def one(name: str, repo_id: str) -> None:
-        if failed:
-            return  # after a failure, start nothing new
-        try:
-            result = push_folder(folder / name, repo_id, private=spec.private, token=spec.token, commit_message=message,
-                              skip_unchanged=True, same=None if spec.collection else
-                              lambda changed: same_adapter(folder / name, repo_id, changed, token=spec.token))
-        except Exception as e:  # noqa: BLE001 - any failure of one push is reported with all the others
-            failed[repo_id] = failure_reason(e)
-            return
-        pushed[repo_id] = result
-        log(f"unchanged {repo_id} (already on the Hub, skipped)" if result.skipped else f"pushed {repo_id}")
-        if progress:
-            progress(len(pushed), len(targets))
-
-    hold_tqdm_lock()
-    with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
-        list(pool.map(one, names, targets))
-    if failed:
-        first, detail = next(iter(failed.items()))
-        done = ", ".join(t for t in targets if t in pushed) or "none"
-        todo = ", ".join(t for t in targets if t not in pushed)
-        raise PushError(f"push to {first} failed ({detail}); pushed: {done}; not pushed: {todo} "
-                        "(their previous revisions are unchanged): run the same command again") from None
-    return pushed
-
-
-def compress_folders(sources: list[str | Path], out: str | Path, config: CompressConfig, *, overwrite: bool = False,
-                     progress: Progress | None = None) -> dict:
+def compress_folders(
+    sources: list[str | Path],
+    out: str | Path,
+    config: CompressConfig,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
     """Local-only shortcut: compress adapter folders into `out` without touching the Hub; returns the report."""
     spec = JobSpec(sources=[str(s) for s in sources], config=config, out=Path(out), push=False, overwrite=overwrite)
     return run_job(spec, progress=progress).report

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import shutil
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..collection.format import (
     CENTROIDS_FILE,
@@ -66,13 +66,16 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
     target = None
     if spec.push:
         if coll.repo_id is None:
-            raise SoppuError(f"--collection {coll.name} is a folder: join it with --no-push --out DIR (pushing needs "
-                             "the collection's Hub repo)")
+            raise SoppuError(
+                f"--collection {coll.name} is a folder: join it with --no-push --out DIR (pushing needs "
+                "the collection's Hub repo)"
+            )
         from ..hub.pull import parse_source
 
         user, writable = whoami(spec.token)
-        target = target_repo_ids([parse_source(spec.source, spec.revision).name], user=user, push_to=spec.push_to,
-                                 namespace=spec.namespace)[0]
+        target = target_repo_ids(
+            [parse_source(spec.source, spec.revision).name], user=user, push_to=spec.push_to, namespace=spec.namespace
+        )[0]
         check_write_access([target, coll.repo_id], writable, user)
     adapter, source_folder = fetch_adapter(spec)
     check_fits(adapter, coll)
@@ -96,31 +99,58 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
             c, revision = _add_cluster(coll, new, basis_id)
             log(f"added cluster {c} to {coll.name}")
         ref = {"collection": coll.name, "revision": revision, "cluster": c}
-        entry = {"name": adapter.name, "source": adapter.source, "collection": coll.name, "collection_revision": revision,
-                 "cluster": c, "how": how, "bar": bar, "shared_bases": True}
+        entry = {
+            "name": adapter.name,
+            "source": adapter.source,
+            "collection": coll.name,
+            "collection_revision": revision,
+            "cluster": c,
+            "how": how,
+            "bar": bar,
+            "shared_bases": True,
+        }
         errors = write_member(tmp, adapter, bundle, ref, basis_id, spec.export, entry, coll.info)
         _write_card(tmp, entry, adapter, bundle, source_folder, spec, target)
         member = new_member(adapter, c, how, errors, target)
         if target is not None:
-            member.revision = push_folder(tmp, target, private=spec.private, token=spec.token,
-                                          commit_message=f"soppu-hub: join {coll.name} (cluster {c})").commit
+            member.revision = push_folder(
+                tmp,
+                target,
+                private=spec.private,
+                token=spec.token,
+                commit_message=f"soppu-hub: join {coll.name} (cluster {c})",
+            ).commit
             log(f"pushed {target}")
-            result.collection_revision = update_members(coll, lambda ms: _with(ms, member),
-                                                        message=f"soppu-hub: {target} joins cluster {c}")
+            result.collection_revision = update_members(
+                coll, lambda ms: _with(ms, member), message=f"soppu-hub: {target} joins cluster {c}"
+            )
         elif coll.folder is not None:
             _write_local(coll.folder / MEMBERS_FILE, members_text(_with(coll.members, member)))
     result.cluster, result.mean_rel_error, result.max_rel_error = c, member.mean_rel_error, member.max_rel_error
     return result
 
 
-def _write_card(folder: Path, entry: dict, adapter, bundle: Bundle, source_folder: Path, spec: JoinSpec,
-                target: str | None) -> None:
+def _write_card(
+    folder: Path, entry: dict, adapter, bundle: Bundle, source_folder: Path, spec: JoinSpec, target: str | None
+) -> None:
     from ..cards.render import CardSpec, render_join_card
     from ..cards.write import source_license
 
-    job = CardSpec(folder, 0, target, adapter.base_model, [adapter.source], spec.command, "", None if target else
-                   str(Path(spec.out).resolve()), source_license(source_folder))
-    own = sum(mb.cores[0].numel() + sum(x.numel() + y.numel() for x, y in mb.private.values()) for mb in bundle.modules.values())
+    job = CardSpec(
+        folder,
+        0,
+        target,
+        adapter.base_model,
+        [adapter.source],
+        spec.command,
+        "",
+        None if target else str(Path(spec.out).resolve()),
+        source_license(source_folder),
+    )
+    own = sum(
+        mb.cores[0].numel() + sum(x.numel() + y.numel() for x, y in mb.private.values())
+        for mb in bundle.modules.values()
+    )
     (folder / CARD_NAME).write_text(render_join_card(entry, job, params_before=adapter.num_params, core_params=own))
 
 
@@ -151,7 +181,9 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
         k = len(info.clusters)
         info.clusters.append(ClusterInfo(k, basis_id, new.mean_error))
         save_bases(scratch / cluster_file(k), bases, basis_id, info.stored)
-        save_centroids(scratch / CENTROIDS_FILE, torch.cat([centroids.double(), (new.centroid / new.centroid.norm())[None]]))
+        save_centroids(
+            scratch / CENTROIDS_FILE, torch.cat([centroids.double(), (new.centroid / new.centroid.norm())[None]])
+        )
         write_collection(scratch, info)
         return k, {p: scratch / p for p in (cluster_file(k), CENTROIDS_FILE, COLLECTION_FILE)}
 

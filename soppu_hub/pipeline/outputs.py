@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ..compression.bundle import save_bundle
 from ..compression.export import ExportConfig, ExportInfo, export_peft
@@ -27,7 +27,9 @@ def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path
     With out=None the folder is temporary and removed afterwards.
     """
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SoppuError(f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite")
+        raise SoppuError(
+            f"output folder {out} already exists and is not empty; choose another --out or pass --overwrite"
+        )
     parent = out.parent if out is not None else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name if out else 'soppu'}.partial-", dir=parent))
@@ -48,14 +50,23 @@ def staged_output(out: Path | None, *, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: list[str],
-                  export: ExportConfig | None = None, *, collection: str | None = None, command: str = "",
-                  repo_ids: list[str | None] | None = None) -> dict:
+def write_outputs(
+    comp: Compression,
+    folder: Path,
+    names: list[str],
+    outputs: list[str],
+    export: ExportConfig | None = None,
+    *,
+    collection: str | None = None,
+    command: str = "",
+    repo_ids: list[str | None] | None = None,
+) -> dict:
     """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
 
     The shared store is kept as --store-dtype says (store.stored_bundle: cast, or quantized with the cores refit);
     each PEFT export is written from the quantized store's values (from the fit when the store only rounds to a
-    float dtype: rounding twice would add noise and gain nothing) in its own input's dtype (--export-dtype auto: a bf16 adapter stays bf16
+    float dtype: rounding twice would add noise and gain nothing) in its own input's dtype (--export-dtype auto: a
+    bf16 adapter stays bf16
     beside an fp32 one, so no repo holds more bytes per number than its original); the report's errors are those
     of the factors as written, and its byte counts those of the files.
     With `collection`, the bases go once into out/collection (collection.build) and each slice names it instead;
@@ -79,7 +90,11 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
         own = written[c].subset(j)
         ref = None if collection is None else {"collection": collection, "revision": None, "cluster": c}
         save_bundle(own, folder / name / BUNDLE_DIR, basis_id=ids[c], bases_ref=ref, store=store)
-        kept = own.num_params if ref is None else own.num_params - sum(mb.U.numel() + mb.V.numel() for mb in own.modules.values())
+        kept = (
+            own.num_params
+            if ref is None
+            else own.num_params - sum(mb.U.numel() + mb.V.numel() for mb in own.modules.values())
+        )
         repo_params += kept + info.lora_params + adapter.carried_params  # lora_params: padding included
         errors.append(written_rel_errors(adapter, info.factors))
         info.factors = {}  # scored: a thousand adapters' written factors would not fit in memory together
@@ -92,13 +107,24 @@ def write_outputs(comp: Compression, folder: Path, names: list[str], outputs: li
     if collection is not None:
         from ..collection.build import write_collection_folder
 
-        write_collection_folder(folder / COLLECTION_DIR, comp, written, ids, report, command=command,
-                                repo_ids=repo_ids or [None] * len(names), store=store)
+        write_collection_folder(
+            folder / COLLECTION_DIR,
+            comp,
+            written,
+            ids,
+            report,
+            command=command,
+            repo_ids=repo_ids or [None] * len(names),
+            store=store,
+        )
         report["collection"] = {"name": collection, "revision": None}
     # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
-    report["written"] = {"bundle_params": sum(b.num_params for b in written), "repo_params": repo_params,
-                         "tensor_bytes": tensor_bytes(folder),
-                         "repo_bytes": sum(e.repo_bytes for e in exports)}
+    report["written"] = {
+        "bundle_params": sum(b.num_params for b in written),
+        "repo_params": repo_params,
+        "tensor_bytes": tensor_bytes(folder),
+        "repo_bytes": sum(e.repo_bytes for e in exports),
+    }
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 

@@ -29,8 +29,9 @@ TOKEN = re.compile(r"\b[0-9a-f]{12,64}\b|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def same_adapter(folder: Path, repo_id: str, changed: list[str], *, token: str | bool | None = None,
-                 member: bool = False) -> bool:
+def same_adapter(
+    folder: Path, repo_id: str, changed: list[str], *, token: str | bool | None = None, member: bool = False
+) -> bool:
     """True when every file of `changed` (those whose bytes differ from the repo's) differs only by float noise.
 
     `member`: a collection member, whose bundle slice holds cores for bases kept in the collection: its PEFT export
@@ -117,8 +118,9 @@ def _same_text(ours: str, theirs: str) -> bool:
     return True
 
 
-def collection_unchanged(folder: Path, names: list[str], targets: list[str], collection: str, *,
-                         token: str | bool | None = None) -> bool:
+def collection_unchanged(
+    folder: Path, names: list[str], targets: list[str], collection: str, *, token: str | bool | None = None
+) -> bool:
     """Whether a --collection rerun changes nothing but float noise: the collection on the Hub lists exactly these
     member repos, and each holds the same adapter (its bundle then names the collection's last publish, as the
     Hub's copy does). A collection is published again only when some member really changed."""

@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # importing the package must not pull the engine in: adapters
     from .engine import Engine
 
 
-def build_engine(config: ServeConfig, *, token: str | None = None) -> "Engine":
+def build_engine(config: ServeConfig, *, token: str | None = None) -> Engine:
     """The engine, with `collection`'s members all resident and the `preload` adapters loaded; what cannot be
     served as asked (a bound too small, a damaged collection, an adapter that does not load) is one line at start."""
     from ..errors import CollectionError, ConfigError, SoppuError
@@ -27,13 +27,13 @@ def build_engine(config: ServeConfig, *, token: str | None = None) -> "Engine":
         raise ConfigError(str(e).splitlines()[0]) from None
     if config.collection:
         try:
-            engine.adapters.preload(config.collection, token=token)
+            engine.adapters.preload_collection(config.collection, token=token)
         except (SoppuError, ServeError, ValueError, OSError) as e:
             raise CollectionError(f"--collection {config.collection}: {str(e).splitlines()[0]}") from None
     return engine
 
 
-def serve(engine: "Engine", host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080) -> None:
     import uvicorn
 
     from .api import create_app

@@ -8,7 +8,6 @@ adapter is in use waits for one to be released: the bounds hold under any burst.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from ..peft_format.layout import BASE_MODEL_ID, CONFIG_NAME, SAFETENSORS_NAME
 from .errors import AdapterLoadFailed, ValidationFailed
+from .resolve import adapter_folder, check_adapter
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 BASE_ALIASES = {"", BASE_MODEL_ID, BASE}
@@ -56,8 +56,18 @@ class Loaded:
 class AdapterStore:
     """Loaded adapters in LRU order with a soft cap: adapters in use are never evicted."""
 
-    def __init__(self, base, model_dir: Path, *, model_id: str, lock: threading.RLock, max_adapters: int,
-                 local_root: Path | None, share_bases: bool = True, max_lora_bytes: int | None = None):
+    def __init__(
+        self,
+        base,
+        model_dir: Path,
+        *,
+        model_id: str,
+        lock: threading.RLock,
+        max_adapters: int,
+        local_root: Path | None,
+        share_bases: bool = True,
+        max_lora_bytes: int | None = None,
+    ):
         """`lock` guards the model: the engine holds it while generating, the store while (un)loading."""
         from .shared_bases import SharedBases
 
@@ -79,47 +89,13 @@ class AdapterStore:
         self._counter = 0
         self._memory: dict = {"resident_lora_params": 0, "resident_lora_bytes": 0, "shared_bases": {}}
 
-    # --- resolving -------------------------------------------------------------------------------
     def _folder(self, adapter_id: str, source: str, api_token: str | None) -> Path:
-        if source == "local":
-            if self.local_root is None:
-                raise ValidationFailed("local adapters are disabled on this server (start it with --adapter-dir)")
-            try:  # resolve() follows symlinks, so a link inside the folder that points out of it is refused too
-                path = Path(adapter_id)
-                path = (path if path.is_absolute() else self.local_root / path).resolve()
-            except (OSError, ValueError):
-                raise ValidationFailed(f"local adapter {adapter_id[:200]!r} is not a valid path") from None
-            if path != self.local_root and self.local_root not in path.parents:
-                raise ValidationFailed(f"local adapter {adapter_id!r} is outside the allowed directory")
-            if not (path / CONFIG_NAME).is_file():
-                raise AdapterLoadFailed(f"local adapter {adapter_id!r} has no {CONFIG_NAME}")
-            return path
-        from huggingface_hub.errors import HFValidationError
-
-        from ..errors import SoppuError
-        from ..hub.common import HubError
-        from ..hub.pull import download_adapter
-
-        try:
-            return download_adapter(adapter_id, token=api_token or None, with_bundle=self.shared is not None)
-        except HFValidationError:
-            raise ValidationFailed(f"adapter_id {adapter_id[:200]!r} is not a Hub repo id (owner/name); "
-                                   "for a folder use adapter_source=local") from None
-        except HubError as e:  # the reason, not the CLI's advice: whoever reads this cannot run `hf auth login` here
-            raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e.reason}") from None
-        except SoppuError as e:
-            raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded: {e}") from None
+        return adapter_folder(
+            adapter_id, source, local_root=self.local_root, api_token=api_token, with_bundle=self.shared is not None
+        )
 
     def _check(self, adapter_id: str, folder: Path) -> None:
-        try:
-            cfg = json.loads((folder / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise AdapterLoadFailed(f"adapter {adapter_id}: unreadable {CONFIG_NAME} ({e})") from None
-        if str(cfg.get("peft_type", "")).upper() != "LORA":
-            raise AdapterLoadFailed(f"adapter {adapter_id} is {cfg.get('peft_type')!r}, not a LoRA adapter")
-        base = cfg.get("base_model_name_or_path")
-        if base and base not in self.accepted_bases:
-            raise AdapterLoadFailed(f"adapter {adapter_id} was trained for {base}, but this server runs {self.model_id}")
+        check_adapter(adapter_id, folder, self.accepted_bases, self.model_id)
 
     # --- acquire / release -------------------------------------------------------------------------
     def acquire(self, adapter_id: str | None, source: str | None, api_token: str | None) -> tuple[str, callable]:
@@ -150,8 +126,10 @@ class AdapterStore:
                 try:
                     in_own_thread(self._locked_load, folder, name, api_token)
                 except Exception as e:
-                    raise AdapterLoadFailed(f"adapter {adapter_id} cannot be loaded into {self.model_id}: "
-                                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                    raise AdapterLoadFailed(
+                        f"adapter {adapter_id} cannot be loaded into {self.model_id}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    ) from None
                 finally:
                     with self._meta:
                         self._loading = (self._loading[0] - 1, self._loading[1] - need)
@@ -205,14 +183,17 @@ class AdapterStore:
         request until an adapter slot frees), so the bounds hold under any burst. Returns the bytes reserved."""
         need = lora_bytes(folder)
         if self.max_lora_bytes is not None and need > self.max_lora_bytes and not self._via_bundle(folder):
-            raise AdapterLoadFailed(f"adapter {adapter_id} holds {need:,} bytes of LoRA weights, more than "
-                                    f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
+            raise AdapterLoadFailed(
+                f"adapter {adapter_id} holds {need:,} bytes of LoRA weights, more than "
+                f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound"
+            )
         while True:
             with self._meta:
                 count, nbytes = self._loading
                 full = len(self.loaded) + count + 1 > self.max_adapters or (
                     self.max_lora_bytes is not None
-                    and self._memory["resident_lora_bytes"] + nbytes + need > self.max_lora_bytes)
+                    and self._memory["resident_lora_bytes"] + nbytes + need > self.max_lora_bytes
+                )
                 if not full or not (self.loaded or count):  # fits, or nothing else to make room from: load it
                     self._loading = (count + 1, nbytes + need)
                     return need
@@ -230,7 +211,9 @@ class AdapterStore:
 
     def _over(self) -> bool:
         too_many = len(self.loaded) > self.max_adapters
-        return too_many or (self.max_lora_bytes is not None and self._memory["resident_lora_bytes"] > self.max_lora_bytes)
+        return too_many or (
+            self.max_lora_bytes is not None and self._memory["resident_lora_bytes"] > self.max_lora_bytes
+        )
 
     def _evict(self) -> None:
         """Drop least-recently-used unpinned adapters while more than max_adapters are loaded or their LoRA
@@ -275,8 +258,10 @@ class AdapterStore:
                 return
             name = self.loaded.pop(key).name
         self._unload(name)
-        raise AdapterLoadFailed(f"adapter {adapter_id} holds {size:,} bytes of LoRA weights, more than "
-                                f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound")
+        raise AdapterLoadFailed(
+            f"adapter {adapter_id} holds {size:,} bytes of LoRA weights, more than "
+            f"--max-lora-memory {self.max_lora_bytes:,}; start the server with a larger bound"
+        )
 
     # --- at start ----------------------------------------------------------------------------------
     def check_budget(self) -> None:
@@ -286,8 +271,10 @@ class AdapterStore:
             return
         smallest = min(sum(p.shape) * 4 for n, p in self.base.named_parameters() if p.ndim == 2)  # float32 once loaded
         if self.max_lora_bytes < smallest:
-            raise ValidationFailed(f"--max-lora-memory {self.max_lora_bytes:,} bytes cannot hold any LoRA on {self.model_id} "
-                                   f"(the smallest, rank 1 on one module, takes {smallest:,}); give a larger size, e.g. 64MB")
+            raise ValidationFailed(
+                f"--max-lora-memory {self.max_lora_bytes:,} bytes cannot hold any LoRA on {self.model_id} "
+                f"(the smallest, rank 1 on one module, takes {smallest:,}); give a larger size, e.g. 64MB"
+            )
 
     def preload_adapters(self, adapter_ids: list[str], *, token: str | None = None) -> None:
         """Load these now, as LoRAX's --preloaded-adapter-ids does (a folder under --adapter-dir, else a Hub repo);
@@ -300,11 +287,13 @@ class AdapterStore:
             self.preloaded.append(f"{source}:{adapter_id}")
         evicted = [p for p in self.preloaded if p not in self.loaded_ids()]
         if evicted:
-            raise ValidationFailed(f"the preloaded adapters do not fit together (--max-adapters {self.max_adapters}, "
-                                   f"--max-lora-memory {self.max_lora_bytes or 'unbounded'}): {', '.join(evicted)} "
-                                   "evicted again; preload fewer or raise the bound")
+            raise ValidationFailed(
+                f"the preloaded adapters do not fit together (--max-adapters {self.max_adapters}, "
+                f"--max-lora-memory {self.max_lora_bytes or 'unbounded'}): {', '.join(evicted)} "
+                "evicted again; preload fewer or raise the bound"
+            )
 
-    def preload(self, source: str, *, token: str | None = None, log=lambda m: None) -> dict:
+    def preload_collection(self, source: str, *, token: str | None = None, log=lambda m: None) -> dict:
         """Make every member of a collection (folder or Hub repo) resident: its clusters' bases once, its cores
         stacked; the first member also loads through PEFT, which puts LoRA layers on the collection's modules."""
         from .resident import attach, load_resident
@@ -335,13 +324,17 @@ class AdapterStore:
         try:
             new = in_own_thread(load_resident, self.resident_source, token=self._resident_token)
         except Exception as e:
-            raise ValidationFailed(f"collection {self.resident_source} not reloaded, still serving revision "
-                                   f"{old.revision or 'as loaded'}: {str(e).splitlines()[0]}") from None
+            raise ValidationFailed(
+                f"collection {self.resident_source} not reloaded, still serving revision "
+                f"{old.revision or 'as loaded'}: {str(e).splitlines()[0]}"
+            ) from None
         gone = sorted(m.removeprefix(f"{PREFIX}{old.name}:") for m in set(old.slots) - set(new.slots))
         if gone or set(old.modules) != set(new.modules):
             change = f"drops members {', '.join(gone[:5])}" if gone else "adapts other modules"
-            raise ValidationFailed(f"collection {self.resident_source} not reloaded: its new revision {change}; "
-                                   "restart the server to serve it")
+            raise ValidationFailed(
+                f"collection {self.resident_source} not reloaded: its new revision {change}; "
+                "restart the server to serve it"
+            )
 
         def swap() -> None:
             with self.lock:
@@ -368,9 +361,12 @@ class AdapterStore:
         from .shared_bases import resident_lora
 
         params, nbytes = resident_lora(self.peft)
-        self._memory = {"resident_lora_params": params, "resident_lora_bytes": nbytes,
-                        "shared_bases": self.shared.summary() if self.shared is not None else {},
-                        "resident_collection": self.resident.summary() if self.resident is not None else None}
+        self._memory = {
+            "resident_lora_params": params,
+            "resident_lora_bytes": nbytes,
+            "shared_bases": self.shared.summary() if self.shared is not None else {},
+            "resident_collection": self.resident.summary() if self.resident is not None else None,
+        }
 
     def memory(self) -> dict:
         """Resident LoRA parameters (shared tensors once) and the shared bases in use, as of the last load or

@@ -61,8 +61,10 @@ def pick_all(rows: list, logits: torch.Tensor) -> list[tuple[int, float]]:
     """Every row's next token: plain greedy rows in one vectorised argmax, the others through their sampler."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     best = logprobs.argmax(-1).tolist()
-    return [(best[r], float(logprobs[r, best[r]])) if row.sampler.plain_greedy else row.sampler.pick(logits[r], row.tokens)
-            for r, row in enumerate(rows)]
+    return [
+        (best[r], float(logprobs[r, best[r]])) if row.sampler.plain_greedy else row.sampler.pick(logits[r], row.tokens)
+        for r, row in enumerate(rows)
+    ]
 
 
 class Batch:

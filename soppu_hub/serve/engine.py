@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -73,10 +73,16 @@ class Engine:
         self.max_total_tokens = min(config.max_total_tokens or limit, limit)
         self.max_batch, self.max_concurrent_requests = config.max_batch, config.max_concurrent_requests
         self.lock = threading.RLock()  # guards the model: generation and adapter (un)loading
-        self.adapters = AdapterStore(base, model_dir, model_id=self.model_id, lock=self.lock,
-                                     max_adapters=config.max_adapters,
-                                     local_root=Path(config.adapter_dir) if config.adapter_dir else None,
-                                     share_bases=config.share_bases, max_lora_bytes=config.max_lora_bytes)
+        self.adapters = AdapterStore(
+            base,
+            model_dir,
+            model_id=self.model_id,
+            lock=self.lock,
+            max_adapters=config.max_adapters,
+            local_root=Path(config.adapter_dir) if config.adapter_dir else None,
+            share_bases=config.share_bases,
+            max_lora_bytes=config.max_lora_bytes,
+        )
         self.pending: queue.Queue[Generation] = queue.Queue()
         self.active = 0  # admitted requests not yet closed
         self.cancelled = 0  # requests stopped early because their client went away
@@ -88,9 +94,11 @@ class Engine:
         # transformers builds a decoding step's mask from the 2D padding mask with vmap, slower than the step itself
         # once rows of different lengths share a batch; for SDPA with full attention we hand it the 4D mask instead
         cfg = base.config
-        self.padding_mask_is_enough = (getattr(cfg, "_attn_implementation", None) == "sdpa"
-                                       and (getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False)
-                                       and "sliding_attention" not in (getattr(cfg, "layer_types", None) or []))
+        self.padding_mask_is_enough = (
+            getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and (getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False)
+            and "sliding_attention" not in (getattr(cfg, "layer_types", None) or [])
+        )
         self.worker = threading.Thread(target=self._run, name="soppu-engine", daemon=True)
         self.worker.start()
 
@@ -99,7 +107,9 @@ class Engine:
         """Reserve a slot or refuse with 429; returns the release function."""
         with self._count_lock:
             if self.active >= self.max_concurrent_requests:
-                raise Overloaded(f"Model is overloaded: {self.active} requests in flight (limit {self.max_concurrent_requests})")
+                raise Overloaded(
+                    f"Model is overloaded: {self.active} requests in flight (limit {self.max_concurrent_requests})"
+                )
             self.active += 1
         released = False
 
@@ -164,21 +174,25 @@ class Engine:
             return model(**inputs, use_cache=True).logits[:, -1]
 
     @torch.no_grad()
-    def _join(self, batch: "Batch", gens: list[Generation]) -> None:
+    def _join(self, batch: Batch, gens: list[Generation]) -> None:
         """Prefill the newcomers together (left-padded), give each its first token, merge their cache in."""
         width = max(len(g.request.ids) for g in gens)
         ids = torch.full((len(gens), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, g in enumerate(gens):
-            ids[r, width - len(g.request.ids):] = torch.tensor(g.request.ids)
-            mask[r, width - len(g.request.ids):] = 1
+            ids[r, width - len(g.request.ids) :] = torch.tensor(g.request.ids)
+            mask[r, width - len(g.request.ids) :] = 1
         from transformers import DynamicCache
 
         cache = DynamicCache()
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        logits = self._forward([g.adapter for g in gens], input_ids=ids.to(self.device),
-                               attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
-                               past_key_values=cache)
+        logits = self._forward(
+            [g.adapter for g in gens],
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+        )
         for g in gens:
             g.sampler = Sampler(g.request.sampling, g.request.ids)
         batch.merge(gens, cache, mask)
@@ -187,7 +201,7 @@ class Engine:
         batch.drop_finished()
 
     @torch.no_grad()
-    def _step(self, batch: "Batch") -> None:
+    def _step(self, batch: Batch) -> None:
         """Feed every row its last token, pick the next one, let finished rows go."""
         ids = torch.tensor([[row.next_id] for row in batch.rows])
         positions = batch.mask.sum(1, keepdim=True)
@@ -195,8 +209,13 @@ class Engine:
         mask = batch.mask.to(self.device)
         if self.padding_mask_is_enough:  # one new token per row: the padding mask is the whole 4D mask
             mask = mask.bool()[:, None, None, :]
-        logits = self._forward([row.adapter for row in batch.rows], input_ids=ids.to(self.device), attention_mask=mask,
-                               position_ids=positions.to(self.device), past_key_values=batch.cache)
+        logits = self._forward(
+            [row.adapter for row in batch.rows],
+            input_ids=ids.to(self.device),
+            attention_mask=mask,
+            position_ids=positions.to(self.device),
+            past_key_values=batch.cache,
+        )
         for row, picked in zip(batch.rows, pick_all(batch.rows, logits)):
             if row.cancelled:
                 row.done, row.finish_reason = True, "cancelled"
@@ -213,14 +232,17 @@ class Engine:
         if not special:
             full = self.tokenizer.decode([t for t in gen.tokens if t not in self.special_ids], skip_special_tokens=True)
             if not full.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                text, gen.text = full[len(gen.text):], full
+                text, gen.text = full[len(gen.text) :], full
         if tid in self.eos_ids and not gen.request.ignore_eos:
             gen.done, gen.finish_reason = True, "eos_token"
         elif any(s and gen.text.endswith(s) for s in gen.request.stop):
             gen.done, gen.finish_reason = True, "stop_sequence"
         elif len(gen.tokens) >= gen.request.max_new:
             gen.done, gen.finish_reason = True, "length"
-        gen.emit("token", TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special))
+        gen.emit(
+            "token",
+            TokenEvent(tid, text if not special else self.tokenizer.convert_ids_to_tokens(tid), logprob, special),
+        )
         gen.next_id = tid
         if gen.done:  # this row's slot is free now, whatever the rest of the batch still does
             self._close(gen)
@@ -233,6 +255,13 @@ class Engine:
         if gen.finish_reason == "cancelled":
             with self._count_lock:
                 self.cancelled += 1
-        gen.emit("done", {"finish_reason": gen.finish_reason, "prompt_tokens": len(gen.request.ids),
-                          "generated_tokens": len(gen.tokens), "seed": gen.sampler.seed if gen.sampler else None})
+        gen.emit(
+            "done",
+            {
+                "finish_reason": gen.finish_reason,
+                "prompt_tokens": len(gen.request.ids),
+                "generated_tokens": len(gen.tokens),
+                "seed": gen.sampler.seed if gen.sampler else None,
+            },
+        )
         gen.release()

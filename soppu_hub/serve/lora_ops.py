@@ -19,8 +19,9 @@ def gathered_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torc
     return torch.bmm(h, B[slots].transpose(1, 2))  # (b, s, m)
 
 
-def shared_basis_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, slots: torch.Tensor
-                      ) -> torch.Tensor:
+def shared_basis_lora(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     """delta y for rows whose adapters share one basis: x V once, each row's core, then U^T once.
     x (b, s, d); U (m, R); V (d, R); cores (S, R, R); slots (b,). Returns (b, s, m)."""
     h = x @ V  # (b, s, R): one matmul for every row
@@ -28,8 +29,9 @@ def shared_basis_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, cores: 
     return h @ U.T
 
 
-def shared_factored_lora(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, P: torch.Tensor,
-                         slots: torch.Tensor) -> torch.Tensor:
+def shared_factored_lora(
+    x: torch.Tensor, U: torch.Tensor, V: torch.Tensor, Q: torch.Tensor, P: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
     """shared_basis_lora for cores kept as factors S_i = P_i Q_i: two thin per-row matmuls (2 R k) instead of R^2.
     Q (S, k, R), P (S, R, k), zero-padded to the largest k as stack_slots does."""
     return gathered_lora(x @ V, Q, P, slots) @ U.T

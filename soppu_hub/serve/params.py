@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import ValidationFailed
 
@@ -39,14 +39,21 @@ def number(params: dict, name: str, kind: type, ok: Callable[[float], bool], rul
     v = params.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float) and not v.is_integer()) \
-            or v != v or v in (float("inf"), float("-inf")) or not ok(v):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or (kind is int and isinstance(v, float) and not v.is_integer())
+        or v != v
+        or v in (float("inf"), float("-inf"))
+        or not ok(v)
+    ):
         raise ValidationFailed(f"`{name}` must be {rule}. Given: {v!r}"[:200])
     return kind(v)
 
 
-def parse_generate(inputs: object, params: dict, *, tokenize: Callable[[str], list[int]], max_total_tokens: int
-                   ) -> GenerateRequest:
+def parse_generate(
+    inputs: object, params: dict, *, tokenize: Callable[[str], list[int]], max_total_tokens: int
+) -> GenerateRequest:
     """LoRAX's /generate `inputs` + `parameters` -> what the engine runs; ValidationFailed (422) on anything else."""
     p = params
     if not isinstance(inputs, str) or not inputs:
@@ -75,11 +82,20 @@ def parse_generate(inputs: object, params: dict, *, tokenize: Callable[[str], li
     if max_new is None:
         max_new = room
     if max_new > room:
-        raise ValidationFailed(f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
-                               f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`")
-    do_sample = bool(p.get("do_sample")) or (temperature not in (None, 0, 1.0)) or top_p not in (None, 1.0) \
-        or top_k is not None or typical_p is not None
+        raise ValidationFailed(
+            f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+            f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    do_sample = (
+        bool(p.get("do_sample"))
+        or (temperature not in (None, 0, 1.0))
+        or top_p not in (None, 1.0)
+        or top_k is not None
+        or typical_p is not None
+    )
     if temperature == 0:
         do_sample = False
-    sampling = Sampling(do_sample, temperature, top_k, top_p, typical_p, repetition_penalty, seed if do_sample else None)
+    sampling = Sampling(
+        do_sample, temperature, top_k, top_p, typical_p, repetition_penalty, seed if do_sample else None
+    )
     return GenerateRequest(ids, max_new, sampling, stop, bool(p.get("ignore_eos_token")))

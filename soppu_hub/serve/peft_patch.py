@@ -8,9 +8,10 @@ per-call hooks. Rows of a resident collection's members run on its stacked bases
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,8 @@ def install(peft_model) -> int:
     # rows_use covers LoRA linears only: embedding LoRA or modules_to_save need PEFT's adapter_names hooks
     peft_model._soppu_rows_ok = not any(
         isinstance(m, ModulesToSaveWrapper) or (isinstance(m, LoraLayer) and not isinstance(m, LoraLinear))
-        for m in peft_model.modules())
+        for m in peft_model.modules()
+    )
     new = 0
     for module in peft_model.modules():
         if isinstance(module, LoraLinear) and not getattr(module, "_soppu_gathered", False):
@@ -138,7 +140,7 @@ def _plan(layer, key: tuple, device) -> list:
             (plain if e.basis is None else shared.setdefault(e.basis, {})).setdefault(name, []).append(i)
     steps = []
     if len(plain) == 1:  # one adapter: one sub-batch, as PEFT does it
-        (name, idx), = plain.items()
+        ((name, idx),) = plain.items()
         a, b, scale = table[name].A, table[name].B, table[name].scale
         steps.append((torch.tensor(idx, device=device), lambda xr: F.linear(F.linear(xr.to(a.dtype), a), b) * scale))
     elif plain:  # each row's own factors stacked once per composition (zero-padded to the largest rank when they
@@ -158,12 +160,22 @@ def _plan(layer, key: tuple, device) -> list:
         cores = [(table[n].module, table[n].scale) for n in names]
         if all(c.factored for c, _ in cores):  # S_i = P_i Q_i: two thin matmuls per row
             Q, P = stack_slots([(c.core_p * scale, c.core_q) for c, scale in cores])
-            steps.append((rows, lambda xr, u=u, v=vt.T, Q=Q, P=P, slots=slots:
-                          shared_factored_lora(xr.to(u.dtype), u, v, Q, P, slots)))
+            steps.append(
+                (
+                    rows,
+                    lambda xr, u=u, v=vt.T, Q=Q, P=P, slots=slots: shared_factored_lora(
+                        xr.to(u.dtype), u, v, Q, P, slots
+                    ),
+                )
+            )
             continue
         dense = torch.stack([c.dense_core() * scale for c, scale in cores])
-        steps.append((rows, lambda xr, u=u, v=vt.T, cores=dense, slots=slots:
-                      shared_basis_lora(xr.to(u.dtype), u, v, cores, slots)))
+        steps.append(
+            (
+                rows,
+                lambda xr, u=u, v=vt.T, cores=dense, slots=slots: shared_basis_lora(xr.to(u.dtype), u, v, cores, slots),
+            )
+        )
     if rr is not None:  # every resident row, whatever its cluster, in a few batched matmuls
         steps.append((rr.rows, stack.applier(rr)))
     n = len(adapter_names)

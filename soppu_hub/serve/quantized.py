@@ -3,7 +3,8 @@
 A resident collection with a quantized store keeps, per module position, every member's part as the codes its
 file holds (quantizing the values a reader got back gives the same codes: tested), one item after another with no
 padding, so a thousand members cost 4.25 or 8.25 bits a number instead of 16 or 32 (plus, per item, its fp32
-maximum, a 4-byte offset and a 1-byte shape index: where its scales start follows from its offset). A step gathers the codes of its
+maximum, a 4-byte offset and a 1-byte shape index: where its scales start follows from its offset). A step gathers the
+codes of its
 rows only, de-quantizes them and puts each item into the zero-padded (A, B) block the batched matmuls use through
 an index worked out from each row's own shape (transposed or not): one gather, whatever mix of clusters and ranks.
 """
@@ -43,8 +44,9 @@ class QuantizedItems:
         self._bytes = torch.arange(self.width * self._group_bytes)
 
     @classmethod
-    def build(cls, items: list[torch.Tensor | None], shape: tuple[int, int], store: Store, *,
-              transpose: bool = False) -> "QuantizedItems":
+    def build(
+        cls, items: list[torch.Tensor | None], shape: tuple[int, int], store: Store, *, transpose: bool = False
+    ) -> QuantizedItems:
         """`items`: each member's matrix as the store's reader got it back (None: nothing, all zeros)."""
         items = [t if t is not None else torch.zeros(0, 0) for t in items]
         qs = [quantize(t, store.kind, group=store.group) for t in items]
@@ -60,10 +62,20 @@ class QuantizedItems:
         layout = torch.tensor([layouts[tuple(t.shape)] for t in items], dtype=torch.uint8)
         tail = width * store.group // (1 if store.kind == "int8" else 2)  # the last item reads `width` groups too:
         # padding, so no index needs a clamp
-        return cls(store.kind, store.group, torch.cat([*codes, torch.zeros(tail, dtype=torch.uint8)]),
-                   torch.cat([*scales, torch.zeros(width, dtype=torch.float16)]), code_at.to(torch.int32),
-                   torch.stack([q.maxima[0] for q in qs]), shape, transpose, width, layout, place,
-                   sum(t.numel() for t in items))
+        return cls(
+            store.kind,
+            store.group,
+            torch.cat([*codes, torch.zeros(tail, dtype=torch.uint8)]),
+            torch.cat([*scales, torch.zeros(width, dtype=torch.float16)]),
+            code_at.to(torch.int32),
+            torch.stack([q.maxima[0] for q in qs]),
+            shape,
+            transpose,
+            width,
+            layout,
+            place,
+            sum(t.numel() for t in items),
+        )
 
     def gather(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(b, A, B) in `dtype`: the items of `slots`, de-quantized and placed. A dozen small ops whatever the kind
@@ -80,8 +92,10 @@ class QuantizedItems:
         return values.gather(1, idx).reshape(b, *self.shape).to(dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.code_at, self.maxima,
-                                                          self.layout, self.place))
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.codes, self.scales, self.code_at, self.maxima, self.layout, self.place)
+        )
 
 
 def _place(rc: tuple[int, int], shape: tuple[int, int], transpose: bool, zero: int) -> torch.Tensor:
@@ -90,7 +104,9 @@ def _place(rc: tuple[int, int], shape: tuple[int, int], transpose: bool, zero: i
     r, c = rc
     a, b = torch.arange(A)[:, None].expand(A, B), torch.arange(B)[None, :].expand(A, B)
     src_r, src_c = (b, a) if transpose else (a, b)
-    return torch.where((src_r < r) & (src_c < c), src_r * c + src_c, torch.full_like(a, zero)).reshape(-1).to(torch.int32)
+    return (
+        torch.where((src_r < r) & (src_c < c), src_r * c + src_c, torch.full_like(a, zero)).reshape(-1).to(torch.int32)
+    )
 
 
 def _byte_levels(kind: str) -> torch.Tensor:

@@ -10,10 +10,10 @@ like a plain adapter's factors). Memory: the bases once plus one core (and its p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -55,23 +55,31 @@ class ModuleStack:
         """Each slot's item: gathered, or de-quantized from the store's codes (a quantized collection)."""
         return held.gather(slots, self.U.dtype) if isinstance(held, QuantizedItems) else held.index_select(0, slots)
 
-    def applier(self, rows: "ResidentRows") -> Callable[[torch.Tensor], torch.Tensor]:
+    def applier(self, rows: ResidentRows) -> Callable[[torch.Tensor], torch.Tensor]:
         """x (b, s, d) -> delta (b, s, m) = U_c S_i V_c^T x per row, built once per batch composition (which changes
         at nearly every step under a stream): three gathers (each row's core, V^T and U), then three batched
         matmuls per step. Measured per layer on 2 cores, 16 rows, a new composition each step: 120 us, against 250
         for x through every cluster's V^T and a gather of each row's block, and 160 for folding S_i into V^T."""
         S = self.row_cores(rows.slots).transpose(1, 2)
-        V, Ut = self.Vt.index_select(0, rows.cluster).transpose(1, 2), self.U.index_select(0, rows.cluster).transpose(1, 2)
+        V, Ut = (
+            self.Vt.index_select(0, rows.cluster).transpose(1, 2),
+            self.U.index_select(0, rows.cluster).transpose(1, 2),
+        )
         if self.Xt is None:
             return lambda x: torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)
         Y, Xt = self._rows(self.Yt, rows.slots), self._rows(self.Xt, rows.slots)  # private: gathered like
-        return lambda x: (torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)  # a plain adapter's factors
-                          + torch.bmm(torch.bmm(x.to(V.dtype), Y), Xt))
+        return lambda x: (
+            torch.bmm(torch.bmm(torch.bmm(x.to(V.dtype), V), S), Ut)  # a plain adapter's factors
+            + torch.bmm(torch.bmm(x.to(V.dtype), Y), Xt)
+        )
 
     def row_cores(self, slots: torch.Tensor) -> torch.Tensor:
         """(b, R, R): each row's member's core."""
-        return self._rows(self.cores, slots) if self.cores is not None else torch.bmm(
-            self._rows(self.P, slots), self._rows(self.Q, slots))
+        return (
+            self._rows(self.cores, slots)
+            if self.cores is not None
+            else torch.bmm(self._rows(self.P, slots), self._rows(self.Q, slots))
+        )
 
 
 @dataclass
@@ -121,8 +129,14 @@ class ResidentCollection:
         return sum(st.nbytes() for st in self.modules.values())
 
     def summary(self) -> dict:
-        return {"collection": self.name, "revision": self.revision, "members": self.members,
-                "clusters": self.clusters, "params": self.params(), "bytes": self.nbytes()}
+        return {
+            "collection": self.name,
+            "revision": self.revision,
+            "members": self.members,
+            "clusters": self.clusters,
+            "params": self.params(),
+            "bytes": self.nbytes(),
+        }
 
 
 def _member_folders(coll, token, log: Callable[[str], None]) -> list[Path]:
@@ -137,13 +151,20 @@ def _member_folders(coll, token, log: Callable[[str], None]) -> list[Path]:
         download_file(m.repo_id, f"{BUNDLE_DIR}/{BUNDLE_HEADER}", revision=m.revision, token=token)
         weights = download_file(m.repo_id, f"{BUNDLE_DIR}/{BUNDLE_WEIGHTS}", revision=m.revision, token=token)
         return weights.parent.parent
+
     log(f"fetching the cores of {len(coll.members)} members")
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(fetch, coll.members))
 
 
-def load_resident(source: str | Path, *, revision: str | None = None, token: str | bool | None = None,
-                  dtype: torch.dtype = torch.float32, log: Callable[[str], None] = lambda m: None) -> ResidentCollection:
+def load_resident(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = lambda m: None,
+) -> ResidentCollection:
     """Read every member's cores of a collection (a folder or a Hub repo) onto its clusters' bases."""
     from ..collection.remote import open_collection
 
@@ -170,19 +191,23 @@ def load_resident(source: str | Path, *, revision: str | None = None, token: str
     return res
 
 
-def _stack(key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, dtype: torch.dtype,
-           store: Store | None = None) -> ModuleStack:
+def _stack(
+    key: str, bases: dict[int, dict[str, torch.Tensor]], bundles: list, dtype: torch.dtype, store: Store | None = None
+) -> ModuleStack:
     """One module's ModuleStack; clusters of different ranks are zero-padded to the largest (zero directions add
     nothing). With a quantized `store` the members' parts stay its codes (QuantizedItems); the bases are values."""
     pad = torch.nn.functional.pad
     Us = [bases[c][f"{key}.U"] for c in sorted(bases)]
     Vs = [bases[c][f"{key}.V"] for c in sorted(bases)]
     R = max(u.shape[1] for u in Us)
-    st = ModuleStack(U=torch.stack([pad(u, (0, R - u.shape[1])) for u in Us]).to(dtype),
-                     Vt=torch.stack([pad(v, (0, R - v.shape[1])).T for v in Vs]).to(dtype).contiguous())
+    st = ModuleStack(
+        U=torch.stack([pad(u, (0, R - u.shape[1])) for u in Us]).to(dtype),
+        Vt=torch.stack([pad(v, (0, R - v.shape[1])).T for v in Vs]).to(dtype).contiguous(),
+    )
 
-    def held(items: list[torch.Tensor | None], shape: tuple[int, int], transpose: bool = False,
-             codes: bool = True) -> Held:
+    def held(
+        items: list[torch.Tensor | None], shape: tuple[int, int], transpose: bool = False, codes: bool = True
+    ) -> Held:
         if store is not None and codes:
             return QuantizedItems.build(items, shape, store, transpose=transpose)
         out = torch.zeros(len(items), *shape, dtype=dtype)

@@ -2,7 +2,8 @@
 
 An adapter from a bundle is delta = U S_i V^T. PEFT computes lora_B(lora_A(x)); we make lora_A a
 `CoreLinear` (x -> S_i (V^T x), with V^T the one Parameter shared by every adapter of the bundle and S_i
-the adapter's own core: r x r, or its two thin factors when the bundle stored it factored) and give lora_B the shared U. N adapters of one bundle then hold U and V
+the adapter's own core: r x r, or its two thin factors when the bundle stored it factored) and give lora_B the shared
+U. N adapters of one bundle then hold U and V
 once plus N small cores, instead of N full LoRA factor pairs. A module where the adapter keeps private directions
 stays as its PEFT export loaded it (exact: the export holds the shared part and the private one together).
 """
@@ -106,7 +107,9 @@ class SharedBases:
                 continue
             b = module.lora_B[name]
             like = b.weight
-            vt = basis.params.setdefault(key + ".A", torch.nn.Parameter(mb.V.T.contiguous().to(like), requires_grad=False))
+            vt = basis.params.setdefault(
+                key + ".A", torch.nn.Parameter(mb.V.T.contiguous().to(like), requires_grad=False)
+            )
             u = basis.params.setdefault(key + ".B", torch.nn.Parameter(mb.U.contiguous().to(like), requires_grad=False))
             core = mb.cores[0]
             module.lora_A[name] = CoreLinear(vt, core if isinstance(core, FactoredCore) else mb.core_matrix(0))
@@ -127,8 +130,10 @@ class SharedBases:
                 self.fetched.clear()  # nothing resident: no collection bases are worth keeping either
 
     def summary(self) -> dict:
-        return {bid: {"adapters": len(b.users), "shared_params": sum(p.numel() for p in b.params.values())}
-                for bid, b in self.bases.items()}
+        return {
+            bid: {"adapters": len(b.users), "shared_params": sum(p.numel() for p in b.params.values())}
+            for bid, b in self.bases.items()
+        }
 
 
 def resident_lora_params(peft_model) -> int:
@@ -146,8 +151,11 @@ def resident_lora(peft_model, adapter: str | None = None) -> tuple[int, int]:
     seen: dict[int, tuple[int, int]] = {}
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            holders = [d[adapter] for d in (module.lora_A, module.lora_B) if adapter in d] if adapter is not None else [
-                *module.lora_A.values(), *module.lora_B.values()]
+            holders = (
+                [d[adapter] for d in (module.lora_A, module.lora_B) if adapter in d]
+                if adapter is not None
+                else [*module.lora_A.values(), *module.lora_B.values()]
+            )
             for holder in holders:
                 for p in holder.parameters():
                     seen[p.data_ptr()] = (p.numel(), p.numel() * p.element_size())

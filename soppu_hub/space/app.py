@@ -2,8 +2,10 @@
 
 The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai
 for vLLM's OpenAI-compatible server, the adapter id sent as the model) or, when unset, the embedded CPU backend
-started here. SOPPU_AUTHOR filters the adapter list; SOPPU_COLLECTION (owner/name) lists that collection's members instead; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
-a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane shows. Runs with
+started here. SOPPU_AUTHOR filters the adapter list; SOPPU_COLLECTION (owner/name) lists that collection's members
+instead; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
+a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane shows. Runs
+with
 `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on
 Spaces).
 """
@@ -13,17 +15,17 @@ from __future__ import annotations
 import atexit
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import gradio as gr
-
-# Gradio's queue route builds a dict with Starlette's deprecated HTTP_422 name on every request: one warning per
-# message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
-warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
 from ..clients import ChatClient
 from ..errors import SoppuError
 from .logic import backend_from_env, card_summary, list_collection_members, list_soppu_adapters, stream_reply
+
+# Gradio's queue route builds a dict with Starlette's deprecated HTTP_422 name on every request: one warning per
+# message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
+warnings.filterwarnings("ignore", message="'HTTP_422_UNPROCESSABLE_ENTITY' is deprecated")
 
 COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter", "the base model"
 # Card reads run one at a time, in the order asked: a slow first card (page load) finishing after the card of an
@@ -33,8 +35,14 @@ MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 # one set of defaults for the UI's controls and the `chat` API
 DEFAULT_TEMPERATURE = 0.0
 DEFAULT_MAX_NEW = min(64, MAX_NEW_TOKENS)
-EXAMPLES = ["Hello!", "Where is my order? It has not arrived.", "Tell me a joke.", "What is the capital of France?",
-            "How do I reset my password?", "I am feeling sad."]
+EXAMPLES = [
+    "Hello!",
+    "Where is my order? It has not arrived.",
+    "Tell me a joke.",
+    "What is the capital of France?",
+    "How do I reset my password?",
+    "I am feeling sad.",
+]
 COMPARE_CHOICES = {"nothing": COMPARE_NONE, "original": COMPARE_ORIGINAL, "base": COMPARE_BASE}
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 COLLECTION = os.environ.get("SOPPU_COLLECTION") or None
@@ -68,8 +76,10 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         """Each pane labelled with what it talks to; the second shown only when comparing."""
         other = compared_id(compare, original)
         label = "base model" if other is None else (other or "the original adapter is not on the Hub")
-        return (gr.update(label=adapter_id or "adapter"),
-                gr.update(visible=True if compare != COMPARE_NONE else "hidden", label=label))
+        return (
+            gr.update(label=adapter_id or "adapter"),
+            gr.update(visible=True if compare != COMPARE_NONE else "hidden", label=label),
+        )
 
     def panes(adapter_id, compare, original):
         """A new conversation in both panes (in step), labelled."""
@@ -94,7 +104,9 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         history = past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         if compare:
             base_history = base_past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        kw = dict(system_prompt=system, temperature=temperature, max_new_tokens=max_new, max_new_tokens_cap=MAX_NEW_TOKENS)
+        kw = dict(
+            system_prompt=system, temperature=temperature, max_new_tokens=max_new, max_new_tokens_cap=MAX_NEW_TOKENS
+        )
         # the box is cleared and locked while the reply streams, so no message is typed into a busy chat
         yield gr.update(value="", interactive=False), history, base_history
         for text in stream_reply(client, message, past, adapter_id, **kw):
@@ -106,12 +118,26 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                 yield gr.skip(), history, base_history
         yield gr.update(value="", interactive=True), history, base_history  # value too: fast yields may be coalesced
 
-    def chat(message: str, history: list[dict], adapter_id: str, system_prompt: str = "",
-             temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = DEFAULT_MAX_NEW) -> Iterator[str]:
+    def chat(
+        message: str,
+        history: list[dict],
+        adapter_id: str,
+        system_prompt: str = "",
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_new_tokens: int = DEFAULT_MAX_NEW,
+    ) -> Iterator[str]:
         """Stream the reply of `adapter_id` (or __base_model__) to `message` given the chat `history`
         (role/content messages); the defaults are the UI's."""
-        yield from stream_reply(client, message, history, adapter_id, system_prompt=system_prompt, temperature=temperature,
-                                max_new_tokens=max_new_tokens, max_new_tokens_cap=MAX_NEW_TOKENS)
+        yield from stream_reply(
+            client,
+            message,
+            history,
+            adapter_id,
+            system_prompt=system_prompt,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_cap=MAX_NEW_TOKENS,
+        )
 
     with gr.Blocks(title="soppu-hub: chat with a compressed LoRA") as demo:
         gr.Markdown(INTRO)
@@ -122,29 +148,54 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                 # a list to pick from and a box for an exact id: a dropdown that accepts typing would replace a
                 # typed id with the first listed id it prefixes (alice/support-bot -> alice/support-bot-soppu)
                 picker = gr.Dropdown(choices=choices, value=first, label="Adapter", elem_id="adapter-picker")
-                typed = gr.Textbox(value=first, label="or type an exact repo id, then Enter", elem_id="adapter-id",
-                                   placeholder="owner/name", max_lines=1)
+                typed = gr.Textbox(
+                    value=first,
+                    label="or type an exact repo id, then Enter",
+                    elem_id="adapter-id",
+                    placeholder="owner/name",
+                    max_lines=1,
+                )
                 active = gr.State(first)
                 refresh_btn = gr.Button("Refresh list", size="sm")
                 summary = gr.Markdown(elem_id="card-summary")
-                plot = gr.Image(label="Relative error by layer", show_label=False, type="filepath", interactive=False,
-                                elem_id="error-plot")  # the badge would cover the figure's own title
+                plot = gr.Image(
+                    label="Relative error by layer",
+                    show_label=False,
+                    type="filepath",
+                    interactive=False,
+                    elem_id="error-plot",
+                )  # the badge would cover the figure's own title
                 with gr.Accordion("Generation settings", open=False):  # closed: on a phone the chat comes sooner
                     system = gr.Textbox(label="System prompt", lines=2)
-                    temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+                    temperature = gr.Slider(
+                        0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)"
+                    )
                     max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW, step=1, label="Max new tokens")
-                compare = gr.Radio([COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE], value=compare_default,
-                                   label="Compare side by side with", elem_id="compare")
+                compare = gr.Radio(
+                    [COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE],
+                    value=compare_default,
+                    label="Compare side by side with",
+                    elem_id="compare",
+                )
                 original = gr.State(None)
             with gr.Column(scale=2):
                 with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
                     chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter", min_width=300)
-                    base_chat = gr.Chatbot(label="compared with", height=440, elem_id="chat-base",
-                                           visible=True if compare_default != COMPARE_NONE else "hidden",
-                                           min_width=300)
+                    base_chat = gr.Chatbot(
+                        label="compared with",
+                        height=440,
+                        elem_id="chat-base",
+                        visible=True if compare_default != COMPARE_NONE else "hidden",
+                        min_width=300,
+                    )
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
-                gr.Examples([[e] for e in examples], inputs=message, label="Example prompts (click one, then Enter)",
-                            elem_id="examples", examples_per_page=max(1, len(examples)))  # one task each: all on view
+                gr.Examples(
+                    [[e] for e in examples],
+                    inputs=message,
+                    label="Example prompts (click one, then Enter)",
+                    elem_id="examples",
+                    examples_per_page=max(1, len(examples)),
+                )  # one task each: all on view
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
                     clear = gr.Button("Clear")
@@ -153,15 +204,18 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
         typed.submit(lambda v: (v or "").strip() or None, typed, active, api_visibility="private")
         active.change(cleared, active, [chatbot, base_chat], api_visibility="private").then(
-            show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME).then(
-            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+            show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME
+        ).then(labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         demo.load(show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME).then(
-            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
+            labels, [active, compare, original], [chatbot, base_chat], api_visibility="private"
+        )
         refresh_btn.click(refresh, None, picker, api_visibility="private")
         compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
-        message.submit(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
+        message.submit(
+            respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last"
+        )
         send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
         clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
         gr.api(chat, api_name="chat")
@@ -176,8 +230,9 @@ def app_options(env) -> dict:
         try:
             options["examples"] = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise SoppuError(f"cannot read SOPPU_EXAMPLES_FILE {path} ({type(e).__name__}); give a text file, one "
-                             "prompt a line") from None
+            raise SoppuError(
+                f"cannot read SOPPU_EXAMPLES_FILE {path} ({type(e).__name__}); give a text file, one prompt a line"
+            ) from None
         if not options["examples"]:
             raise SoppuError(f"SOPPU_EXAMPLES_FILE {path} is empty; give one prompt a line")
     compare = env.get("SOPPU_COMPARE", "nothing")

@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ..clients import APIS, ChatClient, ChatError, GenerationSettings, connect
 from ..errors import SoppuError
@@ -71,11 +71,17 @@ class CardSummary:
         def fmt(v, spec):
             return format(v, spec) if isinstance(v, (int, float)) else "n/a"
 
-        return (f"**{self.repo_id}**  \nbase model: `{self.base_model or 'unknown'}`  \n"
-                f"compression ratio: **{fmt(self.compression_ratio, '.2f')}x**  \n"
-                f"relative error: mean **{fmt(self.mean_rel_error, '.4f')}**, max **{fmt(self.max_rel_error, '.4f')}**"
-                + (f"  \nshares its bases with **{self.cluster_size - 1}** other adapter(s): cluster {self.cluster} "
-                   f"of {self.clusters}" if self.cluster_size else ""))
+        return (
+            f"**{self.repo_id}**  \nbase model: `{self.base_model or 'unknown'}`  \n"
+            f"compression ratio: **{fmt(self.compression_ratio, '.2f')}x**  \n"
+            f"relative error: mean **{fmt(self.mean_rel_error, '.4f')}**, max **{fmt(self.max_rel_error, '.4f')}**"
+            + (
+                f"  \nshares its bases with **{self.cluster_size - 1}** other adapter(s): cluster {self.cluster} "
+                f"of {self.clusters}"
+                if self.cluster_size
+                else ""
+            )
+        )
 
 
 def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
@@ -85,33 +91,57 @@ def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     soppu = data.get("soppu") or {}
     path = fetch_file(repo_id, ERRORS_PNG, token=token)
     plot = str(path) if path else None
-    return CardSummary(repo_id, data.get("base_model"), soppu.get("compression_ratio"), soppu.get("mean_rel_error"),
-                       soppu.get("max_rel_error"), plot, soppu.get("cluster"), soppu.get("cluster_size"), soppu.get("clusters"),
-                       soppu.get("sources"))
+    return CardSummary(
+        repo_id,
+        data.get("base_model"),
+        soppu.get("compression_ratio"),
+        soppu.get("mean_rel_error"),
+        soppu.get("max_rel_error"),
+        plot,
+        soppu.get("cluster"),
+        soppu.get("cluster_size"),
+        soppu.get("clusters"),
+        soppu.get("sources"),
+    )
 
 
 def history_to_messages(history: list | None) -> list[dict]:
     """Gradio 6 chat history (content as a string or as content blocks) -> plain role/content messages."""
     out = []
     for m in history or []:
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (getattr(m, "role", None), getattr(m, "content", None))
+        role, content = (
+            (m.get("role"), m.get("content"))
+            if isinstance(m, dict)
+            else (getattr(m, "role", None), getattr(m, "content", None))
+        )
         if isinstance(content, list):
-            content = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type", "text") == "text")
+            content = "".join(
+                b.get("text", "") for b in content if isinstance(b, dict) and b.get("type", "text") == "text"
+            )
         if role in ("user", "assistant", "system") and isinstance(content, str):
             out.append({"role": role, "content": content})
     return out
 
 
-def stream_reply(client: ChatClient, message: str, history: list | None, adapter_id: str | None, *,
-                 system_prompt: str | None = None, temperature: float = 0.0, max_new_tokens: int = 64,
-                 max_new_tokens_cap: int = 256) -> Iterator[str]:
+def stream_reply(
+    client: ChatClient,
+    message: str,
+    history: list | None,
+    adapter_id: str | None,
+    *,
+    system_prompt: str | None = None,
+    temperature: float = 0.0,
+    max_new_tokens: int = 64,
+    max_new_tokens_cap: int = 256,
+) -> Iterator[str]:
     """Yield the reply so far (cumulative) as tokens arrive; errors become one readable line in the chat."""
     if not isinstance(message, str) or not message.strip():
         yield "⚠️ type a message first"
         return
     messages = history_to_messages(history) + [{"role": "user", "content": message}]
-    settings = GenerationSettings(max_new_tokens=max(1, min(int(max_new_tokens), max_new_tokens_cap)),
-                                  temperature=temperature or None)
+    settings = GenerationSettings(
+        max_new_tokens=max(1, min(int(max_new_tokens), max_new_tokens_cap)), temperature=temperature or None
+    )
     text = ""
     try:
         adapter = validate_repo_id(adapter_id) if adapter_id and adapter_id.strip() != BASE_MODEL_ID else None
@@ -143,8 +173,10 @@ def backend_from_env() -> Backend:
     for SOPPU_BASE_MODEL (it speaks both APIs)."""
     api = os.environ.get("BACKEND_API") or "lorax"
     if api not in APIS:
-        raise SoppuError(f"BACKEND_API={api!r} is not one of {', '.join(APIS)}: lorax for LoRAX or soppu-hub serve, "
-                         "openai for vLLM or another OpenAI-compatible server")
+        raise SoppuError(
+            f"BACKEND_API={api!r} is not one of {', '.join(APIS)}: lorax for LoRAX or soppu-hub serve, "
+            "openai for vLLM or another OpenAI-compatible server"
+        )
     url = os.environ.get("LORAX_URL")
     if url:
         return Backend(url.rstrip("/"), os.environ.get("LORAX_API_TOKEN") or None, None, api)

@@ -7,7 +7,7 @@ generation, 429 overloaded), inside the stream as a `data:` event.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -39,7 +39,9 @@ async def _stream(req: Submission) -> AsyncIterator[bytes]:
             if req.params.get("return_full_text"):
                 full = req.inputs + full
             details = {**payload, "skipped_tokens": 0}
-            token = token_json(last) if last else {"id": 0, "text": "", "logprob": 0.0, "special": True, "skipped": True}
+            token = (
+                token_json(last) if last else {"id": 0, "text": "", "logprob": 0.0, "special": True, "skipped": True}
+            )
             yield sse({"token": token, "generated_text": full, "details": details})
 
 
@@ -74,14 +76,27 @@ def lorax_routes(engine: Engine) -> APIRouter:
     @router.get("/info")
     async def info():
         return {
-            "model_id": engine.model_id, "model_sha": None, "model_dtype": "torch.float32",
-            "model_device_type": engine.device.type, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": engine.max_concurrent_requests, "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
-            "max_input_length": engine.max_total_tokens - 1, "max_total_tokens": engine.max_total_tokens,
-            "max_batch_size": engine.max_batch, "version": f"soppu-hub {__version__}", "sha": None, "docker_label": None,
-            "request_logger_url": None, "eager_prefill": False, "preloaded_adapters": list(engine.adapters.preloaded),
-            "loaded_adapters": engine.adapters.loaded_ids(), **engine.adapters.memory(),
-            "requests_in_flight": engine.active, "requests_cancelled": engine.cancelled,
+            "model_id": engine.model_id,
+            "model_sha": None,
+            "model_dtype": "torch.float32",
+            "model_device_type": engine.device.type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": engine.max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_length": engine.max_total_tokens - 1,
+            "max_total_tokens": engine.max_total_tokens,
+            "max_batch_size": engine.max_batch,
+            "version": f"soppu-hub {__version__}",
+            "sha": None,
+            "docker_label": None,
+            "request_logger_url": None,
+            "eager_prefill": False,
+            "preloaded_adapters": list(engine.adapters.preloaded),
+            "loaded_adapters": engine.adapters.loaded_ids(),
+            **engine.adapters.memory(),
+            "requests_in_flight": engine.active,
+            "requests_cancelled": engine.cancelled,
             "chat_template": getattr(engine.tokenizer, "chat_template", None),
         }
 
@@ -97,7 +112,9 @@ def lorax_routes(engine: Engine) -> APIRouter:
         if not isinstance(body.get("inputs"), str):
             raise ValidationFailed("`inputs` must be a string")
         enc = engine.tokenizer(body["inputs"], return_offsets_mapping=True)
-        return [{"id": i, "text": body["inputs"][s:t], "start": s, "stop": t}
-                for i, (s, t) in zip(enc.input_ids, enc.offset_mapping)]
+        return [
+            {"id": i, "text": body["inputs"][s:t], "start": s, "stop": t}
+            for i, (s, t) in zip(enc.input_ids, enc.offset_mapping)
+        ]
 
     return router

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -47,12 +48,17 @@ class Submission:
     def start(self) -> None:
         """Validate, admit, load the adapter (may take a while: in a thread), then queue the job."""
         e = self.engine
-        request = parse_generate(self.inputs, self.params, max_total_tokens=e.max_total_tokens,
-                                 tokenize=lambda text: e.tokenizer(text, add_special_tokens=True).input_ids)
+        request = parse_generate(
+            self.inputs,
+            self.params,
+            max_total_tokens=e.max_total_tokens,
+            tokenize=lambda text: e.tokenizer(text, add_special_tokens=True).input_ids,
+        )
         release = self.engine.admit()
         try:
-            name, unpin = self.engine.adapters.acquire(self.params.get("adapter_id"), self.params.get("adapter_source"),
-                                                      self.params.get("api_token"))
+            name, unpin = self.engine.adapters.acquire(
+                self.params.get("adapter_id"), self.params.get("adapter_source"), self.params.get("api_token")
+            )
         except BaseException:
             release()
             raise
@@ -86,6 +92,7 @@ class Submission:
 
     async def collect_while_connected(self, request: Request, collect):
         """Run `collect(self)`; if the client hangs up first, cancel the generation so its slot is freed at once."""
+
         async def watch() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -126,6 +133,11 @@ async def collect(req: Submission) -> dict:
         text = req.inputs + text
     out = {"generated_text": text, "details": None}
     if req.params.get("details") or req.params.get("decoder_input_details"):
-        out["details"] = {**details, "skipped_tokens": 0, "prefill": [], "tokens": [token_json(t) for t in tokens],
-                          "best_of_sequences": None}
+        out["details"] = {
+            **details,
+            "skipped_tokens": 0,
+            "prefill": [],
+            "tokens": [token_json(t) for t in tokens],
+            "best_of_sequences": None,
+        }
     return out
