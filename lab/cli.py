@@ -217,11 +217,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     if args.what == "scale":
-        from lab.bench.scale import run_scale_bench
+        from lab.bench.scale import ADAPTERS, run_scale_bench
 
         print(
             run_scale_bench(
-                n_adapters=_count(args, 20),
+                n_adapters=_count(args, ADAPTERS),
                 rank=args.rank,
                 clusters=args.clusters,
                 device=args.device,

@@ -18,6 +18,7 @@ from lab.samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from soppu_hub.errors import SoppuError
 from soppu_hub.hub.common import use_endpoint
 from soppu_hub.hub.push import push_folder
+from soppu_hub.progress import hub_bars_off
 
 DEMO_USERS = {"alice": "hf_demo_alice", "soppu-samples": "hf_demo_samples", "HuggingFaceTB": "hf_demo_hftb"}
 
@@ -42,26 +43,19 @@ def seed_hub(
     From a DemoSet (the demo) or, without one, a random tiny Llama and two synthetic adapters written into
     `workdir` (the tests: fast, and shaped like the real thing). `base_token` owns the base id's namespace.
     """
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     if demo_set is not None:
         base, base_id, adapters = demo_set.base_folder, demo_set.base_model, demo_set.adapters
     else:
         base, base_id = build_tiny_llama(workdir / "tiny-llama"), TINY_BASE_ID
         adapters = write_sample_adapters(workdir / "adapters", base_model=TINY_BASE_ID)
     ids = []
-    quiet = are_progress_bars_disabled()
-    disable_progress_bars()  # two dozen small uploads: per-file bars would be noise in the demo's terminal
-    try:
-        with use_endpoint(endpoint):
-            push_folder(base, base_id, token=base_token, commit_message=f"{base_id} for the demo")
-            for folder in adapters:
-                repo_id = f"{user}/{folder.name}"
-                push_folder(folder, repo_id, token=user_token, commit_message="LoRA adapter")
-                ids.append(repo_id)
-    finally:
-        if not quiet:
-            enable_progress_bars()
+    # two dozen small uploads: per-file bars would be noise in the demo's terminal
+    with hub_bars_off(), use_endpoint(endpoint):
+        push_folder(base, base_id, token=base_token, commit_message=f"{base_id} for the demo")
+        for folder in adapters:
+            repo_id = f"{user}/{folder.name}"
+            push_folder(folder, repo_id, token=user_token, commit_message="LoRA adapter")
+            ids.append(repo_id)
     return Seeded(base_id, ids)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ProgressBar:
@@ -22,6 +24,22 @@ class ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@contextmanager
+def hub_bars_off(group: str | None = None, *, when: bool = True) -> Iterator[None]:
+    """huggingface_hub's own progress bars (all, or one `group` such as "huggingface_hub.http_get") off inside the
+    block, and back as they were after it."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled(group)
+    if when:
+        disable_progress_bars(group)
+    try:
+        yield
+    finally:
+        if when and not was_off:
+            enable_progress_bars(group)
 
 
 def hold_tqdm_lock() -> None:

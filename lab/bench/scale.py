@@ -31,6 +31,9 @@ SHAPES = {
 }
 
 
+ADAPTERS = 20  # adapters in the collection unless --adapters says otherwise
+
+
 def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 0) -> tuple[list[Path], list[int]]:
     """n bf16 adapter folders in `root` (written in batches so memory stays flat) and each one's family."""
     folders: list[Path] = []
@@ -71,7 +74,7 @@ def _per_family_error(folders: list[Path], fams: list[int], rank: int) -> float:
 
 
 def run_scale_bench(
-    n_adapters: int = 100, rank: int = 24, clusters: str = "auto", device: str = "auto", per_family: bool = True
+    n_adapters: int = ADAPTERS, rank: int = 24, clusters: str = "auto", device: str = "auto", per_family: bool = True
 ) -> str:
     with tempfile.TemporaryDirectory(prefix="soppu-bench-scale-") as tmp:
         tmp = Path(tmp)

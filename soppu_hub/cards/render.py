@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..peft_format.layout import ERRORS_PNG, PARAMS_PNG, vllm_max_lora_rank
+from ..peft_format.layout import ERRORS_PNG, PARAMS_PNG, TAG, vllm_max_lora_rank
 from . import TEMPLATES
 
 TEMPLATE = TEMPLATES / "adapter.md"
-TAGS = ["soppu", "lora", "peft", "compression", "joint-diagonalization"]
+TAGS = [TAG, "lora", "peft", "compression", "joint-diagonalization"]
 TIMINGS = ("seconds",)  # report keys that differ from run to run with the same result
 MAX_PEERS = 50  # adapters of the same cluster listed in a card's table and a repo's report.json
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import SoppuError
 from ..peft_format.layout import BASE_MODEL_ID
-from ..progress import ProgressBar, log_above_bars
+from ..progress import ProgressBar, hub_bars_off, log_above_bars
 from .flags import command_line, job_spec
 
 
@@ -42,27 +42,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
         )
     }
     log = (lambda msg: None) if args.quiet else log_above_bars
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    hub_bars = not are_progress_bars_disabled()
-    if args.quiet:  # huggingface_hub's own per-file bars (snapshot downloads, uploads) too
-        disable_progress_bars()
     shown = {k: None if args.quiet else b for k, b in bars.items()}
-    try:
-        result = run_job(
-            spec,
-            progress=shown["compressing"],
-            log=log,
-            cards_progress=shown["cards"],
-            download_progress=shown["downloading"],
-            push_progress=shown["pushing"],
-            verify_progress=shown["verifying"],
-        )
+    try:  # --quiet: huggingface_hub's own per-file bars (snapshot downloads, uploads) too
+        with hub_bars_off(when=args.quiet):
+            result = run_job(
+                spec,
+                progress=shown["compressing"],
+                log=log,
+                cards_progress=shown["cards"],
+                download_progress=shown["downloading"],
+                push_progress=shown["pushing"],
+                verify_progress=shown["verifying"],
+            )
     finally:
         for b in bars.values():
             b.close()
-        if hub_bars:
-            enable_progress_bars()
     if not args.quiet:
         print(format_table(result.report))
         if result.out:

@@ -14,6 +14,7 @@ from ..peft_format.layout import (
     CARD_NAME,
     CONFIG_NAME,
     SAFETENSORS_NAME,
+    TAG,
 )
 from .common import HubError, is_repo_id, retry
 
@@ -218,7 +219,7 @@ def list_adapter_repos(
         raise HubError(
             f"cannot list the repos of {author} (HTTP {e.response.status_code if e.response is not None else '?'})"
         ) from None
-    ids = [m.id for m in models if "soppu" not in (m.tags or [])]
+    ids = [m.id for m in models if TAG not in (m.tags or [])]
 
     def lora_config(repo_id: str) -> dict | None:
         try:

@@ -13,6 +13,7 @@ REPORT_NAME = "report.json"
 KEY_PREFIX = "base_model.model."
 
 # The bundle slice lives in a subfolder: LoRAX loads every top-level *.safetensors as adapter weights.
+TAG = "soppu"  # the Hub tag every pushed repo carries: how the Space and --author find (or skip) them
 BUNDLE_DIR = "soppu"
 BUNDLE_WEIGHTS = "bundle.safetensors"
 BUNDLE_HEADER = "bundle.json"

@@ -17,7 +17,7 @@ from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import PushResult, check_write_access, target_repo_ids, whoami
 from ..peft_format.layout import REPORT_NAME
 from ..peft_format.read import read_adapter
-from ..progress import hold_tqdm_lock
+from ..progress import hold_tqdm_lock, hub_bars_off
 from .outputs import lorax_sizes, staged_output, write_outputs
 from .publish import default_collection, push_outputs
 from .spec import JobSpec
@@ -100,16 +100,7 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
     got: dict[int, Path] = {}
     if remote:
         hold_tqdm_lock()
-        from huggingface_hub.utils import (
-            are_progress_bars_disabled,
-            disable_progress_bars,
-            enable_progress_bars,
-        )
-
-        group = "huggingface_hub.http_get"  # per-file byte bars: one "downloading" bar per phase instead
-        was_disabled = are_progress_bars_disabled(group)
-        disable_progress_bars(group)
-        try:
+        with hub_bars_off("huggingface_hub.http_get"):  # per-file byte bars: one "downloading" bar instead
             with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
                 try:
                     for s, path in zip(remote, pool.map(one, remote)):
@@ -120,9 +111,6 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-        finally:
-            if not was_disabled:
-                enable_progress_bars(group)
     return [s.path if s.path else got[id(s)] for s in sources]
 
 

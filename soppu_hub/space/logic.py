@@ -13,7 +13,7 @@ from ..clients import APIS, ChatClient, ChatError, GenerationSettings, connect
 from ..errors import SoppuError
 from ..hub.common import is_repo_id
 from ..hub.info import card_metadata, fetch_file, list_tagged
-from ..peft_format.layout import BASE_MODEL_ID, ERRORS_PNG
+from ..peft_format.layout import BASE_MODEL_ID, ERRORS_PNG, TAG
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded backend's base without SOPPU_BASE_MODEL
 
@@ -33,7 +33,7 @@ def validate_repo_id(text: str | None) -> str:
 def list_soppu_adapters(author: str | None = None, *, token: str | None = None, limit: int = 200) -> list[str]:
     """Repo ids tagged `soppu` on the Hub (optionally one author's); when the Hub cannot be listed a SoppuError
     says so and the picker still accepts typed ids."""
-    return list_tagged("soppu", author=author, token=token, limit=limit)
+    return list_tagged(TAG, author=author, token=token, limit=limit)
 
 
 def list_collection_members(collection: str, *, token: str | None = None) -> list[str]:
