@@ -199,6 +199,7 @@ def run_demo(
                 SOPPU_AUTHOR="alice",
                 SOPPU_COMPARE="original",
                 SOPPU_EXAMPLES_FILE=str(workdir / "examples.txt"),
+                SOPPU_ADAPTER=first,  # the page opens on the adapter the first example prompt is for
             )
         )
         children.append(space)

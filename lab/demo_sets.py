@@ -86,7 +86,7 @@ def real_set(
     examples, one per family as the probes."""
     from lab.collection.build import COLLECTION, EVAL_FILE, read_manifest
     from lab.collection.tasks import BY_NAME
-    from lab.realbase import REAL_BASE_ID, real_base
+    from lab.realbase import REAL_BASE_ID, real_base, real_base_cached
     from soppu_hub.evaluate.task_eval import read_eval_file
 
     collection = Path(collection or COLLECTION)
@@ -97,7 +97,15 @@ def real_set(
             "`python -m lab collection build` (or run `python -m lab demo --set tiny`, the 1M-parameter sample set)"
         )
     if base is None:
-        log("real base: SmolLM2-135M-Instruct (converting the packaged GGUF once, about a minute, then cached)")
+        cached = real_base_cached()
+        log(
+            "real base: SmolLM2-135M-Instruct "
+            + (
+                "(its conversion cached)"
+                if cached
+                else "(converting the packaged GGUF once, about a minute, then cached)"
+            )
+        )
         base = real_base()
     folders = [collection / "adapters" / n for n in built]
     held_out = {n: f / EVAL_FILE for n, f in zip(built, folders)}

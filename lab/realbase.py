@@ -154,3 +154,10 @@ def publish(folder: str | Path, token: str, *, repo_id: str = REAL_BASE_ID) -> s
 def real_base(cache_dir: str | Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct folder: the packaged GGUF, checked and converted once."""
     return convert_gguf(packaged_gguf(), cache_dir=cache_dir, expected_sha256=GGUF_SHA256)
+
+
+def real_base_cached(cache_dir: str | Path | None = None) -> bool:
+    """Whether real_base() will find its conversion already made (then it takes seconds, not a minute)."""
+    root = Path(cache_dir or cache_root())
+    stem = packaged_gguf().stem
+    return any((f / MARKER).is_file() for f in root.glob(f"{stem}-{GGUF_SHA256[:16]}"))

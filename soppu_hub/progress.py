@@ -8,16 +8,21 @@ from contextlib import contextmanager
 
 
 class ProgressBar:
-    """tqdm (through huggingface_hub, so HF_HUB_DISABLE_PROGRESS_BARS applies), opened on the first update."""
+    """One phase's tqdm bar, opened on the first update. Plain tqdm, not huggingface_hub's: a run turns the
+    library's own per-file bars off (hub_bars_off) and keeps these; HF_HUB_DISABLE_PROGRESS_BARS=1 still hides them."""
 
     def __init__(self, desc: str, unit: str) -> None:
         self.desc, self.unit, self.bar = desc, unit, None
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            from huggingface_hub.utils import tqdm
+            import os
 
-            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc)  # kept: each phase shows it reached 100%
+            from tqdm import tqdm
+
+            off = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE")
+            # kept on screen when done: each phase shows it reached 100%
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, disable=off)
         self.bar.total = total
         self.bar.update(done - self.bar.n)
 
@@ -55,6 +60,6 @@ def hold_tqdm_lock() -> None:
 
 def log_above_bars(msg: str) -> None:
     """A log line printed over a live progress bar would be cut into it mid-word: tqdm.write moves the bar."""
-    from huggingface_hub.utils import tqdm
+    from tqdm import tqdm
 
     tqdm.write(msg, file=sys.stderr)

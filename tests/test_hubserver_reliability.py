@@ -109,6 +109,18 @@ def test_private_repos_are_invisible_to_others(relhub):
     assert raw(url, "GET", f"/{SECRET}/resolve/main/s.txt", token=USERS["alice"])[2] == b"hidden\n"
 
 
+def test_the_front_page_lists_the_repos_each_caller_may_see(relhub):
+    """The Hub's root is a page for a person: every model repo the caller may see, linked; private ones only to
+    their owner; never a bare {"detail": "Not Found"}."""
+    child, _ = relhub
+    for token, shows_secret in [(None, False), (USERS["bob"], False), (USERS["alice"], True)]:
+        status, h, body = raw(child.url, "GET", "/", token=token)
+        page = body.decode()
+        assert status == 200 and h.get("content-type", "").startswith("text/html")
+        assert f'<a href="/{REPO}">{REPO}</a>' in page and "HF_ENDPOINT=" in page
+        assert (SECRET in page) == shows_secret
+
+
 TRAVERSAL_PATHS = [
     "../escape.txt",
     "a/../../escape2.txt",

@@ -129,24 +129,26 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             expect(page.locator("#chat-base")).not_to_contain_text("Tell me more")
             send("Hello!")
             assert "⚠️" not in page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last.inner_text()
-            # a typed id that does not exist: one line in the chat, in words
-            typed.fill("alice/no-such-adapter")
-            typed.press("Enter")
-            expect(label).to_have_text("alice/no-such-adapter", timeout=30_000)
-            send("Anyone there?")
-            expect(page.locator("#chat-adapter")).to_contain_text(
-                "adapter alice/no-such-adapter cannot be loaded: not found on the Hub, or private"
-            )
-            text = page.locator("#chat-adapter").inner_text()
-            assert (
-                text.count("alice/no-such-adapter") == 2 and "Error" not in text and "hf auth" not in text
-            )  # label + line
-            # a path typed as the adapter: one line in the chat, and the page goes on working
-            typed.fill("/etc/passwd")
-            typed.press("Enter")
-            expect(label).to_have_text("/etc/passwd", timeout=30_000)
-            send("And now?")
-            expect(page.locator("#chat-adapter")).to_contain_text("not a Hub repo id")
+            picked = page.locator("#adapter-picker input")
+            expect(picked).to_have_value("alice/support-bot")  # the list shows the adapter in use, typed or not
+            # refresh: a fresh list, the adapter in use still selected, the conversation kept
+            page.get_by_role("button", name="Refresh list").click()
+            expect(picked).to_have_value("alice/support-bot")
+            expect(page.locator("#chat-adapter")).to_contain_text("Hello!")
+            # a typed id that does not exist, and a path: one line under the box, the adapter in use stays
+            note = page.locator("#typed-note")
+            for bad, words in (
+                ("alice/no-such-adapter", "not a LoRA adapter repo"),
+                ("/etc/passwd", "not a Hub repo id"),
+            ):
+                typed.fill(bad)
+                typed.press("Enter")
+                expect(note).to_contain_text(words, timeout=30_000)
+                assert "Error" not in note.inner_text() and "hf auth" not in note.inner_text()
+                expect(label).to_have_text("alice/support-bot")
+                expect(picked).to_have_value("alice/support-bot")
+            send("And now?")  # still talking to alice/support-bot
+            assert "⚠️" not in page.locator("#chat-adapter .bot, #chat-adapter [data-testid='bot']").last.inner_text()
             page.screenshot(path=str(shots / "space-error.png"), full_page=True)
         finally:
             browser.close()
@@ -175,5 +177,37 @@ def test_browser_phone_width_stacks_the_panes(space, tmp_path):
             message.press("Enter")
             expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").last).not_to_be_empty(timeout=60_000)
             page.screenshot(path=str(shots / "space-phone.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, tmp_path):
+    """At 1280x900 the Send and Stop buttons are on screen without scrolling; replies are shown as plain text
+    (Markdown would turn "17. Mai 2031" into a numbered list); Stop ends a reply and frees the box."""
+    import json
+    import urllib.request
+
+    from playwright.sync_api import expect, sync_playwright
+
+    config = json.loads(urllib.request.urlopen(f"{space}/config").read())
+    chats = [
+        c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") in ("chat-adapter", "chat-base")
+    ]
+    assert len(chats) == 2 and all(c.get("render_markdown") is False for c in chats)
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(space)
+            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=30_000)
+            for button in ("#send", "#stop"):
+                box = page.locator(button).bounding_box()
+                assert box and box["y"] + box["height"] <= 900, (button, box)
+            message = page.locator("#message textarea")
+            message.fill("Tell me a long story about the sea, please.")
+            message.press("Enter")
+            page.locator("#stop").click()
+            expect(message).to_be_enabled(timeout=10_000)  # the box takes a message again
+            page.screenshot(path=str(_artifacts(tmp_path) / "space-1280.png"))
         finally:
             browser.close()

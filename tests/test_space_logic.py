@@ -76,3 +76,40 @@ def test_space_options_from_the_environment(tmp_path):
     ):
         with pytest.raises(SoppuError, match=words):
             app_options(env)
+
+
+class _Slow(_Echo):
+    """Each word after a pause; adapter "slow" pauses long: a pane that waited for the other would show it."""
+
+    def stream(self, messages, adapter_id=None, **kw):
+        import time
+
+        for word in super().stream(messages, adapter_id, **kw):
+            time.sleep(0.2 if adapter_id == "alice/slow" else 0.01)
+            yield word
+
+
+def test_both_panes_stream_at_the_same_time():
+    from soppu_hub.space.logic import stream_both
+
+    events = list(stream_both(_Slow(), "one two three four", [([], "alice/slow"), ([], "alice/fast")]))
+    finals = {i: t for i, t in events}
+    assert finals == {0: "one two three four ", 1: "one two three four "}
+    fast_done = max(n for n, (i, _) in enumerate(events) if i == 1)
+    slow_done = max(n for n, (i, _) in enumerate(events) if i == 0)
+    assert fast_done < slow_done  # the fast pane finished while the slow one still streamed
+    assert [t for i, t in events if i == 0] == list(stream_reply(_Echo(), "one two three four", [], "alice/slow"))
+
+
+def test_a_typed_id_must_be_a_lora_repo(hub):
+    from soppu_hub.space.logic import check_adapter_repo
+
+    # the session's offline Hub (HF_ENDPOINT points at it)
+    assert check_adapter_repo(" alice/support-bot ") == "alice/support-bot"
+    for bad, words in (
+        ("alice/no-such-adapter", "not a LoRA adapter repo"),
+        (hub.base_model, "not a LoRA adapter repo"),  # a full model: no adapter_config.json
+        ("../etc", "is not a Hub repo id"),
+    ):
+        with pytest.raises(SoppuError, match=words):
+            check_adapter_repo(bad)

@@ -114,14 +114,29 @@ def _shapes(base: Path, adapters: list[Path]) -> dict:
     }
 
 
+def _compress(tmp: Path, names: list[str], rank: int, store: str) -> None:
+    """The workload's adapters as the collection the JD server holds (tmp/jd)."""
+    from soppu_hub.compression.config import CompressConfig
+    from soppu_hub.compression.export import ExportConfig
+    from soppu_hub.pipeline.job import JobSpec, run_job
+
+    run_job(
+        JobSpec(
+            sources=[str(tmp / "adapters" / m) for m in names],
+            config=CompressConfig(rank=rank, clusters="auto"),
+            out=tmp / "jd",
+            push=False,
+            collection=COLLECTION,
+            export=ExportConfig(store=store),
+        )
+    )
+
+
 def build_workload(
     tmp: Path, n: int, *, hidden: int, layers: int, lora_rank: int, rank: int, log, store: str = "auto"
 ) -> tuple[Path, list[str]]:
     """The tiny base, n plain adapters (bf16 files, 8 task families) and their collection (`compress --collection`)."""
     from lab.samples import build_tiny_llama, family_factors, llama_module_shapes, write_adapter
-    from soppu_hub.compression.config import CompressConfig
-    from soppu_hub.compression.export import ExportConfig
-    from soppu_hub.pipeline.job import JobSpec, run_job
 
     base = build_tiny_llama(tmp / "base", hidden=hidden, layers=layers)
     shapes = llama_module_shapes(hidden=hidden, layers=layers, targets=TARGETS)
@@ -139,16 +154,7 @@ def build_workload(
                 dtype=torch.bfloat16,
             )
     log(f"compressing them as a collection (rank {rank}, clusters auto, store {store})")
-    run_job(
-        JobSpec(
-            sources=[str(tmp / "adapters" / m) for m in names],
-            config=CompressConfig(rank=rank, clusters="auto"),
-            out=tmp / "jd",
-            push=False,
-            collection=COLLECTION,
-            export=ExportConfig(store=store),
-        )
-    )
+    _compress(tmp, names, rank, store)
     return base, names
 
 
@@ -159,10 +165,7 @@ def real_workload(tmp: Path, *, rank: int, log, store: str = "auto") -> tuple[Pa
 
     from lab.collection.build import COLLECTION as REAL
     from lab.realbase import real_base
-    from soppu_hub.compression.config import CompressConfig
-    from soppu_hub.compression.export import ExportConfig
     from soppu_hub.peft_format.layout import CONFIG_NAME
-    from soppu_hub.pipeline.job import JobSpec, run_job
 
     base = real_base()
     names = sorted(p.name for p in (REAL / "adapters").iterdir() if (p / CONFIG_NAME).is_file())
@@ -175,16 +178,7 @@ def real_workload(tmp: Path, *, rank: int, log, store: str = "auto") -> tuple[Pa
         f"compressing the real collection's {len(names)} adapters as a collection (rank {rank}, clusters auto, store "
         f"{store})"
     )
-    run_job(
-        JobSpec(
-            sources=[str(tmp / "adapters" / m) for m in names],
-            config=CompressConfig(rank=rank, clusters="auto"),
-            out=tmp / "jd",
-            push=False,
-            collection=COLLECTION,
-            export=ExportConfig(store=store),
-        )
-    )
+    _compress(tmp, names, rank, store)
     return base, names
 
 

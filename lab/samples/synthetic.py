@@ -52,27 +52,34 @@ def build_tokenizer(folder: str | Path, vocab_size: int = 384, extra_corpus: lis
     return fast
 
 
-def build_tiny_llama(
-    folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, extra_corpus: list[str] | None = None
-) -> Path:
-    """A randomly initialised Llama (hidden 64, 2 layers) plus tokenizer, saved with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tok, *, hidden: int, layers: int, intermediate: int, positions: int):
+    """A small Llama's config for tokenizer `tok`: 4 heads over 2 KV heads (grouped-query, as Llama 3), untied."""
+    from transformers import LlamaConfig
 
-    folder = Path(folder)
-    tok = build_tokenizer(folder, extra_corpus=extra_corpus)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_tiny_llama(
+    folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, extra_corpus: list[str] | None = None
+) -> Path:
+    """A randomly initialised Llama (hidden 64, 2 layers) plus tokenizer, saved with save_pretrained."""
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    tok = build_tokenizer(folder, extra_corpus=extra_corpus)
+    config = tiny_llama_config(tok, hidden=hidden, layers=layers, intermediate=2 * hidden, positions=512)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(folder), safe_serialization=True)

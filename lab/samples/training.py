@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lab.samples.synthetic import CHAT_TEMPLATE, build_tokenizer
+from lab.samples.synthetic import CHAT_TEMPLATE, build_tokenizer, tiny_llama_config
 from lab.samples.texts import DIALOGUES, STYLES, Style, answers
 from soppu_hub.peft_format.layout import CONFIG_NAME
 
@@ -133,23 +133,11 @@ def build_base(
     folder: str | Path, *, hidden: int, layers: int, vocab: int, steps: int, seed: int, tick: Tick | None = None
 ) -> float:
     """Tokenizer + Llama trained from scratch on `base_pairs`; saved with save_pretrained (fp32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     folder = Path(folder)
     tok = build_tokenizer(folder, vocab_size=vocab, extra_corpus=corpus())
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(tok, hidden=hidden, layers=layers, intermediate=3 * hidden, positions=256)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     loss = train_steps(model, tok, base_pairs(), steps=steps, lr=3e-3, seed=seed, replies_only=False, tick=tick)

@@ -36,6 +36,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         for phase, unit in (
             ("downloading", "repo"),
             ("compressing", "module"),
+            ("exporting", "adapter"),
             ("verifying", "adapter"),
             ("cards", "card"),
             ("pushing", "repo"),
@@ -43,8 +44,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     }
     log = (lambda msg: None) if args.quiet else log_above_bars
     shown = {k: None if args.quiet else b for k, b in bars.items()}
-    try:  # --quiet: huggingface_hub's own per-file bars (snapshot downloads, uploads) too
-        with hub_bars_off(when=args.quiet):
+    try:  # huggingface_hub's own per-file bars (snapshot downloads, uploads) off: one bar per phase says it
+        with hub_bars_off():
             result = run_job(
                 spec,
                 progress=shown["compressing"],
@@ -53,6 +54,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 download_progress=shown["downloading"],
                 push_progress=shown["pushing"],
                 verify_progress=shown["verifying"],
+                export_progress=shown["exporting"],
             )
     finally:
         for b in bars.values():

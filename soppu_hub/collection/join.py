@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -91,7 +91,10 @@ class JoinSpec:
     command: str = "soppu-hub join"  # recorded in the card: how to reproduce the run
 
 
-# The JoinSpec fields `soppu-hub join` takes as flags of the same name (the CLI builds its parser and the spec from it)
+# The JoinSpec fields `soppu-hub join` takes as flags of the same name: every field with help but the three the CLI
+# takes its own way (the positional source, --collection, --out)
+OWN_WAY = ("source", "collection", "out")
+FLAGS = tuple(f.name for f in fields(JoinSpec) if "help" in f.metadata and f.name not in OWN_WAY)
 FLAGS = (
     "collection_revision",
     "max_error",

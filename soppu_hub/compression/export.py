@@ -12,16 +12,7 @@ from ..peft_format.config import clean_config
 from ..peft_format.layout import DEFAULT_LORAX_TP, LORAX_AUTO, LORAX_MAX_TP, lorax_rank
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
-from .quantize import STORE_DTYPES
-
-EXPORT_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+from .quantize import FLOATS, STORE_DTYPES
 
 
 def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +78,7 @@ class ExportConfig:
         default="auto",
         metadata={
             "help": "dtype of each export: auto (its own input's), float32, bfloat16 or float16",
-            "choices": ("auto", *EXPORT_DTYPES),
+            "choices": ("auto", *FLOATS),
             "flag": "--export-dtype",
         },
     )
@@ -112,7 +103,7 @@ class ExportConfig:
             raise ConfigError(
                 f"--lorax-tp must be auto or a tensor-parallel size from 1 to {LORAX_MAX_TP}, got {self.lorax_tp}"
             )
-        if self.dtype != "auto" and self.dtype not in EXPORT_DTYPES:
+        if self.dtype != "auto" and self.dtype not in FLOATS:
             raise ConfigError(f"--export-dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.store not in STORE_DTYPES:
             raise ConfigError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, got {self.store!r}")
@@ -145,7 +136,7 @@ class ExportConfig:
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
         """`inputs`: an input adapter's dtype (float64 is written as float32)."""
         if self.dtype != "auto":
-            return EXPORT_DTYPES[self.dtype]
+            return FLOATS[self.dtype]
         return torch.float32 if inputs == torch.float64 else inputs
 
 

@@ -1,4 +1,4 @@
-"""Render a model card (README.md) to a small HTML page, as the Hub's repo page shows it."""
+"""The offline Hub's pages for people: its front page (the repos one may see) and a repo's card as HTML."""
 
 from __future__ import annotations
 
@@ -25,3 +25,21 @@ pre{{background:#f4f4f4;padding:.8em;overflow:auto}}.meta{{color:#555;font-size:
 <body><p class="meta">offline Hub &middot; {html.escape(repo_id)}</p>
 <details class="meta"><summary>card metadata</summary><pre>{html.escape(meta.strip())}</pre></details>
 {rendered}<h2>Files</h2><ul>{listing}</ul></body></html>"""
+
+
+STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.meta{color:#555}</style>"""
+
+
+def render_repo_list(repos: list[tuple[str, str, list[str]]], url: str) -> str:
+    """(repo id, last modified, tags) rows as a page: what `HF_ENDPOINT` points at, for a person's browser."""
+    rows = "".join(
+        f'<tr><td><a href="/{html.escape(r)}">{html.escape(r)}</a></td><td>{html.escape(when[:19].replace("T", " "))}'
+        f"</td><td>{html.escape(', '.join(tags))}</td></tr>"
+        for r, when, tags in repos
+    )
+    empty = "" if repos else "<p>No model repos yet (or none this token may see).</p>"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>offline Hub</title>{STYLE}</head>
+<body><h1>offline Hub</h1><p class="meta">{len(repos)} model repos at {html.escape(url)} &middot; use it with
+<code>HF_ENDPOINT={html.escape(url)}</code></p>{empty}
+<table><tr><th>repo</th><th>last modified</th><th>tags</th></tr>{rows}</table></body></html>"""

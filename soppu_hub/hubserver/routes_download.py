@@ -62,6 +62,23 @@ def download_routes(hub: Hub) -> APIRouter:
     async def health():
         return {"status": "ok"}
 
+    @router.get("/")
+    async def front_page(request: Request):
+        """A person's view of the Hub: the model repos this caller may see, newest first, each linking to its page."""
+        from fastapi.responses import HTMLResponse
+
+        from .page import render_repo_list
+
+        seen = []
+        for repo_id in store.list_repos("model"):
+            try:
+                info = hub.repo_info(request, "model", repo_id, "main")
+            except Exception:  # noqa: BLE001 - private and not ours, or empty: not listed
+                continue
+            seen.append((repo_id, info.get("lastModified") or "", info.get("tags") or []))
+        seen.sort(key=lambda r: r[1], reverse=True)
+        return HTMLResponse(render_repo_list(seen, str(request.base_url).rstrip("/")))
+
     @router.get("/{ns}/{name}")
     async def repo_page(ns: str, name: str, request: Request):
         """A person's view of a model repo: the card rendered to HTML, images served from the repo."""

@@ -123,6 +123,7 @@ def run_job(
     download_progress: Progress | None = None,
     push_progress: Progress | None = None,
     verify_progress: Progress | None = None,
+    export_progress: Progress | None = None,
 ) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
@@ -190,6 +191,7 @@ def run_job(
             collection=spec.collection,
             command=spec.command,
             repo_ids=targets if spec.push else None,
+            progress=export_progress,
         )
         if spec.verify or sets:
             from ..hub.pull import model_folder

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..compression.bundle import save_bundle
 from ..compression.export import ExportConfig, ExportInfo, export_peft
-from ..compression.plan import Compression, written_rel_errors
+from ..compression.plan import Compression, Progress, written_rel_errors
 from ..compression.report import Output, build_report
 from ..compression.store import choose_store, stored_bundle
 from ..errors import SoppuError
@@ -60,8 +60,10 @@ def write_outputs(
     collection: str | None = None,
     command: str = "",
     repo_ids: list[str | None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json.
+    """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json; `progress(done, total)`
+    after each adapter's folder (a thousand exports take minutes).
 
     The shared store is kept as --store-dtype says (store.stored_bundle: cast, or quantized with the cores refit);
     each PEFT export is written from the quantized store's values (from the fit when the store only rounds to a
@@ -102,6 +104,8 @@ def write_outputs(
             trim_heap()
         info.repo_bytes = tensor_bytes(folder / name)
         exports.append(info)
+        if progress:
+            progress(i + 1, len(names))
     outs = [Output(n, a.source, o) for n, a, o in zip(names, comp.adapters, outputs)]
     report = build_report(comp, outs, exports, errors, export, store=store)
     if collection is not None:

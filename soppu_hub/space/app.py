@@ -3,11 +3,10 @@
 The Gradio layout and wiring over soppu_hub.space.logic. Backend: LORAX_URL (+ LORAX_API_TOKEN; BACKEND_API=openai
 for vLLM's OpenAI-compatible server, the adapter id sent as the model) or, when unset, the embedded CPU backend
 started here. SOPPU_AUTHOR filters the adapter list; SOPPU_COLLECTION (owner/name) lists that collection's members
-instead; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one prompt
-a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane shows. Runs
-with
-`python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT honoured, as on
-Spaces).
+instead; SOPPU_ADAPTER is the adapter the page opens on; SOPPU_MAX_NEW_TOKENS caps replies; SOPPU_EXAMPLES_FILE (one
+prompt a line) replaces the example prompts; SOPPU_COMPARE (nothing, original or base) sets what the second pane
+shows. Runs with `python space/app.py` or `python -m soppu_hub.space.app` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+honoured, as on Spaces).
 """
 
 from __future__ import annotations
@@ -21,7 +20,15 @@ import gradio as gr
 
 from ..clients import ChatClient
 from ..errors import SoppuError
-from .logic import backend_from_env, card_summary, list_collection_members, list_soppu_adapters, stream_reply
+from .logic import (
+    backend_from_env,
+    card_summary,
+    check_adapter_repo,
+    list_collection_members,
+    list_soppu_adapters,
+    stream_both,
+    stream_reply,
+)
 
 # Gradio's queue route builds a dict with Starlette's deprecated HTTP_422 name on every request: one warning per
 # message, dozens a minute, none of them ours to fix (the cause is in gradio/routes.py).
@@ -51,7 +58,13 @@ Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
 
 
-def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_default: str = COMPARE_NONE) -> gr.Blocks:
+def build_app(
+    client: ChatClient,
+    *,
+    examples: list[str] = EXAMPLES,
+    compare_default: str = COMPARE_NONE,
+    first_adapter: str | None = None,
+) -> gr.Blocks:
     def adapters() -> list[str]:
         try:
             return list_collection_members(COLLECTION) if COLLECTION else list_soppu_adapters(AUTHOR)
@@ -90,9 +103,23 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         """First thing on a new adapter, before the (slower) card is read, so a message sent meanwhile stays."""
         return gr.update(value=[], label=adapter_id or "adapter"), gr.update(value=[])
 
-    def refresh():
+    def listed(current: str | None) -> list[str]:
+        """The Hub's list, with the adapter in use on it even when the list does not hold it (a typed id)."""
         choices = adapters()
-        return gr.update(choices=choices, value=choices[0] if choices else None)
+        return choices + [current] if current and current not in choices else choices
+
+    def refresh(current):
+        """A fresh list; the adapter in use stays selected (and the chats stay)."""
+        return gr.update(choices=listed(current), value=current)
+
+    def pick_typed(text, current):
+        """Enter in the id box: a LoRA repo becomes the adapter in use and the picker shows it; anything else is
+        one line under the box, and the adapter in use stays."""
+        try:
+            repo_id = check_adapter_repo(text)
+        except SoppuError as e:
+            return current, gr.update(), f"⚠️ {e}"
+        return repo_id, gr.update(choices=listed(repo_id), value=repo_id), ""
 
     def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original):
         if not (message or "").strip():
@@ -107,15 +134,13 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         kw = dict(
             system_prompt=system, temperature=temperature, max_new_tokens=max_new, max_new_tokens_cap=MAX_NEW_TOKENS
         )
-        # the box is cleared and locked while the reply streams, so no message is typed into a busy chat
+        # the box is cleared and locked while the reply streams, so no message is typed into a busy chat; Stop
+        # unlocks it
         yield gr.update(value="", interactive=False), history, base_history
-        for text in stream_reply(client, message, past, adapter_id, **kw):
-            history[-1] = {"role": "assistant", "content": text}
+        runs = [(past, adapter_id)] + ([(base_past, other)] if compare else [])
+        for i, text in stream_both(client, message, runs, **kw):  # both panes at once
+            (history if i == 0 else base_history)[-1] = {"role": "assistant", "content": text}
             yield gr.skip(), history, base_history
-        if compare:
-            for text in stream_reply(client, message, base_past, other, **kw):
-                base_history[-1] = {"role": "assistant", "content": text}
-                yield gr.skip(), history, base_history
         yield gr.update(value="", interactive=True), history, base_history  # value too: fast yields may be coalesced
 
     def chat(
@@ -144,7 +169,8 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 choices = adapters()
-                first = choices[0] if choices else None
+                first = first_adapter or (choices[0] if choices else None)
+                choices = choices + [first] if first and first not in choices else choices
                 # a list to pick from and a box for an exact id: a dropdown that accepts typing would replace a
                 # typed id with the first listed id it prefixes (alice/support-bot -> alice/support-bot-soppu)
                 picker = gr.Dropdown(choices=choices, value=first, label="Adapter", elem_id="adapter-picker")
@@ -155,6 +181,7 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                     placeholder="owner/name",
                     max_lines=1,
                 )
+                typed_note = gr.Markdown(elem_id="typed-note")
                 active = gr.State(first)
                 refresh_btn = gr.Button("Refresh list", size="sm")
                 summary = gr.Markdown(elem_id="card-summary")
@@ -180,15 +207,23 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                 original = gr.State(None)
             with gr.Column(scale=2):
                 with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
-                    chatbot = gr.Chatbot(label="Adapter", height=440, elem_id="chat-adapter", min_width=300)
+                    # replies as plain text: an answer is literal ("17. Mai 2031" is a date, not a numbered list)
+                    chatbot = gr.Chatbot(
+                        label="Adapter", height=440, elem_id="chat-adapter", min_width=300, render_markdown=False
+                    )
                     base_chat = gr.Chatbot(
                         label="compared with",
                         height=440,
                         elem_id="chat-base",
                         visible=True if compare_default != COMPARE_NONE else "hidden",
                         min_width=300,
+                        render_markdown=False,
                     )
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                with gr.Row():  # right under the box: on view without scrolling, whatever the examples
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
                 gr.Examples(
                     [[e] for e in examples],
                     inputs=message,
@@ -196,34 +231,38 @@ def build_app(client: ChatClient, *, examples: list[str] = EXAMPLES, compare_def
                     elem_id="examples",
                     examples_per_page=max(1, len(examples)),
                 )  # one task each: all on view
-                with gr.Row():
-                    send = gr.Button("Send", variant="primary")
-                    clear = gr.Button("Clear")
 
         # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
         picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
-        typed.submit(lambda v: (v or "").strip() or None, typed, active, api_visibility="private")
+        typed.submit(pick_typed, [typed, active], [active, picker, typed_note], api_visibility="private")
         active.change(cleared, active, [chatbot, base_chat], api_visibility="private").then(
             show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME
         ).then(labels, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         demo.load(show_card, active, [summary, plot, original], api_visibility="private", **ONE_CARD_AT_A_TIME).then(
             labels, [active, compare, original], [chatbot, base_chat], api_visibility="private"
         )
-        refresh_btn.click(refresh, None, picker, api_visibility="private")
+        refresh_btn.click(refresh, active, picker, api_visibility="private")
         compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
         inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
-        message.submit(
+        sent = message.submit(
             respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last"
         )
-        send.click(respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last")
+        clicked = send.click(
+            respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last"
+        )
+        # Stop: the streams end where they are (the reply so far stays) and the box takes a message again
+        stop.click(
+            lambda: gr.update(interactive=True), None, message, cancels=[sent, clicked], api_visibility="private"
+        )
         clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
         gr.api(chat, api_name="chat")
     return demo
 
 
 def app_options(env) -> dict:
-    """build_app's keywords from SOPPU_EXAMPLES_FILE and SOPPU_COMPARE."""
+    """build_app's keywords from SOPPU_EXAMPLES_FILE, SOPPU_ADAPTER (the adapter the page opens on) and
+    SOPPU_COMPARE."""
     options: dict = {}
     if env.get("SOPPU_EXAMPLES_FILE"):
         path = env["SOPPU_EXAMPLES_FILE"]
@@ -235,6 +274,8 @@ def app_options(env) -> dict:
             ) from None
         if not options["examples"]:
             raise SoppuError(f"SOPPU_EXAMPLES_FILE {path} is empty; give one prompt a line")
+    if env.get("SOPPU_ADAPTER"):
+        options["first_adapter"] = env["SOPPU_ADAPTER"].strip()
     compare = env.get("SOPPU_COMPARE", "nothing")
     if compare not in COMPARE_CHOICES:
         raise SoppuError(f"SOPPU_COMPARE={compare!r} is not one of {', '.join(COMPARE_CHOICES)}")

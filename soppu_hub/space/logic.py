@@ -105,6 +105,53 @@ def card_summary(repo_id: str, *, token: str | None = None) -> CardSummary:
     )
 
 
+def check_adapter_repo(repo_id: str | None, *, token: str | None = None) -> str:
+    """A typed id the Space can chat with: a valid repo id whose adapter_config.json says LoRA; else a SoppuError
+    in one line (the caller keeps the adapter it had)."""
+    import json
+
+    repo_id = validate_repo_id(repo_id)
+    path = fetch_file(repo_id, "adapter_config.json", token=token)
+    if path is None:
+        raise SoppuError(f"{repo_id} has no adapter_config.json here: not a LoRA adapter repo (or not visible to us)")
+    try:
+        peft_type = str(json.loads(path.read_text()).get("peft_type", "")).upper()
+    except (OSError, ValueError, AttributeError):
+        peft_type = "?"
+    if peft_type != "LORA":
+        raise SoppuError(f"{repo_id} is not a LoRA adapter (peft_type {peft_type}); pick a LoRA repo")
+    return repo_id
+
+
+def stream_both(
+    client: ChatClient, message: str, runs: list[tuple[list | None, str | None]], **kw
+) -> Iterator[tuple[int, str]]:
+    """(which run, its reply so far) as tokens arrive, the runs (history, adapter id) streaming at the same time:
+    the compare pane does not wait for the first to finish. Each run is stream_reply (errors one line)."""
+    import queue
+    import threading
+
+    done = object()
+    out: queue.Queue = queue.Queue()
+
+    def run(i: int, history, adapter_id) -> None:
+        try:
+            for text in stream_reply(client, message, history, adapter_id, **kw):
+                out.put((i, text))
+        finally:
+            out.put((i, done))
+
+    for i, (history, adapter_id) in enumerate(runs):
+        threading.Thread(target=run, args=(i, history, adapter_id), daemon=True, name=f"space-pane-{i}").start()
+    left = len(runs)
+    while left:
+        i, text = out.get()
+        if text is done:
+            left -= 1
+        else:
+            yield i, text
+
+
 def history_to_messages(history: list | None) -> list[dict]:
     """Gradio 6 chat history (content as a string or as content blocks) -> plain role/content messages."""
     out = []
