@@ -224,6 +224,10 @@ def _cli(*args):
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
     res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"), "--no-push")
     assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
+    # piped, as here: no bar redraws (carriage returns, cursor moves), one line per phase when it ends
+    assert "\r" not in res.stderr and "\x1b[" not in res.stderr
+    phases = [line.split(":")[0] for line in res.stderr.splitlines()]
+    assert phases == ["compressing", "exporting", "cards"] and all(" done" in line for line in res.stderr.splitlines())
     res = _cli(
         "compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push"
     )

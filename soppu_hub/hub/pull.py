@@ -191,6 +191,7 @@ def model_folder(name_or_path: str, *, revision: str | None = None, token: str |
                     revision=revision,
                     token=token,
                     allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                    tqdm_class=_silent_tqdm(),
                 ),
                 name_or_path,
             )
