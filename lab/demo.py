@@ -208,7 +208,7 @@ def run_demo(
             check_cmd = _compress_cmd(seeded.adapters, demo_set, workdir, "checked", checks=True)
             nice = ["nice", "-n", "10"] if shutil.which("nice") else []  # chat replies come first
             checks = spawn_group(
-                [*nice, *check_cmd, "--quiet"],
+                [*nice, *check_cmd],  # piped: a line per tenth of each phase, with the time left
                 env=env,
                 stdout=open(workdir / "checks.log", "wb"),  # noqa: SIM115
                 stderr=subprocess.STDOUT,

@@ -8,38 +8,46 @@ from contextlib import contextmanager
 
 
 class ProgressBar:
-    """One phase's tqdm bar on a terminal, opened on the first update; piped to a file, one line per phase when it
-    ends instead (redrawn bars would be hundreds of lines). Plain tqdm, not huggingface_hub's: a run turns the
-    library's own per-file bars off (hub_bars_off) and keeps these; HF_HUB_DISABLE_PROGRESS_BARS=1 hides both."""
+    """One phase's tqdm bar on a terminal, opened on the first update. Piped to a file, a line at each tenth of the
+    way with an estimate of the time left, instead of redrawn bars (hundreds of lines). Plain tqdm, not
+    huggingface_hub's: a run turns the library's own per-file bars off (hub_bars_off) and keeps these;
+    HF_HUB_DISABLE_PROGRESS_BARS=1 hides both."""
 
     def __init__(self, desc: str, unit: str) -> None:
         self.desc, self.unit, self.bar = desc, unit, None
-        self.done, self.quiet, self.reported = 0, False, False
+        self.done, self.quiet, self.said, self.started, self.first = 0, False, -1, 0.0, 0
 
     def __call__(self, done: int, total: int) -> None:
+        import time
+
         if self.bar is None:
             import os
 
             from tqdm import tqdm
 
+            self.started, self.first = time.perf_counter(), done
             self.quiet = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE")
             # kept on screen when done: each phase shows it reached 100%; disable=None: none when not a terminal
             self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, disable=True if self.quiet else None)
         self.bar.total = total
         self.done = done
         self.bar.update(done - self.bar.n)
-        if done >= total:
-            self._say()
-
-    def _say(self) -> None:
-        """Piped: the phase's one line, once (when it reaches its total, or at close if it stopped short)."""
-        if self.bar is not None and self.bar.disable and not self.quiet and not self.reported:
-            self.reported = True
-            print(f"{self.desc}: {self.done} of {self.bar.total} {self.unit}s done", file=sys.stderr, flush=True)
+        tenth = 10 * done // max(total, 1)
+        if self.bar.disable and not self.quiet and tenth > self.said:
+            self.said = tenth
+            # the pace since the first update (which came after the first unit of work): no estimate from it alone
+            left = (time.perf_counter() - self.started) * (total - done) / max(done - self.first, 1)
+            eta = ""
+            if self.first < done < total:
+                eta = f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+            print(
+                f"{self.desc}: {done} of {total} {self.unit}s{' done' if done >= total else ''}{eta}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
-            self._say()
             self.bar.close()
 
 

@@ -224,10 +224,12 @@ def _cli(*args):
 def test_progress_and_table_on_terminal_quiet_silences(tmp_path, sample_adapters):
     res = _cli("compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o1"), "--no-push")
     assert res.returncode == 0 and "support-bot" in res.stdout and "compressing" in res.stderr
-    # piped, as here: no bar redraws (carriage returns, cursor moves), one line per phase when it ends
-    assert "\r" not in res.stderr and "\x1b[" not in res.stderr
-    phases = [line.split(":")[0] for line in res.stderr.splitlines()]
-    assert phases == ["compressing", "exporting", "cards"] and all(" done" in line for line in res.stderr.splitlines())
+    # piped, as here: no bar redraws (carriage returns, cursor moves), a few lines per phase, each phase done
+    lines = res.stderr.splitlines()
+    assert "\r" not in res.stderr and "\x1b[" not in res.stderr and len(lines) <= 3 * 11, res.stderr
+    phases = list(dict.fromkeys(line.split(":")[0] for line in lines))
+    assert phases == ["compressing", "exporting", "cards"], res.stderr
+    assert all(any(line.startswith(f"{p}:") and line.endswith(" done") for line in lines) for p in phases)
     res = _cli(
         "compress", *map(str, sample_adapters), "--rank", "4", "--out", str(tmp_path / "o2"), "--quiet", "--no-push"
     )

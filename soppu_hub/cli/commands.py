@@ -38,6 +38,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             ("compressing", "module"),
             ("exporting", "adapter"),
             ("verifying", "adapter"),
+            ("scoring", "adapter"),
             ("cards", "card"),
             ("pushing", "repo"),
         )
@@ -55,6 +56,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 push_progress=shown["pushing"],
                 verify_progress=shown["verifying"],
                 export_progress=shown["exporting"],
+                score_progress=shown["scoring"],
             )
     finally:
         for b in bars.values():

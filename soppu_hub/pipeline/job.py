@@ -124,6 +124,7 @@ def run_job(
     push_progress: Progress | None = None,
     verify_progress: Progress | None = None,
     export_progress: Progress | None = None,
+    score_progress: Progress | None = None,
 ) -> JobResult:
     """Check everything that can be checked first (sources, push rights), then do the work, then push."""
     log = log or (lambda _: None)
@@ -219,7 +220,7 @@ def run_job(
             from ..evaluate.task_eval import evaluate_adapters
 
             log(f"scoring the eval examples with {base}")
-            scores = evaluate_adapters(base_folder, folders, [tmp / n for n in names], sets)
+            scores = evaluate_adapters(base_folder, folders, [tmp / n for n in names], sets, progress=score_progress)
             for entry, t in zip(report["adapters"], scores):
                 if t is not None:
                     entry["task_eval"] = t
