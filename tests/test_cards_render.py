@@ -185,3 +185,32 @@ def test_a_priced_run_names_what_was_chosen_and_the_runner_up():
     assert "| private directions of this adapter | 7 (its own, beside the shared bases" in text
     plain = render_card(_report(), JOB, ranks_png=None, sweep_png=None)
     assert "chosen by" not in plain and "private directions of this adapter" not in plain
+
+
+def test_the_error_plot_legend_names_only_this_adapters_module_types(tmp_path):
+    """A cluster mixing q/v-only adapters with all-linear ones: each card's legend lists what its adapter has."""
+    from soppu_hub.cards.plots import ClusterFigures
+
+    def mods(kinds):
+        return {f"model.layers.{i}.self_attn.{k}": {"rel_error": 0.1} for i in range(2) for k in kinds}
+
+    report = {
+        "method": "full",
+        "rank": 8,
+        "adapters": [
+            {"name": "qv", "modules": mods(["q_proj", "v_proj"])},
+            {"name": "all", "modules": mods(["q_proj", "k_proj", "v_proj", "o_proj"])},
+        ],
+    }
+    figures = ClusterFigures(report, [0, 1])
+    try:
+        figures.errors(0, tmp_path / "qv.png")
+        own = [t.get_text() for t in figures.ax.get_legend().get_texts()]
+        figures.errors(1, tmp_path / "all.png")
+        every = [t.get_text() for t in figures.ax.get_legend().get_texts()]
+    finally:
+        figures.close()
+    assert [t for t in own if t.endswith("proj")] == ["q_proj", "v_proj"]
+    assert [t for t in every if t.endswith("proj")] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert any("range over the 2 adapters" in t for t in own)
+    assert (tmp_path / "qv.png").read_bytes() != (tmp_path / "all.png").read_bytes()

@@ -107,9 +107,7 @@ class ClusterFigures:
         top = max([v for g in grid.values() for vs in g.values() for v in vs] + [0.05])
         ax.set_ylim(0, 1.15 * top)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(
-            fontsize=8, ncol=min(5, len(self.kinds) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False
-        )
+        self._legend(ax, self.kinds)  # every type, for the layout; each card draws its own adapter's
         ax.set_title(f"reconstruction error by layer (JD-{report['method']}, rank {report['rank']})")
         self.name = ax.text(
             0.01,
@@ -127,12 +125,23 @@ class ClusterFigures:
         # the range lines over them and the title (a full draw per card was most of a card's cost).
         self.ax = ax
         self._moving = [b for bars in self.bars.values() for b in bars] + self.ranges + [self.name]
-        for artist in self._moving:
+        for artist in self._moving + [ax.get_legend()]:
             artist.set_visible(False)
         self.fig.canvas.draw()
         self._background = self.fig.canvas.copy_from_bbox(self.fig.bbox)
         for artist in self._moving:
             artist.set_visible(True)
+
+    def _legend(self, ax, kinds: list[str]):
+        handles = [self.bars[k] for k in kinds] + self.ranges[:1]
+        return ax.legend(
+            handles=handles,
+            fontsize=8,
+            ncol=min(5, len(handles)),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.15),
+            frameon=False,
+        )
 
     def errors(self, index: int, path: Path) -> Path:
         """This adapter's error per layer and module type, over the cluster's range."""
@@ -149,6 +158,8 @@ class ClusterFigures:
         canvas.restore_region(self._background)
         for artist in self._moving:
             self.ax.draw_artist(artist)
+        # the legend names the module types this adapter has, not every type of its cluster
+        self.ax.draw_artist(self._legend(self.ax, [k for k in self.kinds if values[k]]))
         path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(canvas, path)
         return path
