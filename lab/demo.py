@@ -241,7 +241,7 @@ def run_demo(
         return None
     finally:
         if checks is not None:
-            stop_group(checks, grace=2.0)
+            stop_group(checks, grace=10.0)  # time to remove its half-written folder
         for child in reversed(children):
             child.stop()
 

@@ -334,3 +334,42 @@ def test_an_adapter_the_shared_bases_miss_is_named_with_the_ways_on(tmp_path, ca
         == 0
     )
     assert json.loads((loose / "report.json").read_text())["poorly_kept"] == []
+
+
+def test_kill_mid_run_leaves_no_half_written_folder(tmp_path, sample_adapters, tiny_base):
+    """`kill` (SIGTERM, what the demo's Ctrl-C sends its background checks) ends compress as Ctrl-C does: exit 130
+    and the staging folder removed, not a .out.partial-* folder of hundreds of MB left behind."""
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "soppu_hub",
+            "compress",
+            *map(str, sample_adapters),
+            "--rank",
+            "4",
+            "--out",
+            str(out),
+            "--no-push",
+            "--verify",
+            "--verify-ranks",
+            "1,2,3",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".o.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".o.partial-*")), "the run never started writing"
+    time.sleep(0.5)  # well inside the work: the verification loads the base model and generates
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert list(tmp_path.iterdir()) == [] and not out.exists()

@@ -185,6 +185,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    _terminate_as_interrupt()
     try:
         return args.func(args)
     except SoppuError as e:
@@ -199,3 +200,17 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         first = str(e).splitlines()[0] if str(e) else ""
         print(f"error: unexpected {type(e).__name__}: {first} (rerun with SOPPU_DEBUG=1 for details)", file=sys.stderr)
         return 1
+
+
+def _terminate_as_interrupt() -> None:
+    """`kill` (SIGTERM) ends a command as Ctrl-C does: its cleanup runs (a half-written output folder is removed)
+    instead of the process vanishing mid-write. Only from the main thread, where Python handles signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
