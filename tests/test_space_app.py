@@ -172,6 +172,9 @@ def test_browser_phone_width_stacks_the_panes(space, tmp_path):
             a, b = page.locator("#chat-adapter").bounding_box(), page.locator("#chat-base").bounding_box()
             assert b["y"] >= a["y"] + a["height"] - 1  # one above the other
             assert page.evaluate("document.documentElement.scrollWidth") <= 390 + 1  # nothing off-screen sideways
+            # the chat comes first at this width: the box right under the panes, the picker and card after them
+            box, picker = page.locator("#message").bounding_box(), page.locator("#adapter-picker").bounding_box()
+            assert box["y"] < picker["y"] and box["y"] < b["y"] + b["height"] + 200, (box, picker, b)
             message = page.locator("#message textarea")
             message.fill("Hello!")
             message.press("Enter")

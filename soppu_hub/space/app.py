@@ -53,6 +53,9 @@ EXAMPLES = [
 COMPARE_CHOICES = {"nothing": COMPARE_NONE, "original": COMPARE_ORIGINAL, "base": COMPARE_BASE}
 AUTHOR = os.environ.get("SOPPU_AUTHOR") or None
 COLLECTION = os.environ.get("SOPPU_COLLECTION") or None
+# At phone width the row stacks its columns: the chat first (panes, box, buttons), the picker and card after it, so
+# the box is near the replies instead of two screens down.
+CSS = """@media (max-width: 760px) { #chat-column { order: -1; } }"""
 INTRO = """# Chat with a compressed LoRA adapter
 Adapters compressed with soppu-hub (joint diagonalization: one shared
 basis, a small core per adapter), served by a LoRAX backend. Pick one from the list or type its exact repo id."""
@@ -167,7 +170,7 @@ def build_app(
     with gr.Blocks(title="soppu-hub: chat with a compressed LoRA") as demo:
         gr.Markdown(INTRO)
         with gr.Row():
-            with gr.Column(scale=1, min_width=320):
+            with gr.Column(scale=1, min_width=320, elem_id="side"):
                 choices = adapters()
                 first = first_adapter or (choices[0] if choices else None)
                 choices = choices + [first] if first and first not in choices else choices
@@ -205,7 +208,7 @@ def build_app(
                     elem_id="compare",
                 )
                 original = gr.State(None)
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, elem_id="chat-column"):
                 with gr.Row():  # min_width: on a phone the panes stack instead of shrinking to slivers
                     # replies as plain text: an answer is literal ("17. Mai 2031" is a date, not a numbered list)
                     chatbot = gr.Chatbot(
@@ -294,7 +297,7 @@ def main() -> None:
         options = app_options(os.environ)
     except SoppuError as e:
         raise SystemExit(f"error: {e}") from None
-    build_app(client, **options).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft())
+    build_app(client, **options).queue(default_concurrency_limit=16).launch(theme=gr.themes.Soft(), css=CSS)
 
 
 if __name__ == "__main__":
