@@ -113,3 +113,28 @@ def test_a_typed_id_must_be_a_lora_repo(hub):
     ):
         with pytest.raises(SoppuError, match=words):
             check_adapter_repo(bad)
+
+
+class _Sized(_Echo):
+    """A backend that says how long a prompt is: one token per word of the conversation, at most 50."""
+
+    def prompt_size(self, messages, system_prompt=None):
+        return sum(len(m["content"].split()) for m in messages), 50
+
+
+def test_a_message_too_long_is_refused_and_a_long_one_confirmed_before_it_goes():
+    from soppu_hub.space import logic
+    from soppu_hub.space.logic import length_check
+
+    client = _Sized()
+    ok, note = length_check(client, "word " * 60, [])
+    assert not ok and "60 tokens" in note and "at most 50" in note and "\n" not in note
+    old, logic.LONG_PROMPT = logic.LONG_PROMPT, 20
+    try:
+        ok, note = length_check(client, "word " * 30, [])
+        assert not ok and "Send it again" in note
+        assert length_check(client, "word " * 30, [], confirmed=True) == (True, "")
+        assert length_check(client, "hi", [{"role": "user", "content": "word " * 10}]) == (True, "")
+    finally:
+        logic.LONG_PROMPT = old
+    assert length_check(_Echo(), "word " * 10_000, []) == (True, "")  # a backend that cannot say: the request will

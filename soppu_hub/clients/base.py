@@ -39,6 +39,11 @@ class ChatClient(ABC):
     def check(self) -> str:
         """The base model's id; fails early, before the first prompt, when the backend is not there."""
 
+    def prompt_size(self, messages: list[dict], system_prompt: str | None = None) -> tuple[int, int] | None:
+        """(tokens of the prompt these messages make, the most the backend takes), when the backend can say:
+        a message too long is refused before it is sent. None: it cannot (the request says so itself)."""
+        return None
+
     @abstractmethod
     def stream(
         self,

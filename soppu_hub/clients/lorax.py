@@ -142,6 +142,18 @@ class LoraxChatClient(ChatClient):
             messages=with_system_prompt(messages, system_prompt), add_generation_prompt=True, **self._specials
         )
 
+    def prompt_size(self, messages: list[dict], system_prompt: str | None = None) -> tuple[int, int] | None:
+        """LoRAX's /tokenize of the rendered prompt against /info's max_input_length."""
+        try:
+            limit = int(self.info()["max_input_length"])
+            body = json.dumps({"inputs": self.render(messages, system_prompt)}).encode()
+            headers = {**self._headers, "Content-Type": "application/json"}
+            req = urllib.request.Request(f"{self.url}/tokenize", data=body, headers=headers)
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return len(json.loads(r.read())), limit
+        except (ChatError, OSError, ValueError, KeyError, TypeError):
+            return None  # a backend without /tokenize: the request itself says when a prompt is too long
+
     # --- generation ------------------------------------------------------------------------------
     def stream(
         self,

@@ -24,6 +24,7 @@ from .logic import (
     backend_from_env,
     card_summary,
     check_adapter_repo,
+    length_check,
     list_collection_members,
     list_soppu_adapters,
     stream_both,
@@ -124,9 +125,13 @@ def build_app(
             return current, gr.update(), f"⚠️ {e}"
         return repo_id, gr.update(choices=listed(repo_id), value=repo_id), ""
 
-    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original):
+    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original, warned):
         if not (message or "").strip():
-            yield "", history, base_history
+            yield "", history, base_history, "", None
+            return
+        ok, note = length_check(client, message, history, system, confirmed=message == warned)
+        if not ok:  # the message stays in the box; a long one goes out when sent again
+            yield gr.skip(), history, base_history, note, message
             return
         other = compared_id(compare, original)
         compare = other is not False
@@ -139,12 +144,13 @@ def build_app(
         )
         # the box is cleared and locked while the reply streams, so no message is typed into a busy chat; Stop
         # unlocks it
-        yield gr.update(value="", interactive=False), history, base_history
+        yield gr.update(value="", interactive=False), history, base_history, "", None
         runs = [(past, adapter_id)] + ([(base_past, other)] if compare else [])
         for i, text in stream_both(client, message, runs, **kw):  # both panes at once
             (history if i == 0 else base_history)[-1] = {"role": "assistant", "content": text}
-            yield gr.skip(), history, base_history
-        yield gr.update(value="", interactive=True), history, base_history  # value too: fast yields may be coalesced
+            yield gr.skip(), history, base_history, gr.skip(), gr.skip()
+        # value too: fast yields may be coalesced
+        yield gr.update(value="", interactive=True), history, base_history, gr.skip(), gr.skip()
 
     def chat(
         message: str,
@@ -223,6 +229,8 @@ def build_app(
                         render_markdown=False,
                     )
                 message = gr.Textbox(label="Message", placeholder="Type a message and press Enter", elem_id="message")
+                message_note = gr.Markdown(elem_id="message-note")  # a message too long, or long: before sending
+                warned = gr.State(None)  # the long message the note asked to confirm
                 with gr.Row():  # right under the box: on view without scrolling, whatever the examples
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -246,14 +254,11 @@ def build_app(
         )
         refresh_btn.click(refresh, active, picker, api_visibility="private")
         compare.change(panes, [active, compare, original], [chatbot, base_chat], api_visibility="private")
-        inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original]
+        inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original, warned]
+        outputs = [message, chatbot, base_chat, message_note, warned]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
-        sent = message.submit(
-            respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last"
-        )
-        clicked = send.click(
-            respond, inputs, [message, chatbot, base_chat], api_visibility="private", trigger_mode="always_last"
-        )
+        sent = message.submit(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
+        clicked = send.click(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
         # Stop: the streams end where they are (the reply so far stays) and the box takes a message again
         stop.click(
             lambda: gr.update(interactive=True), None, message, cancels=[sent, clicked], api_visibility="private"

@@ -123,6 +123,31 @@ def check_adapter_repo(repo_id: str | None, *, token: str | None = None) -> str:
     return repo_id
 
 
+LONG_PROMPT = 1000  # tokens: on a CPU backend the first words of a reply then take tens of seconds, or minutes
+
+
+def length_check(
+    client: ChatClient, message: str, history: list | None, system_prompt: str | None = None, *, confirmed: bool = False
+) -> tuple[bool, str]:
+    """(send it?, a line for the person) before a message goes out: one too long for the backend is refused, naming
+    its limit; a long one is sent only once confirmed (sent again), so a minute of silence is not a surprise."""
+    size = client.prompt_size(history_to_messages(history) + [{"role": "user", "content": message}], system_prompt)
+    if size is None:
+        return True, ""
+    tokens, limit = size
+    if tokens > limit:
+        return False, (
+            f"⚠️ this message makes a prompt of {tokens:,} tokens with the conversation; the backend takes at most "
+            f"{limit:,}: shorten it or clear the chat"
+        )
+    if tokens > LONG_PROMPT and not confirmed:
+        return False, (
+            f"⏳ a long message ({tokens:,} tokens with the conversation): on a CPU backend the reply may take a "
+            "minute or more to start. Send it again to send it anyway."
+        )
+    return True, ""
+
+
 def stream_both(
     client: ChatClient, message: str, runs: list[tuple[list | None, str | None]], **kw
 ) -> Iterator[tuple[int, str]]:
