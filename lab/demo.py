@@ -125,8 +125,9 @@ def demo_collection(ids: list[str], demo_set: DemoSet) -> str:
     return f"{ids[0].split('/')[0]}/{demo_set.name}-collection"
 
 
-def _card_pages(ids: list[str], folder: Path, workdir: Path) -> list[Path]:
-    """Each compressed repo's card as the Hub page shows it, written beside the demo's files."""
+def _card_pages(ids: list[str], folder: Path, workdir: Path, hub_url: str) -> list[Path]:
+    """Each compressed repo's card as the Hub page shows it, written beside the demo's files: its files by relative
+    path, its links to other repos on the demo's Hub (opened from disk, "/alice/x" would be the disk's root)."""
     from soppu_hub.hubserver.page import render_card_page
 
     pages = []
@@ -136,7 +137,11 @@ def _card_pages(ids: list[str], folder: Path, workdir: Path) -> list[Path]:
         page = workdir / f"{name}-card.html"
         page.write_text(
             render_card_page(
-                f"{repo_id}-soppu", (folder / name / "README.md").read_text(), files, f"{folder.name}/{name}/"
+                f"{repo_id}-soppu",
+                (folder / name / "README.md").read_text(),
+                files,
+                f"{folder.name}/{name}/",
+                site=hub_url,
             )
         )
         pages.append(page)
@@ -188,7 +193,7 @@ def run_demo(
         subprocess.run(cmd, env=env, check=True)
         backend.wait_ready()
         log(f"embedded LoRAX-compatible backend at {backend.url}")
-        pages = _card_pages(seeded.adapters, workdir / "compressed", workdir)
+        pages = _card_pages(seeded.adapters, workdir / "compressed", workdir, hub.url)
         first = f"{seeded.adapters[0]}-soppu"
         log(f"card of {first}: {pages[0]} (and {hub.url}/{first}); {len(pages) - 1} more card pages beside it")
         (workdir / "examples.txt").write_text("".join(e + "\n" for e in demo_set.examples))

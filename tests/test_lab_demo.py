@@ -51,6 +51,9 @@ def test_demo_runs_the_whole_chain(tmp_path):
     page = run.pages[0]
     html = page.read_text()
     assert "alice/support-bot-soppu" in html and "<table>" in html
+    links = re.findall(r'<a [^>]*href="([^"]+)"', html)
+    assert not [h for h in links if h.startswith("/")], links  # a repo link opened from disk leads to the demo's Hub
+    assert any(h.startswith(f"{run.hub_url}/") for h in links), links
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
     assert len(images) == 3  # errors by layer, parameters, agreement against rank
     for src in images:

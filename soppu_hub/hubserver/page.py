@@ -6,9 +6,12 @@ import html
 import re
 
 _IMG = re.compile(r'(<img [^>]*src=")(?!https?://|/)([^"]+)(")')
+_SITE_LINK = re.compile(r'(<a [^>]*href=")/(?!/)')
 
 
-def render_card_page(repo_id: str, readme: str, files: list[str], file_base: str) -> str:
+def render_card_page(repo_id: str, readme: str, files: list[str], file_base: str, *, site: str = "") -> str:
+    """`site`: the Hub's address, for a page read from disk (the card's links to other repos, "/owner/name",
+    then lead there rather than to the file system's root)."""
     from markdown_it import MarkdownIt
 
     body = readme
@@ -17,6 +20,8 @@ def render_card_page(repo_id: str, readme: str, files: list[str], file_base: str
         _, meta, body = readme.split("---", 2)
     rendered = MarkdownIt("commonmark").enable("table").render(body)
     rendered = _IMG.sub(lambda m: f"{m[1]}{file_base}{m[2]}{m[3]}", rendered)
+    if site:
+        rendered = _SITE_LINK.sub(lambda m: f"{m[1]}{site.rstrip('/')}/", rendered)
     listing = "".join(f'<li><a href="{file_base}{html.escape(f)}">{html.escape(f)}</a></li>' for f in files)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(repo_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45}}
