@@ -85,6 +85,12 @@ class DemoRun:
     checks: subprocess.Popen | None = None  # the background verify-and-score run (real model), if any
 
 
+CHECKS_RUNNING = (
+    "Checks running: agreement with the original and held-out task scores are being measured in the background; "
+    "this card is replaced with them when they end."
+)
+
+
 def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *, checks: bool) -> list[str]:
     """`soppu-hub compress` of the seeded repos; with checks, --verify (and the set's probes and held-out
     examples), which rewrites the cards and pushes them again (the weights are the same: JD is deterministic)."""
@@ -186,6 +192,8 @@ def run_demo(
         log(f"seeded {seeded.base_model} and {len(seeded.adapters)} adapters ({', '.join(seeded.adapters)})")
         env = demo_env(hub.url, DEMO_USERS["alice"])
         cmd = _compress_cmd(seeded.adapters, demo_set, workdir, "compressed", checks=not demo_set.checks_later)
+        if demo_set.checks_later:  # until the checked cards replace these
+            cmd += ["--card-note", CHECKS_RUNNING]
         log("$ soppu-hub compress " + " ".join(cmd[4:]))
         # the backend loads the base model from the Hub meanwhile: it needs no compressed adapter to start
         backend = start_backend(seeded.base_model, env=env, wait=False)

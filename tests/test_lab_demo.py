@@ -187,6 +187,8 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
     run_demo(tmp_path / "demo", demo_set=demo_set, log=logs.append, serve=False, on_ready=after_checks)
     first = (tmp_path / "demo" / "compressed" / "shouty" / "README.md").read_text()
     assert "next-token agreement" not in first  # the Space came first: the fast pass has no checks
+    assert "> Checks running:" in first  # and says they are coming
+    assert "Checks running" not in cards["hub"]  # the checked card replaced it
     assert "in the background" in next(line for line in logs if line.startswith("checking every compressed"))
     command = next(line for line in logs if line.startswith("$ soppu-hub compress"))
     assert f"--rank {REAL_RANK} " in command and f"--target-error {REAL_TARGET_ERROR}" in command  # the bench's choice

@@ -29,6 +29,7 @@ class CardSpec:
     weighting: str
     local_path: str | None  # absolute folder of a --no-push run, whose snippets load it
     license: dict  # the source card's license fields; {} when it states none
+    note: str | None = None  # --card-note: a line at the top of the card
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,6 +158,7 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
     v = own.get("verify")
     store_width = report["store_bytes"] / report["params_after"]
     return _template().render(
+        note=" ".join((job.note or "").split()) or None,
         verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement"))
         if v
         else None,

@@ -43,7 +43,7 @@ def _compress(p: argparse.ArgumentParser) -> None:
         p, JobSpec, ["overwrite", "push_to", "namespace", "private", "revision", "token", "verify", "base_model"]
     )
     p.add_argument("--verify-ranks", metavar="R1,R2,..", help=field_help(JobSpec, "verify_ranks"))
-    add_fields(p, JobSpec, ["eval_file", "probe_file"])
+    add_fields(p, JobSpec, ["eval_file", "probe_file", "card_note"])
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     add_fields(p, JobSpec, ["workers", "collection", "refit", "own_bases"])
     add_fields(p, CompressConfig)

@@ -259,6 +259,7 @@ def _write_cards(
             spec.config.weighting,
             None if spec.push else str(Path(spec.out).resolve() / name),
             source_license(src),
+            spec.card_note,
         )
         for i, (name, target, adapter, src) in enumerate(zip(names, targets, adapters, sources))
     ]

@@ -60,6 +60,13 @@ class JobSpec:
             "shows both adapters' replies to the first 4 examples)"
         },
     )
+    card_note: str | None = field(
+        default=None,
+        metadata={
+            "help": "a line shown at the top of every card, e.g. that checks are still running and the card will be "
+            "replaced (one line of plain text)"
+        },
+    )
     probe_file: str | None = field(
         default=None,
         metadata={
