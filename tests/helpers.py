@@ -131,3 +131,12 @@ def peft_clean(config: dict, **overrides) -> dict:
 
     known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_version", "runtime_config"}
     return _with_peft({**{k: v for k, v in config.items() if k in known}, **overrides})
+
+
+def compress_local(sources: list, out, *extra) -> int:
+    """`soppu-hub compress SOURCES --out OUT` kept local, quiet, on the CPU, plus `extra` flags: its exit code."""
+    from soppu_hub.cli import main
+
+    return main(
+        ["compress", *map(str, sources), "--out", str(out), "--no-push", "--quiet", "--device", "cpu", *map(str, extra)]
+    )

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import peft_loader
+from helpers import compress_local, peft_loader
 from safetensors.torch import load_file
 
 from lab.samples import family_factors, llama_module_shapes, write_adapter
@@ -33,23 +33,8 @@ def built(tmp_path_factory):
         write_adapter(root / "in" / f"x{i}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(strange)
     ]
     assert (
-        main(
-            [
-                "compress",
-                *map(str, folders[:12]),
-                "--out",
-                str(root / "out"),
-                "--no-push",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--rank",
-                "8",
-                "--clusters",
-                "2",
-                "--collection",
-                COLL,
-            ]
+        compress_local(
+            [*map(str, folders[:12])], str(root / "out"), "--rank", "8", "--clusters", "2", "--collection", COLL
         )
         == 0
     )
@@ -344,22 +329,7 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
         write_adapter(tmp_path / "in" / f"m{i}", f, base_model=str(base), rank=4, alpha=8) for i, f in enumerate(facs)
     ]
     assert (
-        main(
-            [
-                "compress",
-                *map(str, folders[:3]),
-                "--out",
-                str(tmp_path / "out"),
-                "--no-push",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--rank",
-                "8",
-                "--collection",
-                "alice/share",
-            ]
-        )
+        compress_local([*map(str, folders[:3])], str(tmp_path / "out"), "--rank", "8", "--collection", "alice/share")
         == 0
     )
     for i in (3, 4, 5):
@@ -457,22 +427,7 @@ def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_r
         for i, f in enumerate(facs + alien)
     ]
     assert (
-        main(
-            [
-                "compress",
-                *map(str, folders[:4]),
-                "--out",
-                str(tmp_path / "rout"),
-                "--no-push",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--rank",
-                "8",
-                "--collection",
-                "alice/res",
-            ]
-        )
+        compress_local([*map(str, folders[:4])], str(tmp_path / "rout"), "--rank", "8", "--collection", "alice/res")
         == 0
     )
     assert (

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import compress_local
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -92,24 +93,7 @@ def family(tmp_path_factory):
 
 
 def _compress(srcs, out, *args):
-    assert (
-        main(
-            [
-                "compress",
-                *map(str, srcs),
-                "--out",
-                str(out),
-                "--no-push",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--rank",
-                "8",
-                *args,
-            ]
-        )
-        == 0
-    )
+    assert compress_local([*map(str, srcs)], str(out), "--rank", "8", *args) == 0
     return json.loads((out / "report.json").read_text())
 
 

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from helpers import compress_local
 from lorax import AsyncClient, Client
 from lorax.errors import GenerationError
 from safetensors.torch import load_file
@@ -31,23 +32,8 @@ def collection(tmp_path_factory, tiny_base):
         write_adapter(root / "in" / f"m{i}", f, base_model=str(tiny_base), rank=4, alpha=32) for i, f in enumerate(facs)
     ]
     assert (
-        main(
-            [
-                "compress",
-                *map(str, folders),
-                "--out",
-                str(root / "out"),
-                "--no-push",
-                "--quiet",
-                "--device",
-                "cpu",
-                "--rank",
-                "8",
-                "--clusters",
-                "2",
-                "--collection",
-                "acme/resident",
-            ]
+        compress_local(
+            [*map(str, folders)], str(root / "out"), "--rank", "8", "--clusters", "2", "--collection", "acme/resident"
         )
         == 0
     )

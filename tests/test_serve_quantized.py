@@ -7,10 +7,10 @@ import urllib.request
 
 import pytest
 import torch
+from helpers import compress_local
 from lorax import Client
 
 from lab.samples import family_factors, llama_module_shapes, write_adapter
-from soppu_hub.cli import main
 from soppu_hub.launch import start_backend
 
 PROMPT = "Hello! How are you today?"
@@ -29,27 +29,19 @@ def quantized(tmp_path_factory, tiny_base):
     ]
     for kind in ("nf4", "bf16"):
         assert (
-            main(
-                [
-                    "compress",
-                    *map(str, folders),
-                    "--out",
-                    str(root / kind),
-                    "--no-push",
-                    "--quiet",
-                    "--device",
-                    "cpu",
-                    "--rank",
-                    "8",
-                    "--clusters",
-                    "2",
-                    "--target-error",
-                    "0.05",
-                    "--collection",
-                    "acme/q",
-                    "--store-dtype",
-                    kind,
-                ]
+            compress_local(
+                [*map(str, folders)],
+                str(root / kind),
+                "--rank",
+                "8",
+                "--clusters",
+                "2",
+                "--target-error",
+                "0.05",
+                "--collection",
+                "acme/q",
+                "--store-dtype",
+                kind,
             )
             == 0
         )
