@@ -207,6 +207,14 @@ def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, backend
             for button in ("#send", "#stop"):
                 box = page.locator(button).bounding_box()
                 assert box and box["y"] + box["height"] <= 900, (button, box)
+            # the error plot at the chat column's width, not squeezed into the side column
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && "
+                "i.naturalWidth > 0 }",
+                timeout=30_000,
+            )
+            plot, side = page.locator("#error-plot img").bounding_box(), page.locator("#side").bounding_box()
+            assert plot["width"] > side["width"] + 150, (plot, side)
             message = page.locator("#message textarea")
             message.fill("Tell me a long story about the sea, please.")
             message.press("Enter")

@@ -194,13 +194,6 @@ def build_app(
                 active = gr.State(first)
                 refresh_btn = gr.Button("Refresh list", size="sm")
                 summary = gr.Markdown(elem_id="card-summary")
-                plot = gr.Image(
-                    label="Relative error by layer",
-                    show_label=False,
-                    type="filepath",
-                    interactive=False,
-                    elem_id="error-plot",
-                )  # the badge would cover the figure's own title
                 with gr.Accordion("Generation settings", open=False):  # closed: on a phone the chat comes sooner
                     system = gr.Textbox(label="System prompt", lines=2)
                     temperature = gr.Slider(
@@ -242,6 +235,15 @@ def build_app(
                     elem_id="examples",
                     examples_per_page=max(1, len(examples)),
                 )  # one task each: all on view
+                # the adapter's error plot at the chat column's width: in the side column a real model's figure
+                # (30 layers x 7 module types) shrank to 400 px and could not be read without expanding it
+                plot = gr.Image(
+                    label="Relative error by layer",
+                    show_label=False,
+                    type="filepath",
+                    interactive=False,
+                    elem_id="error-plot",
+                )  # the badge would cover the figure's own title
 
         # a new adapter or a new comparison starts a new conversation: both panes cleared, in step, labelled
         picker.change(lambda v: (v, v), picker, [active, typed], api_visibility="private")
