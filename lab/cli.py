@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser(), argv)
 
 
+def _log(msg: str) -> None:
+    """A bench's or a build's progress line, on stderr at once (its result goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _count(args: argparse.Namespace, default: int) -> int:
     try:
         return int(args.adapters) if args.adapters else default
@@ -188,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 svd_ranks=svd_ranks,
                 as_json=args.json,
                 plot=args.plot,
-                log=lambda m: print(m, file=sys.stderr, flush=True),
+                log=_log,
             )
         )
         return 0
@@ -203,18 +208,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 clusters=args.clusters,
                 as_json=args.json,
                 store=args.store_dtype,
-                log=lambda m: print(m, file=sys.stderr, flush=True),
+                log=_log,
             )
         )
         return 0
     if args.what == "peers":
         from lab.bench.peers import run_peers_bench
 
-        print(
-            run_peers_bench(
-                _count(args, 32), as_json=args.json, plot=args.plot, log=lambda m: print(m, file=sys.stderr, flush=True)
-            )
-        )
+        print(run_peers_bench(_count(args, 32), as_json=args.json, plot=args.plot, log=_log))
         return 0
     if args.what == "scale":
         from lab.bench.scale import ADAPTERS, run_scale_bench
@@ -251,7 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 real=args.model == "real",
                 repeats=max(1, args.repeats),
                 store=args.store_dtype,
-                log=lambda m: print(m, file=sys.stderr, flush=True),
+                log=_log,
             )
         )
         return 0
@@ -300,7 +301,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
     bar = ProgressBar("training", "step")
     try:
-        c = build_collection(args.out, config, progress=bar, log=lambda m: print(m, file=sys.stderr))
+        c = build_collection(args.out, config, progress=bar, log=_log)
     finally:
         bar.close()
     print(f"sample collection: {c.folder} ({len(c.adapters)} adapters; check it with python -m lab samples check)")
@@ -313,8 +314,6 @@ def cmd_collection(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(format_collection(read_manifest(Path(args.out or COLLECTION))))
         return 0
-    manifest = build_collection(
-        args.out or COLLECTION, args.base, only=args.only or None, log=lambda m: print(m, file=sys.stderr, flush=True)
-    )
+    manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None, log=_log)
     print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
     return 0

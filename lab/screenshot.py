@@ -31,6 +31,24 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
 
 
+def open_space(browser, url: str, viewport: dict, *, timeout_ms: int = 60_000, **context):
+    """A page on the Space at this size, once its first card is shown (typing earlier is undone by the page's load)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport=viewport, **context)
+    page.goto(url)
+    expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=timeout_ms)
+    return page
+
+
+def wait_for_plot(page, timeout_ms: int = 30_000) -> None:
+    """Until the card's error plot has loaded (an image with pixels, not the placeholder)."""
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && i.naturalWidth > 0 }",
+        timeout=timeout_ms,
+    )
+
+
 def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeout_ms: int = 120_000) -> dict[str, str]:
     """Type `adapter`'s id, compare with its original, click the example prompt, send it; screenshot to `shot`.
     Returns the last reply in each pane ({"adapter": ..., "base": ...})."""
@@ -40,11 +58,9 @@ def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeo
     with sync_playwright() as p:
         browser = launch_browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 900})
-            page.goto(url)
             # the page's own first card (the list's first adapter) before typing: typed earlier, the box is reset
             # to the list's value when the page finishes loading, and the screenshot names the wrong adapter
-            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=60_000)
+            page = open_space(browser, url, {"width": 1300, "height": 900})
             typed = page.locator("#adapter-id textarea, #adapter-id input").first
             typed.fill(adapter)
             typed.press("Enter")

@@ -140,3 +140,22 @@ def compress_local(sources: list, out, *extra) -> int:
     return main(
         ["compress", *map(str, sources), "--out", str(out), "--no-push", "--quiet", "--device", "cpu", *map(str, extra)]
     )
+
+
+def join_local(source, collection, out, *extra) -> int:
+    """`soppu-hub join SOURCE --collection COLLECTION --no-push --out OUT --quiet` plus `extra`: its exit code."""
+    from soppu_hub.cli import main
+
+    return main(
+        [
+            "join",
+            str(source),
+            "--collection",
+            str(collection),
+            "--no-push",
+            "--out",
+            str(out),
+            "--quiet",
+            *map(str, extra),
+        ]
+    )

@@ -13,6 +13,12 @@ SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
 COLL = "acme/hub-coll"  # an org alice writes to: the Space tests list alice's own soppu repos
 
 
+def _publish(folders: list) -> int:
+    """alice publishes these adapters as the collection COLL (members in acme), as the CLI does."""
+    flags = ["--rank", "8", "--clusters", "2", "--collection", COLL, "--token", USERS["alice"], "--namespace", "acme"]
+    return main(["compress", *map(str, folders), *flags, "--quiet", "--device", "cpu"])
+
+
 @pytest.fixture(scope="module")
 def published(hub_server, tmp_path_factory):
     """10 adapters of 2 families compressed by alice as the collection acme/hub-coll (pushed), 4 kept to join."""
@@ -21,28 +27,7 @@ def published(hub_server, tmp_path_factory):
     folders = [
         write_adapter(root / "in" / f"c{i:02d}", f, base_model="tiny", rank=4, alpha=8) for i, f in enumerate(facs)
     ]
-    assert (
-        main(
-            [
-                "compress",
-                *map(str, folders[:10]),
-                "--rank",
-                "8",
-                "--clusters",
-                "2",
-                "--collection",
-                COLL,
-                "--token",
-                USERS["alice"],
-                "--namespace",
-                "acme",
-                "--quiet",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert _publish(folders[:10]) == 0
     return folders, fam
 
 
@@ -85,28 +70,7 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
 def test_the_same_compress_again_pushes_nothing(published):
     folders, _ = published
     head, members = _head(), _members()
-    assert (
-        main(
-            [
-                "compress",
-                *map(str, folders[:10]),
-                "--rank",
-                "8",
-                "--clusters",
-                "2",
-                "--collection",
-                COLL,
-                "--token",
-                USERS["alice"],
-                "--namespace",
-                "acme",
-                "--quiet",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert _publish(folders[:10]) == 0
     assert _head() == head and _members() == members
 
 

@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from helpers import compress_local, peft_loader
+from helpers import compress_local, join_local, peft_loader
 from safetensors.torch import load_file
 
 from lab.samples import family_factors, llama_module_shapes, write_adapter
-from soppu_hub.cli import main
 from soppu_hub.peft_format.layout import lorax_rank
 
 SHAPES = llama_module_shapes(hidden=64, layers=2, targets=("q_proj", "v_proj"))
@@ -99,21 +98,7 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
     report = json.loads((out / "report.json").read_text())
     cluster_of_family = {fam[i]: a["cluster"] for i, a in enumerate(report["adapters"])}
     for i in (12, 13):
-        assert (
-            main(
-                [
-                    "join",
-                    str(folders[i]),
-                    "--collection",
-                    str(out / "collection"),
-                    "--no-push",
-                    "--out",
-                    str(tmp_path / f"j{i}"),
-                    "--quiet",
-                ]
-            )
-            == 0
-        )
+        assert join_local(folders[i], out / "collection", tmp_path / f"j{i}") == 0
         got = json.loads((tmp_path / f"j{i}" / "report.json").read_text())
         assert got["cluster"] == cluster_of_family[fam[i]] and got["how"] == "join"
         assert got["mean_rel_error"] < 0.1 and got["mean_rel_error"] <= got["bar"]
@@ -132,22 +117,7 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
         assert got["export"]["lorax_sizes"] is None and "| LoRAX tensor parallel | the base model's head counts" in card
         assert f"this export is exact at {', '.join(map(str, got['lorax_exact_tp']))} (padded for 2)" in card
         nopad = tmp_path / f"j{i}-nopad"
-        assert (
-            main(
-                [
-                    "join",
-                    str(folders[i]),
-                    "--collection",
-                    str(out / "collection"),
-                    "--no-push",
-                    "--out",
-                    str(nopad),
-                    "--quiet",
-                    "--no-pad",
-                ]
-            )
-            == 0
-        )
+        assert join_local(folders[i], out / "collection", nopad, "--no-pad") == 0
         bare = json.loads((nopad / "report.json").read_text())
         assert bare["export"]["pad"] == "none" and bare["padding_params"] == 0
         assert bare["lorax_exact_tp"] == [
@@ -168,21 +138,7 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
 def test_an_unseen_task_is_refused_in_one_line_and_nothing_changes(built, tmp_path, capsys):
     out, _, _, others = fresh(built, tmp_path)
     before = (out / "collection" / "members.json").read_bytes()
-    assert (
-        main(
-            [
-                "join",
-                str(others[0]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "x"),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert join_local(others[0], out / "collection", tmp_path / "x") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no cluster of" in err and "--new-cluster" in err and "--refit" in err
     assert not (tmp_path / "x").exists() and (out / "collection" / "members.json").read_bytes() == before
@@ -206,41 +162,14 @@ def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
     from soppu_hub.collection.format import read_collection, read_members
 
     out, _, _, others = fresh(built, tmp_path)
-    assert (
-        main(
-            [
-                "join",
-                str(others[0]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "x0"),
-                "--new-cluster",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert join_local(others[0], out / "collection", tmp_path / "x0", "--new-cluster") == 0
     info = read_collection(out / "collection")
     assert len(info.clusters) == 3 and (out / "collection" / "clusters" / "cluster-2.safetensors").is_file()
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 3
     got = json.loads((tmp_path / "x0" / "report.json").read_text())
     assert got["cluster"] == 2 and got["how"] == "new-cluster" and got["mean_rel_error"] < 1e-5  # rank 4 <= 8: exact
     assert (
-        main(
-            [
-                "join",
-                str(others[1]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "x1"),
-                "--quiet",
-            ]
-        )
-        == 0
+        join_local(others[1], out / "collection", tmp_path / "x1") == 0
     )  # the next of that task finds the new cluster
     assert json.loads((tmp_path / "x1" / "report.json").read_text())["cluster"] == 2
     assert [m.cluster for m in read_members(out / "collection", 3)[-2:]] == [2, 2]
@@ -292,21 +221,7 @@ def test_damaged_or_mismatched_collections_are_refused_in_one_line(built, tmp_pa
     out, folders, _, _ = fresh(built, tmp_path)
     damage(out / "collection")
     before = {p.name: p.read_bytes() for p in (out / "collection").iterdir() if p.is_file()}
-    assert (
-        main(
-            [
-                "join",
-                str(folders[12]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "j"),
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    assert join_local(folders[12], out / "collection", tmp_path / "j") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
     assert not (tmp_path / "j").exists()
@@ -334,20 +249,7 @@ def test_joined_and_compressed_members_share_one_resident_basis(tmp_path):
     )
     for i in (3, 4, 5):
         assert (
-            main(
-                [
-                    "join",
-                    str(folders[i]),
-                    "--collection",
-                    str(tmp_path / "out" / "collection"),
-                    "--no-push",
-                    "--out",
-                    str(tmp_path / "joined" / f"m{i}"),
-                    "--quiet",
-                    "--max-error",
-                    "0.5",
-                ]
-            )
+            join_local(folders[i], tmp_path / "out" / "collection", tmp_path / "joined" / f"m{i}", "--max-error", "0.5")
             == 0
         )
     members = [tmp_path / "out" / f"m{i}" for i in range(3)] + [tmp_path / "joined" / f"m{i}" for i in (3, 4, 5)]
@@ -381,23 +283,7 @@ def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_r
     from soppu_hub.peft_format.read import read_adapter
 
     out, _, _, others = fresh(built, tmp_path)
-    assert (
-        main(
-            [
-                "join",
-                str(others[0]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(out / "x0"),
-                "--quiet",
-                "--private-error",
-                "0.05",
-            ]
-        )
-        == 0
-    )
+    assert join_local(others[0], out / "collection", out / "x0", "--private-error", "0.05") == 0
     got = json.loads((out / "x0" / "report.json").read_text())
     assert got["how"] == "join" and got["max_rel_error"] <= 0.05 + 5e-3  # refused without --private-error (above)
     header = json.loads((out / "x0" / BUNDLE_DIR / BUNDLE_HEADER).read_text())
@@ -431,20 +317,7 @@ def test_an_adapter_the_bases_miss_joins_with_private_directions_and_is_served_r
         == 0
     )
     assert (
-        main(
-            [
-                "join",
-                str(folders[4]),
-                "--collection",
-                str(tmp_path / "rout" / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "rout" / "m4"),
-                "--quiet",
-                "--private-error",
-                "0.05",
-            ]
-        )
+        join_local(folders[4], tmp_path / "rout" / "collection", tmp_path / "rout" / "m4", "--private-error", "0.05")
         == 0
     )
     res = load_resident(tmp_path / "rout" / "collection")

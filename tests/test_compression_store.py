@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import compress_local
+from helpers import compress_local, join_local
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -139,21 +139,7 @@ def test_a_quantized_collection_keeps_bases_and_cores_as_codes_and_joiners_follo
     assert bases.keys() == {"q.codes", "q.scales", "q.maxima"}
     member = load_bundle(out / "a0" / "soppu", bases=member_bases(out / "a0"))
     assert json.loads((out / "a0" / "soppu" / "bundle.json").read_text())["version"] == 5
-    assert (
-        main(
-            [
-                "join",
-                str(srcs[4]),
-                "--collection",
-                str(out / "collection"),
-                "--no-push",
-                "--out",
-                str(tmp_path / "j"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert join_local(srcs[4], out / "collection", tmp_path / "j") == 0
     joined = load_file(str(tmp_path / "j" / "soppu" / "bundle.safetensors"))
     assert joined.keys() == {"q.codes", "q.scales", "q.maxima"}
     assert member.modules  # loads with its collection's bases

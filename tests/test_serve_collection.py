@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import compress_local
+from helpers import compress_local, join_local
 from lorax import AsyncClient, Client
 from lorax.errors import GenerationError
 from safetensors.torch import load_file
@@ -235,21 +235,7 @@ def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_i
             greedy(client, "m8", source="hub")  # not a member yet, not on any Hub
         facs, _ = family_factors(llama_module_shapes(), 1, 4, families=2, noise=0.02, seed=3, offset=8)
         write_adapter(tmp_path / "in" / "m8", facs[0], base_model=str(tiny_base), rank=4, alpha=32)
-        assert (
-            main(
-                [
-                    "join",
-                    str(tmp_path / "in" / "m8"),
-                    "--collection",
-                    str(coll),
-                    "--no-push",
-                    "--out",
-                    str(tmp_path / "out" / "m8"),
-                    "--quiet",
-                ]
-            )
-            == 0
-        )
+        assert join_local(tmp_path / "in" / "m8", coll, tmp_path / "out" / "m8") == 0
         status, body = post(f"{child.url}/collection/reload")
         assert status == 200 and body["members"] == 9 and body["members_before"] == 8, body
         assert info(child.url)["resident_collection"]["members"] == 9

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.screenshot import CHROMIUM, launch_browser
+from lab.screenshot import CHROMIUM, launch_browser, open_space, wait_for_plot
 from soppu_hub.clients import GenerationSettings
 from soppu_hub.clients.lorax import LoraxChatClient
 
@@ -78,11 +78,7 @@ def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
             expect(page.locator("#card-summary")).to_contain_text(
                 "shares its bases with 1 other adapter(s): cluster 0 of 1"
             )
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && "
-                "i.naturalWidth > 0 }",
-                timeout=30_000,
-            )
+            wait_for_plot(page)
             box = page.locator("#message textarea")
             typed = page.locator("#adapter-id textarea, #adapter-id input").first
             expect(typed).to_have_value("alice/support-bot-soppu")  # the box shows the exact id in use
@@ -161,9 +157,7 @@ def test_browser_phone_width_stacks_the_panes(space, tmp_path):
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-            page.goto(space)
-            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=30_000)
+            page = open_space(browser, space, {"width": 390, "height": 844}, is_mobile=True, has_touch=True)
             page.get_by_label("the original adapter").check()
             expect(page.locator("#chat-base")).to_be_visible()
             for pane in ("#chat-adapter", "#chat-base"):
@@ -201,18 +195,12 @@ def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, backend
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(space)
-            expect(page.locator("#card-summary")).to_contain_text("compression ratio", timeout=30_000)
+            page = open_space(browser, space, {"width": 1280, "height": 900})
             for button in ("#send", "#stop"):
                 box = page.locator(button).bounding_box()
                 assert box and box["y"] + box["height"] <= 900, (button, box)
             # the error plot at the chat column's width, not squeezed into the side column
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && "
-                "i.naturalWidth > 0 }",
-                timeout=30_000,
-            )
+            wait_for_plot(page)
             plot, side = page.locator("#error-plot img").bounding_box(), page.locator("#side").bounding_box()
             assert plot["width"] > side["width"] + 150, (plot, side)
             message = page.locator("#message textarea")

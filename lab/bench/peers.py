@@ -34,7 +34,7 @@ from lab.bench.peers_report import (
     format_peers,
     plot_peers,
 )
-from lab.bench.scale import LAYERS, LORA_RANK, write_workload
+from lab.bench.scale import LAYERS, LORA_RANK, bench_adapter, write_workload
 
 SOPPU_RANKS = (16, 32, 64)
 SVD_RANKS = (1, 2, 4, 8)
@@ -92,9 +92,8 @@ def family_set(root: Path, n: int, hidden: int) -> list[Path]:
     """n adapters of the scale bench's 8 families at hidden 1024 (q 1024 x 1024, v 256 x 1024) or 2048 (its own)."""
     if hidden == 2048:
         return write_workload(root, n)[0]
-    import torch
 
-    from lab.samples import family_factors, write_adapter
+    from lab.samples import family_factors
 
     shapes = {
         f"model.layers.{i}.self_attn.{t}": s
@@ -102,17 +101,7 @@ def family_set(root: Path, n: int, hidden: int) -> list[Path]:
         for t, s in (("q_proj", (hidden, hidden)), ("v_proj", (hidden // 4, hidden)))
     }
     facs, _ = family_factors(shapes, n, LORA_RANK, families=8, family_dim=16, noise=0.05, seed=0)
-    return [
-        write_adapter(
-            root / f"lora-{i:04d}",
-            f,
-            base_model="bench/hidden-1024",
-            rank=LORA_RANK,
-            alpha=LORA_RANK,
-            dtype=torch.bfloat16,
-        )
-        for i, f in enumerate(facs)
-    ]
+    return [bench_adapter(root / f"lora-{i:04d}", f, "bench/hidden-1024") for i, f in enumerate(facs)]
 
 
 def adapter_errors(originals: list[Path], written: Path) -> list[float]:

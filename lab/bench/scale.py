@@ -34,6 +34,11 @@ SHAPES = {
 ADAPTERS = 20  # adapters in the collection unless --adapters says otherwise
 
 
+def bench_adapter(folder: Path, factors: dict, base_model: str) -> Path:
+    """One bench adapter as users publish them: rank LORA_RANK, alpha = rank, bf16."""
+    return write_adapter(folder, factors, base_model=base_model, rank=LORA_RANK, alpha=LORA_RANK, dtype=torch.bfloat16)
+
+
 def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 0) -> tuple[list[Path], list[int]]:
     """n bf16 adapter folders in `root` (written in batches so memory stays flat) and each one's family."""
     folders: list[Path] = []
@@ -45,16 +50,7 @@ def write_workload(root: Path, n: int, *, families: int = FAMILIES, seed: int = 
             SHAPES, count, LORA_RANK, families=families, family_dim=16, noise=0.05, seed=seed, offset=lo
         )
         for j, f in enumerate(facs):
-            folders.append(
-                write_adapter(
-                    root / f"lora-{lo + j:04d}",
-                    f,
-                    base_model="meta-llama/Llama-3.2-1B",
-                    rank=LORA_RANK,
-                    alpha=LORA_RANK,
-                    dtype=torch.bfloat16,
-                )
-            )
+            folders.append(bench_adapter(root / f"lora-{lo + j:04d}", f, "meta-llama/Llama-3.2-1B"))
         fams += fam
     return folders, fams
 
