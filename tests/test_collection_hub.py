@@ -32,9 +32,12 @@ def published(hub_server, tmp_path_factory):
 
 
 def _members(token=USERS["alice"], revision=None):
-    from huggingface_hub import hf_hub_download
+    """Every member as its members file lists it (cluster by cluster)."""
+    from dataclasses import asdict
 
-    return json.loads(open(hf_hub_download(COLL, "members.json", revision=revision, token=token)).read())["members"]
+    from soppu_hub.collection.remote import open_collection
+
+    return [asdict(m) for m in open_collection(COLL, revision=revision, token=token).members]
 
 
 def _head():
@@ -50,13 +53,14 @@ def test_compress_publishes_the_collection_then_members_naming_its_revision(publ
     files = set(api.list_repo_files(COLL))
     assert {
         "collection.json",
-        "members.json",
         "clusters/centroids.safetensors",
         "clusters/cluster-0.safetensors",
         "clusters/cluster-1.safetensors",
-    } <= files
+        "clusters/members-0.json",
+        "clusters/members-1.json",
+    } == files - {".gitattributes"}
     members = _members()
-    assert [m["repo_id"] for m in members] == [f"acme/c{i:02d}-soppu" for i in range(10)]
+    assert sorted(m["repo_id"] for m in members) == [f"acme/c{i:02d}-soppu" for i in range(10)]
     assert all(m["revision"] and m["how"] == "compress" for m in members)
     for m in members[:2]:
         assert api.model_info(m["repo_id"]).sha == m["revision"]
@@ -75,8 +79,8 @@ def test_the_same_compress_again_pushes_nothing(published):
 
 
 def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
-    """Two joins at the same moment: the members list gets both, through commits on the head with a retry on 412;
-    each join read only the collection's small files and the bases of one cluster."""
+    """Two joins at the same moment: the members lists get both, through commits on the head with a retry on 412;
+    each join read only the collection's small files and the bases and members file of one cluster."""
     from soppu_hub.collection import remote
     from soppu_hub.collection.join import JoinSpec
     from soppu_hub.pipeline.join import run_join
@@ -102,19 +106,18 @@ def test_two_strangers_joining_at_once_both_land(published, monkeypatch):
     for t in threads:
         t.join()
     assert errors == []
-    members = _members()
+    members = {m["repo_id"]: m for m in _members()}
     assert len(members) == before + 2
-    assert {m["repo_id"] for m in members[-2:]} == {"acme/joined-10", "acme/joined-11"}
-    assert all(m["how"] == "join" and m["revision"] for m in members[-2:])
-    cluster_of_family = {fam[i]: m["cluster"] for i, m in enumerate(members[:10])}
-    assert results[10].cluster == cluster_of_family[fam[10]] and results[11].cluster == cluster_of_family[fam[11]]
+    joined = [members[f"acme/joined-{i}"] for i in (10, 11)]
+    assert all(m["how"] == "join" and m["revision"] for m in joined)
+    cluster_of_family = {fam[i]: members[f"acme/c{i:02d}-soppu"]["cluster"] for i in range(10)}
+    assert [r.cluster for r in (results[10], results[11])] == [cluster_of_family[fam[i]] for i in (10, 11)]
+    assert [m["cluster"] for m in joined] == [results[10].cluster, results[11].cluster]
     paths = {p for _, p in read}
-    assert paths <= {
-        "collection.json",
-        "members.json",
-        "clusters/centroids.safetensors",
-        "clusters/cluster-0.safetensors",
-        "clusters/cluster-1.safetensors",
+    assert paths <= {"collection.json", "clusters/centroids.safetensors"} | {
+        f"clusters/{kind}-{r.cluster}.{ext}"
+        for r in results.values()
+        for kind, ext in (("cluster", "safetensors"), ("members", "json"))
     }
     assert sum(p.startswith("clusters/cluster-") for _, p in read) == 2  # one cluster's bases per join
 
@@ -130,6 +133,40 @@ def test_join_by_repo_id_downloads_the_adapter_and_lists_the_source(published):
     assert r.repo_id == "acme/raw-13-soppu" and r.how == "join"
     entry = next(m for m in _members() if m["repo_id"] == "acme/raw-13-soppu")
     assert entry["source"] == "alice/raw-13" and entry["cluster"] == r.cluster
+
+
+def test_a_member_joined_again_from_another_task_moves_cluster_and_is_listed_once(published, tmp_path):
+    """The same member repo joined again with an adapter of the other family (the user retrained it): it leaves its
+    old cluster's members file in the same commit that lists it in the new one. Another user's adapter of the same
+    name is a member of its own."""
+    import shutil
+
+    from soppu_hub.collection.join import JoinSpec
+    from soppu_hub.pipeline.join import run_join
+
+    folders, fam = published
+    other = next(i for i in range(10) if fam[i] != fam[12])
+    moving = tmp_path / "moving"
+    placed = []
+    for i in (12, other):
+        shutil.rmtree(moving, ignore_errors=True)
+        shutil.copytree(folders[i], moving)
+        placed.append(run_join(JoinSpec(str(moving), COLL, token=USERS["alice"], push_to="acme/moving-soppu")).cluster)
+    assert placed[0] != placed[1]
+    listed = [m for m in _members() if m["name"] == "moving"]
+    assert [(m["repo_id"], m["cluster"]) for m in listed] == [("acme/moving-soppu", placed[1])]
+    run_join(JoinSpec(str(moving), COLL, token=USERS["alice"], push_to="acme/moving-too-soppu"))
+    assert sorted(m["repo_id"] for m in _members() if m["name"] == "moving") == [
+        "acme/moving-soppu",
+        "acme/moving-too-soppu",
+    ]
+    from soppu_hub.collection.remote import open_collection, update_members
+
+    update_members(
+        open_collection(COLL, token=USERS["alice"]),
+        lambda ms: [m for m in ms if m.name != "moving"],
+        message="tidy up",
+    )  # the refit below counts the joiners of the tests before
 
 
 def test_publishing_over_joined_members_is_refused_before_any_work(published, capsys):
@@ -204,7 +241,7 @@ def test_a_members_list_changed_in_between_is_read_again_not_overwritten(publish
     parent is no longer the head), the join reads the list again and applies its change to it: both entries stay."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from soppu_hub.collection.format import Member, members_text
+    from soppu_hub.collection.format import Member, members_texts
     from soppu_hub.collection.remote import open_collection, update_members
 
     coll = open_collection(COLL, token=USERS["alice"])
@@ -214,14 +251,14 @@ def test_a_members_list_changed_in_between_is_read_again_not_overwritten(publish
         calls.append(len(members))
         if len(calls) == 1:  # another joiner lands first
             other = members + [Member("other", 0, 0.1, 0.1, "elsewhere", "join", repo_id="alice/other-member")]
-            HfApi(token=USERS["alice"]).create_commit(
-                COLL, [CommitOperationAdd("members.json", members_text(other).encode())], commit_message="someone else"
-            )
+            ops = [CommitOperationAdd(p, t.encode()) for p, t in members_texts(coll.info, other).items()]
+            HfApi(token=USERS["alice"]).create_commit(COLL, ops, commit_message="someone else")
         return members + [Member("mine", 1, 0.1, 0.1, "here", "join", repo_id="alice/my-member")]
 
     update_members(coll, change, message="mine")
     assert len(calls) == 2 and calls[1] == calls[0] + 1  # the second try saw the other entry
-    assert [m["repo_id"] for m in _members()[-2:]] == ["alice/other-member", "alice/my-member"]
+    listed = [m["repo_id"] for m in _members()]
+    assert "alice/other-member" in listed and "alice/my-member" in listed
     update_members(
         coll,
         lambda ms: [m for m in ms if m.repo_id not in ("alice/other-member", "alice/my-member")],

@@ -48,21 +48,31 @@ def fresh(built, tmp_path):
 
 
 def test_the_collection_holds_each_clusters_bases_once_and_members_only_their_cores(built):
-    from soppu_hub.collection.format import read_collection, read_members
+    from soppu_hub.collection.format import read_collection
     from soppu_hub.collection.publish import member_bases
+    from soppu_hub.collection.remote import open_collection
     from soppu_hub.compression.bundle import BundleError, load_bundle
 
     root, folders, fam, _ = built
     out = root / "out"
     info = read_collection(out / "collection")
-    members = read_members(out / "collection", len(info.clusters))
+    members = open_collection(out / "collection").members
     report = json.loads((out / "report.json").read_text())
     assert len(info.clusters) == 2 and info.base_model == "tiny" and info.rank == 8 and len(info.probes) >= 1
-    assert info.modules == {n: list(s) for n, s in SHAPES.items()} and info.sources == [str(f) for f in folders[:12]]
-    assert [m.name for m in members] == [a["name"] for a in report["adapters"]] and {m.how for m in members} == {
-        "compress"
-    }
-    assert [m.cluster for m in members] == [a["cluster"] for a in report["adapters"]]
+    assert info.modules == {n: list(s) for n, s in SHAPES.items()} and info.version == 3
+    # one members file per cluster (a join reads and rewrites one), each listing its cluster's members in order
+    assert sorted(p.name for p in (out / "collection" / "clusters").glob("members-*")) == [
+        "members-0.json",
+        "members-1.json",
+    ]
+    assert not (out / "collection" / "members.json").exists()
+    by_cluster = sorted(report["adapters"], key=lambda a: a["cluster"])
+    assert [(m.name, m.cluster, m.source) for m in members] == [
+        (a["name"], a["cluster"], a["source"]) for a in by_cluster
+    ]
+    assert {m.how for m in members} == {"compress"} and sorted(m.source for m in members) == sorted(
+        map(str, folders[:12])
+    )
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 2
     assert not (out / "bundle").exists()
     card = (out / "a00" / "README.md").read_text()
@@ -89,8 +99,8 @@ def test_the_collection_holds_each_clusters_bases_once_and_members_only_their_co
 
 
 def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
-    from soppu_hub.collection.format import read_members
     from soppu_hub.collection.publish import member_bases
+    from soppu_hub.collection.remote import open_collection
     from soppu_hub.compression.bundle import load_bundle
     from soppu_hub.peft_format.read import read_adapter
 
@@ -123,8 +133,9 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
         assert bare["lorax_exact_tp"] == [
             t for t in range(1, 9) if lorax_rank(bare["export_rank"], t) == bare["export_rank"]
         ]
-    members = read_members(out / "collection", 2)
-    assert [m.name for m in members[-2:]] == ["a12", "a13"] and {m.how for m in members[-2:]} == {"join"}
+    members = {m.name: m for m in open_collection(out / "collection").members}
+    assert len(members) == 14 and {members[n].how for n in ("a12", "a13")} == {"join"}
+    assert [members[n].cluster for n in ("a12", "a13")] == [cluster_of_family[fam[i]] for i in (12, 13)]
     bundle = load_bundle(tmp_path / "j12" / "soppu", bases=member_bases(tmp_path / "j12"))
     adapter = read_adapter(folders[12])
     for name, mb in bundle.modules.items():  # the core is U^T W V: the least-squares best on these bases
@@ -137,11 +148,38 @@ def test_join_projects_onto_the_nearest_cluster_exactly(built, tmp_path):
 
 def test_an_unseen_task_is_refused_in_one_line_and_nothing_changes(built, tmp_path, capsys):
     out, _, _, others = fresh(built, tmp_path)
-    before = (out / "collection" / "members.json").read_bytes()
+
+    def files():
+        return {p: p.read_bytes() for p in sorted((out / "collection").rglob("*")) if p.is_file()}
+
+    before = files()
     assert join_local(others[0], out / "collection", tmp_path / "x") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no cluster of" in err and "--new-cluster" in err and "--refit" in err
-    assert not (tmp_path / "x").exists() and (out / "collection" / "members.json").read_bytes() == before
+    assert not (tmp_path / "x").exists() and files() == before
+
+
+def test_a_collection_of_an_earlier_version_with_one_members_list_is_still_read_and_joined(built, tmp_path):
+    """Versions 1 and 2 kept every member in one members.json: such a collection is read, served and joined as it
+    is (the join rewrites members.json, and the collection stays at its version)."""
+    from soppu_hub.collection.format import read_collection
+    from soppu_hub.collection.remote import open_collection
+
+    out, folders, _, _ = fresh(built, tmp_path)
+    coll = out / "collection"
+    members = [
+        m for p in sorted((coll / "clusters").glob("members-*.json")) for m in json.loads(p.read_text())["members"]
+    ]
+    for p in (coll / "clusters").glob("members-*.json"):
+        p.unlink()
+    (coll / "members.json").write_text(json.dumps({"members": members}))
+    body = json.loads((coll / "collection.json").read_text())
+    (coll / "collection.json").write_text(json.dumps({**body, "version": 1, "sources": [m["source"] for m in members]}))
+    assert [m.name for m in open_collection(coll).members] == [m["name"] for m in members]
+    assert join_local(folders[12], coll, tmp_path / "j12") == 0
+    listed = json.loads((coll / "members.json").read_text())["members"]
+    assert [m["name"] for m in listed] == [m["name"] for m in members] + ["a12"]
+    assert read_collection(coll).version == 1 and not list((coll / "clusters").glob("members-*"))
 
 
 def test_the_bar_follows_the_cluster_but_never_lets_in_what_compress_calls_poorly_kept(built):
@@ -159,7 +197,8 @@ def test_the_bar_follows_the_cluster_but_never_lets_in_what_compress_calls_poorl
 
 
 def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
-    from soppu_hub.collection.format import read_collection, read_members
+    from soppu_hub.collection.format import read_collection
+    from soppu_hub.collection.remote import open_collection
 
     out, _, _, others = fresh(built, tmp_path)
     assert join_local(others[0], out / "collection", tmp_path / "x0", "--new-cluster") == 0
@@ -172,17 +211,18 @@ def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
         join_local(others[1], out / "collection", tmp_path / "x1") == 0
     )  # the next of that task finds the new cluster
     assert json.loads((tmp_path / "x1" / "report.json").read_text())["cluster"] == 2
-    assert [m.cluster for m in read_members(out / "collection", 3)[-2:]] == [2, 2]
+    listed = open_collection(out / "collection").cluster_members([2])
+    assert [(m.name, m.how) for m in listed] == [(others[0].name, "new-cluster"), (others[1].name, "join")]
 
 
 @pytest.mark.parametrize(
     "damage,expected",
     [
         (
-            lambda c: (c / "members.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'),
+            lambda c: (c / "clusters" / "members-0.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'),
             "damaged or edited by hand",
         ),
-        (lambda c: (c / "members.json").write_text("not json"), "damaged or edited by hand"),
+        (lambda c: (c / "clusters" / "members-1.json").write_text("not json"), "damaged or edited by hand"),
         (
             lambda c: (c / "collection.json").write_text(
                 json.dumps({**json.loads((c / "collection.json").read_text()), "version": 9})

@@ -133,7 +133,7 @@ def test_a_quantized_collection_keeps_bases_and_cores_as_codes_and_joiners_follo
     out = tmp_path / "out"
     _compress(srcs[:4], out, "--store-dtype", "int8", "--collection", "alice/q-coll")
     body = json.loads((out / "collection" / "collection.json").read_text())
-    assert body["version"] == 2 and body["store"] == {"dtype": "int8", "group": 64}
+    assert body["version"] == 3 and body["store"] == {"dtype": "int8", "group": 64}
     assert read_collection(out / "collection").stored == Store("int8")
     bases = load_file(str(out / "collection" / "clusters" / "cluster-0.safetensors"))
     assert bases.keys() == {"q.codes", "q.scales", "q.maxima"}

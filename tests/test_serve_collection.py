@@ -172,13 +172,13 @@ def test_bad_sizes_and_damaged_collections_are_one_line_at_start(collection, tin
     assert exit_.value.code == 2
     assert "not a positive size" in capsys.readouterr().err
     shutil.copytree(collection / "out", tmp_path / "out")
-    (tmp_path / "out" / "collection" / "members.json").write_text("{not json")
+    (tmp_path / "out" / "collection" / "clusters" / "members-0.json").write_text("{not json")
     assert (
         main(["serve", "--model", str(tiny_base), "--collection", str(tmp_path / "out" / "collection"), "--port", "1"])
         == 2
     )
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--collection" in err and "members.json" in err, err
+    assert err.count("\n") == 0 and "--collection" in err and "members-0.json" in err, err
 
 
 def test_byte_sizes():
@@ -242,12 +242,12 @@ def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_i
         assert greedy(client, "m8", source="hub") == greedy(client, "out/m8")  # resident == its own PEFT export
         assert {a: greedy(client, a) for a in before} == before
 
-        kept = (coll / "members.json").read_text()
-        listed = json.loads(kept)
-        (coll / "members.json").write_text(json.dumps({"members": [m for m in listed["members"] if m["name"] != "m3"]}))
+        m3 = next(p for p in (coll / "clusters").glob("members-*.json") if '"m3"' in p.read_text())
+        kept = m3.read_text()
+        m3.write_text(json.dumps({"members": [m for m in json.loads(kept)["members"] if m["name"] != "m3"]}))
         status, body = post(f"{child.url}/collection/reload")  # in-flight requests may name a member: never dropped
         assert status == 422 and "drops members m3" in body["error"], body
-        (coll / "members.json").write_text(kept)
+        m3.write_text(kept)
         (coll / "clusters" / "cluster-1.safetensors").write_bytes(b"not a safetensors file")
         status, body = post(f"{child.url}/collection/reload")
         assert status == 422 and body["error_type"] == "validation" and "\n" not in body["error"], body

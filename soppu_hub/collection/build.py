@@ -1,4 +1,4 @@
-"""A collection folder from a compression: each cluster's bases once, centroids, collection.json, members.json.
+"""A collection folder from a compression: each cluster's bases and members files, centroids, collection.json.
 
 Members' own folders then carry only their cores, with a reference to the collection (bundle version 3).
 """
@@ -65,13 +65,13 @@ def write_collection_folder(
         probes,
         clusters,
         settings=dataclasses.asdict(comp.config),
-        sources=[a.source for a in adapters],
         command=command,
         store=store.header() if store is not None else None,
     )
     write_collection(folder, info)
     write_members(
         folder,
+        info,
         [
             Member(e["name"], e["cluster"], e["mean_rel_error"], e["max_rel_error"], e["source"], "compress", repo_id=r)
             for e, r in zip(entries, repo_ids)

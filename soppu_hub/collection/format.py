@@ -1,9 +1,10 @@
-"""The collection repo on disk: collection.json, members.json, one bases file per cluster, the centroids.
+"""The collection repo on disk: collection.json, the centroids, and per cluster a bases file and a members file.
 
-collection.json says what every member shares (base model, module shapes, method, shared rank, target error,
-the settings and sources that made it) and, per cluster, its bases file and content id; members.json lists who
-joined (repo, revision, cluster, errors, source). A joiner reads collection.json, the centroids and ONE
-cluster's bases file, never another member's adapter.
+collection.json says what every member shares (base model, module shapes, method, shared rank, target error, the
+settings that made it) and, per cluster, its bases file and content id; each cluster's members file lists who is in
+it (repo, revision, errors, source). A joiner reads collection.json, the centroids and ONE cluster's bases and
+members, never another member's adapter, so what a join downloads does not grow with the collection (version 3;
+versions 1 and 2 kept every member in one members.json, and are still read and joined).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from ..compression.tensorfile import load_tensors, save_tensors
 from ..errors import CollectionError
 
 FORMAT = "soppu-collection"
-VERSION = 1
-QUANTIZED_VERSION = 2  # 2: the bases files hold group-wise codes (collection.json "store"); a float store stays 1
-READS = (1, 2)
+# 1: float bases, one members.json; 2: the bases files may hold group-wise codes (collection.json "store");
+# 3: one members file per cluster (what a join reads and rewrites stays one cluster's worth)
+VERSION = 3
+READS = (1, 2, 3)
 COLLECTION_FILE = "collection.json"
-MEMBERS_FILE = "members.json"
+MEMBERS_FILE = "members.json"  # versions 1 and 2: every member in one file
 CLUSTERS_DIR = "clusters"
 CENTROIDS_FILE = f"{CLUSTERS_DIR}/centroids.safetensors"
 HOW = ("compress", "join", "new-cluster")
@@ -31,6 +33,10 @@ HOW = ("compress", "join", "new-cluster")
 
 def cluster_file(c: int) -> str:
     return f"{CLUSTERS_DIR}/cluster-{c}.safetensors"
+
+
+def members_file(c: int) -> str:
+    return f"{CLUSTERS_DIR}/members-{c}.json"
 
 
 @dataclass
@@ -66,21 +72,27 @@ class CollectionInfo:
     probes: list[str]  # the modules whose signatures place an adapter (cluster.module_signature)
     clusters: list[ClusterInfo]
     settings: dict = field(default_factory=dict)  # the CompressConfig fields the fit ran with
-    sources: list[str] = field(default_factory=list)  # what the fit compressed, in order
     command: str = "soppu-hub compress"
     store: dict | None = None  # Store.header() of a quantized store: how the bases files and members' cores are kept
+    version: int = VERSION  # as read; a collection is written at the version it was read at (old ones stay readable)
 
     @property
     def stored(self) -> Store:
         """The store of the bases files and of members' cores (a float store: as the files' dtype says)."""
         return Store.from_header(self.store) or Store("float32")
 
+    def members_files(self, clusters: list[int] | None = None) -> list[str]:
+        """The files listing the members of `clusters` (default: all): one per cluster from version 3 on."""
+        if self.version < 3:
+            return [MEMBERS_FILE]
+        return [members_file(c) for c in (range(len(self.clusters)) if clusters is None else clusters)]
+
 
 def write_collection(folder: Path, info: CollectionInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    body = {"format": FORMAT, "version": VERSION if info.store is None else QUANTIZED_VERSION, **asdict(info)}
+    body = {"format": FORMAT, **asdict(info)}
     if info.store is None:
-        del body["store"]  # a float store writes what version 1 wrote
+        del body["store"]  # a float store: the bases files say their dtype
     (folder / COLLECTION_FILE).write_text(json.dumps(body, separators=(",", ":")))  # every joiner downloads it
 
 
@@ -104,6 +116,8 @@ def parse_collection(text: str, where: str) -> CollectionInfo:
         )
     try:
         info = CollectionInfo(**{f.name: body[f.name] for f in fields(CollectionInfo) if f.name in body})
+        if info.store is not None and info.version < 2:
+            raise ValueError("a quantized store needs version 2 or later")
         info.clusters = [ClusterInfo(**c) for c in info.clusters]
         ok = (
             [c.index for c in info.clusters] == list(range(len(info.clusters)))
@@ -134,8 +148,21 @@ def read_collection(folder: Path) -> CollectionInfo:
     return parse_collection(path.read_text(), str(folder))
 
 
-def write_members(folder: Path, members: list[Member]) -> None:
-    (folder / MEMBERS_FILE).write_text(members_text(members))
+def members_texts(info: CollectionInfo, members: list[Member], clusters: list[int] | None = None) -> dict[str, str]:
+    """Members files (path -> text) of `clusters` (default: all) holding `members`: each in its cluster's file."""
+    files = info.members_files(clusters)
+    if info.version < 3:
+        return {MEMBERS_FILE: members_text(members)}
+    chosen = range(len(info.clusters)) if clusters is None else clusters
+    if any(m.cluster not in chosen for m in members):
+        raise ValueError("a member of a cluster whose members file is not being written")
+    return {f: members_text([m for m in members if m.cluster == c]) for f, c in zip(files, chosen)}
+
+
+def write_members(folder: Path, info: CollectionInfo, members: list[Member]) -> None:
+    for path, text in members_texts(info, members).items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text)
 
 
 def members_text(members: list[Member]) -> str:
@@ -144,30 +171,33 @@ def members_text(members: list[Member]) -> str:
     )  # a joiner downloads it: compact
 
 
-def parse_members(text: str, where: str, clusters: int) -> list[Member]:
-    """members.json's text -> members; damaged, duplicated or pointing at a missing cluster: one CollectionError."""
+def parse_members(text: str, where: str, clusters: int, cluster: int | None = None) -> list[Member]:
+    """A members file's text -> members (`cluster`: the one cluster a version-3 file lists); damaged, duplicated or
+    pointing at a missing cluster: one CollectionError."""
     try:
         members = [Member(**m) for m in json.loads(text)["members"]]
-        names = [m.name for m in members]
-        ok = len(set(names)) == len(names) and all(
-            isinstance(m.name, str) and isinstance(m.cluster, int) and 0 <= m.cluster < clusters and m.how in HOW
+        ok = unique(members) and all(
+            isinstance(m.name, str)
+            and isinstance(m.cluster, int)
+            and 0 <= m.cluster < clusters
+            and m.cluster == (m.cluster if cluster is None else cluster)
+            and m.how in HOW
             for m in members
         )
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
         raise CollectionError(
-            f"{where}: {MEMBERS_FILE} is damaged or edited by hand (it must list each member once, "
-            "with a cluster the collection has); restore it from an earlier revision or --refit"
+            f"{where}: its members list is damaged or edited by hand (it must list each member once, in the file "
+            "of a cluster the collection has); restore it from an earlier revision or --refit"
         )
     return members
 
 
-def read_members(folder: Path, clusters: int) -> list[Member]:
-    path = folder / MEMBERS_FILE
-    if not path.is_file():
-        raise CollectionError(f"{folder}: no {MEMBERS_FILE}; the collection is incomplete, publish it again")
-    return parse_members(path.read_text(), str(folder), clusters)
+def unique(members: list[Member]) -> bool:
+    """Each member listed once: by repo id, or by name for a local member (alice/x and bob/x are two members)."""
+    keys = [m.repo_id or m.name for m in members]
+    return len(set(keys)) == len(keys)
 
 
 def save_bases(

@@ -16,8 +16,8 @@ from ..errors import CollectionError
 from ..hub.collection import commit_titled, repo_exists
 from ..hub.push import push_folder
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, COLLECTION_DIR
-from .format import COLLECTION_FILE, Member, read_collection, read_members, write_members
-from .remote import open_collection, update_members
+from .format import COLLECTION_FILE, Member, read_collection, write_members
+from .remote import Collection, open_collection, update_members
 
 PUBLISH_MESSAGE = "soppu-hub: publish collection"
 
@@ -53,10 +53,10 @@ def publish_collection(folder: Path, repo_id: str, *, private: bool = False, tok
         (m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source): m.revision
         for m in existing_members(repo_id, token=token)
     }
-    members = read_members(folder, len(info.clusters))
+    members = open_collection(folder).members
     for m in members:
         m.revision = known.get((m.repo_id, m.cluster, m.mean_rel_error, m.max_rel_error, m.source), m.revision)
-    write_members(folder, members)
+    write_members(folder, info, members)
     pushed = push_folder(
         folder, repo_id, private=private, token=token, commit_message=PUBLISH_MESSAGE, skip_unchanged=True
     )
@@ -78,7 +78,7 @@ def name_revision(bundle_folder: Path, revision: str) -> None:
 
 
 def record_revisions(repo_id: str, revisions: dict[str, str], *, token: str | bool | None = None) -> str | None:
-    """members.json: each pushed member's repo commit (repo id -> sha), in one commit on the head."""
+    """The members files: each pushed member's repo commit (repo id -> sha), in one commit on the head."""
     if not revisions:
         return None
     coll = open_collection(repo_id, token=token)
@@ -89,6 +89,16 @@ def record_revisions(repo_id: str, revisions: dict[str, str], *, token: str | bo
         return members
 
     return update_members(coll, change, message="soppu-hub: record member revisions")
+
+
+def listed_cluster(repo_id: str, coll: Collection, *, token: str | bool | None = None) -> int | None:
+    """The cluster of `coll` a member repo's bundle on the Hub names now (None: not a member of it, or no such repo)."""
+    from ..hub.info import fetch_file
+
+    found = fetch_file(repo_id, f"{BUNDLE_DIR}/{BUNDLE_HEADER}", token=token)
+    ref = bases_ref(found.parent) if found is not None else None
+    c = ref.get("cluster") if ref and ref.get("collection") == coll.name else None
+    return c if isinstance(c, int) and 0 <= c < len(coll.info.clusters) else None
 
 
 def member_bases(folder: Path, *, token: str | bool | None = None) -> dict[str, torch.Tensor] | None:

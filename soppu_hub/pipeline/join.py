@@ -16,12 +16,13 @@ from pathlib import Path
 from ..collection.format import (
     CENTROIDS_FILE,
     COLLECTION_FILE,
-    MEMBERS_FILE,
     ClusterInfo,
     CollectionInfo,
     Member,
     cluster_file,
+    members_file,
     members_text,
+    members_texts,
     parse_collection,
     save_bases,
     write_collection,
@@ -113,6 +114,9 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
         _write_card(tmp, entry, adapter, bundle, source_folder, spec, target)
         member = new_member(adapter, c, how, errors, target)
         if target is not None:
+            before = _listed_in(
+                coll, target
+            )  # read before the push replaces it: a member that moves leaves its old cluster
             member.revision = push_folder(
                 tmp,
                 target,
@@ -122,10 +126,14 @@ def run_join(spec: JoinSpec, *, log: Callable[[str], None] | None = None) -> Joi
             ).commit
             log(f"pushed {target}")
             result.collection_revision = update_members(
-                coll, lambda ms: _with(ms, member), message=f"soppu-hub: {target} joins cluster {c}"
+                coll,
+                lambda ms: _with(ms, member),
+                message=f"soppu-hub: {target} joins cluster {c}",
+                clusters=sorted({c, *before}),
             )
         elif coll.folder is not None:
-            _write_local(coll.folder / MEMBERS_FILE, members_text(_with(coll.members, member)))
+            for path, text in members_texts(coll.info, _with(coll.members, member)).items():
+                _write_local(coll.folder / path, text)
     result.cluster, result.mean_rel_error, result.max_rel_error = c, member.mean_rel_error, member.max_rel_error
     return result
 
@@ -152,6 +160,14 @@ def _write_card(
         for mb in bundle.modules.values()
     )
     (folder / CARD_NAME).write_text(render_join_card(entry, job, params_before=adapter.num_params, core_params=own))
+
+
+def _listed_in(coll: Collection, repo_id: str) -> list[int]:
+    """The cluster a member repo's current bundle says it is in (it joined this collection before), else []."""
+    from ..collection.publish import listed_cluster
+
+    c = listed_cluster(repo_id, coll, token=coll.token)
+    return [] if c is None else [c]
 
 
 def _with(members: list[Member], member: Member) -> list[Member]:
@@ -185,11 +201,15 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
             scratch / CENTROIDS_FILE, torch.cat([centroids.double(), (new.centroid / new.centroid.norm())[None]])
         )
         write_collection(scratch, info)
-        return k, {p: scratch / p for p in (cluster_file(k), CENTROIDS_FILE, COLLECTION_FILE)}
+        paths = [cluster_file(k), CENTROIDS_FILE, COLLECTION_FILE]  # collection.json last: it names the others
+        if info.version >= 3:
+            (scratch / members_file(k)).write_text(members_text([]))  # the member is listed in it next
+            paths.insert(0, members_file(k))
+        return k, {p: scratch / p for p in paths}
 
     if coll.folder is not None:
         k, made = files(coll.info, coll.centroids())
-        for p in (cluster_file(k), CENTROIDS_FILE, COLLECTION_FILE):  # collection.json last: it names the others
+        for p in made:
             (coll.folder / p).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(made[p], coll.folder / p)
         return k, None
