@@ -95,18 +95,6 @@ class JoinSpec:
 # takes its own way (the positional source, --collection, --out)
 OWN_WAY = ("source", "collection", "out")
 FLAGS = tuple(f.name for f in fields(JoinSpec) if "help" in f.metadata and f.name not in OWN_WAY)
-FLAGS = (
-    "collection_revision",
-    "max_error",
-    "private_error",
-    "new_cluster",
-    "push_to",
-    "namespace",
-    "private",
-    "revision",
-    "token",
-    "overwrite",
-)
 
 
 @dataclass
