@@ -159,3 +159,32 @@ def join_local(source, collection, out, *extra) -> int:
             *map(str, extra),
         ]
     )
+
+
+def report_from(body: dict):
+    """A typed Report from a partial report.json body (what the test leaves out is 0, "", [] or None): tests of the
+    cards and plots state only the numbers they are about."""
+    from dataclasses import fields
+
+    from soppu_hub.compression.report import AdapterReport, Report
+
+    def filled(cls, given: dict) -> dict:
+        empty = {"int": 0, "float": 0.0, "str": ""}
+        out = {}
+        for f in fields(cls):
+            kind = str(f.type)
+            default = (
+                None
+                if "None" in kind
+                else []
+                if kind.startswith("list")
+                else {}
+                if kind.startswith("dict")
+                else empty.get(kind)
+            )
+            out[f.name] = given.get(f.name, default)
+        return out
+
+    top = filled(Report, body)
+    top["adapters"] = [AdapterReport(**filled(AdapterReport, a)) for a in body.get("adapters", [])]
+    return Report(**top)

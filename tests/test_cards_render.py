@@ -1,6 +1,9 @@
 """Card text as a pure function of the run's numbers (no files, no plots, no Hub)."""
 
+from dataclasses import replace
 from pathlib import Path
+
+from helpers import report_from
 
 from soppu_hub.cards.render import CardSpec, render_card, repo_report
 
@@ -48,7 +51,7 @@ def _report(**over):
         + [{**adapter, "name": f"other-{i}", "output": f"alice/other-{i}-soppu"} for i in range(3)],
     }
     report.update(over)
-    return report
+    return report_from(report)
 
 
 JOB = CardSpec(
@@ -97,7 +100,7 @@ def test_card_sizes_are_bytes_and_add_up():
         "(5.00x fewer bytes)"
     ) in text
     q = _report(store={"dtype": "nf4", "group": 64, "bytes_per_number": 4.25 / 8}, store_bytes=425_000)
-    q["adapters"][0]["fit_mean_rel_error"] = 0.1200
+    q.adapters[0].fit_mean_rel_error = 0.1200
     text = " ".join(render_card(q, JOB, ranks_png=None, sweep_png=None).split())
     assert (
         "kept as nf4 (group-wise codes, 4.25 bits a number; the export is written from them, and they cost this "
@@ -122,14 +125,10 @@ def test_card_and_repo_report_leave_out_run_timings():
 
 def test_an_unpadded_export_says_lorax_serves_it_too_weak():
     report = _report()
-    report["adapters"][0] = {
-        **report["adapters"][0],
-        "export_rank": 12,
-        "unpadded_rank": 12,
-        "padding_params": 0,
-        "lorax_exact_tp": [],
-    }
-    report["export"]["pad"] = "none"
+    report.adapters[0] = replace(
+        report.adapters[0], export_rank=12, unpadded_rank=12, padding_params=0, lorax_exact_tp=[]
+    )
+    report.export["pad"] = "none"
     text = render_card(report, JOB, ranks_png=None, sweep_png=None)
     assert "LoRAX pads this rank at every size and serves the adapter too weak: re-export without `--no-pad`" in text
 
@@ -154,7 +153,9 @@ def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
         for i in range(30)
         for j, k in enumerate(kinds)
     }
-    report = {"method": "full", "rank": 32, "adapters": [{"name": n, "modules": modules} for n in ("a", "b")]}
+    report = report_from(
+        {"method": "full", "rank": 32, "adapters": [{"name": n, "modules": modules} for n in ("a", "b")]}
+    )
     figures = ClusterFigures(report, [0, 1])
     try:
         png = figures.errors(0, tmp_path / "e.png").read_bytes()
@@ -178,7 +179,7 @@ def test_a_priced_run_names_what_was_chosen_and_the_runner_up():
         "scan": [{"K": k, "stored": 1000.0 * k, "mean_error": 0.1} for k in (1, 2, 3, 4)],
     }
     report = _report(budget="6x", choice=choice)
-    report["adapters"][0] = {**report["adapters"][0], "private_directions": 7}
+    report.adapters[0].private_directions = 7
     text = render_card(report, JOB, ranks_png=None, sweep_png=None)
     assert "| chosen by | `--budget 6x`: the lowest error within that store" in text
     assert "2 cluster(s) out of the 4 K tried (1 to 4), the runner-up K = 3 at mean probe error 0.2000" in text
@@ -194,14 +195,16 @@ def test_the_error_plot_legend_names_only_this_adapters_module_types(tmp_path):
     def mods(kinds):
         return {f"model.layers.{i}.self_attn.{k}": {"rel_error": 0.1} for i in range(2) for k in kinds}
 
-    report = {
-        "method": "full",
-        "rank": 8,
-        "adapters": [
-            {"name": "qv", "modules": mods(["q_proj", "v_proj"])},
-            {"name": "all", "modules": mods(["q_proj", "k_proj", "v_proj", "o_proj"])},
-        ],
-    }
+    report = report_from(
+        {
+            "method": "full",
+            "rank": 8,
+            "adapters": [
+                {"name": "qv", "modules": mods(["q_proj", "v_proj"])},
+                {"name": "all", "modules": mods(["q_proj", "k_proj", "v_proj", "o_proj"])},
+            ],
+        }
+    )
     figures = ClusterFigures(report, [0, 1])
     try:
         figures.errors(0, tmp_path / "qv.png")

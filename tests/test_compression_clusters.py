@@ -168,14 +168,18 @@ def test_cards_at_scale_are_bounded_and_the_same_in_worker_processes(tmp_path):
 
 
 def test_a_repo_lists_at_most_max_peers_of_its_cluster_in_run_order():
+    from helpers import report_from
+
     from soppu_hub.cards.render import MAX_PEERS, peers, repo_report
 
-    report = {
-        "method": "full",
-        "adapters": [
-            {"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}} for i in range(300)
-        ],
-    }
+    report = report_from(
+        {
+            "method": "full",
+            "adapters": [
+                {"name": f"a{i}", "cluster": i % 2, "mean_rel_error": 0.1, "modules": {"m": 1}} for i in range(300)
+            ],
+        }
+    )
     listed = peers(report, 299)
     assert (
         len(listed) == MAX_PEERS and listed[-1]["name"] == "a299" and all(int(a["name"][1:]) % 2 == 1 for a in listed)

@@ -63,9 +63,9 @@ def test_low_rank_cores_are_stored_as_exact_factors_and_counted_so(factored):
     per_module = {name: mb.U.numel() + mb.V.numel() for name, mb in bundle.modules.items()}
     full = load_bundle(out / "bundle")
     stored = sum(mb.U.numel() + mb.V.numel() + len(mb.cores) * 2 * SHARED_RANK * RANK for mb in full.modules.values())
-    assert report["params_after"] - report["carried_params"] == stored  # 2 r k per core, not r^2
+    assert report.params_after - report.carried_params == stored  # 2 r k per core, not r^2
     assert stored < sum(per_module.values()) + len(NAMES) * len(per_module) * SHARED_RANK**2
-    assert all(a["max_rel_error"] < 1e-3 for a in report["adapters"])  # rank 8 holds 4 x rank 2: exact
+    assert all(a.max_rel_error < 1e-3 for a in report.adapters)  # rank 8 holds 4 x rank 2: exact
 
 
 def test_leading_directions_switch_a_factored_core_to_dense_when_that_is_smaller():

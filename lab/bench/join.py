@@ -111,12 +111,12 @@ def _child_main(job_file: str) -> None:
         )
     ).report  # the same store: joined against refit, like for like
     refit_s = time.perf_counter() - t0
-    refit_err = {a["name"]: a["mean_rel_error"] for a in refit["adapters"]}
+    refit_err = {a.name: a.mean_rel_error for a in refit.adapters}
     print(
         json.dumps(
             {
                 "build_s": build_s,
-                "clusters": len(built["clusters"]),
+                "clusters": len(built.clusters),
                 "bases_bytes": bases_bytes,
                 "joins": joins,
                 "refused": refused,
@@ -124,7 +124,7 @@ def _child_main(job_file: str) -> None:
                 "resident": resident,
                 "refit_s": refit_s,
                 "refit_error": {j["name"]: refit_err[j["name"]] for j in joins},
-                "built_error": statistics.fmean(a["mean_rel_error"] for a in built["adapters"]),
+                "built_error": statistics.fmean(a.mean_rel_error for a in built.adapters),
             }
         )
     )

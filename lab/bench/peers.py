@@ -147,10 +147,10 @@ def run_child(method: str, setting: dict, folders: list[Path], out: Path) -> dic
 
         config = CompressConfig(device="cpu", **setting)
         report = compress_folders(folders, out, config)
-        stored = report["params_after"] - report["carried_params"]
+        stored = report.params_after - report.carried_params
         if config.budget is not None:
-            stored = report["params_after"]  # a budget counts carried tensors too: the rows compare like with like
-        stored_bytes = round(stored * report["store"]["bytes_per_number"])  # the store as kept (--store-dtype)
+            stored = report.params_after  # a budget counts carried tensors too: the rows compare like with like
+        stored_bytes = round(stored * report.store["bytes_per_number"])  # the store as kept (--store-dtype)
     return {"stored_params": stored, "stored_bytes": stored_bytes, "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -40,11 +40,11 @@ def sweep(folder: Path = COLLECTION, ranks: tuple[int, ...] = RANKS) -> list[dic
         rows.append(
             {
                 "rank": rank,
-                "compression_ratio": report["compression_ratio"],
+                "compression_ratio": report.compression_ratio,
                 "mean_next_token_agreement": statistics.fmean(agree),
                 "min_next_token_agreement": min(agree),
                 "mean_reply_agreement": statistics.fmean(c["reply_agreement"] for c in checks),
-                "mean_rel_error": statistics.fmean(a["mean_rel_error"] for a in report["adapters"]),
+                "mean_rel_error": statistics.fmean(a.mean_rel_error for a in report.adapters),
             }
         )
     return rows

@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..compression.report import AdapterReport, Report
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -55,14 +59,14 @@ MAX_WIDTH = 12.0  # inches, at 110 dpi
 
 
 class ClusterFigures:
-    """The card figures of the adapters of one cluster (report["adapters"] indices `members`)."""
+    """The card figures of the adapters of one cluster (indices `members` of report.adapters)."""
 
-    def __init__(self, report: dict, members: list[int]) -> None:
+    def __init__(self, report: Report, members: list[int]) -> None:
         self.report, self.members = report, members
         self._params_png: dict[int, bytes] = {}
         grid: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for j in members:
-            for module, v in report["adapters"][j]["modules"].items():
+            for module, v in report.adapters[j].modules.items():
                 layer, kind = _layer_and_type(module)
                 grid[kind][layer].append(v["rel_error"])
         self.kinds = sorted(grid)
@@ -108,7 +112,7 @@ class ClusterFigures:
         ax.set_ylim(0, 1.15 * top)
         ax.grid(axis="y", alpha=0.3)
         self._legend(ax, self.kinds)  # every type, for the layout; each card draws its own adapter's
-        ax.set_title(f"reconstruction error by layer (JD-{report['method']}, rank {report['rank']})")
+        ax.set_title(f"reconstruction error by layer (JD-{report.method}, rank {report.rank})")
         self.name = ax.text(
             0.01,
             0.97,
@@ -145,15 +149,15 @@ class ClusterFigures:
 
     def errors(self, index: int, path: Path) -> Path:
         """This adapter's error per layer and module type, over the cluster's range."""
-        own = self.report["adapters"][index]
+        own = self.report.adapters[index]
         values: dict[str, dict[int, float]] = defaultdict(dict)
-        for module, v in own["modules"].items():
+        for module, v in own.modules.items():
             layer, kind = _layer_and_type(module)
             values[kind][layer] = v["rel_error"]
         for kind, bars in self.bars.items():
             for bar, layer in zip(bars, self.layers):
                 bar.set_height(values[kind].get(layer, 0.0))
-        self.name.set_text(own["name"])
+        self.name.set_text(own.name)
         canvas = self.fig.canvas
         canvas.restore_region(self._background)
         for artist in self._moving:
@@ -166,34 +170,32 @@ class ClusterFigures:
 
     def params(self, index: int, path: Path) -> Path:
         """All adapters before vs everything stored after, and this adapter alone (rendered once per size)."""
-        own = self.report["adapters"][index]
-        if own["params_before"] not in self._params_png:
+        own = self.report.adapters[index]
+        if own.params_before not in self._params_png:
             import io
 
             buf = io.BytesIO()
             _params_figure(self.report, own, buf)
-            self._params_png[own["params_before"]] = buf.getvalue()
+            self._params_png[own.params_before] = buf.getvalue()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self._params_png[own["params_before"]])
+        path.write_bytes(self._params_png[own.params_before])
         return path
 
     def close(self) -> None:
         _pyplot().close(self.fig)
 
 
-def _params_figure(report: dict, own: dict, out) -> None:
+def _params_figure(report: Report, own: AdapterReport, out) -> None:
     plt = _pyplot()
-    n = len(report["adapters"])
+    n = len(report.adapters)
     labels = [f"{n} original LoRA(s)", "stored after\n(bases + all cores)", "this adapter\noriginal"]
-    values = [report["params_before"], report["params_after"], own["params_before"]]
+    values = [report.params_before, report.params_after, own.params_before]
     fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=110)
     bars = ax.bar(labels, values, color=["#9aa5b1", "#2b8a3e", "#9aa5b1"])
     for b, v in zip(bars, values):
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:,}", ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("parameters")
-    ax.set_title(
-        f"parameters: {report['params_before']:,} -> {report['params_after']:,} ({report['compression_ratio']:.2f}x)"
-    )
+    ax.set_title(f"parameters: {report.params_before:,} -> {report.params_after:,} ({report.compression_ratio:.2f}x)")
     ax.set_ylim(0, max(values) * 1.18)
     ax.grid(axis="y", alpha=0.3)
     _finish(fig, out)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..peft_format.layout import ERRORS_PNG, PARAMS_PNG, TAG, vllm_max_lora_rank
 from . import TEMPLATES
+
+if TYPE_CHECKING:
+    from ..compression.report import Report
 
 TEMPLATE = TEMPLATES / "adapter.md"
 TAGS = [TAG, "lora", "peft", "compression", "joint-diagonalization"]
@@ -48,10 +52,9 @@ def table_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|") or "(nothing)"
 
 
-def peers(report: dict, index: int) -> list[dict]:
+def peers(report: Report, index: int) -> list[dict]:
     """Compact entries of up to MAX_PEERS adapters of this adapter's cluster (this one always), in run order."""
-    own = report["adapters"][index].get("cluster")
-    others = [j for j, a in enumerate(report["adapters"]) if j != index and a.get("cluster") == own][: MAX_PEERS - 1]
+    others = [j for j in report.members(report.adapters[index].cluster) if j != index][: MAX_PEERS - 1]
     keys = (
         "name",
         "source",
@@ -63,15 +66,17 @@ def peers(report: dict, index: int) -> list[dict]:
         "verify",
         "task_eval",
     )
-    return [{k: report["adapters"][j][k] for k in keys if k in report["adapters"][j]} for j in sorted([index, *others])]
+    rows = [vars(report.adapters[j]) for j in sorted([index, *others])]
+    return [{k: row[k] for k in keys if row.get(k) is not None} for row in rows]
 
 
-def repo_report(report: dict, index: int) -> dict:
+def repo_report(report: Report, index: int) -> dict:
     """What one repo carries: the run's summary, this adapter in full, its cluster's peers in brief. Keeps a
     thousand repos from each holding the whole run (which grows with the square of the collection). Run timings
     stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
-    top = {k: v for k, v in report.items() if k not in ("adapters", *TIMINGS)}
-    return {**top, "adapter": report["adapters"][index], "adapters": peers(report, index)}
+    body = report.to_dict()
+    top = {k: v for k, v in body.items() if k not in ("adapters", *TIMINGS)}
+    return {**top, "adapter": body["adapters"][index], "adapters": peers(report, index)}
 
 
 def _hub_url(repo_or_path: str) -> str:
@@ -125,14 +130,14 @@ def lorax_row(exact: list[int], sizes: list[int] | None, *, padded_for: int | No
     )
 
 
-def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
+def render_card(report: Report, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
     """README.md for adapter `job.index` of `report`: YAML metadata, then templates/adapter.md. `ranks_png` /
     `sweep_png`: the optional plots' paths when they were drawn."""
     from huggingface_hub import ModelCardData
 
-    own = report["adapters"][job.index]
-    clusters = report.get("clusters") or []
-    cluster = next((c for c in clusters if c["id"] == own.get("cluster")), None)
+    own = report.adapters[job.index]
+    clusters = report.clusters
+    cluster = next((c for c in clusters if c["id"] == own.cluster), None)
     license = job.license or {"license": "unknown"}
     repo_id, local_path, base_model = job.repo_id, job.local_path, job.base_model
     data = ModelCardData(
@@ -143,59 +148,55 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         base_model_relation="adapter",
         soppu={
             "sources": job.sources,
-            "method": report["method"],
-            "rank": report["rank"],
-            "compression_ratio": round(report["compression_ratio"], 4),
-            "mean_rel_error": round(own["mean_rel_error"], 6),
-            "max_rel_error": round(own["max_rel_error"], 6),
+            "method": report.method,
+            "rank": report.rank,
+            "compression_ratio": round(report.compression_ratio, 4),
+            "mean_rel_error": round(own.mean_rel_error, 6),
+            "max_rel_error": round(own.max_rel_error, 6),
             "version": __version__,
-            "cluster": own.get("cluster", 0),
-            "cluster_size": cluster["size"] if cluster else len(report["adapters"]),
+            "cluster": own.cluster,
+            "cluster_size": cluster["size"] if cluster else len(report.adapters),
             "clusters": max(1, len(clusters)),
         },
     )
     listed = peers(report, job.index)
-    v = own.get("verify")
-    store_width = report["store_bytes"] / report["params_after"]
+    v = own.verify
+    store_width = report.store_bytes / report.params_after
     return _template().render(
         note=" ".join((job.note or "").split()) or None,
-        verdict=verdict(v["next_token_agreement"], report["compression_ratio"], v.get("reply_agreement"))
-        if v
-        else None,
-        task_verdict=task_verdict(own["task_eval"], report["compression_ratio"]) if own.get("task_eval") else None,
-        task=own.get("task_eval"),
-        export_mb=own["export_bytes"] / 1e6,
-        original_mb=own["bytes_before"] / 1e6,
-        repo_mb=own["repo_bytes"] / 1e6,
-        bundle_mb=(cluster["params"] if cluster else report["params_after"] - report["carried_params"])
-        * store_width
-        / 1e6,
+        verdict=verdict(v["next_token_agreement"], report.compression_ratio, v.get("reply_agreement")) if v else None,
+        task_verdict=task_verdict(own.task_eval, report.compression_ratio) if own.task_eval else None,
+        task=own.task_eval,
+        export_mb=own.export_bytes / 1e6,
+        original_mb=own.bytes_before / 1e6,
+        repo_mb=own.repo_bytes / 1e6,
+        bundle_mb=(cluster["params"] if cluster else report.params_after - report.carried_params) * store_width / 1e6,
         card_data=data.to_yaml(),
-        repo_id=repo_id or own["name"],
+        repo_id=repo_id or own.name,
         adapter_id=repo_id or local_path,
         adapter_source="hub" if repo_id else "local",
         local_dir=str(Path(local_path).parent) if local_path else None,
         license=license,
-        vllm_rank=vllm_max_lora_rank(own["export_rank"]),
+        vllm_rank=vllm_max_lora_rank(own.export_rank),
         lorax_row=lorax_row(
-            own["lorax_exact_tp"],
-            report["export"].get("lorax_sizes"),
-            padded_for=report["export"]["lorax_tp"] if report["export"]["pad"] == "lorax" else None,
+            own.lorax_exact_tp,
+            report.export.get("lorax_sizes"),
+            padded_for=report.export["lorax_tp"] if report.export["pad"] == "lorax" else None,
         ),
-        name=own["name"],
+        name=own.name,
         own=own,
         report=report,
-        n_adapters=len(report["adapters"]),
+        n_adapters=len(report.adapters),
         cluster=cluster,
         n_clusters=max(1, len(clusters)),
         peers=listed,
         sweep_png=sweep_png,
-        unlisted=(cluster["size"] if cluster else len(report["adapters"])) - len(listed),
+        unlisted=(cluster["size"] if cluster else len(report.adapters)) - len(listed),
         sources=[{"source": s, "url": _hub_url(s)} for s in job.sources],
         base_model=base_model or "unknown",
         base_url=_hub_url(base_model or ""),
         version=__version__,
-        export_rank=own["export_rank"],
+        export_rank=own.export_rank,
         weighting=job.weighting,
         command=job.command,
         errors_png=ERRORS_PNG,
@@ -204,7 +205,7 @@ def render_card(report: dict, job: CardSpec, *, ranks_png: str | None, sweep_png
         has_verify=any(a.get("verify") for a in listed),
         verify_prompts=next((a["verify"]["prompts"] for a in listed if a.get("verify")), 0),
         reply_tokens=next((a["verify"].get("reply_tokens") for a in listed if a.get("verify")), None),
-        collection_url=_hub_url(report["collection"]["name"]) if report.get("collection") else None,
+        collection_url=_hub_url(report.collection["name"]) if report.collection else None,
     )
 
 

@@ -7,6 +7,7 @@ import functools
 import json
 from pathlib import Path
 
+from ..compression.report import Report
 from ..peft_format.layout import AGREEMENT_PNG, CARD_NAME, ERRORS_PNG, PARAMS_PNG, RANKS_PNG, REPORT_NAME
 from .plots import ClusterFigures, plot_rank_sweep, plot_ranks
 from .render import CardSpec, render_card, repo_report
@@ -26,18 +27,15 @@ def source_license(folder: Path) -> dict:
     return {k: getattr(data, k, None) for k in ("license", "license_name", "license_link") if getattr(data, k, None)}
 
 
-def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = None) -> Path:
+def write_card(job: CardSpec, report: Report, figures: ClusterFigures | None = None) -> Path:
     """README.md, report.json and the PNG plots into `job.folder` (the repo's root). `figures`: the cluster's
     figures when many cards are written (made here otherwise)."""
     folder, index = job.folder, job.index
-    own = report["adapters"][index]
-    clusters = report.get("clusters") or []
-    cluster = next((c for c in clusters if c["id"] == own.get("cluster")), None)
+    own = report.adapters[index]
+    cluster = next((c for c in report.clusters if c["id"] == own.cluster), None)
     made = figures is None
     if made:
-        figures = ClusterFigures(
-            report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == own.get("cluster")]
-        )
+        figures = ClusterFigures(report, report.members(own.cluster))
     try:
         figures.errors(index, folder / ERRORS_PNG)
         figures.params(index, folder / PARAMS_PNG)
@@ -45,19 +43,19 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
         if made:
             figures.close()
     ranks_png = None
-    if report.get("target_error") is not None and cluster is not None:
+    if report.target_error is not None and cluster is not None:
         ranks_png = RANKS_PNG
         plot_ranks(cluster, folder / RANKS_PNG)
     sweep_png = None
-    if report.get("rank_sweep"):
+    if report.rank_sweep:
         sweep_png = AGREEMENT_PNG
-        v = own.get("verify") or {}
-        curve = {**v.get("by_rank", {}), str(report["rank"]): v} if v else None
+        v = own.verify or {}
+        curve = {**v.get("by_rank", {}), str(report.rank): v} if v else None
         plot_rank_sweep(
-            report["rank_sweep"],
+            report.rank_sweep,
             folder / AGREEMENT_PNG,
             own=curve,
-            title=f"{own['name']}: agreement against shared rank (all {len(report['adapters'])} adapters)",
+            title=f"{own.name}: agreement against shared rank (all {len(report.adapters)} adapters)",
         )
     path = folder / CARD_NAME
     path.write_text(render_card(report, job, ranks_png=ranks_png, sweep_png=sweep_png))
@@ -66,16 +64,15 @@ def write_card(job: CardSpec, report: dict, figures: ClusterFigures | None = Non
 
 
 @functools.lru_cache(maxsize=1)
-def _report_file(path: str) -> dict:
+def _report_file(path: str) -> Report:
     """A worker reads the run's report once, from the file its parent wrote (not pickled with every chunk)."""
-    return json.loads(Path(path).read_text())
+    return Report.from_dict(json.loads(Path(path).read_text()))
 
 
-def _write_cluster_chunk(jobs: list[CardSpec], report: dict | str) -> int:
+def _write_cluster_chunk(jobs: list[CardSpec], report: Report | str) -> int:
     """Cards of adapters of one cluster on one set of figures; `report` itself, or in a worker the path of its file."""
     report = _report_file(report) if isinstance(report, str) else report
-    cluster = report["adapters"][jobs[0].index].get("cluster")
-    figures = ClusterFigures(report, [j for j, a in enumerate(report["adapters"]) if a.get("cluster") == cluster])
+    figures = ClusterFigures(report, report.members(report.adapters[jobs[0].index].cluster))
     try:
         for job in jobs:
             write_card(job, report, figures)
@@ -87,7 +84,7 @@ def _write_cluster_chunk(jobs: list[CardSpec], report: dict | str) -> int:
 PARALLEL_CARDS = 64  # below this many cards, worker start-up costs more than it saves
 
 
-def write_cards(jobs: list[CardSpec], report: dict, *, workers: int = 1, progress=None) -> None:
+def write_cards(jobs: list[CardSpec], report: Report, *, workers: int = 1, progress=None) -> None:
     """All cards, cluster by cluster; with many cards and workers > 1, in worker processes (spawned, so no
     torch state is forked), each drawing a share of a cluster on figures it builds once."""
     import math
@@ -96,7 +93,7 @@ def write_cards(jobs: list[CardSpec], report: dict, *, workers: int = 1, progres
     chunks: list[list[CardSpec]] = []
     by_cluster: dict[object, list[CardSpec]] = {}
     for job in jobs:
-        by_cluster.setdefault(report["adapters"][job.index].get("cluster"), []).append(job)
+        by_cluster.setdefault(report.adapters[job.index].cluster, []).append(job)
     workers = max(1, min(workers, os.cpu_count() or 1))
     parallel = workers > 1 and len(jobs) >= PARALLEL_CARDS
     for members in by_cluster.values():
@@ -116,7 +113,7 @@ def write_cards(jobs: list[CardSpec], report: dict, *, workers: int = 1, progres
 
     with tempfile.TemporaryDirectory(prefix="soppu-cards-") as tmp:
         path = Path(tmp) / "report.json"
-        path.write_text(json.dumps(report))
+        path.write_text(report.to_json(indent=None))
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for n in pool.map(partial(_write_cluster_chunk, report=str(path)), chunks):
                 done += n

@@ -15,6 +15,7 @@ from ..compression.bundle import Bundle
 from ..compression.cluster import normalise
 from ..compression.plan import Compression
 from ..compression.quantize import Store
+from ..compression.report import Report
 from .format import CENTROIDS_FILE, ClusterInfo, CollectionInfo, Member, save_bases, write_collection, write_members
 
 
@@ -36,7 +37,7 @@ def write_collection_folder(
     comp: Compression,
     written: list[Bundle],
     ids: list[str],
-    report: dict,
+    report: Report,
     *,
     repo_ids: list[str | None],
     command: str,
@@ -49,10 +50,10 @@ def write_collection_folder(
     probes = probe_modules(adapters, modules)
     sig = normalise(signatures(adapters, modules, probes))
     save_centroids(folder / CENTROIDS_FILE, cluster_centroids(sig, comp.cluster_of, len(written)))
-    entries = report["adapters"]
+    entries = report.adapters
     clusters = []
     for c, wb in enumerate(written):
-        info = ClusterInfo(c, ids[c], max(e["mean_rel_error"] for e in entries if e["cluster"] == c))
+        info = ClusterInfo(c, ids[c], max(e.mean_rel_error for e in entries if e.cluster == c))
         save_bases(folder / info.file, {n: (mb.U, mb.V) for n, mb in wb.modules.items()}, ids[c], store)
         clusters.append(info)
     shapes = {m: list(next(a.modules[m].shape for a in adapters if m in a.modules)) for m in modules}
@@ -73,7 +74,7 @@ def write_collection_folder(
         folder,
         info,
         [
-            Member(e["name"], e["cluster"], e["mean_rel_error"], e["max_rel_error"], e["source"], "compress", repo_id=r)
+            Member(e.name, e.cluster, e.mean_rel_error, e.max_rel_error, e.source, "compress", repo_id=r)
             for e, r in zip(entries, repo_ids)
         ],
     )

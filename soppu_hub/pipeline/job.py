@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from ..compression.config import CompressConfig
 from ..compression.export import export_peft
 from ..compression.plan import Compression, Progress, compress
+from ..compression.report import Report
 from ..errors import SoppuError
 from ..hub.common import is_repo_id
 from ..hub.pull import Source, download_adapter, parse_source
@@ -25,7 +25,7 @@ from .spec import JobSpec
 
 @dataclass
 class JobResult:
-    report: dict
+    report: Report | None
     out: Path | None
     pushed: dict[str, PushResult] = field(default_factory=dict)  # repo id -> what its push did
 
@@ -67,14 +67,14 @@ def _rank_variants(
     return variants, params
 
 
-def _sweep_summary(params: dict[int, int], report: dict, checks: list[dict]) -> list[dict]:
+def _sweep_summary(params: dict[int, int], report: Report, checks: list[dict]) -> list[dict]:
     """Agreement against shared rank over all adapters: mean and worst, with the parameter ratio at each rank."""
     import statistics
 
     rows = []
-    for rank in [*sorted(params), report["rank"]]:
+    for rank in [*sorted(params), report.rank]:
         at = [c["by_rank"][str(rank)] if rank in params else c for c in checks]
-        ratio = report["params_before"] / (params[rank] if rank in params else report["params_after"])
+        ratio = report.params_before / (params[rank] if rank in params else report.params_after)
         rows.append(
             {
                 "rank": rank,
@@ -179,7 +179,7 @@ def run_job(
         )
     spec.export = spec.export.for_base(lorax_sizes(base, spec.token), base)
     out = Path(spec.out) if spec.out is not None else None
-    result = JobResult(report={}, out=out)
+    result = JobResult(report=None, out=out)
     with staged_output(out, overwrite=spec.overwrite) as tmp:
         comp = compress(adapters, spec.config, progress=progress)
         outputs = targets if spec.push else [str(out / n) for n in names]
@@ -212,20 +212,19 @@ def run_job(
                     prompts=probes,
                     progress=verify_progress,
                 )
-            for entry, v in zip(report["adapters"], checks):
-                entry["verify"] = v
+            for entry, v in zip(report.adapters, checks):
+                entry.verify = v
             if sweep:
-                report["rank_sweep"] = _sweep_summary(sweep, report, checks)
+                report.rank_sweep = _sweep_summary(sweep, report, checks)
         if sets:
             from ..evaluate.task_eval import evaluate_adapters
 
             log(f"scoring the eval examples with {base}")
             scores = evaluate_adapters(base_folder, folders, [tmp / n for n in names], sets, progress=score_progress)
-            for entry, t in zip(report["adapters"], scores):
-                if t is not None:
-                    entry["task_eval"] = t
+            for entry, t in zip(report.adapters, scores):
+                entry.task_eval = t
         if spec.verify or sets:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
+            (tmp / REPORT_NAME).write_text(report.to_json())
         _write_cards(tmp, report, names, targets, adapters, folders, spec, cards_progress)
         result.report = report
         if out is None:  # push straight from the temp folder
@@ -237,7 +236,7 @@ def run_job(
 
 def _write_cards(
     folder: Path,
-    report: dict,
+    report: Report,
     names: list[str],
     targets: list[str],
     adapters,
@@ -273,7 +272,7 @@ def compress_folders(
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
-) -> dict:
+) -> Report:
     """Local-only shortcut: compress adapter folders into `out` without touching the Hub; returns the report."""
     spec = JobSpec(sources=[str(s) for s in sources], config=config, out=Path(out), push=False, overwrite=overwrite)
     return run_job(spec, progress=progress).report

@@ -3,7 +3,6 @@ report.json written into it, with their byte counts."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 from ..compression.bundle import save_bundle
 from ..compression.export import ExportConfig, ExportInfo, export_peft
 from ..compression.plan import Compression, Progress, written_rel_errors
-from ..compression.report import Output, build_report
+from ..compression.report import Output, Report, build_report
 from ..compression.store import choose_store, stored_bundle
 from ..errors import SoppuError
 from ..memory import trim_heap
@@ -61,7 +60,7 @@ def write_outputs(
     command: str = "",
     repo_ids: list[str | None] | None = None,
     progress: Progress | None = None,
-) -> dict:
+) -> Report:
     """Bundle, one PEFT folder per adapter (with its slice of the bundle), and report.json; `progress(done, total)`
     after each adapter's folder (a thousand exports take minutes).
 
@@ -121,15 +120,15 @@ def write_outputs(
             repo_ids=repo_ids or [None] * len(names),
             store=store,
         )
-        report["collection"] = {"name": collection, "revision": None}
+        report.collection = {"name": collection, "revision": None}
     # params_after counts the bases once; every repo also carries its cluster's bases and a PEFT export: say so
-    report["written"] = {
+    report.written = {
         "bundle_params": sum(b.num_params for b in written),
         "repo_params": repo_params,
         "tensor_bytes": tensor_bytes(folder),
         "repo_bytes": sum(e.repo_bytes for e in exports),
     }
-    (folder / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    (folder / REPORT_NAME).write_text(report.to_json())
     return report
 
 

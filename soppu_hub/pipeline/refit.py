@@ -13,6 +13,7 @@ from pathlib import Path
 from ..collection.format import Member
 from ..collection.remote import open_collection
 from ..compression.config import CompressConfig
+from ..compression.report import Report
 from ..errors import SoppuError
 from ..hub.common import is_repo_id
 from .job import JobSpec
@@ -53,18 +54,18 @@ def refit_spec(spec: JobSpec) -> tuple[JobSpec, list[Member]]:
     return refit, members
 
 
-def drift(members: list[Member], report: dict) -> list[dict]:
+def drift(members: list[Member], report: Report) -> list[dict]:
     """Per member: its error before (as listed) and after the joint refit; `drift` = before - after for the members
     that had joined (how much a joint fit would have done better for them)."""
     rows = []
-    for m, a in zip(members, report["adapters"]):
+    for m, a in zip(members, report.adapters):
         row = {
             "name": m.repo_id or m.name,
             "how": m.how,
             "before": m.mean_rel_error,
-            "after": a["mean_rel_error"],
+            "after": a.mean_rel_error,
             "cluster_before": m.cluster,
-            "cluster_after": a["cluster"],
+            "cluster_after": a.cluster,
         }
         row["change"] = row["after"] - row["before"]
         rows.append(row)

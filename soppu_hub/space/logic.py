@@ -37,7 +37,7 @@ def list_soppu_adapters(author: str | None = None, *, token: str | None = None, 
 
 
 def list_collection_members(collection: str, *, token: str | None = None) -> list[str]:
-    """The pushed members of a soppu collection (its members files: cluster by cluster, in the order they came in); a collection that
+    """The pushed members of a soppu collection (cluster by cluster, in the order they came in); a collection that
     cannot be read is a SoppuError, and the picker still accepts typed ids."""
     from ..collection.remote import open_collection
 
