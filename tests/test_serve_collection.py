@@ -156,11 +156,11 @@ def test_an_adapter_is_measured_alone_not_with_what_others_are_loading(sample_ad
         local_root=sample_adapters[0].parent,
         max_lora_bytes=int(1.5 * one),
     )
-    store._locked_load(sample_adapters[0], "mid_load", None)  # another request's load, not yet registered
+    store.host.load(sample_adapters[0], "mid_load", None)  # another request's load, not yet registered
     assert store.memory()["resident_lora_bytes"] == lora_bytes(sample_adapters[0]) > 0.5 * one
     name, release = store.acquire(sample_adapters[1].name, "local", None)
     release()
-    assert store.loaded_ids() == [f"local:{sample_adapters[1].name}"] and name in store.peft.peft_config
+    assert store.loaded_ids() == [f"local:{sample_adapters[1].name}"] and name in store.host.peft.peft_config
     assert store.memory()["resident_lora_bytes"] > 1.5 * one  # the total is over the bound; the adapter alone is not
 
 

@@ -168,7 +168,7 @@ def test_engine_batches_embedding_lora_with_plain_adapters(tmp_path):
         engine.submit(j)
     for _ in jobs:
         assert done.acquire(timeout=120)
-    assert not engine.adapters.peft._soppu_rows_ok  # the embedding LoRA keeps PEFT's per-row hooks in play
+    assert not engine.adapters.host.peft._soppu_rows_ok  # the embedding LoRA keeps PEFT's per-row hooks in play
     expected = {name: alone(name) for name in set(order)}
     assert len({tuple(v) for v in expected.values()}) == 3  # the two adapters and the base really differ
     for name, j in zip(order, jobs):
