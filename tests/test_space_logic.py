@@ -27,9 +27,9 @@ class _Echo(ChatClient):
     def check(self) -> str:
         return self.model_id
 
-    def stream(self, messages, adapter_id=None, **kw):
-        self.calls.append((messages, adapter_id, kw))
-        for i, word in enumerate(messages[-1]["content"].split()):
+    def _stream(self, request):
+        self.calls.append(request)
+        for i, word in enumerate(request.messages[-1]["content"].split()):
             if self.fail and i == 1:
                 raise ChatError("the backend is overloaded right now; try again in a moment (429)")
             yield word + " "
@@ -38,14 +38,14 @@ class _Echo(ChatClient):
 def test_replies_accumulate_and_name_the_adapter_or_the_base():
     client = _Echo()
     assert list(stream_reply(client, "one two", [], "alice/a-soppu"))[-1] == "one two "
-    assert client.calls[-1][1] == "alice/a-soppu"
+    assert client.calls[-1].adapter_id == "alice/a-soppu"
     list(
         stream_reply(
             client, "hi", [], "__base_model__", system_prompt="Be brief.", max_new_tokens=999, max_new_tokens_cap=8
         )
     )
-    messages, adapter, kw = client.calls[-1]
-    assert adapter is None and kw["system_prompt"] == "Be brief." and kw["settings"].max_new_tokens == 8
+    asked = client.calls[-1]
+    assert asked.adapter_id is None and asked.system_prompt == "Be brief." and asked.settings.max_new_tokens == 8
     assert client.complete([{"role": "user", "content": "a b"}]) == "a b "  # the interface's own complete()
 
 
@@ -81,11 +81,11 @@ def test_space_options_from_the_environment(tmp_path):
 class _Slow(_Echo):
     """Each word after a pause; adapter "slow" pauses long: a pane that waited for the other would show it."""
 
-    def stream(self, messages, adapter_id=None, **kw):
+    def _stream(self, request):
         import time
 
-        for word in super().stream(messages, adapter_id, **kw):
-            time.sleep(0.2 if adapter_id == "alice/slow" else 0.01)
+        for word in super()._stream(request):
+            time.sleep(0.2 if request.adapter_id == "alice/slow" else 0.01)
             yield word
 
 

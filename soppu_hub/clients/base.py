@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import SoppuError
 
@@ -29,6 +29,18 @@ class GenerationSettings:
         return bool(self.temperature) and self.temperature > 0
 
 
+@dataclass
+class ChatRequest:
+    """One reply asked of a backend: what `ChatClient.stream` hands each backend's `_stream`."""
+
+    messages: list[dict]
+    adapter_id: str | None = None  # None: the base model
+    adapter_source: str = "hub"  # LoRAX's; vLLM has no such
+    api_token: str | None = None  # LoRAX's: a token for a private adapter repo
+    system_prompt: str | None = None
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+
+
 class ChatClient(ABC):
     """A backend that streams an adapter's reply to chat messages (the Space and `soppu-hub chat` take any)."""
 
@@ -44,7 +56,6 @@ class ChatClient(ABC):
         a message too long is refused before it is sent. None: it cannot (the request says so itself)."""
         return None
 
-    @abstractmethod
     def stream(
         self,
         messages: list[dict],
@@ -56,6 +67,14 @@ class ChatClient(ABC):
         settings: GenerationSettings | None = None,
     ) -> Iterator[str]:
         """Yield the reply's text piece by piece as the backend produces tokens (adapter_id None: the base)."""
+        request = ChatRequest(messages, adapter_id, adapter_source, api_token, system_prompt)
+        if settings is not None:
+            request.settings = settings
+        return self._stream(request)
+
+    @abstractmethod
+    def _stream(self, request: ChatRequest) -> Iterator[str]:
+        """The backend's own streaming call."""
 
     def complete(self, messages: list[dict], adapter_id: str | None = None, **kw) -> str:
         return "".join(self.stream(messages, adapter_id, **kw))

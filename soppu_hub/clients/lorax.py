@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from .base import (
     ChatClient,
     ChatError,
+    ChatRequest,
     GenerationSettings,
     mapped_errors,
     overloaded,
@@ -155,23 +156,14 @@ class LoraxChatClient(ChatClient):
             return None  # a backend without /tokenize: the request itself says when a prompt is too long
 
     # --- generation ------------------------------------------------------------------------------
-    def stream(
-        self,
-        messages: list[dict],
-        adapter_id: str | None = None,
-        *,
-        adapter_source: str = "hub",
-        api_token: str | None = None,
-        system_prompt: str | None = None,
-        settings: GenerationSettings | None = None,
-    ) -> Iterator[str]:
-        kw = {k: v for k, v in lorax_parameters(settings or GenerationSettings()).items() if v is not None}
-        if adapter_id:
-            kw.update(adapter_id=adapter_id, adapter_source=adapter_source)
-            if api_token:
-                kw["api_token"] = api_token
-        prompt = self.render(messages, system_prompt)
-        with mapped_errors(_map_error, adapter_id, self.url):
+    def _stream(self, request: ChatRequest) -> Iterator[str]:
+        kw = {k: v for k, v in lorax_parameters(request.settings).items() if v is not None}
+        if request.adapter_id:
+            kw.update(adapter_id=request.adapter_id, adapter_source=request.adapter_source)
+            if request.api_token:
+                kw["api_token"] = request.api_token
+        prompt = self.render(request.messages, request.system_prompt)
+        with mapped_errors(_map_error, request.adapter_id, self.url):
             for resp in self.client.generate_stream(prompt, **kw):
                 if not resp.token.special:
                     yield resp.token.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from . import base
-from .base import ChatClient, ChatError, GenerationSettings, mapped_errors, with_system_prompt
+from .base import ChatClient, ChatError, ChatRequest, mapped_errors, with_system_prompt
 
 
 def _map_error(e: Exception, adapter_id: str | None, url: str) -> ChatError:
@@ -64,19 +64,10 @@ class OpenAIChatClient(ChatClient):
             self.model_id = (base or models)[0].id
         return self.model_id
 
-    def stream(
-        self,
-        messages: list[dict],
-        adapter_id: str | None = None,
-        *,
-        adapter_source: str = "hub",
-        api_token: str | None = None,
-        system_prompt: str | None = None,
-        settings: GenerationSettings | None = None,
-    ) -> Iterator[str]:
-        """Yield the reply's text piece by piece (`adapter_source` / `api_token` are LoRAX's; vLLM has no such)."""
-        settings = settings or GenerationSettings()
-        msgs = with_system_prompt(messages, system_prompt)
+    def _stream(self, request: ChatRequest) -> Iterator[str]:
+        """The reply through /v1/chat/completions (`adapter_source` / `api_token` are LoRAX's; vLLM has no such)."""
+        settings, adapter_id = request.settings, request.adapter_id
+        msgs = with_system_prompt(request.messages, request.system_prompt)
         kw: dict = {"max_tokens": settings.max_new_tokens}
         if settings.sampling:
             kw.update(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
