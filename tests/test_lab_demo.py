@@ -15,6 +15,24 @@ from lab.screenshot import look_at_the_space
 pytestmark = pytest.mark.e2e  # real servers over loopback
 
 
+def test_the_example_replies_docs_show_are_what_the_real_demo_answers(tmp_path):
+    """docs/demo.md's table of replies (written by `python -m lab demo --write-examples`), asked again of the real
+    demo's backend: SmolLM2-135M-Instruct, the 24 real adapters compressed as `make demo` does, greedy."""
+    from lab.demo_examples import EXAMPLES, ask, table, written
+
+    asked = []
+    run_demo(
+        tmp_path / "demo",
+        demo_set="real",
+        log=lambda _: None,
+        serve=False,
+        background_checks=False,
+        on_ready=lambda r: asked.extend(ask(r.backend_url)),
+    )
+    assert len(asked) == len(EXAMPLES) and all(r.compressed for r in asked)
+    assert table(asked) == written(), table(asked)
+
+
 def test_demo_runs_the_whole_chain(tmp_path):
     """The demo on the committed sample collection: 12 adapters, a real saving, and replies a person can read."""
     import json
