@@ -1,8 +1,8 @@
-"""docs/space.png, the demo page's screenshot: a person on the demo's Space, in headless Chromium, one adapter beside
-its original.
+"""docs/space.png and docs/space-phone.png, the demo page's screenshots: a person on the demo's Space, in headless
+Chromium, one adapter beside its original, at 1300x900 and on a phone (390x844).
 
-`make screenshot` (`python -m lab.screenshot [PNG]`) runs the real demo and keeps docs/space.png;
-the demo test drives the tiny demo through the same `look_at_the_space`.
+`make screenshot` (`python -m lab.screenshot [PNG]`) runs the real demo and keeps both (the phone's beside the PNG
+named, with -phone); the demo test drives the tiny demo through the same `look_at_the_space`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,15 @@ def wait_for_plot(page, timeout_ms: int = 30_000) -> None:
     )
 
 
-def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeout_ms: int = 120_000) -> dict[str, str]:
-    """Type `adapter`'s id, compare with its original, click the example prompt, send it; screenshot to `shot`.
-    Returns the last reply in each pane ({"adapter": ..., "base": ...})."""
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+
+
+def look_at_the_space(
+    url: str, adapter: str, example: str, shot: Path, *, timeout_ms: int = 120_000, device: dict | None = None
+) -> dict[str, str]:
+    """Type `adapter`'s id, compare with its original, click the example prompt, send it; screenshot to `shot`
+    (`device`: the page's viewport and context, e.g. PHONE; default a 1300x900 desktop). Returns the last reply in
+    each pane ({"adapter": ..., "base": ...})."""
     from playwright.sync_api import expect, sync_playwright
 
     seen = {}
@@ -60,7 +66,8 @@ def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeo
         try:
             # the page's own first card (the list's first adapter) before typing: typed earlier, the box is reset
             # to the list's value when the page finishes loading, and the screenshot names the wrong adapter
-            page = open_space(browser, url, {"width": 1300, "height": 900})
+            context = dict(device or {"viewport": {"width": 1300, "height": 900}})
+            page = open_space(browser, url, context.pop("viewport"), **context)
             typed = page.locator("#adapter-id textarea, #adapter-id input").first
             typed.fill(adapter)
             typed.press("Enter")
@@ -77,7 +84,10 @@ def look_at_the_space(url: str, adapter: str, example: str, shot: Path, *, timeo
             for pane in ("adapter", "base"):
                 seen[pane] = page.locator(BOTS.format(pane)).last.inner_text()
             shot.parent.mkdir(parents=True, exist_ok=True)
-            page.evaluate("window.scrollTo(0, 0)")  # clicking an example low in a long list scrolled the chats away
+            if device is None:  # clicking an example low in a long list scrolled the chats away
+                page.evaluate("window.scrollTo(0, 0)")
+            else:  # a phone: the replies and the box under them, where a person's thumb is
+                page.locator("#message").scroll_into_view_if_needed()
             page.screenshot(path=str(shot))
         finally:
             browser.close()
@@ -94,16 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     names = [a.name for a in demo_set.adapters]
     name = "pirate" if "pirate" in names else names[0]
     seen: dict[str, str] = {}
+    phone = shot.with_name(f"{shot.stem}-phone{shot.suffix}")
+    example = demo_set.examples[names.index(name)]
+
+    def look(run) -> None:
+        seen.update(look_at_the_space(run.space_url, f"alice/{name}-soppu", example, shot))
+        look_at_the_space(run.space_url, f"alice/{name}-soppu", example, phone, device=PHONE)
+
     with tempfile.TemporaryDirectory(prefix="soppu-screenshot-") as tmp:
-        run_demo(
-            Path(tmp) / "demo",
-            demo_set=demo_set,
-            serve=False,
-            on_ready=lambda run: seen.update(
-                look_at_the_space(run.space_url, f"alice/{name}-soppu", demo_set.examples[names.index(name)], shot)
-            ),
-        )
-    print(f"{shot}: alice/{name}-soppu said {seen.get('adapter')!r}; its original said {seen.get('base')!r}")
+        run_demo(Path(tmp) / "demo", demo_set=demo_set, serve=False, background_checks=False, on_ready=look)
+    print(
+        f"{shot} and {phone}: alice/{name}-soppu said {seen.get('adapter')!r}; its original said {seen.get('base')!r}"
+    )
     return 0
 
 
