@@ -164,6 +164,10 @@ def test_error_plot_of_a_real_model_fits_a_card(tmp_path):
     width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR
     assert width <= MAX_WIDTH * 110 and width / height < 3.5, (width, height)
     assert sorted(figures.kinds) == sorted(k.split(".")[-1] for k in kinds) and len(figures.layers) == 30
+    # past LINES_PAST layers a line per module type (210 bars blur), each point this adapter's error at that layer
+    assert figures.lines and list(figures.marks["q_proj"].get_ydata()) == [
+        modules[f"model.layers.{i}.self_attn.q_proj"]["rel_error"] for i in range(30)
+    ]
 
 
 def test_a_priced_run_names_what_was_chosen_and_the_runner_up():

@@ -56,6 +56,7 @@ def _pyplot():
 
 
 MAX_WIDTH = 12.0  # inches, at 110 dpi
+LINES_PAST = 8  # layers: up to this many, grouped bars per layer; past it, a line per module type
 
 
 class ClusterFigures:
@@ -78,11 +79,36 @@ class ClusterFigures:
         wide = 0.5 * len(self.layers) * max(1, len(self.kinds)) ** 0.5 + 3
         self.fig, ax = plt.subplots(figsize=(min(MAX_WIDTH, max(6.5, wide)), 4.6), dpi=110)
         cmap = plt.get_cmap("tab10")
-        self.bars = {}
+        self.marks = {}  # module type -> its bars (few layers) or its line (many: 210 bars of a real model blur)
         self.ranges = []
+        self.lines = len(self.layers) > LINES_PAST
+        if self.lines and len(members) > 1:  # one band, the same for every card: drawn into the background
+            every = [[v for g in grid.values() for v in g.get(layer, [])] for layer in self.layers]
+            self.ranges.append(
+                ax.fill_between(
+                    range(len(self.layers)),
+                    [min(vs, default=0.0) for vs in every],
+                    [max(vs, default=0.0) for vs in every],
+                    color="grey",
+                    alpha=0.18,
+                    lw=0,
+                    label=f"range over the {len(members)} adapters sharing these bases (all module types)",
+                )
+            )
         for k, kind in enumerate(self.kinds):
+            if self.lines:
+                (self.marks[kind],) = ax.plot(
+                    range(len(self.layers)),
+                    [float("nan")] * len(self.layers),
+                    "o-",
+                    ms=3,
+                    lw=1.4,
+                    color=cmap(k % 10),
+                    label=kind,
+                )
+                continue
             xs = [i + (k - (len(self.kinds) - 1) / 2) * width for i in range(len(self.layers))]
-            self.bars[kind] = ax.bar(xs, [0.0] * len(xs), width=width, color=cmap(k % 10), label=kind)
+            self.marks[kind] = ax.bar(xs, [0.0] * len(xs), width=width, color=cmap(k % 10), label=kind)
             if len(members) > 1:  # the range over the cluster's adapters, drawn once
                 lo = [min(grid[kind].get(layer, [0.0])) for layer in self.layers]
                 hi = [max(grid[kind].get(layer, [0.0])) for layer in self.layers]
@@ -128,7 +154,8 @@ class ClusterFigures:
         # Blitting: draw everything that is the same for every adapter once, then per adapter only the bars,
         # the range lines over them and the title (a full draw per card was most of a card's cost).
         self.ax = ax
-        self._moving = [b for bars in self.bars.values() for b in bars] + self.ranges + [self.name]
+        moving = list(self.marks.values()) if self.lines else [b for bars in self.marks.values() for b in bars]
+        self._moving = moving + ([] if self.lines else self.ranges) + [self.name]
         for artist in self._moving + [ax.get_legend()]:
             artist.set_visible(False)
         self.fig.canvas.draw()
@@ -137,7 +164,7 @@ class ClusterFigures:
             artist.set_visible(True)
 
     def _legend(self, ax, kinds: list[str]):
-        handles = [self.bars[k] for k in kinds] + self.ranges[:1]
+        handles = [self.marks[k] for k in kinds] + self.ranges[:1]
         return ax.legend(
             handles=handles,
             fontsize=8,
@@ -154,8 +181,11 @@ class ClusterFigures:
         for module, v in own.modules.items():
             layer, kind = _layer_and_type(module)
             values[kind][layer] = v["rel_error"]
-        for kind, bars in self.bars.items():
-            for bar, layer in zip(bars, self.layers):
+        for kind, mark in self.marks.items():
+            if self.lines:
+                mark.set_ydata([values[kind].get(layer, float("nan")) for layer in self.layers])
+                continue
+            for bar, layer in zip(mark, self.layers):
                 bar.set_height(values[kind].get(layer, 0.0))
         self.name.set_text(own.name)
         canvas = self.fig.canvas
