@@ -178,10 +178,11 @@ def test_browser_phone_width_stacks_the_panes(space, tmp_path):
             browser.close()
 
 
-def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, backend, tmp_path):
-    """At 1280x900 the Send and Stop buttons are on screen without scrolling; replies are shown as plain text
-    (Markdown would turn "17. Mai 2031" into a numbered list); Stop ends a reply and frees the box; a message too
-    long for the backend is refused before it is sent."""
+@pytest.mark.parametrize("width,height", [(1280, 900), (390, 844)])
+def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, backend, tmp_path, width, height):
+    """At 1280x900 the Send and Stop buttons are on screen without scrolling; at both widths replies are shown as
+    plain text (Markdown would turn "17. Mai 2031" into a numbered list), Stop ends a reply and frees the box, and a
+    message too long for the backend is refused before it is sent."""
     import json
     import urllib.request
 
@@ -195,20 +196,23 @@ def test_browser_send_and_stop_on_view_and_replies_are_plain_text(space, backend
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = open_space(browser, space, {"width": 1280, "height": 900})
-            for button in ("#send", "#stop"):
-                box = page.locator(button).bounding_box()
-                assert box and box["y"] + box["height"] <= 900, (button, box)
-            # the error plot at the chat column's width, not squeezed into the side column
-            wait_for_plot(page)
-            plot, side = page.locator("#error-plot img").bounding_box(), page.locator("#side").bounding_box()
-            assert plot["width"] > side["width"] + 150, (plot, side)
+            phone = width < 500
+            extra = {"is_mobile": True, "has_touch": True} if phone else {}
+            page = open_space(browser, space, {"width": width, "height": height}, **extra)
+            if not phone:
+                for button in ("#send", "#stop"):
+                    box = page.locator(button).bounding_box()
+                    assert box and box["y"] + box["height"] <= height, (button, box)
+                # the error plot at the chat column's width, not squeezed into the side column
+                wait_for_plot(page)
+                plot, side = page.locator("#error-plot img").bounding_box(), page.locator("#side").bounding_box()
+                assert plot["width"] > side["width"] + 150, (plot, side)
             message = page.locator("#message textarea")
             message.fill("Tell me a long story about the sea, please.")
             message.press("Enter")
             page.locator("#stop").click()
             expect(message).to_be_enabled(timeout=10_000)  # the box takes a message again
-            page.screenshot(path=str(_artifacts(tmp_path) / "space-1280.png"))
+            page.screenshot(path=str(_artifacts(tmp_path) / f"space-{width}.png"))
             # a message the backend cannot take (prompts up to 255 tokens here: --max-total-tokens 256): one line
             # under the box naming the limit, the message kept there, nothing sent
             long = "Tell me about the sea and the ships on it. " * 60

@@ -138,3 +138,41 @@ def test_a_message_too_long_is_refused_and_a_long_one_confirmed_before_it_goes()
     finally:
         logic.LONG_PROMPT = old
     assert length_check(_Echo(), "word " * 10_000, []) == (True, "")  # a backend that cannot say: the request will
+
+
+class _Stuck(_Echo):
+    """A backend whose first token takes long (a long prompt on a CPU backend); it counts the streams left open."""
+
+    def __init__(self):
+        super().__init__()
+        self.open = 0
+
+    def _stream(self, request):
+        import time
+
+        self.open += 1
+        try:
+            time.sleep(5.0)
+            yield from super()._stream(request)
+        finally:
+            self.open -= 1
+
+
+def test_stop_ends_both_panes_at_once_even_before_the_first_token():
+    """Stop while the backend has not answered yet: the reply ends within a few checks (not when the backend
+    speaks), and each pane closes its stream at its next token, so the backend's slot is freed."""
+    import threading
+    import time
+
+    from soppu_hub.space.logic import STOP_CHECK_S, stream_both
+
+    client, stop = _Stuck(), threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    start = time.monotonic()
+    events = list(stream_both(client, "one two three", [([], "alice/a"), ([], "alice/b")], stop=stop))
+    assert time.monotonic() - start < 3.0 > 0.2 + 3 * STOP_CHECK_S  # not the 5 s the backend takes
+    assert all(text == "" for _, text in events)  # only the empty start of each reply came before Stop
+    deadline = time.monotonic() + 30
+    while client.open and time.monotonic() < deadline:  # the panes leave at the backend's first token
+        time.sleep(0.05)
+    assert client.open == 0

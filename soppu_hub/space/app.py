@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -39,6 +40,7 @@ COMPARE_NONE, COMPARE_ORIGINAL, COMPARE_BASE = "nothing", "the original adapter"
 # Card reads run one at a time, in the order asked: a slow first card (page load) finishing after the card of an
 # adapter picked meanwhile would otherwise overwrite it with the wrong adapter's summary.
 ONE_CARD_AT_A_TIME = {"concurrency_limit": 1, "concurrency_id": "card"}
+STOPS: dict[str, threading.Event] = {}  # per browser session: Stop pressed while its reply streams
 MAX_NEW_TOKENS = int(os.environ.get("SOPPU_MAX_NEW_TOKENS", "256"))
 # one set of defaults for the UI's controls and the `chat` API
 DEFAULT_TEMPERATURE = 0.0
@@ -125,7 +127,21 @@ def build_app(
             return current, gr.update(), f"⚠️ {e}"
         return repo_id, gr.update(choices=listed(repo_id), value=repo_id), ""
 
-    def respond(message, history, base_history, adapter_id, system, temperature, max_new, compare, original, warned):
+    def respond(
+        message,
+        history,
+        base_history,
+        adapter_id,
+        system,
+        temperature,
+        max_new,
+        compare,
+        original,
+        warned,
+        request: gr.Request,
+    ):
+        stop = STOPS.setdefault(request.session_hash, threading.Event())
+        stop.clear()
         if not (message or "").strip():
             yield "", history, base_history, "", None
             return
@@ -146,7 +162,7 @@ def build_app(
         # unlocks it
         yield gr.update(value="", interactive=False), history, base_history, "", None
         runs = [(past, adapter_id)] + ([(base_past, other)] if compare else [])
-        for i, text in stream_both(client, message, runs, **kw):  # both panes at once
+        for i, text in stream_both(client, message, runs, stop=stop, **kw):  # both panes at once
             (history if i == 0 else base_history)[-1] = {"role": "assistant", "content": text}
             yield gr.skip(), history, base_history, gr.skip(), gr.skip()
         # value too: fast yields may be coalesced
@@ -259,12 +275,17 @@ def build_app(
         inputs = [message, chatbot, base_chat, active, system, temperature, max_new, compare, original, warned]
         outputs = [message, chatbot, base_chat, message_note, warned]
         # always_last: a message sent while the previous reply is finishing runs right after it, never dropped
-        sent = message.submit(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
-        clicked = send.click(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
-        # Stop: the streams end where they are (the reply so far stays) and the box takes a message again
-        stop.click(
-            lambda: gr.update(interactive=True), None, message, cancels=[sent, clicked], api_visibility="private"
-        )
+        message.submit(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
+        send.click(respond, inputs, outputs, api_visibility="private", trigger_mode="always_last")
+
+        # Stop: the streams end where they are (the reply so far stays) and the box takes a message again. A flag
+        # the reply looks at, not Gradio's `cancels`: a cancelled event sometimes never completed in the page, and
+        # the next message, queued behind it (always_last), was then never sent
+        def stop_reply(request: gr.Request):
+            STOPS.setdefault(request.session_hash, threading.Event()).set()
+            return gr.update(interactive=True)
+
+        stop.click(stop_reply, None, message, api_visibility="private")
         clear.click(lambda: ([], []), None, [chatbot, base_chat], api_visibility="private")
         gr.api(chat, api_name="chat")
     return demo

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -123,6 +124,7 @@ def check_adapter_repo(repo_id: str | None, *, token: str | None = None) -> str:
     return repo_id
 
 
+STOP_CHECK_S = 0.2  # how often a reply waiting on the backend looks whether Stop was pressed
 LONG_PROMPT = 1000  # tokens: on a CPU backend the first words of a reply then take tens of seconds, or minutes
 
 
@@ -149,28 +151,42 @@ def length_check(
 
 
 def stream_both(
-    client: ChatClient, message: str, runs: list[tuple[list | None, str | None]], **kw
+    client: ChatClient,
+    message: str,
+    runs: list[tuple[list | None, str | None]],
+    *,
+    stop: threading.Event | None = None,
+    **kw,
 ) -> Iterator[tuple[int, str]]:
     """(which run, its reply so far) as tokens arrive, the runs (history, adapter id) streaming at the same time:
-    the compare pane does not wait for the first to finish. Each run is stream_reply (errors one line)."""
+    the compare pane does not wait for the first to finish. Each run is stream_reply (errors one line). `stop` set:
+    it returns within STOP_CHECK_S, whatever the backend is doing, and each run leaves its stream (closing the
+    connection, which frees the backend's slot) at its next token."""
     import queue
-    import threading
 
     done = object()
     out: queue.Queue = queue.Queue()
+    stop = stop or threading.Event()
 
     def run(i: int, history, adapter_id) -> None:
+        replies = stream_reply(client, message, history, adapter_id, **kw)
         try:
-            for text in stream_reply(client, message, history, adapter_id, **kw):
+            for text in replies:
+                if stop.is_set():
+                    return
                 out.put((i, text))
         finally:
+            replies.close()  # a stopped reply's HTTP stream closes now: the backend cancels it
             out.put((i, done))
 
     for i, (history, adapter_id) in enumerate(runs):
         threading.Thread(target=run, args=(i, history, adapter_id), daemon=True, name=f"space-pane-{i}").start()
     left = len(runs)
-    while left:
-        i, text = out.get()
+    while left and not stop.is_set():
+        try:
+            i, text = out.get(timeout=STOP_CHECK_S)
+        except queue.Empty:
+            continue
         if text is done:
             left -= 1
         else:
