@@ -56,7 +56,7 @@ def push_all(
     spec: JobSpec,
     log: Callable[[str], None],
     progress: Progress | None = None,
-) -> dict[str, str]:
+) -> dict[str, PushResult]:
     """One commit per repo, `spec.workers` repos at a time; a repo whose adapter is already on the Hub unchanged
     is skipped (so a rerun after a failure pushes only what is missing or changed; without --collection,
     "unchanged" includes the float noise of another machine's thread count: pipeline/unchanged.py; with it, push_outputs
@@ -87,9 +87,10 @@ def push_all(
             failed[repo_id] = failure_reason(e)
             return
         pushed[repo_id] = result
-        log(f"unchanged {repo_id} (already on the Hub, skipped)" if result.skipped else f"pushed {repo_id}")
-        if progress:
+        if progress:  # the bar says how far; the run's summary lists every repo with its commit
             progress(len(pushed), len(targets))
+        else:
+            log(f"unchanged {repo_id} (already on the Hub, skipped)" if result.skipped else f"pushed {repo_id}")
 
     hold_tqdm_lock()
     with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
