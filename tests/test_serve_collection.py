@@ -210,12 +210,49 @@ def test_a_resident_rows_delta_is_its_own_members_u_s_vt_x(n_rows):
             torch.testing.assert_close(got[row], x[row] @ (U[c] @ S[k] @ Vt[c]).T)
 
 
-def post(url: str) -> tuple[int, dict]:
+def post(url: str, headers: dict | None = None) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST")) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST", headers=headers or {})) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_reloading_needs_the_admin_token_when_the_server_has_one(collection, tiny_base, tmp_path):
+    """Started with --admin-token (here from $SOPPU_ADMIN_TOKEN): a reload without it, or with another, is a 403
+    in LoRAX's error shape and changes nothing; with it, the reload runs. /info says which rule holds."""
+    import os
+
+    child = start_backend(
+        str(tiny_base),
+        extra=["--collection", str(collection / "out" / "collection")],
+        env=dict(os.environ, SOPPU_ADMIN_TOKEN="s3cret-admin"),
+    )
+    try:
+        assert json.loads(urllib.request.urlopen(f"{child.url}/info").read())["admin_routes"] == "token"
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, body = post(f"{child.url}/collection/reload", headers)
+            assert status == 403 and body["error_type"] == "forbidden" and "--admin-token" in body["error"], body
+            assert "s3cret" not in body["error"]
+        status, body = post(f"{child.url}/collection/reload", {"Authorization": "Bearer s3cret-admin"})
+        assert status == 200 and body["members"] == body["members_before"] == 8, body
+    finally:
+        child.stop()
+
+
+def test_without_a_token_admin_routes_answer_this_machine_only(tiny_base):
+    """No --admin-token: a client from elsewhere (FastAPI's test client is not on loopback) is refused with 403,
+    before the route does anything."""
+    from fastapi.testclient import TestClient
+
+    from soppu_hub.serve.api import create_app
+    from soppu_hub.serve.config import ServeConfig
+    from soppu_hub.serve.engine import Engine
+
+    client = TestClient(create_app(Engine(tiny_base, ServeConfig(model=str(tiny_base)))))
+    r = client.post("/collection/reload")
+    assert r.status_code == 403 and "answers this machine only" in r.json()["error"], r.text
+    assert client.get("/info").json()["admin_routes"] == "loopback only"
 
 
 def test_a_running_server_reloads_its_collection_and_keeps_it_when_the_new_one_is_damaged(

@@ -114,6 +114,7 @@ def _serve(p: argparse.ArgumentParser) -> None:
             "max_concurrent_requests",
             "adapter_dir",
             "share_bases",
+            "admin_token",
         ],
     )
     p.add_argument(

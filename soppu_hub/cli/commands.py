@@ -115,6 +115,7 @@ def cmd_hub(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import dataclasses
+    import os
 
     from ..serve import build_engine, serve
     from ..serve.config import ServeConfig
@@ -122,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
     )
+    config.admin_token = config.admin_token or os.environ.get("SOPPU_ADMIN_TOKEN") or None
     engine = build_engine(config)
     print(f"serving {args.model} (LoRAX API) on http://{args.host}:{args.port}", flush=True)
     serve(engine, host=args.host, port=args.port)

@@ -51,4 +51,12 @@ class ServeConfig:
             "flag": "--no-shared-bases",
         },
     )
+    admin_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "routes that change what is served (POST /collection/reload) need 'Authorization: Bearer "
+            "TOKEN'; without one they answer loopback clients only (default: $SOPPU_ADMIN_TOKEN)",
+            "metavar": "TOKEN",
+        },
+    )
     device: str = "cpu"

@@ -65,6 +65,7 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = config.model or str(model_dir)
+        self.admin_token = config.admin_token
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.tokenizer.padding_side = "left"
         self.device = torch.device(config.device)

@@ -18,3 +18,9 @@ class AdapterLoadFailed(ServeError):
 
 class Overloaded(ServeError):
     status, error_type = 429, "overloaded"
+
+
+class Forbidden(ServeError):
+    """An admin route asked without its token (or, with none set, from another machine)."""
+
+    status, error_type = 403, "forbidden"

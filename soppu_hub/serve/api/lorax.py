@@ -14,9 +14,30 @@ from fastapi.responses import StreamingResponse
 
 from ... import __version__
 from ..engine import Engine, TokenEvent
-from ..errors import ValidationFailed
+from ..errors import Forbidden, ValidationFailed
 from ..params import MAX_STOP_SEQUENCES
 from .submission import Submission, body_of, collect, sse, submit, token_json
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_admin(engine: Engine, request: Request) -> None:
+    """A route that changes what is served: with --admin-token, only 'Authorization: Bearer <it>'; without one,
+    only a client on this machine (a server on 0.0.0.0 is not reloaded by strangers)."""
+    import hmac
+
+    if engine.admin_token:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), engine.admin_token.encode()):
+            raise Forbidden(
+                "this route changes what the server serves: send 'Authorization: Bearer <the --admin-token the "
+                "server was started with>'"
+            )
+    elif (request.client.host if request.client else "") not in LOOPBACK:
+        raise Forbidden(
+            "this route changes what the server serves and answers this machine only; start the server with "
+            "--admin-token TOKEN to allow it from elsewhere"
+        )
 
 
 async def _stream(req: Submission) -> AsyncIterator[bytes]:
@@ -98,12 +119,14 @@ def lorax_routes(engine: Engine) -> APIRouter:
             "requests_in_flight": engine.active,
             "requests_cancelled": engine.cancelled,
             "chat_template": getattr(engine.tokenizer, "chat_template", None),
+            "admin_routes": "token" if engine.admin_token else "loopback only",
         }
 
     @router.post("/collection/reload")
-    def reload_collection():
+    def reload_collection(request: Request):
         """Not LoRAX's: read the resident collection's newest revision (members that joined since start); a
-        damaged one is refused in one line and the server keeps serving what it had."""
+        damaged one is refused in one line and the server keeps serving what it had. An admin route."""
+        check_admin(engine, request)
         return engine.adapters.reload_collection()
 
     @router.post("/tokenize")
