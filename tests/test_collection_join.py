@@ -257,6 +257,72 @@ def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
         ),
     ],
 )
+def _huge_header(path) -> None:
+    """A safetensors file whose header declares one 100 GB float32 tensor, with 8 bytes of data behind it."""
+    import struct
+
+    header = json.dumps({"x.U": {"dtype": "F32", "shape": [100_000, 262_144], "data_offsets": [0, 104_857_600_000]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 8)
+
+
+def _wrong_shapes(path) -> None:
+    """The cluster's bases with every U one row short of what collection.json declares."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(path))
+    save_file({k: (v[:-1].contiguous() if k.endswith(".U") else v) for k, v in t.items()}, str(path))
+
+
+def _million_members(c) -> None:
+    """A members file listing a million members (about 120 MB) in every cluster."""
+    row = '{"name":"m%d","cluster":%d,"mean_rel_error":0.1,"max_rel_error":0.1,"source":"x","how":"compress"}'
+    for k in (0, 1):
+        body = ",".join(row % (i, k) for i in range(1_000_000))
+        (c / "clusters" / f"members-{k}.json").write_text('{"members":[' + body + "]}")
+
+
+@pytest.mark.parametrize(
+    "hostile,expected",
+    [
+        (lambda c: [_huge_header(p) for p in (c / "clusters").glob("cluster-*.safetensors")], "cannot be read"),
+        (lambda c: [_wrong_shapes(p) for p in (c / "clusters").glob("cluster-*.safetensors")], "declares"),
+        (_million_members, "more than a members file can be"),
+    ],
+)
+def test_hostile_collection_files_are_one_line_with_bounded_memory(built, tmp_path, hostile, expected):
+    """A header declaring a 100 GB tensor, bases whose shapes disagree with collection.json, a million members:
+    each is one line and nothing is written, and the join's peak memory stays within 100 MB of a normal join's
+    (the files are refused, not read into memory)."""
+    out, folders, _, _ = fresh(built, tmp_path)
+    normal_rc, _, normal_peak = _join_measured(folders[13], out / "collection", tmp_path / "ok")
+    assert normal_rc == 0
+    hostile(out / "collection")
+    rc, err, peak = _join_measured(folders[12], out / "collection", tmp_path / "j")
+    assert rc == 2 and err.count("\n") == 0 and expected in err, err
+    assert not (tmp_path / "j").exists()
+    assert peak < normal_peak + 100 * 1024, (peak, normal_peak)  # kB
+
+
+def _join_measured(source, collection, out) -> tuple[int, str, int]:
+    """`soppu-hub join --no-push` in a child process: (exit code, its error line, its peak RSS in kB: VmHWM, which
+    is the child's own; getrusage's maxrss would carry the forking test process's size across exec)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from soppu_hub.cli import main\n"
+        "rc = main(sys.argv[1:])\n"
+        "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+        "print(hwm.split()[1], file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    argv = ["join", str(source), "--collection", str(collection), "--no-push", "--out", str(out), "--quiet"]
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    return res.returncode, "\n".join(lines[:-1]).strip(), int(lines[-1])
+
+
 def test_damaged_or_mismatched_collections_are_refused_in_one_line(built, tmp_path, capsys, damage, expected):
     out, folders, _, _ = fresh(built, tmp_path)
     damage(out / "collection")

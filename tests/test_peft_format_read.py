@@ -108,6 +108,16 @@ def _edit_tensors(folder, fn):
     save_file(t, str(folder / "adapter_model.safetensors"))
 
 
+def _huge_header(path) -> None:
+    """A header declaring a 100 GB lora_A (8 bytes of data behind it): refused, never allocated."""
+    import json
+    import struct
+
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    header = json.dumps({name: {"dtype": "F32", "shape": [100_000, 262_144], "data_offsets": [0, 104_857_600_000]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 8)
+
+
 REFUSALS = {
     "not_lora": (lambda f: _edit_config(f, peft_type="PREFIX_TUNING"), "not 'LORA'"),
     "dora": (lambda f: _edit_config(f, use_dora=True), "DoRA"),
@@ -115,6 +125,7 @@ REFUSALS = {
     "bad_json": (lambda f: (f / "adapter_config.json").write_text("{nope"), "not valid JSON"),
     "no_weights": (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
     "corrupt": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00garbage"), "corrupt"),
+    "100GB_header": (lambda f: _huge_header(f / "adapter_model.safetensors"), "corrupt"),
     "truncated": (
         lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:-100]),
         "corrupt",

@@ -29,6 +29,7 @@ MEMBERS_FILE = "members.json"  # versions 1 and 2: every member in one file
 CLUSTERS_DIR = "clusters"
 CENTROIDS_FILE = f"{CLUSTERS_DIR}/centroids.safetensors"
 HOW = ("compress", "join", "new-cluster")
+MAX_MEMBERS_FILE = 64 * 2**20  # bytes: about 250,000 members in one cluster; a larger file is refused unread
 
 
 def cluster_file(c: int) -> str:

@@ -19,6 +19,7 @@ from ..hub.common import HubError, is_repo_id
 from .format import (
     CENTROIDS_FILE,
     COLLECTION_FILE,
+    MAX_MEMBERS_FILE,
     CollectionInfo,
     Member,
     load_bases,
@@ -54,8 +55,19 @@ class Collection:
         return load_file(str(self.file(CENTROIDS_FILE)))["centroids"]
 
     def bases(self, cluster: int) -> dict[str, torch.Tensor]:
-        """ "<module>.U" / ".V" of one cluster."""
-        return load_bases(self.file(self.info.clusters[cluster].file), self.info.stored)
+        """ "<module>.U" / ".V" of one cluster, checked against the shapes collection.json declares."""
+        path = self.info.clusters[cluster].file
+        bases = load_bases(self.file(path), self.info.stored)
+        for name, (out, inp) in self.info.modules.items():
+            U, V = bases.get(f"{name}.U"), bases.get(f"{name}.V")
+            if U is None or V is None:
+                continue  # a cluster need not adapt every module the collection has
+            if U.dim() != 2 or V.dim() != 2 or U.shape[0] != out or V.shape[0] != inp or U.shape[1] != V.shape[1]:
+                raise CollectionError(
+                    f"{self.name}: {path}: {name}.U / .V are {tuple(U.shape)} / {tuple(V.shape)}, but collection.json "
+                    f"declares {name} as {out} x {inp}; the collection is damaged, publish it again"
+                )
+        return bases
 
     def cluster_members(self, clusters: list[int] | None = None) -> list[Member]:
         """The members of `clusters` (default: all) at the revision read; only their members files are read."""
@@ -79,6 +91,11 @@ def read_members_at(
         found = file(path)
         if not found.is_file():
             raise CollectionError(f"{where}: no {path}; the collection is incomplete, publish it again")
+        if found.stat().st_size > MAX_MEMBERS_FILE:  # refused before it is read: memory stays bounded
+            raise CollectionError(
+                f"{where}: {path} is {found.stat().st_size / 2**20:.0f} MiB, more than a members file can be "
+                f"({MAX_MEMBERS_FILE // 2**20} MiB); the collection is damaged or hostile, restore an earlier revision"
+            )
         one = None if info.version < 3 else c
         out += parse_members(found.read_text(), f"{where}: {path}", len(info.clusters), one)
     if not unique(out):
