@@ -49,8 +49,8 @@ def _child_main(job_file: str) -> None:
     config = dict(rank=job["rank"], clusters=job["clusters"], device="cpu")
     store = ExportConfig(store=job["store"])  # the collection's store: a join downloads one cluster's bases in it
     t0 = time.perf_counter()
-    # compressed and pushed as `compress --collection` does it: the collection, then every member's repo (one at a
-    # time: concurrent LFS pushes to the offline Hub fail now and then with "Error while uploading", not yet found)
+    # compressed and pushed as `compress --collection` does it: the collection, then every member's repo, --workers
+    # at a time (the default)
     built = run_job(
         JobSpec(
             sources=[str(f) for f in folders[:n]],
@@ -60,7 +60,6 @@ def _child_main(job_file: str) -> None:
             namespace=USER,
             token=TOKEN,
             collection=COLL,
-            workers=1,
             export=store,
         )
     ).report

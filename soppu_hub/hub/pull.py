@@ -16,6 +16,7 @@ from ..peft_format.layout import (
     SAFETENSORS_NAME,
     TAG,
 )
+from ..progress import hold_tqdm_lock
 from .common import HubError, is_repo_id, retry
 
 ADAPTER_FILES = [CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, CARD_NAME]
@@ -84,6 +85,8 @@ def download_adapter(
 ) -> Path:
     """Snapshot only what a LoRA needs (and its soppu bundle slice if asked) into the cache; return the folder."""
     from huggingface_hub import HfApi, constants, snapshot_download
+
+    hold_tqdm_lock()  # downloads run from several threads: snapshot_download's thread_map races without it
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -157,6 +160,8 @@ def download_files(
 ) -> Path:
     """The repo's files matching `patterns` (fnmatch) into `local_dir`, as they are at `revision`; returns it."""
     from huggingface_hub import snapshot_download
+
+    hold_tqdm_lock()
 
     return Path(
         retry(

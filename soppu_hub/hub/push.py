@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SoppuError
+from ..progress import hold_tqdm_lock
 from .common import HubError, is_repo_id, retry
 
 
@@ -112,6 +113,7 @@ def push_folder(
     or where `same(changed files)` says the differing files hold the same content (the caller's notion of noise)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    hold_tqdm_lock()  # pushes run from several threads: huggingface_hub's upload thread_map races without it
     if skip_unchanged:
         changed = changed_files(folder, repo_id, token=token)
         if changed == [] or (changed and same is not None and same(changed)):

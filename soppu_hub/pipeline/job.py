@@ -17,7 +17,7 @@ from ..hub.pull import Source, download_adapter, parse_source
 from ..hub.push import PushResult, check_write_access, target_repo_ids, whoami
 from ..peft_format.layout import REPORT_NAME
 from ..peft_format.read import read_adapter
-from ..progress import hold_tqdm_lock, hub_bars_off
+from ..progress import hub_bars_off
 from .outputs import lorax_sizes, staged_output, write_outputs
 from .publish import default_collection, push_outputs
 from .spec import JobSpec
@@ -99,7 +99,6 @@ def _fetch(sources: list[Source], spec: JobSpec, progress: Progress | None = Non
 
     got: dict[int, Path] = {}
     if remote:
-        hold_tqdm_lock()
         with hub_bars_off("huggingface_hub.http_get"):  # per-file byte bars: one "downloading" bar instead
             with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
                 try:

@@ -10,7 +10,6 @@ from ..compression.plan import Progress
 from ..hub.common import PushError
 from ..hub.push import PushResult, failure_reason, push_folder
 from ..peft_format.layout import BUNDLE_DIR, COLLECTION_DIR
-from ..progress import hold_tqdm_lock
 from .spec import JobSpec
 from .unchanged import collection_unchanged, same_adapter
 
@@ -92,7 +91,6 @@ def push_all(
         else:
             log(f"unchanged {repo_id} (already on the Hub, skipped)" if result.skipped else f"pushed {repo_id}")
 
-    hold_tqdm_lock()
     with ThreadPoolExecutor(max_workers=max(1, spec.workers)) as pool:
         list(pool.map(one, names, targets))
     if failed:
