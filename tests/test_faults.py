@@ -17,6 +17,7 @@ from conftest import USERS
 from huggingface_hub import HfApi
 
 pytestmark = pytest.mark.e2e  # real servers over loopback, killed
+PUSH_TITLE = "soppu-hub: JD-full rank 8"  # a member's commit message at these settings
 
 
 def _kill9(child) -> None:
@@ -62,7 +63,7 @@ def test_a_hub_killed_mid_commit_leaves_every_repo_at_its_old_or_new_revision(tm
             (folder / "v.txt").write_text(f"v{round_}\n")
             done = threading.Event()
 
-            def push(api=api, folder=folder, round_=round_):
+            def push(api=api, folder=folder, round_=round_, done=done):
                 try:
                     api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message=f"v{round_}")
                 except Exception:  # noqa: BLE001 - the Hub was killed under it: expected
@@ -90,3 +91,93 @@ def test_a_hub_killed_mid_commit_leaves_every_repo_at_its_old_or_new_revision(tm
         hub.stop()
         endpoint.__exit__(None, None, None)
     print("killed mid-commit, found at:", outcomes)  # which side of the commit each kill fell on
+
+
+@pytest.mark.parametrize("kill_at", ["repo created", "collection committed", "members half pushed"])
+def test_compress_killed_between_the_collections_commit_and_its_members_completes_on_a_rerun(
+    hub_server, tmp_path, kill_at
+):
+    """`compress --collection` killed with SIGKILL as soon as the collection repo exists (before its first commit),
+    or as soon as the collection's commit is on the Hub (its members not yet all pushed, their revisions not
+    recorded). The same command again completes it: every member pushed and listed with its revision; what had
+    landed before the kill gets no second commit, the collection no second publish."""
+    import json
+    import subprocess
+    import sys
+
+    from lab.samples import family_factors, llama_module_shapes, write_adapter
+
+    child, top = hub_server
+    tag = kill_at.split()[0]  # its own member repos per kill point
+    facs, _ = family_factors(llama_module_shapes(hidden=64, layers=2), 16, 4, families=2, noise=0.02, seed=11)
+    folders = [
+        write_adapter(tmp_path / "in" / f"{tag}{i:02d}", f, base_model="tiny", rank=4, alpha=8)
+        for i, f in enumerate(facs)
+    ]
+    coll, user = f"alice/killed-{tag}", "alice"
+    cmd = [
+        sys.executable,
+        "-m",
+        "soppu_hub",
+        "compress",
+        *map(str, folders),
+        "--rank",
+        "8",
+        "--collection",
+        coll,
+        "--token",
+        USERS[user],
+        "--workers",
+        "2",
+        "--quiet",
+    ]
+    repo = top / "root" / "repos" / "model" / coll
+
+    def head_of(d):
+        return json.loads((d / "commits" / f"{json.loads((d / 'refs.json').read_text())['main']}.json").read_text())
+
+    def reached() -> bool:
+        """The kill point, read from the Hub's disk: the repo exists / its head holds collection.json / 8 members
+        have their push commit."""
+        try:
+            if kill_at == "members half pushed":
+                homes = [top / "root" / "repos" / "model" / user / f"{tag}{i:02d}-soppu" for i in range(16)]
+                return sum((d / "refs.json").is_file() and head_of(d)["message"] == PUSH_TITLE for d in homes) >= 8
+            return kill_at == "repo created" or "collection.json" in head_of(repo)["files"]
+        except (OSError, ValueError, KeyError):
+            return False
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not reached() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert reached(), f"the run ended before {kill_at}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    api = HfApi(endpoint=child.url, token=USERS[user])
+    members = [f"{user}/{tag}{i:02d}-soppu" for i in range(16)]
+
+    def commits(repo_id: str) -> list:
+        return api.list_repo_commits(repo_id) if api.repo_exists(repo_id) else []
+
+    before = {r: [c.commit_id for c in commits(r)] for r in [coll, *members]}
+    landed = [r for r in members if any(c.title == PUSH_TITLE for c in commits(r))]  # a created repo has not landed
+    print(f"killed at {kill_at!r} with {len(landed)} of 16 members pushed")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    after = {r: [c.commit_id for c in commits(r)] for r in [coll, *members]}
+    assert all(after[r] == before[r] for r in landed), "a member pushed before the kill was pushed again"
+    pushes = {r: [c.title for c in api.list_repo_commits(r)].count(PUSH_TITLE) for r in members}
+    assert pushes == dict.fromkeys(members, 1), pushes  # every member pushed exactly once over both runs
+    titles = [c.title for c in api.list_repo_commits(coll)]
+    assert titles.count("soppu-hub: publish collection") == 1  # published once, not again
+    if kill_at == "collection committed":
+        assert before[coll][0] in after[coll]  # the publish before the kill is the one that stands
+    listed = json.loads(
+        "".join(
+            open(api.hf_hub_download(coll, f"clusters/members-{c}.json")).read()
+            for c in range(1)  # one cluster at rank 8 for this set
+        )
+    )["members"]
+    assert sorted(m["repo_id"] for m in listed) == members
+    assert all(m["revision"] == after[m["repo_id"]][0] for m in listed)  # each member's revision recorded

@@ -13,7 +13,7 @@ import torch
 
 from ..compression.bundle import bases_ref
 from ..errors import CollectionError
-from ..hub.collection import commit_titled, repo_exists
+from ..hub.collection import commit_titled, holds_nothing, repo_exists
 from ..hub.push import push_folder
 from ..peft_format.layout import BUNDLE_DIR, BUNDLE_HEADER, COLLECTION_DIR
 from .format import COLLECTION_FILE, Member, read_collection, write_members
@@ -23,8 +23,9 @@ PUBLISH_MESSAGE = "soppu-hub: publish collection"
 
 
 def existing_members(repo_id: str, *, token: str | bool | None = None) -> list[Member]:
-    """The members list of a collection already on the Hub ([] when the repo does not exist yet)."""
-    if not repo_exists(repo_id, token=token):
+    """The members list of a collection already on the Hub ([] when the repo does not exist yet, or holds nothing:
+    a publish stopped between creating it and its first commit)."""
+    if not repo_exists(repo_id, token=token) or holds_nothing(repo_id, token=token):
         return []
     return open_collection(repo_id, token=token).members
 
@@ -79,9 +80,9 @@ def name_revision(bundle_folder: Path, revision: str) -> None:
 
 def record_revisions(repo_id: str, revisions: dict[str, str], *, token: str | bool | None = None) -> str | None:
     """The members files: each pushed member's repo commit (repo id -> sha), in one commit on the head."""
-    if not revisions:
-        return None
     coll = open_collection(repo_id, token=token)
+    if all(revisions.get(m.repo_id, m.revision) == m.revision for m in coll.members):
+        return None  # every member already names that revision: no commit
 
     def change(members):
         for m in members:

@@ -71,6 +71,15 @@ def repo_exists(repo_id: str, *, token: str | bool | None = None) -> bool:
     return retry(lambda: HfApi(token=token).repo_exists(repo_id), f"look up {repo_id}")
 
 
+def holds_nothing(repo_id: str, *, token: str | bool | None = None) -> bool:
+    """Whether a repo holds no file of its own (at most the .gitattributes a new repo starts with): what a publish
+    killed between creating the repo and its first commit leaves."""
+    from huggingface_hub import HfApi
+
+    files = retry(lambda: HfApi(token=token).list_repo_files(repo_id), f"list the files of {repo_id}")
+    return set(files) <= {".gitattributes"}
+
+
 def commit_titled(repo_id: str, title: str, *, token: str | bool | None = None) -> str:
     """The sha of the latest commit with this title (the head's when none has it)."""
     from huggingface_hub import HfApi

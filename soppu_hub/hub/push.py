@@ -18,6 +18,12 @@ class PushResult:
     repo_id: str
     commit: str | None = None  # the new commit's sha
     url: str | None = None  # its page on the Hub
+    head: str | None = None  # skipped: the commit the repo already holds this adapter at
+
+    @property
+    def revision(self) -> str | None:
+        """The commit that holds the adapter now, pushed or not."""
+        return self.commit or self.head
 
     @property
     def skipped(self) -> bool:
@@ -117,7 +123,8 @@ def push_folder(
     if skip_unchanged:
         changed = changed_files(folder, repo_id, token=token)
         if changed == [] or (changed and same is not None and same(changed)):
-            return PushResult(repo_id)
+            head = retry(lambda: HfApi(token=token).repo_info(repo_id).sha, f"look up {repo_id}")
+            return PushResult(repo_id, head=head)
     api = HfApi(token=token)
     retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True), f"create {repo_id}")
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -44,7 +44,8 @@ def push_outputs(
     for name in names:
         name_revision(folder / name / BUNDLE_DIR, sha)
     pushed = push_all(folder, names, targets, spec, log, progress)
-    record_revisions(spec.collection, {r: p.commit for r, p in pushed.items() if not p.skipped}, token=spec.token)
+    # skipped members too: a run stopped after pushing some of them left their revisions unrecorded
+    record_revisions(spec.collection, {r: p.revision for r, p in pushed.items() if p.revision}, token=spec.token)
     return pushed
 
 
