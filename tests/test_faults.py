@@ -115,22 +115,8 @@ def test_compress_killed_between_the_collections_commit_and_its_members_complete
         for i, f in enumerate(facs)
     ]
     coll, user = f"alice/killed-{tag}", "alice"
-    cmd = [
-        sys.executable,
-        "-m",
-        "soppu_hub",
-        "compress",
-        *map(str, folders),
-        "--rank",
-        "8",
-        "--collection",
-        coll,
-        "--token",
-        USERS[user],
-        "--workers",
-        "2",
-        "--quiet",
-    ]
+    flags = f"--rank 8 --collection {coll} --token {USERS[user]} --workers 2 --quiet".split()
+    cmd = [sys.executable, "-m", "soppu_hub", "compress", *map(str, folders), *flags]
     repo = top / "root" / "repos" / "model" / coll
 
     def head_of(d):
