@@ -167,3 +167,54 @@ def test_compress_killed_between_the_collections_commit_and_its_members_complete
     )["members"]
     assert sorted(m["repo_id"] for m in listed) == members
     assert all(m["revision"] == after[m["repo_id"]][0] for m in listed)  # each member's revision recorded
+
+
+def test_a_backend_killed_under_32_streams_is_one_line_in_the_space_which_recovers_when_it_is_back(
+    hub, pushed, tmp_path
+):
+    """32 chats through the Space's `chat` API at once, the backend killed with SIGKILL while they stream: every
+    chat ends, a cut one with what it had plus one line saying the backend is gone (no traceback, no class name);
+    the backend restarted on its port, the Space answers again without a restart of its own."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from gradio_client import Client
+
+    from soppu_hub.launch import free_port, start_backend, start_space
+
+    port = free_port()
+    extra = ["--max-total-tokens", "512"]
+    backend = start_backend(hub.base_model, port=port, extra=extra)
+    space = start_space(dict(os.environ, LORAX_URL=backend.url, SOPPU_AUTHOR="alice", SOPPU_MAX_NEW_TOKENS="400"))
+    try:
+        client = Client(space.url, verbose=False)
+        started = threading.Event()
+
+        def chat(i: int) -> str:
+            job = client.submit(
+                f"Tell me a long story, number {i}.", [], "alice/support-bot-soppu", "", 0.7, 400, api_name="/chat"
+            )
+            for _ in job:
+                started.set()
+            return job.result()
+
+        pool = ThreadPoolExecutor(32)
+        futures = [pool.submit(chat, i) for i in range(32)]
+        assert started.wait(120), "no chat started streaming"
+        _kill9(backend)
+        done, hung = wait(futures, timeout=300)  # a hang guard: a chat that never ends is a failure, not a hang
+        pool.shutdown(wait=False, cancel_futures=True)
+        assert not hung, f"{len(hung)} of 32 chats never ended after the backend was killed"
+        replies = [f.result() for f in futures]
+        cut = [r for r in replies if "⚠️" in r]
+        assert cut, "every chat finished before the kill: nothing was cut"
+        for r in cut:
+            last = r.strip().splitlines()[-1]
+            assert r.count("⚠️") == 1 and last.startswith("⚠️") and "backend" in last, r
+            assert "Traceback" not in r and "Error" not in r, r
+        backend = start_backend(hub.base_model, port=port, extra=extra)
+        again = client.submit("Hello!", [], "alice/support-bot-soppu", api_name="/chat").result()
+        assert again and "⚠️" not in again, again
+        print(f"{len(cut)} of 32 chats cut by the kill; their last line: {cut[0].strip().splitlines()[-1]!r}")
+    finally:
+        space.stop()
+        backend.stop()
