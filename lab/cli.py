@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stored parameters; join: a collection of N adapters published, then more join one by one",
     )
     p.add_argument(
-        "what", nargs="?", default="kernel", choices=["kernel", "serve", "scale", "samples", "quality", "peers", "join"]
+        "what",
+        nargs="?",
+        default="kernel",
+        choices=["kernel", "serve", "scale", "samples", "quality", "peers", "join", "soak"],
     )
     p.add_argument(
         "--joins", type=int, default=100, help="join: adapters that join the collection one by one (default 100)"
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve: distinct adapters (default 16), or comma-separated counts for the "
         "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
-        "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900)",
+        "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900); "
+        "soak: resident members (default 1000)",
     )
     p.add_argument(
         "--requests", type=int, default=None, help="serve: requests per case of the throughput curve (default 200)"
@@ -57,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rate",
         type=float,
-        default=200.0,
-        help="serve: Poisson arrival rate of the curve's requests per second; "
-        "above what the backend serves, so tokens/s is its capacity (default 200)",
+        default=None,
+        help="serve: Poisson arrival rate of the curve's requests per second, above what the backend serves, so "
+        "tokens/s is its capacity (default 200); soak: requests per second, below it (default 8)",
     )
+    p.add_argument("--minutes", type=float, default=10.0, help="soak: minutes of traffic (default 10)")
     p.add_argument(
         "--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)"
     )
@@ -203,6 +208,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.what == "soak":
+        from lab.bench.soak import run_soak_bench
+
+        members = int(args.adapters or 1000)
+        print(run_soak_bench(as_json=args.json, minutes=args.minutes, members=members, rate=args.rate or 8.0, log=_log))
+        return 0
     if args.what == "join":
         from lab.bench.join import run_join_bench
 
@@ -251,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.requests or 200,
                 as_json=args.json,
                 plot=args.plot,
-                rate=args.rate,
+                rate=args.rate or 200.0,
                 zipf=args.zipf,
                 new_tokens=args.new_tokens or 16,
                 seed=args.seed,
