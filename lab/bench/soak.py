@@ -88,22 +88,11 @@ def measure_soak(
         for name, f in zip(plain, facs):
             write_adapter(tmp / "plain" / name, f, base_model=str(base), rank=16, alpha=32)
         bound = 4 * lora_bytes(tmp / "plain" / plain[0])  # room for about four plain adapters at once
+        flags = f"--adapter-dir {tmp / 'plain'} --max-lora-memory {bound} --max-adapters 1000000 --max-batch-size 16"
+        extra = ["--collection", str(tmp / "jd" / "collection"), *flags.split(), "--max-concurrent-requests", "256"]
         server = start_backend(
             str(base),
-            extra=[
-                "--collection",
-                str(tmp / "jd" / "collection"),
-                "--adapter-dir",
-                str(tmp / "plain"),
-                "--max-lora-memory",
-                str(bound),
-                "--max-adapters",
-                "1000000",
-                "--max-batch-size",
-                "16",
-                "--max-concurrent-requests",
-                "256",
-            ],
+            extra=extra,
             timeout=900,
         )
         try:

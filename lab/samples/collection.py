@@ -132,6 +132,13 @@ def _examples(base: Path, adapter: Path | None, prompts: list[str], max_new_toke
     return out
 
 
+def _write_card(base: Path, adapter: Path | None, template: str, **values) -> None:
+    """README.md of the base (adapter None) or of an adapter: its template with the replies it gives to the example
+    prompts."""
+    examples = _examples(base, adapter, [DIALOGUES[i][0] for i in EXAMPLE_PROMPTS])
+    (adapter or base).joinpath("README.md").write_text(_render(template, examples=examples, **values))
+
+
 def _render(template: str, **values) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -181,17 +188,15 @@ def build_collection(
                 seed=config.seed,
                 tick=tick,
             )
-            examples = _examples(base, None, [DIALOGUES[i][0] for i in EXAMPLE_PROMPTS])
-            (base / "README.md").write_text(
-                _render(
-                    "sample-base.md",
-                    config=config,
-                    loss=base_loss,
-                    examples=examples,
-                    repo_id=TINY_BASE_ID,
-                    dialogues=DIALOGUES,
-                    styles=styles,
-                )
+            _write_card(
+                base,
+                None,
+                "sample-base.md",
+                config=config,
+                loss=base_loss,
+                repo_id=TINY_BASE_ID,
+                dialogues=DIALOGUES,
+                styles=styles,
             )
             adapters = []
             for style in styles:
@@ -205,17 +210,15 @@ def build_collection(
                     seed=config.adapter_seed,
                     tick=tick,
                 )
-                examples = _examples(base, folder, [DIALOGUES[i][0] for i in EXAMPLE_PROMPTS])
-                (folder / "README.md").write_text(
-                    _render(
-                        "sample-adapter.md",
-                        style=style,
-                        loss=loss,
-                        config=config,
-                        examples=examples,
-                        base_model=TINY_BASE_ID,
-                        n_prompts=len(DIALOGUES),
-                    )
+                _write_card(
+                    base,
+                    folder,
+                    "sample-adapter.md",
+                    style=style,
+                    loss=loss,
+                    config=config,
+                    base_model=TINY_BASE_ID,
+                    n_prompts=len(DIALOGUES),
                 )
                 adapters.append(
                     {
