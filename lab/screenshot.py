@@ -31,7 +31,7 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
 
 
-def open_space(browser, url: str, viewport: dict, *, timeout_ms: int = 60_000, **context):
+def open_space(browser, url: str, viewport: dict, *, timeout_ms: int = 180_000, **context):
     """A page on the Space at this size, once its first card is shown (typing earlier is undone by the page's load)."""
     from playwright.sync_api import expect
 
@@ -41,7 +41,7 @@ def open_space(browser, url: str, viewport: dict, *, timeout_ms: int = 60_000, *
     return page
 
 
-def wait_for_plot(page, timeout_ms: int = 30_000) -> None:
+def wait_for_plot(page, timeout_ms: int = 180_000) -> None:
     """Until the card's error plot has loaded (an image with pixels, not the placeholder)."""
     page.wait_for_function(
         "() => { const i = document.querySelector('#error-plot img'); return i && i.complete && i.naturalWidth > 0 }",

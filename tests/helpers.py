@@ -188,3 +188,17 @@ def report_from(body: dict):
     top = filled(Report, body)
     top["adapters"] = [AdapterReport(**filled(AdapterReport, a)) for a in body.get("adapters", [])]
     return Report(**top)
+
+
+def chat_cli(*args, typed: str = ""):
+    """`soppu-hub chat ARGS` as a person runs it, `typed` as what they type (lines): the finished process."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "soppu_hub", "chat", *map(str, args)],
+        input=typed,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -1,10 +1,7 @@
 """The chat client (lorax-client underneath) and `soppu-hub chat` against the running backend."""
 
-import os
-import subprocess
-import sys
-
 import pytest
+from helpers import chat_cli
 
 from soppu_hub.clients import ChatError, GenerationSettings
 from soppu_hub.clients.lorax import LoraxChatClient
@@ -59,23 +56,8 @@ def test_errors_are_clear(backend):
 
 
 def test_terminal_chat(backend):
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "soppu_hub",
-            "chat",
-            "alice/support-bot-soppu",
-            "--url",
-            backend,
-            "--max-new-tokens",
-            "6",
-        ],
-        input="Hello\nAnd again\n/exit\n",
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=120,
+    res = chat_cli(
+        "alice/support-bot-soppu", "--url", backend, "--max-new-tokens", 6, typed="Hello\nAnd again\n/exit\n"
     )
     assert res.returncode == 0, res.stderr
     assert "chatting with alice/support-bot-soppu" in res.stderr
@@ -89,11 +71,5 @@ def test_terminal_chat(backend):
         history.append({"role": "assistant", "content": reply})
         expected += reply + "\n"
     assert res.stdout == expected and len(expected) > 2
-    res = subprocess.run(
-        [sys.executable, "-m", "soppu_hub", "chat", "alice/nope", "--url", backend],
-        input="hi\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = chat_cli("alice/nope", "--url", backend, typed="hi\n")
     assert res.returncode == 2 and "adapter alice/nope cannot be loaded: not found on the Hub, or private" in res.stderr

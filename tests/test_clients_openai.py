@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import chat_cli
 
 from soppu_hub.clients import ChatError, GenerationSettings, connect
 from soppu_hub.clients.lorax import LoraxChatClient
@@ -69,38 +70,13 @@ def test_openai_errors_are_one_line_in_words(backend, hub_server):
 
 
 def test_terminal_chat_over_openai(backend):
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "soppu_hub",
-            "chat",
-            ADAPTER,
-            "--url",
-            backend,
-            "--api",
-            "openai",
-            "--max-new-tokens",
-            "6",
-        ],
-        input="Hello!\n/exit\n",
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=120,
-    )
+    res = chat_cli(ADAPTER, "--url", backend, "--api", "openai", "--max-new-tokens", 6, typed="Hello!\n/exit\n")
     assert res.returncode == 0, res.stderr
     assert (
         res.stdout.strip()
         == LoraxChatClient(backend).complete(HELLO, ADAPTER, settings=GenerationSettings(max_new_tokens=6)).strip()
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "soppu_hub", "chat", ADAPTER, "--url", "http://127.0.0.1:9", "--api", "openai"],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = chat_cli(ADAPTER, "--url", "http://127.0.0.1:9", "--api", "openai")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "nothing is listening there" in res.stderr
 
 

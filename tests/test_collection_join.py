@@ -215,48 +215,6 @@ def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
     assert [(m.name, m.how) for m in listed] == [(others[0].name, "new-cluster"), (others[1].name, "join")]
 
 
-@pytest.mark.parametrize(
-    "damage,expected",
-    [
-        (
-            lambda c: (c / "clusters" / "members-0.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'),
-            "damaged or edited by hand",
-        ),
-        (lambda c: (c / "clusters" / "members-1.json").write_text("not json"), "damaged or edited by hand"),
-        (
-            lambda c: (c / "collection.json").write_text(
-                json.dumps({**json.loads((c / "collection.json").read_text()), "version": 9})
-            ),
-            "upgrade soppu-hub",
-        ),
-        (
-            lambda c: (c / "collection.json").write_text(
-                json.dumps({**json.loads((c / "collection.json").read_text()), "clusters": []})
-            ),
-            "incomplete or edited by hand",
-        ),
-        (
-            lambda c: (c / "collection.json").write_text(
-                json.dumps({**json.loads((c / "collection.json").read_text()), "base_model": "other"})
-            ),
-            "join a collection of the same base",
-        ),
-        (
-            lambda c: (c / "collection.json").write_text(
-                json.dumps(
-                    {
-                        **json.loads((c / "collection.json").read_text()),
-                        "modules": {
-                            n: [s[0] * 2, s[1]]
-                            for n, s in json.loads((c / "collection.json").read_text())["modules"].items()
-                        },
-                    }
-                )
-            ),
-            "base models differ",
-        ),
-    ],
-)
 def _huge_header(path) -> None:
     """A safetensors file whose header declares one 100 GB float32 tensor, with 8 bytes of data behind it."""
     import struct
@@ -323,6 +281,48 @@ def _join_measured(source, collection, out) -> tuple[int, str, int]:
     return res.returncode, "\n".join(lines[:-1]).strip(), int(lines[-1])
 
 
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (
+            lambda c: (c / "clusters" / "members-0.json").write_text('{"members": [{"name": "a", "cluster": 7}]}'),
+            "damaged or edited by hand",
+        ),
+        (lambda c: (c / "clusters" / "members-1.json").write_text("not json"), "damaged or edited by hand"),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "version": 9})
+            ),
+            "upgrade soppu-hub",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "clusters": []})
+            ),
+            "incomplete or edited by hand",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps({**json.loads((c / "collection.json").read_text()), "base_model": "other"})
+            ),
+            "join a collection of the same base",
+        ),
+        (
+            lambda c: (c / "collection.json").write_text(
+                json.dumps(
+                    {
+                        **json.loads((c / "collection.json").read_text()),
+                        "modules": {
+                            n: [s[0] * 2, s[1]]
+                            for n, s in json.loads((c / "collection.json").read_text())["modules"].items()
+                        },
+                    }
+                )
+            ),
+            "base models differ",
+        ),
+    ],
+)
 def test_damaged_or_mismatched_collections_are_refused_in_one_line(built, tmp_path, capsys, damage, expected):
     out, folders, _, _ = fresh(built, tmp_path)
     damage(out / "collection")
