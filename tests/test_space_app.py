@@ -64,14 +64,18 @@ def _browser(p):
     return launch_browser(p)
 
 
-def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path):
+@pytest.mark.parametrize("width,height", [(1300, 1000), (390, 844)])
+def test_browser_picks_an_adapter_chats_and_sees_the_plot(space, tmp_path, width, height):
+    """Picking, chatting, comparing, typing an exact id, refreshing and bad ids, at desktop and at phone width."""
     from playwright.sync_api import expect, sync_playwright
 
-    shots = _artifacts(tmp_path)
+    shots = _artifacts(tmp_path) / f"{width}"
+    shots.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = _browser(p)
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            phone = {"is_mobile": True, "has_touch": True} if width < 500 else {}
+            page = browser.new_page(viewport={"width": width, "height": height}, **phone)
             page.goto(space)
             page.locator("#adapter-picker input").click()
             page.get_by_role("option", name="alice/support-bot-soppu").click()
