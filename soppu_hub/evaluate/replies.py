@@ -1,9 +1,32 @@
 """A prompt as the model meets it in use, and greedy replies to many prompts, batched: the one generator every
-check uses (the backend has its own decoding loop)."""
+check uses (the backend has its own decoding loop); and the thread count the checks run a small model with."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+
+SMALL_MODEL_BYTES = 200 * 2**20  # weights on disk below this: one torch thread for the checks
+
+
+@contextmanager
+def threads_for(model_folder: Path) -> Iterator[None]:
+    """One torch thread while checking a small model: its matmuls are too small to split, and on a busy machine
+    (the demo runs a Hub, a backend and a Space beside its checks) a second thread's spin-waits cost far more than
+    they save: the tiny demo's verify took 72 s with a test run beside it, 11.5 s with one thread."""
+    size = sum(p.stat().st_size for p in Path(model_folder).glob("*.safetensors"))
+    if not 0 < size < SMALL_MODEL_BYTES:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pad_id(tokenizer) -> int:

@@ -201,7 +201,9 @@ def run_job(
             from ..evaluate.verify import verify_adapters
 
             log(f"verifying against {base}")
-            with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch:
+            from ..evaluate.replies import threads_for
+
+            with tempfile.TemporaryDirectory(prefix="soppu-ranks-") as scratch, threads_for(base_folder):
                 variants, sweep = _rank_variants(comp, names, spec, Path(scratch))
                 checks = verify_adapters(
                     base_folder,
@@ -219,7 +221,12 @@ def run_job(
             from ..evaluate.task_eval import evaluate_adapters
 
             log(f"scoring the eval examples with {base}")
-            scores = evaluate_adapters(base_folder, folders, [tmp / n for n in names], sets, progress=score_progress)
+            from ..evaluate.replies import threads_for
+
+            with threads_for(base_folder):
+                scores = evaluate_adapters(
+                    base_folder, folders, [tmp / n for n in names], sets, progress=score_progress
+                )
             for entry, t in zip(report.adapters, scores):
                 entry.task_eval = t
         if spec.verify or sets:
