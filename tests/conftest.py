@@ -25,6 +25,7 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 USERS = {
     "alice": "hf_test_alice",
     "bob": "hf_test_bob",
+    "carol": "hf_test_carol",  # the fault tests' user: repos no other test lists
     "soppu-samples": "hf_test_samples",
     "HuggingFaceTB": "hf_test_hftb",
 }

@@ -114,7 +114,7 @@ def test_compress_killed_between_the_collections_commit_and_its_members_complete
         write_adapter(tmp_path / "in" / f"{tag}{i:02d}", f, base_model="tiny", rank=4, alpha=8)
         for i, f in enumerate(facs)
     ]
-    coll, user = f"alice/killed-{tag}", "alice"
+    coll, user = f"carol/killed-{tag}", "carol"  # not alice: the Space's tests list alice's repos
     flags = f"--rank 8 --collection {coll} --token {USERS[user]} --workers 2 --quiet".split()
     cmd = [sys.executable, "-m", "soppu_hub", "compress", *map(str, folders), *flags]
     repo = top / "root" / "repos" / "model" / coll
