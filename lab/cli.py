@@ -18,6 +18,86 @@ from soppu_hub.compression.quantize import STORE_DTYPES
 from soppu_hub.errors import ConfigError
 from soppu_hub.progress import ProgressBar
 
+# bench's options: (flag, argparse keywords); each help names the benches that read it
+BENCH_OPTIONS = [
+    ("--joins", dict(type=int, default=100, help="join: adapters that join the collection one by one (default 100)")),
+    (
+        "--ranks",
+        dict(
+            help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
+            "JD's shared ranks (default 16,32,48)"
+        ),
+    ),
+    ("--svd-ranks", dict(help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")),
+    ("--plot", dict(help="samples, quality, peers, serve (curve): also save the plot here (PNG)")),
+    (
+        "--adapters",
+        dict(
+            default=None,
+            help="serve: distinct adapters (default 16), or comma-separated counts for the "
+            "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
+            "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900); "
+            "soak: resident members (default 1000)",
+        ),
+    ),
+    ("--requests", dict(type=int, default=None, help="serve: requests per case of the throughput curve (default 200)")),
+    (
+        "--rate",
+        dict(
+            type=float,
+            default=None,
+            help="serve: Poisson arrival rate of the curve's requests per second, above what the backend serves, so "
+            "tokens/s is its capacity (default 200); soak: requests per second, below it (default 8)",
+        ),
+    ),
+    ("--minutes", dict(type=float, default=10.0, help="soak: minutes of traffic (default 10)")),
+    ("--zipf", dict(type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)")),
+    (
+        "--repeats",
+        dict(type=int, default=1, help="serve: measured passes per case of the curve, the median reported (default 1)"),
+    ),
+    (
+        "--store-dtype",
+        dict(
+            default="auto",
+            choices=STORE_DTYPES,
+            help="serve (curve), join: how the collection "
+            "is kept (compress --store-dtype; a quantized one stays its codes in the server's memory; default auto)",
+        ),
+    ),
+    (
+        "--model",
+        dict(
+            choices=["tiny", "real"],
+            default="tiny",
+            help="serve (curve): the tiny Llama with synthetic "
+            "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)",
+        ),
+    ),
+    ("--rank", dict(type=int, default=24, help="scale, join: shared rank (default 24)")),
+    (
+        "--clusters",
+        dict(
+            default="auto",
+            help='scale: --clusters for the run (default auto; "default": compress with no --rank or --clusters, '
+            "its own default)",
+        ),
+    ),
+    ("--no-per-family", dict(action="store_true", help="scale: skip compressing each family alone for comparison")),
+    ("--new-tokens", dict(type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)")),
+    (
+        "--json",
+        dict(action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table"),
+    ),
+    ("--layers", dict(type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")),
+    (
+        "--ref-layers",
+        dict(type=int, default=2, help="layers the slow reference runs on; its time is scaled to --layers (default 2)"),
+    ),
+    ("--device", dict(default="auto", help="device for this kernel (default auto)")),
+    ("--seed", dict(type=int, default=0)),
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m lab", description=__doc__.splitlines()[0])
@@ -37,83 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="kernel",
         choices=["kernel", "serve", "scale", "samples", "quality", "peers", "join", "soak"],
     )
-    p.add_argument(
-        "--joins", type=int, default=100, help="join: adapters that join the collection one by one (default 100)"
-    )
-    p.add_argument(
-        "--ranks",
-        help="samples: comma-separated shared ranks (default 4,8,12,16,24,32,48); quality: "
-        "JD's shared ranks (default 16,32,48)",
-    )
-    p.add_argument("--svd-ranks", help="quality: per-adapter SVD ranks, comma-separated (default 1,2,4)")
-    p.add_argument("--plot", help="samples, quality, peers, serve (curve): also save the plot here (PNG)")
-    p.add_argument(
-        "--adapters",
-        default=None,
-        help="serve: distinct adapters (default 16), or comma-separated counts for the "
-        "throughput curve under a Poisson stream (e.g. 1,16,64,256,1000); scale: adapters in the "
-        "collection (default 20); peers: adapters per family set (default 32); join: the collection (default 900); "
-        "soak: resident members (default 1000)",
-    )
-    p.add_argument(
-        "--requests", type=int, default=None, help="serve: requests per case of the throughput curve (default 200)"
-    )
-    p.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="serve: Poisson arrival rate of the curve's requests per second, above what the backend serves, so "
-        "tokens/s is its capacity (default 200); soak: requests per second, below it (default 8)",
-    )
-    p.add_argument("--minutes", type=float, default=10.0, help="soak: minutes of traffic (default 10)")
-    p.add_argument(
-        "--zipf", type=float, default=None, help="serve: Zipf exponent of adapter popularity (default: uniform)"
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="serve: measured passes per case of the curve, the median reported (default 1)",
-    )
-    p.add_argument(
-        "--store-dtype",
-        default="auto",
-        choices=STORE_DTYPES,
-        help="serve (curve), join: how the collection "
-        "is kept (compress --store-dtype; a quantized one stays its codes in the server's memory; default auto)",
-    )
-    p.add_argument(
-        "--model",
-        choices=["tiny", "real"],
-        default="tiny",
-        help="serve (curve): the tiny Llama with synthetic "
-        "adapters, or the real base (SmolLM2-135M-Instruct) with the real collection (default tiny)",
-    )
-    p.add_argument("--rank", type=int, default=24, help="scale, join: shared rank (default 24)")
-    p.add_argument(
-        "--clusters",
-        default="auto",
-        help='scale: --clusters for the run (default auto; "default": compress with no --rank or --clusters, its own '
-        "default)",
-    )
-    p.add_argument(
-        "--no-per-family", action="store_true", help="scale: skip compressing each family alone for comparison"
-    )
-    p.add_argument(
-        "--new-tokens", type=int, default=None, help="serve: new tokens per request (default 32; the curve 16)"
-    )
-    p.add_argument(
-        "--json", action="store_true", help="serve, quality, peers, join: JSON with every case instead of the table"
-    )
-    p.add_argument("--layers", type=int, default=16, help="layers of Llama-3.2-1B shapes for this kernel (default 16)")
-    p.add_argument(
-        "--ref-layers",
-        type=int,
-        default=2,
-        help="layers the slow reference runs on; its time is scaled to --layers (default 2)",
-    )
-    p.add_argument("--device", default="auto", help="device for this kernel (default auto)")
-    p.add_argument("--seed", type=int, default=0)
+    for flag, options in BENCH_OPTIONS:
+        p.add_argument(flag, **options)
     p.set_defaults(func=cmd_bench)
 
     from lab.samples.collection import COLLECTION, BuildConfig

@@ -8,6 +8,7 @@ matrix fast on two cores.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,54 @@ def _set_config(folder: Path, **changes) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+# Every case once: case -> (compress arguments, the error line's text[, whose token (alice's), where it fails
+# (LOCAL)]). "{name}" arguments are the inputs the matrix fixture builds; every case but PUSH ones runs with --no-push.
+LOCAL, HUB, PUSH = "local", "hub", "push"
+TABLE: dict[str, tuple] = {
+    **{f"adapter {c}": ("{adapter_" + c + "}", REFUSALS[c][1]) for c in sorted(REFUSALS)},
+    "different base models": ("{good} {other_base}", "different base models"),
+    "different module shapes": ("{good} {wide}", "not for the same architecture"),
+    "different carried tensors": ("{good} {carries}", "carry different uncompressed tensors"),
+    "--verify on a classifier": ("{classifier} --verify", "--verify compares next-token predictions"),
+    "--lorax-tp 0": ("{good} --lorax-tp 0", "--lorax-tp must be auto or a tensor-parallel size from 1 to 8, got 0"),
+    "--lorax-tp two": (
+        "{good} --lorax-tp two",
+        "--lorax-tp: takes auto or a tensor-parallel size (an integer), not 'two'",
+    ),
+    "unknown --export-dtype": ("{good} --export-dtype int4", "invalid choice: 'int4'"),
+    "--rank 0": ("{good} --rank 0", "--rank must be a positive integer"),
+    "missing folder": ("{root}/missing", "not an existing folder and not a Hub repo id"),
+    "neither folder nor id": ("'not a repo'", "not an existing folder and not a Hub repo id"),
+    "--clusters 0": ("{good} {other} --clusters 0", "--clusters must be a positive integer or auto"),
+    "--clusters more than adapters": ("{good} {other} --clusters 3", "--clusters 3 is more than the 2 adapters"),
+    "--target-error outside (0, 1)": ("{good} --target-error 1.5", "--target-error must be between 0 and 1"),
+    "--max-adapter-error 0": ("{good} --max-adapter-error 0", "--max-adapter-error must be positive"),
+    "unreadable --sources-file": ("--sources-file {root}/no-such-list.txt", "cannot read --sources-file"),
+    "empty --sources-file": ("--sources-file {empty_list}", "names no adapters"),
+    "--author with no LoRA repos": ("--author nobody-at-all", "nobody-at-all has no LoRA adapter repos"),
+    "repo not found": ("alice/does-not-exist", "repo not found", ALICE, HUB),
+    "private repo of another user": ("alice/secret-lora", "repo not found, or private", USERS["bob"], HUB),
+    "gated repo": ("alice/gated-lora", "the repo is gated", USERS["bob"], HUB),
+    "a dataset repo": ("alice/data", "is a dataset repo", ALICE, HUB),
+    "a space repo": ("alice/app", "is a space repo", ALICE, HUB),
+    "a full model": ("soppu-samples/tiny-llama", "a full model", ALICE, HUB),
+    "unknown revision": ("alice/support-bot@no-such-branch", "revision 'no-such-branch' does not exist", ALICE, HUB),
+    "no token": ("{hub0}", "needs a Hub token", None, PUSH),
+    "refused token": ("{hub0}", "token was refused", WRONG, PUSH),
+    "namespace the token cannot write": ("{hub0} --namespace bob", "cannot write to the namespace 'bob'", ALICE, PUSH),
+    "--push-to with two inputs": ("{hub0} {hub1} --push-to alice/x", "--push-to names one repo", ALICE, PUSH),
+    "--push-to another user's repo": ("{hub0} --push-to bob/mine", "cannot write", ALICE, PUSH),
+    "--out exists and is not empty": ("{good}", "already exists"),
+}
+CASES = list(TABLE)
+
+
 @pytest.fixture(scope="module")
 def matrix(hub, sample_adapters, tmp_path_factory):
     """Build the inputs, run every case at once, return {case: (result, out folder)} and the Hub before/after."""
     from lab.samples import llama_module_shapes, synthetic_factors, write_adapter
 
     root = tmp_path_factory.mktemp("cli-matrix")
-    good, other = (str(p) for p in sample_adapters)
     base_model = json.loads((sample_adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
 
     def broken(case: str) -> str:
@@ -54,110 +96,44 @@ def matrix(hub, sample_adapters, tmp_path_factory):
         shutil.copytree(sample_adapters[0], folder)
         return str(folder)
 
-    local: dict[str, tuple[list[str], str]] = {}
-    for case, (breaker, expected) in REFUSALS.items():  # adapter files: the same breakers the reader's tests use
-        folder = write_adapter(
-            root / "in" / case,
-            synthetic_factors(llama_module_shapes(), 1, 4, shared=0)[0],
-            base_model=base_model,
-            rank=4,
-            alpha=8,
-        )
+    def synthetic(name: str, rank: int, base: str = base_model, hidden: int = 64) -> Path:
+        factors = synthetic_factors(llama_module_shapes(hidden=hidden), 1, rank, shared=0)[0]
+        return write_adapter(root / "in" / name, factors, base_model=base, rank=rank, alpha=8)
+
+    inputs = {
+        "good": str(sample_adapters[0]),
+        "other": str(sample_adapters[1]),
+        "other_base": str(synthetic("other-base", 8, base="someone/else")),
+        "wide": str(synthetic("wide", 8, hidden=96)),
+        "carries": broken("carries-lm-head"),
+        "classifier": broken("classifier"),
+        "empty_list": str(root / "empty.txt"),
+        "root": str(root),
+        "hub0": hub.adapters[0],
+        "hub1": hub.adapters[1],
+    }
+    for case, (breaker, _) in REFUSALS.items():  # adapter files: the same breakers the reader's tests use
+        folder = synthetic(case, 4)
         breaker(folder)
-        local[f"adapter {case}"] = ([str(folder)], expected)
-    other_base = write_adapter(
-        root / "in" / "other-base",
-        synthetic_factors(llama_module_shapes(), 1, 8, shared=0)[0],
-        base_model="someone/else",
-        rank=8,
-        alpha=8,
-    )
-    wide = write_adapter(
-        root / "in" / "wide",
-        synthetic_factors(llama_module_shapes(hidden=96), 1, 8, shared=0)[0],
-        base_model=base_model,
-        rank=8,
-        alpha=8,
-    )
-    carries = broken("carries-lm-head")
-    _carry_extra(Path(carries))
-    classifier = broken("classifier")
-    _set_config(Path(classifier), task_type="SEQ_CLS")
-    empty_list = root / "empty.txt"
-    empty_list.write_text("# nothing yet\n\n")
+        inputs[f"adapter_{case}"] = str(folder)
+    _carry_extra(Path(inputs["carries"]))
+    _set_config(Path(inputs["classifier"]), task_type="SEQ_CLS")
+    (root / "empty.txt").write_text("# nothing yet\n\n")
     (root / "taken").mkdir()
     (root / "taken" / "keep.txt").write_text("mine")
-    local.update(
-        {
-            "different base models": ([good, str(other_base)], "different base models"),
-            "different module shapes": ([good, str(wide)], "not for the same architecture"),
-            "different carried tensors": ([good, carries], "carry different uncompressed tensors"),
-            "--verify on a classifier": ([classifier, "--verify"], "--verify compares next-token predictions"),
-            "--lorax-tp 0": (
-                [good, "--lorax-tp", "0"],
-                "--lorax-tp must be auto or a tensor-parallel size from 1 to 8, got 0",
-            ),
-            "--lorax-tp two": (
-                [good, "--lorax-tp", "two"],
-                "--lorax-tp: takes auto or a tensor-parallel size (an integer), not 'two'",
-            ),
-            "unknown --export-dtype": ([good, "--export-dtype", "int4"], "invalid choice: 'int4'"),
-            "--rank 0": ([good, "--rank", "0"], "--rank must be a positive integer"),
-            "missing folder": ([str(root / "missing")], "not an existing folder and not a Hub repo id"),
-            "neither folder nor id": (["not a repo"], "not an existing folder and not a Hub repo id"),
-            "--clusters 0": ([good, other, "--clusters", "0"], "--clusters must be a positive integer or auto"),
-            "--clusters more than adapters": (
-                [good, other, "--clusters", "3"],
-                "--clusters 3 is more than the 2 adapters",
-            ),
-            "--target-error outside (0, 1)": (
-                [good, "--target-error", "1.5"],
-                "--target-error must be between 0 and 1",
-            ),
-            "--max-adapter-error 0": ([good, "--max-adapter-error", "0"], "--max-adapter-error must be positive"),
-            "unreadable --sources-file": (
-                ["--sources-file", str(root / "no-such-list.txt")],
-                "cannot read --sources-file",
-            ),
-            "empty --sources-file": (["--sources-file", str(empty_list)], "names no adapters"),
-            "--author with no LoRA repos": (["--author", "nobody-at-all"], "nobody-at-all has no LoRA adapter repos"),
-        }
-    )
 
     alice = HfApi(token=ALICE)
     alice.create_repo("alice/data", repo_type="dataset", exist_ok=True)
     alice.create_repo("alice/app", repo_type="space", space_sdk="gradio", exist_ok=True)
     alice.create_repo("alice/secret-lora", private=True, exist_ok=True)
     alice.create_repo("alice/gated-lora", exist_ok=True)
-    alice.upload_folder(repo_id="alice/gated-lora", folder_path=good)
+    alice.upload_folder(repo_id="alice/gated-lora", folder_path=inputs["good"])
     alice.update_repo_settings("alice/gated-lora", gated="auto")
-    hub_cases = {
-        "repo not found": (["alice/does-not-exist"], "repo not found", ALICE),
-        "private repo of another user": (["alice/secret-lora"], "repo not found, or private", USERS["bob"]),
-        "gated repo": (["alice/gated-lora"], "the repo is gated", USERS["bob"]),
-        "a dataset repo": (["alice/data"], "is a dataset repo", ALICE),
-        "a space repo": (["alice/app"], "is a space repo", ALICE),
-        "a full model": (["soppu-samples/tiny-llama"], "a full model", ALICE),
-        "unknown revision": (["alice/support-bot@no-such-branch"], "revision 'no-such-branch' does not exist", ALICE),
-    }
-    push_cases = {
-        "no token": ([hub.adapters[0]], "needs a Hub token", None),
-        "refused token": ([hub.adapters[0]], "token was refused", WRONG),
-        "namespace the token cannot write": (
-            [hub.adapters[0], "--namespace", "bob"],
-            "cannot write to the namespace 'bob'",
-            ALICE,
-        ),
-        "--push-to with two inputs": ([*hub.adapters, "--push-to", "alice/x"], "--push-to names one repo", ALICE),
-        "--push-to another user's repo": ([hub.adapters[0], "--push-to", "bob/mine"], "cannot write", ALICE),
-    }
     runs = {}
-    for case, (args, expected) in local.items():
-        runs[case] = ([*args, "--no-push"], expected, ALICE)
-    for case, (args, expected, token) in hub_cases.items():
-        runs[case] = ([*args, "--no-push"], expected, token)
-    runs.update(push_cases)
-    runs["--out exists and is not empty"] = ([good, "--no-push"], "already exists", ALICE)
+    for case, (template, expected, *rest) in TABLE.items():
+        token, kind = rest or (ALICE, LOCAL)
+        args = [inputs.get(a[1:-1]) or a.format(**inputs) if a.startswith("{") else a for a in shlex.split(template)]
+        runs[case] = ([*args, *(["--no-push"] if kind != PUSH else [])], expected, token)
 
     def repos() -> list[str]:
         api = HfApi(token=ALICE)
@@ -191,41 +167,6 @@ def matrix(hub, sample_adapters, tmp_path_factory):
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(runs, pool.map(run, runs)))
     return {"runs": runs, "results": results, "before": before, "after": repos(), "root": root}
-
-
-CASES = [
-    *(f"adapter {c}" for c in sorted(REFUSALS)),
-    "different base models",
-    "different module shapes",
-    "different carried tensors",
-    "--verify on a classifier",
-    "--lorax-tp 0",
-    "--lorax-tp two",
-    "unknown --export-dtype",
-    "--rank 0",
-    "missing folder",
-    "neither folder nor id",
-    "--clusters 0",
-    "--clusters more than adapters",
-    "--target-error outside (0, 1)",
-    "--max-adapter-error 0",
-    "unreadable --sources-file",
-    "empty --sources-file",
-    "--author with no LoRA repos",
-    "--push-to with two inputs",
-    "repo not found",
-    "private repo of another user",
-    "gated repo",
-    "a dataset repo",
-    "a space repo",
-    "a full model",
-    "unknown revision",
-    "no token",
-    "refused token",
-    "namespace the token cannot write",
-    "--push-to another user's repo",
-    "--out exists and is not empty",
-]
 
 
 @pytest.mark.parametrize("case", CASES)
