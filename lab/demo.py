@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.demo_sets import SETS, DemoSet, chat_template
+from lab.demo_sets import SETS, DemoSet, chat_template, setting_flags
 from lab.samples import TINY_BASE_ID, build_tiny_llama, write_sample_adapters
 from soppu_hub.errors import SoppuError
 from soppu_hub.hub.common import use_endpoint
@@ -100,8 +100,7 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
         "soppu_hub",
         "compress",
         *ids,
-        "--rank",
-        str(demo_set.rank),
+        *setting_flags(demo_set.setting),
         "--out",
         str(workdir / out),
     ]
@@ -109,11 +108,10 @@ def _compress_cmd(ids: list[str], demo_set: DemoSet, workdir: Path, out: str, *,
         cmd += ["--collection", demo_collection(ids, demo_set)]
     if demo_set.store != "auto":
         cmd += ["--store-dtype", demo_set.store]
-    if demo_set.target_error is not None:
-        cmd += ["--target-error", str(demo_set.target_error)]
     if not checks:
         return cmd
-    cmd += ["--verify", "--verify-ranks", ",".join(str(r) for r in demo_set.verify_ranks if r < demo_set.rank)]
+    ranks = [r for r in demo_set.verify_ranks if r < demo_set.setting.get("rank", max(demo_set.verify_ranks) + 1)]
+    cmd += ["--verify", "--verify-ranks", ",".join(str(r) for r in ranks)]
     if demo_set.probes:
         (workdir / "probes.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in demo_set.probes))
         cmd += ["--probe-file", str(workdir / "probes.txt")]

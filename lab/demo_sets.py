@@ -16,12 +16,11 @@ from pathlib import Path
 
 from soppu_hub.errors import SoppuError
 
-# The real demo's setting, chosen before issue 33 by `python -m lab bench quality` on the 24 adapters: JD with a target
-# error of 0.4 under shared rank 48 kept 99.1% of the originals' held-out chrF (worst adapter 89.0%) at 4.27x. Since
-# issue 33 the same flags also keep private directions and store less (5.42x); the default (docs/real-model.md:
-# 5.94x at 99.6% / 85.9%) is not yet what the demo runs.
-REAL_RANK, REAL_TARGET_ERROR = 48, 0.4
-REAL_STORE = "nf4"  # the pushed repos then hold fewer bytes than the originals (35.50 against 35.92 MB; bf16: 40.25)
+# The real demo's setting, chosen by `python -m lab bench quality` on the 24 adapters (docs/bytes.md): the default's
+# search with every adapter's whole error <= 0.3 stores 4.96x fewer parameters; kept in NF4 (19.7x fewer bytes than
+# the originals) it keeps 98.8% of their held-out chrF, worst adapter 90.9%. The bench's store rows run it.
+REAL_SETTING = {"clusters": "auto", "adapter_error": 0.3}
+REAL_STORE = "nf4"
 REAL_VERIFY_RANKS = (8, 16)
 TINY_RANK = 32  # chosen from `python -m lab bench samples` (docs/demo.md): agreement against rank
 TINY_VERIFY_RANKS = (8, 16, 24)
@@ -33,14 +32,18 @@ class DemoSet:
     base_folder: Path
     base_model: str  # the repo id the base is published under (configs name it)
     adapters: list[Path]  # PEFT folders, pushed as <user>/<folder name>
-    rank: int
+    setting: dict  # the compress run's CompressConfig fields (flags: setting_flags)
     verify_ranks: tuple[int, ...]
-    target_error: float | None
     examples: list[str]  # the Space's example prompts
     probes: list[str] = field(default_factory=list)  # --probe-file (empty: the built-in probes)
     held_out: dict[str, Path] = field(default_factory=dict)  # adapter name -> JSONL of held-out examples
     checks_later: bool = False  # verify and score after the Space is up: minutes on a real model's CPU run
     store: str = "auto"  # --store-dtype of the compress run
+
+
+def setting_flags(setting: dict) -> list[str]:
+    """The compress flags of a setting: {"clusters": "auto", "adapter_error": 0.3} -> --clusters auto ..."""
+    return [a for k, v in setting.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def chat_template(folder: Path) -> str:
@@ -74,7 +77,7 @@ def tiny_set(log: Callable[[str], None] = print) -> DemoSet:
 
     examples = [prompt for prompt, _ in DIALOGUES]  # the only prompts the tiny model answers sensibly
     return DemoSet(
-        "tiny", collection.base, TINY_BASE_ID, collection.adapters, TINY_RANK, TINY_VERIFY_RANKS, None, examples
+        "tiny", collection.base, TINY_BASE_ID, collection.adapters, {"rank": TINY_RANK}, TINY_VERIFY_RANKS, examples
     )
 
 
@@ -118,9 +121,8 @@ def real_set(
         base,
         REAL_BASE_ID,
         folders,
-        REAL_RANK,
+        REAL_SETTING,
         REAL_VERIFY_RANKS,
-        REAL_TARGET_ERROR,
         list(firsts.values()),
         probes=list(families.values()),
         held_out=held_out,

@@ -123,6 +123,19 @@ def test_card_and_repo_report_leave_out_run_timings():
     assert repo_report(slow, 0) == repo_report(fast, 0) and "seconds" not in repo_report(slow, 0)
 
 
+def test_a_repo_report_carries_its_own_clusters_ranks_only():
+    """A member repo of a run with many clusters holds its cluster's ranks per module, the others in brief: the
+    demo's 24 repos of 12 clusters each carried all twelve (40 kB a repo)."""
+    ranks = {f"layers.{i}.q_proj": i % 3 for i in range(30)}
+    clusters = [{"id": c, "size": 2, "rank": 8, "params": 100 + c, "ranks": dict(ranks)} for c in range(12)]
+    report = _report(clusters=clusters)
+    report.adapters[0] = replace(report.adapters[0], cluster=7)
+    got = repo_report(report, 0)["clusters"]
+    assert [c["id"] for c in got] == list(range(12)) and [c["params"] for c in got] == [100 + c for c in range(12)]
+    assert [c for c in got if "ranks" in c] == [clusters[7]]
+    assert report.clusters[3]["ranks"] == ranks  # the run's own report is untouched
+
+
 def test_an_unpadded_export_says_lorax_serves_it_too_weak():
     report = _report()
     report.adapters[0] = replace(

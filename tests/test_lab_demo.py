@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab.demo import run_demo
-from lab.demo_sets import REAL_RANK, REAL_TARGET_ERROR
+from lab.demo_sets import REAL_SETTING, REAL_STORE, setting_flags
 from lab.screenshot import look_at_the_space
 
 pytestmark = pytest.mark.e2e  # real servers over loopback
@@ -211,7 +211,7 @@ def test_demo_on_a_real_style_set_checks_and_scores_in_the_background(tmp_path, 
     assert "Checks running" not in cards["hub"]  # the checked card replaced it
     assert "in the background" in next(line for line in logs if line.startswith("checking every compressed"))
     command = next(line for line in logs if line.startswith("$ soppu-hub compress"))
-    assert f"--rank {REAL_RANK} " in command and f"--target-error {REAL_TARGET_ERROR}" in command  # the bench's choice
+    assert " ".join([*setting_flags(REAL_SETTING)]) in command and f"--store-dtype {REAL_STORE}" in command
     card = cards["hub"]
     assert "next-token agreement" in card and "On your 40 examples the compressed adapter" in card
     assert card == (tmp_path / "demo" / "checked" / "shouty" / "README.md").read_text()

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lab.demo_sets import REAL_SETTING
+
 # Every setting costs a full scoring pass (24 x 40 greedy replies, ~6 min on 2 cores), so the bench runs few: JD as in
 # the paper (one cluster, no private directions) at two ranks, per-adapter SVD at three, and soppu-hub's choices: its
 # default, two whole-adapter errors, and a budget at each SVD store no larger (worst-adapter cap: that SVD's worst).
@@ -30,7 +32,7 @@ SVD = "per-adapter SVD"
 JD = "JD (paper: shared bases only)"
 SOPPU = "soppu-hub"
 BUDGET_SVD = (1, 2)  # the SVD ranks whose stores get a soppu-hub --budget row
-STORE_SETTING = {"rank": 48, "target_error": 0.4}  # make demo's setting, scored with each --store-dtype (issue 34)
+STORE_SETTING = REAL_SETTING  # make demo's setting, scored with each --store-dtype
 STORES = ("bfloat16", "int8", "nf4", "int4")
 
 

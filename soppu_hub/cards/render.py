@@ -71,11 +71,16 @@ def peers(report: Report, index: int) -> list[dict]:
 
 
 def repo_report(report: Report, index: int) -> dict:
-    """What one repo carries: the run's summary, this adapter in full, its cluster's peers in brief. Keeps a
-    thousand repos from each holding the whole run (which grows with the square of the collection). Run timings
-    stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
+    """What one repo carries: the run's summary, this adapter and its cluster in full, its cluster's peers and the
+    other clusters in brief. Keeps a thousand repos from each holding the whole run (which grows with the square of
+    the collection). Run timings stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
     body = report.to_dict()
     top = {k: v for k, v in body.items() if k not in ("adapters", *TIMINGS)}
+    own = report.adapters[index].cluster
+    if top.get("clusters"):  # other clusters in brief: their ranks per module are theirs to carry
+        top["clusters"] = [
+            c if c.get("id") == own else {k: v for k, v in c.items() if k != "ranks"} for c in top["clusters"]
+        ]
     return {**top, "adapter": body["adapters"][index], "adapters": peers(report, index)}
 
 
