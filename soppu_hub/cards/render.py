@@ -73,7 +73,8 @@ def peers(report: Report, index: int) -> list[dict]:
 def repo_report(report: Report, index: int) -> dict:
     """What one repo carries: the run's summary, this adapter and its cluster in full, its cluster's peers and the
     other clusters in brief. Keeps a thousand repos from each holding the whole run (which grows with the square of
-    the collection). Run timings stay out: what a repo carries depends only on its inputs and settings, so a rerun can tell it is unchanged."""
+    the collection). Run timings stay out: what a repo carries depends only on its inputs and settings, so a rerun
+    can tell it is unchanged."""
     body = report.to_dict()
     top = {k: v for k, v in body.items() if k not in ("adapters", *TIMINGS)}
     own = report.adapters[index].cluster
