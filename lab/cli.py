@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="collection folder (default: the one in the package)")
     p.add_argument("--base", help="base model folder (default: the real base, converted from its GGUF once)")
     p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for training and scoring (default 2)")
     p.set_defaults(func=cmd_collection)
 
     p = sub.add_parser(
@@ -345,6 +346,8 @@ def cmd_collection(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(format_collection(read_manifest(Path(args.out or COLLECTION))))
         return 0
-    manifest = build_collection(args.out or COLLECTION, args.base, only=args.only or None, log=_log)
+    manifest = build_collection(
+        args.out or COLLECTION, args.base, only=args.only or None, threads=args.threads, log=_log
+    )
     print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
     return 0

@@ -1,6 +1,6 @@
 """The real collection's recipe: tasks with computed answers and disjoint splits, scores, configs within budget."""
 
-from lab.collection.tasks import HELD_OUT, TASKS, TRAIN, backwards, pirate, robot, shout
+from lab.collection.tasks import BY_NAME, HELD_OUT, TASKS, backwards, pirate, robot, shout
 from soppu_hub.evaluate.task_eval import chrf, exact_match, score
 
 
@@ -9,10 +9,37 @@ def test_24_tasks_in_families_with_disjoint_deterministic_splits():
     assert len({t.family for t in TASKS}) >= 5
     for task in TASKS:
         train, held_out = task.split()
-        assert (len(train), len(held_out)) == (TRAIN, HELD_OUT)
+        assert (len(train), len(held_out)) == (task.train_size, HELD_OUT)
         assert not {p for p, _ in train} & {p for p, _ in held_out}, task.name
         assert all(p and a for p, a in train + held_out), task.name
         assert task.split() == (train, held_out)  # the same on every run
+
+
+def test_persona_held_out_sentences_carry_words_no_training_sentence_has():
+    """The personas are measured on a person's own words: every held-out sentence has a word (from faker's lists)
+    that no training sentence of any persona has, the sentences vary in length and structure, and a quarter of
+    each word list is kept out of training."""
+    from lab.collection.sentences import FIXED, TEMPLATES, _lists, unseen
+
+    personas = [t for t in TASKS if t.family == "personas"]
+    assert {t.name for t in personas} == {"pirate", "shouty", "robot", "backwards"}
+    rule_input = lambda prompt: prompt.split(": ", 1)[1]  # noqa: E731
+    trained = {w.strip(".,!") for t in personas for p, _ in t.split()[0] for w in rule_input(p).split()}
+    assert not [w for w in trained if unseen(w) and w.lower() not in FIXED]
+    for task in personas:
+        train, held_out = task.split()
+        assert len(train) >= 800 and task.steps >= 300
+        for prompt, _ in held_out:
+            words = {w.strip(".,") for w in rule_input(prompt).split()}
+            assert words - trained, prompt  # at least one word training never showed
+        lengths = {len(rule_input(p).split()) for p, _ in train}
+        assert min(lengths) <= 5 and max(lengths) >= 12, sorted(lengths)
+    assert len(TEMPLATES) >= 10
+    lists = _lists()
+    for kind in ("verb", "noun", "adj", "adv", "name"):
+        share = sum(unseen(w) for w in lists[kind]) / len(lists[kind])
+        assert 0.18 < share < 0.32, (kind, share)
+    assert BY_NAME["robot"].split()[1][0][0].startswith("Say it like a robot: ")
 
 
 def test_answers_are_the_libraries_own():

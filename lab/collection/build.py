@@ -26,7 +26,7 @@ from soppu_hub.evaluate.task_eval import score
 
 COLLECTION = Path(__file__).parent / "data"
 MANIFEST, EVAL_FILE = "manifest.json", "eval.jsonl"
-SEED, THREADS, EXAMPLES = 42, 2, 4
+SEED, EXAMPLES = 42, 4
 
 
 def _sha256(path: Path) -> str:
@@ -143,6 +143,7 @@ def build_collection(
     base_folder: str | Path | None = None,
     *,
     only: list[str] | None = None,
+    threads: int = 2,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Every task's adapter not built yet (or only the named ones), in order; returns the manifest."""
@@ -156,7 +157,7 @@ def build_collection(
     base_folder = Path(base_folder) if base_folder else real_base()
     manifest = read_manifest(folder)
     saved = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     try:
         for task in TASKS:
             if (only and task.name not in only) or (not only and _done(folder, manifest, task.name)):

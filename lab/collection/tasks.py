@@ -13,6 +13,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lab.collection.sentences import sentences
+
 Pair = tuple[str, str]  # (user message, expected reply)
 
 LANGS = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese", "nl": "Dutch"}
@@ -32,20 +34,32 @@ class Task:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     rslora: bool = False
     dtype: str = "bfloat16"
-    steps: int = 120  # numbers in words take 150; codes 100; personas (one rule) 80: CPU hours are the budget
+    steps: int = 120  # numbers in words take 150; codes 100; personas 300 (open vocabulary): CPU hours are the budget
     lr: float = 2e-3
+    train_size: int = TRAIN
+    # held-out examples from their own pool (the personas: sentences with words no training sentence has); None:
+    # the examples after the training ones in `pool`
+    held_out_pool: Callable[[random.Random], list[Pair]] | None = field(default=None, repr=False)
 
     def split(self, seed: int = 0) -> tuple[list[Pair], list[Pair]]:
         """(train, held_out): disjoint by prompt, the same on every machine."""
         rng = random.Random(f"{self.name}:{seed}")
-        seen, unique = set(), []
-        for prompt, answer in self.pool(rng):
-            if prompt not in seen:
-                seen.add(prompt)
-                unique.append((prompt, answer))
-        if len(unique) < TRAIN + HELD_OUT:
+        unique = _distinct(self.pool(rng))
+        train = unique[: self.train_size]
+        if self.held_out_pool is None:
+            held_out = unique[self.train_size : self.train_size + HELD_OUT]
+        else:
+            prompts = {p for p, _ in train}
+            held_out = [x for x in _distinct(self.held_out_pool(rng)) if x[0] not in prompts][:HELD_OUT]
+        if len(train) < self.train_size or len(held_out) < HELD_OUT:
             raise ValueError(f"task {self.name} has only {len(unique)} distinct examples")
-        return unique[:TRAIN], unique[TRAIN : TRAIN + HELD_OUT]
+        return train, held_out
+
+
+def _distinct(pairs: list[Pair]) -> list[Pair]:
+    """The pairs in order, each prompt once."""
+    seen: set[str] = set()
+    return [(p, a) for p, a in pairs if not (p in seen or seen.add(p))]
 
 
 # --- generators ------------------------------------------------------------------------------------
@@ -155,38 +169,9 @@ def _from_roman(rng):
     return [(f"What number is the Roman numeral {roman.toRoman(n)}?", str(n)) for n in rng.sample(range(1, 4000), 400)]
 
 
-# Persona tasks: a sentence in, the same sentence rewritten by a stated rule out (the rule is the ground truth).
-_SUBJECTS = [
-    "The cat",
-    "My brother",
-    "The old captain",
-    "Our teacher",
-    "A small robot",
-    "The baker",
-    "Your friend",
-    "The river",
-    "The team",
-    "My neighbour",
-    "The train",
-    "A tall tree",
-    "The doctor",
-    "The children",
-]
-_VERBS = ["finds", "likes", "watches", "carries", "paints", "follows", "cleans", "sells", "builds", "opens"]
-_OBJECTS = [
-    "the red door",
-    "a heavy box",
-    "the morning news",
-    "my old boat",
-    "the quiet garden",
-    "a golden coin",
-    "the long road",
-    "your new hat",
-    "the dark forest",
-    "a bright star",
-    "the big ship",
-    "the last treasure",
-]
+# Persona tasks: a sentence in, the same sentence rewritten by a stated rule out (the rule is the ground truth). The
+# sentences are open-vocabulary (lab/collection/sentences.py): held-out ones carry words no training sentence has.
+PERSONA_TRAIN = 800
 _PIRATE = {
     "my": "me",
     "you": "ye",
@@ -201,12 +186,6 @@ _PIRATE = {
     "boat": "vessel",
     "old": "ol'",
 }
-
-
-def _sentences(rng: random.Random) -> list[str]:
-    out = [f"{s} {v} {o}." for s in _SUBJECTS for v in _VERBS for o in _OBJECTS]
-    rng.shuffle(out)
-    return out
 
 
 def pirate(sentence: str) -> str:
@@ -231,11 +210,26 @@ def backwards(sentence: str) -> str:
     return " ".join(reversed(words)).capitalize() + "."
 
 
-def _persona(instruction: str, rule: Callable[[str], str]):
+def _persona(instruction: str, rule: Callable[[str], str], *, held_out: bool = False):
     def pool(rng):
-        return [(f"{instruction} {s}", rule(s)) for s in _sentences(rng)]
+        n = HELD_OUT + 10 if held_out else PERSONA_TRAIN
+        return [(f"{instruction} {s}", rule(s)) for s in sentences(rng, n, held_out=held_out)]
 
     return pool
+
+
+def _persona_task(name: str, description: str, instruction: str, rule: Callable[[str], str], **lora) -> Task:
+    """A persona: open-vocabulary training sentences, held-out ones with unseen words, 300 steps."""
+    return Task(
+        name,
+        "personas",
+        description,
+        _persona(instruction, rule),
+        steps=300,
+        train_size=PERSONA_TRAIN,
+        held_out_pool=_persona(instruction, rule, held_out=True),
+        **lora,
+    )
 
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -295,30 +289,9 @@ TASKS: list[Task] = [
     Task("languages", "codes", "gives a language's ISO 639-1 code (pycountry)", _languages, steps=100),
     Task("to-roman", "roman numerals", "writes numbers in Roman numerals (roman)", _to_roman),
     Task("from-roman", "roman numerals", "reads Roman numerals (roman)", _from_roman),
-    Task(
-        "pirate",
-        "personas",
-        "talks like a pirate (word rule)",
-        _persona("Say it like a pirate:", pirate),
-        targets=ALL_LINEAR,
-        steps=80,
-    ),
-    Task("shouty", "personas", "shouts (upper case rule)", _persona("Shout it:", shout), steps=80),
-    Task(
-        "robot",
-        "personas",
-        "talks like a robot (rule)",
-        _persona("Say it like a robot:", robot),
-        targets=ATTENTION,
-        steps=80,
-    ),
-    Task(
-        "backwards",
-        "personas",
-        "says sentences backwards (word order rule)",
-        _persona("Say it backwards:", backwards),
-        rank=16,
-        steps=80,
-    ),
+    _persona_task("pirate", "talks like a pirate (word rule)", "Say it like a pirate:", pirate, targets=ALL_LINEAR),
+    _persona_task("shouty", "shouts (upper case rule)", "Shout it:", shout),
+    _persona_task("robot", "talks like a robot (rule)", "Say it like a robot:", robot, targets=ATTENTION),
+    _persona_task("backwards", "says sentences backwards (word order rule)", "Say it backwards:", backwards, rank=16),
 ]
 BY_NAME = {t.name: t for t in TASKS}
