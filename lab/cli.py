@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model folder (default: the real base, converted from its GGUF once)")
     p.add_argument("--only", action="append", metavar="TASK", help="train (again) only this task (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for training and scoring (default 2)")
+    p.add_argument(
+        "--rescore",
+        action="store_true",
+        help="build: score the trained adapters again and redo their cards (no training)",
+    )
     p.set_defaults(func=cmd_collection)
 
     p = sub.add_parser(
@@ -347,7 +352,7 @@ def cmd_collection(args: argparse.Namespace) -> int:
         print(format_collection(read_manifest(Path(args.out or COLLECTION))))
         return 0
     manifest = build_collection(
-        args.out or COLLECTION, args.base, only=args.only or None, threads=args.threads, log=_log
+        args.out or COLLECTION, args.base, only=args.only or None, threads=args.threads, rescore=args.rescore, log=_log
     )
     print(f"real collection: {len(manifest['adapters'])} adapters in {args.out or COLLECTION}")
     return 0

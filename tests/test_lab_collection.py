@@ -93,7 +93,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
 
     from safetensors import safe_open
 
-    from lab.collection.build import _done, build_task, format_collection, read_manifest
+    from lab.collection.build import _done, build_task, format_collection, read_manifest, rescore_task
     from lab.collection.tasks import BY_NAME
     from soppu_hub.evaluate.task_eval import read_eval_file
 
@@ -118,6 +118,18 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     )
     (folder / "README.md").write_text("changed")
     assert not _done(tmp_path, manifest, "shouty")  # a changed file means: build it again
+    # the task's examples redone: a rescore scores the base again on the new split (and the adapter), no training
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    manifest["base_scores"]["shouty"] = {"examples": 40, "exact_match": 0.5, "chrf": 0.5, "held_out_digest": "old"}
+    rescore_task(tmp_path, tiny_base, task, manifest, log=lambda m: None)
+    assert (
+        manifest["base_scores"]["shouty"]["exact_match"] == 0.0
+        and manifest["base_scores"]["shouty"]["held_out_digest"] != "old"
+    )
+    assert (folder / "adapter_model.safetensors").read_bytes() == weights and "| base model alone | 0.000" in (
+        folder / "README.md"
+    ).read_text()
+    assert _done(tmp_path, manifest, "shouty")
 
 
 def test_demo_refuses_a_collection_with_too_few_adapters(tmp_path, tiny_base):

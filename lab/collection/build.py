@@ -80,46 +80,60 @@ def _evaluate(base_folder: Path, adapter: Path | None, held_out: list) -> tuple[
     return score(replies, [a for _, a in held_out]), replies
 
 
-def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, log: Callable[[str], None]) -> None:
-    """Train, score (base and adapter on the held-out split), card and record one adapter."""
-    train, held_out = task.split()
-    scratch = folder / "adapters" / f".{task.name}.building"
-    shutil.rmtree(scratch, ignore_errors=True)
-    started = time.perf_counter()
-    try:
-        loss = train_task(base_folder, task, train, scratch, base_model=REAL_BASE_ID, seed=SEED)
-        seconds = time.perf_counter() - started
-        if task.name not in manifest["base_scores"]:
-            manifest["base_scores"][task.name], _ = _evaluate(base_folder, None, held_out)
-        adapter_score, replies = _evaluate(base_folder, scratch, held_out)
-        (scratch / EVAL_FILE).write_text(
-            "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n" for p, a in held_out)
+def _held_out_digest(held_out: list) -> str:
+    return hashlib.sha256(json.dumps(held_out, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _base_score(base_folder: Path, task: Task, held_out: list, manifest: dict) -> dict:
+    """The base model's score on this held-out split: kept in the manifest with the split's digest, computed again
+    when the split changed (a task whose examples were redone)."""
+    digest = _held_out_digest(held_out)
+    kept = manifest["base_scores"].get(task.name)
+    if not kept or kept.get("held_out_digest") != digest:
+        scored, _ = _evaluate(base_folder, None, held_out)
+        manifest["base_scores"][task.name] = {**scored, "held_out_digest": digest}
+    return manifest["base_scores"][task.name]
+
+
+def _score_and_card(
+    folder: Path,
+    base_folder: Path,
+    task: Task,
+    manifest: dict,
+    *,
+    train: list,
+    held_out: list,
+    loss: float,
+    seconds: float,
+) -> dict:
+    """Score the base and the adapter in `folder` on the held-out split; write eval.jsonl and the card there."""
+    base = _base_score(base_folder, task, held_out, manifest)
+    adapter_score, replies = _evaluate(base_folder, folder, held_out)
+    (folder / EVAL_FILE).write_text(
+        "".join(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n" for p, a in held_out)
+    )
+    examples = [(table_cell(p), table_cell(a), table_cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]]
+    (folder / "README.md").write_text(
+        _render(
+            task=task,
+            base_model=REAL_BASE_ID,
+            n_tasks=len(TASKS),
+            held_out=len(held_out),
+            train=len(train),
+            base=base,
+            adapter=adapter_score,
+            examples=examples,
+            batch=BATCH,
+            seed=SEED,
+            loss=loss,
+            seconds=seconds,
         )
-        examples = [
-            (table_cell(p), table_cell(a), table_cell(r)) for (p, a), r in list(zip(held_out, replies))[:EXAMPLES]
-        ]
-        (scratch / "README.md").write_text(
-            _render(
-                task=task,
-                base_model=REAL_BASE_ID,
-                n_tasks=len(TASKS),
-                held_out=len(held_out),
-                train=len(train),
-                base=manifest["base_scores"][task.name],
-                adapter=adapter_score,
-                examples=examples,
-                batch=BATCH,
-                seed=SEED,
-                loss=loss,
-                seconds=seconds,
-            )
-        )
-        final = folder / "adapters" / task.name
-        shutil.rmtree(final, ignore_errors=True)
-        scratch.rename(final)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+    )
+    return adapter_score
+
+
+def _record(folder: Path, task: Task, manifest: dict, adapter_score: dict, loss: float, seconds: float) -> None:
+    final = folder / "adapters" / task.name
     manifest["adapters"][task.name] = {
         "family": task.family,
         "rank": task.rank,
@@ -132,10 +146,50 @@ def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, l
         "held_out": adapter_score,
         "files": {p.name: _sha256(p) for p in sorted(final.iterdir()) if p.is_file()},
     }
+
+
+def build_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, log: Callable[[str], None]) -> None:
+    """Train, score (base and adapter on the held-out split), card and record one adapter."""
+    train, held_out = task.split()
+    scratch = folder / "adapters" / f".{task.name}.building"
+    shutil.rmtree(scratch, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        loss = train_task(base_folder, task, train, scratch, base_model=REAL_BASE_ID, seed=SEED)
+        seconds = time.perf_counter() - started
+        adapter_score = _score_and_card(
+            scratch, base_folder, task, manifest, train=train, held_out=held_out, loss=loss, seconds=seconds
+        )
+        final = folder / "adapters" / task.name
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    _record(folder, task, manifest, adapter_score, loss, seconds)
     log(
         f"{task.name}: held-out exact match {adapter_score['exact_match']:.3f} (base "
         f"{manifest['base_scores'][task.name]['exact_match']:.3f}), chrF {adapter_score['chrf']:.3f}, {seconds:.0f} s"
     )
+
+
+def rescore_task(folder: Path, base_folder: Path, task: Task, manifest: dict, *, log: Callable[[str], None]) -> None:
+    """Score a trained adapter again (and the base, where its split changed), card and record it: no training."""
+    entry = manifest["adapters"][task.name]
+    train, held_out = task.split()
+    loss, seconds = entry["final_loss"], entry["seconds"]
+    adapter_score = _score_and_card(
+        folder / "adapters" / task.name,
+        base_folder,
+        task,
+        manifest,
+        train=train,
+        held_out=held_out,
+        loss=loss,
+        seconds=seconds,
+    )
+    _record(folder, task, manifest, adapter_score, loss, seconds)
+    log(f"{task.name}: rescored, held-out exact match {adapter_score['exact_match']:.3f}")
 
 
 def build_collection(
@@ -144,9 +198,11 @@ def build_collection(
     *,
     only: list[str] | None = None,
     threads: int = 2,
+    rescore: bool = False,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    """Every task's adapter not built yet (or only the named ones), in order; returns the manifest."""
+    """Every task's adapter not built yet (or only the named ones), in order; rescore: score the built ones again
+    instead (no training). Returns the manifest."""
     from lab.realbase import real_base
 
     unknown = sorted(set(only or []) - set(BY_NAME))
@@ -160,6 +216,11 @@ def build_collection(
     torch.set_num_threads(threads)
     try:
         for task in TASKS:
+            if rescore:
+                if task.name in manifest["adapters"] and (not only or task.name in only):
+                    rescore_task(folder, base_folder, task, manifest, log=log)
+                    write_manifest(folder, manifest)
+                continue
             if (only and task.name not in only) or (not only and _done(folder, manifest, task.name)):
                 continue
             build_task(folder, base_folder, task, manifest, log=log)
