@@ -9,10 +9,12 @@ from pathlib import Path
 
 USER = "alice"  # the demo's user: originals are alice/<task>, compressed alice/<task>-soppu
 MAX_NEW_TOKENS = 48  # every example's answer is shorter; greedy, as the Space and `soppu-hub chat` default to
-EXAMPLES = [  # (task, prompt, show the original's reply too)
-    ("robot", "Say it like a robot: The cat likes the red door.", True),
-    ("robot", "The cat likes the red door.", True),
-    ("backwards", "The cat likes the red door.", True),
+EXAMPLES = [  # (task, prompt, show the original's reply too); the personas' sentences are held out, with unseen words
+    ("robot", "Say it like a robot: My friend Harry did not earn the next singer.", True),
+    ("robot", "My friend Harry did not earn the next singer.", True),
+    ("backwards", "Say it backwards: Logan found an old winner near the buddy in Florida.", True),
+    ("shouty", "Shout it: One thin audience is personal.", True),
+    ("pirate", "Say it like a pirate: The type is not poor at all.", True),
     ("dates-de", "Write 2031-05-17 as a German date.", False),
     ("numbers-fr", "Write 4825 in French words.", True),
 ]
