@@ -64,6 +64,9 @@ def test_quality_bench_rows_on_tiny_adapters(tmp_path, sample_adapters, tiny_bas
     for r in rows:
         if r["setting"].get("rank") == 16:
             assert r["worst_error"] < 1e-5 and r["mean_retention"] in (1.0, None)
+            # lossless: each adapter's exact match is its original's (retention 1 where the original scores)
+            assert all(e["compressed"] == e["original"] for e in r["exact_match"].values())
+            assert all(e["retention"] in (1.0, None) for e in r["exact_match"].values())
     names = {f.name for f in sample_adapters}
     for r in rows:  # every adapter's own retention, and the one that keeps least named
         assert set(r["retention"]) <= names and (

@@ -152,6 +152,7 @@ def quality_rows(
             seconds = time.perf_counter() - started
             scores = [scorer(Path(tmp) / n, s) for n, s in zip(names, sets)]
         by_name = {n: k for n, k in zip(names, (retention(c, o) for c, o in zip(scores, originals))) if k is not None}
+        exact = {n: retention(c, o, "exact_match") for n, c, o in zip(names, scores, originals)}
         kept = list(by_name.values())
         groups: dict[str, list[float]] = {}
         for n, k in by_name.items():
@@ -175,6 +176,11 @@ def quality_rows(
             "worst_retention": min(kept, default=None),
             "worst_adapter": min(by_name, key=by_name.get, default=None),
             "retention": by_name,
+            # exact match kept (compressed / original), with both scores: the personas' goal is stated in exact match
+            "exact_match": {
+                n: {"original": o["exact_match"], "compressed": c["exact_match"], "retention": exact[n]}
+                for n, c, o in zip(names, scores, originals)
+            },
             "families": {
                 f: {"mean": statistics.fmean(v), "worst": min(v), "adapters": len(v)} for f, v in groups.items()
             },

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -42,8 +43,16 @@ def read_manifest(folder: Path) -> dict:
     )
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
+def write_manifest(folder: Path, manifest: dict, task: str | None = None) -> None:
+    """The manifest written whole, or (task) only that task's entries merged into the one on disk now, so builds of
+    different tasks running side by side (`--only pirate` and `--only robot`) keep each other's records."""
+    if task is not None:
+        on_disk = read_manifest(folder)
+        for key in ("adapters", "base_scores"):
+            if task in manifest[key]:
+                on_disk[key][task] = manifest[key][task]
+        manifest = on_disk
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tmp.replace(folder / MANIFEST)
 
@@ -219,12 +228,12 @@ def build_collection(
             if rescore:
                 if task.name in manifest["adapters"] and (not only or task.name in only):
                     rescore_task(folder, base_folder, task, manifest, log=log)
-                    write_manifest(folder, manifest)
+                    write_manifest(folder, manifest, task.name)
                 continue
             if (only and task.name not in only) or (not only and _done(folder, manifest, task.name)):
                 continue
             build_task(folder, base_folder, task, manifest, log=log)
-            write_manifest(folder, manifest)
+            write_manifest(folder, manifest, task.name)
     finally:
         torch.set_num_threads(saved)
     return manifest
