@@ -42,6 +42,36 @@ def test_persona_held_out_sentences_carry_words_no_training_sentence_has():
     assert BY_NAME["robot"].split()[1][0][0].startswith("Say it like a robot: ")
 
 
+def test_committed_personas_were_scored_on_todays_held_out_split():
+    """Each persona adapter in the committed collection was trained and scored on the open-vocabulary split the
+    recipe makes today: its eval.jsonl is that split, its manifest entry the task's config and step count."""
+    from lab.collection.build import COLLECTION, read_manifest
+    from soppu_hub.evaluate.task_eval import read_eval_file
+
+    manifest = read_manifest(COLLECTION)
+    for task in (t for t in TASKS if t.family == "personas"):
+        assert read_eval_file(COLLECTION / "adapters" / task.name / "eval.jsonl") == task.split()[1], task.name
+        entry = manifest["adapters"][task.name]
+        assert (entry["rank"], tuple(entry["targets"]), entry["steps"]) == (task.rank, task.targets, task.steps)
+        assert entry["held_out"]["examples"] == HELD_OUT
+
+
+def test_the_demos_persona_prompts_are_held_out_never_trained():
+    """docs/demo.md's persona prompts (with their instruction) are held-out examples; without it, the sentence is in
+    no training prompt either. The Space's examples are each adapter's first held-out prompt (lab/demo_sets.py)."""
+    from lab.demo_examples import EXAMPLES
+
+    personas = {t.name: t.split() for t in TASKS if t.family == "personas"}
+    trained = {p.split(": ", 1)[1] for train, _ in personas.values() for p, _ in train}
+    shown = [(task, prompt) for task, prompt, _ in EXAMPLES if task in personas]
+    assert {task for task, _ in shown} == set(personas)
+    for task, prompt in shown:
+        sentence = prompt.split(": ", 1)[-1]
+        assert sentence not in trained, prompt
+        if ": " in prompt:
+            assert prompt in {p for p, _ in personas[task][1]}, prompt
+
+
 def test_answers_are_the_libraries_own():
     from num2words import num2words
 
@@ -59,7 +89,8 @@ def test_answers_are_the_libraries_own():
 
 
 def test_configs_vary_as_on_the_hub_and_fit_the_weight_budget():
-    """Ranks 8 and 16, q/v, attention and all linear, one rsLoRA, bf16 and fp32: under 40 MB at SmolLM2's shapes."""
+    """Ranks 8 and 16, q/v, attention and all linear, one rsLoRA, bf16 and fp32: under 55 MB at SmolLM2's shapes (the
+    two personas that spell every word in capitals take rank 16 on every linear layer, 9.8 MB each)."""
     assert {t.rank for t in TASKS} == {8, 16} and sum(t.rslora for t in TASKS) == 1
     assert {len(t.targets) for t in TASKS} == {2, 4, 7} and {t.dtype for t in TASKS} == {"bfloat16", "float32"}
     hidden, kv, mlp, layers = 576, 192, 1536, 30
@@ -75,7 +106,7 @@ def test_configs_vary_as_on_the_hub_and_fit_the_weight_budget():
     size = sum(
         t.rank * sum(sum(shapes[m]) for m in t.targets) * layers * (4 if t.dtype == "float32" else 2) for t in TASKS
     )
-    assert size < 40e6, size
+    assert size < 55e6, size
 
 
 def test_scores():
@@ -102,7 +133,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     build_task(tmp_path, tiny_base, task, manifest, log=lambda m: None)
     folder = tmp_path / "adapters" / "shouty"
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["r"] == 8
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["r"] == task.rank == 16
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     assert read_eval_file(folder / "eval.jsonl") == task.split()[1]
@@ -113,7 +144,7 @@ def test_build_task_trains_scores_and_records_one_adapter(tmp_path, tiny_base):
     assert _done(tmp_path, manifest, "shouty")
     table = format_collection(manifest)  # `python -m lab collection show`
     assert (
-        "| shouty | personas | r8 q/v, bfloat16 | 12 | 0.000 / " in table
+        "| shouty | personas | r16 q/k/v/o/gate/up/down, bfloat16 | 12 | 0.000 / " in table
         and f"1 of {len(TASKS)} adapters trained" in table
     )
     (folder / "README.md").write_text("changed")
@@ -143,3 +174,23 @@ def test_demo_refuses_a_collection_with_too_few_adapters(tmp_path, tiny_base):
         SoppuError, match=r"has 0 trained adapters; build it with `python -m lab collection build` .*--set tiny"
     ):
         real_set(collection=tmp_path, base=tiny_base)
+
+
+def test_builds_of_different_tasks_side_by_side_keep_each_others_records(tmp_path):
+    """Two `collection build --only` runs read the manifest at their start; each writes back only its own task's
+    entries merged into the manifest on disk, so the one that finishes last does not drop the other's record."""
+    from lab.collection.build import read_manifest, write_manifest
+
+    write_manifest(tmp_path, {"base_model": "b", "adapters": {"old": {"rank": 8}}, "base_scores": {}})
+    first, second = read_manifest(tmp_path), read_manifest(tmp_path)  # both runs start
+    first["adapters"]["robot"] = {"rank": 16}
+    first["base_scores"]["robot"] = {"exact_match": 0.0}
+    write_manifest(tmp_path, first, "robot")
+    second["adapters"]["shouty"] = {"rank": 16}
+    write_manifest(tmp_path, second, "shouty")
+    on_disk = read_manifest(tmp_path)
+    assert set(on_disk["adapters"]) == {"old", "robot", "shouty"} and on_disk["base_scores"] == {
+        "robot": {"exact_match": 0.0}
+    }
+    write_manifest(tmp_path, {"base_model": "b", "adapters": {}, "base_scores": {}})  # no task: written whole
+    assert read_manifest(tmp_path)["adapters"] == {} and not list(tmp_path.glob(".*.tmp"))

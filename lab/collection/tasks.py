@@ -218,14 +218,16 @@ def _persona(instruction: str, rule: Callable[[str], str], *, held_out: bool = F
     return pool
 
 
-def _persona_task(name: str, description: str, instruction: str, rule: Callable[[str], str], **lora) -> Task:
-    """A persona: open-vocabulary training sentences, held-out ones with unseen words, 300 steps."""
+def _persona_task(
+    name: str, description: str, instruction: str, rule: Callable[[str], str], *, steps: int = 300, **lora
+) -> Task:
+    """A persona: open-vocabulary training sentences, held-out ones with unseen words, 300 steps unless told."""
     return Task(
         name,
         "personas",
         description,
         _persona(instruction, rule),
-        steps=300,
+        steps=steps,
         train_size=PERSONA_TRAIN,
         held_out_pool=_persona(instruction, rule, held_out=True),
         **lora,
@@ -290,8 +292,12 @@ TASKS: list[Task] = [
     Task("to-roman", "roman numerals", "writes numbers in Roman numerals (roman)", _to_roman),
     Task("from-roman", "roman numerals", "reads Roman numerals (roman)", _from_roman),
     _persona_task("pirate", "talks like a pirate (word rule)", "Say it like a pirate:", pirate, targets=ALL_LINEAR),
-    _persona_task("shouty", "shouts (upper case rule)", "Shout it:", shout),
-    _persona_task("robot", "talks like a robot (rule)", "Say it like a robot:", robot, targets=ATTENTION),
+    # shouty and robot spell every word again in capitals (an unseen word is 3-5 new tokens): rank 8 on attention
+    # reached 0.250 in 300 steps; they get rank 16 on every linear layer and 600 steps
+    _persona_task("shouty", "shouts (upper case rule)", "Shout it:", shout, targets=ALL_LINEAR, rank=16, steps=600),
+    _persona_task(
+        "robot", "talks like a robot (rule)", "Say it like a robot:", robot, targets=ALL_LINEAR, rank=16, steps=600
+    ),
     _persona_task("backwards", "says sentences backwards (word order rule)", "Say it backwards:", backwards, rank=16),
 ]
 BY_NAME = {t.name: t for t in TASKS}
