@@ -40,36 +40,43 @@ def peft_deltas(base_folder: Path, adapter_folder: Path) -> dict:
 def lorax_effective_scales(folder: Path, tensor_parallel: int = 1) -> dict:
     """Load an export the way LoRAX's SGMV path does and return module -> effective scale (1.0 = as compressed).
 
-    LoRAX (server/lorax_server/adapters/lora.py, utils/punica.py) goes through the target module types in
-    turn; for each it scales lora_B by lora_alpha / config.r (or / sqrt(r) with rsLoRA), pads the rank to
-    8 * tp or the next multiple of 16, and then overwrites config.r with the padded rank, which the next
-    module type (and any later load of the cached config) is scaled with. The intended scale is PEFT's,
-    lora_alpha / r of the file's own config.
+    LoRAX (server/lorax_server/adapters/lora.py, utils/punica.py) reads r and lora_alpha from the config and
+    ignores rank_pattern / alpha_pattern; it goes through the target module types in turn; for each it scales
+    every layer's lora_B by lora_alpha / config.r (or / sqrt(r) with rsLoRA), pads each tensor's rank to 8 * tp or
+    the next multiple of 16, stacks the type's layers (so their padded ranks must agree: an AssertionError here,
+    a load failure there) and then overwrites config.r with the first layer's padded rank, which the next module
+    type (and any later load of the cached config) is scaled with. The intended scale is PEFT's, per module
+    (rank_pattern / alpha_pattern honoured).
     """
     import json
     import math
+    import re
 
     from safetensors.torch import load_file
+
+    from soppu_hub.peft_format.folder import module_scaling
 
     cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
     tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
     alpha, rslora = cfg["lora_alpha"], cfg.get("use_rslora", False)
-    intended = alpha / (math.sqrt(cfg["r"]) if rslora else cfg["r"])
-    modules = sorted({k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")})
+    natural = lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]  # noqa: E731
+    modules = sorted({k.removesuffix(".lora_A.weight") for k in tensors if k.endswith(".lora_A.weight")}, key=natural)
     by_type: dict[str, list[str]] = {}
     for m in modules:
         by_type.setdefault(m.rsplit(".", 1)[-1], []).append(m)
     r = cfg["r"]  # the cached config object LoRAX mutates
     out = {}
-    for _, names in by_type.items():
+    for kind, names in by_type.items():
         scale = alpha / (math.sqrt(r) if rslora else r)
-        padded = r
+        floor = 8 * tensor_parallel
+        padded = []
         for m in names:
             rank = tensors[m + ".lora_A.weight"].shape[0]
-            floor = 8 * tensor_parallel
-            padded = floor if rank <= floor else (rank + 15) // 16 * 16
-            out[m.removeprefix("base_model.model.")] = scale / intended
-        r = padded
+            padded.append(floor if rank <= floor else (rank + 15) // 16 * 16)
+            name = m.removeprefix("base_model.model.")
+            out[name] = scale / module_scaling(cfg, name)[1]
+        assert len(set(padded)) == 1, f"LoRAX cannot stack {kind}: its layers pad to ranks {sorted(set(padded))}"
+        r = padded[0]
     return out
 
 

@@ -89,12 +89,28 @@ def test_card_states_the_numbers_and_where_the_export_runs_exactly():
     assert "soppu-hub compress alice/my-lora" in text
 
 
+def test_card_names_each_modules_own_rank():
+    """An export whose modules are written at their own ranks (rank_pattern) says so, and a zero-free one names no
+    padding."""
+    one = {"export_rank": 8, "unpadded_rank": 6, "padding_params": 0, "lorax_exact_tp": [1], "module_ranks": [2, 6]}
+    body = _report()
+    report = _report(adapters=[{**a, **one} for a in [vars(x) for x in body.adapters]])
+    text = " ".join(render_card(report, JOB, ranks_png=None, sweep_png=None).split())
+    assert "its PEFT export, 4.00 MB (r = 8, its modules at ranks 2 to 6 in bfloat16)" in text
+    assert (
+        "| exported LoRA rank of this adapter | r = 8; its modules at ranks 2 to 6 (PEFT's `rank_pattern` / "
+        "`alpha_pattern`, every module at scale 1; LoRAX pads them to 8 in memory) |"
+    ) in text
+    uniform = " ".join(render_card(_report(), JOB, ranks_png=None, sweep_png=None).split())
+    assert "its modules at" not in uniform and "(needs 8; zero-padded: 1,000 zero parameters)" in uniform
+
+
 def test_card_sizes_are_bytes_and_add_up():
     """The size paragraph counts bytes (issue 34): what this repo holds against its original, the export, the slice
     of the store, the store once; a repo larger than its original says so in numbers."""
     text = " ".join(render_card(_report(), JOB, ranks_png=None, sweep_png=None).split())
     assert "this repo holds 5.60 MB of tensors, 2.80x the original adapter's 2.00 MB" in text
-    assert "its PEFT export, 4.00 MB (rank 16 in bfloat16)" in text and "(1.60 MB: its cores and a copy" in text
+    assert "its PEFT export, 4.00 MB (r = 16 in bfloat16)" in text and "(1.60 MB: its cores and a copy" in text
     assert (
         "takes 1.60 MB once, kept as bfloat16; the whole store is 1.60 MB against 8.00 MB for the 4 originals "
         "(5.00x fewer bytes)"

@@ -48,6 +48,7 @@ ADAPTER_KEYS = {
     "cluster",
     "unpadded_rank",
     "lorax_exact_tp",
+    "module_ranks",
     "export_params",
     "padding_params",
     "mean_rel_error",
@@ -123,9 +124,10 @@ def test_peft_export_loads_and_equals_bundle(compressed, tiny_base):
         folder = compressed / name
         assert sorted(p.name for p in folder.glob("*.safetensors")) == ["adapter_model.safetensors"]
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        assert (
-            cfg["r"] == 16 and cfg["lora_alpha"] == 16 and not cfg["rank_pattern"]
-        )  # rank 8, padded for LoRAX tp 1 and 2 and not cfg["alpha_pattern"]
+        # rank 8: config r 16 (LoRAX's rank at tp 1 and 2), each module written at 9, the least rank LoRAX pads to
+        # 16 at both, alpha = rank (scale 1)
+        assert cfg["r"] == 16 and cfg["lora_alpha"] == 16 and cfg["rank_pattern"] == cfg["alpha_pattern"]
+        assert set(cfg["rank_pattern"].values()) == {9} and len(cfg["rank_pattern"]) == 14
         assert cfg["peft_type"] == "LORA" and cfg["base_model_name_or_path"] == str(tiny_base)
         keys = load_file(str(folder / "adapter_model.safetensors")).keys()
         assert all(
@@ -172,14 +174,13 @@ def test_diag_method_and_many_adapters_keep_their_order(tmp_path):
     assert [a["name"] for a in report["adapters"]] == [f"a{i}" for i in range(12)]
     bundle = load_bundle(out / "bundle")
     assert all(c.shape == (6,) for mb in bundle.modules.values() for c in mb.cores.values())
-    # a diagonal core has rank up to r, so the export keeps all r directions, zero-padded to 16 (exact in LoRAX at
-    # tensor parallel 1 and 2)
+    # a diagonal core has rank up to r, so the export keeps all r directions, zero-padded to 9 (config r 16: exact in
+    # LoRAX at tensor parallel 1 and 2)
     assert json.loads((out / "a0" / "adapter_config.json").read_text())["r"] == 16
     entry = report["adapters"][0]
     assert (entry["unpadded_rank"], entry["export_rank"], entry["lorax_exact_tp"]) == (6, 16, [1, 2])
-    assert entry["padding_params"] == 10 * 2 * (
-        64 + 64 + 64 + 128
-    )  # 10 zero ranks x 2 layers x (q: 64+64, down: 64+128)
+    assert entry["padding_params"] == 3 * 2 * (64 + 64 + 64 + 128)  # 3 zero ranks x 2 layers x (q: 64+64, down: 64+128)
+    assert entry["module_ranks"] == [9, 9]
     exported = read_adapter(out / "a11")
     for module, (B, A) in bundle.factors("a11").items():
         torch.testing.assert_close(exported.modules[module].B @ exported.modules[module].A, B @ A, atol=1e-5, rtol=1e-4)

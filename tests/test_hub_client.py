@@ -179,12 +179,15 @@ def test_revision_pin_and_verify(hub, tmp_path):
     card = (tmp_path / "out" / "versioned" / "README.md").read_text()
     assert "next-token agreement" in card
     assert "**Behaviour kept: the compressed adapter picks the original's next token 100% of the time" in card
-    # the tiny base's config allows 2 shards: rank 8 zero-padded to 16, exact in LoRAX at 1 and 2; the card says the
-    # repo's bytes against the original's, and the sizes it read from the base on the Hub
+    # the tiny base's config allows 2 shards: rank 8 zero-padded to 9 under r 16, exact in LoRAX at 1 and 2; the card
+    # says the repo's bytes against the original's, and the sizes it read from the base on the Hub
     assert report["export"]["lorax_sizes"][:2] == [1, 2] and entry["export_rank"] == 16 and entry["padding_params"] > 0
     flat = " ".join(card.split())
     assert f"{entry['repo_bytes'] / entry['bytes_before']:.2f}x the original adapter's" in flat
-    assert f"(rank 16 in {entry['export_dtype']})" in flat and "this export is exact at 1, 2 (padded for 2)" in flat
+    assert (
+        f"(r = 16, its modules at rank 9 in {entry['export_dtype']})" in flat
+        and "this export is exact at 1, 2 (padded for 2)" in flat
+    )
     assert v["reply_agreement"] == 1.0 and v["reply_positions"] > 0  # the same reply, token for token
     res = cli("alice/versioned", "--rank", "2", "--no-push", "--out", str(tmp_path / "out2"), "--verify")
     v = json.loads((tmp_path / "out2" / "report.json").read_text())["adapters"][0]["verify"]

@@ -151,10 +151,10 @@ def test_embedding_lora_is_compressed_not_carried(tmp_path):
 
     keys = load_file(str(out / f0.name / "adapter_model.safetensors"))
     assert keys["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (
-        16,
+        9,
         96,
-    )  # rank 4 padded for LoRAX tp 1, 2
-    assert keys["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 16)
+    )  # rank 4, written at 9: config r 16 for LoRAX tp 1, 2
+    assert keys["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 9)
 
 
 def test_adapters_must_agree_on_what_they_carry(tmp_path):

@@ -269,3 +269,46 @@ def test_bundle_written_in_export_dtype_reconstructs(tmp_path):
     for module, (B, A) in bundle.factors(0).items():
         W = orig.modules[module].B @ orig.modules[module].A
         assert ((W - B.float() @ A.float()).norm() / W.norm()) < 0.02  # bf16 rounding only, at lossless rank
+
+
+def test_each_module_is_written_at_its_own_rank():
+    """Issue 35: zeros only where LoRAX's padding would otherwise differ between modules (ExportConfig.ranks_for):
+    config r is LoRAX's padded rank, each module the least rank that LoRAX pads to r at every size r is exact at."""
+    from soppu_hub.compression.export import ExportConfig
+
+    one = ExportConfig(lorax_tp=1, lorax_sizes=(1, 3))
+    assert one.ranks_for({"a.q": 3, "a.v": 5, "b.q": 0}) == (8, {"a.q": 3, "a.v": 5, "b.q": 1})
+    # auto on a base whose heads are unknown pads for 2: exact at 1 and 2 needs every module past LoRAX's 8
+    assert ExportConfig().ranks_for({"a.q": 3, "a.v": 12}) == (16, {"a.q": 9, "a.v": 12})
+    four = ExportConfig(lorax_tp=4, lorax_sizes=(1, 2, 4))
+    assert four.ranks_for({"a.q": 3, "a.v": 20}) == (32, {"a.q": 17, "a.v": 20})  # 17..32 pad to 32 at 1, 2, 4
+    three = ExportConfig(lorax_tp=3, lorax_sizes=(1, 3))
+    assert three.ranks_for({"a.q": 3, "a.v": 20}) == (24, {"a.q": 3, "a.v": 20})  # r = 24 is exact at 3 only
+    assert ExportConfig(pad=False).ranks_for({"a.q": 3, "a.v": 5}) == (5, {"a.q": 3, "a.v": 5})
+    assert ExportConfig(uniform=True).ranks_for({"a.q": 3, "a.v": 5}) == (16, {"a.q": 16, "a.v": 16})
+    # a name that ends in another's would take its rank_pattern entry too: one uniform rank instead
+    assert one.ranks_for({"lm_head": 2, "model.lm_head": 5}) == (8, {"lm_head": 8, "model.lm_head": 8})
+    # one MoE layer's experts alike (vLLM stacks them); other layers and modules free
+    moe = {"m.layers.0.mlp.experts.0.w1": 2, "m.layers.0.mlp.experts.1.w1": 5, "m.layers.1.mlp.experts.0.w1": 1}
+    assert one.ranks_for(moe)[1] == {**moe, "m.layers.0.mlp.experts.0.w1": 5}
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2", "flan-t5", "mixtral-moe", "bert-cls"])
+def test_per_module_ranks_load_exactly_in_peft_and_lorax(tmp_path, arch):
+    """The per-module layout through PEFT's own loader (rank_pattern / alpha_pattern, the rule vLLM copies) on
+    tiny models of several families: the same logits as the original, no zeros, exact in LoRAX at 1 shard."""
+    from test_peft_format_models import _logits, _save
+
+    (f0, base_dir, model_cls), (f1, _, _) = _save(tmp_path, arch, 1, torch.float32), _save(tmp_path, arch, 2, F32)
+    out = tmp_path / "out"
+    report = _compress([f0, f1], out, "--rank", "64", "--lorax-tp", "1")
+    for folder, entry in zip((f0, f1), report["adapters"]):
+        cfg = json.loads((out / entry["name"] / "adapter_config.json").read_text())
+        assert cfg["r"] == cfg["lora_alpha"] == 8 and cfg["rank_pattern"] == cfg["alpha_pattern"]
+        assert entry["padding_params"] == 0 and entry["lorax_exact_tp"][0] == 1
+        assert entry["module_ranks"] == ([2, 4] if arch == "qwen3" else [4, 4])  # qwen3's v_proj: rank 2
+        assert set(cfg["rank_pattern"].values()) == set(range(entry["module_ranks"][0], 5)) - {3}
+        scales = lorax_effective_scales(out / entry["name"], 1)
+        assert scales and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values())
+        ref = _logits(model_cls, base_dir, folder)
+        torch.testing.assert_close(_logits(model_cls, base_dir, out / entry["name"]), ref, atol=1e-4, rtol=1e-4)

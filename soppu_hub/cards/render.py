@@ -136,6 +136,12 @@ def lorax_row(exact: list[int], sizes: list[int] | None, *, padded_for: int | No
     )
 
 
+def module_ranks_text(ranks: list[int] | None) -> str:
+    """The ranks an export's modules are written at, for a card: "rank 9" or "ranks 2 to 6"."""
+    lo, hi = (ranks or [0, 0])[0], (ranks or [0, 0])[-1]
+    return f"rank {lo}" if lo == hi else f"ranks {lo} to {hi}"
+
+
 def render_card(report: Report, job: CardSpec, *, ranks_png: str | None, sweep_png: str | None) -> str:
     """README.md for adapter `job.index` of `report`: YAML metadata, then templates/adapter.md. `ranks_png` /
     `sweep_png`: the optional plots' paths when they were drawn."""
@@ -203,6 +209,7 @@ def render_card(report: Report, job: CardSpec, *, ranks_png: str | None, sweep_p
         base_url=_hub_url(base_model or ""),
         version=__version__,
         export_rank=own.export_rank,
+        module_ranks=module_ranks_text(own.module_ranks),
         weighting=job.weighting,
         command=job.command,
         errors_png=ERRORS_PNG,
@@ -253,6 +260,7 @@ def render_join_card(entry: dict, job: CardSpec, *, params_before: int, core_par
         version=__version__,
         vllm_rank=vllm_max_lora_rank(entry["export_rank"]),
         export_rank=entry["export_rank"],
+        module_ranks=module_ranks_text(entry.get("module_ranks")),
         license=license,
         params_before=params_before,
         core_params=core_params,

@@ -85,7 +85,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         args.collection,
         out=Path(args.out) if args.out else None,
         push=not args.no_push,
-        export=ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype),
+        export=ExportConfig(pad=args.pad, uniform=args.uniform, lorax_tp=args.lorax_tp, dtype=args.dtype),
         command=command_line(args.argv),
         **{n: getattr(args, n) for n in names},
     )

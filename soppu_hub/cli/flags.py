@@ -100,8 +100,8 @@ def _tp(text: str) -> int | str:
 
 
 def add_export_args(p: argparse.ArgumentParser, *, store: bool = False) -> None:
-    """--no-pad, --lorax-tp, --export-dtype; with `store` (compress) --store-dtype too (a joiner's store is its
-    collection's)."""
+    """--no-pad, --uniform-rank, --lorax-tp, --export-dtype; with `store` (compress) --store-dtype too (a joiner's
+    store is its collection's)."""
     from ..compression.export import ExportConfig
 
     p.add_argument(
@@ -110,7 +110,7 @@ def add_export_args(p: argparse.ArgumentParser, *, store: bool = False) -> None:
     p.add_argument(
         "--lorax-tp", type=_tp, default=LORAX_AUTO, metavar="auto|N", help=field_help(ExportConfig, "lorax_tp")
     )
-    add_fields(p, ExportConfig, ["dtype", *(["store"] if store else [])])
+    add_fields(p, ExportConfig, ["uniform", "dtype", *(["store"] if store else [])])
 
 
 def _ranks(text: str | None, verify: bool) -> list[int]:
@@ -137,7 +137,9 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     from ..pipeline.job import JobSpec
 
     config = CompressConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompressConfig)})
-    export = ExportConfig(pad=args.pad, lorax_tp=args.lorax_tp, dtype=args.dtype, store=args.store)
+    export = ExportConfig(
+        pad=args.pad, uniform=args.uniform, lorax_tp=args.lorax_tp, dtype=args.dtype, store=args.store
+    )
     simple = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(JobSpec)

@@ -182,14 +182,17 @@ class Bundle:
         rank-k_i approximation (errors are measured on what is written; the backend serves those modules from the
         export's own factors). JD-Diag: up to r, plus p_i.
         """
-        ranks = [
-            mb.rank + mb.private_rank(adapter)
+        return max(self.module_ranks(adapter).values(), default=1)
+
+    def module_ranks(self, adapter: int) -> dict[str, int]:
+        """Per module, the LoRA rank that holds adapter i's reconstruction exactly there (see export_rank)."""
+        return {
+            name: mb.rank + mb.private_rank(adapter)
             if self.method == "diag"
             else min(module_scaling(self.configs[adapter], name)[0], mb.rank + mb.private_rank(adapter))
             for name, mb in self.modules.items()
             if adapter in mb.cores
-        ]
-        return max(ranks, default=1)
+        }
 
     def to(self, dtype: torch.dtype) -> Bundle:
         """The same bundle with every tensor in `dtype` (what gets written)."""

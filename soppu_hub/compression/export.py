@@ -9,22 +9,35 @@ import torch
 
 from ..errors import ConfigError
 from ..peft_format.config import clean_config
-from ..peft_format.layout import DEFAULT_LORAX_TP, LORAX_AUTO, LORAX_MAX_TP, lorax_rank
+from ..peft_format.layout import (
+    DEFAULT_LORAX_TP,
+    LORAX_AUTO,
+    LORAX_MAX_TP,
+    clashing_names,
+    experts_alike,
+    lorax_exact_tps,
+    lorax_module_rank,
+    lorax_rank,
+)
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
 from .quantize import FLOATS, STORE_DTYPES
 
 
-def peft_factors(bundle: Bundle, adapter: int, rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Adapter i as float64 LoRA factors of one uniform rank: SVD of each core (with its private directions, of
-    the whole delta), split evenly between B and A.
+def peft_factors(
+    bundle: Bundle, adapter: int, rank: int | dict[str, int]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Adapter i as float64 LoRA factors, of one uniform rank or of a rank per module: SVD of each core (with its
+    private directions, of the whole delta), split evenly between B and A.
 
-    Exact whenever `rank` >= rank(S_i) (see export_rank); the columns / rows beyond are zeros.
+    Exact whenever a module's rank >= its rank(S_i) (see Bundle.module_ranks); the columns / rows beyond are zeros.
     """
     out = {}
+    ranks = rank
     for name, mb in bundle.modules.items():
         if adapter not in mb.cores:
             continue
+        rank = ranks[name] if isinstance(ranks, dict) else ranks
         if adapter in mb.private:
             out[name] = _split(*mb.delta_factors(adapter), rank)
             continue
@@ -62,8 +75,17 @@ class ExportConfig:
     pad: bool = field(
         default=True,
         metadata={
-            "help": "pad the rank with zeros to what LoRAX runs unchanged (--no-pad "
-            "writes the bare rank; LoRAX then pads it and serves the adapter too weak)"
+            "help": "set r to the rank LoRAX pads to, so LoRAX serves the export unchanged (--no-pad writes r as the "
+            "largest module rank; LoRAX then pads it and serves the adapter too weak)"
+        },
+    )
+    uniform: bool = field(
+        default=False,
+        metadata={
+            "help": "write every module at the one rank r, zero-padded, instead of each at its own rank (PEFT's "
+            "rank_pattern / alpha_pattern): for readers that ignore rank_pattern and need one shape, such as "
+            "LoRAX without its SGMV kernels (DISABLE_SGMV=1) or PEFT older than 0.7",
+            "flag": "--uniform-rank",
         },
     )
     lorax_tp: int | str = field(
@@ -129,9 +151,20 @@ class ExportConfig:
         """The size padded for: lorax_tp, or DEFAULT_LORAX_TP while auto is not resolved against a base."""
         return DEFAULT_LORAX_TP if self.lorax_tp == LORAX_AUTO else int(self.lorax_tp)
 
-    def rank_for(self, rank: int) -> int:
-        """The rank written for an adapter whose reconstruction needs `rank`."""
-        return lorax_rank(rank, self.pad_tp) if self.pad else rank
+    def ranks_for(self, needed: dict[str, int]) -> tuple[int, dict[str, int]]:
+        """(config r, the rank written per module) for an adapter whose modules need `needed`.
+
+        r is what LoRAX pads the largest to (with pad); each module is written at the least rank >= its own that
+        LoRAX pads to r at every size where a uniform rank r would be exact, so zeros are written only where a
+        module's own rank would pad elsewhere, and lora_alpha = r with alpha_pattern = rank_pattern keeps every
+        module's scale 1 for readers that honour the patterns (PEFT, vLLM) and for LoRAX, which ignores them."""
+        needed = {m: max(1, k) for m, k in needed.items()}
+        top = max(needed.values(), default=1)
+        r = lorax_rank(top, self.pad_tp) if self.pad else top
+        if self.uniform or clashing_names(needed):
+            return r, dict.fromkeys(needed, r)
+        exact = lorax_exact_tps(r, sizes=self.lorax_sizes) if self.pad else ()
+        return r, experts_alike({m: lorax_module_rank(k, r, exact) for m, k in needed.items()})
 
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
         """`inputs`: an input adapter's dtype (float64 is written as float32)."""
@@ -144,19 +177,23 @@ class ExportConfig:
 class ExportInfo:
     """What export_peft wrote for one adapter."""
 
-    rank: int  # rank written (padded)
-    unpadded_rank: int  # rank the reconstruction needs
+    rank: int  # config r (what LoRAX pads to; modules may be written below it, per rank_pattern)
+    unpadded_rank: int  # the largest rank a module's reconstruction needs
     dtype: torch.dtype
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (B, A) exactly as written; dropped once scored
+    needed: dict[str, int]  # module -> the rank its reconstruction needs
     lora_params: int = 0
     padding_params: int = 0  # zeros written only so LoRAX runs the adapter unchanged
+    ranks: tuple[int, ...] = ()  # the ranks its modules are written at, each once, ascending
     repo_bytes: int = 0  # tensor bytes of the whole output folder (export, carried tensors, its slice of the store)
 
     def __post_init__(self) -> None:
         self.lora_params = sum(B.numel() + A.numel() for B, A in self.factors.values())
-        self.padding_params = (self.rank - self.unpadded_rank) * sum(
-            B.shape[0] + A.shape[1] for B, A in self.factors.values()
+        self.padding_params = sum(
+            (A.shape[0] - min(self.needed[m], A.shape[0])) * (B.shape[0] + A.shape[1])
+            for m, (B, A) in self.factors.items()
         )
+        self.ranks = tuple(sorted({A.shape[0] for _, A in self.factors.values()} or {self.rank}))
 
 
 def export_peft(
@@ -168,24 +205,26 @@ def export_peft(
     dtype: torch.dtype = torch.float32,
     extras: dict[str, torch.Tensor] | None = None,
 ) -> ExportInfo:
-    """Write adapter i as a standard PEFT LoRA (one uniform r, lora_alpha = r) that LoRAX, vLLM and PEFT load.
+    """Write adapter i as a standard PEFT LoRA that LoRAX, vLLM and PEFT load, each module at scale 1.
 
-    The rank is padded with zeros as `export` says, so the delta is exactly U S_i V^T at any LoRAX setting;
-    `extras` (carried tensors, scaled lora_B biases) are written beside the factors.
+    Config r is what LoRAX pads to and each module is written at its own rank (rank_pattern / alpha_pattern), as
+    `export` says (ExportConfig.ranks_for), so the delta is exactly U S_i V^T in PEFT, in vLLM and in LoRAX at the
+    sizes the report names; `extras` (carried tensors, scaled lora_B biases) are written beside the factors.
     """
     export = export or ExportConfig()
-    unpadded = bundle.export_rank(adapter)
-    rank = export.rank_for(unpadded)
-    factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, rank).items()}
+    needed = bundle.module_ranks(adapter)
+    rank, written = export.ranks_for(needed)
+    factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, written).items()}
+    pattern = {m: w for m, w in sorted(written.items()) if w != rank}
     config = clean_config(
         bundle.configs[adapter],
         r=rank,
         lora_alpha=rank,
         use_rslora=False,
         use_dora=False,
-        rank_pattern={},
-        alpha_pattern={},
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
     )
     kinds = {n: mb.kind for n, mb in bundle.modules.items()}
     write_peft_folder(folder, factors, config, kinds=kinds, extras=extras)
-    return ExportInfo(rank, unpadded, dtype, factors)
+    return ExportInfo(rank, bundle.export_rank(adapter), dtype, factors, needed)

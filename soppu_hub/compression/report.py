@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from ..peft_format.layout import lorax_exact_tps
@@ -36,7 +36,7 @@ class AdapterReport:
     lora_params: int
     carried_params: int  # tensors carried as they are (embeddings, heads): counted on both sides
     carried: list[str]
-    export_rank: int  # lorax_fields: the rank written, the rank it needs, the zeros, the sizes LoRAX runs exactly
+    export_rank: int  # lorax_fields: config r, the rank it needs, the zeros, the sizes LoRAX runs exactly
     unpadded_rank: int
     padding_params: int
     lorax_exact_tp: list[int]
@@ -53,6 +53,7 @@ class AdapterReport:
     private_directions: int
     verify: dict | None = None  # --verify: evaluate.verify's functional check
     task_eval: dict | None = None  # --eval-file: evaluate.task_eval's scores on the user's examples
+    module_ranks: list[int] = field(default_factory=list)  # lorax_fields: [smallest, largest] rank written
 
 
 @dataclass
@@ -201,13 +202,15 @@ def _fit_error(comp: Compression, i: int) -> float:
 
 
 def lorax_fields(info: ExportInfo, export: ExportConfig) -> dict:
-    """What one export means to LoRAX, the same keys for compressed, joined and refit members: the rank written and
-    the rank it needs, the zeros written, the --num-shard sizes (of those the base allows) that run it unchanged."""
+    """What one export means to LoRAX, the same keys for compressed, joined and refit members: config r and the
+    rank it needs, the zeros written, the --num-shard sizes (of those the base allows) that run it unchanged, the
+    range of ranks its modules are written at."""
     return {
         "export_rank": info.rank,
         "unpadded_rank": info.unpadded_rank,
         "padding_params": info.padding_params,
-        "lorax_exact_tp": list(lorax_exact_tps(info.rank, export.lorax_sizes)),
+        "lorax_exact_tp": list(lorax_exact_tps(info.rank, info.ranks, export.lorax_sizes)),
+        "module_ranks": [info.ranks[0], info.ranks[-1]],
     }
 
 
@@ -217,6 +220,7 @@ def export_fields(export: ExportConfig, dtypes: list[str]) -> dict:
         "dtype": dtypes[0] if len(dtypes) == 1 else "mixed",
         "dtypes": dtypes,
         "pad": "lorax" if export.pad else "none",
+        "layout": "uniform" if export.uniform else "per-module",
         "lorax_tp": export.pad_tp,
         "lorax_sizes": list(export.lorax_sizes) if export.lorax_sizes is not None else None,
     }

@@ -5,6 +5,9 @@ Defined once here so the reader, the exporter, the card, the Hub code and the ba
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -50,10 +53,21 @@ def lorax_rank(rank: int, tensor_parallel: int = 1) -> int:
     return floor if rank <= floor else -(-rank // LORAX_BLOCK) * LORAX_BLOCK
 
 
-def lorax_exact_tps(rank: int, sizes: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    """The tensor-parallel sizes (of `sizes`, default 1 .. LORAX_MAX_TP) at which LoRAX runs a rank-`rank` adapter
-    unchanged (so at its full strength)."""
-    return tuple(tp for tp in sizes or range(1, LORAX_MAX_TP + 1) if lorax_rank(rank, tp) == rank)
+def lorax_exact_tps(r: int, ranks: Iterable[int] = (), sizes: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The tensor-parallel sizes (of `sizes`, default 1 .. LORAX_MAX_TP) at which LoRAX runs an adapter unchanged
+    (so at its full strength): config r = `r`, its modules' tensors of ranks `ranks` (default: all r).
+
+    LoRAX ignores rank_pattern / alpha_pattern, scales every module type by lora_alpha / config.r and overwrites
+    config.r with the padded rank of each type it loads (and stacks a type's layers, which must pad alike): exact
+    where every module's rank pads to r itself."""
+    ranks = set(ranks) or {r}
+    return tuple(tp for tp in sizes or range(1, LORAX_MAX_TP + 1) if {lorax_rank(k, tp) for k in ranks} == {r})
+
+
+def lorax_module_rank(rank: int, r: int, sizes: Iterable[int]) -> int:
+    """The smallest rank >= `rank` that LoRAX pads to `r` at every size of `sizes`: what a module that needs
+    `rank` is written at in an export of config r (zeros only where its own rank would pad elsewhere)."""
+    return next(w for w in range(rank, r + 1) if all(lorax_rank(w, tp) == r for tp in sizes))
 
 
 def lorax_shard_sizes(model_config: dict | None) -> tuple[int, ...] | None:
@@ -71,3 +85,20 @@ def lorax_shard_sizes(model_config: dict | None) -> tuple[int, ...] | None:
 def vllm_max_lora_rank(rank: int) -> int | None:
     """Smallest `--max-lora-rank` vLLM accepts that serves rank `rank`; None when vLLM cannot serve it."""
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
+
+
+def clashing_names(names: Iterable[str]) -> bool:
+    """True when a module name ends in "." + another's: PEFT and vLLM match rank_pattern keys as suffixes, so a
+    per-module key would then also set the other module's rank (such adapters are written at one uniform rank)."""
+    names = set(names)
+    return any(n.split(".", i)[-1] in names for n in names for i in range(1, n.count(".") + 1))
+
+
+def experts_alike(ranks: dict[str, int]) -> dict[str, int]:
+    """Per-module ranks with the experts of one MoE layer at one rank (their maximum): vLLM stacks a layer's
+    experts into one tensor, which needs them alike."""
+    group = {m: re.sub(r"\.experts\.\d+\.", ".experts.*.", m) for m in ranks}
+    top: dict[str, int] = {}
+    for m, k in ranks.items():
+        top[group[m]] = max(k, top.get(group[m], 0))
+    return {m: top[group[m]] for m in ranks}
