@@ -312,3 +312,20 @@ def test_per_module_ranks_load_exactly_in_peft_and_lorax(tmp_path, arch):
         assert scales and all(s == pytest.approx(1.0, abs=1e-12) for s in scales.values())
         ref = _logits(model_cls, base_dir, folder)
         torch.testing.assert_close(_logits(model_cls, base_dir, out / entry["name"]), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_uniform_rank_writes_the_old_layout(tmp_path):
+    """--uniform-rank: every module at config r, zero-padded, no patterns (for readers that need one shape); the
+    default writes the same delta with fewer bytes."""
+    srcs = _adapters(tmp_path, rank=4)
+    uni = _compress(srcs, tmp_path / "uni", "--rank", "4", "--uniform-rank")
+    own = _compress(srcs, tmp_path / "own", "--rank", "4")
+    assert uni["export"]["layout"] == "uniform" and own["export"]["layout"] == "per-module"
+    for u, o in zip(uni["adapters"], own["adapters"]):
+        cfg = json.loads((tmp_path / "uni" / u["name"] / "adapter_config.json").read_text())
+        assert cfg["r"] == 16 and not cfg["rank_pattern"] and not cfg["alpha_pattern"] and u["module_ranks"] == [16, 16]
+        assert o["module_ranks"] == [9, 9] and o["export_bytes"] < u["export_bytes"]
+        assert u["export_params"] - o["export_params"] == u["padding_params"] - o["padding_params"] > 0  # only zeros
+        assert u["mean_rel_error"] == pytest.approx(o["mean_rel_error"], abs=1e-7)
+        for folder in (tmp_path / "uni" / u["name"], tmp_path / "own" / o["name"]):
+            assert set(lorax_effective_scales(folder, 1).values()) == {1.0}
