@@ -277,20 +277,49 @@ def test_each_module_is_written_at_its_own_rank():
     from soppu_hub.compression.export import ExportConfig
 
     one = ExportConfig(lorax_tp=1, lorax_sizes=(1, 3))
-    assert one.ranks_for({"a.q": 3, "a.v": 5, "b.q": 0}) == (8, {"a.q": 3, "a.v": 5, "b.q": 1})
+    q, v, q1 = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"
+    assert one.ranks_for({q: 3, v: 5, q1: 0}) == (8, {q: 3, v: 5, q1: 1})
     # auto on a base whose heads are unknown pads for 2: exact at 1 and 2 needs every module past LoRAX's 8
-    assert ExportConfig().ranks_for({"a.q": 3, "a.v": 12}) == (16, {"a.q": 9, "a.v": 12})
+    assert ExportConfig().ranks_for({q: 3, v: 12}) == (16, {q: 9, v: 12})
     four = ExportConfig(lorax_tp=4, lorax_sizes=(1, 2, 4))
-    assert four.ranks_for({"a.q": 3, "a.v": 20}) == (32, {"a.q": 17, "a.v": 20})  # 17..32 pad to 32 at 1, 2, 4
+    assert four.ranks_for({q: 3, v: 20}) == (32, {q: 17, v: 20})  # 17..32 pad to 32 at 1, 2, 4
     three = ExportConfig(lorax_tp=3, lorax_sizes=(1, 3))
-    assert three.ranks_for({"a.q": 3, "a.v": 20}) == (24, {"a.q": 3, "a.v": 20})  # r = 24 is exact at 3 only
-    assert ExportConfig(pad=False).ranks_for({"a.q": 3, "a.v": 5}) == (5, {"a.q": 3, "a.v": 5})
-    assert ExportConfig(uniform=True).ranks_for({"a.q": 3, "a.v": 5}) == (16, {"a.q": 16, "a.v": 16})
-    # a name that ends in another's would take its rank_pattern entry too: one uniform rank instead
-    assert one.ranks_for({"lm_head": 2, "model.lm_head": 5}) == (8, {"lm_head": 8, "model.lm_head": 8})
+    assert three.ranks_for({q: 3, v: 20}) == (24, {q: 3, v: 20})  # r = 24 is exact at 3 only
+    assert ExportConfig(pad=False).ranks_for({q: 3, v: 5}) == (5, {q: 3, v: 5})
+    assert ExportConfig(uniform=True).ranks_for({q: 3, v: 5}) == (16, {q: 16, v: 16})
+    # T5's encoder and decoder modules share a key (the name less its first part): written alike
+    enc, dec = "encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"
+    assert one.ranks_for({enc: 2, dec: 4, v: 3}) == (8, {enc: 4, dec: 4, v: 3})
+    # a name without a "." cannot be keyed for PEFT before 0.15: written at r
+    assert one.ranks_for({"lm_head": 2, v: 3}) == (8, {"lm_head": 8, v: 3})
+    # a key that would also match a module of another rank: one uniform rank instead
+    assert one.ranks_for({"x.lm_head": 2, "x.y.lm_head": 5}) == (8, {"x.lm_head": 8, "x.y.lm_head": 8})
     # one MoE layer's experts alike (vLLM stacks them); other layers and modules free
     moe = {"m.layers.0.mlp.experts.0.w1": 2, "m.layers.0.mlp.experts.1.w1": 5, "m.layers.1.mlp.experts.0.w1": 1}
     assert one.ranks_for(moe)[1] == {**moe, "m.layers.0.mlp.experts.0.w1": 5}
+
+
+def test_rank_pattern_keys_match_in_old_and_new_peft_and_vllm(tmp_path):
+    """Each key is a module's name less its first part: PEFT up to 0.14 matched keys as `.*\\.key$`, PEFT since and
+    vLLM as `(.*\\.)?key$` (first match wins); under both every module resolves to the rank of its tensors."""
+    import re
+
+    from peft.utils.other import get_pattern_key
+
+    srcs = _adapters(tmp_path, rank=8)
+    report = _compress(srcs, tmp_path / "out", "--rank", "3", "--lorax-tp", "1")
+    for entry in report["adapters"]:
+        folder = tmp_path / "out" / entry["name"]
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        assert cfg["rank_pattern"] and all(not k.startswith("model.") for k in cfg["rank_pattern"])
+        for key, A in tensors.items():
+            if not key.endswith("lora_A.weight"):
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            old = next((k for k in cfg["rank_pattern"] if re.match(rf".*\.{k}$", name)), None)
+            new = get_pattern_key(cfg["rank_pattern"].keys(), name)
+            assert cfg["rank_pattern"].get(old, cfg["r"]) == cfg["rank_pattern"].get(new, cfg["r"]) == A.shape[0]
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gpt2", "flan-t5", "mixtral-moe", "bert-cls"])

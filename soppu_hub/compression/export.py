@@ -13,11 +13,10 @@ from ..peft_format.layout import (
     DEFAULT_LORAX_TP,
     LORAX_AUTO,
     LORAX_MAX_TP,
-    clashing_names,
-    experts_alike,
     lorax_exact_tps,
-    lorax_module_rank,
     lorax_rank,
+    rank_pattern,
+    written_ranks,
 )
 from ..peft_format.write import write_peft_folder
 from .bundle import Bundle
@@ -156,15 +155,15 @@ class ExportConfig:
 
         r is what LoRAX pads the largest to (with pad); each module is written at the least rank >= its own that
         LoRAX pads to r at every size where a uniform rank r would be exact, so zeros are written only where a
-        module's own rank would pad elsewhere, and lora_alpha = r with alpha_pattern = rank_pattern keeps every
-        module's scale 1 for readers that honour the patterns (PEFT, vLLM) and for LoRAX, which ignores them."""
-        needed = {m: max(1, k) for m, k in needed.items()}
-        top = max(needed.values(), default=1)
+        module's own rank would pad elsewhere (and where layout.written_ranks makes modules alike), and lora_alpha = r
+        with alpha_pattern = rank_pattern keeps every module's scale 1 for readers that honour the patterns (PEFT,
+        vLLM) and for LoRAX, which ignores them. One rank r for all with --uniform-rank, or where no rank_pattern
+        can say the ranks."""
+        top = max([1, *needed.values()])
         r = lorax_rank(top, self.pad_tp) if self.pad else top
-        if self.uniform or clashing_names(needed):
-            return r, dict.fromkeys(needed, r)
         exact = lorax_exact_tps(r, sizes=self.lorax_sizes) if self.pad else ()
-        return r, experts_alike({m: lorax_module_rank(k, r, exact) for m, k in needed.items()})
+        written = None if self.uniform else written_ranks(needed, r, exact)
+        return r, written if written is not None else dict.fromkeys(needed, r)
 
     def torch_dtype(self, inputs: torch.dtype) -> torch.dtype:
         """`inputs`: an input adapter's dtype (float64 is written as float32)."""
@@ -215,7 +214,7 @@ def export_peft(
     needed = bundle.module_ranks(adapter)
     rank, written = export.ranks_for(needed)
     factors = {n: (B.to(dtype), A.to(dtype)) for n, (B, A) in peft_factors(bundle, adapter, written).items()}
-    pattern = {m: w for m, w in sorted(written.items()) if w != rank}
+    pattern = rank_pattern(written, rank)
     config = clean_config(
         bundle.configs[adapter],
         r=rank,

@@ -87,18 +87,37 @@ def vllm_max_lora_rank(rank: int) -> int | None:
     return next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None)
 
 
-def clashing_names(names: Iterable[str]) -> bool:
-    """True when a module name ends in "." + another's: PEFT and vLLM match rank_pattern keys as suffixes, so a
-    per-module key would then also set the other module's rank (such adapters are written at one uniform rank)."""
-    names = set(names)
-    return any(n.split(".", i)[-1] in names for n in names for i in range(1, n.count(".") + 1))
+def pattern_key(name: str) -> str:
+    """A module's rank_pattern / alpha_pattern key: its name less the first part. PEFT before 0.15 matched keys as
+    `.*\\.key$` (a suffix after a "."), PEFT since and vLLM as `(.*\\.)?key$`: this form matches in all three."""
+    return name.split(".", 1)[1] if "." in name else name
 
 
-def experts_alike(ranks: dict[str, int]) -> dict[str, int]:
-    """Per-module ranks with the experts of one MoE layer at one rank (their maximum): vLLM stacks a layer's
-    experts into one tensor, which needs them alike."""
-    group = {m: re.sub(r"\.experts\.\d+\.", ".experts.*.", m) for m in ranks}
-    top: dict[str, int] = {}
-    for m, k in ranks.items():
-        top[group[m]] = max(k, top.get(group[m], 0))
-    return {m: top[group[m]] for m in ranks}
+def rank_pattern(written: dict[str, int], r: int) -> dict[str, int] | None:
+    """rank_pattern for modules written at `written` under config r (also the alpha_pattern: alpha = rank, scale 1),
+    one key per pattern_key; None when some key would also match a module of another rank (first match wins)."""
+    pattern = {pattern_key(m): w for m, w in sorted(written.items()) if w != r}
+    for m, w in written.items():
+        hits = {v for k, v in pattern.items() if m == k or m.endswith("." + k)}
+        if hits - {w} or (w != r and not hits):
+            return None
+    return pattern
+
+
+def written_ranks(needed: dict[str, int], r: int, sizes: Iterable[int]) -> dict[str, int] | None:
+    """The rank each module is written at under config r: the least that LoRAX pads to r at every size of `sizes`
+    (lorax_module_rank), made alike where one tensor or one key holds several modules (the experts of a MoE layer,
+    which vLLM stacks; names that differ only in their first part, which share a pattern_key), and r for a name
+    without a "." (old PEFT cannot key it). None when no rank_pattern can say them."""
+    sizes = tuple(sizes)
+    written = {m: lorax_module_rank(max(1, k), r, sizes) if "." in m else r for m, k in needed.items()}
+    groups = (lambda m: re.sub(r"\.experts\.\d+\.", ".experts.*.", m), pattern_key)
+    while True:
+        before = dict(written)
+        for group in groups:
+            top: dict[str, int] = {}
+            for m, w in written.items():
+                top[group(m)] = max(w, top.get(group(m), 0))
+            written = {m: top[group(m)] for m in written}
+        if written == before:
+            return written if rank_pattern(written, r) is not None else None
