@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -16,7 +18,12 @@ def _free_port() -> int:
 HUB_PORT = _free_port()
 HUB_URL = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_ENDPOINT"] = HUB_URL
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="soppu-tests-hf-home-")
+# Every temp folder the suite and its subprocesses make lands in one, removed when the session ends: what a killed
+# subprocess (the fault tests) leaves, pytest's kept basetemps and Gradio's uploads stay off a shared machine's /tmp.
+SCRATCH = Path(tempfile.mkdtemp(prefix="soppu-tests-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(SCRATCH)
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["HF_HOME"] = str(SCRATCH / "hf-home")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.pop("HF_TOKEN", None)

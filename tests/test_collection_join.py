@@ -196,12 +196,18 @@ def test_the_bar_follows_the_cluster_but_never_lets_in_what_compress_calls_poorl
     assert bar_for(coll, 0, None) == 0.3
 
 
-def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path):
+def test_new_cluster_adds_the_adapter_with_its_own_bases(built, tmp_path, monkeypatch):
+    import tempfile
+
     from soppu_hub.collection.format import read_collection
     from soppu_hub.collection.remote import open_collection
 
     out, _, _, others = fresh(built, tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert join_local(others[0], out / "collection", tmp_path / "x0", "--new-cluster") == 0
+    assert not any(scratch.iterdir())  # its scratch folder is gone
     info = read_collection(out / "collection")
     assert len(info.clusters) == 3 and (out / "collection" / "clusters" / "cluster-2.safetensors").is_file()
     assert load_file(str(out / "collection" / "clusters" / "centroids.safetensors"))["centroids"].shape[0] == 3

@@ -207,22 +207,25 @@ def _add_cluster(coll: Collection, new: _NewCluster, basis_id: str) -> tuple[int
             paths.insert(0, members_file(k))
         return k, {p: scratch / p for p in paths}
 
-    if coll.folder is not None:
-        k, made = files(coll.info, coll.centroids())
-        for p in made:
-            (coll.folder / p).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(made[p], coll.folder / p)
-        return k, None
-    from safetensors.torch import load_file
+    try:
+        if coll.folder is not None:
+            k, made = files(coll.info, coll.centroids())
+            for p in made:
+                (coll.folder / p).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(made[p], coll.folder / p)
+            return k, None
+        from safetensors.torch import load_file
 
-    chosen: list[int] = []
+        chosen: list[int] = []
 
-    def build(head: str) -> dict[str, Path]:
-        text = download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text()
-        cen = load_file(str(download_file(coll.repo_id, CENTROIDS_FILE, revision=head, token=coll.token)))["centroids"]
-        k, made = files(parse_collection(text, coll.repo_id), cen)
-        chosen[:] = [k]
-        return made
+        def build(head: str) -> dict[str, Path]:
+            text = download_file(coll.repo_id, COLLECTION_FILE, revision=head, token=coll.token).read_text()
+            cen = load_file(str(download_file(coll.repo_id, CENTROIDS_FILE, revision=head, token=coll.token)))
+            k, made = files(parse_collection(text, coll.repo_id), cen["centroids"])
+            chosen[:] = [k]
+            return made
 
-    sha = commit_on_head(coll.repo_id, build, message="soppu-hub: new cluster", token=coll.token)
-    return chosen[0], sha
+        sha = commit_on_head(coll.repo_id, build, message="soppu-hub: new cluster", token=coll.token)
+        return chosen[0], sha
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
